@@ -1,0 +1,16 @@
+//! Shared basics of the `gen` toolkit: the error type, device choice, an explicit seeded
+//! random generator, image <-> tensor conversion and atomic file writes.
+//!
+//! Every library crate of the workspace returns [`Result`]; errors name the file, tensor key,
+//! op or shape involved.
+
+pub mod device;
+pub mod error;
+pub mod fsutil;
+pub mod imageio;
+pub mod rng;
+
+pub use device::{pick_device, DeviceChoice};
+pub use error::{Error, Result, ResultExt};
+pub use fsutil::{write_atomic, AtomicFile};
+pub use rng::SeededRng;
