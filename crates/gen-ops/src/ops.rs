@@ -1,57 +1,86 @@
-//! The ops. First versions are built from candle primitives whose backward passes are correct
-//! (exp, sum, broadcast arithmetic, matmul), so gradients flow through them.
+//! The ops. On the CPU they run as fused custom ops ([`crate::fused`]) with analytic backward
+//! passes; on other devices they fall back to [`crate::composite`], built from candle
+//! primitives whose backward passes are correct. Both paths give the same values and gradients
+//! (checked in `tests/`).
 
-use candle_core::{DType, Result, Tensor, D};
+use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType, D};
 
-/// Softmax over the last dimension, numerically stabilised. Any shape `(..., N)`.
+use candle_core::backend::BackendStorage;
+
+use crate::composite;
+use crate::fused::{compute_dtype, NormOp, SoftmaxLastDim, UpsampleNearest};
+
+/// Runs `f` in the fused kernels' compute dtype (f32 for f16/bf16) and casts the result back.
+fn in_compute_dtype(x: &Tensor, what: &str, f: impl FnOnce(&Tensor, DType) -> Result<Tensor>) -> Result<Tensor> {
+    let dtype = x.dtype();
+    let Some(cdt) = compute_dtype(dtype) else { bail!("{what}: unsupported dtype {dtype:?} (floats only)") };
+    if cdt == dtype {
+        f(&x.contiguous()?, cdt)
+    } else {
+        f(&x.to_dtype(cdt)?.contiguous()?, cdt)?.to_dtype(dtype)
+    }
+}
+
+/// Softmax over the last dimension, numerically stabilised. `x`: `(..., N)` → same shape.
+///
+/// Backward: `dx = y ⊙ (g − Σ g⊙y)` (fused on the CPU).
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
-    let max = x.max_keepdim(D::Minus1)?.detach();
-    let e = x.broadcast_sub(&max)?.exp()?;
-    let s = e.sum_keepdim(D::Minus1)?;
-    e.broadcast_div(&s)
+    if !x.device().is_cpu() {
+        return composite::softmax_last_dim(x);
+    }
+    in_compute_dtype(x, "softmax_last_dim", |x, _| x.apply_op1(SoftmaxLastDim))
+}
+
+/// `t` converted to `dtype` and made contiguous, or `fill` of `n` values when `t` is `None`;
+/// checks that it has `n` elements.
+fn affine_param(t: Option<&Tensor>, n: usize, fill: f64, dtype: DType, like: &Tensor, what: &str) -> Result<Tensor> {
+    match t {
+        Some(t) => {
+            if t.elem_count() != n {
+                bail!("{what} has shape {:?}, expected {n} elements for input {:?}", t.dims(), like.dims())
+            }
+            t.to_dtype(dtype)?.contiguous()
+        }
+        None => Tensor::full(fill, n, like.device())?.to_dtype(dtype),
+    }
 }
 
 /// Layer norm over the last dimension: `(x - mean) / sqrt(var + eps) * weight + bias`.
-/// `x`: `(..., N)`; `weight`, `bias`: `(N)`. Computed in f32 for f16/bf16 inputs.
+/// `x`: `(..., N)`; `weight`, `bias`: `(N)` → `(..., N)`. Computed in f32 for f16/bf16 inputs
+/// (statistics in f64). Gradients reach `x`, `weight` and `bias`.
 pub fn layer_norm(x: &Tensor, weight: Option<&Tensor>, bias: Option<&Tensor>, eps: f64) -> Result<Tensor> {
-    let dtype = x.dtype();
-    let xf = x.to_dtype(DType::F32)?;
-    let mean = xf.mean_keepdim(D::Minus1)?;
-    let xc = xf.broadcast_sub(&mean)?;
-    let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
-    let mut y = xc.broadcast_div(&(var + eps)?.sqrt()?)?.to_dtype(dtype)?;
-    if let Some(w) = weight {
-        y = y.broadcast_mul(w)?;
+    if !x.device().is_cpu() {
+        return composite::layer_norm(x, weight, bias, eps);
     }
-    if let Some(b) = bias {
-        y = y.broadcast_add(b)?;
-    }
-    Ok(y)
+    let n = x.dim(D::Minus1)?;
+    in_compute_dtype(x, "layer_norm", |xc, cdt| {
+        let w = affine_param(weight, n, 1.0, cdt, x, "layer_norm weight")?;
+        let b = affine_param(bias, n, 0.0, cdt, x, "layer_norm bias")?;
+        let op = NormOp { eps, groups: None, has_weight: weight.is_some(), has_bias: bias.is_some() };
+        xc.apply_op3(&w, &b, op)
+    })
 }
 
-/// Group norm. `x`: `(B, C, ...)` with `C` divisible by `num_groups`; `weight`, `bias`: `(C)`.
+/// Group norm: normalises each of `num_groups` groups of channels over the group's channels
+/// and all spatial positions, then scales and shifts per channel.
+/// `x`: `(B, C, ...)` with `C` divisible by `num_groups`; `weight`, `bias`: `(C)` → same shape
+/// as `x`. Computed in f32 for f16/bf16 inputs (statistics in f64). Gradients reach `x`,
+/// `weight` and `bias`.
 pub fn group_norm(x: &Tensor, num_groups: usize, weight: Option<&Tensor>, bias: Option<&Tensor>, eps: f64) -> Result<Tensor> {
-    let dims = x.dims().to_vec();
-    if dims.len() < 2 || dims[1] % num_groups != 0 {
-        candle_core::bail!("group_norm: {} groups do not divide the channels of shape {dims:?}", num_groups)
+    let dims = x.dims();
+    if dims.len() < 2 || num_groups == 0 || dims[1] % num_groups != 0 {
+        bail!("group_norm: {num_groups} groups do not divide the channels of shape {dims:?}")
     }
-    let (b, c) = (dims[0], dims[1]);
-    let dtype = x.dtype();
-    let xf = x.to_dtype(DType::F32)?.reshape((b, num_groups, ()))?;
-    let mean = xf.mean_keepdim(D::Minus1)?;
-    let xc = xf.broadcast_sub(&mean)?;
-    let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
-    let y = xc.broadcast_div(&(var + eps)?.sqrt()?)?.reshape(dims.as_slice())?.to_dtype(dtype)?;
-    let mut shape = vec![1usize; dims.len()];
-    shape[1] = c;
-    let mut y = y;
-    if let Some(w) = weight {
-        y = y.broadcast_mul(&w.reshape(shape.as_slice())?)?;
+    if !x.device().is_cpu() {
+        return composite::group_norm(x, num_groups, weight, bias, eps);
     }
-    if let Some(bb) = bias {
-        y = y.broadcast_add(&bb.reshape(shape.as_slice())?)?;
-    }
-    Ok(y)
+    let c = dims[1];
+    in_compute_dtype(x, "group_norm", |xc, cdt| {
+        let w = affine_param(weight, c, 1.0, cdt, x, "group_norm weight")?;
+        let b = affine_param(bias, c, 0.0, cdt, x, "group_norm bias")?;
+        let op = NormOp { eps, groups: Some(num_groups), has_weight: weight.is_some(), has_bias: bias.is_some() };
+        xc.apply_op3(&w, &b, op)
+    })
 }
 
 /// Options of [`attention`].
@@ -60,51 +89,149 @@ pub struct AttentionConfig {
     /// Scale of the logits; `None` means `1/sqrt(D)`.
     pub scale: Option<f64>,
     /// Process queries in chunks of this many rows, bounding the `(Lq, Lk)` logits memory.
+    ///
+    /// On the CPU this runs a fused op that keeps only `q`, `k`, `v` and the output for the
+    /// backward pass and recomputes each chunk's probabilities there, so at most one chunk's
+    /// `(chunk, Lk)` logits are alive at any time, in inference and in training. Values and
+    /// gradients equal the unchunked path's up to rounding.
     pub chunk_size: Option<usize>,
-    /// Mask out keys after the query position (CLIP's text transformer).
+    /// Mask out keys after the query position (CLIP's text transformer): query `i` attends to
+    /// keys `j <= i`.
     pub causal: bool,
 }
 
-/// Scaled dot-product attention. `q`: `(B, H, Lq, D)`, `k`: `(B, H, Lk, D)`, `v`: `(B, H, Lk, Dv)`
-/// → `(B, H, Lq, Dv)`.
+/// Scaled dot-product attention `softmax(q kᵀ·scale [+ causal mask]) v`.
+/// `q`: `(B, H, Lq, D)`, `k`: `(B, H, Lk, D)`, `v`: `(B, H, Lk, Dv)` → `(B, H, Lq, Dv)`.
+/// (Any rank ≥ 2 works: the last two dimensions are the sequence and features.)
+///
+/// Without `chunk_size` the probabilities are kept for the backward pass (fastest); with it,
+/// see [`AttentionConfig::chunk_size`].
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, cfg: &AttentionConfig) -> Result<Tensor> {
-    let d = q.dim(candle_core::D::Minus1)?;
+    let r = q.rank();
+    if r < 2 || k.rank() != r || v.rank() != r {
+        bail!("attention: q {:?}, k {:?}, v {:?} must have the same rank >= 2", q.dims(), k.dims(), v.dims())
+    }
+    let (lq, d) = (q.dim(r - 2)?, q.dim(r - 1)?);
+    let (lk, dk) = (k.dim(r - 2)?, k.dim(r - 1)?);
+    if dk != d || v.dim(r - 2)? != lk || q.dims()[..r - 2] != k.dims()[..r - 2] || k.dims()[..r - 2] != v.dims()[..r - 2] {
+        bail!("attention: incompatible shapes q {:?}, k {:?}, v {:?}", q.dims(), k.dims(), v.dims())
+    }
     let scale = cfg.scale.unwrap_or(1.0 / (d as f64).sqrt());
-    let lq = q.dim(2)?;
-    let kt = k.transpose(2, 3)?.contiguous()?;
-    let run = |q: &Tensor, offset: usize| -> Result<Tensor> {
-        let mut logits = (q.contiguous()?.matmul(&kt)? * scale)?;
-        if cfg.causal {
-            let (lqc, lk) = (q.dim(2)?, k.dim(2)?);
-            let mask: Vec<f32> = (0..lqc)
-                .flat_map(|i| (0..lk).map(move |j| if j > i + offset { f32::NEG_INFINITY } else { 0.0 }))
-                .collect();
-            let mask = Tensor::from_vec(mask, (lqc, lk), q.device())?.to_dtype(logits.dtype())?;
-            logits = logits.broadcast_add(&mask)?;
-        }
-        softmax_last_dim(&logits)?.matmul(&v.contiguous()?)
-    };
     match cfg.chunk_size {
-        Some(c) if c > 0 && c < lq => {
-            let mut outs = Vec::new();
-            let mut start = 0;
-            while start < lq {
-                let len = c.min(lq - start);
-                outs.push(run(&q.narrow(2, start, len)?, start)?);
-                start += len;
-            }
-            Tensor::cat(&outs, 2)
+        Some(c) if q.device().is_cpu() && lq > 0 => {
+            let op = AttentionOp { scale, chunk: c.clamp(1, lq), causal: cfg.causal };
+            in_compute_dtype(q, "attention", |qc, cdt| {
+                qc.apply_op3(&k.to_dtype(cdt)?.contiguous()?, &v.to_dtype(cdt)?.contiguous()?, op)
+            })
         }
-        _ => run(q, 0),
+        _ => composite::attention_with(q, k, v, cfg, softmax_last_dim),
+    }
+}
+
+/// Fused, memory-bounded attention: `(q, k, v)` → output; backward recomputes each chunk.
+struct AttentionOp {
+    scale: f64,
+    chunk: usize,
+    causal: bool,
+}
+
+/// A CPU tensor holding a copy of the contiguous data of `s`/`l`.
+fn cpu_tensor<T: WithDType>(s: &CpuStorage, l: &Layout) -> Result<Tensor> {
+    let data = s.as_slice::<T>()?;
+    let Some((a, b)) = l.contiguous_offsets() else { bail!("attention: non-contiguous input") };
+    Tensor::from_slice(&data[a..b], l.dims(), &candle_core::Device::Cpu)
+}
+
+impl AttentionOp {
+    /// Chunked forward on tensors that track no gradients.
+    fn forward(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+        let cfg = AttentionConfig { scale: Some(self.scale), chunk_size: Some(self.chunk), causal: self.causal };
+        composite::attention_with(q, k, v, &cfg, softmax_last_dim)
+    }
+}
+
+impl CustomOp3 for AttentionOp {
+    fn name(&self) -> &'static str {
+        "gen-chunked-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        sq: &CpuStorage,
+        lq: &Layout,
+        sk: &CpuStorage,
+        lk: &Layout,
+        sv: &CpuStorage,
+        lv: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let out = match (sq, sk, sv) {
+            (CpuStorage::F32(_), CpuStorage::F32(_), CpuStorage::F32(_)) => {
+                let o = self.forward(&cpu_tensor::<f32>(sq, lq)?, &cpu_tensor::<f32>(sk, lk)?, &cpu_tensor::<f32>(sv, lv)?)?;
+                (CpuStorage::F32(o.flatten_all()?.to_vec1()?), o.shape().clone())
+            }
+            (CpuStorage::F64(_), CpuStorage::F64(_), CpuStorage::F64(_)) => {
+                let o = self.forward(&cpu_tensor::<f64>(sq, lq)?, &cpu_tensor::<f64>(sk, lk)?, &cpu_tensor::<f64>(sv, lv)?)?;
+                (CpuStorage::F64(o.flatten_all()?.to_vec1()?), o.shape().clone())
+            }
+            _ => bail!("{}: unsupported dtypes {:?}, {:?}, {:?}", self.name(), sq.dtype(), sk.dtype(), sv.dtype()),
+        };
+        Ok(out)
+    }
+
+    /// Per chunk of queries: `P = softmax(S)`, `dV += Pᵀ dO`, `dP = dO Vᵀ`,
+    /// `dS = P ⊙ (dP − rowsum(dO ⊙ O))`, `dQ = dS K·scale`, `dK += dSᵀ Q·scale`.
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        o: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (q, k, v, o, g) = (q.detach(), k.detach(), v.detach(), o.detach(), g.detach());
+        let r = q.rank();
+        let lq = q.dim(r - 2)?;
+        let kt = k.t()?.contiguous()?;
+        let vt = v.t()?.contiguous()?;
+        let mut dq = Vec::new();
+        let mut dk = k.zeros_like()?;
+        let mut dv = v.zeros_like()?;
+        let mut start = 0;
+        while start < lq {
+            let len = self.chunk.min(lq - start);
+            let qc = q.narrow(r - 2, start, len)?.contiguous()?;
+            let gc = g.narrow(r - 2, start, len)?.contiguous()?;
+            let oc = o.narrow(r - 2, start, len)?;
+            let p = composite::probs(&qc, &kt, self.scale, self.causal, start, softmax_last_dim)?;
+            dv = (dv + p.t()?.contiguous()?.matmul(&gc)?)?;
+            let dp = gc.matmul(&vt)?;
+            let rowdot = (&gc * oc)?.sum_keepdim(D::Minus1)?;
+            let ds = (dp.broadcast_sub(&rowdot)? * p)?;
+            dq.push((ds.matmul(&k)? * self.scale)?);
+            dk = (dk + (ds.t()?.contiguous()?.matmul(&qc)? * self.scale)?)?;
+            start += len;
+        }
+        Ok((Some(Tensor::cat(&dq, r - 2)?), Some(dk), Some(dv)))
     }
 }
 
 /// Nearest-neighbour upsampling by an integer factor. `x`: `(B, C, H, W)` → `(B, C, sH, sW)`.
-/// Built from broadcast + reshape, so the backward pass sums correctly over each block.
+///
+/// Unlike candle's `upsample_nearest2d`, whose backward overwrites the input's gradient, the
+/// gradient here (sum over each `s × s` block) is accumulated with the input's other uses.
 pub fn upsample_nearest(x: &Tensor, scale: usize) -> Result<Tensor> {
-    let (b, c, h, w) = x.dims4()?;
-    x.reshape((b, c, h, 1, w, 1))?
-        .broadcast_as((b, c, h, scale, w, scale))?
-        .contiguous()?
-        .reshape((b, c, h * scale, w * scale))
+    if scale == 0 {
+        bail!("upsample_nearest: scale must be >= 1")
+    }
+    x.dims4()?;
+    if !x.device().is_cpu() {
+        return composite::upsample_nearest(x, scale);
+    }
+    x.contiguous()?.apply_op1(UpsampleNearest { scale })
+}
+
+/// Quick GELU of CLIP: `x · sigmoid(1.702 x)`. Any shape. (candle's sigmoid custom op has a
+/// correct backward, so this is a plain composite.)
+pub fn quick_gelu(x: &Tensor) -> Result<Tensor> {
+    x * candle_nn::ops::sigmoid(&(x * 1.702)?)?
 }
