@@ -1,0 +1,387 @@
+//! Weight and config loading with errors that name the file and the key.
+//!
+//! - [`SafetensorsWeights`]: one or more `.safetensors` files, headers validated when opened
+//!   (truncated file, corrupt header, data offsets past the end of the file), tensors memory-mapped.
+//!   It is a [`SimpleBackend`], so a [`VarBuilder`] over it reports a missing tensor, a wrong shape
+//!   (expected vs found) or an unsupported dtype with the file and the key.
+//! - [`weights_vb`]: that `VarBuilder`, converting f16/bf16/f32/f64 weights to the requested dtype.
+//!   The CPU backend has no bf16 matmul: use f32 (the default compute dtype) on CPU.
+//! - [`find_weight_files`]: the weight files of a diffusers component folder.
+//! - [`JsonConfig`]: reading `config.json` fields with defaults and errors naming file and key.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::safetensors::MmapedSafetensors;
+use candle_core::{DType, Device, Shape, Tensor};
+use candle_nn::var_builder::SimpleBackend;
+use candle_nn::VarBuilder;
+use gen_core::{Error, Result};
+
+/// What a safetensors header says about one tensor.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TensorInfo {
+    /// The safetensors dtype string: `F32`, `F16`, `BF16`, `I64`, …
+    pub dtype: String,
+    pub shape: Vec<usize>,
+}
+
+impl TensorInfo {
+    /// The candle dtype for float weights; `None` for anything this crate does not load.
+    pub fn float_dtype(&self) -> Option<DType> {
+        match self.dtype.as_str() {
+            "F16" => Some(DType::F16),
+            "BF16" => Some(DType::BF16),
+            "F32" => Some(DType::F32),
+            "F64" => Some(DType::F64),
+            _ => None,
+        }
+    }
+}
+
+fn dtype_size(dtype: &str) -> Option<usize> {
+    Some(match dtype {
+        "BOOL" | "U8" | "I8" | "F8_E4M3" | "F8_E5M2" => 1,
+        "F16" | "BF16" | "I16" | "U16" => 2,
+        "F32" | "I32" | "U32" => 4,
+        "F64" | "I64" | "U64" => 8,
+        _ => return None,
+    })
+}
+
+/// Reads and validates the header of a safetensors file: the 8-byte length, the JSON, every
+/// tensor's dtype, shape and data offsets against the file size.
+pub fn read_safetensors_header(path: &Path) -> Result<HashMap<String, TensorInfo>> {
+    use std::io::Read;
+    let bad = |msg: String| Error::msg(format!("{}: not a valid safetensors file: {msg}", path.display()));
+    let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let file_len = f.metadata().map_err(|e| Error::io(path, e))?.len();
+    if file_len < 8 {
+        return Err(bad(format!("{file_len} bytes, shorter than the 8-byte header length")));
+    }
+    let mut len8 = [0u8; 8];
+    f.read_exact(&mut len8).map_err(|e| Error::io(path, e))?;
+    let n = u64::from_le_bytes(len8);
+    if n > 100_000_000 || 8 + n > file_len {
+        return Err(bad(format!("header length {n} exceeds the file size {file_len} (truncated or corrupt)")));
+    }
+    let mut header = vec![0u8; n as usize];
+    f.read_exact(&mut header).map_err(|e| Error::io(path, e))?;
+    let json: serde_json::Value =
+        serde_json::from_slice(&header).map_err(|e| bad(format!("header is not JSON: {e}")))?;
+    let obj = json.as_object().ok_or_else(|| bad("header is not a JSON object".into()))?;
+    let data_len = file_len - 8 - n;
+    let mut out = HashMap::new();
+    for (key, v) in obj {
+        if key == "__metadata__" {
+            continue;
+        }
+        let field = |name: &str| v.get(name).ok_or_else(|| bad(format!("tensor `{key}` has no `{name}`")));
+        let dtype = field("dtype")?.as_str().ok_or_else(|| bad(format!("tensor `{key}`: dtype is not a string")))?;
+        let shape: Vec<usize> = field("shape")?
+            .as_array()
+            .and_then(|a| a.iter().map(|d| d.as_u64().map(|d| d as usize)).collect::<Option<Vec<_>>>())
+            .ok_or_else(|| bad(format!("tensor `{key}`: shape is not a list of integers")))?;
+        let offs: Vec<u64> = field("data_offsets")?
+            .as_array()
+            .and_then(|a| a.iter().map(|d| d.as_u64()).collect::<Option<Vec<_>>>())
+            .filter(|a| a.len() == 2)
+            .ok_or_else(|| bad(format!("tensor `{key}`: data_offsets is not two integers")))?;
+        if offs[1] < offs[0] || offs[1] > data_len {
+            return Err(bad(format!(
+                "tensor `{key}`: data {}..{} lies outside the {data_len} data bytes (truncated file?)",
+                offs[0], offs[1]
+            )));
+        }
+        if let Some(sz) = dtype_size(dtype) {
+            let want = shape.iter().product::<usize>() as u64 * sz as u64;
+            if want != offs[1] - offs[0] {
+                return Err(bad(format!(
+                    "tensor `{key}`: {dtype} {shape:?} needs {want} bytes, the offsets give {}",
+                    offs[1] - offs[0]
+                )));
+            }
+        }
+        out.insert(key.clone(), TensorInfo { dtype: dtype.to_string(), shape });
+    }
+    Ok(out)
+}
+
+/// Memory-mapped safetensors files that remember which file holds which key.
+pub struct SafetensorsWeights {
+    files: Vec<(PathBuf, MmapedSafetensors)>,
+    /// key → (file index, header info)
+    index: HashMap<String, (usize, TensorInfo)>,
+}
+
+impl std::fmt::Debug for SafetensorsWeights {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let files: Vec<_> = self.files.iter().map(|(p, _)| p).collect();
+        f.debug_struct("SafetensorsWeights").field("files", &files).field("tensors", &self.index.len()).finish()
+    }
+}
+
+impl SafetensorsWeights {
+    /// Opens and validates the files. A key present in two files is an error naming both.
+    pub fn open(paths: &[PathBuf]) -> Result<Self> {
+        if paths.is_empty() {
+            return Err(Error::msg("no safetensors weight files given"));
+        }
+        let mut files = Vec::new();
+        let mut index: HashMap<String, (usize, TensorInfo)> = HashMap::new();
+        for (i, p) in paths.iter().enumerate() {
+            let header = read_safetensors_header(p)?;
+            // SAFETY: memory-mapping a file; it must not be modified while the weights live,
+            // which is the usual contract of model weight files.
+            let mm = unsafe { MmapedSafetensors::new(p) }
+                .map_err(|e| Error::msg(format!("{}: cannot open as safetensors: {e}", p.display())))?;
+            for (k, info) in header {
+                if let Some((j, _)) = index.get(&k) {
+                    return Err(Error::msg(format!(
+                        "tensor `{k}` is in both {} and {}",
+                        paths[*j].display(),
+                        p.display()
+                    )));
+                }
+                index.insert(k, (i, info));
+            }
+            files.push((p.clone(), mm));
+        }
+        Ok(Self { files, index })
+    }
+
+    /// All tensor names, sorted.
+    pub fn keys(&self) -> Vec<String> {
+        let mut k: Vec<String> = self.index.keys().cloned().collect();
+        k.sort();
+        k
+    }
+
+    /// Header info of `key`.
+    pub fn info(&self, key: &str) -> Option<&TensorInfo> {
+        self.index.get(key).map(|(_, i)| i)
+    }
+
+    /// The file holding `key`.
+    pub fn file_of(&self, key: &str) -> Option<&Path> {
+        self.index.get(key).map(|(i, _)| self.files[*i].0.as_path())
+    }
+
+    fn files_label(&self) -> String {
+        self.files.iter().map(|(p, _)| p.display().to_string()).collect::<Vec<_>>().join(", ")
+    }
+
+    /// Loads `key` converted to `dtype`, checking the shape when `expected` is given.
+    pub fn load(&self, key: &str, expected: Option<&[usize]>, dtype: DType, device: &Device) -> Result<Tensor> {
+        let Some((i, info)) = self.index.get(key) else {
+            return Err(Error::MissingTensor { file: self.files_label(), key: key.to_string() });
+        };
+        let (path, mm) = &self.files[*i];
+        let file = path.display().to_string();
+        if let Some(exp) = expected {
+            if exp != info.shape.as_slice() {
+                return Err(Error::Shape { file, key: key.to_string(), expected: exp.to_vec(), found: info.shape.clone() });
+            }
+        }
+        if info.float_dtype().is_none() {
+            return Err(Error::msg(format!(
+                "{file}: tensor `{key}`: unsupported dtype {} (weights must be F16, BF16, F32 or F64)",
+                info.dtype
+            )));
+        }
+        let t = mm.load(key, device).map_err(|e| Error::msg(format!("{file}: tensor `{key}`: {e}")))?;
+        t.to_dtype(dtype).map_err(|e| Error::msg(format!("{file}: tensor `{key}`: converting to {dtype:?}: {e}")))
+    }
+}
+
+impl SimpleBackend for SafetensorsWeights {
+    fn get(&self, s: Shape, name: &str, _h: candle_nn::Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        self.load(name, Some(s.dims()), dtype, dev).map_err(candle_core::Error::wrap)
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        self.load(name, None, dtype, dev).map_err(candle_core::Error::wrap)
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.index.contains_key(name)
+    }
+}
+
+/// A `VarBuilder` over safetensors files, loading every weight as `dtype` on `device`.
+/// Errors from `vb.get(shape, name)` name the file and the key.
+pub fn weights_vb(paths: &[PathBuf], dtype: DType, device: &Device) -> Result<VarBuilder<'static>> {
+    let w = SafetensorsWeights::open(paths)?;
+    Ok(VarBuilder::from_backend(Box::new(w), dtype, device.clone()))
+}
+
+/// Which weight files of a component folder to prefer.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct WeightVariant {
+    /// `Some("fp16")`: prefer `*.fp16.safetensors`; `None`: prefer the plain files and fall
+    /// back to a variant when only that exists.
+    pub variant: Option<String>,
+}
+
+const WEIGHT_STEMS: [&str; 2] = ["model", "diffusion_pytorch_model"];
+
+/// The safetensors weight files of a diffusers component folder (`text_encoder/`, `unet/`, …).
+///
+/// Looks for `model.safetensors`, `diffusion_pytorch_model.safetensors`, their variants
+/// (`model.fp16.safetensors`) and sharded checkpoints (`*.safetensors.index.json`). When none is
+/// found the error lists the folder's files, and says that safetensors is required when only
+/// `.bin`/`.ckpt`/`.pt` weights are there.
+pub fn find_weight_files(dir: &Path, variant: &WeightVariant) -> Result<Vec<PathBuf>> {
+    let entries = std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))?;
+    let mut names: Vec<String> = entries.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+    names.sort();
+    let mut variants: Vec<Option<String>> = Vec::new();
+    match &variant.variant {
+        Some(v) => {
+            variants.push(Some(v.clone()));
+            variants.push(None);
+        }
+        None => {
+            variants.push(None);
+            for n in &names {
+                // `model.fp16.safetensors` → variant `fp16`
+                for stem in WEIGHT_STEMS {
+                    if let Some(rest) = n.strip_prefix(&format!("{stem}.")).and_then(|r| r.strip_suffix(".safetensors")) {
+                        if !rest.is_empty() && !rest.contains('.') && !variants.contains(&Some(rest.to_string())) {
+                            variants.push(Some(rest.to_string()));
+                        }
+                    }
+                }
+            }
+        }
+    }
+    for v in &variants {
+        let mid = v.as_ref().map(|v| format!(".{v}")).unwrap_or_default();
+        for stem in WEIGHT_STEMS {
+            let single = format!("{stem}{mid}.safetensors");
+            if names.contains(&single) {
+                return Ok(vec![dir.join(single)]);
+            }
+            let index = format!("{stem}.safetensors{mid}.index.json");
+            let index_alt = format!("{stem}{mid}.safetensors.index.json");
+            for idx in [index, index_alt] {
+                if names.contains(&idx) {
+                    return sharded_files(&dir.join(idx));
+                }
+            }
+        }
+    }
+    let has_pickle = names.iter().any(|n| n.ends_with(".bin") || n.ends_with(".ckpt") || n.ends_with(".pt") || n.ends_with(".pth"));
+    let listing = if names.is_empty() { "(empty)".to_string() } else { names.join(", ") };
+    let hint = if has_pickle {
+        "; only PyTorch pickle weights (.bin/.ckpt/.pt) are there: safetensors is required (convert with diffusers' `save_pretrained(..., safe_serialization=True)`)"
+    } else {
+        ""
+    };
+    Err(Error::msg(format!(
+        "{}: no weight file (looked for model.safetensors, diffusion_pytorch_model.safetensors and their .fp16 variants); the folder holds: {listing}{hint}",
+        dir.display()
+    )))
+}
+
+fn sharded_files(index: &Path) -> Result<Vec<PathBuf>> {
+    let text = std::fs::read_to_string(index).map_err(|e| Error::io(index, e))?;
+    let v: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| Error::Config { file: index.to_path_buf(), key: "weight_map".into(), msg: e.to_string() })?;
+    let map = v.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| Error::Config {
+        file: index.to_path_buf(),
+        key: "weight_map".into(),
+        msg: "missing or not an object".into(),
+    })?;
+    let mut files: Vec<String> = map.values().filter_map(|f| f.as_str().map(str::to_string)).collect();
+    files.sort();
+    files.dedup();
+    let dir = index.parent().unwrap_or(Path::new("."));
+    let paths: Vec<PathBuf> = files.iter().map(|f| dir.join(f)).collect();
+    for p in &paths {
+        if !p.exists() {
+            return Err(Error::MissingFile { path: p.clone(), hint: format!("listed in {}", index.display()) });
+        }
+    }
+    Ok(paths)
+}
+
+/// A parsed JSON config file whose getters name the file and key in their errors.
+#[derive(Debug, Clone)]
+pub struct JsonConfig {
+    pub path: PathBuf,
+    pub value: serde_json::Value,
+}
+
+impl JsonConfig {
+    /// Reads `path`; an unreadable or non-object file is an error naming it.
+    pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
+        let text = std::fs::read_to_string(path).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => Error::MissingFile { path: path.to_path_buf(), hint: String::new() },
+            _ => Error::io(path, e),
+        })?;
+        Self::from_str(path, &text)
+    }
+
+    /// Parses `text` as if read from `path`.
+    pub fn from_str(path: impl AsRef<Path>, text: &str) -> Result<Self> {
+        let path = path.as_ref().to_path_buf();
+        let value: serde_json::Value = serde_json::from_str(text)
+            .map_err(|e| Error::Config { file: path.clone(), key: "(file)".into(), msg: format!("not valid JSON: {e}") })?;
+        if !value.is_object() {
+            return Err(Error::Config { file: path, key: "(file)".into(), msg: "not a JSON object".into() });
+        }
+        Ok(Self { path, value })
+    }
+
+    /// The sub-object `key` (e.g. `text_config` of a `CLIPModel` config) as a config of the same file.
+    pub fn sub(&self, key: &str) -> Option<JsonConfig> {
+        self.value.get(key).filter(|v| v.is_object()).map(|v| JsonConfig { path: self.path.clone(), value: v.clone() })
+    }
+
+    fn err(&self, key: &str, msg: impl Into<String>) -> Error {
+        Error::Config { file: self.path.clone(), key: key.into(), msg: msg.into() }
+    }
+
+    fn raw(&self, key: &str) -> Option<&serde_json::Value> {
+        self.value.get(key).filter(|v| !v.is_null())
+    }
+
+    /// A non-negative integer; `default` when absent (`None`: required).
+    pub fn usize(&self, key: &str, default: Option<usize>) -> Result<usize> {
+        match self.raw(key) {
+            None => default.ok_or_else(|| self.err(key, "missing")),
+            Some(v) => v.as_u64().map(|x| x as usize).ok_or_else(|| self.err(key, format!("expected a non-negative integer, found {v}"))),
+        }
+    }
+
+    /// A number; `default` when absent (`None`: required).
+    pub fn f64(&self, key: &str, default: Option<f64>) -> Result<f64> {
+        match self.raw(key) {
+            None => default.ok_or_else(|| self.err(key, "missing")),
+            Some(v) => v.as_f64().ok_or_else(|| self.err(key, format!("expected a number, found {v}"))),
+        }
+    }
+
+    /// A string; `default` when absent (`None`: required).
+    pub fn string(&self, key: &str, default: Option<&str>) -> Result<String> {
+        match self.raw(key) {
+            None => default.map(str::to_string).ok_or_else(|| self.err(key, "missing")),
+            Some(v) => v.as_str().map(str::to_string).ok_or_else(|| self.err(key, format!("expected a string, found {v}"))),
+        }
+    }
+
+    /// A boolean; `default` when absent.
+    pub fn bool(&self, key: &str, default: bool) -> Result<bool> {
+        match self.raw(key) {
+            None => Ok(default),
+            Some(v) => v.as_bool().ok_or_else(|| self.err(key, format!("expected true or false, found {v}"))),
+        }
+    }
+
+    /// An error about `key` of this file (for checks across fields).
+    pub fn invalid(&self, key: &str, msg: impl Into<String>) -> Error {
+        self.err(key, msg)
+    }
+}
