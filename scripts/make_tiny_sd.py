@@ -15,7 +15,9 @@ What it writes (diffusers layout, real key names, safetensors, f32):
     scheduler/scheduler_config.json     DDIMScheduler, scaled_linear, epsilon (SD 1.5 settings)
     tokenizer/                          hand-built CLIP byte-level BPE: vocab.json + merges.txt
                                         (+ tokenizer.json from the tokenizers-backed CLIPTokenizer)
-    text_encoder/                       CLIPTextModel: hidden 32, 2 layers, 4 heads, quick_gelu,
+    text_encoder/                       CLIPTextModel ("text_model.*" keys as on the hub, although
+                                        transformers 5 itself saves them unprefixed):
+                                        hidden 32, 2 layers, 4 heads, intermediate 37, quick_gelu,
                                         eos_token_id 2 (the legacy "argmax" pooling of SD 1.5 configs)
     text_encoder-gelu/                  same shape, hidden_act "gelu", real eos_token_id (not loaded
                                         by the pipeline; for tests)
@@ -45,6 +47,7 @@ import shutil
 import sys
 
 import torch
+from safetensors.torch import load_file, save_file
 
 import diffusers
 import transformers
@@ -313,6 +316,21 @@ def scheduler():
     )
 
 
+def add_text_model_prefix(path, model):
+    """Rewrite a CLIPTextModel safetensors file with "text_model."-prefixed keys and check that
+    transformers loads it back to the same outputs."""
+    sd = load_file(path)
+    if not all(k.startswith("text_model.") for k in sd):
+        sd = {("text_model." + k if not k.startswith("text_model.") else k): v.contiguous() for k, v in sd.items()}
+        save_file(sd, path, metadata={"format": "pt"})
+    reloaded = CLIPTextModel.from_pretrained(os.path.dirname(path))
+    ids = torch.arange(10).unsqueeze(0)
+    with torch.no_grad():
+        a = model(ids).last_hidden_state
+        b = reloaded(ids).last_hidden_state
+    assert torch.equal(a, b), f"{path}: prefixed checkpoint does not load back identically"
+
+
 def check_versions():
     got = {"torch": torch.__version__.split("+")[0], "diffusers": diffusers.__version__, "transformers": transformers.__version__}
     for k, v in PINNED.items():
@@ -370,6 +388,11 @@ def main():
     unet2 = UNet2DConditionModel(**unet_config(sd2=True))
     randomize_(unet2, SEED + 5)
     unet2.save_pretrained(os.path.join(out, "unet-sd2"), safe_serialization=True)
+
+    # transformers 5 saves CLIPTextModel keys without the "text_model." prefix; every SD text
+    # encoder checkpoint on the hub (saved by transformers 4) has it. Store the hub layout.
+    for name, model in [("text_encoder", text_encoder), ("text_encoder-gelu", te_gelu)]:
+        add_text_model_prefix(os.path.join(out, name, "model.safetensors"), model)
 
     # Drop machine-specific absolute paths that save_pretrained records.
     for d, _, files in os.walk(out):
