@@ -1,0 +1,92 @@
+//! CLIP text and vision outputs against transformers (float64 forward of tiny random models).
+//! Fixtures: scripts/fixtures_clip.py → tests/fixtures/clip/.
+
+use std::path::PathBuf;
+
+use candle_core::{DType, Device, Tensor};
+use gen_models::clip::{
+    ClipTextConfig, ClipTextModelWithProjection, ClipVisionConfig, ClipVisionModelWithProjection, TextForwardOptions,
+};
+use gen_models::loading::weights_vb;
+
+fn dir(sub: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/clip").join(sub)
+}
+
+fn max_abs(a: &Tensor, b: &Tensor) -> f64 {
+    assert_eq!(a.dims(), b.dims());
+    (a.to_dtype(DType::F64).unwrap() - b.to_dtype(DType::F64).unwrap())
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap()
+}
+
+fn text_case(sub: &str) -> anyhow::Result<()> {
+    let dev = Device::Cpu;
+    let cfg = ClipTextConfig::from_file(dir(sub).join("config.json"))?;
+    let out = candle_core::safetensors::load(dir(sub).join("outputs.safetensors"), &dev)?;
+    let vb = weights_vb(&[dir(sub).join("model.safetensors")], DType::F64, &dev)?;
+    let model = ClipTextModelWithProjection::new(vb, &cfg)?;
+    let ids = &out["input_ids"];
+    let (o, embeds) = model.forward(ids, &TextForwardOptions { output_hidden_states: true, ..Default::default() })?;
+    let tol = 1e-9;
+    let checks = [
+        ("embeddings", &o.hidden_states[0]),
+        ("last_hidden_state", &o.last_hidden_state),
+        ("penultimate", &o.penultimate),
+        ("text_embeds", &embeds),
+    ];
+    for (name, t) in checks {
+        let e = max_abs(t, &out[name]);
+        println!("{sub} {name}: max |err| = {e:.3e}");
+        assert!(e < tol, "{sub} {name}: {e}");
+    }
+    let skip = model.text_model.forward(ids, &TextForwardOptions { clip_skip: 1, ..Default::default() })?;
+    let e = max_abs(&skip.selected, &out["penultimate_ln"]);
+    assert!(e < tol, "{sub} clip_skip=1: {e}");
+    let raw = model
+        .text_model
+        .forward(ids, &TextForwardOptions { clip_skip: 1, no_final_layer_norm_on_skip: true, ..Default::default() })?;
+    assert!(max_abs(&raw.selected, &out["penultimate"]) < tol);
+    // f32 weights and compute stay close too
+    let vb32 = weights_vb(&[dir(sub).join("model.safetensors")], DType::F32, &dev)?;
+    let m32 = ClipTextModelWithProjection::new(vb32, &cfg)?;
+    let (o32, _) = m32.forward(ids, &TextForwardOptions::default())?;
+    let e32 = max_abs(&o32.last_hidden_state, &out["last_hidden_state"]);
+    println!("{sub} f32 last_hidden_state: max |err| = {e32:.3e}");
+    assert!(e32 < 1e-4, "{e32}");
+    Ok(())
+}
+
+#[test]
+fn text_quick_gelu_legacy_eos_matches_transformers() -> anyhow::Result<()> {
+    text_case("text-quickgelu-eos2")
+}
+
+#[test]
+fn text_gelu_first_eos_matches_transformers() -> anyhow::Result<()> {
+    text_case("text-gelu")
+}
+
+#[test]
+fn vision_matches_transformers() -> anyhow::Result<()> {
+    let dev = Device::Cpu;
+    let sub = "vision";
+    let cfg = ClipVisionConfig::from_file(dir(sub).join("config.json"))?;
+    let out = candle_core::safetensors::load(dir(sub).join("outputs.safetensors"), &dev)?;
+    let vb = weights_vb(&[dir(sub).join("model.safetensors")], DType::F64, &dev)?;
+    let model = ClipVisionModelWithProjection::new(vb, &cfg)?;
+    let o = model.forward(&out["pixel_values"])?;
+    for (name, t) in [("last_hidden_state", &o.last_hidden_state), ("pooled", &o.pooled), ("image_embeds", &o.image_embeds)] {
+        let e = max_abs(t, &out[name]);
+        println!("vision {name}: max |err| = {e:.3e}");
+        assert!(e < 1e-9, "vision {name}: {e}");
+    }
+    Ok(())
+}
