@@ -16,4 +16,4 @@ mod fused;
 pub mod nn;
 pub mod ops;
 
-pub use ops::{attention, group_norm, layer_norm, quick_gelu, softmax_last_dim, upsample_nearest, AttentionConfig};
+pub use ops::{attention, conv2d, group_norm, layer_norm, quick_gelu, softmax_last_dim, upsample_nearest, AttentionConfig};

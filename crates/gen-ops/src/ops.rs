@@ -235,3 +235,29 @@ pub fn upsample_nearest(x: &Tensor, scale: usize) -> Result<Tensor> {
 pub fn quick_gelu(x: &Tensor) -> Result<Tensor> {
     x * candle_nn::ops::sigmoid(&(x * 1.702)?)?
 }
+
+/// 2-D convolution with a backward pass that works for every geometry.
+/// `x`: `(B, C_in, H, W)`, `kernel`: `(C_out, C_in / groups, kh, kw)` →
+/// `(B, C_out, H', W')` with `H' = (H + 2p − d(kh − 1) − 1) / s + 1` (same for `W'`).
+///
+/// candle 0.11.1's conv2d backward derives the transposed convolution's output padding from the
+/// height alone, so it fails with a shape error whenever `(H + 2p − k) mod s` differs from
+/// `(W + 2p − k) mod s` (e.g. a 5×6 input, padding 1, stride 2). In that case this function
+/// pads explicitly and crops the rows/columns the convolution never reads, so both remainders
+/// are zero; otherwise it is candle's conv2d unchanged.
+pub fn conv2d(x: &Tensor, kernel: &Tensor, cfg: &candle_nn::Conv2dConfig) -> Result<Tensor> {
+    let (_, _, h, w) = x.dims4()?;
+    let (_, _, kh, kw) = kernel.dims4()?;
+    let (p, s, d) = (cfg.padding, cfg.stride.max(1), cfg.dilation.max(1));
+    let (ekh, ekw) = (d * (kh - 1) + 1, d * (kw - 1) + 1);
+    if h + 2 * p < ekh || w + 2 * p < ekw {
+        bail!("conv2d: kernel {kh}x{kw} (dilation {d}) larger than padded input {h}x{w} + 2*{p}")
+    }
+    let (rh, rw) = ((h + 2 * p - ekh) % s, (w + 2 * p - ekw) % s);
+    if rh == rw {
+        return x.conv2d(kernel, p, s, d, cfg.groups);
+    }
+    let xp = x.pad_with_zeros(2, p, p)?.pad_with_zeros(3, p, p)?;
+    let xp = xp.narrow(2, 0, h + 2 * p - rh)?.narrow(3, 0, w + 2 * p - rw)?;
+    xp.conv2d(kernel, 0, s, d, cfg.groups)
+}
