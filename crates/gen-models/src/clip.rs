@@ -51,7 +51,8 @@ impl Activation {
                 let s = (((x * (1.702 * 0.5))?.tanh()? + 1.0)? * 0.5)?;
                 x * s
             }
-            Self::Gelu => x.gelu_erf(),
+            // x/2 (1 + erf(x/√2)); candle's fused gelu_erf backward rounds 1/√(2π) to 6 digits.
+            Self::Gelu => x * (((x / std::f64::consts::SQRT_2)?.erf()? + 1.0)? * 0.5)?,
             Self::GeluTanh => x.gelu(),
         }
     }
