@@ -93,7 +93,8 @@ fn max_abs(a: &Tensor) -> Result<f64> {
 }
 
 /// Op vs dense reference: images and the gradients of every parameter.
-fn check_against_dense(s: &Splats, what: &str) -> Result<()> {
+/// Returns the smallest final transmittance `1 - alpha` of the image.
+fn check_against_dense(s: &Splats, what: &str) -> Result<f64> {
     let lw = LossWeights::new(DType::F64)?;
     let vars = Vars::new(s)?;
     let sp = vars.splats();
@@ -119,19 +120,25 @@ fn check_against_dense(s: &Splats, what: &str) -> Result<()> {
         assert!(scale > 1e-6, "{what}: dense gradient of {name} is zero");
         assert!(err <= 1e-9 * (1.0 + scale), "{what}: gradient of {name} differs from the dense reference: {err:.3e}");
     }
-    Ok(())
+    let t_min = (1.0 - &out.alpha)?.flatten_all()?.min(0)?.to_scalar::<f64>()?;
+    println!("{what}: smallest final transmittance {t_min:.2e}");
+    Ok(t_min)
 }
 
 #[test]
 fn op_matches_dense_reference_sh3() -> Result<()> {
-    check_against_dense(&scene(1, 8, 3, (-1.0, 1.5)), "8 splats, SH 3")
+    check_against_dense(&scene(1, 8, 3, (-1.0, 1.5)), "8 splats, SH 3")?;
+    Ok(())
 }
 
 #[test]
 fn op_matches_dense_reference_opaque_sh1() -> Result<()> {
     // Opacities up to sigmoid(6): alpha clamp at 0.99 and the T < 1e-4 early stop are active.
-    let s = scene(2, 12, 1, (3.0, 6.0));
-    check_against_dense(&s, "12 opaque splats, SH 1")
+    let s = scene(2, 16, 1, (5.0, 8.0));
+    let t_min = check_against_dense(&s, "16 opaque splats, SH 1")?;
+    // Many layers at alpha 0.99 overlap, yet no pixel goes below T = 1e-4: compositing stopped.
+    assert!((1e-4..1e-3).contains(&t_min), "early stop not exercised: min T = {t_min}");
+    Ok(())
 }
 
 /// Central finite differences in f64 for every element of every parameter.
