@@ -9,7 +9,8 @@
 //! - [`find_weight_files`]: the weight files of a diffusers component folder.
 //! - [`JsonConfig`]: reading `config.json` fields with defaults and errors naming file and key.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
 use std::path::{Path, PathBuf};
 
 use candle_core::safetensors::MmapedSafetensors;
@@ -107,17 +108,26 @@ pub fn read_safetensors_header(path: &Path) -> Result<HashMap<String, TensorInfo
     Ok(out)
 }
 
-/// Memory-mapped safetensors files that remember which file holds which key.
+/// Memory-mapped safetensors files that remember which file holds which key, and which keys
+/// a model has read (see [`SafetensorsWeights::unused_keys`]). Clones share the files and the
+/// record of used keys.
+#[derive(Clone)]
 pub struct SafetensorsWeights {
+    inner: Arc<WeightsInner>,
+}
+
+struct WeightsInner {
     files: Vec<(PathBuf, MmapedSafetensors)>,
     /// key → (file index, header info)
     index: HashMap<String, (usize, TensorInfo)>,
+    used: Mutex<HashSet<String>>,
 }
+
 
 impl std::fmt::Debug for SafetensorsWeights {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let files: Vec<_> = self.files.iter().map(|(p, _)| p).collect();
-        f.debug_struct("SafetensorsWeights").field("files", &files).field("tensors", &self.index.len()).finish()
+        let files: Vec<_> = self.inner.files.iter().map(|(p, _)| p).collect();
+        f.debug_struct("SafetensorsWeights").field("files", &files).field("tensors", &self.inner.index.len()).finish()
     }
 }
 
@@ -147,37 +157,57 @@ impl SafetensorsWeights {
             }
             files.push((p.clone(), mm));
         }
-        Ok(Self { files, index })
+        Ok(Self { inner: Arc::new(WeightsInner { files, index, used: Mutex::new(HashSet::new()) }) })
+    }
+
+    /// A `VarBuilder` reading from these files (a handle: `self` keeps seeing the used keys).
+    pub fn var_builder(&self, dtype: DType, device: &Device) -> VarBuilder<'static> {
+        VarBuilder::from_backend(Box::new(self.clone()), dtype, device.clone())
+    }
+
+    /// Keys of the files that nothing has loaded yet, sorted: after building a model, the
+    /// checkpoint tensors the model does not use.
+    pub fn unused_keys(&self) -> Vec<String> {
+        let used = self.inner.used.lock().expect("used-keys lock");
+        let mut k: Vec<String> = self.inner.index.keys().filter(|k| !used.contains(*k)).cloned().collect();
+        k.sort();
+        k
+    }
+
+    /// The files, in the order given.
+    pub fn paths(&self) -> Vec<PathBuf> {
+        self.inner.files.iter().map(|(p, _)| p.clone()).collect()
     }
 
     /// All tensor names, sorted.
     pub fn keys(&self) -> Vec<String> {
-        let mut k: Vec<String> = self.index.keys().cloned().collect();
+        let mut k: Vec<String> = self.inner.index.keys().cloned().collect();
         k.sort();
         k
     }
 
     /// Header info of `key`.
     pub fn info(&self, key: &str) -> Option<&TensorInfo> {
-        self.index.get(key).map(|(_, i)| i)
+        self.inner.index.get(key).map(|(_, i)| i)
     }
 
     /// The file holding `key`.
     pub fn file_of(&self, key: &str) -> Option<&Path> {
-        self.index.get(key).map(|(i, _)| self.files[*i].0.as_path())
+        self.inner.index.get(key).map(|(i, _)| self.inner.files[*i].0.as_path())
     }
 
     fn files_label(&self) -> String {
-        self.files.iter().map(|(p, _)| p.display().to_string()).collect::<Vec<_>>().join(", ")
+        self.inner.files.iter().map(|(p, _)| p.display().to_string()).collect::<Vec<_>>().join(", ")
     }
 
     /// Loads `key` converted to `dtype`, checking the shape when `expected` is given.
     pub fn load(&self, key: &str, expected: Option<&[usize]>, dtype: DType, device: &Device) -> Result<Tensor> {
-        let Some((i, info)) = self.index.get(key) else {
+        let Some((i, info)) = self.inner.index.get(key) else {
             return Err(Error::MissingTensor { file: self.files_label(), key: key.to_string() });
         };
-        let (path, mm) = &self.files[*i];
+        let (path, mm) = &self.inner.files[*i];
         let file = path.display().to_string();
+        self.inner.used.lock().expect("used-keys lock").insert(key.to_string());
         if let Some(exp) = expected {
             if exp != info.shape.as_slice() {
                 return Err(Error::Shape { file, key: key.to_string(), expected: exp.to_vec(), found: info.shape.clone() });
@@ -204,15 +234,14 @@ impl SimpleBackend for SafetensorsWeights {
     }
 
     fn contains_tensor(&self, name: &str) -> bool {
-        self.index.contains_key(name)
+        self.inner.index.contains_key(name)
     }
 }
 
 /// A `VarBuilder` over safetensors files, loading every weight as `dtype` on `device`.
 /// Errors from `vb.get(shape, name)` name the file and the key.
 pub fn weights_vb(paths: &[PathBuf], dtype: DType, device: &Device) -> Result<VarBuilder<'static>> {
-    let w = SafetensorsWeights::open(paths)?;
-    Ok(VarBuilder::from_backend(Box::new(w), dtype, device.clone()))
+    Ok(SafetensorsWeights::open(paths)?.var_builder(dtype, device))
 }
 
 /// Which weight files of a component folder to prefer.
