@@ -1,0 +1,70 @@
+//! The UNet on the committed tiny diffusers folder (`tests/fixtures/tiny-sd/unet*`, made by
+//! `scripts/make_tiny_sd.py`): every safetensors key is used and every model parameter found,
+//! and outputs match diffusers' (`tests/fixtures/parity/unet*.safetensors`, made by
+//! `scripts/make_parity_fixtures.py`, f64 references stored as f32).
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+
+use anyhow::Result;
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{VarBuilder, VarMap};
+use gen_models::unet::{UNet2DConditionModel, UNetConfig};
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
+}
+
+/// The parameter names the model asks for, from a build over an empty `VarMap`.
+fn requested_names(cfg: &UNetConfig) -> Result<BTreeSet<String>> {
+    let varmap = VarMap::new();
+    UNet2DConditionModel::new(VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu), cfg)?;
+    let names = varmap.data().lock().unwrap().keys().cloned().collect();
+    Ok(names)
+}
+
+fn max_abs(t: &Tensor) -> Result<f64> {
+    Ok(t.abs()?.max_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?)
+}
+
+fn check(sub: &str, weights: &str, reference: &str) -> Result<()> {
+    let dir = fixtures().join("tiny-sd").join(sub);
+    let cfg = UNetConfig::from_file(dir.join("config.json"))?;
+    let wpath = dir.join(weights);
+    let st = unsafe { candle_core::safetensors::MmapedSafetensors::new(&wpath)? };
+    let keys: BTreeSet<String> = st.tensors().into_iter().map(|(k, _)| k).collect();
+    let wanted = requested_names(&cfg)?;
+    let unused: Vec<_> = keys.difference(&wanted).collect();
+    let missing: Vec<_> = wanted.difference(&keys).collect();
+    assert!(unused.is_empty() && missing.is_empty(), "{sub}/{weights}: unused keys {unused:?}, missing {missing:?}");
+
+    let dev = Device::Cpu;
+    let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[&wpath], DType::F32, &dev)? };
+    let model = UNet2DConditionModel::new(vb, &cfg)?;
+    let r = candle_core::safetensors::load(fixtures().join("parity").join(reference), &dev)?;
+    let (x, ehs) = (&r["sample"], &r["encoder_hidden_states"]);
+    for (tkey, okey) in [("timesteps_mixed", "out_mixed"), ("timesteps_mixed_i64", "out_mixed"), ("timesteps_uniform", "out_uniform")] {
+        let out = model.forward(x, &r[tkey], ehs)?;
+        let want = &r[okey];
+        let err = max_abs(&(out - want)?)?;
+        let scale = max_abs(want)?;
+        eprintln!("{sub}/{weights} {tkey}: max abs err {err:.2e} (output scale {scale:.2})");
+        assert!(err < 1e-5 * scale.max(1.0), "{sub}/{weights} {tkey}: max abs err {err:e}");
+    }
+    Ok(())
+}
+
+#[test]
+fn tiny_sd_unet_keys_and_parity() -> Result<()> {
+    check("unet", "diffusion_pytorch_model.safetensors", "unet.safetensors")
+}
+
+#[test]
+fn tiny_sd_unet_fp16_keys_and_parity() -> Result<()> {
+    check("unet", "diffusion_pytorch_model.fp16.safetensors", "unet_fp16.safetensors")
+}
+
+#[test]
+fn tiny_sd_unet_sd2_keys_and_parity() -> Result<()> {
+    check("unet-sd2", "diffusion_pytorch_model.safetensors", "unet_sd2.safetensors")
+}
