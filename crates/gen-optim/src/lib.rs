@@ -1,21 +1,27 @@
 //! Optimizer core of the `gen` toolkit: one engine ([`Optim`]) with parameter groups, global
 //! gradient-norm clipping, a NaN/Inf guard and checkpointable state, driving update rules
-//! ([`AdamW`], [`AdamP`], [`Sgdp`], [`Sgd`], [`SignSgd`]), plus learning-rate schedules.
+//! ([`AdamW`], [`AdamP`], [`Sgdp`], [`Sgd`], [`SignSgd`], and the low-rank [`GaLore`] and
+//! [`Frugal`] over SVD, DCT, random-orthogonal and random-column projectors), plus
+//! learning-rate schedules.
 //!
 //! Every rule matches its reference implementation (PyTorch, clovaai/AdamP) on recorded
 //! gradients; see `tests/parity.rs` and `scripts/fixtures_optim.py`.
 
 pub mod adamp;
 pub mod adamw;
+pub mod lowrank;
 pub mod optimizer;
+pub mod projector;
 pub mod schedule;
 pub mod sgd;
 
 pub use adamp::{scale_invariant_projection, AdamP, AdamPConfig, Projected, Sgdp, SgdpConfig};
 pub use adamw::{AdamW, AdamWConfig};
+pub use lowrank::{Frugal, FrugalConfig, GaLore, GaLoreConfig, StateFree};
 pub use optimizer::{
     global_grad_norm, save_safetensors_atomic, GroupConfig, NamedVar, Optim, Optimizer, ParamCtx, ParamGroup, ParamState, StepOptions,
     StepReport, UpdateRule,
 };
+pub use projector::{dct2_basis, make_projector, Basis, DctCache, ProjectionKind, Projector, Side};
 pub use schedule::{median_filter, Constant, Cosine, LinearDecay, LinearWarmup, LrSchedule, Refined};
 pub use sgd::{SignSgd, SignSgdConfig, Sgd, SgdConfig};

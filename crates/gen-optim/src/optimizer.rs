@@ -4,10 +4,17 @@
 //! An update rule ([`UpdateRule`]) only says how one parameter changes given its gradient and
 //! its state; [`Optim`] does the rest and implements the [`Optimizer`] trait every trainer uses.
 //!
-//! ```ignore
-//! let mut opt = Optim::new(AdamW, vec![ParamGroup::new(params, AdamWConfig { lr: 1e-3, ..Default::default() })])?
-//!     .with_options(StepOptions { max_grad_norm: Some(1.0), ..Default::default() });
+//! ```
+//! use candle_core::{Device, Tensor, Var};
+//! use gen_optim::{AdamW, AdamWConfig, NamedVar, Optim, Optimizer, ParamGroup, StepOptions};
+//!
+//! let w = Var::from_tensor(&Tensor::new(&[1.0f32, -2.0], &Device::Cpu)?)?;
+//! let group = ParamGroup::new(vec![NamedVar::new("w", w.clone())], AdamWConfig { lr: 0.1, ..Default::default() });
+//! let mut opt = Optim::new(AdamW, vec![group])?.with_options(StepOptions { max_grad_norm: Some(1.0), ..Default::default() });
+//! let loss = w.as_tensor().sqr()?.sum_all()?;
 //! let report = opt.step(&loss.backward()?)?;
+//! assert!(report.clipped && !report.skipped);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
 use std::collections::{BTreeMap, HashMap, HashSet};

@@ -1,0 +1,295 @@
+//! Low-rank optimizers: GaLore (Zhao et al. 2024, jiaweizzhao/GaLore) and FRUGAL (Zmushko et
+//! al. 2025), over the projectors of [`crate::projector`].
+//!
+//! Both see a parameter with two or more dimensions as an m×n matrix (`(d0, rest)`, so a conv
+//! weight `(out, in, kh, kw)` becomes `out × in·kh·kw`); parameters with fewer dimensions get
+//! plain AdamW with the group's settings. The projector is rebuilt at steps 1, T+1, 2T+1, ...
+//! (T = `update_gap`) from the gradient of that step, and is part of the saved state
+//! (`proj_q`: dense basis, or `proj_idx`: u32 indices).
+//!
+//! Adam here uses the PyTorch form of [`crate::AdamW`] (eps outside the bias-corrected square
+//! root, decoupled weight decay `p *= 1 - lr wd` before the step). GaLore's reference uses the
+//! transformers form (`denom = sqrt(v) + eps`, step `lr sqrt(1-β2^t)/(1-β1^t)`, weight decay
+//! after the step); the difference is only in where eps enters and the order of decay.
+
+use candle_core::Tensor;
+use gen_core::{Error, Result, SeededRng};
+
+use crate::adamw::{adam_moments, check_betas, check_lr, check_nonneg};
+use crate::optimizer::{GroupConfig, ParamCtx, ParamState, UpdateRule};
+use crate::projector::{make_projector, Basis, DctCache, ProjectionKind, Projector, Side};
+
+const SLOT_Q: &str = "proj_q";
+const SLOT_IDX: &str = "proj_idx";
+
+/// The (m, n) matrix view of a parameter, or `None` for fewer than two dimensions.
+fn matrix_dims(t: &Tensor) -> Option<(usize, usize)> {
+    let d = t.dims();
+    if d.len() < 2 {
+        return None;
+    }
+    Some((d[0], d[1..].iter().product()))
+}
+
+/// The projector held in `state`, if any, for the m×n gradient `g2`.
+fn stored_projector(state: &ParamState, kind: ProjectionKind, g2: &Tensor, dct: &mut DctCache) -> Result<Option<Projector>> {
+    let (m, n) = g2.dims2()?;
+    let side = Side::for_shape(m, n);
+    let d = side.dim(m, n);
+    let basis = match kind {
+        ProjectionKind::Svd | ProjectionKind::RandomOrthogonal => match state.get(SLOT_Q) {
+            Some(q) => Basis::Dense(q.clone()),
+            None => return Ok(None),
+        },
+        ProjectionKind::RandomColumns => match state.get(SLOT_IDX) {
+            Some(i) => Basis::Columns { indices: i.clone(), dim: d },
+            None => return Ok(None),
+        },
+        ProjectionKind::Dct => match state.get(SLOT_IDX) {
+            Some(i) => Basis::DctColumns { indices: i.clone(), basis: dct.get(d, g2.dtype(), g2.device())? },
+            None => return Ok(None),
+        },
+    };
+    Ok(Some(Projector { side, basis }))
+}
+
+fn store_projector(state: &mut ParamState, p: &Projector) {
+    state.slots.remove(SLOT_Q);
+    state.slots.remove(SLOT_IDX);
+    match &p.basis {
+        Basis::Dense(q) => state.set(SLOT_Q, q.clone()),
+        Basis::Columns { indices, .. } | Basis::DctColumns { indices, .. } => state.set(SLOT_IDX, indices.clone()),
+    }
+}
+
+/// The seeded generator of projection number `refresh` of parameter `index`: the same
+/// projections on every run and after a resume, without saving generator state.
+fn projection_rng(seed: u64, index: usize, refresh: u64) -> SeededRng {
+    SeededRng::fork(seed ^ (index as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15), refresh)
+}
+
+/// Returns the projector for this step (rebuilt on steps 1, T+1, ...) and whether it is new.
+fn projector_for_step(
+    state: &mut ParamState,
+    kind: ProjectionKind,
+    rank: usize,
+    update_gap: u64,
+    seed: u64,
+    ctx: ParamCtx<'_>,
+    g2: &Tensor,
+    dct: &mut DctCache,
+) -> Result<(Projector, bool)> {
+    let t = state.step;
+    let refresh = (t - 1) / update_gap;
+    if (t - 1) % update_gap != 0 {
+        if let Some(p) = stored_projector(state, kind, g2, dct)? {
+            return Ok((p, false));
+        }
+    }
+    let mut rng = projection_rng(seed, ctx.index, refresh);
+    let p = make_projector(kind, g2, rank, &mut rng, dct).map_err(|e| Error::msg(format!("`{}`: {e}", ctx.name)))?;
+    store_projector(state, &p);
+    Ok((p, true))
+}
+
+fn check_gap(gap: u64) -> Result<()> {
+    if gap == 0 {
+        return Err(Error::invalid("update_gap", "0 (must be >= 1)"));
+    }
+    Ok(())
+}
+
+/// Plain AdamW step, the fallback for parameters with fewer than two dimensions.
+fn adamw_step(state: &mut ParamState, param: &Tensor, grad: &Tensor, lr: f64, betas: (f64, f64), eps: f64, wd: f64) -> Result<Tensor> {
+    let p = if wd != 0.0 { param.affine(1.0 - lr * wd, 0.0)? } else { param.clone() };
+    let (m, denom, inv_bc1) = adam_moments(state, "", grad, betas, eps, state.step)?;
+    Ok((p - (m / denom)?.affine(lr * inv_bc1, 0.0)?)?)
+}
+
+/// Hyper-parameters of a GaLore group. Defaults are GaLore's (rank 128, T = 200, scale 0.25,
+/// SVD) with PyTorch's AdamW betas/eps and no weight decay.
+#[derive(Clone, Debug, PartialEq)]
+pub struct GaLoreConfig {
+    pub lr: f64,
+    pub betas: (f64, f64),
+    pub eps: f64,
+    pub weight_decay: f64,
+    /// Rank r (capped at the projected dimension).
+    pub rank: usize,
+    /// Steps between re-projections (T).
+    pub update_gap: u64,
+    /// Multiplies the projected-back update.
+    pub scale: f64,
+    pub kind: ProjectionKind,
+    /// Seed of the random projections.
+    pub seed: u64,
+}
+
+impl Default for GaLoreConfig {
+    fn default() -> Self {
+        Self { lr: 1e-3, betas: (0.9, 0.999), eps: 1e-8, weight_decay: 0.0, rank: 128, update_gap: 200, scale: 0.25, kind: ProjectionKind::Svd, seed: 0 }
+    }
+}
+
+impl GroupConfig for GaLoreConfig {
+    fn lr(&self) -> f64 {
+        self.lr
+    }
+    fn set_lr(&mut self, lr: f64) {
+        self.lr = lr;
+    }
+    fn validate(&self) -> Result<()> {
+        check_lr(self.lr)?;
+        check_betas(self.betas)?;
+        check_nonneg("eps", self.eps)?;
+        check_nonneg("weight_decay", self.weight_decay)?;
+        check_nonneg("scale", self.scale)?;
+        check_gap(self.update_gap)?;
+        if self.rank == 0 {
+            return Err(Error::invalid("rank", "0 (must be >= 1)"));
+        }
+        Ok(())
+    }
+}
+
+/// GaLore-Adam: Adam on `R = project(G)`, moments kept (not reset) when the projector changes,
+/// update `scale * project_back(m̂ / (sqrt(v̂) + eps))`.
+#[derive(Debug, Default)]
+pub struct GaLore {
+    dct: DctCache,
+}
+
+impl UpdateRule for GaLore {
+    type Config = GaLoreConfig;
+    fn name(&self) -> &'static str {
+        "galore"
+    }
+    fn update(&mut self, ctx: ParamCtx<'_>, cfg: &GaLoreConfig, state: &mut ParamState, param: &Tensor, grad: &Tensor) -> Result<Tensor> {
+        let Some((m, n)) = matrix_dims(param) else {
+            return adamw_step(state, param, grad, cfg.lr, cfg.betas, cfg.eps, cfg.weight_decay);
+        };
+        let g2 = grad.reshape((m, n))?;
+        let rank = cfg.rank.min(Side::for_shape(m, n).dim(m, n));
+        let (proj, _) = projector_for_step(state, cfg.kind, rank, cfg.update_gap, cfg.seed, ctx, &g2, &mut self.dct)?;
+        let r = proj.project(&g2)?;
+        let (mom, denom, inv_bc1) = adam_moments(state, "", &r, cfg.betas, cfg.eps, state.step)?;
+        let upd = proj.project_back(&(mom / denom)?, m, n)?.affine(cfg.lr * inv_bc1 * cfg.scale, 0.0)?;
+        let p = if cfg.weight_decay != 0.0 { param.affine(1.0 - cfg.lr * cfg.weight_decay, 0.0)? } else { param.clone() };
+        Ok((p - upd.reshape(param.shape())?)?)
+    }
+    fn shared_bytes(&self) -> usize {
+        self.dct.bytes()
+    }
+}
+
+/// What FRUGAL does with the part of the gradient outside the projected subspace.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StateFree {
+    /// `-lr * scale * sign(g_free)` (signSGD, the paper's default).
+    SignSgd,
+    /// `-lr * scale * g_free` (plain SGD).
+    Sgd,
+    /// Dropped (only the state-full subspace is trained).
+    None,
+}
+
+/// Hyper-parameters of a FRUGAL group. Defaults are the paper's (density 0.25, T = 200,
+/// signSGD residual with lr scale 1.0 for pre-training; use 0.1 for fine-tuning).
+#[derive(Clone, Debug, PartialEq)]
+pub struct FrugalConfig {
+    pub lr: f64,
+    pub betas: (f64, f64),
+    pub eps: f64,
+    pub weight_decay: f64,
+    /// Fraction rho of the projected dimension kept state-full: r = max(1, round(rho d)).
+    pub density: f64,
+    pub update_gap: u64,
+    pub kind: ProjectionKind,
+    pub state_free: StateFree,
+    /// Learning-rate multiplier of the state-free update.
+    pub state_free_lr_scale: f64,
+    pub seed: u64,
+}
+
+impl Default for FrugalConfig {
+    fn default() -> Self {
+        Self {
+            lr: 1e-3,
+            betas: (0.9, 0.999),
+            eps: 1e-8,
+            weight_decay: 0.0,
+            density: 0.25,
+            update_gap: 200,
+            kind: ProjectionKind::Svd,
+            state_free: StateFree::SignSgd,
+            state_free_lr_scale: 1.0,
+            seed: 0,
+        }
+    }
+}
+
+impl GroupConfig for FrugalConfig {
+    fn lr(&self) -> f64 {
+        self.lr
+    }
+    fn set_lr(&mut self, lr: f64) {
+        self.lr = lr;
+    }
+    fn validate(&self) -> Result<()> {
+        check_lr(self.lr)?;
+        check_betas(self.betas)?;
+        check_nonneg("eps", self.eps)?;
+        check_nonneg("weight_decay", self.weight_decay)?;
+        check_nonneg("state_free_lr_scale", self.state_free_lr_scale)?;
+        check_gap(self.update_gap)?;
+        if !(self.density > 0.0 && self.density <= 1.0) {
+            return Err(Error::invalid("density", format!("{} (must be in (0, 1])", self.density)));
+        }
+        Ok(())
+    }
+}
+
+/// FRUGAL: `g = P⁻¹(P g) + g_free`; Adam on `P g` (state-full, moments and bias correction
+/// reset whenever the projector is rebuilt), a state-free update on `g_free`.
+#[derive(Debug, Default)]
+pub struct Frugal {
+    dct: DctCache,
+}
+
+impl UpdateRule for Frugal {
+    type Config = FrugalConfig;
+    fn name(&self) -> &'static str {
+        "frugal"
+    }
+    fn update(&mut self, ctx: ParamCtx<'_>, cfg: &FrugalConfig, state: &mut ParamState, param: &Tensor, grad: &Tensor) -> Result<Tensor> {
+        let Some((m, n)) = matrix_dims(param) else {
+            return adamw_step(state, param, grad, cfg.lr, cfg.betas, cfg.eps, cfg.weight_decay);
+        };
+        let g2 = grad.reshape((m, n))?;
+        let d = Side::for_shape(m, n).dim(m, n);
+        let rank = ((cfg.density * d as f64).round() as usize).clamp(1, d);
+        let (proj, fresh) = projector_for_step(state, cfg.kind, rank, cfg.update_gap, cfg.seed, ctx, &g2, &mut self.dct)?;
+        if fresh {
+            state.slots.remove("exp_avg");
+            state.slots.remove("exp_avg_sq");
+        }
+        let sub_step = (state.step - 1) % cfg.update_gap + 1;
+        let r = proj.project(&g2)?;
+        let (mom, denom, inv_bc1) = adam_moments(state, "", &r, cfg.betas, cfg.eps, sub_step)?;
+        let mut upd = proj.project_back(&(mom / denom)?, m, n)?.affine(cfg.lr * inv_bc1, 0.0)?;
+        let free_scale = cfg.lr * cfg.state_free_lr_scale;
+        if cfg.state_free != StateFree::None && free_scale != 0.0 {
+            let g_free = (&g2 - proj.project_back(&r, m, n)?)?;
+            let free = match cfg.state_free {
+                StateFree::SignSgd => g_free.sign()?,
+                _ => g_free,
+            };
+            upd = (upd + free.affine(free_scale, 0.0)?)?;
+        }
+        let p = if cfg.weight_decay != 0.0 { param.affine(1.0 - cfg.lr * cfg.weight_decay, 0.0)? } else { param.clone() };
+        Ok((p - upd.reshape(param.shape())?)?)
+    }
+    fn shared_bytes(&self) -> usize {
+        self.dct.bytes()
+    }
+}
