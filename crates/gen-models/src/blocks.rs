@@ -7,7 +7,7 @@
 //! Dropout is not applied (inference and deterministic training).
 
 use candle_core::{DType, Module, Result, Tensor};
-use candle_nn::{Conv2d, Conv2dConfig, VarBuilder};
+use candle_nn::{Conv2dConfig, VarBuilder};
 use gen_ops::nn::{GroupNorm, Linear};
 use gen_ops::AttentionConfig;
 
@@ -46,10 +46,27 @@ pub fn gelu(x: &Tensor) -> Result<Tensor> {
     (x * 0.5)? * (e + 1.0)?
 }
 
-/// A 2-D convolution loaded as `weight` `(out, in, k, k)` and `bias` `(out)` under `vb`.
+/// A 2-D convolution (`weight` `(out, in, k, k)`, `bias` `(out)`) run through
+/// [`gen_ops::conv2d`], whose backward pass works for every input geometry.
+#[derive(Debug, Clone)]
+pub struct Conv2d {
+    weight: Tensor,
+    bias: Tensor,
+    cfg: Conv2dConfig,
+}
+
+impl Module for Conv2d {
+    /// `(B, in, H, W)` → `(B, out, H', W')`.
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = gen_ops::conv2d(x, &self.weight, &self.cfg)?;
+        y.broadcast_add(&self.bias.reshape((1, (), 1, 1))?)
+    }
+}
+
+/// A [`Conv2d`] loaded from `weight` and `bias` under `vb`.
 pub fn conv2d(vb: VarBuilder, cin: usize, cout: usize, kernel: usize, stride: usize, padding: usize) -> Result<Conv2d> {
     let cfg = Conv2dConfig { padding, stride, ..Default::default() };
-    candle_nn::conv2d(cin, cout, kernel, cfg, vb)
+    Ok(Conv2d { weight: vb.get((cout, cin, kernel, kernel), "weight")?, bias: vb.get(cout, "bias")?, cfg })
 }
 
 /// Options of a [`ResnetBlock2D`].

@@ -16,7 +16,7 @@
 use std::path::Path;
 
 use candle_core::{DType, Module, Tensor};
-use candle_nn::{Conv2d, VarBuilder};
+use candle_nn::VarBuilder;
 use gen_core::{Error, Result, ResultExt};
 use gen_ops::nn::{GroupNorm, LayerNorm, Linear};
 use gen_ops::AttentionConfig;
@@ -24,7 +24,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use crate::blocks::{
-    conv2d, Activation, Attention, AttentionLayerConfig, Downsample2D, ResnetBlock2D, ResnetConfig, Upsample2D,
+    conv2d, Activation, Conv2d, Attention, AttentionLayerConfig, Downsample2D, ResnetBlock2D, ResnetConfig, Upsample2D,
 };
 
 /// A config value that diffusers accepts either as one number for all blocks or as a list.

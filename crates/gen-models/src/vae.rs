@@ -11,7 +11,7 @@
 use std::path::Path;
 
 use candle_core::{Module, Tensor};
-use candle_nn::{Conv2d, VarBuilder};
+use candle_nn::VarBuilder;
 use gen_core::{Error, Result, ResultExt, SeededRng};
 use gen_ops::nn::{GroupNorm, Linear};
 use gen_ops::AttentionConfig;
@@ -19,7 +19,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use crate::blocks::{
-    conv2d, Activation, Attention, AttentionLayerConfig, Downsample2D, ResnetBlock2D, ResnetConfig, Upsample2D,
+    conv2d, Activation, Conv2d, Attention, AttentionLayerConfig, Downsample2D, ResnetBlock2D, ResnetConfig, Upsample2D,
     ATTENTION_KEYS, LEGACY_ATTENTION_KEYS,
 };
 use crate::unet::{parse_config, read_json};
