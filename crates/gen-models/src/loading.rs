@@ -254,16 +254,22 @@ pub struct WeightVariant {
 
 const WEIGHT_STEMS: [&str; 2] = ["model", "diffusion_pytorch_model"];
 
-/// The safetensors weight files of a diffusers component folder (`text_encoder/`, `unet/`, …).
-///
-/// Looks for `model.safetensors`, `diffusion_pytorch_model.safetensors`, their variants
-/// (`model.fp16.safetensors`) and sharded checkpoints (`*.safetensors.index.json`). When none is
-/// found the error lists the folder's files, and says that safetensors is required when only
-/// `.bin`/`.ckpt`/`.pt` weights are there.
-pub fn find_weight_files(dir: &Path, variant: &WeightVariant) -> Result<Vec<PathBuf>> {
-    let entries = std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))?;
-    let mut names: Vec<String> = entries.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect();
-    names.sort();
+/// Which weight file(s) [`select_weight_names`] picked among a folder's file names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WeightSelection {
+    /// One `.safetensors` file.
+    Single(String),
+    /// A sharded checkpoint's `*.safetensors.index.json`.
+    Index(String),
+    /// No safetensors weights.
+    None,
+}
+
+/// Picks the weight file among the file names of a component folder (local or on the hub):
+/// `model.safetensors`, `diffusion_pytorch_model.safetensors`, their variants
+/// (`model.fp16.safetensors`), or a sharded index. The requested variant first; without one,
+/// the plain files first, then any variant.
+pub fn select_weight_names(names: &[String], variant: &WeightVariant) -> WeightSelection {
     let mut variants: Vec<Option<String>> = Vec::new();
     match &variant.variant {
         Some(v) => {
@@ -272,7 +278,7 @@ pub fn find_weight_files(dir: &Path, variant: &WeightVariant) -> Result<Vec<Path
         }
         None => {
             variants.push(None);
-            for n in &names {
+            for n in names {
                 // `model.fp16.safetensors` → variant `fp16`
                 for stem in WEIGHT_STEMS {
                     if let Some(rest) = n.strip_prefix(&format!("{stem}.")).and_then(|r| r.strip_suffix(".safetensors")) {
@@ -289,16 +295,32 @@ pub fn find_weight_files(dir: &Path, variant: &WeightVariant) -> Result<Vec<Path
         for stem in WEIGHT_STEMS {
             let single = format!("{stem}{mid}.safetensors");
             if names.contains(&single) {
-                return Ok(vec![dir.join(single)]);
+                return WeightSelection::Single(single);
             }
-            let index = format!("{stem}.safetensors{mid}.index.json");
-            let index_alt = format!("{stem}{mid}.safetensors.index.json");
-            for idx in [index, index_alt] {
+            for idx in [format!("{stem}.safetensors{mid}.index.json"), format!("{stem}{mid}.safetensors.index.json")] {
                 if names.contains(&idx) {
-                    return sharded_files(&dir.join(idx));
+                    return WeightSelection::Index(idx);
                 }
             }
         }
+    }
+    WeightSelection::None
+}
+
+/// The safetensors weight files of a diffusers component folder (`text_encoder/`, `unet/`, …).
+///
+/// Looks for `model.safetensors`, `diffusion_pytorch_model.safetensors`, their variants
+/// (`model.fp16.safetensors`) and sharded checkpoints (`*.safetensors.index.json`). When none is
+/// found the error lists the folder's files, and says that safetensors is required when only
+/// `.bin`/`.ckpt`/`.pt` weights are there.
+pub fn find_weight_files(dir: &Path, variant: &WeightVariant) -> Result<Vec<PathBuf>> {
+    let entries = std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))?;
+    let mut names: Vec<String> = entries.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+    names.sort();
+    match select_weight_names(&names, variant) {
+        WeightSelection::Single(n) => return Ok(vec![dir.join(n)]),
+        WeightSelection::Index(n) => return sharded_files(&dir.join(n)),
+        WeightSelection::None => {}
     }
     let has_pickle = names.iter().any(|n| n.ends_with(".bin") || n.ends_with(".ckpt") || n.ends_with(".pt") || n.ends_with(".pth"));
     let listing = if names.is_empty() { "(empty)".to_string() } else { names.join(", ") };
@@ -313,7 +335,8 @@ pub fn find_weight_files(dir: &Path, variant: &WeightVariant) -> Result<Vec<Path
     )))
 }
 
-fn sharded_files(index: &Path) -> Result<Vec<PathBuf>> {
+/// The shard files listed in a `*.safetensors.index.json` (all must exist).
+pub fn sharded_files(index: &Path) -> Result<Vec<PathBuf>> {
     let text = std::fs::read_to_string(index).map_err(|e| Error::io(index, e))?;
     let v: serde_json::Value = serde_json::from_str(&text)
         .map_err(|e| Error::Config { file: index.to_path_buf(), key: "weight_map".into(), msg: e.to_string() })?;
