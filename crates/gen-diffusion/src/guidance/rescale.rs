@@ -1,0 +1,70 @@
+//! CFG-rescale (Lin et al. 2023, "Common Diffusion Noise Schedules and Sample Steps are
+//! Flawed", Sec. 3.4): `x_r = x * std(c) / std(x)` (std per sample over all non-batch dims),
+//! `out = phi x_r + (1 - phi) x`. A wrapper over any guidance (diffusers applies it after
+//! CFG and APG alike), in model-output space by default as diffusers does.
+
+use candle_core::Tensor;
+use gen_core::{Error, Result};
+
+use super::{Branch, Guidance, Guided, Predictions, Space, StepInfo};
+
+/// `phi * x * std(reference)/std(x) + (1 - phi) * x`, per sample. Shapes (B, ...).
+pub fn rescale_to_reference(x: &Tensor, reference: &Tensor, phi: f64) -> Result<Tensor> {
+    let std = |t: &Tensor| -> Result<Vec<f64>> {
+        let b = t.dim(0)?;
+        let f = t.to_dtype(candle_core::DType::F64)?.reshape((b, ()))?;
+        let n = f.dim(1)? as f64;
+        let mean = f.mean_keepdim(1)?;
+        let var = f.broadcast_sub(&mean)?.sqr()?.sum(1)?.affine(1.0 / n, 0.0)?;
+        Ok(var.sqrt()?.to_vec1::<f64>()?)
+    };
+    let (sr, sx) = (std(reference)?, std(x)?);
+    // factor = phi * sr/sx + (1 - phi); a constant x (std 0) is left unchanged.
+    let f: Vec<f64> = sr.iter().zip(&sx).map(|(r, s)| if *s > 0.0 { phi * r / s + (1.0 - phi) } else { 1.0 }).collect();
+    Ok(x.broadcast_mul(&crate::prediction::per_sample(&f, x)?)?)
+}
+
+/// Rescale wrapper: guides with `inner`, then rescales towards the conditional prediction's std.
+pub struct Rescale<G: Guidance> {
+    pub inner: G,
+    /// phi in [0, 1]; the paper uses 0.7.
+    pub phi: f64,
+    pub space: Space,
+}
+
+impl<G: Guidance> Rescale<G> {
+    pub fn new(inner: G, phi: f64) -> Result<Self> {
+        if !(0.0..=1.0).contains(&phi) {
+            return Err(Error::invalid("CFG-rescale phi", format!("{phi} is outside [0, 1]")));
+        }
+        Ok(Self { inner, phi, space: Space::ModelOutput })
+    }
+}
+
+impl Rescale<super::Cfg> {
+    /// CFG followed by rescale: `cfg_rescale(w, 0.7)`.
+    pub fn cfg(scale: f64, phi: f64) -> Result<Self> {
+        Self::new(super::Cfg::new(scale)?, phi)
+    }
+}
+
+impl<G: Guidance> Guidance for Rescale<G> {
+    fn name(&self) -> String {
+        format!("rescale(phi={}, {})", self.phi, self.inner.name())
+    }
+    fn branches(&self, step: &StepInfo) -> Vec<Branch> {
+        self.inner.branches(step)
+    }
+    fn combine(&mut self, preds: &Predictions, step: &StepInfo) -> Result<Guided> {
+        let g = self.inner.combine(preds, step)?;
+        if self.phi == 0.0 || preds.uncond.is_none() {
+            return Ok(g);
+        }
+        let x = preds.to_space(&g.value, g.space, self.space)?;
+        let c = preds.get(Branch::Cond, self.space)?;
+        Ok(Guided { value: rescale_to_reference(&x, &c, self.phi)?, space: self.space })
+    }
+    fn reset(&mut self) {
+        self.inner.reset()
+    }
+}
