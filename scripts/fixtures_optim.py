@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
-"""Parity fixtures for crates/gen-optim (pinned: torch 2.9.1, adamp 0.3.0, safetensors 0.8.0).
+"""Parity fixtures for crates/gen-optim (pinned: torch 2.9.1, adamp 0.3.0, galore-torch 1.0,
+safetensors 0.8.0; `pip install adamp==0.3.0 galore-torch==1.0 --no-deps` next to torch).
 
-Runs the reference optimizers -- torch.optim.AdamW, torch.optim.SGD, adamp.AdamP, adamp.SGDP --
+Runs the reference optimizers -- torch.optim.AdamW, torch.optim.SGD, adamp.AdamP, adamp.SGDP,
+galore_torch.GaLoreAdamW (SVD projector, proj_type 'std') --
 for a few steps on FIXED gradients (random, seeded, recorded in the file) and records the
 parameters after every step. The Rust test `crates/gen-optim/tests/parity.rs` replays the
 same gradients and compares.
@@ -21,17 +23,32 @@ case name):
 
 Run: /work/venv/bin/python scripts/fixtures_optim.py
 """
+import importlib.metadata
 import math
 import os
+import sys
+import types
 
 import torch
 import adamp
 from safetensors.torch import save_file
 
 assert torch.__version__.startswith("2.9.1"), torch.__version__
-import importlib.metadata
+# galore_torch's __init__ imports its 8-bit optimizer, which needs bitsandbytes (a CUDA
+# package); we only use GaLoreAdamW, so a stub module stands in for it.
+if "bitsandbytes" not in sys.modules:
+    bnb = types.ModuleType("bitsandbytes")
+    bnb.optim = types.ModuleType("bitsandbytes.optim")
+    bnb.optim.optimizer = types.ModuleType("bitsandbytes.optim.optimizer")
+    bnb.optim.optimizer.Optimizer2State = object
+    sys.modules.update({"bitsandbytes": bnb, "bitsandbytes.optim": bnb.optim, "bitsandbytes.optim.optimizer": bnb.optim.optimizer})
+import galore_torch  # noqa: E402
+import warnings  # noqa: E402
+
+warnings.filterwarnings("ignore", category=FutureWarning)
 
 assert importlib.metadata.version("adamp") == "0.3.0"
+assert importlib.metadata.version("galore-torch") == "1.0"
 assert importlib.metadata.version("safetensors") == "0.8.0"
 
 OUT = os.path.join(os.path.dirname(__file__), "..", "crates", "gen-optim", "tests", "fixtures", "optim_parity.safetensors")
@@ -74,6 +91,8 @@ def run_case(name, make_opt, params, groups, grad_fn, dtype, max_grad_norm=0.0, 
     tensors[f"{name}/meta/max_grad_norm"] = scalar(max_grad_norm)
     for gi, (names, hp) in enumerate(groups):
         for k in hp_keys:
+            if k not in hp:
+                continue
             v = hp[k]
             if k == "betas":
                 tensors[f"{name}/group{gi}/beta1"] = scalar(v[0])
@@ -189,6 +208,37 @@ def main():
         run_case(case, lambda g: adamp.SGDP(g, lr=0.1), p_init,
                  [(list(shapes), dict(lr=0.1, momentum=0.9, dampening=damp, weight_decay=1e-2, nesterov=nesterov, eps=1e-8, delta=0.1, wd_ratio=0.1))],
                  si_grads, torch.float64, record_proj=True, hp_keys=sgdp_hp)
+
+    # ---------------- GaLore (reference AdamW: transformers form) ----------------
+    # w: 12×6 (m >= n, right projection), v: 5×9 (left projection), b: 1-D in a plain group.
+    galore_hp = ("lr", "betas", "eps", "weight_decay", "rank", "update_proj_gap", "scale")
+    shapes = {"w": (12, 6), "v": (5, 9), "b": (6,)}
+    g_init = {n: randn(g0, *s) for n, s in shapes.items()}
+
+    def galore_groups(gap):
+        return [(["w", "v"], dict(lr=1e-2, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.01, rank=3, update_proj_gap=gap, scale=0.25, proj_type="std")),
+                (["b"], dict(lr=1e-2, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.01))]
+
+    # One projection (at the first step), the reference untouched.
+    run_case("galore", lambda g: galore_torch.GaLoreAdamW(g), g_init, galore_groups(STEPS),
+             random_grads(shapes), torch.float32, hp_keys=galore_hp)
+    # Re-projection every 2 steps with moments carried over. Singular-vector signs are
+    # arbitrary (LAPACK's choice) and change the carried moments, so here the reference's
+    # basis gets the sign convention our projector uses: largest-|entry| of each vector > 0.
+    original = galore_torch.galore_projector.GaLoreProjector.get_orthogonal_matrix
+
+    def signed(self, weights, rank, type):
+        q = original(self, weights, rank, type)
+        vecs = q if type == "left" else q.t()  # columns are the singular vectors
+        idx = vecs.abs().argmax(0)
+        sign = torch.sign(vecs[idx, torch.arange(vecs.shape[1])])
+        vecs = vecs * sign
+        return vecs if type == "left" else vecs.t()
+
+    galore_torch.galore_projector.GaLoreProjector.get_orthogonal_matrix = signed
+    run_case("galore_reproject", lambda g: galore_torch.GaLoreAdamW(g), g_init, galore_groups(2),
+             random_grads(shapes), torch.float32, hp_keys=galore_hp)
+    galore_torch.galore_projector.GaLoreProjector.get_orthogonal_matrix = original
 
     kinds = {}
     for key, t in tensors.items():

@@ -89,6 +89,48 @@ pub(crate) fn adam_moments(
     Ok((m, denom, 1.0 / bc1))
 }
 
+/// Where Adam's `eps` and bias correction enter; implementations disagree.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AdamForm {
+    /// PyTorch `torch.optim.AdamW`: `lr/(1-β1^t) * m / (sqrt(v)/sqrt(1-β2^t) + eps)`, weight
+    /// decay `p *= 1 - lr wd` before the step.
+    Torch,
+    /// Hugging Face transformers' (deprecated) AdamW, which GaLore's reference builds on:
+    /// `lr sqrt(1-β2^t)/(1-β1^t) * m / (sqrt(v) + eps)`, weight decay `p -= lr wd p` after
+    /// the step.
+    Transformers,
+}
+
+/// Adam direction for either form: updates the moment slots with `grad` and returns
+/// `(m / denom, step factor)`; the update is `lr * factor * direction`.
+pub(crate) fn adam_direction(
+    state: &mut ParamState,
+    grad: &Tensor,
+    betas: (f64, f64),
+    eps: f64,
+    step: u64,
+    form: AdamForm,
+) -> Result<(Tensor, f64)> {
+    match form {
+        AdamForm::Torch => {
+            let (m, denom, inv_bc1) = adam_moments(state, "", grad, betas, eps, step)?;
+            Ok(((m / denom)?, inv_bc1))
+        }
+        AdamForm::Transformers => {
+            let (b1, b2) = betas;
+            let m = state.slot_or_zeros("exp_avg", grad)?;
+            let v = state.slot_or_zeros("exp_avg_sq", grad)?;
+            let m = (m.affine(b1, 0.0)? + grad.affine(1.0 - b1, 0.0)?)?;
+            let v = (v.affine(b2, 0.0)? + grad.sqr()?.affine(1.0 - b2, 0.0)?)?;
+            state.set("exp_avg", m.clone());
+            state.set("exp_avg_sq", v.clone());
+            let t = step as i32;
+            let factor = (1.0 - b2.powi(t)).sqrt() / (1.0 - b1.powi(t));
+            Ok(((m / v.sqrt()?.affine(1.0, eps)?)?, factor))
+        }
+    }
+}
+
 /// The AdamW update rule; use it through [`crate::Optim`].
 #[derive(Clone, Copy, Debug, Default)]
 pub struct AdamW;

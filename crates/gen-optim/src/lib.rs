@@ -16,7 +16,7 @@ pub mod schedule;
 pub mod sgd;
 
 pub use adamp::{scale_invariant_projection, AdamP, AdamPConfig, Projected, Sgdp, SgdpConfig};
-pub use adamw::{AdamW, AdamWConfig};
+pub use adamw::{AdamForm, AdamW, AdamWConfig};
 pub use lowrank::{Frugal, FrugalConfig, GaLore, GaLoreConfig, StateFree};
 pub use optimizer::{
     global_grad_norm, save_safetensors_atomic, GroupConfig, NamedVar, Optim, Optimizer, ParamCtx, ParamGroup, ParamState, StepOptions,

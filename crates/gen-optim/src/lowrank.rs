@@ -7,15 +7,16 @@
 //! (T = `update_gap`) from the gradient of that step, and is part of the saved state
 //! (`proj_q`: dense basis, or `proj_idx`: u32 indices).
 //!
-//! Adam here uses the PyTorch form of [`crate::AdamW`] (eps outside the bias-corrected square
-//! root, decoupled weight decay `p *= 1 - lr wd` before the step). GaLore's reference uses the
-//! transformers form (`denom = sqrt(v) + eps`, step `lr sqrt(1-β2^t)/(1-β1^t)`, weight decay
-//! after the step); the difference is only in where eps enters and the order of decay.
+//! GaLore's reference builds on transformers' AdamW (`denom = sqrt(v) + eps`, step
+//! `lr sqrt(1-β2^t)/(1-β1^t)`, weight decay after the step); [`GaLoreConfig::adam_form`]
+//! chooses between that ([`AdamForm::Transformers`], the default, matched against
+//! `galore_torch.GaLoreAdamW` in `tests/parity.rs`) and the PyTorch form of [`crate::AdamW`]
+//! ([`AdamForm::Torch`]). FRUGAL uses the PyTorch form.
 
 use candle_core::Tensor;
 use gen_core::{Error, Result, SeededRng};
 
-use crate::adamw::{adam_moments, check_betas, check_lr, check_nonneg};
+use crate::adamw::{adam_direction, adam_moments, check_betas, check_lr, check_nonneg, AdamForm};
 use crate::optimizer::{GroupConfig, ParamCtx, ParamState, UpdateRule};
 use crate::projector::{make_projector, Basis, DctCache, ProjectionKind, Projector, Side};
 
@@ -99,15 +100,34 @@ fn check_gap(gap: u64) -> Result<()> {
     Ok(())
 }
 
-/// Plain AdamW step, the fallback for parameters with fewer than two dimensions.
-fn adamw_step(state: &mut ParamState, param: &Tensor, grad: &Tensor, lr: f64, betas: (f64, f64), eps: f64, wd: f64) -> Result<Tensor> {
-    let p = if wd != 0.0 { param.affine(1.0 - lr * wd, 0.0)? } else { param.clone() };
-    let (m, denom, inv_bc1) = adam_moments(state, "", grad, betas, eps, state.step)?;
-    Ok((p - (m / denom)?.affine(lr * inv_bc1, 0.0)?)?)
+/// Applies an Adam update `lr * factor * upd` and decoupled weight decay in the order of `form`.
+fn apply_adam(param: &Tensor, upd: &Tensor, lr: f64, factor: f64, wd: f64, form: AdamForm) -> Result<Tensor> {
+    let upd = upd.reshape(param.shape())?.affine(lr * factor, 0.0)?;
+    Ok(match form {
+        AdamForm::Torch => {
+            let p = if wd != 0.0 { param.affine(1.0 - lr * wd, 0.0)? } else { param.clone() };
+            (p - upd)?
+        }
+        AdamForm::Transformers => {
+            let p = (param - upd)?;
+            if wd > 0.0 {
+                p.affine(1.0 - lr * wd, 0.0)?
+            } else {
+                p
+            }
+        }
+    })
 }
 
-/// Hyper-parameters of a GaLore group. Defaults are GaLore's (rank 128, T = 200, scale 0.25,
-/// SVD) with PyTorch's AdamW betas/eps and no weight decay.
+/// Plain AdamW step, the fallback for parameters with fewer than two dimensions.
+#[allow(clippy::too_many_arguments)]
+fn adamw_step(state: &mut ParamState, param: &Tensor, grad: &Tensor, lr: f64, betas: (f64, f64), eps: f64, wd: f64, form: AdamForm) -> Result<Tensor> {
+    let (dir, factor) = adam_direction(state, grad, betas, eps, state.step, form)?;
+    apply_adam(param, &dir, lr, factor, wd, form)
+}
+
+/// Hyper-parameters of a GaLore group. Defaults are GaLore's reference (rank 128, T = 200,
+/// scale 0.25, SVD, transformers-form Adam with eps 1e-6, no weight decay).
 #[derive(Clone, Debug, PartialEq)]
 pub struct GaLoreConfig {
     pub lr: f64,
@@ -123,11 +143,24 @@ pub struct GaLoreConfig {
     pub kind: ProjectionKind,
     /// Seed of the random projections.
     pub seed: u64,
+    /// Where eps, bias correction and weight decay enter (see the module docs).
+    pub adam_form: AdamForm,
 }
 
 impl Default for GaLoreConfig {
     fn default() -> Self {
-        Self { lr: 1e-3, betas: (0.9, 0.999), eps: 1e-8, weight_decay: 0.0, rank: 128, update_gap: 200, scale: 0.25, kind: ProjectionKind::Svd, seed: 0 }
+        Self {
+            lr: 1e-3,
+            betas: (0.9, 0.999),
+            eps: 1e-6,
+            weight_decay: 0.0,
+            rank: 128,
+            update_gap: 200,
+            scale: 0.25,
+            kind: ProjectionKind::Svd,
+            seed: 0,
+            adam_form: AdamForm::Transformers,
+        }
     }
 }
 
@@ -166,16 +199,15 @@ impl UpdateRule for GaLore {
     }
     fn update(&mut self, ctx: ParamCtx<'_>, cfg: &GaLoreConfig, state: &mut ParamState, param: &Tensor, grad: &Tensor) -> Result<Tensor> {
         let Some((m, n)) = matrix_dims(param) else {
-            return adamw_step(state, param, grad, cfg.lr, cfg.betas, cfg.eps, cfg.weight_decay);
+            return adamw_step(state, param, grad, cfg.lr, cfg.betas, cfg.eps, cfg.weight_decay, cfg.adam_form);
         };
         let g2 = grad.reshape((m, n))?;
         let rank = cfg.rank.min(Side::for_shape(m, n).dim(m, n));
         let (proj, _) = projector_for_step(state, cfg.kind, rank, cfg.update_gap, cfg.seed, ctx, &g2, &mut self.dct)?;
         let r = proj.project(&g2)?;
-        let (mom, denom, inv_bc1) = adam_moments(state, "", &r, cfg.betas, cfg.eps, state.step)?;
-        let upd = proj.project_back(&(mom / denom)?, m, n)?.affine(cfg.lr * inv_bc1 * cfg.scale, 0.0)?;
-        let p = if cfg.weight_decay != 0.0 { param.affine(1.0 - cfg.lr * cfg.weight_decay, 0.0)? } else { param.clone() };
-        Ok((p - upd.reshape(param.shape())?)?)
+        let (dir, factor) = adam_direction(state, &r, cfg.betas, cfg.eps, state.step, cfg.adam_form)?;
+        let upd = proj.project_back(&dir, m, n)?;
+        apply_adam(param, &upd, cfg.lr, factor * cfg.scale, cfg.weight_decay, cfg.adam_form)
     }
     fn shared_bytes(&self) -> usize {
         self.dct.bytes()
@@ -263,7 +295,7 @@ impl UpdateRule for Frugal {
     }
     fn update(&mut self, ctx: ParamCtx<'_>, cfg: &FrugalConfig, state: &mut ParamState, param: &Tensor, grad: &Tensor) -> Result<Tensor> {
         let Some((m, n)) = matrix_dims(param) else {
-            return adamw_step(state, param, grad, cfg.lr, cfg.betas, cfg.eps, cfg.weight_decay);
+            return adamw_step(state, param, grad, cfg.lr, cfg.betas, cfg.eps, cfg.weight_decay, AdamForm::Torch);
         };
         let g2 = grad.reshape((m, n))?;
         let d = Side::for_shape(m, n).dim(m, n);

@@ -5,7 +5,8 @@
 //! `R = Qᵀ G` (r×n), `G ≈ Q R` ([`Side::Left`]). `Q` always has orthonormal columns.
 //!
 //! Kinds ([`ProjectionKind`]):
-//! - `Svd`: the top-r singular vectors of `G` (faer thin SVD on the CPU, in f64).
+//! - `Svd`: the top-r singular vectors of `G` (faer thin SVD on the CPU, in f64), each signed
+//!   so that its largest-magnitude entry is positive.
 //! - `Dct`: columns of the orthonormal DCT-II basis of the side's size (built once per size and
 //!   kept in a [`DctCache`]), chosen as the r columns with the largest L1 norm of `G Q` (`Qᵀ G`
 //!   rows on the left side). Only matmul, abs, sum, argsort and index_select — candle ops that
@@ -191,10 +192,29 @@ fn svd_basis(g: &Tensor, side: Side, r: usize) -> Result<(usize, Vec<f64>)> {
         Side::Left => svd.U(),
     };
     let d = basis.nrows();
+    // Sign convention: the largest-magnitude entry of each singular vector is positive (the SVD
+    // leaves signs arbitrary; they matter when GaLore keeps moments across re-projections).
+    let signs: Vec<f64> = (0..r)
+        .map(|k| {
+            let (mut best, mut val) = (0.0f64, 0.0f64);
+            for i in 0..d {
+                let x = basis[(i, k)];
+                if x.abs() > best {
+                    best = x.abs();
+                    val = x;
+                }
+            }
+            if val < 0.0 {
+                -1.0
+            } else {
+                1.0
+            }
+        })
+        .collect();
     let mut out = Vec::with_capacity(d * r);
     for i in 0..d {
         for k in 0..r {
-            out.push(basis[(i, k)]);
+            out.push(basis[(i, k)] * signs[k]);
         }
     }
     Ok((d, out))

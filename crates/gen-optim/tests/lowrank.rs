@@ -131,7 +131,7 @@ fn full_rank_coordinate_galore_is_adam_up_to_the_scale() -> Result<()> {
     let wa = init(1, &[6, 4])?;
     let wg = init(1, &[6, 4])?;
     let mut adam = Optim::new(AdamW, vec![ParamGroup::new(vec![NamedVar::new("w", wa.clone())], AdamWConfig { lr: lr * scale, weight_decay: 0.0, ..Default::default() })])?;
-    let cfg = GaLoreConfig { lr, scale, rank: 4, update_gap: 2, kind: ProjectionKind::RandomColumns, ..Default::default() };
+    let cfg = GaLoreConfig { lr, scale, rank: 4, update_gap: 2, kind: ProjectionKind::RandomColumns, eps: 1e-8, adam_form: AdamForm::Torch, ..Default::default() };
     let mut galore = Optim::new(GaLore::default(), vec![ParamGroup::new(vec![NamedVar::new("w", wg.clone())], cfg)])?;
     for s in 0..6 {
         adam.step(&grads(&[&wa], 3, s)?)?;

@@ -1,5 +1,5 @@
 //! Parity with the reference optimizers (torch.optim.AdamW, torch.optim.SGD, adamp.AdamP,
-//! adamp.SGDP) on recorded gradients. Fixtures: `scripts/fixtures_optim.py`.
+//! adamp.SGDP, galore_torch.GaLoreAdamW with its SVD projector) on recorded gradients. Fixtures: `scripts/fixtures_optim.py`.
 
 use std::collections::HashMap;
 
@@ -210,6 +210,35 @@ fn sgdp_case(name: &str) -> Result<f64> {
     let vars = all_vars(&groups);
     let mut opt = Optim::new(Sgdp, groups)?;
     replay(&case, &mut opt, &vars, tol_for(&case)?)
+}
+
+fn galore_case(name: &str) -> Result<f64> {
+    let case = Case::load(name)?;
+    let groups = case.groups(|g| {
+        let opt = |k: &str, default: f64| if case.get(&format!("group{g}/{k}")).is_some() { case.hp(g, k) } else { Ok(default) };
+        Ok(GaLoreConfig {
+            lr: case.hp(g, "lr")?,
+            betas: (case.hp(g, "beta1")?, case.hp(g, "beta2")?),
+            eps: case.hp(g, "eps")?,
+            weight_decay: case.hp(g, "weight_decay")?,
+            rank: opt("rank", 1.0)? as usize,
+            update_gap: opt("update_proj_gap", 1.0)? as u64,
+            scale: opt("scale", 1.0)?,
+            kind: ProjectionKind::Svd,
+            seed: 0,
+            adam_form: AdamForm::Transformers,
+        })
+    })?;
+    let vars = all_vars(&groups);
+    let mut opt = Optim::new(GaLore::default(), groups)?;
+    replay(&case, &mut opt, &vars, tol_for(&case)?)
+}
+
+#[test]
+fn galore_matches_reference() -> Result<()> {
+    galore_case("galore").context("galore")?;
+    galore_case("galore_reproject").context("galore_reproject")?;
+    Ok(())
 }
 
 #[test]
