@@ -274,7 +274,8 @@ impl Encoder {
             mid_block: VaeMidBlock::new(vb.pp("mid_block"), boc[n - 1], cfg)?,
             conv_norm_out: GroupNorm::new(vb.pp("conv_norm_out"), groups, boc[n - 1], 1e-6)?,
             conv_out: conv2d(vb.pp("conv_out"), boc[n - 1], 2 * cfg.latent_channels, 3, 1, 1)?,
-            act: cfg.act(),
+            // diffusers' `conv_act` is SiLU whatever `act_fn` says.
+            act: Activation::Silu,
         })
     }
 
@@ -333,7 +334,8 @@ impl Decoder {
             up_blocks,
             conv_norm_out: GroupNorm::new(vb.pp("conv_norm_out"), groups, boc[0], 1e-6)?,
             conv_out: conv2d(vb.pp("conv_out"), boc[0], cfg.out_channels, 3, 1, 1)?,
-            act: cfg.act(),
+            // diffusers' `conv_act` is SiLU whatever `act_fn` says.
+            act: Activation::Silu,
         })
     }
 

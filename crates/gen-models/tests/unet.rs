@@ -129,15 +129,43 @@ fn rel_err(a: f64, b: f64) -> f64 {
     (a - b).abs() / a.abs().max(b.abs()).max(1e-8)
 }
 
-#[test]
-fn unet_gradients_match_finite_differences() -> Result<()> {
-    let cfg = tiny_cfg();
-    let (model, vars) = build(&cfg, 1)?;
+/// Checks analytic gradients of `L` against central differences at a few entries of each
+/// listed parameter and of both inputs; returns the worst relative error.
+fn fd_check(cfg: &UNetConfig, params: &[String]) -> Result<f64> {
+    let (model, vars) = build(cfg, 1)?;
     let inp = inputs(2)?;
     let sample = Var::from_tensor(&inp.sample)?;
     let ctx = Var::from_tensor(&inp.ctx)?;
     let grads = loss(&model, sample.as_tensor(), ctx.as_tensor(), &inp)?.backward()?;
+    let h = 1e-5;
+    let mut worst = 0f64;
+    let mut check = |name: &str, var: &Var, g: &Tensor, f: &mut dyn FnMut() -> Result<f64>| -> Result<()> {
+        let g = flat(g)?;
+        for i in probe_indices(&g) {
+            let n = fd(var, i, h, f)?;
+            let e = rel_err(g[i], n);
+            worst = worst.max(e);
+            if std::env::var("FD_VERBOSE").is_ok() {
+                eprintln!("{name}[{i}] {e:.2e}");
+            }
+            assert!(e < 1e-6, "{name}[{i}]: analytic {} vs FD {n} (rel. err {e:.2e})", g[i]);
+        }
+        Ok(())
+    };
+    // The loss reads the input Vars' current values, so one closure serves all checks.
+    let mut f = || -> Result<f64> { Ok(loss(&model, sample.as_tensor(), ctx.as_tensor(), &inp)?.to_scalar::<f64>()?) };
+    for p in params {
+        let var = vars.get(p).unwrap_or_else(|| panic!("no parameter {p}"));
+        let g = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("no gradient for {p}"));
+        check(p, var, g, &mut f)?;
+    }
+    check("sample", &sample, grads.get(sample.as_tensor()).expect("sample grad"), &mut f)?;
+    check("encoder_hidden_states", &ctx, grads.get(ctx.as_tensor()).expect("ctx grad"), &mut f)?;
+    Ok(worst)
+}
 
+#[test]
+fn unet_gradients_match_finite_differences() -> Result<()> {
     let t = "transformer_blocks.0";
     let params = [
         "conv_in.weight".to_string(),
@@ -162,30 +190,43 @@ fn unet_gradients_match_finite_differences() -> Result<()> {
         "conv_norm_out.weight".into(),
         "conv_out.bias".into(),
     ];
-    let mut f = || -> Result<f64> { Ok(loss(&model, &inp.sample, &inp.ctx, &inp)?.to_scalar::<f64>()?) };
-    let h = 1e-5;
-    let mut worst = 0f64;
-    let mut check = |name: &str, var: &Var, g: &Tensor, f: &mut dyn FnMut() -> Result<f64>| -> Result<()> {
-        let g = flat(g)?;
-        for i in probe_indices(&g) {
-            let n = fd(var, i, h, f)?;
-            let e = rel_err(g[i], n);
-            worst = worst.max(e);
-            if std::env::var("FD_VERBOSE").is_ok() { eprintln!("{name}[{i}] {e:.2e}"); }
-            assert!(e < 1e-6, "{name}[{i}]: analytic {} vs FD {n} (rel. err {e:.2e})", g[i]);
-        }
-        Ok(())
-    };
-    for p in &params {
-        let var = vars.get(p).unwrap_or_else(|| panic!("no parameter {p}"));
-        let g = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("no gradient for {p}"));
-        check(p, var, g, &mut f)?;
-    }
-    // Inputs: the FD loss reads the Vars' current values.
-    let mut f_in = || -> Result<f64> { Ok(loss(&model, sample.as_tensor(), ctx.as_tensor(), &inp)?.to_scalar::<f64>()?) };
-    check("sample", &sample, grads.get(sample.as_tensor()).expect("sample grad"), &mut f_in)?;
-    check("encoder_hidden_states", &ctx, grads.get(ctx.as_tensor()).expect("ctx grad"), &mut f_in)?;
-    eprintln!("UNet FD: worst relative error {worst:.2e}");
+    let worst = fd_check(&tiny_cfg(), &params)?;
+    eprintln!("UNet FD (conv projections): worst relative error {worst:.2e}");
+    Ok(())
+}
+
+/// The SD-2-style variant: linear projections, two transformer layers, only-cross-attention in
+/// the first block, per-block heads, upcast attention, sin-first embedding with shift 1, centred
+/// input.
+fn variant_json() -> serde_json::Value {
+    let mut j = tiny_json();
+    j["use_linear_projection"] = json!(true);
+    j["transformer_layers_per_block"] = json!([2, 1]);
+    j["only_cross_attention"] = json!([true, false]);
+    j["attention_head_dim"] = json!([2, 4]);
+    j["upcast_attention"] = json!(true);
+    j["flip_sin_to_cos"] = json!(false);
+    j["freq_shift"] = json!(1);
+    j["center_input_sample"] = json!(true);
+    j
+}
+
+#[test]
+fn unet_variant_gradients_match_finite_differences() -> Result<()> {
+    let cfg = UNetConfig::from_json(&variant_json(), "variant")?;
+    let a = "down_blocks.0.attentions.0";
+    let params = [
+        format!("{a}.proj_in.weight"),
+        format!("{a}.proj_out.bias"),
+        format!("{a}.transformer_blocks.0.attn1.to_k.weight"),
+        format!("{a}.transformer_blocks.1.attn1.to_q.weight"),
+        format!("{a}.transformer_blocks.1.norm2.weight"),
+        format!("{a}.transformer_blocks.1.ff.net.2.weight"),
+        "mid_block.attentions.0.transformer_blocks.0.attn1.to_v.weight".into(),
+        "up_blocks.1.attentions.0.transformer_blocks.1.attn1.to_k.weight".into(),
+    ];
+    let worst = fd_check(&cfg, &params)?;
+    eprintln!("UNet FD (linear projections, 2 layers, only-cross): worst relative error {worst:.2e}");
     Ok(())
 }
 
@@ -193,11 +234,7 @@ fn unet_gradients_match_finite_differences() -> Result<()> {
 /// (the latter with two transformer layers and only-cross-attention in the first block).
 #[test]
 fn unet_every_parameter_gets_a_gradient() -> Result<()> {
-    let mut linear = tiny_json();
-    linear["use_linear_projection"] = json!(true);
-    linear["transformer_layers_per_block"] = json!([2, 1]);
-    linear["only_cross_attention"] = json!([true, false]);
-    linear["num_attention_heads"] = json!([2, 4]);
+    let linear = variant_json();
     for (label, j) in [("conv proj", tiny_json()), ("linear proj", linear)] {
         let cfg = UNetConfig::from_json(&j, label)?;
         let (model, vars) = build(&cfg, 3)?;
@@ -355,5 +392,29 @@ fn unet_checkpointed_chain_matches_full_backprop() -> Result<()> {
     }
     compare("x0", full.get(x0.as_tensor()).expect("x0 grad"), &ck.input_grad)?;
     eprintln!("checkpointed vs full backprop through 3 UNet calls: worst relative difference {worst:.2e}");
+    Ok(())
+}
+
+/// `num_attention_heads`, when given, is the head count (and `attention_head_dim` then is ignored,
+/// as diffusers intends); otherwise `attention_head_dim` is (diffusers' naming quirk).
+#[test]
+fn unet_head_count_fields() -> Result<()> {
+    let inp = inputs(31)?;
+    let run = |j: serde_json::Value| -> Result<Tensor> {
+        let (m, _) = build(&UNetConfig::from_json(&j, "heads")?, 32)?;
+        Ok(m.forward(&inp.sample, &inp.t, &inp.ctx)?)
+    };
+    let mut a = tiny_json();
+    a["attention_head_dim"] = json!([2, 4]);
+    let mut b = tiny_json();
+    b["attention_head_dim"] = json!(8);
+    b["num_attention_heads"] = json!([2, 4]);
+    let mut c = tiny_json();
+    c["attention_head_dim"] = json!(1);
+    let (ya, yb, yc) = (run(a)?, run(b)?, run(c)?);
+    let d = (&ya - yb)?.abs()?.max_all()?.to_scalar::<f64>()?;
+    assert!(d < 1e-12, "num_attention_heads [2,4] vs attention_head_dim [2,4]: {d}");
+    let d = (&ya - yc)?.abs()?.max_all()?.to_scalar::<f64>()?;
+    assert!(d > 1e-6, "head count has no effect");
     Ok(())
 }
