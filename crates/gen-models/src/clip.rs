@@ -142,7 +142,7 @@ impl ClipTextConfig {
 }
 
 fn check_dims(c: &JsonConfig, hidden: usize, heads: usize, layers: usize) -> Result<()> {
-    if heads == 0 || hidden % heads != 0 {
+    if heads == 0 || hidden.checked_rem(heads) != Some(0) {
         return Err(c.invalid("num_attention_heads", format!("{heads} heads do not divide hidden_size {hidden}")));
     }
     if layers == 0 {
@@ -189,7 +189,7 @@ impl ClipVisionConfig {
             projection_dim: c.usize("projection_dim", Some(512))?,
         };
         check_dims(c, cfg.hidden_size, cfg.num_attention_heads, cfg.num_hidden_layers)?;
-        if cfg.patch_size == 0 || cfg.image_size % cfg.patch_size != 0 {
+        if cfg.image_size.checked_rem(cfg.patch_size) != Some(0) {
             return Err(c.invalid("patch_size", format!("{} does not divide image_size {}", cfg.patch_size, cfg.image_size)));
         }
         Ok(cfg)
@@ -311,6 +311,17 @@ impl ClipEncoder {
         Ok(Self { layers })
     }
 
+    /// Every linear layer, in layer order (`q_proj`, `k_proj`, `v_proj`, `out_proj`, `fc1`, `fc2`).
+    pub fn linears(&self) -> Vec<Linear> {
+        self.layers
+            .iter()
+            .flat_map(|l| {
+                let a = &l.self_attn;
+                [&a.q_proj, &a.k_proj, &a.v_proj, &a.out_proj, &l.mlp.fc1, &l.mlp.fc2].map(Linear::clone)
+            })
+            .collect()
+    }
+
     /// All hidden states: `[input, output of layer 1, …, output of layer N]`, each `(B, L, D)`.
     pub fn forward_all(&self, x: &Tensor, causal: bool) -> Result<Vec<Tensor>> {
         let mut hs = vec![x.clone()];
@@ -365,7 +376,12 @@ pub struct ClipTextTransformer {
 impl ClipTextTransformer {
     /// `vb` at the checkpoint root; weights are read under `text_model.`.
     pub fn new(vb: VarBuilder, cfg: &ClipTextConfig) -> Result<Self> {
-        let vb = vb.pp("text_model");
+        Self::new_unprefixed(vb.pp("text_model"), cfg)
+    }
+
+    /// `vb` already at the text model (`embeddings.…`, `encoder.…`, `final_layer_norm.…`), for
+    /// checkpoints converted without the `text_model.` prefix.
+    pub fn new_unprefixed(vb: VarBuilder, cfg: &ClipTextConfig) -> Result<Self> {
         let emb = vb.pp("embeddings");
         let d = cfg.hidden_size;
         let dims = EncoderDims {
@@ -383,6 +399,12 @@ impl ClipTextTransformer {
             final_layer_norm: LayerNorm::new(vb.pp("final_layer_norm"), d, cfg.layer_norm_eps)?,
             config: cfg.clone(),
         })
+    }
+
+    /// Every linear layer (`q_proj`, `k_proj`, `v_proj`, `out_proj`, `fc1`, `fc2` of each layer),
+    /// as handles for attaching LoRA adapters.
+    pub fn linears(&self) -> Vec<Linear> {
+        self.encoder.linears()
     }
 
     /// Token plus position embeddings. `input_ids`: `(B, L)` u32 or i64 → `(B, L, D)`.

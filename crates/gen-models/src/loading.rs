@@ -186,6 +186,11 @@ impl SafetensorsWeights {
         k
     }
 
+    /// Whether the files hold `key`.
+    pub fn contains(&self, key: &str) -> bool {
+        self.inner.index.contains_key(key)
+    }
+
     /// Header info of `key`.
     pub fn info(&self, key: &str) -> Option<&TensorInfo> {
         self.inner.index.get(key).map(|(_, i)| i)

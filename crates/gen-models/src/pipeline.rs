@@ -350,7 +350,13 @@ impl SdPipeline {
         }
         let mut unused_keys = Vec::new();
         let w = load_weights(&files.text_encoder)?;
-        let text_encoder = ClipTextTransformer::new(w.var_builder(dtype, dev), &text_config)?;
+        // transformers stores `text_model.…`; some conversions drop the prefix
+        let vb = w.var_builder(dtype, dev);
+        let text_encoder = if !w.contains("text_model.embeddings.token_embedding.weight") && w.contains("embeddings.token_embedding.weight") {
+            ClipTextTransformer::new_unprefixed(vb, &text_config)?
+        } else {
+            ClipTextTransformer::new(vb, &text_config)?
+        };
         unused_keys.push(("text_encoder".to_string(), w.unused_keys()));
         let w = load_weights(&files.unet)?;
         let unet = UNet2DConditionModel::new(w.var_builder(dtype, dev), &unet_config)?;

@@ -103,7 +103,7 @@ fn text_grad_case(act: Activation, clip_skip: usize) -> anyhow::Result<()> {
                 assert_eq!(n > 0.0, used, "token {t}: gradient norm {n}");
             }
             // FD on used rows: token 3, 4 and bos (10) and the pad token (0)
-            worst = worst.max(fd_check(&name, &var, &g, &[3 * 8, 4 * 8 + 5, 10 * 8 + 2, 1], &loss)?);
+            worst = worst.max(fd_check(&name, &var, g, &[3 * 8, 4 * 8 + 5, 10 * 8 + 2, 1], &loss)?);
             continue;
         }
         let n = g.sqr()?.sum_all()?.to_scalar::<f64>()?;
@@ -111,7 +111,7 @@ fn text_grad_case(act: Activation, clip_skip: usize) -> anyhow::Result<()> {
         let check = ["q_proj.weight", "k_proj.weight", "v_proj.bias", "out_proj.weight", "layer_norm1", "layer_norm2",
             "final_layer_norm", "position_embedding", "fc1.weight", "fc2.bias", "text_projection"];
         if check.iter().any(|c| name.contains(c)) {
-            worst = worst.max(fd_check(&name, &var, &g, &[0, 7, 13, 29], &loss)?);
+            worst = worst.max(fd_check(&name, &var, g, &[0, 7, 13, 29], &loss)?);
         }
     }
     println!("text {act:?} clip_skip={clip_skip}: worst FD rel err {worst:.2e}");
@@ -202,5 +202,55 @@ fn vision_gradients_match_fd() -> anyhow::Result<()> {
         }
     }
     println!("vision: worst FD rel err {worst:.2e}");
+    Ok(())
+}
+
+/// A LoRA-style adapter `x A^T B^T` attached to every linear layer through the handles of
+/// `linears()` changes the output and receives gradients.
+#[derive(Debug)]
+struct LowRank {
+    a: Var,
+    b: Var,
+}
+
+impl gen_ops::nn::LinearAdapter for LowRank {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        x.broadcast_matmul(&self.a.t()?)?.broadcast_matmul(&self.b.t()?)
+    }
+}
+
+#[test]
+fn adapters_attach_through_linears() -> anyhow::Result<()> {
+    let dev = Device::Cpu;
+    let cfg = text_cfg(Activation::QuickGelu);
+    let vm = VarMap::new();
+    let model = ClipTextModelWithProjection::new(VarBuilder::from_varmap(&vm, DType::F64, &dev), &cfg)?;
+    randomize(&vm, 2)?;
+    let ids = Tensor::new(&[[10u32, 3, 4, 11, 0]], &dev)?;
+    let before = model.text_model.forward(&ids, &TextForwardOptions::default())?.last_hidden_state;
+    let linears = model.text_model.linears();
+    assert_eq!(linears.len(), 6 * cfg.num_hidden_layers);
+    let mut rng = SeededRng::new(9);
+    let mut adapters = Vec::new();
+    for l in &linears {
+        let a = Var::from_tensor(&(rng.randn((2, l.in_dim()), DType::F32, &dev)?.to_dtype(DType::F64)? * 0.1)?)?;
+        let b = Var::from_tensor(&(rng.randn((l.out_dim(), 2), DType::F32, &dev)?.to_dtype(DType::F64)? * 0.1)?)?;
+        let ad = std::sync::Arc::new(LowRank { a, b });
+        l.add_adapter(ad.clone());
+        adapters.push(ad);
+    }
+    let after = model.text_model.forward(&ids, &TextForwardOptions::default())?.last_hidden_state;
+    let diff = (&after - &before)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f64>()?;
+    assert!(diff > 1e-4, "adapters had no effect ({diff})");
+    let grads = after.sum_all()?.backward()?;
+    for ad in &adapters {
+        let g = grads.get(&ad.a).expect("adapter A gradient");
+        assert!(g.abs()?.sum_all()?.to_scalar::<f64>()? > 0.0);
+    }
+    for l in &linears {
+        l.clear_adapters();
+    }
+    let cleared = model.text_model.forward(&ids, &TextForwardOptions::default())?.last_hidden_state;
+    assert_eq!((cleared - before)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f64>()?, 0.0);
     Ok(())
 }

@@ -90,3 +90,26 @@ fn vision_matches_transformers() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+#[test]
+fn text_model_without_prefix_loads_the_same() -> anyhow::Result<()> {
+    let dev = Device::Cpu;
+    let sub = "text-gelu";
+    let cfg = ClipTextConfig::from_file(dir(sub).join("config.json"))?;
+    let tensors = candle_core::safetensors::load(dir(sub).join("model.safetensors"), &dev)?;
+    let stripped: std::collections::HashMap<String, Tensor> = tensors
+        .into_iter()
+        .filter_map(|(k, v)| k.strip_prefix("text_model.").map(|k| (k.to_string(), v)))
+        .collect();
+    let tmp = std::env::temp_dir().join(format!("gen-models-unprefixed-{}.safetensors", std::process::id()));
+    candle_core::safetensors::save(&stripped, &tmp)?;
+    let a = gen_models::clip::ClipTextTransformer::new_unprefixed(weights_vb(std::slice::from_ref(&tmp), DType::F64, &dev)?, &cfg)?;
+    let b = gen_models::clip::ClipTextTransformer::new(weights_vb(&[dir(sub).join("model.safetensors")], DType::F64, &dev)?, &cfg)?;
+    let ids = Tensor::new(&[[98u32, 4, 5, 99, 1]], &dev)?;
+    let oa = a.forward(&ids, &TextForwardOptions::default())?;
+    let ob = b.forward(&ids, &TextForwardOptions::default())?;
+    assert_eq!(max_abs(&oa.last_hidden_state, &ob.last_hidden_state), 0.0);
+    assert_eq!(a.linears().len(), 6 * cfg.num_hidden_layers);
+    std::fs::remove_file(&tmp).ok();
+    Ok(())
+}

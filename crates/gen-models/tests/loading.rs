@@ -34,7 +34,7 @@ fn loads_float_dtypes_to_requested_dtype() -> anyhow::Result<()> {
     write_weights(&f)?;
     let want = vec![0.5f64, -1.25, 2.0, 3.0, 0.125, -4.5];
     for dtype in [DType::F32, DType::F64, DType::F16] {
-        let vb = weights_vb(&[f.clone()], dtype, &Device::Cpu)?;
+        let vb = weights_vb(std::slice::from_ref(&f), dtype, &Device::Cpu)?;
         for key in ["a.f32", "a.f16", "a.bf16"] {
             let t = vb.get((2, 3), key)?;
             assert_eq!(t.dtype(), dtype);
@@ -51,7 +51,7 @@ fn errors_name_file_and_key() -> anyhow::Result<()> {
     let f = d.join("model.safetensors");
     write_weights(&f)?;
     let fname = f.display().to_string();
-    let vb = weights_vb(&[f.clone()], DType::F32, &Device::Cpu)?;
+    let vb = weights_vb(std::slice::from_ref(&f), DType::F32, &Device::Cpu)?;
     let e = vb.get((3, 2), "a.f32").unwrap_err().to_string();
     assert!(e.contains(&fname) && e.contains("a.f32") && e.contains("[3, 2]") && e.contains("[2, 3]"), "{e}");
     let e = vb.get(4, "nope.weight").unwrap_err().to_string();
@@ -80,7 +80,7 @@ fn corrupt_and_truncated_files_are_rejected() -> anyhow::Result<()> {
     for (name, data, expect) in cases {
         let p = d.join(name);
         std::fs::write(&p, data)?;
-        let e = SafetensorsWeights::open(&[p.clone()]).unwrap_err().to_string();
+        let e = SafetensorsWeights::open(std::slice::from_ref(&p)).unwrap_err().to_string();
         assert!(e.contains(&p.display().to_string()) && e.contains(expect), "{name}: {e}");
     }
     let e = SafetensorsWeights::open(&[d.join("absent.safetensors")]).unwrap_err().to_string();
