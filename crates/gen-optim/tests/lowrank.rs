@@ -147,9 +147,9 @@ fn galore_with_svd_reduces_a_least_squares_loss_and_resumes_exactly() -> Result<
     // min |W X - Y|² with a rank-8 projection of a 16×12 weight.
     let mut rng = SeededRng::new(11);
     let x = randn(&mut rng, (12, 32))?;
-    let y = randn(&mut rng, (16, 32))?;
+    let y = randn(&mut rng, (16, 12))?.matmul(&x)?; // realisable: the loss can reach 0
     let make = |w: &Var| -> Result<Optim<GaLore>> {
-        let cfg = GaLoreConfig { lr: 5e-2, rank: 8, update_gap: 3, scale: 1.0, kind: ProjectionKind::Svd, ..Default::default() };
+        let cfg = GaLoreConfig { lr: 0.1, rank: 8, update_gap: 3, scale: 1.0, kind: ProjectionKind::Svd, ..Default::default() };
         Ok(Optim::new(GaLore::default(), vec![ParamGroup::new(vec![NamedVar::new("w", w.clone())], cfg)])?)
     };
     let loss = |w: &Var| -> Result<Tensor> { Ok(w.as_tensor().matmul(&x)?.sub(&y)?.sqr()?.mean_all()?) };
@@ -158,7 +158,7 @@ fn galore_with_svd_reduces_a_least_squares_loss_and_resumes_exactly() -> Result<
     let l0 = loss(&w)?.to_scalar::<f64>()?;
     let path = std::env::temp_dir().join(format!("gen-optim-galore-{}.safetensors", std::process::id()));
     let mut saved_w = None;
-    for s in 0..10 {
+    for s in 0..15 {
         if s == 4 {
             opt.save_state(&path)?;
             saved_w = Some(w.as_tensor().copy()?);
@@ -166,13 +166,14 @@ fn galore_with_svd_reduces_a_least_squares_loss_and_resumes_exactly() -> Result<
         opt.step(&loss(&w)?.backward()?)?;
     }
     let l1 = loss(&w)?.to_scalar::<f64>()?;
-    assert!(l1 < 0.7 * l0, "loss {l0} -> {l1}");
+    assert!(l1 < 0.3 * l0, "loss {l0} -> {l1}");
+    println!("GaLore rank 8 of 12, 15 steps: loss {l0:.4} -> {l1:.4}");
     // Resume from step 4 (inside a projection period: the saved projector must be used).
     let w2 = Var::from_tensor(&saved_w.unwrap())?;
     let mut opt2 = make(&w2)?;
     opt2.load_state(&path)?;
     assert!(opt2.param_state("w").unwrap().get("proj_q").is_some());
-    for _ in 4..10 {
+    for _ in 4..15 {
         opt2.step(&loss(&w2)?.backward()?)?;
     }
     assert_eq!(max_abs_diff(w.as_tensor(), w2.as_tensor())?, 0.0);
