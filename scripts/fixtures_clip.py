@@ -14,7 +14,7 @@ import shutil
 
 import torch
 from safetensors.torch import save_file
-from transformers import (CLIPTextConfig, CLIPTextModelWithProjection, CLIPVisionConfig,
+from transformers import (CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModelWithProjection, CLIPVisionConfig,
                           CLIPVisionModelWithProjection)
 
 OUT = os.path.join(os.path.dirname(__file__), "..", "crates", "gen-models", "tests", "fixtures", "clip")
@@ -87,11 +87,32 @@ def vision(sub, seed):
                   "pooled": pooled, "image_embeds": o.image_embeds})
 
 
+def full(sub, seed):
+    gen = torch.Generator().manual_seed(seed)
+    tc = dict(vocab_size=100, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+              max_position_embeddings=12, bos_token_id=98, eos_token_id=99, pad_token_id=1, projection_dim=512)
+    vc = dict(hidden_size=24, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4, image_size=16,
+              patch_size=8, projection_dim=512)
+    cfg = CLIPConfig(text_config=tc, vision_config=vc, projection_dim=16, logit_scale_init_value=1.5)
+    m = CLIPModel(cfg).eval()
+    randomize(m, gen)
+    with torch.no_grad():
+        m.logit_scale.fill_(1.5)
+    ids = torch.tensor([[98, 5, 17, 99, 1, 1], [98, 41, 3, 8, 9, 99], [98, 99, 1, 1, 1, 1]], dtype=torch.int64)
+    pix = torch.randn((2, 3, 16, 16), generator=gen, dtype=torch.float64)
+    md = m.to(torch.float64)
+    with torch.no_grad():
+        o = md(input_ids=ids, pixel_values=pix)
+    save(m, sub, {"input_ids": ids, "pixel_values": pix, "logits_per_image": o.logits_per_image,
+                  "text_embeds": o.text_embeds, "image_embeds": o.image_embeds})
+
+
 def main():
     torch.set_grad_enabled(False)
     text("text-quickgelu-eos2", "quick_gelu", 2, 1)
     text("text-gelu", "gelu", 99, 2)
     vision("vision", 3)
+    full("clip-model", 4)
 
 
 if __name__ == "__main__":

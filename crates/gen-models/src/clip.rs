@@ -593,7 +593,13 @@ impl ClipVisionTransformer {
         Ok(x.broadcast_add(&self.position_embedding)?)
     }
 
-    /// `pixel_values`: `(B, C, H, W)`, already normalised with CLIP's mean and std.
+    /// Every linear layer of the encoder, as handles for attaching LoRA adapters.
+    pub fn linears(&self) -> Vec<Linear> {
+        self.encoder.linears()
+    }
+
+    /// `pixel_values`: `(B, C, H, W)`, already normalised with CLIP's mean and std
+    /// (see [`clip_normalize`]).
     pub fn forward(&self, pixel_values: &Tensor) -> Result<ClipVisionOutput> {
         let x = self.pre_layrnorm.forward(&self.embed(pixel_values)?)?;
         let hs = self.encoder.forward_all(&x, false)?;
@@ -637,6 +643,77 @@ impl ClipVisionModelWithProjection {
         let out = self.vision_model.forward(pixel_values)?;
         let image_embeds = self.visual_projection.forward(&out.pooled)?;
         Ok(ClipVisionProjOutput { last_hidden_state: out.last_hidden_state, pooled: out.pooled, image_embeds })
+    }
+}
+
+/// CLIP's image normalisation constants (OpenAI CLIP, `CLIPImageProcessor` defaults).
+pub const CLIP_MEAN: [f64; 3] = [0.48145466, 0.4578275, 0.40821073];
+pub const CLIP_STD: [f64; 3] = [0.26862954, 0.26130258, 0.27577711];
+
+/// Differentiable normalisation of images in `[0, 1]`, `(B, 3, H, W)` → `(x - mean) / std`
+/// per channel. Resizing to the model's `image_size` is the caller's job.
+pub fn clip_normalize(images: &Tensor) -> candle_core::Result<Tensor> {
+    let dev = images.device();
+    let mean = Tensor::new(&CLIP_MEAN, dev)?.to_dtype(images.dtype())?.reshape((1, 3, 1, 1))?;
+    let std = Tensor::new(&CLIP_STD, dev)?.to_dtype(images.dtype())?.reshape((1, 3, 1, 1))?;
+    images.broadcast_sub(&mean)?.broadcast_div(&std)
+}
+
+/// transformers' `CLIPConfig`: text and vision configs with the shared `projection_dim`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClipConfig {
+    pub text: ClipTextConfig,
+    pub vision: ClipVisionConfig,
+    pub projection_dim: usize,
+}
+
+impl ClipConfig {
+    /// Reads a `CLIPModel` `config.json` (`text_config`, `vision_config`, `projection_dim`).
+    pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
+        let cfg = JsonConfig::from_file(path)?;
+        // absent sub-configs take transformers' defaults
+        let empty = || JsonConfig { path: cfg.path.clone(), value: serde_json::json!({}) };
+        let projection_dim = cfg.usize("projection_dim", Some(512))?;
+        let mut text = ClipTextConfig::from_json(&cfg.sub("text_config").unwrap_or_else(empty))?;
+        let mut vision = ClipVisionConfig::from_json(&cfg.sub("vision_config").unwrap_or_else(empty))?;
+        text.projection_dim = projection_dim;
+        vision.projection_dim = projection_dim;
+        Ok(Self { text, vision, projection_dim })
+    }
+}
+
+/// transformers' `CLIPModel`: both towers, their projections and `logit_scale`, for CLIP
+/// scores and rewards.
+#[derive(Debug, Clone)]
+pub struct ClipModel {
+    pub text: ClipTextModelWithProjection,
+    pub vision: ClipVisionModelWithProjection,
+    /// Scalar; the logits are scaled by `exp(logit_scale)`.
+    pub logit_scale: Tensor,
+}
+
+impl ClipModel {
+    /// `vb` at the checkpoint root (`text_model.*`, `vision_model.*`, `text_projection.weight`,
+    /// `visual_projection.weight`, `logit_scale`).
+    pub fn new(vb: VarBuilder, cfg: &ClipConfig) -> Result<Self> {
+        let mut text_cfg = cfg.text.clone();
+        text_cfg.projection_dim = cfg.projection_dim;
+        let mut vision_cfg = cfg.vision.clone();
+        vision_cfg.projection_dim = cfg.projection_dim;
+        Ok(Self {
+            text: ClipTextModelWithProjection::new(vb.clone(), &text_cfg)?,
+            vision: ClipVisionModelWithProjection::new(vb.clone(), &vision_cfg)?,
+            logit_scale: vb.get((), "logit_scale")?,
+        })
+    }
+
+    /// `input_ids` `(Bt, L)`, `pixel_values` `(Bi, 3, H, W)` normalised → `logits_per_image`
+    /// `(Bi, Bt)`: `exp(logit_scale)` times the cosine similarities.
+    pub fn logits_per_image(&self, input_ids: &Tensor, pixel_values: &Tensor) -> Result<Tensor> {
+        let (_, t) = self.text.forward(input_ids, &TextForwardOptions::default())?;
+        let i = self.vision.forward(pixel_values)?.image_embeds;
+        let sims = l2_normalize(&i)?.matmul(&l2_normalize(&t)?.t()?)?;
+        Ok(sims.broadcast_mul(&self.logit_scale.exp()?)?)
     }
 }
 

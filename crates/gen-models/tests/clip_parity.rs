@@ -113,3 +113,34 @@ fn text_model_without_prefix_loads_the_same() -> anyhow::Result<()> {
     std::fs::remove_file(&tmp).ok();
     Ok(())
 }
+
+#[test]
+fn full_clip_model_logits_match_transformers() -> anyhow::Result<()> {
+    let dev = Device::Cpu;
+    let sub = "clip-model";
+    let cfg = gen_models::clip::ClipConfig::from_file(dir(sub).join("config.json"))?;
+    assert_eq!((cfg.projection_dim, cfg.text.projection_dim, cfg.vision.patch_size), (16, 16, 8));
+    let out = candle_core::safetensors::load(dir(sub).join("outputs.safetensors"), &dev)?;
+    let w = gen_models::loading::SafetensorsWeights::open(&[dir(sub).join("model.safetensors")])?;
+    let model = gen_models::clip::ClipModel::new(w.var_builder(DType::F64, &dev), &cfg)?;
+    assert_eq!(w.unused_keys(), Vec::<String>::new());
+    let logits = model.logits_per_image(&out["input_ids"], &out["pixel_values"])?;
+    let e = max_abs(&logits, &out["logits_per_image"]);
+    println!("clip-model logits_per_image: max |err| = {e:.3e}");
+    assert!(e < 1e-9, "{e}");
+    let (_, t) = model.text.forward(&out["input_ids"], &TextForwardOptions::default())?;
+    // CLIPModel returns L2-normalised embeddings
+    assert!(max_abs(&gen_models::clip::l2_normalize(&t)?, &out["text_embeds"]) < 1e-9);
+    Ok(())
+}
+
+#[test]
+fn clip_normalize_uses_clip_mean_and_std() -> anyhow::Result<()> {
+    let x = Tensor::ones((1, 3, 2, 2), DType::F64, &Device::Cpu)?;
+    let y = gen_models::clip::clip_normalize(&x)?;
+    let v: Vec<f64> = y.flatten_all()?.to_vec1()?;
+    // (1 - 0.48145466) / 0.26862954 for the red channel, by hand
+    assert!((v[0] - 1.9303361).abs() < 1e-6, "{}", v[0]);
+    assert!((v[11] - (1.0 - 0.40821073) / 0.27577711).abs() < 1e-12);
+    Ok(())
+}
