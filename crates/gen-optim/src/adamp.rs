@@ -34,7 +34,15 @@ pub struct AdamPConfig {
 
 impl Default for AdamPConfig {
     fn default() -> Self {
-        Self { lr: 1e-3, betas: (0.9, 0.999), eps: 1e-8, weight_decay: 0.0, delta: 0.1, wd_ratio: 0.1, nesterov: false }
+        Self {
+            lr: 1e-3,
+            betas: (0.9, 0.999),
+            eps: 1e-8,
+            weight_decay: 0.0,
+            delta: 0.1,
+            wd_ratio: 0.1,
+            nesterov: false,
+        }
     }
 }
 
@@ -70,7 +78,16 @@ pub struct SgdpConfig {
 
 impl Default for SgdpConfig {
     fn default() -> Self {
-        Self { lr: 1e-2, momentum: 0.0, dampening: 0.0, weight_decay: 0.0, nesterov: false, eps: 1e-8, delta: 0.1, wd_ratio: 0.1 }
+        Self {
+            lr: 1e-2,
+            momentum: 0.0,
+            dampening: 0.0,
+            weight_decay: 0.0,
+            nesterov: false,
+            eps: 1e-8,
+            delta: 0.1,
+            wd_ratio: 0.1,
+        }
     }
 }
 
@@ -84,7 +101,13 @@ impl GroupConfig for SgdpConfig {
     fn validate(&self) -> Result<()> {
         check_lr(self.lr)?;
         if !(0.0..1.0).contains(&self.momentum) {
-            return Err(Error::invalid("momentum", format!("{} (must be in [0, 1): weight decay divides by 1 - momentum)", self.momentum)));
+            return Err(Error::invalid(
+                "momentum",
+                format!(
+                    "{} (must be in [0, 1): weight decay divides by 1 - momentum)",
+                    self.momentum
+                ),
+            ));
         }
         check_nonneg("dampening", self.dampening)?;
         check_nonneg("weight_decay", self.weight_decay)?;
@@ -109,12 +132,22 @@ fn max_abs_cosine(x: &Tensor, y: &Tensor, eps: f64) -> Result<f64> {
     let nx = x.sqr()?.sum_keepdim(1)?.sqrt()?.clamp(eps, f64::INFINITY)?;
     let ny = y.sqr()?.sum_keepdim(1)?.sqrt()?.clamp(eps, f64::INFINITY)?;
     let cos = (x.broadcast_div(&nx)? * y.broadcast_div(&ny)?)?.sum_keepdim(1)?;
-    Ok(cos.abs()?.max_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?)
+    Ok(cos
+        .abs()?
+        .max_all()?
+        .to_dtype(DType::F64)?
+        .to_scalar::<f64>()?)
 }
 
 /// The AdamP/SGDP projection. `param`, `grad`, `update` have the same shape (at least 2-D).
 /// Returns the (possibly projected) update and which view triggered, if any.
-pub fn scale_invariant_projection(param: &Tensor, grad: &Tensor, update: &Tensor, delta: f64, eps: f64) -> Result<(Tensor, Option<Projected>)> {
+pub fn scale_invariant_projection(
+    param: &Tensor,
+    grad: &Tensor,
+    update: &Tensor,
+    delta: f64,
+    eps: f64,
+) -> Result<(Tensor, Option<Projected>)> {
     let shape = param.shape().clone();
     let n = shape.elem_count();
     let c = shape.dims().first().copied().unwrap_or(1).max(1);
@@ -143,7 +176,14 @@ impl UpdateRule for AdamP {
     fn name(&self) -> &'static str {
         "adamp"
     }
-    fn update(&mut self, _ctx: ParamCtx<'_>, cfg: &AdamPConfig, state: &mut ParamState, param: &Tensor, grad: &Tensor) -> Result<Tensor> {
+    fn update(
+        &mut self,
+        _ctx: ParamCtx<'_>,
+        cfg: &AdamPConfig,
+        state: &mut ParamState,
+        param: &Tensor,
+        grad: &Tensor,
+    ) -> Result<Tensor> {
         let (m, denom, inv_bc1) = adam_moments(state, "", grad, cfg.betas, cfg.eps, state.step)?;
         let perturb = if cfg.nesterov {
             let b1 = cfg.betas.0;
@@ -160,7 +200,11 @@ impl UpdateRule for AdamP {
                 wd_ratio = cfg.wd_ratio;
             }
         }
-        let p = if cfg.weight_decay > 0.0 { param.affine(1.0 - cfg.lr * cfg.weight_decay * wd_ratio, 0.0)? } else { param.clone() };
+        let p = if cfg.weight_decay > 0.0 {
+            param.affine(1.0 - cfg.lr * cfg.weight_decay * wd_ratio, 0.0)?
+        } else {
+            param.clone()
+        };
         Ok((p - perturb.affine(cfg.lr * inv_bc1, 0.0)?)?)
     }
 }
@@ -174,11 +218,22 @@ impl UpdateRule for Sgdp {
     fn name(&self) -> &'static str {
         "sgdp"
     }
-    fn update(&mut self, _ctx: ParamCtx<'_>, cfg: &SgdpConfig, state: &mut ParamState, param: &Tensor, grad: &Tensor) -> Result<Tensor> {
+    fn update(
+        &mut self,
+        _ctx: ParamCtx<'_>,
+        cfg: &SgdpConfig,
+        state: &mut ParamState,
+        param: &Tensor,
+        grad: &Tensor,
+    ) -> Result<Tensor> {
         let buf = state.slot_or_zeros("momentum", grad)?;
         let buf = (buf.affine(cfg.momentum, 0.0)? + grad.affine(1.0 - cfg.dampening, 0.0)?)?;
         state.set("momentum", buf.clone());
-        let mut d_p = if cfg.nesterov { (grad + buf.affine(cfg.momentum, 0.0)?)? } else { buf };
+        let mut d_p = if cfg.nesterov {
+            (grad + buf.affine(cfg.momentum, 0.0)?)?
+        } else {
+            buf
+        };
         let mut wd_ratio = 1.0;
         if param.rank() > 1 {
             let (u, which) = scale_invariant_projection(param, grad, &d_p, cfg.delta, cfg.eps)?;
@@ -193,7 +248,10 @@ impl UpdateRule for Sgdp {
             d_p = u;
         }
         let p = if cfg.weight_decay > 0.0 {
-            param.affine(1.0 - cfg.lr * cfg.weight_decay * wd_ratio / (1.0 - cfg.momentum), 0.0)?
+            param.affine(
+                1.0 - cfg.lr * cfg.weight_decay * wd_ratio / (1.0 - cfg.momentum),
+                0.0,
+            )?
         } else {
             param.clone()
         };

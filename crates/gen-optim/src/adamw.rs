@@ -18,13 +18,21 @@ pub struct AdamWConfig {
 
 impl Default for AdamWConfig {
     fn default() -> Self {
-        Self { lr: 1e-3, betas: (0.9, 0.999), eps: 1e-8, weight_decay: 1e-2 }
+        Self {
+            lr: 1e-3,
+            betas: (0.9, 0.999),
+            eps: 1e-8,
+            weight_decay: 1e-2,
+        }
     }
 }
 
 pub(crate) fn check_lr(lr: f64) -> Result<()> {
     if !(lr.is_finite() && lr >= 0.0) {
-        return Err(Error::invalid("lr", format!("{lr} (must be finite and >= 0)")));
+        return Err(Error::invalid(
+            "lr",
+            format!("{lr} (must be finite and >= 0)"),
+        ));
     }
     Ok(())
 }
@@ -40,7 +48,10 @@ pub(crate) fn check_betas(betas: (f64, f64)) -> Result<()> {
 
 pub(crate) fn check_nonneg(what: &str, v: f64) -> Result<()> {
     if !(v.is_finite() && v >= 0.0) {
-        return Err(Error::invalid(what, format!("{v} (must be finite and >= 0)")));
+        return Err(Error::invalid(
+            what,
+            format!("{v} (must be finite and >= 0)"),
+        ));
     }
     Ok(())
 }
@@ -140,8 +151,19 @@ impl UpdateRule for AdamW {
     fn name(&self) -> &'static str {
         "adamw"
     }
-    fn update(&mut self, _ctx: ParamCtx<'_>, cfg: &AdamWConfig, state: &mut ParamState, param: &Tensor, grad: &Tensor) -> Result<Tensor> {
-        let p = if cfg.weight_decay != 0.0 { param.affine(1.0 - cfg.lr * cfg.weight_decay, 0.0)? } else { param.clone() };
+    fn update(
+        &mut self,
+        _ctx: ParamCtx<'_>,
+        cfg: &AdamWConfig,
+        state: &mut ParamState,
+        param: &Tensor,
+        grad: &Tensor,
+    ) -> Result<Tensor> {
+        let p = if cfg.weight_decay != 0.0 {
+            param.affine(1.0 - cfg.lr * cfg.weight_decay, 0.0)?
+        } else {
+            param.clone()
+        };
         let (m, denom, inv_bc1) = adam_moments(state, "", grad, cfg.betas, cfg.eps, state.step)?;
         let upd = (m / denom)?.affine(cfg.lr * inv_bc1, 0.0)?;
         Ok((p - upd)?)

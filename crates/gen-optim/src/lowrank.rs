@@ -33,7 +33,12 @@ fn matrix_dims(t: &Tensor) -> Option<(usize, usize)> {
 }
 
 /// The projector held in `state`, if any, for the m×n gradient `g2`.
-fn stored_projector(state: &ParamState, kind: ProjectionKind, g2: &Tensor, dct: &mut DctCache) -> Result<Option<Projector>> {
+fn stored_projector(
+    state: &ParamState,
+    kind: ProjectionKind,
+    g2: &Tensor,
+    dct: &mut DctCache,
+) -> Result<Option<Projector>> {
     let (m, n) = g2.dims2()?;
     let side = Side::for_shape(m, n);
     let d = side.dim(m, n);
@@ -43,11 +48,17 @@ fn stored_projector(state: &ParamState, kind: ProjectionKind, g2: &Tensor, dct: 
             None => return Ok(None),
         },
         ProjectionKind::RandomColumns => match state.get(SLOT_IDX) {
-            Some(i) => Basis::Columns { indices: i.clone(), dim: d },
+            Some(i) => Basis::Columns {
+                indices: i.clone(),
+                dim: d,
+            },
             None => return Ok(None),
         },
         ProjectionKind::Dct => match state.get(SLOT_IDX) {
-            Some(i) => Basis::DctColumns { indices: i.clone(), basis: dct.get(d, g2.dtype(), g2.device())? },
+            Some(i) => Basis::DctColumns {
+                indices: i.clone(),
+                basis: dct.get(d, g2.dtype(), g2.device())?,
+            },
             None => return Ok(None),
         },
     };
@@ -59,38 +70,78 @@ fn store_projector(state: &mut ParamState, p: &Projector) {
     state.slots.remove(SLOT_IDX);
     match &p.basis {
         Basis::Dense(q) => state.set(SLOT_Q, q.clone()),
-        Basis::Columns { indices, .. } | Basis::DctColumns { indices, .. } => state.set(SLOT_IDX, indices.clone()),
+        Basis::Columns { indices, .. } | Basis::DctColumns { indices, .. } => {
+            state.set(SLOT_IDX, indices.clone())
+        }
     }
 }
 
 /// The seeded generator of projection number `refresh` of parameter `index`: the same
 /// projections on every run and after a resume, without saving generator state.
 fn projection_rng(seed: u64, index: usize, refresh: u64) -> SeededRng {
-    SeededRng::fork(seed ^ (index as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15), refresh)
+    SeededRng::fork(
+        seed ^ (index as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+        refresh,
+    )
+}
+
+/// How a parameter's projector is built.
+#[derive(Clone, Copy, Debug)]
+struct ProjectionSpec {
+    kind: ProjectionKind,
+    rank: usize,
+    update_gap: u64,
+    seed: u64,
 }
 
 /// Returns the projector for this step (rebuilt on steps 1, T+1, ...) and whether it is new.
 fn projector_for_step(
     state: &mut ParamState,
-    kind: ProjectionKind,
-    rank: usize,
-    update_gap: u64,
-    seed: u64,
+    spec: ProjectionSpec,
     ctx: ParamCtx<'_>,
     g2: &Tensor,
     dct: &mut DctCache,
 ) -> Result<(Projector, bool)> {
     let t = state.step;
-    let refresh = (t - 1) / update_gap;
-    if (t - 1) % update_gap != 0 {
-        if let Some(p) = stored_projector(state, kind, g2, dct)? {
+    let refresh = (t - 1) / spec.update_gap;
+    let period_start = refresh * spec.update_gap + 1;
+    if t != period_start {
+        if let Some(p) = stored_projector(state, spec.kind, g2, dct)? {
             return Ok((p, false));
         }
     }
-    let mut rng = projection_rng(seed, ctx.index, refresh);
-    let p = make_projector(kind, g2, rank, &mut rng, dct).map_err(|e| Error::msg(format!("`{}`: {e}", ctx.name)))?;
+    let mut rng = projection_rng(spec.seed, ctx.index, refresh);
+    let p = make_projector(spec.kind, g2, spec.rank, &mut rng, dct)
+        .map_err(|e| Error::msg(format!("`{}`: {e}", ctx.name)))?;
     store_projector(state, &p);
     Ok((p, true))
+}
+
+/// Low-rank state: moments share one shape whose projected side has the parameter's length
+/// (full Adam for parameters with fewer than two dimensions).
+fn check_low_rank_state(
+    param: &candle_core::Var,
+    state: &ParamState,
+) -> std::result::Result<(), (String, Vec<usize>)> {
+    let Some((m, n)) = matrix_dims(param) else {
+        return match state.slots.iter().find(|(_, t)| t.dims() != param.dims()) {
+            Some((k, t)) => Err((k.clone(), t.dims().to_vec())),
+            None => Ok(()),
+        };
+    };
+    for key in ["exp_avg", "exp_avg_sq"] {
+        if let Some(t) = state.get(key) {
+            let ok = match (Side::for_shape(m, n), t.dims()) {
+                (Side::Right, [a, _]) => *a == m,
+                (Side::Left, [_, b]) => *b == n,
+                _ => false,
+            };
+            if !ok {
+                return Err((key.to_string(), t.dims().to_vec()));
+            }
+        }
+    }
+    Ok(())
 }
 
 fn check_gap(gap: u64) -> Result<()> {
@@ -101,11 +152,22 @@ fn check_gap(gap: u64) -> Result<()> {
 }
 
 /// Applies an Adam update `lr * factor * upd` and decoupled weight decay in the order of `form`.
-fn apply_adam(param: &Tensor, upd: &Tensor, lr: f64, factor: f64, wd: f64, form: AdamForm) -> Result<Tensor> {
+fn apply_adam(
+    param: &Tensor,
+    upd: &Tensor,
+    lr: f64,
+    factor: f64,
+    wd: f64,
+    form: AdamForm,
+) -> Result<Tensor> {
     let upd = upd.reshape(param.shape())?.affine(lr * factor, 0.0)?;
     Ok(match form {
         AdamForm::Torch => {
-            let p = if wd != 0.0 { param.affine(1.0 - lr * wd, 0.0)? } else { param.clone() };
+            let p = if wd != 0.0 {
+                param.affine(1.0 - lr * wd, 0.0)?
+            } else {
+                param.clone()
+            };
             (p - upd)?
         }
         AdamForm::Transformers => {
@@ -120,10 +182,24 @@ fn apply_adam(param: &Tensor, upd: &Tensor, lr: f64, factor: f64, wd: f64, form:
 }
 
 /// Plain AdamW step, the fallback for parameters with fewer than two dimensions.
-#[allow(clippy::too_many_arguments)]
-fn adamw_step(state: &mut ParamState, param: &Tensor, grad: &Tensor, lr: f64, betas: (f64, f64), eps: f64, wd: f64, form: AdamForm) -> Result<Tensor> {
-    let (dir, factor) = adam_direction(state, grad, betas, eps, state.step, form)?;
-    apply_adam(param, &dir, lr, factor, wd, form)
+fn adamw_step(
+    state: &mut ParamState,
+    param: &Tensor,
+    grad: &Tensor,
+    h: AdamHyper,
+) -> Result<Tensor> {
+    let (dir, factor) = adam_direction(state, grad, h.betas, h.eps, state.step, h.form)?;
+    apply_adam(param, &dir, h.lr, factor, h.weight_decay, h.form)
+}
+
+/// The Adam settings of a group.
+#[derive(Clone, Copy, Debug)]
+struct AdamHyper {
+    lr: f64,
+    betas: (f64, f64),
+    eps: f64,
+    weight_decay: f64,
+    form: AdamForm,
 }
 
 /// Hyper-parameters of a GaLore group. Defaults are GaLore's reference (rank 128, T = 200,
@@ -197,17 +273,57 @@ impl UpdateRule for GaLore {
     fn name(&self) -> &'static str {
         "galore"
     }
-    fn update(&mut self, ctx: ParamCtx<'_>, cfg: &GaLoreConfig, state: &mut ParamState, param: &Tensor, grad: &Tensor) -> Result<Tensor> {
+    fn check_state(
+        &self,
+        param: &candle_core::Var,
+        state: &ParamState,
+    ) -> std::result::Result<(), (String, Vec<usize>)> {
+        check_low_rank_state(param, state)
+    }
+    fn update(
+        &mut self,
+        ctx: ParamCtx<'_>,
+        cfg: &GaLoreConfig,
+        state: &mut ParamState,
+        param: &Tensor,
+        grad: &Tensor,
+    ) -> Result<Tensor> {
         let Some((m, n)) = matrix_dims(param) else {
-            return adamw_step(state, param, grad, cfg.lr, cfg.betas, cfg.eps, cfg.weight_decay, cfg.adam_form);
+            let h = AdamHyper {
+                lr: cfg.lr,
+                betas: cfg.betas,
+                eps: cfg.eps,
+                weight_decay: cfg.weight_decay,
+                form: cfg.adam_form,
+            };
+            return adamw_step(state, param, grad, h);
         };
         let g2 = grad.reshape((m, n))?;
         let rank = cfg.rank.min(Side::for_shape(m, n).dim(m, n));
-        let (proj, _) = projector_for_step(state, cfg.kind, rank, cfg.update_gap, cfg.seed, ctx, &g2, &mut self.dct)?;
+        let (proj, _) = projector_for_step(
+            state,
+            ProjectionSpec {
+                kind: cfg.kind,
+                rank,
+                update_gap: cfg.update_gap,
+                seed: cfg.seed,
+            },
+            ctx,
+            &g2,
+            &mut self.dct,
+        )?;
         let r = proj.project(&g2)?;
-        let (dir, factor) = adam_direction(state, &r, cfg.betas, cfg.eps, state.step, cfg.adam_form)?;
+        let (dir, factor) =
+            adam_direction(state, &r, cfg.betas, cfg.eps, state.step, cfg.adam_form)?;
         let upd = proj.project_back(&dir, m, n)?;
-        apply_adam(param, &upd, cfg.lr, factor * cfg.scale, cfg.weight_decay, cfg.adam_form)
+        apply_adam(
+            param,
+            &upd,
+            cfg.lr,
+            factor * cfg.scale,
+            cfg.weight_decay,
+            cfg.adam_form,
+        )
     }
     fn shared_bytes(&self) -> usize {
         self.dct.bytes()
@@ -275,7 +391,10 @@ impl GroupConfig for FrugalConfig {
         check_nonneg("state_free_lr_scale", self.state_free_lr_scale)?;
         check_gap(self.update_gap)?;
         if !(self.density > 0.0 && self.density <= 1.0) {
-            return Err(Error::invalid("density", format!("{} (must be in (0, 1])", self.density)));
+            return Err(Error::invalid(
+                "density",
+                format!("{} (must be in (0, 1])", self.density),
+            ));
         }
         Ok(())
     }
@@ -293,14 +412,46 @@ impl UpdateRule for Frugal {
     fn name(&self) -> &'static str {
         "frugal"
     }
-    fn update(&mut self, ctx: ParamCtx<'_>, cfg: &FrugalConfig, state: &mut ParamState, param: &Tensor, grad: &Tensor) -> Result<Tensor> {
+    fn check_state(
+        &self,
+        param: &candle_core::Var,
+        state: &ParamState,
+    ) -> std::result::Result<(), (String, Vec<usize>)> {
+        check_low_rank_state(param, state)
+    }
+    fn update(
+        &mut self,
+        ctx: ParamCtx<'_>,
+        cfg: &FrugalConfig,
+        state: &mut ParamState,
+        param: &Tensor,
+        grad: &Tensor,
+    ) -> Result<Tensor> {
         let Some((m, n)) = matrix_dims(param) else {
-            return adamw_step(state, param, grad, cfg.lr, cfg.betas, cfg.eps, cfg.weight_decay, AdamForm::Torch);
+            let h = AdamHyper {
+                lr: cfg.lr,
+                betas: cfg.betas,
+                eps: cfg.eps,
+                weight_decay: cfg.weight_decay,
+                form: AdamForm::Torch,
+            };
+            return adamw_step(state, param, grad, h);
         };
         let g2 = grad.reshape((m, n))?;
         let d = Side::for_shape(m, n).dim(m, n);
         let rank = ((cfg.density * d as f64).round() as usize).clamp(1, d);
-        let (proj, fresh) = projector_for_step(state, cfg.kind, rank, cfg.update_gap, cfg.seed, ctx, &g2, &mut self.dct)?;
+        let (proj, fresh) = projector_for_step(
+            state,
+            ProjectionSpec {
+                kind: cfg.kind,
+                rank,
+                update_gap: cfg.update_gap,
+                seed: cfg.seed,
+            },
+            ctx,
+            &g2,
+            &mut self.dct,
+        )?;
         if fresh {
             state.slots.remove("exp_avg");
             state.slots.remove("exp_avg_sq");
@@ -308,7 +459,9 @@ impl UpdateRule for Frugal {
         let sub_step = (state.step - 1) % cfg.update_gap + 1;
         let r = proj.project(&g2)?;
         let (mom, denom, inv_bc1) = adam_moments(state, "", &r, cfg.betas, cfg.eps, sub_step)?;
-        let mut upd = proj.project_back(&(mom / denom)?, m, n)?.affine(cfg.lr * inv_bc1, 0.0)?;
+        let mut upd = proj
+            .project_back(&(mom / denom)?, m, n)?
+            .affine(cfg.lr * inv_bc1, 0.0)?;
         let free_scale = cfg.lr * cfg.state_free_lr_scale;
         if cfg.state_free != StateFree::None && free_scale != 0.0 {
             let g_free = (&g2 - proj.project_back(&r, m, n)?)?;
@@ -318,7 +471,11 @@ impl UpdateRule for Frugal {
             };
             upd = (upd + free.affine(free_scale, 0.0)?)?;
         }
-        let p = if cfg.weight_decay != 0.0 { param.affine(1.0 - cfg.lr * cfg.weight_decay, 0.0)? } else { param.clone() };
+        let p = if cfg.weight_decay != 0.0 {
+            param.affine(1.0 - cfg.lr * cfg.weight_decay, 0.0)?
+        } else {
+            param.clone()
+        };
         Ok((p - upd.reshape(param.shape())?)?)
     }
     fn shared_bytes(&self) -> usize {

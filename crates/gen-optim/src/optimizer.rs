@@ -33,7 +33,10 @@ pub struct NamedVar {
 
 impl NamedVar {
     pub fn new(name: impl Into<String>, var: Var) -> Self {
-        Self { name: name.into(), var }
+        Self {
+            name: name.into(),
+            var,
+        }
     }
 }
 
@@ -71,7 +74,10 @@ pub struct StepOptions {
 
 impl Default for StepOptions {
     fn default() -> Self {
-        Self { max_grad_norm: None, skip_nonfinite: true }
+        Self {
+            max_grad_norm: None,
+            skip_nonfinite: true,
+        }
     }
 }
 
@@ -137,7 +143,10 @@ impl ParamState {
         self.slots.insert(name.to_string(), t);
     }
     pub fn bytes(&self) -> usize {
-        self.slots.values().map(|t| t.elem_count() * t.dtype().size_in_bytes()).sum()
+        self.slots
+            .values()
+            .map(|t| t.elem_count() * t.dtype().size_in_bytes())
+            .sum()
     }
 }
 
@@ -158,7 +167,29 @@ pub trait UpdateRule {
     fn name(&self) -> &'static str;
     /// Returns the new value of the parameter. It must be a freshly computed tensor (not
     /// `param` itself). `state.step` has already been incremented for this update.
-    fn update(&mut self, ctx: ParamCtx<'_>, cfg: &Self::Config, state: &mut ParamState, param: &Tensor, grad: &Tensor) -> Result<Tensor>;
+    fn update(
+        &mut self,
+        ctx: ParamCtx<'_>,
+        cfg: &Self::Config,
+        state: &mut ParamState,
+        param: &Tensor,
+        grad: &Tensor,
+    ) -> Result<Tensor>;
+    /// Checks state read from a file against its parameter; the error names the slot and
+    /// both shapes. By default every slot has the parameter's shape (true of element-wise
+    /// rules); rules with other state shapes override it.
+    fn check_state(
+        &self,
+        param: &Var,
+        state: &ParamState,
+    ) -> std::result::Result<(), (String, Vec<usize>)> {
+        for (k, t) in &state.slots {
+            if t.dims() != param.dims() {
+                return Err((k.clone(), t.dims().to_vec()));
+            }
+        }
+        Ok(())
+    }
     /// Extra bytes the rule holds outside per-parameter state (shared bases, caches).
     fn shared_bytes(&self) -> usize {
         0
@@ -189,21 +220,41 @@ impl<R: UpdateRule> Optim<R> {
     pub fn new(rule: R, groups: Vec<ParamGroup<R::Config>>) -> Result<Self> {
         let mut seen = HashSet::new();
         for (gi, g) in groups.iter().enumerate() {
-            g.config.validate().map_err(|e| Error::msg(format!("{} group {gi}: {e}", rule.name())))?;
+            g.config
+                .validate()
+                .map_err(|e| Error::msg(format!("{} group {gi}: {e}", rule.name())))?;
             for p in &g.params {
                 if p.name.is_empty() || p.name.contains("__optimizer") {
-                    return Err(Error::invalid("parameter name", format!("`{}` (group {gi}) is empty or reserved", p.name)));
+                    return Err(Error::invalid(
+                        "parameter name",
+                        format!("`{}` (group {gi}) is empty or reserved", p.name),
+                    ));
                 }
                 if !seen.insert(p.name.clone()) {
-                    return Err(Error::invalid("parameter name", format!("`{}` appears twice", p.name)));
+                    return Err(Error::invalid(
+                        "parameter name",
+                        format!("`{}` appears twice", p.name),
+                    ));
                 }
                 if !p.var.dtype().is_float() {
-                    return Err(Error::invalid("parameter dtype", format!("`{}` has dtype {:?}", p.name, p.var.dtype())));
+                    return Err(Error::invalid(
+                        "parameter dtype",
+                        format!("`{}` has dtype {:?}", p.name, p.var.dtype()),
+                    ));
                 }
             }
         }
-        let states = groups.iter().map(|g| vec![ParamState::default(); g.params.len()]).collect();
-        Ok(Self { rule, groups, states, options: StepOptions::default(), steps: 0 })
+        let states = groups
+            .iter()
+            .map(|g| vec![ParamState::default(); g.params.len()])
+            .collect();
+        Ok(Self {
+            rule,
+            groups,
+            states,
+            options: StepOptions::default(),
+            steps: 0,
+        })
     }
 
     pub fn with_options(mut self, options: StepOptions) -> Self {
@@ -250,7 +301,11 @@ pub fn global_grad_norm(grads: &[Tensor]) -> Result<f64> {
     if grads.is_empty() {
         return Ok(0.0);
     }
-    let acc = if grads[0].device().is_metal() { DType::F32 } else { DType::F64 };
+    let acc = if grads[0].device().is_metal() {
+        DType::F32
+    } else {
+        DType::F64
+    };
     let mut parts = Vec::with_capacity(grads.len());
     for g in grads {
         parts.push(g.to_dtype(acc)?.sqr()?.sum_all()?);
@@ -266,7 +321,9 @@ pub fn global_grad_norm(grads: &[Tensor]) -> Result<f64> {
 impl<R: UpdateRule> Optimizer for Optim<R> {
     fn step(&mut self, grads: &GradStore) -> Result<StepReport> {
         for (gi, g) in self.groups.iter().enumerate() {
-            g.config.validate().map_err(|e| Error::msg(format!("{} group {gi}: {e}", self.rule.name())))?;
+            g.config
+                .validate()
+                .map_err(|e| Error::msg(format!("{} group {gi}: {e}", self.rule.name())))?;
         }
         // Gather the gradients that exist, in the compute dtype.
         let mut present: Vec<(usize, usize, Tensor)> = Vec::new();
@@ -293,7 +350,14 @@ impl<R: UpdateRule> Optimizer for Optim<R> {
         let all: Vec<Tensor> = present.iter().map(|(_, _, g)| g.clone()).collect();
         let grad_norm = global_grad_norm(&all)?;
         let nonfinite = !grad_norm.is_finite();
-        let mut report = StepReport { grad_norm, clipped: false, skipped: false, nonfinite, updated: 0, without_grad };
+        let mut report = StepReport {
+            grad_norm,
+            clipped: false,
+            skipped: false,
+            nonfinite,
+            updated: 0,
+            without_grad,
+        };
         if nonfinite && self.options.skip_nonfinite {
             report.skipped = true;
             return Ok(report);
@@ -311,16 +375,40 @@ impl<R: UpdateRule> Optimizer for Optim<R> {
             flat_index[gi] = flat_index[gi - 1] + self.groups[gi - 1].params.len();
         }
         for (gi, pi, grad) in present {
-            let grad = if report.clipped { grad.affine(coef, 0.0)? } else { grad };
+            let grad = if report.clipped {
+                grad.affine(coef, 0.0)?
+            } else {
+                grad
+            };
             let group = &self.groups[gi];
             let p = &group.params[pi];
             let state = &mut self.states[gi][pi];
-            let param = p.var.as_tensor().detach().to_dtype(compute_dtype(p.var.dtype()))?;
+            let param = p
+                .var
+                .as_tensor()
+                .detach()
+                .to_dtype(compute_dtype(p.var.dtype()))?;
             state.step += 1;
-            let ctx = ParamCtx { name: &p.name, group: gi, index: flat_index[gi] + pi };
-            let new = self.rule.update(ctx, &group.config, state, &param, &grad)?;
+            let ctx = ParamCtx {
+                name: &p.name,
+                group: gi,
+                index: flat_index[gi] + pi,
+            };
+            let new = self
+                .rule
+                .update(ctx, &group.config, state, &param, &grad)
+                .map_err(|e| {
+                    Error::msg(format!(
+                        "{} group {gi}: parameter `{}` {:?}: {e}",
+                        self.rule.name(),
+                        p.name,
+                        p.var.dims()
+                    ))
+                })?;
             let new = new.to_dtype(p.var.dtype())?;
-            p.var.set(&new).ctx(format!("{}: updating `{}`", self.rule.name(), p.name))?;
+            p.var
+                .set(&new)
+                .ctx(format!("{}: updating `{}`", self.rule.name(), p.name))?;
             report.updated += 1;
         }
         self.steps += 1;
@@ -348,10 +436,16 @@ impl<R: UpdateRule> Optimizer for Optim<R> {
 
     fn save_state(&self, path: &Path) -> Result<()> {
         let mut map: HashMap<String, Tensor> = HashMap::new();
-        map.insert(GLOBAL_STEP_KEY.to_string(), Tensor::new(self.steps as i64, &Device::Cpu)?);
+        map.insert(
+            GLOBAL_STEP_KEY.to_string(),
+            Tensor::new(self.steps as i64, &Device::Cpu)?,
+        );
         for (g, s) in self.groups.iter().zip(&self.states) {
             for (p, st) in g.params.iter().zip(s) {
-                map.insert(format!("{}.__step__", p.name), Tensor::new(st.step as i64, &Device::Cpu)?);
+                map.insert(
+                    format!("{}.__step__", p.name),
+                    Tensor::new(st.step as i64, &Device::Cpu)?,
+                );
                 for (k, t) in &st.slots {
                     map.insert(format!("{}.{k}", p.name), t.to_device(&Device::Cpu)?);
                 }
@@ -362,11 +456,19 @@ impl<R: UpdateRule> Optimizer for Optim<R> {
 
     fn load_state(&mut self, path: &Path) -> Result<()> {
         let file = path.display().to_string();
-        let map = candle_core::safetensors::load(path, &Device::Cpu).ctx(format!("reading optimizer state {file}"))?;
+        let map = candle_core::safetensors::load(path, &Device::Cpu)
+            .ctx(format!("reading optimizer state {file}"))?;
         let scalar = |key: &str| -> Result<u64> {
-            let t = map.get(key).ok_or_else(|| Error::MissingTensor { file: file.clone(), key: key.to_string() })?;
-            let v = t.to_dtype(DType::I64).and_then(|t| t.to_scalar::<i64>()).ctx(format!("{file}: `{key}` is not a scalar"))?;
-            u64::try_from(v).map_err(|_| Error::invalid("step count", format!("{file}: `{key}` = {v}")))
+            let t = map.get(key).ok_or_else(|| Error::MissingTensor {
+                file: file.clone(),
+                key: key.to_string(),
+            })?;
+            let v = t
+                .to_dtype(DType::I64)
+                .and_then(|t| t.to_scalar::<i64>())
+                .ctx(format!("{file}: `{key}` is not a scalar"))?;
+            u64::try_from(v)
+                .map_err(|_| Error::invalid("step count", format!("{file}: `{key}` = {v}")))
         };
         let steps = scalar(GLOBAL_STEP_KEY)?;
         let mut known: HashSet<String> = HashSet::new();
@@ -389,12 +491,23 @@ impl<R: UpdateRule> Optimizer for Optim<R> {
                         slots.insert(slot.to_string(), t.to_device(p.var.device())?);
                     }
                 }
-                gs.push(ParamState { step, slots });
+                let st = ParamState { step, slots };
+                if let Err((slot, found)) = self.rule.check_state(&p.var, &st) {
+                    return Err(Error::Shape {
+                        file: file.clone(),
+                        key: format!("{}.{slot}", p.name),
+                        expected: p.var.dims().to_vec(),
+                        found,
+                    });
+                }
+                gs.push(st);
             }
             new_states.push(gs);
         }
         if let Some(extra) = map.keys().find(|k| !known.contains(*k)) {
-            return Err(Error::msg(format!("{file}: tensor `{extra}` belongs to no parameter of this optimizer")));
+            return Err(Error::msg(format!(
+                "{file}: tensor `{extra}` belongs to no parameter of this optimizer"
+            )));
         }
         self.states = new_states;
         self.steps = steps;
@@ -402,7 +515,10 @@ impl<R: UpdateRule> Optimizer for Optim<R> {
     }
 
     fn state_bytes(&self) -> Vec<usize> {
-        self.states.iter().map(|s| s.iter().map(ParamState::bytes).sum()).collect()
+        self.states
+            .iter()
+            .map(|s| s.iter().map(ParamState::bytes).sum())
+            .collect()
     }
 }
 
@@ -417,7 +533,12 @@ impl<R: UpdateRule> Optim<R> {
 pub fn save_safetensors_atomic(tensors: &HashMap<String, Tensor>, path: &Path) -> Result<()> {
     let name = path
         .file_name()
-        .ok_or_else(|| Error::invalid("output path", format!("{} has no file name", path.display())))?
+        .ok_or_else(|| {
+            Error::invalid(
+                "output path",
+                format!("{} has no file name", path.display()),
+            )
+        })?
         .to_string_lossy()
         .to_string();
     let dir = match path.parent() {
@@ -428,7 +549,10 @@ pub fn save_safetensors_atomic(tensors: &HashMap<String, Tensor>, path: &Path) -
     let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
     if let Err(e) = candle_core::safetensors::save(tensors, &tmp) {
         let _ = std::fs::remove_file(&tmp);
-        return Err(Error::Candle { context: format!("writing {}", path.display()), source: e });
+        return Err(Error::Candle {
+            context: format!("writing {}", path.display()),
+            source: e,
+        });
     }
     std::fs::rename(&tmp, path).map_err(|e| {
         let _ = std::fs::remove_file(&tmp);

@@ -87,8 +87,12 @@ impl Projector {
     pub fn dense(&self, dtype: DType) -> Result<Tensor> {
         Ok(match &self.basis {
             Basis::Dense(q) => q.to_dtype(dtype)?,
-            Basis::Columns { indices, dim } => Tensor::eye(*dim, dtype, indices.device())?.index_select(indices, 1)?,
-            Basis::DctColumns { indices, basis } => basis.to_dtype(dtype)?.index_select(indices, 1)?,
+            Basis::Columns { indices, dim } => {
+                Tensor::eye(*dim, dtype, indices.device())?.index_select(indices, 1)?
+            }
+            Basis::DctColumns { indices, basis } => {
+                basis.to_dtype(dtype)?.index_select(indices, 1)?
+            }
         })
     }
 
@@ -145,11 +149,20 @@ pub fn dct2_basis(d: usize, dtype: DType, device: &Device) -> Result<Tensor> {
     let mut v = Vec::with_capacity(d * d);
     for i in 0..d {
         for k in 0..d {
-            let c = if k == 0 { std::f64::consts::FRAC_1_SQRT_2 } else { 1.0 };
-            v.push(s * c * (std::f64::consts::PI * (2 * i + 1) as f64 * k as f64 / (2 * d) as f64).cos());
+            let c = if k == 0 {
+                std::f64::consts::FRAC_1_SQRT_2
+            } else {
+                1.0
+            };
+            v.push(
+                s * c
+                    * (std::f64::consts::PI * (2 * i + 1) as f64 * k as f64 / (2 * d) as f64).cos(),
+            );
         }
     }
-    Ok(Tensor::from_vec(v, (d, d), &Device::Cpu)?.to_dtype(dtype)?.to_device(device)?)
+    Ok(Tensor::from_vec(v, (d, d), &Device::Cpu)?
+        .to_dtype(dtype)?
+        .to_device(device)?)
 }
 
 /// DCT-II bases built once per (size, dtype), shared by all parameters of an optimizer.
@@ -171,14 +184,21 @@ impl DctCache {
     }
     /// Bytes held by the cached bases.
     pub fn bytes(&self) -> usize {
-        self.bases.values().map(|t| t.elem_count() * t.dtype().size_in_bytes()).sum()
+        self.bases
+            .values()
+            .map(|t| t.elem_count() * t.dtype().size_in_bytes())
+            .sum()
     }
 }
 
 /// Row-major f64 copy of a 2-D tensor.
 fn to_f64_rows(g: &Tensor) -> Result<(usize, usize, Vec<f64>)> {
     let (m, n) = g.dims2()?;
-    let v = g.to_dtype(DType::F64)?.to_device(&Device::Cpu)?.flatten_all()?.to_vec1::<f64>()?;
+    let v = g
+        .to_dtype(DType::F64)?
+        .to_device(&Device::Cpu)?
+        .flatten_all()?
+        .to_vec1::<f64>()?;
     Ok((m, n, v))
 }
 
@@ -186,7 +206,9 @@ fn to_f64_rows(g: &Tensor) -> Result<(usize, usize, Vec<f64>)> {
 fn svd_basis(g: &Tensor, side: Side, r: usize) -> Result<(usize, Vec<f64>)> {
     let (m, n, v) = to_f64_rows(g)?;
     let a = faer::Mat::<f64>::from_fn(m, n, |i, j| v[i * n + j]);
-    let svd = a.thin_svd().map_err(|e| Error::msg(format!("SVD of a {m}×{n} gradient failed: {e:?}")))?;
+    let svd = a
+        .thin_svd()
+        .map_err(|e| Error::msg(format!("SVD of a {m}×{n} gradient failed: {e:?}")))?;
     let basis = match side {
         Side::Right => svd.V(),
         Side::Left => svd.U(),
@@ -260,31 +282,52 @@ fn random_indices(d: usize, r: usize, rng: &mut SeededRng) -> Vec<u32> {
 
 /// Builds a rank-`r` projector of `kind` for the 2-D gradient `g` (m×n). `rng` is used by the
 /// random kinds only; `dct` holds the shared DCT bases.
-pub fn make_projector(kind: ProjectionKind, g: &Tensor, r: usize, rng: &mut SeededRng, dct: &mut DctCache) -> Result<Projector> {
+pub fn make_projector(
+    kind: ProjectionKind,
+    g: &Tensor,
+    r: usize,
+    rng: &mut SeededRng,
+    dct: &mut DctCache,
+) -> Result<Projector> {
     let (m, n) = g.dims2()?;
     let side = Side::for_shape(m, n);
     let d = side.dim(m, n);
     if r == 0 || r > d {
-        return Err(Error::invalid("projection rank", format!("{r} for a {m}×{n} matrix (must be in 1..={d})")));
+        return Err(Error::invalid(
+            "projection rank",
+            format!("{r} for a {m}×{n} matrix (must be in 1..={d})"),
+        ));
     }
     let dev = g.device();
     let dt = g.dtype();
     let basis = match kind {
         ProjectionKind::Svd => {
             let (d, q) = svd_basis(g, side, r)?;
-            Basis::Dense(Tensor::from_vec(q, (d, r), &Device::Cpu)?.to_dtype(dt)?.to_device(dev)?)
+            Basis::Dense(
+                Tensor::from_vec(q, (d, r), &Device::Cpu)?
+                    .to_dtype(dt)?
+                    .to_device(dev)?,
+            )
         }
-        ProjectionKind::RandomOrthogonal => {
-            Basis::Dense(Tensor::from_vec(random_orthogonal(d, r, rng), (d, r), &Device::Cpu)?.to_dtype(dt)?.to_device(dev)?)
-        }
-        ProjectionKind::RandomColumns => Basis::Columns { indices: Tensor::from_vec(random_indices(d, r, rng), r, dev)?, dim: d },
+        ProjectionKind::RandomOrthogonal => Basis::Dense(
+            Tensor::from_vec(random_orthogonal(d, r, rng), (d, r), &Device::Cpu)?
+                .to_dtype(dt)?
+                .to_device(dev)?,
+        ),
+        ProjectionKind::RandomColumns => Basis::Columns {
+            indices: Tensor::from_vec(random_indices(d, r, rng), r, dev)?,
+            dim: d,
+        },
         ProjectionKind::Dct => {
             let basis = dct.get(d, dt, dev)?;
             let scores = match side {
                 Side::Right => g.matmul(&basis)?.abs()?.sum(0)?,
                 Side::Left => basis.t()?.matmul(g)?.abs()?.sum(1)?,
             };
-            let indices = scores.arg_sort_last_dim(false)?.narrow(0, 0, r)?.contiguous()?;
+            let indices = scores
+                .arg_sort_last_dim(false)?
+                .narrow(0, 0, r)?
+                .contiguous()?;
             Basis::DctColumns { indices, basis }
         }
     };

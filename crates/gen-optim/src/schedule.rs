@@ -65,13 +65,21 @@ pub struct LinearDecay {
 impl LinearDecay {
     pub fn new(lr: f64, warmup: u64, total_steps: u64, final_lr: f64) -> Result<Self> {
         check_span(warmup, total_steps)?;
-        Ok(Self { lr, warmup, total_steps, final_lr })
+        Ok(Self {
+            lr,
+            warmup,
+            total_steps,
+            final_lr,
+        })
     }
 }
 
 fn check_span(warmup: u64, total_steps: u64) -> Result<()> {
     if total_steps == 0 || warmup >= total_steps {
-        return Err(Error::invalid("schedule", format!("warmup {warmup} must be below total_steps {total_steps} (> 0)")));
+        return Err(Error::invalid(
+            "schedule",
+            format!("warmup {warmup} must be below total_steps {total_steps} (> 0)"),
+        ));
     }
     Ok(())
 }
@@ -107,7 +115,12 @@ pub struct Cosine {
 impl Cosine {
     pub fn new(lr: f64, warmup: u64, total_steps: u64, final_lr: f64) -> Result<Self> {
         check_span(warmup, total_steps)?;
-        Ok(Self { lr, warmup, total_steps, final_lr })
+        Ok(Self {
+            lr,
+            warmup,
+            total_steps,
+            final_lr,
+        })
     }
 }
 
@@ -142,13 +155,23 @@ impl Refined {
     /// is our parameter, not fixed by the paper; a tenth of the run is a reasonable start.
     pub fn from_grad_norms(lr: f64, grad_norms: &[f64], median_window: usize) -> Result<Self> {
         if grad_norms.len() < 2 {
-            return Err(Error::invalid("refinement schedule", format!("needs at least 2 gradient norms, got {}", grad_norms.len())));
+            return Err(Error::invalid(
+                "refinement schedule",
+                format!("needs at least 2 gradient norms, got {}", grad_norms.len()),
+            ));
         }
         if median_window == 0 {
             return Err(Error::invalid("median_window", "0 (must be >= 1)"));
         }
-        if let Some((i, g)) = grad_norms.iter().enumerate().find(|(_, g)| !(g.is_finite() && **g > 0.0)) {
-            return Err(Error::invalid("gradient norm", format!("step {i}: {g} (must be finite and > 0)")));
+        if let Some((i, g)) = grad_norms
+            .iter()
+            .enumerate()
+            .find(|(_, g)| !(g.is_finite() && **g > 0.0))
+        {
+            return Err(Error::invalid(
+                "gradient norm",
+                format!("step {i}: {g} (must be finite and > 0)"),
+            ));
         }
         let smooth = median_filter(grad_norms, median_window);
         let w: Vec<f64> = smooth.iter().map(|g| 1.0 / (g * g)).collect();
@@ -242,16 +265,26 @@ mod tests {
 
     #[test]
     fn median_filter_removes_spikes() {
-        assert_eq!(median_filter(&[1.0, 100.0, 1.0, 1.0, 1.0], 3), vec![50.5, 1.0, 1.0, 1.0, 1.0]);
+        assert_eq!(
+            median_filter(&[1.0, 100.0, 1.0, 1.0, 1.0], 3),
+            vec![50.5, 1.0, 1.0, 1.0, 1.0]
+        );
         assert_eq!(median_filter(&[3.0, 1.0, 2.0], 1), vec![3.0, 1.0, 2.0]);
-        assert_eq!(median_filter(&[5.0, 1.0, 9.0, 2.0], 5), vec![5.0, 3.5, 3.5, 2.0]);
+        assert_eq!(
+            median_filter(&[5.0, 1.0, 9.0, 2.0], 5),
+            vec![5.0, 3.5, 3.5, 2.0]
+        );
     }
 
     #[test]
     fn refinement_of_constant_norms_is_linear_decay() {
         let s = Refined::from_grad_norms(0.6, &[2.0; 4], 1).unwrap();
         let want = [0.6, 0.4, 0.2, 0.0];
-        assert!(s.rates().iter().zip(want).all(|(a, b)| close(*a, b)), "{:?}", s.rates());
+        assert!(
+            s.rates().iter().zip(want).all(|(a, b)| close(*a, b)),
+            "{:?}",
+            s.rates()
+        );
         assert_eq!(s.lr(10), 0.0);
     }
 
@@ -260,11 +293,23 @@ mod tests {
         // w = [1/4, 1, 1, 1]; raw = [3/4, 2, 1, 0]; max 2.
         let s = Refined::from_grad_norms(1.0, &[2.0, 1.0, 1.0, 1.0], 1).unwrap();
         let want = [0.375, 1.0, 0.5, 0.0];
-        assert!(s.rates().iter().zip(want).all(|(a, b)| close(*a, b)), "{:?}", s.rates());
+        assert!(
+            s.rates().iter().zip(want).all(|(a, b)| close(*a, b)),
+            "{:?}",
+            s.rates()
+        );
         // The median filter ignores a single spike: same schedule as constant norms.
         let spiky = Refined::from_grad_norms(1.0, &[1.0, 1.0, 50.0, 1.0, 1.0, 1.0], 3).unwrap();
         let flat = Refined::from_grad_norms(1.0, &[1.0; 6], 1).unwrap();
-        assert!(spiky.rates().iter().zip(flat.rates()).all(|(a, b)| close(*a, *b)), "{:?}", spiky.rates());
+        assert!(
+            spiky
+                .rates()
+                .iter()
+                .zip(flat.rates())
+                .all(|(a, b)| close(*a, *b)),
+            "{:?}",
+            spiky.rates()
+        );
         assert!(Refined::from_grad_norms(1.0, &[1.0, f64::NAN], 1).is_err());
         assert!(Refined::from_grad_norms(1.0, &[1.0, 0.0], 1).is_err());
         assert!(Refined::from_grad_norms(1.0, &[1.0], 1).is_err());

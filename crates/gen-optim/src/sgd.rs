@@ -21,7 +21,13 @@ pub struct SgdConfig {
 
 impl Default for SgdConfig {
     fn default() -> Self {
-        Self { lr: 1e-2, momentum: 0.0, dampening: 0.0, weight_decay: 0.0, nesterov: false }
+        Self {
+            lr: 1e-2,
+            momentum: 0.0,
+            dampening: 0.0,
+            weight_decay: 0.0,
+            nesterov: false,
+        }
     }
 }
 
@@ -40,7 +46,10 @@ impl GroupConfig for SgdConfig {
         if self.nesterov && (self.momentum <= 0.0 || self.dampening != 0.0) {
             return Err(Error::invalid(
                 "nesterov",
-                format!("needs momentum > 0 and dampening = 0 (momentum {}, dampening {})", self.momentum, self.dampening),
+                format!(
+                    "needs momentum > 0 and dampening = 0 (momentum {}, dampening {})",
+                    self.momentum, self.dampening
+                ),
             ));
         }
         Ok(())
@@ -56,7 +65,14 @@ impl UpdateRule for Sgd {
     fn name(&self) -> &'static str {
         "sgd"
     }
-    fn update(&mut self, _ctx: ParamCtx<'_>, cfg: &SgdConfig, state: &mut ParamState, param: &Tensor, grad: &Tensor) -> Result<Tensor> {
+    fn update(
+        &mut self,
+        _ctx: ParamCtx<'_>,
+        cfg: &SgdConfig,
+        state: &mut ParamState,
+        param: &Tensor,
+        grad: &Tensor,
+    ) -> Result<Tensor> {
         let mut g = grad.clone();
         if cfg.weight_decay != 0.0 {
             g = (g + param.affine(cfg.weight_decay, 0.0)?)?;
@@ -67,7 +83,11 @@ impl UpdateRule for Sgd {
                 Some(b) => (b.affine(cfg.momentum, 0.0)? + g.affine(1.0 - cfg.dampening, 0.0)?)?,
             };
             state.set("momentum_buffer", buf.clone());
-            g = if cfg.nesterov { (g + buf.affine(cfg.momentum, 0.0)?)? } else { buf };
+            g = if cfg.nesterov {
+                (g + buf.affine(cfg.momentum, 0.0)?)?
+            } else {
+                buf
+            };
         }
         Ok((param - g.affine(cfg.lr, 0.0)?)?)
     }
@@ -85,7 +105,11 @@ pub struct SignSgdConfig {
 
 impl Default for SignSgdConfig {
     fn default() -> Self {
-        Self { lr: 1e-4, weight_decay: 0.0, momentum: 0.0 }
+        Self {
+            lr: 1e-4,
+            weight_decay: 0.0,
+            momentum: 0.0,
+        }
     }
 }
 
@@ -100,7 +124,10 @@ impl GroupConfig for SignSgdConfig {
         check_lr(self.lr)?;
         check_nonneg("weight_decay", self.weight_decay)?;
         if !(0.0..1.0).contains(&self.momentum) {
-            return Err(Error::invalid("momentum", format!("{} (must be in [0, 1))", self.momentum)));
+            return Err(Error::invalid(
+                "momentum",
+                format!("{} (must be in [0, 1))", self.momentum),
+            ));
         }
         Ok(())
     }
@@ -115,8 +142,19 @@ impl UpdateRule for SignSgd {
     fn name(&self) -> &'static str {
         "signsgd"
     }
-    fn update(&mut self, _ctx: ParamCtx<'_>, cfg: &SignSgdConfig, state: &mut ParamState, param: &Tensor, grad: &Tensor) -> Result<Tensor> {
-        let p = if cfg.weight_decay != 0.0 { param.affine(1.0 - cfg.lr * cfg.weight_decay, 0.0)? } else { param.clone() };
+    fn update(
+        &mut self,
+        _ctx: ParamCtx<'_>,
+        cfg: &SignSgdConfig,
+        state: &mut ParamState,
+        param: &Tensor,
+        grad: &Tensor,
+    ) -> Result<Tensor> {
+        let p = if cfg.weight_decay != 0.0 {
+            param.affine(1.0 - cfg.lr * cfg.weight_decay, 0.0)?
+        } else {
+            param.clone()
+        };
         let dir = if cfg.momentum > 0.0 {
             let m = state.slot_or_zeros("exp_avg", grad)?;
             let m = (m.affine(cfg.momentum, 0.0)? + grad.affine(1.0 - cfg.momentum, 0.0)?)?;

@@ -8,7 +8,10 @@ use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var};
 use gen_optim::*;
 
-const FIXTURE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/optim_parity.safetensors");
+const FIXTURE: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/tests/fixtures/optim_parity.safetensors"
+);
 
 struct Case {
     t: HashMap<String, Tensor>,
@@ -19,15 +22,22 @@ impl Case {
     fn load(name: &str) -> Result<Self> {
         let t = candle_core::safetensors::load(FIXTURE, &Device::Cpu)?;
         let prefix = format!("{name}/");
-        let t: HashMap<String, Tensor> = t.into_iter().filter_map(|(k, v)| k.strip_prefix(&prefix).map(|k| (k.to_string(), v))).collect();
+        let t: HashMap<String, Tensor> = t
+            .into_iter()
+            .filter_map(|(k, v)| k.strip_prefix(&prefix).map(|k| (k.to_string(), v)))
+            .collect();
         anyhow::ensure!(!t.is_empty(), "no fixture tensors for case {name}");
-        Ok(Self { t, name: name.to_string() })
+        Ok(Self {
+            t,
+            name: name.to_string(),
+        })
     }
     fn get(&self, key: &str) -> Option<&Tensor> {
         self.t.get(key)
     }
     fn req(&self, key: &str) -> Result<&Tensor> {
-        self.get(key).ok_or_else(|| anyhow!("{}: missing fixture tensor {key}", self.name))
+        self.get(key)
+            .ok_or_else(|| anyhow!("{}: missing fixture tensor {key}", self.name))
     }
     fn f(&self, key: &str) -> Result<f64> {
         Ok(self.req(key)?.to_dtype(DType::F64)?.to_scalar::<f64>()?)
@@ -39,17 +49,28 @@ impl Case {
         self.f(&format!("group{g}/{k}"))
     }
     fn param_names(&self) -> Vec<String> {
-        let mut v: Vec<String> =
-            self.t.keys().filter_map(|k| k.strip_prefix("param/").and_then(|k| k.strip_suffix("/init")).map(str::to_string)).collect();
+        let mut v: Vec<String> = self
+            .t
+            .keys()
+            .filter_map(|k| {
+                k.strip_prefix("param/")
+                    .and_then(|k| k.strip_suffix("/init"))
+                    .map(str::to_string)
+            })
+            .collect();
         v.sort();
         v
     }
     fn n_groups(&self) -> usize {
-        (0..).take_while(|g| self.get(&format!("group{g}/lr")).is_some()).count()
+        (0..)
+            .take_while(|g| self.get(&format!("group{g}/lr")).is_some())
+            .count()
     }
     /// Parameter groups (as `Var`s initialised from the fixture) with configs made by `cfg`.
     fn groups<C: Clone>(&self, cfg: impl Fn(usize) -> Result<C>) -> Result<Vec<ParamGroup<C>>> {
-        let mut groups: Vec<ParamGroup<C>> = (0..self.n_groups()).map(|g| Ok(ParamGroup::new(vec![], cfg(g)?))).collect::<Result<_>>()?;
+        let mut groups: Vec<ParamGroup<C>> = (0..self.n_groups())
+            .map(|g| Ok(ParamGroup::new(vec![], cfg(g)?)))
+            .collect::<Result<_>>()?;
         for n in self.param_names() {
             let g = self.i(&format!("param/{n}/group"))? as usize;
             let var = Var::from_tensor(&self.req(&format!("param/{n}/init"))?.copy()?)?;
@@ -78,7 +99,10 @@ fn max_rel_err(a: &Tensor, b: &Tensor) -> Result<f64> {
     let b = b.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
     anyhow::ensure!(a.len() == b.len(), "length {} vs {}", a.len(), b.len());
     let scale = b.iter().fold(0.0f64, |m, y| m.max(y.abs()));
-    let diff = a.iter().zip(&b).fold(0.0f64, |m, (x, y)| m.max((x - y).abs()));
+    let diff = a
+        .iter()
+        .zip(&b)
+        .fold(0.0f64, |m, (x, y)| m.max((x - y).abs()));
     Ok(diff / scale.max(1e-30))
 }
 
@@ -89,13 +113,23 @@ fn replay<O: Optimizer>(case: &Case, opt: &mut O, vars: &[NamedVar], tol: f64) -
     for k in 0..case.steps()? {
         let report = opt.step(&case.grads(vars, k))?;
         let norm_ref = case.f(&format!("norm{k}"))?;
-        anyhow::ensure!((report.grad_norm - norm_ref).abs() <= 1e-6 * norm_ref, "{}: step {k}: grad norm {} vs {norm_ref}", case.name, report.grad_norm);
+        anyhow::ensure!(
+            (report.grad_norm - norm_ref).abs() <= 1e-6 * norm_ref,
+            "{}: step {k}: grad norm {} vs {norm_ref}",
+            case.name,
+            report.grad_norm
+        );
         anyhow::ensure!(!report.skipped && !report.nonfinite);
         for p in vars {
             let want = case.req(&format!("param/{}/after{k}", p.name))?;
             let err = max_rel_err(p.var.as_tensor(), want)?;
             worst = worst.max(err);
-            anyhow::ensure!(err <= tol, "{}: step {k}: `{}` relative error {err:e} > {tol:e}", case.name, p.name);
+            anyhow::ensure!(
+                err <= tol,
+                "{}: step {k}: `{}` relative error {err:e} > {tol:e}",
+                case.name,
+                p.name
+            );
         }
     }
     println!("{}: max relative error {worst:e}", case.name);
@@ -103,7 +137,10 @@ fn replay<O: Optimizer>(case: &Case, opt: &mut O, vars: &[NamedVar], tol: f64) -
 }
 
 fn all_vars<C>(groups: &[ParamGroup<C>]) -> Vec<NamedVar> {
-    groups.iter().flat_map(|g| g.params.iter().cloned()).collect()
+    groups
+        .iter()
+        .flat_map(|g| g.params.iter().cloned())
+        .collect()
 }
 
 fn tol_for(case: &Case) -> Result<f64> {
@@ -126,8 +163,10 @@ fn adamw_case(name: &str) -> Result<f64> {
     })?;
     let vars = all_vars(&groups);
     let clip = case.f("meta/max_grad_norm")?;
-    let mut opt =
-        Optim::new(AdamW, groups)?.with_options(StepOptions { max_grad_norm: (clip > 0.0).then_some(clip), ..Default::default() });
+    let mut opt = Optim::new(AdamW, groups)?.with_options(StepOptions {
+        max_grad_norm: (clip > 0.0).then_some(clip),
+        ..Default::default()
+    });
     replay(&case, &mut opt, &vars, tol_for(&case)?)
 }
 
@@ -164,12 +203,20 @@ fn check_projection_kinds(case: &Case, eps: f64, delta: f64) -> Result<()> {
             } else {
                 0
             };
-            anyhow::ensure!(got == want, "{}: `{n}` step {k}: projection kind {got}, adamp says {want}", case.name);
+            anyhow::ensure!(
+                got == want,
+                "{}: `{n}` step {k}: projection kind {got}, adamp says {want}",
+                case.name
+            );
             seen[got as usize] += 1;
             before = case.req(&format!("param/{n}/after{k}"))?.clone();
         }
     }
-    anyhow::ensure!(seen.iter().all(|&c| c > 0), "{}: fixture exercises projection kinds {seen:?}", case.name);
+    anyhow::ensure!(
+        seen.iter().all(|&c| c > 0),
+        "{}: fixture exercises projection kinds {seen:?}",
+        case.name
+    );
     Ok(())
 }
 
@@ -215,7 +262,13 @@ fn sgdp_case(name: &str) -> Result<f64> {
 fn galore_case(name: &str) -> Result<f64> {
     let case = Case::load(name)?;
     let groups = case.groups(|g| {
-        let opt = |k: &str, default: f64| if case.get(&format!("group{g}/{k}")).is_some() { case.hp(g, k) } else { Ok(default) };
+        let opt = |k: &str, default: f64| {
+            if case.get(&format!("group{g}/{k}")).is_some() {
+                case.hp(g, k)
+            } else {
+                Ok(default)
+            }
+        };
         Ok(GaLoreConfig {
             lr: case.hp(g, "lr")?,
             betas: (case.hp(g, "beta1")?, case.hp(g, "beta2")?),
