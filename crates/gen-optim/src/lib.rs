@@ -24,6 +24,6 @@ pub use optimizer::{
 };
 pub use projector::{dct2_basis, make_projector, Basis, DctCache, ProjectionKind, Projector, Side};
 pub use schedule::{
-    median_filter, Constant, Cosine, LinearDecay, LinearWarmup, LrSchedule, Refined,
+    apply_schedule, median_filter, Constant, Cosine, LinearDecay, LinearWarmup, LrSchedule, Refined,
 };
 pub use sgd::{Sgd, SgdConfig, SignSgd, SignSgdConfig};

@@ -15,6 +15,28 @@ pub trait LrSchedule {
     fn lr(&self, step: u64) -> f64;
 }
 
+/// Sets each group's learning rate to `base_lrs[g] * schedule.lr(step)`, for a schedule built
+/// with `lr = 1.0` (a multiplier), so groups with different base rates follow one shape.
+pub fn apply_schedule(
+    opt: &mut dyn crate::Optimizer,
+    base_lrs: &[f64],
+    schedule: &dyn LrSchedule,
+    step: u64,
+) -> Result<()> {
+    let n = opt.lrs().len();
+    if base_lrs.len() != n {
+        return Err(Error::invalid(
+            "base_lrs",
+            format!("{} rates for {n} parameter groups", base_lrs.len()),
+        ));
+    }
+    let f = schedule.lr(step);
+    for (g, base) in base_lrs.iter().enumerate() {
+        opt.set_group_lr(g, base * f)?;
+    }
+    Ok(())
+}
+
 /// Linear warm-up factor: `(step + 1) / warmup` for the first `warmup` steps, then 1.
 /// (The first update already gets a non-zero rate.)
 fn warmup_factor(step: u64, warmup: u64) -> f64 {

@@ -449,3 +449,18 @@ fn half_precision_params_keep_f32_state() -> Result<()> {
     assert_eq!(vals(&w)?, vec![0.75, -0.75]);
     Ok(())
 }
+
+#[test]
+fn schedule_drives_group_rates() -> Result<()> {
+    let (_, mut opt) = make_adamw(4)?;
+    let base = opt.lrs();
+    assert_eq!(base, vec![1e-2, 5e-3]);
+    let sched = LinearDecay::new(1.0, 0, 10, 0.0)?;
+    apply_schedule(&mut opt, &base, &sched, 5)?;
+    assert_eq!(opt.lrs(), vec![0.5e-2, 2.5e-3]);
+    let err = apply_schedule(&mut opt, &[1.0], &sched, 0)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("1 rates for 2 parameter groups"), "{err}");
+    Ok(())
+}
