@@ -73,16 +73,16 @@ impl SigmaState {
         self.sigmas[self.begin_index.unwrap_or(0).min(self.sigmas.len())..].to_vec()
     }
 
-    /// Index of the step at `t`: the running index once stepping started, else the begin
-    /// index (image-to-image) or the position of `t`.
+    /// Index of the step at `t`: the running index while `t` is its timestep, the begin
+    /// index (image-to-image) before the first step, else the position of `t`.
     pub fn index(&self, t: f64) -> Result<usize> {
         if self.timesteps.is_empty() {
             return Err(not_set());
         }
         match (self.step_index, self.begin_index) {
-            (Some(i), _) => Ok(i),
+            (Some(i), _) if self.timesteps.get(i) == Some(&t) => Ok(i),
             (None, Some(b)) => Ok(b),
-            (None, None) => index_for_timestep(t, &self.timesteps),
+            _ => index_for_timestep(t, &self.timesteps),
         }
     }
 
