@@ -116,9 +116,11 @@ impl Apg {
             delta = m;
         }
         if cfg.norm_threshold > 0.0 {
-            let norms = super::per_sample_norms(&delta)?;
-            let s: Vec<f64> = norms.iter().map(|&n| (cfg.norm_threshold / n).min(1.0)).collect();
-            delta = delta.broadcast_mul(&crate::prediction::per_sample(&s, &delta)?)?;
+            // delta * min(1, r / ||delta||), per sample; tensor ops so gradients flow through the norm.
+            let flat = delta.reshape((b, ()))?;
+            let norm = flat.sqr()?.sum_keepdim(1)?.sqrt()?;
+            let factor = (norm.recip()? * cfg.norm_threshold)?.clamp(0.0, 1.0)?;
+            delta = flat.broadcast_mul(&factor)?.reshape(c.shape())?;
         }
         // Projection onto c in f64.
         let v0 = delta.to_dtype(DType::F64)?.reshape((b, ()))?;

@@ -149,13 +149,6 @@ pub(crate) fn cond_only(preds: &Predictions) -> Guided {
     Guided { value: preds.cond.clone(), space: Space::ModelOutput }
 }
 
-/// Per-sample L2 norms over all non-batch dims, as f64.
-pub(crate) fn per_sample_norms(t: &Tensor) -> Result<Vec<f64>> {
-    let b = t.dim(0)?;
-    let flat = t.to_dtype(candle_core::DType::F64)?.reshape((b, ()))?;
-    Ok(flat.sqr()?.sum(1)?.sqrt()?.to_vec1::<f64>()?)
-}
-
 fn check_scale(what: &str, w: f64) -> Result<()> {
     if !w.is_finite() {
         return Err(Error::invalid(what, format!("{w} is not finite")));

@@ -3,25 +3,24 @@
 //! `out = phi x_r + (1 - phi) x`. A wrapper over any guidance (diffusers applies it after
 //! CFG and APG alike), in model-output space by default as diffusers does.
 
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 use gen_core::{Error, Result};
 
 use super::{Branch, Guidance, Guided, Predictions, Space, StepInfo};
 
-/// `phi * x * std(reference)/std(x) + (1 - phi) * x`, per sample. Shapes (B, ...).
+/// `phi * x * std(reference)/std(x) + (1 - phi) * x`, std per sample over all non-batch dims
+/// (computed in f64; differentiable). Shapes (B, ...). As in diffusers, a constant `x` (std 0)
+/// gives non-finite values.
 pub fn rescale_to_reference(x: &Tensor, reference: &Tensor, phi: f64) -> Result<Tensor> {
-    let std = |t: &Tensor| -> Result<Vec<f64>> {
-        let b = t.dim(0)?;
-        let f = t.to_dtype(candle_core::DType::F64)?.reshape((b, ()))?;
-        let n = f.dim(1)? as f64;
+    let b = x.dim(0)?;
+    let std = |t: &Tensor| -> Result<Tensor> {
+        let f = t.to_dtype(DType::F64)?.reshape((b, ()))?;
         let mean = f.mean_keepdim(1)?;
-        let var = f.broadcast_sub(&mean)?.sqr()?.sum(1)?.affine(1.0 / n, 0.0)?;
-        Ok(var.sqrt()?.to_vec1::<f64>()?)
+        Ok(f.broadcast_sub(&mean)?.sqr()?.mean_keepdim(1)?.sqrt()?)
     };
-    let (sr, sx) = (std(reference)?, std(x)?);
-    // factor = phi * sr/sx + (1 - phi); a constant x (std 0) is left unchanged.
-    let f: Vec<f64> = sr.iter().zip(&sx).map(|(r, s)| if *s > 0.0 { phi * r / s + (1.0 - phi) } else { 1.0 }).collect();
-    Ok(x.broadcast_mul(&crate::prediction::per_sample(&f, x)?)?)
+    let ratio = (std(reference)? / std(x)?)?;
+    let factor = ((ratio * phi)? + (1.0 - phi))?.to_dtype(x.dtype())?;
+    Ok(x.reshape((b, ()))?.broadcast_mul(&factor)?.reshape(x.shape())?)
 }
 
 /// Rescale wrapper: guides with `inner`, then rescales towards the conditional prediction's std.
