@@ -5,7 +5,8 @@
 //! `R = Qᵀ G` (r×n), `G ≈ Q R` ([`Side::Left`]). `Q` always has orthonormal columns.
 //!
 //! Kinds ([`ProjectionKind`]):
-//! - `Svd`: the top-r singular vectors of `G` (faer thin SVD on the CPU, in f64), each signed
+//! - `Svd`: the top-r singular vectors of `G` (faer thin SVD on the CPU, f64 for f64 gradients,
+//!   f32 otherwise), each signed
 //!   so that its largest-magnitude entry is positive.
 //! - `Dct`: columns of the orthonormal DCT-II basis of the side's size (built once per size and
 //!   kept in a [`DctCache`]), chosen as the r columns with the largest L1 norm of `G Q` (`Qᵀ G`
@@ -202,25 +203,46 @@ fn to_f64_rows(g: &Tensor) -> Result<(usize, usize, Vec<f64>)> {
     Ok((m, n, v))
 }
 
+/// The first `r` singular vectors on `side` of the row-major m×n matrix `v`, computed in `$t`,
+/// as d×r row-major f64 values.
+macro_rules! top_singular_vectors {
+    ($t:ty, $v:expr, $m:expr, $n:expr, $side:expr, $r:expr) => {{
+        let (m, n, r) = ($m, $n, $r);
+        let a = faer::Mat::<$t>::from_fn(m, n, |i, j| $v[i * n + j] as $t);
+        let svd = a
+            .thin_svd()
+            .map_err(|e| Error::msg(format!("SVD of a {m}×{n} gradient failed: {e:?}")))?;
+        let basis = match $side {
+            Side::Right => svd.V(),
+            Side::Left => svd.U(),
+        };
+        let d = basis.nrows();
+        let mut out = Vec::with_capacity(d * r);
+        for i in 0..d {
+            for k in 0..r {
+                out.push(basis[(i, k)] as f64);
+            }
+        }
+        (d, out)
+    }};
+}
+
 /// Top-r singular vectors on the projected side of `g` (m×n), as d×r f64 values (row-major).
+/// The SVD runs in f64 for f64 gradients and in f32 otherwise (as GaLore's reference does).
 fn svd_basis(g: &Tensor, side: Side, r: usize) -> Result<(usize, Vec<f64>)> {
     let (m, n, v) = to_f64_rows(g)?;
-    let a = faer::Mat::<f64>::from_fn(m, n, |i, j| v[i * n + j]);
-    let svd = a
-        .thin_svd()
-        .map_err(|e| Error::msg(format!("SVD of a {m}×{n} gradient failed: {e:?}")))?;
-    let basis = match side {
-        Side::Right => svd.V(),
-        Side::Left => svd.U(),
+    let (d, basis) = if g.dtype() == DType::F64 {
+        top_singular_vectors!(f64, v, m, n, side, r)
+    } else {
+        top_singular_vectors!(f32, v, m, n, side, r)
     };
-    let d = basis.nrows();
     // Sign convention: the largest-magnitude entry of each singular vector is positive (the SVD
     // leaves signs arbitrary; they matter when GaLore keeps moments across re-projections).
     let signs: Vec<f64> = (0..r)
         .map(|k| {
             let (mut best, mut val) = (0.0f64, 0.0f64);
             for i in 0..d {
-                let x = basis[(i, k)];
+                let x = basis[i * r + k];
                 if x.abs() > best {
                     best = x.abs();
                     val = x;
@@ -236,7 +258,7 @@ fn svd_basis(g: &Tensor, side: Side, r: usize) -> Result<(usize, Vec<f64>)> {
     let mut out = Vec::with_capacity(d * r);
     for i in 0..d {
         for k in 0..r {
-            out.push(basis[(i, k)] * signs[k]);
+            out.push(basis[i * r + k] * signs[k]);
         }
     }
     Ok((d, out))
