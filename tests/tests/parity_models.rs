@@ -429,3 +429,47 @@ fn vae_decode_matches_candle_transformers() -> Result<()> {
     check("gen-models vs candle-transformers vae decode (32 groups, random)", &ours.decode(&z)?, &candle_decode_per_sample(&theirs, &z)?)?;
     Ok(())
 }
+
+// ---------------------------------------------------------------------------------------------
+// The whole folder through SdPipeline::load
+
+fn load_pipeline(variant: Option<&str>) -> Result<gen_models::pipeline::SdPipeline> {
+    use gen_models::pipeline::{HubOptions, LoadOptions, ModelSource, SdPipeline};
+    let source = ModelSource::parse(tiny("").to_str().context("fixture path is not UTF-8")?)?;
+    ensure!(matches!(source, ModelSource::Local(_)), "the fixture folder parsed as {source:?}");
+    let opts = LoadOptions { hub: HubOptions { offline: true, variant: variant.map(str::to_string), ..Default::default() }, ..Default::default() };
+    Ok(SdPipeline::load(&source, &opts)?)
+}
+
+#[test]
+fn pipeline_load_matches_diffusers() -> Result<()> {
+    let pipe = load_pipeline(None)?;
+    // Every tensor of every checkpoint is read by some module.
+    ensure!(pipe.unused_keys.is_empty(), "unused checkpoint tensors: {:?}", pipe.unused_keys);
+    let te = reference("text_encoder.safetensors")?;
+    let fx = tok_fixture()?;
+    let prompts: Vec<&str> = fx.cases.iter().take(3).map(|c| c.text.as_str()).collect();
+    let (cond, enc) = pipe.encode_prompts(&prompts, &TextForwardOptions::default())?;
+    ensure!(enc.iter().zip(&fx.cases).all(|(e, c)| e.ids == c.input_ids), "pipeline token ids differ from transformers'");
+    check("pipeline encode_prompts", &cond, get(&te, "last_hidden_state")?)?;
+    let un = reference("unet.safetensors")?;
+    let out = pipe.unet.forward(get(&un, "sample")?, get(&un, "timesteps_mixed")?, &cond)?;
+    check("pipeline unet(encode_prompts)", &out, get(&un, "out_mixed")?)?;
+    let va = reference("vae.safetensors")?;
+    check("pipeline vae decode", &pipe.vae.decode(get(&va, "latent")?)?, get(&va, "decoded")?)?;
+    Ok(())
+}
+
+#[test]
+fn pipeline_load_fp16_variant() -> Result<()> {
+    let pipe = load_pipeline(Some("fp16"))?;
+    ensure!(
+        pipe.files.unet.weights.iter().all(|p| p.to_string_lossy().ends_with("diffusion_pytorch_model.fp16.safetensors")),
+        "unet weights: {:?}",
+        pipe.files.unet.weights
+    );
+    let un = reference("unet_fp16.safetensors")?;
+    let out = pipe.unet.forward(get(&un, "sample")?, get(&un, "timesteps_mixed")?, get(&un, "encoder_hidden_states")?)?;
+    check("pipeline (fp16 variant) unet", &out, get(&un, "out_mixed")?)?;
+    Ok(())
+}
