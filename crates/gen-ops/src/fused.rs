@@ -481,8 +481,55 @@ impl CustomOp1 for UpsampleNearest {
     fn bwd(&self, x: &Tensor, _y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
         let (b, c, h, w) = x.dims4()?;
         let s = self.scale;
-        let gx = g.reshape((b, c, h, s, w, s))?.sum(5)?.sum(3)?;
-        Ok(Some(gx))
+        if g.device().is_cpu() && matches!(g.dtype(), DType::F32 | DType::F64) {
+            return Ok(Some(g.contiguous()?.apply_op1(UpsampleNearestBwd { scale: s })?));
+        }
+        Ok(Some(g.reshape((b, c, h, s, w, s))?.sum(5)?.sum(3)?))
+    }
+}
+
+/// Backward of [`UpsampleNearest`]: `(B, C, sH, sW)` → `(B, C, H, W)`, the sum of each block.
+struct UpsampleNearestBwd {
+    scale: usize,
+}
+
+fn upsample_bwd_kernel<T: WithDType>(g: &[T], w: usize, s: usize) -> Vec<T> {
+    let mut out = vec![T::zero(); g.len() / (s * s)];
+    if out.is_empty() {
+        return out;
+    }
+    let in_row = w * s;
+    // s gradient rows of sW values → one row of W block sums, added in a fixed order.
+    out.par_chunks_mut(w).zip(g.par_chunks(in_row * s)).with_min_len(min_rows(in_row * s)).for_each(|(o, gr)| {
+        for r in gr.chunks(in_row) {
+            for (oj, blk) in o.iter_mut().zip(r.chunks(s)) {
+                for &v in blk {
+                    *oj += v;
+                }
+            }
+        }
+    });
+    out
+}
+
+impl CustomOp1 for UpsampleNearestBwd {
+    fn name(&self) -> &'static str {
+        "gen-upsample-nearest-bwd"
+    }
+
+    fn cpu_fwd(&self, st: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (b, c, hs, ws) = l.shape().dims4()?;
+        let s = self.scale;
+        if hs % s != 0 || ws % s != 0 {
+            bail!("{}: gradient {:?} not divisible by scale {s}", self.name(), l.dims())
+        }
+        let name = self.name();
+        let out = match st {
+            CpuStorage::F32(_) => CpuStorage::F32(upsample_bwd_kernel(slice::<f32>(st, l, name)?, ws / s, s)),
+            CpuStorage::F64(_) => CpuStorage::F64(upsample_bwd_kernel(slice::<f64>(st, l, name)?, ws / s, s)),
+            _ => bail!("{name}: unsupported dtype {:?}", st.dtype()),
+        };
+        Ok((out, Shape::from((b, c, hs / s, ws / s))))
     }
 }
 
