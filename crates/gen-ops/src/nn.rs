@@ -58,14 +58,17 @@ impl Linear {
         self.state.read().expect("linear lock").weight.clone().expect("weight present")
     }
 
+    /// The bias `(out)`, if any.
     pub fn bias(&self) -> Option<&Tensor> {
         self.bias.as_ref()
     }
 
+    /// Input features (the weight's second dimension).
     pub fn in_dim(&self) -> usize {
         self.weight().dims()[1]
     }
 
+    /// Output features (the weight's first dimension).
     pub fn out_dim(&self) -> usize {
         self.weight().dims()[0]
     }
@@ -81,14 +84,17 @@ impl Linear {
         Ok(())
     }
 
+    /// Attaches an adapter; its output `(..., out)` is added to the layer's.
     pub fn add_adapter(&self, adapter: Arc<dyn LinearAdapter>) {
         self.state.write().expect("linear lock").adapters.push(adapter);
     }
 
+    /// Removes all adapters.
     pub fn clear_adapters(&self) {
         self.state.write().expect("linear lock").adapters.clear();
     }
 
+    /// The attached adapters, in the order they were added.
     pub fn adapters(&self) -> Vec<Arc<dyn LinearAdapter>> {
         self.state.read().expect("linear lock").adapters.clone()
     }
@@ -112,12 +118,16 @@ impl Module for Linear {
 /// Layer norm over the last dimension with learned `weight` and `bias` (diffusers `nn.LayerNorm`).
 #[derive(Debug, Clone)]
 pub struct LayerNorm {
+    /// `(dim)`; `None` means 1.
     pub weight: Option<Tensor>,
+    /// `(dim)`; `None` means 0.
     pub bias: Option<Tensor>,
+    /// Added to the variance.
     pub eps: f64,
 }
 
 impl LayerNorm {
+    /// Loads `weight` and `bias`, both `(dim)`, under `vb`'s prefix.
     pub fn new(vb: VarBuilder, dim: usize, eps: f64) -> Result<Self> {
         Ok(Self { weight: Some(vb.get(dim, "weight")?), bias: Some(vb.get(dim, "bias")?), eps })
     }
@@ -140,6 +150,8 @@ pub struct GroupNorm {
 }
 
 impl GroupNorm {
+    /// Loads `weight` and `bias`, both `(channels)`, under `vb`'s prefix; `num_groups` must
+    /// divide `channels`.
     pub fn new(vb: VarBuilder, num_groups: usize, channels: usize, eps: f64) -> Result<Self> {
         if channels % num_groups != 0 {
             candle_core::bail!("{}: {num_groups} groups do not divide {channels} channels", vb.prefix())

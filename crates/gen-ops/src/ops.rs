@@ -105,7 +105,12 @@ pub struct AttentionConfig {
 /// (Any rank ≥ 2 works: the last two dimensions are the sequence and features.)
 ///
 /// Without `chunk_size` the probabilities are kept for the backward pass (fastest); with it,
-/// see [`AttentionConfig::chunk_size`].
+/// see [`AttentionConfig::chunk_size`]. On the CPU, f16/bf16 inputs are computed in f32.
+///
+/// Design note: the chunked op's kernels are candle's own matmuls plus the fused softmax (a
+/// hand-written fused CPU attention kernel would not beat candle's gemm); what the custom op
+/// buys is the memory bound in training, by recomputing probabilities in the backward pass
+/// (measured: same forward + backward time as the unchunked path at L = 1024, chunk 256).
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, cfg: &AttentionConfig) -> Result<Tensor> {
     let r = q.rank();
     if r < 2 || k.rank() != r || v.rank() != r {
@@ -123,6 +128,11 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, cfg: &AttentionConfig) -> R
             in_compute_dtype(q, "attention", |qc, cdt| {
                 qc.apply_op3(&k.to_dtype(cdt)?.contiguous()?, &v.to_dtype(cdt)?.contiguous()?, op)
             })
+        }
+        // candle's CPU backend has no bf16 matmul and a slow f16 one: compute in f32 there.
+        _ if q.device().is_cpu() && matches!(q.dtype(), DType::F16 | DType::BF16) => {
+            let (q32, k32, v32) = (q.to_dtype(DType::F32)?, k.to_dtype(DType::F32)?, v.to_dtype(DType::F32)?);
+            composite::attention_with(&q32, &k32, &v32, cfg, softmax_last_dim)?.to_dtype(q.dtype())
         }
         _ => composite::attention_with(q, k, v, cfg, softmax_last_dim),
     }

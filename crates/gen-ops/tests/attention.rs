@@ -107,3 +107,19 @@ fn shape_errors_are_reported() -> Result<()> {
     }
     Ok(())
 }
+
+#[test]
+fn half_precision_inputs() -> Result<()> {
+    let inputs = qkv(6, 1, 2, 6, 5, 4, 3)?;
+    let reference = with(AttentionConfig::default())(&inputs)?;
+    for dt in [DType::F16, DType::BF16] {
+        let h: Vec<Tensor> = inputs.iter().map(|t| t.to_dtype(dt)).collect::<candle_core::Result<_>>()?;
+        for chunk in [None, Some(2)] {
+            let y = attention(&h[0], &h[1], &h[2], &AttentionConfig { chunk_size: chunk, ..Default::default() })?;
+            assert_eq!(y.dtype(), dt);
+            let e = rel_err(&y, &reference)?;
+            assert!(e < 3e-2, "{dt:?} chunk {chunk:?}: {e}");
+        }
+    }
+    Ok(())
+}
