@@ -139,12 +139,17 @@ pub struct SchedulerConfig {
     /// DPM-Solver: order (1 or 2 supported).
     pub solver_order: usize,
     /// DPM-Solver: `true` = heun, `false` = midpoint (diffusers' `solver_type`).
+    #[serde(rename = "solver_type", serialize_with = "ser_solver_type")]
     pub solver_type_heun: bool,
     pub lower_order_final: bool,
     pub euler_at_final: bool,
     pub lambda_min_clipped: f64,
     /// DDIM eta (not a diffusers config field: diffusers passes it to `step`). 0 = deterministic.
     pub eta: f64,
+}
+
+fn ser_solver_type<S: serde::Serializer>(heun: &bool, s: S) -> std::result::Result<S::Ok, S::Error> {
+    s.serialize_str(if *heun { "heun" } else { "midpoint" })
 }
 
 impl Default for SchedulerConfig {
@@ -272,7 +277,7 @@ impl SchedulerConfig {
         if !(self.solver_order == 1 || self.solver_order == 2) {
             return bad("solver_order", format!("{} (supported: 1, 2)", self.solver_order));
         }
-        if !(self.eta >= 0.0) {
+        if self.eta.is_nan() || self.eta < 0.0 {
             return bad("eta", format!("{} (must be >= 0)", self.eta));
         }
         Ok(())

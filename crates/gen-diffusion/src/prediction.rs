@@ -74,8 +74,8 @@ fn lin2(x: &Tensor, p: &[f64], y: &Tensor, q: &[f64]) -> Result<Tensor> {
 
 fn check_alpha(alpha_cumprod: &[f64]) -> Result<()> {
     for &a in alpha_cumprod {
-        if !(a > 0.0 && a <= 1.0) {
-            return Err(Error::invalid("alpha_cumprod", format!("{a} is outside (0, 1]")));
+        if !(0.0..=1.0).contains(&a) {
+            return Err(Error::invalid("alpha_cumprod", format!("{a} is outside [0, 1]")));
         }
     }
     Ok(())
@@ -90,6 +90,9 @@ pub fn to_x0(pred: &Tensor, x_t: &Tensor, alpha_cumprod: &[f64], kind: Predictio
         PredictionType::Sample => Ok(pred.clone()),
         // x0 = x_t / sqrt(a) - sqrt(1-a)/sqrt(a) * eps
         PredictionType::Epsilon => {
+            if sa.contains(&0.0) {
+                return Err(Error::invalid("to_x0", "alpha_cumprod = 0 (zero terminal SNR): x0 is undefined for an epsilon prediction"));
+            }
             let p: Vec<f64> = sa.iter().map(|s| 1.0 / s).collect();
             let q: Vec<f64> = sa.iter().zip(&sb).map(|(s, b)| -b / s).collect();
             lin2(x_t, &p, pred, &q)
@@ -111,7 +114,7 @@ pub fn to_eps(pred: &Tensor, x_t: &Tensor, alpha_cumprod: &[f64], kind: Predicti
         PredictionType::Epsilon => Ok(pred.clone()),
         // eps = (x_t - sqrt(a) x0) / sqrt(1-a)
         PredictionType::Sample => {
-            if sb.iter().any(|&b| b == 0.0) {
+            if sb.contains(&0.0) {
                 return Err(Error::invalid("to_eps", "alpha_cumprod = 1: eps is undefined for a sample prediction"));
             }
             let p: Vec<f64> = sb.iter().map(|b| 1.0 / b).collect();
@@ -185,5 +188,9 @@ mod tests {
         }
         assert!(to_x0(&eps, &xt, &[0.5], PredictionType::Epsilon).is_err());
         assert!(to_x0(&eps, &xt, &[0.0, 0.5], PredictionType::Epsilon).is_err());
+        assert!(to_x0(&eps, &xt, &[1.5, 0.5], PredictionType::Epsilon).is_err());
+        // zero terminal SNR: x0 = -v is fine
+        let x0 = to_x0(&eps, &xt, &[0.0, 0.5], PredictionType::VPrediction).unwrap();
+        assert_eq!(vals(&x0)[0], -1.1);
     }
 }

@@ -65,6 +65,8 @@ pub trait Scheduler: Send {
     /// giving a sample in this scheduler's sample space (VP for DDIM/DDPM/DPM-Solver,
     /// `x0 + sigma * noise` for Euler-type schedulers).
     fn add_noise(&self, x0: &Tensor, noise: &Tensor, timesteps: &[f64]) -> Result<Tensor>;
+    /// A copy with the same state (timesteps, step position, multistep history).
+    fn boxed_clone(&self) -> Box<dyn Scheduler>;
     /// The prediction type the scheduler expects from the model.
     fn prediction_type(&self) -> PredictionType {
         self.config().prediction_type

@@ -14,6 +14,7 @@
 //! - [`ApgFormulation::CondPlusW`]: `c + w update` — diffusers with `use_original_formulation=True`
 //!   (raw outputs) and ComfyUI's `nodes_apg.py` (x0 space; its `(u + g) + (c - u)/w` fed to CFG is
 //!   `c + w g`).
+//!
 //! With eta = 1, r = 0 and no momentum, Paper equals CFG (`update = delta`).
 
 use candle_core::{DType, Tensor};
@@ -73,7 +74,7 @@ impl ApgConfig {
         if !(self.norm_threshold >= 0.0 && self.norm_threshold.is_finite()) {
             return Err(Error::invalid("APG norm_threshold", format!("{} (must be >= 0; 0 disables)", self.norm_threshold)));
         }
-        if !(self.momentum.abs() < 1.0) {
+        if self.momentum.is_nan() || self.momentum.abs() >= 1.0 {
             return Err(Error::invalid("APG momentum", format!("{} (need |beta| < 1)", self.momentum)));
         }
         Ok(())

@@ -27,7 +27,7 @@ impl IntervalRange {
             Self::Sigma { lo, hi } => (lo, hi, "sigma"),
             Self::Timestep { lo, hi } => (lo, hi, "timestep"),
         };
-        if !(a <= b) || a.is_nan() {
+        if a.is_nan() || b.is_nan() || a > b {
             return Err(Error::invalid(format!("guidance interval ({what})"), format!("[{a}, {b}] is empty or not ordered")));
         }
         Ok(())

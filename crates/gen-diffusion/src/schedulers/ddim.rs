@@ -44,6 +44,9 @@ impl Scheduler for DdimScheduler {
     fn config(&self) -> &SchedulerConfig {
         &self.cfg
     }
+    fn boxed_clone(&self) -> Box<dyn Scheduler> {
+        Box::new(self.clone())
+    }
     fn set_timesteps(&mut self, n: usize, strength: Option<f64>) -> Result<()> {
         check_steps(n, self.cfg.num_train_timesteps)?;
         let spacing = self.cfg.spacing_for(SchedulerKind::Ddim);

@@ -122,6 +122,9 @@ impl Scheduler for DpmSolverMultistepScheduler {
     fn config(&self) -> &SchedulerConfig {
         &self.cfg
     }
+    fn boxed_clone(&self) -> Box<dyn Scheduler> {
+        Box::new(self.clone())
+    }
     fn set_timesteps(&mut self, n: usize, strength: Option<f64>) -> Result<()> {
         self.state = self.build_state(n)?;
         self.state.set_strength(strength)?;
@@ -153,11 +156,11 @@ impl Scheduler for DpmSolverMultistepScheduler {
     }
     fn step_with_noise(&mut self, model_output: &Tensor, t: f64, sample: &Tensor, _noise: Option<&Tensor>) -> Result<StepOutput> {
         check_same_shape(model_output, sample, "DPM-Solver model output")?;
-        let i = self.index(t)?;
+        let i = match self.state.step_index {
+            None => self.index(t)?,
+            Some(_) => self.state.step_index_for(t)?,
+        };
         let len = self.state.timesteps.len();
-        if i + 1 >= self.state.sigmas.len() {
-            return Err(Error::invalid("scheduler step", format!("all {len} steps are done; call set_timesteps again")));
-        }
         self.state.step_index = Some(i);
         let lower_order_final = i == len - 1
             && (self.cfg.euler_at_final || (self.cfg.lower_order_final && len < 15) || self.cfg.final_sigmas_type == FinalSigmas::Zero);

@@ -86,12 +86,17 @@ impl SigmaState {
         }
     }
 
-    /// Index for `t` that also checks the index is in range for a step.
+    /// Position of the step at `t` when stepping: once a trajectory is under way, `t` must be
+    /// the next timestep (the sigma-based schedulers keep a running position, as diffusers).
     pub fn step_index_for(&mut self, t: f64) -> Result<usize> {
-        let i = self.index(t)?;
-        if i + 1 >= self.sigmas.len() {
-            return Err(Error::invalid("scheduler step", format!("all {} steps are done; call set_timesteps again", self.timesteps.len())));
-        }
+        let i = match self.step_index {
+            Some(i) if self.timesteps.get(i) == Some(&t) => i,
+            Some(i) if i >= self.timesteps.len() => {
+                return Err(Error::invalid("scheduler step", format!("all {} steps are done; call set_timesteps again", self.timesteps.len())))
+            }
+            Some(i) => return Err(Error::invalid("scheduler step", format!("expected timestep {} (step {i}), got {t}", self.timesteps[i]))),
+            None => self.index(t)?,
+        };
         self.step_index = Some(i);
         Ok(i)
     }
@@ -164,6 +169,9 @@ impl Scheduler for EulerScheduler {
     }
     fn config(&self) -> &SchedulerConfig {
         &self.cfg
+    }
+    fn boxed_clone(&self) -> Box<dyn Scheduler> {
+        Box::new(self.clone())
     }
     fn set_timesteps(&mut self, n: usize, strength: Option<f64>) -> Result<()> {
         self.state = SigmaState::build(&self.cfg, SchedulerKind::Euler, &self.train, n, self.cfg.use_karras_sigmas, self.cfg.final_sigmas_type)?;

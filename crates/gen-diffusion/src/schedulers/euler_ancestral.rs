@@ -37,6 +37,9 @@ impl Scheduler for EulerAncestralScheduler {
     fn config(&self) -> &SchedulerConfig {
         &self.cfg
     }
+    fn boxed_clone(&self) -> Box<dyn Scheduler> {
+        Box::new(self.clone())
+    }
     fn set_timesteps(&mut self, n: usize, strength: Option<f64>) -> Result<()> {
         self.state = SigmaState::build(&self.cfg, SchedulerKind::EulerAncestral, &self.train, n, false, FinalSigmas::Zero)?;
         self.state.set_strength(strength)
