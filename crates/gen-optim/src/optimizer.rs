@@ -116,6 +116,10 @@ pub trait Optimizer {
     fn load_state(&mut self, path: &Path) -> Result<()>;
     /// Bytes of optimizer state held for each group.
     fn state_bytes(&self) -> Vec<usize>;
+    /// Bytes of state shared by all groups (e.g. the DCT bases of low-rank projectors).
+    fn shared_state_bytes(&self) -> usize {
+        0
+    }
 }
 
 /// Optimizer state of one parameter: its own step count and named tensors ("exp_avg", ...).
@@ -520,12 +524,16 @@ impl<R: UpdateRule> Optimizer for Optim<R> {
             .map(|s| s.iter().map(ParamState::bytes).sum())
             .collect()
     }
+
+    fn shared_state_bytes(&self) -> usize {
+        self.rule.shared_bytes()
+    }
 }
 
 impl<R: UpdateRule> Optim<R> {
     /// State bytes over all groups plus what the rule shares between parameters.
     pub fn total_state_bytes(&self) -> usize {
-        self.state_bytes().iter().sum::<usize>() + self.rule.shared_bytes()
+        self.state_bytes().iter().sum::<usize>() + self.shared_state_bytes()
     }
 }
 
