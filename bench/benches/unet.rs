@@ -19,6 +19,7 @@
 //!   4×16×16 latents, 77 condition tokens of width 64;
 //! - sd15: Stable Diffusion 1.5's UNet (860 M parameters), batch 1, 4×64×64 latents, 77×768
 //!   condition.
+//!
 //! All f32 on CPU, timestep 500 for every sample (candle-transformers takes one timestep per
 //! batch). Training step = forward + MSE loss + backward (+ AdamW update, gen-optim's `AdamW`).
 //! candle-transformers is timed for the forward only: its backward drops or corrupts gradients
@@ -85,7 +86,7 @@ fn run_case(case: &Case) -> Result<Row> {
     let ours_out = {
         let ours = UNet2DConditionModel::new(VarBuilder::from_tensors(detached_weights(&varmap), DType::F32, &dev), cfg)?;
         eprintln!("== {}: gen-models forward", case.name);
-        row.ours_fwd = Some(time_it(1, case.reps, || Ok(drop(ours.forward(&x, &ts, &ehs)?)))?);
+        row.ours_fwd = Some(time_it(1, case.reps, || ours.forward(&x, &ts, &ehs).map(|_| ()).map_err(Into::into))?);
         ours.forward(&x, &ts, &ehs)?
     };
     {
@@ -97,7 +98,7 @@ fn run_case(case: &Case) -> Result<Row> {
             candle_unet_config(cfg)?,
         )?;
         eprintln!("== {}: candle-transformers forward", case.name);
-        row.candle_fwd = Some(time_it(1, case.reps, || Ok(drop(theirs.forward(&x, t as f64, &ehs)?)))?);
+        row.candle_fwd = Some(time_it(1, case.reps, || theirs.forward(&x, t as f64, &ehs).map(|_| ()).map_err(Into::into))?);
         row.agreement = rel_err(&ours_out, &theirs.forward(&x, t as f64, &ehs)?)?;
     }
 
@@ -105,7 +106,7 @@ fn run_case(case: &Case) -> Result<Row> {
         let model = UNet2DConditionModel::new(VarBuilder::from_varmap(&varmap, DType::F32, &dev), cfg)?;
         let loss = || -> Result<Tensor> { Ok((model.forward(&x, &ts, &ehs)? - &target)?.sqr()?.mean_all()?) };
         eprintln!("== {}: gen-models forward + backward", case.name);
-        row.ours_fwd_bwd = Some(time_it(1, case.reps, || Ok(drop(loss()?.backward()?)))?);
+        row.ours_fwd_bwd = Some(time_it(1, case.reps, || loss()?.backward().map(|_| ()).map_err(Into::into))?);
         let params: Vec<NamedVar> = {
             let data = varmap.data().lock().expect("varmap lock");
             let mut v: Vec<NamedVar> = data.iter().map(|(k, var)| NamedVar::new(k.clone(), var.clone())).collect();

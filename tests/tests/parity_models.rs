@@ -313,7 +313,7 @@ fn random_weights(
     let tag: String = what.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '_' }).collect();
     let path = std::env::temp_dir().join(format!("gen-parity-{}-{tag}.safetensors", std::process::id()));
     varmap.save(&path)?;
-    let vb = weights_vb(&[path.clone()], DType::F32, &Device::Cpu);
+    let vb = weights_vb(std::slice::from_ref(&path), DType::F32, &Device::Cpu);
     let _ = std::fs::remove_file(&path);
     Ok(vb?)
 }
