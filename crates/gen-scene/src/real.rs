@@ -25,6 +25,7 @@ pub trait Real:
     fn c(v: f64) -> Self;
     fn f64(self) -> f64;
     fn exp(self) -> Self;
+    fn ln(self) -> Self;
     fn sqrt(self) -> Self;
     fn ceil(self) -> Self;
     fn floor(self) -> Self;
@@ -58,6 +59,10 @@ macro_rules! impl_real {
             #[inline(always)]
             fn exp(self) -> Self {
                 <$t>::exp(self)
+            }
+            #[inline(always)]
+            fn ln(self) -> Self {
+                <$t>::ln(self)
             }
             #[inline(always)]
             fn sqrt(self) -> Self {

@@ -73,6 +73,9 @@ struct Splat2d<R> {
     c: R,
     depth: R,
     opacity: R,
+    /// Below this power, `opacity * exp(power) < 1/255` for sure (a margin of 1e-3 below the
+    /// exact bound), so `exp` can be skipped; the exact test still follows.
+    power_floor: R,
     color: [R; 3],
 }
 
@@ -85,7 +88,9 @@ fn gather<R: Real>(ids: &[u32], proj: &[R], colors: &[R], logits: &[R]) -> Vec<S
         .map(|&i| {
             let i = i as usize;
             let p = &proj[i * PROJ_DIM..(i + 1) * PROJ_DIM];
-            Splat2d { u: p[0], v: p[1], a: p[2], b: p[3], c: p[4], depth: p[5], opacity: sigmoid(logits[i]), color: [colors[i * 3], colors[i * 3 + 1], colors[i * 3 + 2]] }
+            let opacity = sigmoid(logits[i]);
+            let power_floor = (R::c(ALPHA_MIN) / opacity).ln() - R::c(1e-3);
+            Splat2d { u: p[0], v: p[1], a: p[2], b: p[3], c: p[4], depth: p[5], opacity, power_floor, color: [colors[i * 3], colors[i * 3 + 1], colors[i * 3 + 2]] }
         })
         .collect()
 }
@@ -97,7 +102,7 @@ fn eval<R: Real>(g: &Splat2d<R>, px: R, py: R) -> Option<(R, R, R, R, R)> {
     let dx = g.u - px;
     let dy = g.v - py;
     let power = R::c(-0.5) * (g.a * dx * dx + g.c * dy * dy) - g.b * dx * dy;
-    if power > R::c(0.0) {
+    if power > R::c(0.0) || power < g.power_floor {
         return None;
     }
     let gv = power.exp();
