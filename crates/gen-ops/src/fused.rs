@@ -367,7 +367,7 @@ impl CustomOp3 for NormOp {
         &self,
         x: &Tensor,
         w: &Tensor,
-        _b: &Tensor,
+        b: &Tensor,
         _y: &Tensor,
         g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
@@ -378,7 +378,7 @@ impl CustomOp3 for NormOp {
         let n = x.elem_count();
         let dx = flat.narrow(0, 0, n)?.reshape(x.shape())?;
         let dw = flat.narrow(0, n, c)?.reshape(w.shape())?;
-        let db = flat.narrow(0, n + c, c)?.reshape(w.shape())?;
+        let db = flat.narrow(0, n + c, c)?.reshape(b.shape())?;
         Ok((Some(dx), self.has_weight.then_some(dw), self.has_bias.then_some(db)))
     }
 }

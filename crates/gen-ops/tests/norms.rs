@@ -143,3 +143,17 @@ fn bad_shapes_are_errors() -> Result<()> {
     assert!(err.contains("weight"), "{err}");
     Ok(())
 }
+
+/// Weight and bias of other shapes with the right element count (e.g. `(1, C)`) get gradients
+/// of their own shapes.
+#[test]
+fn parameter_shapes_are_kept() -> Result<()> {
+    let mut rng = SeededRng::new(9);
+    let x = randn(&mut rng, &[3, 4])?;
+    let w = randn(&mut rng, &[4])?;
+    let b = randn(&mut rng, &[1, 4])?;
+    let fast = |t: &[Tensor]| gen_ops::layer_norm(&t[0], Some(&t[1]), Some(&t[2]), 1e-5);
+    let slow = |t: &[Tensor]| composite::layer_norm(&t[0], Some(&t[1]), Some(&t[2]), 1e-5);
+    assert_parity("layer_norm (C) weight, (1, C) bias", &fast, &slow, &[x, w, b], 1e-12)?;
+    Ok(())
+}
