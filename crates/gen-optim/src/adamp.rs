@@ -132,11 +132,12 @@ fn max_abs_cosine(x: &Tensor, y: &Tensor, eps: f64) -> Result<f64> {
     let nx = x.sqr()?.sum_keepdim(1)?.sqrt()?.clamp(eps, f64::INFINITY)?;
     let ny = y.sqr()?.sum_keepdim(1)?.sqrt()?.clamp(eps, f64::INFINITY)?;
     let cos = (x.broadcast_div(&nx)? * y.broadcast_div(&ny)?)?.sum_keepdim(1)?;
-    Ok(cos
-        .abs()?
-        .max_all()?
-        .to_dtype(DType::F64)?
-        .to_scalar::<f64>()?)
+    let max = cos.abs()?.max_all()?;
+    // Read back without an f64 cast on the device (Metal has no f64).
+    Ok(match max.dtype() {
+        DType::F64 => max.to_scalar::<f64>()?,
+        _ => max.to_dtype(DType::F32)?.to_scalar::<f32>()? as f64,
+    })
 }
 
 /// The AdamP/SGDP projection. `param`, `grad`, `update` have the same shape (at least 2-D).

@@ -4,8 +4,12 @@
 //! [`Frugal`] over SVD, DCT, random-orthogonal and random-column projectors), plus
 //! learning-rate schedules.
 //!
-//! Every rule matches its reference implementation (PyTorch, clovaai/AdamP) on recorded
-//! gradients; see `tests/parity.rs` and `scripts/fixtures_optim.py`.
+//! AdamW, SGD, AdamP, SGDP and GaLore match their reference implementations (PyTorch,
+//! clovaai/AdamP, galore-torch) on recorded gradients; see `tests/parity.rs` and
+//! `scripts/fixtures_optim.py`. FRUGAL and the DCT projector have no packaged reference; they
+//! are tested by their defining properties (`tests/lowrank.rs`).
+//!
+//! Not here yet: LoRA adapters and LoRA file formats (they wait for the model code).
 
 pub mod adamp;
 pub mod adamw;

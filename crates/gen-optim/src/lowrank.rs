@@ -342,7 +342,8 @@ pub enum StateFree {
 }
 
 /// Hyper-parameters of a FRUGAL group. Defaults are the paper's (density 0.25, T = 200,
-/// signSGD residual with lr scale 1.0 for pre-training; use 0.1 for fine-tuning).
+/// signSGD residual with lr scale 1.0 for pre-training; use 0.1 for fine-tuning); the SVD
+/// projection and PyTorch AdamW betas/eps are our choice.
 #[derive(Clone, Debug, PartialEq)]
 pub struct FrugalConfig {
     pub lr: f64,

@@ -196,8 +196,8 @@ impl DctCache {
 fn to_f64_rows(g: &Tensor) -> Result<(usize, usize, Vec<f64>)> {
     let (m, n) = g.dims2()?;
     let v = g
-        .to_dtype(DType::F64)?
         .to_device(&Device::Cpu)?
+        .to_dtype(DType::F64)?
         .flatten_all()?
         .to_vec1::<f64>()?;
     Ok((m, n, v))
