@@ -5,8 +5,9 @@
 //! `proj_attn`).
 //!
 //! Gradients are exact (group norm, softmax and attention from `gen_ops`; FD tests in
-//! `tests/vae_grad.rs`), so the VAE can sit inside a differentiable loss (reward fine-tuning,
-//! score distillation through the decoder).
+//! `tests/vae.rs`, diffusers parity in `tests/vae_tiny_sd.rs` and `tests/vae_variant_parity.rs`),
+//! so the VAE can sit inside a differentiable loss (reward fine-tuning, score distillation
+//! through the decoder).
 
 use std::path::Path;
 

@@ -68,3 +68,23 @@ fn tiny_sd_unet_fp16_keys_and_parity() -> Result<()> {
 fn tiny_sd_unet_sd2_keys_and_parity() -> Result<()> {
     check("unet-sd2", "diffusion_pytorch_model.safetensors", "unet_sd2.safetensors")
 }
+
+/// Half precision on the CPU runs (norms, softmax and attention in f32 inside) and stays close
+/// to the f64 reference.
+#[test]
+fn tiny_sd_unet_f16_runs_close() -> Result<()> {
+    let dir = fixtures().join("tiny-sd/unet");
+    let cfg = UNetConfig::from_file(dir.join("config.json"))?;
+    let dev = Device::Cpu;
+    let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[dir.join("diffusion_pytorch_model.safetensors")], DType::F16, &dev)? };
+    let model = UNet2DConditionModel::new(vb, &cfg)?;
+    let r = candle_core::safetensors::load(fixtures().join("parity/unet.safetensors"), &dev)?;
+    let x = r["sample"].to_dtype(DType::F16)?;
+    let out = model.forward(&x, &r["timesteps_mixed"], &r["encoder_hidden_states"])?;
+    assert_eq!(out.dtype(), DType::F16);
+    let err = max_abs(&(out.to_dtype(DType::F32)? - &r["out_mixed"])?)?;
+    let scale = max_abs(&r["out_mixed"])?;
+    eprintln!("unet f16: max abs err {err:.2e} (output scale {scale:.2})");
+    assert!(err < 2e-2 * scale.max(1.0), "f16 max abs err {err:e}");
+    Ok(())
+}
