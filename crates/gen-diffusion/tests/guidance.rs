@@ -200,3 +200,25 @@ fn intervals_switch_guidance_on_and_off() -> Result<()> {
     assert!(Interval::new(Cfg::new(3.0)?, IntervalRange::Sigma { lo: 2.0, hi: 1.0 }).is_err());
     Ok(())
 }
+
+#[test]
+fn guidance_config_builds_the_composition() -> Result<()> {
+    let json = r#"{"method": "apg", "scale": 5.0, "eta": 0.0, "norm_threshold": 15.0, "momentum": -0.5,
+                   "formulation": "paper", "space": "x0", "rescale_phi": 0.7,
+                   "interval": {"step_fraction": {"start": 0.0, "stop": 0.5}}}"#;
+    let cfg: gen_diffusion::GuidanceConfig = serde_json::from_str(json)?;
+    assert_eq!(cfg.method, gen_diffusion::GuidanceMethod::Apg(ApgConfig { scale: 5.0, ..ApgConfig::paper(5.0) }));
+    let g = cfg.build()?;
+    assert!(g.name().starts_with("interval(") && g.name().contains("rescale(phi=0.7, apg("), "{}", g.name());
+    assert_eq!(g.branches(&step(3, 4)), vec![Branch::Cond]);
+    assert_eq!(g.branches(&step(1, 4)).len(), 2);
+    let back: gen_diffusion::GuidanceConfig = serde_json::from_str(&serde_json::to_string(&cfg)?)?;
+    assert_eq!(back, cfg);
+    // CFG from config equals Cfg
+    let mut a = gen_diffusion::GuidanceConfig::cfg(3.0).build()?;
+    let p = preds(t(&[&[1.0, 2.0]]), Some(t(&[&[0.5, -1.0]])), PredictionType::Epsilon);
+    close(&vals(&a.combine(&p, &step(0, 1))?.value), &[2.0, 8.0], 1e-12);
+    let bad: gen_diffusion::GuidanceConfig = serde_json::from_str(r#"{"method": "none", "rescale_phi": 0.5}"#)?;
+    assert!(bad.build().is_err());
+    Ok(())
+}

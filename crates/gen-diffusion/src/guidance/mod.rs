@@ -12,11 +12,13 @@
 
 mod apg;
 mod cfg;
+mod config;
 mod interval;
 mod rescale;
 
 pub use apg::{Apg, ApgConfig, ApgFormulation};
 pub use cfg::Cfg;
+pub use config::{GuidanceConfig, GuidanceMethod};
 pub use interval::{Interval, IntervalRange};
 pub use rescale::{rescale_to_reference, Rescale};
 
