@@ -170,9 +170,8 @@ fn stats<T: Real>(x: &[T], eps: f64) -> (f64, f64) {
     (mean, 1.0 / (var + eps).sqrt())
 }
 
-/// Forward of a normalisation. `x`: groups of `len` elements; `w`, `b`: one value per channel
-/// of a group, i.e. `len / per_channel` values, where the group `gi` uses channels starting at
-/// `(gi % groups_per_row) * channels_per_group`.
+/// Geometry of a normalisation: `x` is a sequence of groups of `len` elements; group `gi` uses
+/// the channels starting at `(gi % groups_per_row) * channels_per_group` of `w` and `b`.
 struct NormGeometry {
     /// Elements per normalisation group.
     len: usize,
@@ -191,6 +190,7 @@ impl NormGeometry {
     }
 }
 
+/// Forward of a normalisation: `y = (x − mean)·rstd·w[c] + b[c]` per group.
 fn norm_fwd<T: Real>(x: &[T], w: &[T], b: &[T], geo: &NormGeometry, eps: f64) -> Vec<T> {
     let mut out = vec![T::zero(); x.len()];
     if geo.len == 0 {
@@ -226,7 +226,6 @@ fn norm_bwd<T: Real>(x: &[T], w: &[T], g: &[T], geo: &NormGeometry, eps: f64) ->
         return out;
     }
     let cpg = geo.channels_per_group();
-    let n_groups = x.len() / geo.len;
     // Blocks of whole rows (a row = groups_per_row groups), reduced in a fixed order.
     let row_len = geo.len * geo.groups_per_row;
     let rows_per_block = BLOCK_ROWS.max(min_rows(row_len));
@@ -275,7 +274,6 @@ fn norm_bwd<T: Real>(x: &[T], w: &[T], g: &[T], geo: &NormGeometry, eps: f64) ->
             acc
         })
         .collect();
-    debug_assert!(n_groups % geo.groups_per_row == 0);
     let mut total = vec![0f64; 2 * channels];
     for p in partials {
         for (t, v) in total.iter_mut().zip(p) {
