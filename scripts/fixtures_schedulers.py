@@ -62,6 +62,8 @@ CASES = [
     ("dpm2m_sd_trailing_v_sigmamin", "DPMSolverMultistepScheduler", dict(**SD, timestep_spacing="trailing", prediction_type="v_prediction", final_sigmas_type="sigma_min", lower_order_final=False), 16, 0.0, None),
     ("dpm2m_cosine_heun_sample", "DPMSolverMultistepScheduler", dict(beta_schedule="squaredcos_cap_v2", solver_type="heun", prediction_type="sample"), 12, 0.0, None),
     ("dpm2m_linear_leading_eps_order1", "DPMSolverMultistepScheduler", dict(beta_schedule="linear", timestep_spacing="leading", steps_offset=1, solver_order=1), 6, 0.0, None),
+    ("euler_zero_snr_trailing_v", "EulerDiscreteScheduler", dict(**SD, rescale_betas_zero_snr=True, timestep_spacing="trailing", prediction_type="v_prediction"), 7, 0.0, None),
+    ("dpm2m_cosine_lambda_clipped_linspace", "DPMSolverMultistepScheduler", dict(beta_schedule="squaredcos_cap_v2", lambda_min_clipped=-5.1), 9, 0.0, None),
     ("dpm2m_sd_img2img", "DPMSolverMultistepScheduler", dict(**SD, use_karras_sigmas=True), 12, 0.0, 0.75),
 ]
 
