@@ -2,7 +2,7 @@
 //! correct (exp, sums, broadcast arithmetic, matmul, reshape).
 //!
 //! They are the fallback on non-CPU devices (CUDA, Metal), where the fused kernels of
-//! [`crate::fused`] have no implementation, and the references that the tests compare the fused
+//! `fused` (private) have no implementation, and the references that the tests compare the fused
 //! ops against (values and gradients). Same shapes and semantics as the functions of
 //! [`crate::ops`].
 

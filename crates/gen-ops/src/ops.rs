@@ -1,4 +1,4 @@
-//! The ops. On the CPU they run as fused custom ops ([`crate::fused`]) with analytic backward
+//! The ops. On the CPU they run as fused custom ops (`fused` (private)) with analytic backward
 //! passes; on other devices they fall back to [`crate::composite`], built from candle
 //! primitives whose backward passes are correct. Both paths give the same values and gradients
 //! (checked in `tests/`).

@@ -37,7 +37,7 @@ fn silu() -> Result<()> {
 #[test]
 fn quick_gelu() -> Result<()> {
     let x = x(4)?;
-    assert_fd("quick_gelu (gen_ops)", &|t: &[Tensor]| gen_ops::quick_gelu(&t[0]), &[x.clone()], 1e-6)?;
+    assert_fd("quick_gelu (gen_ops)", &|t: &[Tensor]| gen_ops::quick_gelu(&t[0]), std::slice::from_ref(&x), 1e-6)?;
     // Values: x·σ(1.702x), written out independently.
     let v: Vec<f64> = x.flatten_all()?.to_vec1()?;
     let expected: Vec<f64> = v.iter().map(|a| a / (1.0 + (-1.702 * a).exp())).collect();
@@ -116,7 +116,7 @@ fn embedding_with_repeated_ids() -> Result<()> {
     let ids = Tensor::new(&[[0u32, 3, 3], [4, 0, 3]], &Device::Cpu)?;
     let ids2 = ids.clone();
     let f = move |t: &[Tensor]| candle_nn::Embedding::new(t[0].clone(), 3).forward(&ids2);
-    assert_fd("embedding (repeated ids)", &f, &[table.clone()], 1e-6)?;
+    assert_fd("embedding (repeated ids)", &f, std::slice::from_ref(&table), 1e-6)?;
     // Exact: the gradient of Σ emb is the count of each id.
     let v = Var::from_tensor(&table)?;
     let g = candle_nn::Embedding::new(v.as_tensor().clone(), 3).forward(&ids)?.sum_all()?.backward()?;

@@ -73,10 +73,11 @@ fn chunked_equals_unchunked() -> Result<()> {
 /// The causal mask: query `i` sees keys `0..=i` only, computed here by hand with explicit
 /// per-row softmax over the visible keys.
 #[test]
+#[allow(clippy::needless_range_loop)]
 fn causal_matches_explicit_loop() -> Result<()> {
     let [q, k, v] = qkv(4, 1, 1, 4, 4, 2, 3)?;
-    let (qv, kv, vv): (Vec<Vec<f64>>, Vec<Vec<f64>>, Vec<Vec<f64>>) =
-        (q.squeeze(0)?.squeeze(0)?.to_vec2()?, k.squeeze(0)?.squeeze(0)?.to_vec2()?, v.squeeze(0)?.squeeze(0)?.to_vec2()?);
+    let rows = |t: &Tensor| -> Result<Vec<Vec<f64>>> { Ok(t.squeeze(0)?.squeeze(0)?.to_vec2()?) };
+    let (qv, kv, vv) = (rows(&q)?, rows(&k)?, rows(&v)?);
     let scale = 1.0 / 2f64.sqrt();
     let mut expected = Vec::new();
     for i in 0..4 {

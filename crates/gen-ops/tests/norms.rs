@@ -17,11 +17,11 @@ fn softmax_fd_and_parity() -> Result<()> {
     let x = (randn(&mut rng, &[3, 4, 7])? * 2.0)?;
     let fast = |t: &[Tensor]| gen_ops::softmax_last_dim(&t[0]);
     let slow = |t: &[Tensor]| composite::softmax_last_dim(&t[0]);
-    assert_fd("softmax_last_dim", &fast, &[x.clone()], FD_TOL)?;
-    assert_parity("softmax f64", &fast, &slow, &[x.clone()], 1e-13)?;
+    assert_fd("softmax_last_dim", &fast, std::slice::from_ref(&x), FD_TOL)?;
+    assert_parity("softmax f64", &fast, &slow, std::slice::from_ref(&x), 1e-13)?;
     // f32, and a non-contiguous input.
     let x32 = x.to_dtype(DType::F32)?;
-    assert_parity("softmax f32", &fast, &slow, &[x32.clone()], 1e-6)?;
+    assert_parity("softmax f32", &fast, &slow, std::slice::from_ref(&x32), 1e-6)?;
     let xt = x.transpose(1, 2)?;
     assert!(rel_err(&gen_ops::softmax_last_dim(&xt)?, &composite::softmax_last_dim(&xt)?)? < 1e-13);
     // Large logits do not overflow; rows sum to one.
@@ -59,7 +59,7 @@ fn layer_norm_fd_and_parity() -> Result<()> {
     assert_parity("layer_norm f32", &fast, &slow, &in32, 1e-5)?;
     // Without affine parameters, weight only, and on a non-contiguous input.
     let plain = |t: &[Tensor]| gen_ops::layer_norm(&t[0], None, None, eps);
-    assert_fd("layer_norm (no affine)", &plain, &[x.clone()], FD_TOL)?;
+    assert_fd("layer_norm (no affine)", &plain, std::slice::from_ref(&x), FD_TOL)?;
     let wonly = |t: &[Tensor]| gen_ops::layer_norm(&t[0], Some(&t[1]), None, eps);
     let wonly_ref = |t: &[Tensor]| composite::layer_norm(&t[0], Some(&t[1]), None, eps);
     assert_parity("layer_norm weight only", &wonly, &wonly_ref, &[x.clone(), w.clone()], 1e-12)?;
@@ -107,9 +107,11 @@ fn group_norm_fd_and_parity() -> Result<()> {
         assert_parity(&format!("group_norm {shape:?}/{groups}"), &fast, &slow, &inputs, 1e-12)?;
     }
     let plain = |t: &[Tensor]| gen_ops::group_norm(&t[0], 2, None, None, eps);
-    assert_fd("group_norm (no affine)", &plain, &[x.clone()], FD_TOL)?;
+    assert_fd("group_norm (no affine)", &plain, std::slice::from_ref(&x), FD_TOL)?;
     Ok(())
 }
+
+type GroupNormFn = fn(&Tensor, usize, Option<&Tensor>, Option<&Tensor>, f64) -> candle_core::Result<Tensor>;
 
 #[test]
 fn group_norm_many_rows_is_deterministic_and_matches_reference() -> Result<()> {
@@ -120,7 +122,7 @@ fn group_norm_many_rows_is_deterministic_and_matches_reference() -> Result<()> {
     let w = Var::from_tensor(&rng.randn(8, DType::F32, &Device::Cpu)?)?;
     let b = Var::from_tensor(&rng.randn(8, DType::F32, &Device::Cpu)?)?;
     let r = rng.randn((130, 8, 4, 4), DType::F32, &Device::Cpu)?;
-    let run = |f: fn(&Tensor, usize, Option<&Tensor>, Option<&Tensor>, f64) -> candle_core::Result<Tensor>| -> Result<(Vec<f32>, Vec<f32>)> {
+    let run = |f: GroupNormFn| -> Result<(Vec<f32>, Vec<f32>)> {
         let y = f(&x, 4, Some(w.as_tensor()), Some(b.as_tensor()), 1e-5)?;
         let g = (y * &r)?.sum_all()?.backward()?;
         Ok((g.get(&w).unwrap().to_vec1()?, g.get(&b).unwrap().to_vec1()?))

@@ -41,7 +41,7 @@ fn fd_with_other_consumers() -> Result<()> {
         let c = gen_ops::upsample_nearest(&x.sin()?, 2)?;
         (a + b)? + c
     };
-    assert_fd("upsample_nearest (3 consumers)", &f, &[x.clone()], 1e-6)?;
+    assert_fd("upsample_nearest (3 consumers)", &f, std::slice::from_ref(&x), 1e-6)?;
     let g = move |t: &[Tensor]| -> candle_core::Result<Tensor> {
         let x = &t[0];
         let up = gen_ops::upsample_nearest(x, 3)?;
