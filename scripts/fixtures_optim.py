@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Parity fixtures for crates/gen-optim (pinned: torch 2.9.1, adamp 0.3.0, galore-torch 1.0,
-safetensors 0.8.0; `pip install adamp==0.3.0 galore-torch==1.0 --no-deps` next to torch).
+ista-daslab-optimizers 1.1.15, safetensors 0.8.0; `pip install --no-deps adamp==0.3.0
+galore-torch==1.0 ista-daslab-optimizers==1.1.15` next to torch).
 
 Runs the reference optimizers -- torch.optim.AdamW, torch.optim.SGD, adamp.AdamP, adamp.SGDP,
 galore_torch.GaLoreAdamW (SVD projector, proj_type 'std') --
@@ -20,6 +21,11 @@ case name):
   {case}/param/{name}/proj{k}       0-d i64, AdamP/SGDP only: 0 no projection, 1 per-channel,
                                     2 whole-layer (decided by adamp's own _projection test)
   {case}/norm{k}                    0-d f64   global gradient norm before clipping at step k
+  dct/basis{n}                      n×n f64   the reference's orthonormal DCT matrix, transposed
+                                              so that its columns are the DCT-II basis vectors
+  dct/g{i}, dct/idx{i}, dct/r{i}    gradient, the rank-4 column (row) indices the reference's
+                                    FFTLowRankProjector (sim_type 'makhoul', L1 norm) picks,
+                                    sorted, and the projected gradient in that index order
 
 Run: /work/venv/bin/python scripts/fixtures_optim.py
 """
@@ -48,6 +54,7 @@ import warnings  # noqa: E402
 warnings.filterwarnings("ignore", category=FutureWarning)
 
 assert importlib.metadata.version("adamp") == "0.3.0"
+assert importlib.metadata.version("ista-daslab-optimizers") == "1.1.15"
 assert importlib.metadata.version("galore-torch") == "1.0"
 assert importlib.metadata.version("safetensors") == "0.8.0"
 
@@ -145,6 +152,49 @@ def random_grads(shapes, skip=None, scale=None):
     return f
 
 
+def load_ista_dct():
+    """The DCT pieces of ista-daslab-optimizers, loaded by file: the package's __init__ imports
+    its CUDA/triton optimizers, which this CPU script does not need."""
+    import importlib.util
+    pkg = os.path.join(os.path.dirname(os.path.dirname(torch.__file__)), "ista_daslab_optimizers")
+    for name, sub in (("ista_daslab_optimizers", ""), ("ista_daslab_optimizers.utils", "utils"),
+                      ("ista_daslab_optimizers.fft_low_rank", "fft_low_rank")):
+        m = types.ModuleType(name)
+        m.__path__ = [os.path.join(pkg, sub)]
+        sys.modules.setdefault(name, m)
+
+    def load(name, rel):
+        spec = importlib.util.spec_from_file_location(name, os.path.join(pkg, rel))
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[name] = mod
+        spec.loader.exec_module(mod)
+        return mod
+
+    load("ista_daslab_optimizers.utils.global_cache", "utils/global_cache.py")
+    dct = load("ista_daslab_optimizers.utils.dct", "utils/dct.py")
+    proj = load("ista_daslab_optimizers.fft_low_rank.fft_projector", "fft_low_rank/fft_projector.py")
+    return dct, proj
+
+
+def dct_fixtures(gen):
+    dct, fp = load_ista_dct()
+    for i, shape in enumerate(((20, 16), (6, 10))):
+        n = min(shape)
+        # dct3_matrix's rows are the DCT-II basis vectors; its transpose is what the reference
+        # uses with sim_type 'makhoul' (and what our projector uses).
+        q = dct.dct3_matrix(n, torch.float64, "cpu").t().contiguous()
+        tensors[f"dct/basis{n}"] = q
+        g = randn(gen, *shape)
+        p = fp.FFTLowRankProjector(torch.zeros_like(g), rank=4, proj="dct", rotate_subspace=False, sim_type="makhoul")
+        proj_out = p.change_subspace(q, g, None)
+        idx = p.indices_crt.long()
+        order = torch.argsort(idx)
+        r = proj_out[:, order] if shape[0] >= shape[1] else proj_out[order, :]
+        tensors[f"dct/g{i}"] = g
+        tensors[f"dct/idx{i}"] = idx[order].contiguous()
+        tensors[f"dct/r{i}"] = r.contiguous()
+
+
 def main():
     g0 = torch.Generator().manual_seed(1234)
     # ---------------- AdamW ----------------
@@ -239,6 +289,8 @@ def main():
     run_case("galore_reproject", lambda g: galore_torch.GaLoreAdamW(g), g_init, galore_groups(2),
              random_grads(shapes), torch.float32, hp_keys=galore_hp)
     galore_torch.galore_projector.GaLoreProjector.get_orthogonal_matrix = original
+
+    dct_fixtures(torch.Generator().manual_seed(77))
 
     kinds = {}
     for key, t in tensors.items():

@@ -11,7 +11,11 @@
 //! - `Dct`: columns of the orthonormal DCT-II basis of the side's size (built once per size and
 //!   kept in a [`DctCache`]), chosen as the r columns with the largest L1 norm of `G Q` (`Qᵀ G`
 //!   rows on the left side). Only matmul, abs, sum, argsort and index_select — candle ops that
-//!   stay on the device; only the indices are stored (SVD-free DCT, IST-DASLab).
+//!   stay on the device; only the indices are stored (SVD-free DCT, IST-DASLab). The columns
+//!   are the DCT-II basis vectors, i.e. `G Q` is the DCT-II of `G`'s rows, as in the
+//!   reference's `sim_type='makhoul'` (its default `'matmul'` multiplies by the transposed
+//!   matrix, whose columns are DCT-III vectors). Matched against the reference in
+//!   `tests/parity.rs`.
 //! - `RandomOrthogonal`: a seeded Gaussian matrix orthonormalised (Gram-Schmidt, f64).
 //! - `RandomColumns`: r distinct coordinates chosen at random (seeded); `Q` is a column
 //!   selection of the identity and only the indices are stored.

@@ -330,3 +330,58 @@ fn sgdp_matches_clovaai() -> Result<()> {
     }
     Ok(())
 }
+
+/// The DCT projector against IST-DASLab's FFTLowRankProjector (sim_type 'makhoul', L1 norm):
+/// same orthonormal basis, same selected columns/rows, same projected gradient. The reference
+/// builds its DCT matrix in f32 (then casts), hence the 1e-5 tolerance on values.
+#[test]
+fn dct_projector_matches_ista_daslab() -> Result<()> {
+    let case = Case::load("dct")?;
+    let mut dct = DctCache::default();
+    let mut rng = gen_core::SeededRng::new(0);
+    for i in 0..2 {
+        let g = case.req(&format!("g{i}"))?;
+        let (m, n) = g.dims2()?;
+        let d = m.min(n);
+        let basis_err = max_rel_err(
+            &dct2_basis(d, DType::F64, &Device::Cpu)?,
+            case.req(&format!("basis{d}"))?,
+        )?;
+        anyhow::ensure!(
+            basis_err < 1e-5,
+            "DCT basis {d}: relative error {basis_err:e}"
+        );
+        let p = make_projector(ProjectionKind::Dct, g, 4, &mut rng, &mut dct)?;
+        let Basis::DctColumns { indices, .. } = &p.basis else {
+            anyhow::bail!("DCT projector without indices")
+        };
+        let ours: Vec<u32> = indices.to_vec1()?;
+        let mut order: Vec<usize> = (0..ours.len()).collect();
+        order.sort_by_key(|&k| ours[k]);
+        let sorted: Vec<i64> = order.iter().map(|&k| ours[k] as i64).collect();
+        let want: Vec<i64> = case.req(&format!("idx{i}"))?.to_vec1()?;
+        anyhow::ensure!(
+            sorted == want,
+            "g{i} ({m}×{n}): selected {sorted:?}, reference {want:?}"
+        );
+        let r = p.project(g)?;
+        let perm = Tensor::new(
+            order.iter().map(|&k| k as u32).collect::<Vec<_>>(),
+            &Device::Cpu,
+        )?;
+        let r = if m >= n {
+            r.index_select(&perm, 1)?
+        } else {
+            r.index_select(&perm, 0)?
+        };
+        let err = max_rel_err(&r, case.req(&format!("r{i}"))?)?;
+        anyhow::ensure!(
+            err < 1e-5,
+            "g{i}: projected gradient relative error {err:e}"
+        );
+        println!(
+            "dct g{i} {m}×{n}: indices {sorted:?}, basis err {basis_err:e}, projection err {err:e}"
+        );
+    }
+    Ok(())
+}
