@@ -198,6 +198,8 @@ impl CustomOp3 for AttentionOp {
         o: &Tensor,
         g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        // Gradients are only computed for inputs that are part of a graph.
+        let (need_q, need_k, need_v) = (q.track_op(), k.track_op(), v.track_op());
         let (q, k, v, o, g) = (q.detach(), k.detach(), v.detach(), o.detach(), g.detach());
         let r = q.rank();
         let lq = q.dim(r - 2)?;
@@ -213,15 +215,24 @@ impl CustomOp3 for AttentionOp {
             let gc = g.narrow(r - 2, start, len)?.contiguous()?;
             let oc = o.narrow(r - 2, start, len)?;
             let p = composite::probs(&qc, &kt, self.scale, self.causal, start, softmax_last_dim)?;
-            dv = (dv + p.t()?.contiguous()?.matmul(&gc)?)?;
-            let dp = gc.matmul(&vt)?;
-            let rowdot = (&gc * oc)?.sum_keepdim(D::Minus1)?;
-            let ds = (dp.broadcast_sub(&rowdot)? * p)?;
-            dq.push((ds.matmul(&k)? * self.scale)?);
-            dk = (dk + (ds.t()?.contiguous()?.matmul(&qc)? * self.scale)?)?;
+            if need_v {
+                dv = (dv + p.t()?.contiguous()?.matmul(&gc)?)?;
+            }
+            if need_q || need_k {
+                let dp = gc.matmul(&vt)?;
+                let rowdot = (&gc * oc)?.sum_keepdim(D::Minus1)?;
+                let ds = (dp.broadcast_sub(&rowdot)? * p)?;
+                if need_q {
+                    dq.push((ds.matmul(&k)? * self.scale)?);
+                }
+                if need_k {
+                    dk = (dk + (ds.t()?.contiguous()?.matmul(&qc)? * self.scale)?)?;
+                }
+            }
             start += len;
         }
-        Ok((Some(Tensor::cat(&dq, r - 2)?), Some(dk), Some(dv)))
+        let dq = if need_q { Some(Tensor::cat(&dq, r - 2)?) } else { None };
+        Ok((dq, need_k.then_some(dk), need_v.then_some(dv)))
     }
 }
 

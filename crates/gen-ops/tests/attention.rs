@@ -124,3 +124,40 @@ fn half_precision_inputs() -> Result<()> {
     }
     Ok(())
 }
+
+/// What the autograd graph keeps alive: with `chunk_size` no node holds logits or
+/// probabilities (`Lq × Lk` per head), only `q`, `k`, `v` and the output; without it the
+/// probabilities are kept (which this test can see).
+#[test]
+fn chunked_graph_keeps_no_logits() -> Result<()> {
+    let [q, k, v] = qkv(7, 1, 2, 16, 16, 2, 2)?;
+    let (q, k, v) = (candle_core::Var::from_tensor(&q)?, candle_core::Var::from_tensor(&k)?, candle_core::Var::from_tensor(&v)?);
+    let logits_elems = 2 * 16 * 16;
+    let largest = |cfg: AttentionConfig| -> Result<usize> {
+        let y = attention(&q, &k, &v, &cfg)?;
+        Ok(y.sorted_nodes().iter().map(|t| t.elem_count()).max().unwrap_or(0))
+    };
+    let chunked = largest(AttentionConfig { chunk_size: Some(4), causal: true, ..Default::default() })?;
+    assert!(chunked < logits_elems / 4, "chunked graph holds a tensor of {chunked} elements");
+    let full = largest(AttentionConfig::default())?;
+    assert!(full >= logits_elems, "unchunked graph's largest tensor: {full}");
+    Ok(())
+}
+
+/// Gradients when only some of `q`, `k`, `v` are variables (cross-attention on a frozen
+/// context): the chunked path agrees with the unchunked one.
+#[test]
+fn chunked_partial_variables() -> Result<()> {
+    let [q, k, v] = qkv(8, 1, 2, 6, 4, 3, 2)?;
+    for which in 0..3 {
+        let vars: Vec<candle_core::Var> = [&q, &k, &v].iter().map(|t| candle_core::Var::from_tensor(t)).collect::<candle_core::Result<_>>()?;
+        let ins: Vec<Tensor> = [&q, &k, &v].iter().enumerate().map(|(i, t)| if i == which { vars[i].as_tensor().clone() } else { (*t).clone() }).collect();
+        let grad = |cfg: AttentionConfig| -> Result<Tensor> {
+            let g = attention(&ins[0], &ins[1], &ins[2], &cfg)?.sqr()?.sum_all()?.backward()?;
+            Ok(g.get(&vars[which]).expect("gradient").clone())
+        };
+        let e = rel_err(&grad(AttentionConfig { chunk_size: Some(4), ..Default::default() })?, &grad(AttentionConfig::default())?)?;
+        assert!(e < 1e-13, "input {which}: {e:e}");
+    }
+    Ok(())
+}
