@@ -23,8 +23,8 @@ pub use adamp::{scale_invariant_projection, AdamP, AdamPConfig, Projected, Sgdp,
 pub use adamw::{AdamForm, AdamW, AdamWConfig};
 pub use lowrank::{Frugal, FrugalConfig, GaLore, GaLoreConfig, StateFree};
 pub use optimizer::{
-    global_grad_norm, save_safetensors_atomic, GroupConfig, NamedVar, Optim, Optimizer, ParamCtx,
-    ParamGroup, ParamState, StepOptions, StepReport, UpdateRule,
+    clip_grad_norm, global_grad_norm, save_safetensors_atomic, GroupConfig, NamedVar, Optim,
+    Optimizer, ParamCtx, ParamGroup, ParamState, StepOptions, StepReport, UpdateRule,
 };
 pub use projector::{dct2_basis, make_projector, Basis, DctCache, ProjectionKind, Projector, Side};
 pub use schedule::{

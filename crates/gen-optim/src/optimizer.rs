@@ -537,6 +537,26 @@ impl<R: UpdateRule> Optim<R> {
     }
 }
 
+/// PyTorch `clip_grad_norm_` over the gradients of `vars` in `grads` (vars without a gradient
+/// are ignored): scales them in place by `max_norm / (norm + 1e-6)` when that is below 1 and
+/// returns the norm before clipping. For trainers that clip outside an optimizer; [`Optim`]
+/// does the same through [`StepOptions::max_grad_norm`].
+pub fn clip_grad_norm(grads: &mut GradStore, vars: &[&Var], max_norm: f64) -> Result<f64> {
+    let present: Vec<(&Var, Tensor)> = vars
+        .iter()
+        .filter_map(|v| grads.get(v.as_tensor()).map(|g| (*v, g.clone())))
+        .collect();
+    let all: Vec<Tensor> = present.iter().map(|(_, g)| g.clone()).collect();
+    let norm = global_grad_norm(&all)?;
+    let coef = max_norm / (norm + 1e-6);
+    if coef < 1.0 {
+        for (v, g) in present {
+            grads.insert(v.as_tensor(), g.affine(coef, 0.0)?);
+        }
+    }
+    Ok(norm)
+}
+
 /// Saves `tensors` as safetensors at `path` through a temporary sibling file and a rename.
 pub fn save_safetensors_atomic(tensors: &HashMap<String, Tensor>, path: &Path) -> Result<()> {
     let name = path

@@ -464,3 +464,27 @@ fn schedule_drives_group_rates() -> Result<()> {
     assert!(err.contains("1 rates for 2 parameter groups"), "{err}");
     Ok(())
 }
+
+#[test]
+fn standalone_clip_matches_the_engine_rule() -> Result<()> {
+    let a = var(&[0.0, 0.0], &[2])?;
+    let b = var(&[0.0], &[1])?;
+    let c = var(&[0.0], &[1])?; // no gradient
+    let mut g = GradStore::default();
+    g.insert(a.as_tensor(), Tensor::new(&[3.0f64, 0.0], &Device::Cpu)?);
+    g.insert(b.as_tensor(), Tensor::new(&[4.0f64], &Device::Cpu)?);
+    let norm = clip_grad_norm(&mut g, &[&a, &b, &c], 2.5)?;
+    assert!((norm - 5.0).abs() < 1e-12);
+    let coef = 2.5 / (5.0 + 1e-6);
+    let ga = g.get(a.as_tensor()).unwrap().to_vec1::<f64>()?;
+    let gb = g.get(b.as_tensor()).unwrap().to_vec1::<f64>()?;
+    assert!(
+        (ga[0] - 3.0 * coef).abs() < 1e-12 && ga[1] == 0.0 && (gb[0] - 4.0 * coef).abs() < 1e-12
+    );
+    assert!(g.get(c.as_tensor()).is_none());
+    // Under the threshold: untouched.
+    let norm = clip_grad_norm(&mut g, &[&a, &b], 10.0)?;
+    assert!((norm - 2.5).abs() < 1e-5);
+    assert_eq!(g.get(b.as_tensor()).unwrap().to_vec1::<f64>()?, gb);
+    Ok(())
+}
