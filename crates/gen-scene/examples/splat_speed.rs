@@ -51,7 +51,11 @@ fn main() -> Result<()> {
                 let t0 = Instant::now();
                 let out = render(&sp, &cam, &rc)?;
                 let loss = ((out.rgb.sqr()?.sum_all()? + out.alpha.sum_all()?)? + out.depth.sum_all()?)?;
+                let tb0 = Instant::now();
                 let g = loss.backward()?;
+                if std::env::var("SPLAT_SPEED_VERBOSE").is_ok() {
+                    eprintln!("  backward alone {:.2} ms", tb0.elapsed().as_secs_f64() * 1e3);
+                }
                 let _ = g.get(&vars[0]).map(|t| t.sum_all().and_then(|s| s.to_scalar::<f32>()));
                 tb.push(t0.elapsed().as_secs_f64() * 1e3);
             }
