@@ -4,9 +4,8 @@
 //!
 //! Unlike candle-transformers' UNet, every op here has a correct gradient (normalisation, softmax
 //! and attention from `gen_ops`; FD tests in `tests/unet.rs`, diffusers parity in
-//! `tests/unet_tiny_sd.rs` and `tests/unet_variant_parity.rs`), timesteps may differ per sample,
-//! and every linear layer is a LoRA-ready [`gen_ops::nn::Linear`] reachable through
-//! [`UNet2DConditionModel::linears`].
+//! `tests/unet_parity.rs`), timesteps may differ per sample, and every linear layer is a LoRA-ready
+//! [`gen_ops::nn::Linear`] reachable through [`UNet2DConditionModel::linears`].
 //!
 //! Supported: down blocks `CrossAttnDownBlock2D` / `DownBlock2D`, up blocks `UpBlock2D` /
 //! `CrossAttnUpBlock2D`, mid block `UNetMidBlock2DCrossAttn`, positional time embedding, conv or

@@ -5,9 +5,8 @@
 //! `proj_attn`).
 //!
 //! Gradients are exact (group norm, softmax and attention from `gen_ops`; FD tests in
-//! `tests/vae.rs`, diffusers parity in `tests/vae_tiny_sd.rs` and `tests/vae_variant_parity.rs`),
-//! so the VAE can sit inside a differentiable loss (reward fine-tuning, score distillation
-//! through the decoder).
+//! `tests/vae.rs`, diffusers parity in `tests/vae_parity.rs`), so the VAE can sit inside a
+//! differentiable loss (reward fine-tuning, score distillation through the decoder).
 
 use std::path::Path;
 
