@@ -163,6 +163,19 @@ impl RenderOutput {
     }
 }
 
+/// View-dependent colours `(N, 3)` of `means` `(N, 3)` with SH coefficients `sh` `(N, K, 3)` seen
+/// from `camera`: `max(0, 0.5 + Σ_k Y_k(d) sh[:, k, :])`, `d` the unit direction from the camera
+/// centre to the mean. Differentiable wrt `means` and `sh`; this is what [`render`] uses.
+pub fn sh_colors(means: &Tensor, sh: &Tensor, camera: &Camera) -> Result<Tensor> {
+    let n = means.dim(0)?;
+    let k = sh.dims().get(1).copied().unwrap_or(0);
+    if means.dims() != [n, 3] || sh.dims() != [n, k, 3] || sh_degree_of(k).is_none() {
+        return Err(Error::invalid("sh_colors shapes", format!("means {:?} and sh {:?} (want (N,3) and (N,K,3), K in 1,4,9,16)", means.dims(), sh.dims())));
+    }
+    let campos = kernel::CamParams::from_camera(camera).campos;
+    means.contiguous()?.apply_op2(&sh.contiguous()?, sh::ShOp { campos, k }).ctx("splat SH colour")
+}
+
 /// Renders `splats` from `camera` with the tile rasterizer. Differentiable wrt every field of
 /// `splats` (gradients flow through the camera-independent parameters only).
 pub fn render(splats: &Splats, camera: &Camera, cfg: &RenderConfig) -> Result<RenderOutput> {
