@@ -248,10 +248,10 @@ impl Encoder {
         let groups = cfg.norm_num_groups;
         let mut down_blocks = Vec::with_capacity(n);
         let mut cout = boc[0];
-        for i in 0..n {
+        for (i, &c) in boc.iter().enumerate() {
             let vb = vb.pp(format!("down_blocks.{i}"));
             let cin = cout;
-            cout = boc[i];
+            cout = c;
             let resnets = (0..cfg.layers_per_block)
                 .map(|j| {
                     let rc = ResnetConfig {
@@ -308,10 +308,10 @@ impl Decoder {
         let rev: Vec<usize> = boc.iter().rev().copied().collect();
         let mut up_blocks = Vec::with_capacity(n);
         let mut cout = rev[0];
-        for i in 0..n {
+        for (i, &c) in rev.iter().enumerate() {
             let vb = vb.pp(format!("up_blocks.{i}"));
             let cin = cout;
-            cout = rev[i];
+            cout = c;
             let resnets = (0..cfg.layers_per_block + 1)
                 .map(|j| {
                     let rc = ResnetConfig {

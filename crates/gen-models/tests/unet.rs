@@ -11,6 +11,9 @@ use gen_models::unet::{UNet2DConditionModel, UNetConfig};
 use serde_json::json;
 
 /// A tiny SD-1.x-shaped config: two blocks (cross-attention down, plain down), 2 heads.
+/// An edit of a config JSON (for the error-message cases).
+type ConfigEdit = Box<dyn Fn(&mut serde_json::Value)>;
+
 fn tiny_json() -> serde_json::Value {
     json!({
         "_class_name": "UNet2DConditionModel",
@@ -316,7 +319,7 @@ fn unet_config_errors_name_file_and_key() -> Result<()> {
     assert_eq!(cfg, tiny_cfg());
     assert_eq!(cfg.block_out_channels, vec![8, 16]);
 
-    let cases: Vec<(&str, Box<dyn Fn(&mut serde_json::Value)>, &str)> = vec![
+    let cases: Vec<(&str, ConfigEdit, &str)> = vec![
         ("missing.json", Box::new(|j| { j.as_object_mut().unwrap().remove("cross_attention_dim"); }), "cross_attention_dim"),
         ("sdxl.json", Box::new(|j| j["addition_embed_type"] = json!("text_time")), "addition_embed_type"),
         ("badtype.json", Box::new(|j| j["norm_eps"] = json!("tiny")), "norm_eps"),

@@ -11,6 +11,9 @@ use gen_core::SeededRng;
 use gen_models::vae::{AutoencoderKL, VaeConfig};
 use serde_json::json;
 
+/// An edit of a config JSON (for the error-message cases).
+type ConfigEdit = Box<dyn Fn(&mut serde_json::Value)>;
+
 fn tiny_json() -> serde_json::Value {
     json!({
         "_class_name": "AutoencoderKL",
@@ -271,7 +274,7 @@ fn vae_config_errors_name_file_and_key() -> Result<()> {
     assert_eq!(cfg, tiny_cfg());
     assert!((cfg.scaling_factor - 0.18215).abs() < 1e-12 && cfg.use_quant_conv && cfg.mid_block_add_attention);
 
-    let cases: Vec<(&str, Box<dyn Fn(&mut serde_json::Value)>, &str)> = vec![
+    let cases: Vec<(&str, ConfigEdit, &str)> = vec![
         ("missing.json", Box::new(|j| { j.as_object_mut().unwrap().remove("block_out_channels"); }), "block_out_channels"),
         ("badtype.json", Box::new(|j| j["scaling_factor"] = json!("big")), "scaling_factor"),
         ("blocks.json", Box::new(|j| j["up_block_types"] = json!(["UpDecoderBlock2D"])), "up_block_types"),
