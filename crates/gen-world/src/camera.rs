@@ -99,10 +99,36 @@ impl OrbitCamera {
 
     /// The ray through continuous pixel coordinates `(u, v)` (pixel centres at `i + 0.5`).
     pub fn ray(&self, u: f32, v: f32) -> Ray {
-        let f = self.focal_px();
-        let d_cam = Vec3::new((u - 0.5 * self.width as f32) / f, (v - 0.5 * self.height as f32) / f, 1.0);
-        let dir = (self.rotation().transpose() * d_cam).normalize();
-        Ray { origin: self.position(), dir }
+        self.rays().ray(u, v)
+    }
+
+    /// A ray generator with the camera's pose and intrinsics precomputed (for many rays).
+    pub fn rays(&self) -> RayGen {
+        RayGen {
+            origin: self.position(),
+            cam_to_world: self.rotation().transpose(),
+            inv_focal: 1.0 / self.focal_px(),
+            cx: 0.5 * self.width as f32,
+            cy: 0.5 * self.height as f32,
+        }
+    }
+}
+
+/// Generates the rays of one camera (see [`OrbitCamera::rays`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RayGen {
+    origin: Vec3,
+    cam_to_world: Mat3,
+    inv_focal: f32,
+    cx: f32,
+    cy: f32,
+}
+
+impl RayGen {
+    /// The ray through continuous pixel coordinates `(u, v)`.
+    pub fn ray(&self, u: f32, v: f32) -> Ray {
+        let d_cam = Vec3::new((u - self.cx) * self.inv_focal, (v - self.cy) * self.inv_focal, 1.0);
+        Ray { origin: self.origin, dir: (self.cam_to_world * d_cam).normalize() }
     }
 }
 

@@ -62,7 +62,7 @@ impl View {
             return View::Overhead;
         }
         let az = azimuth_deg.rem_euclid(360.0);
-        if az < FRONT_HALF_WIDTH_DEG || az >= 360.0 - FRONT_HALF_WIDTH_DEG {
+        if !(FRONT_HALF_WIDTH_DEG..360.0 - FRONT_HALF_WIDTH_DEG).contains(&az) {
             View::Front
         } else if (180.0 - BACK_HALF_WIDTH_DEG..180.0 + BACK_HALF_WIDTH_DEG).contains(&az) {
             View::Back

@@ -20,7 +20,7 @@ pub mod render;
 pub mod shapes;
 pub mod world;
 
-pub use camera::{OrbitCamera, Ray};
+pub use camera::{OrbitCamera, Ray, RayGen};
 pub use caption::{caption, parse_caption, tokenize, vocabulary, CaptionParts, View};
 pub use dataset::{contact_sheet, write_dataset, DatasetSpec, DatasetSummary, Record};
 pub use palette::{Background, Colour, Hue, Tone};

@@ -93,6 +93,7 @@ impl Rendered {
 /// Renders one primitive (rows in parallel with rayon; deterministic).
 pub fn render(input: &RenderInput) -> Rendered {
     let cam = &input.camera;
+    let rays = cam.rays();
     let (w, h) = (cam.width as usize, cam.height as usize);
     let s = input.supersample.max(1);
     let n_sub = (s * s) as f32;
@@ -113,7 +114,7 @@ pub fn render(input: &RenderInput) -> Rendered {
                     for sx in 0..s {
                         let u = x as f32 + (sx as f32 + 0.5) / s as f32;
                         let v = y as f32 + (sy as f32 + 0.5) / s as f32;
-                        let ray = cam.ray(u, v);
+                        let ray = rays.ray(u, v);
                         let c = match input.shape.intersect(&ray) {
                             Some(hit) => {
                                 hits += 1;

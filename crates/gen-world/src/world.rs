@@ -134,16 +134,10 @@ pub struct Sample {
     pub image: Rendered,
 }
 
-/// The procedural world.
-#[derive(Debug, Clone, Copy, PartialEq)]
+/// The procedural world ([`World::default`] uses [`WorldConfig::default`]).
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub struct World {
     cfg: WorldConfig,
-}
-
-impl Default for World {
-    fn default() -> Self {
-        Self { cfg: WorldConfig::default() }
-    }
 }
 
 impl World {
@@ -156,10 +150,10 @@ impl World {
         if !(1..=8).contains(&cfg.supersample) {
             return bad("supersample", format!("{} (must be in 1..=8)", cfg.supersample));
         }
-        if !(cfg.camera_distance > 1.5) {
+        if !cfg.camera_distance.is_finite() || cfg.camera_distance <= 1.5 {
             return bad("camera_distance", format!("{} (must exceed 1.5: the object has radius ~1)", cfg.camera_distance));
         }
-        if !(cfg.fov_y_deg > 1.0 && cfg.fov_y_deg < 170.0) {
+        if !(cfg.fov_y_deg.is_finite() && cfg.fov_y_deg > 1.0 && cfg.fov_y_deg < 170.0) {
             return bad("fov_y_deg", format!("{} (must be in (1, 170))", cfg.fov_y_deg));
         }
         if !(cfg.elevation_min_deg <= cfg.elevation_max_deg && cfg.elevation_min_deg > -85.0 && cfg.elevation_max_deg < 85.0) {

@@ -1,0 +1,27 @@
+//! The subcommands of `gen`.
+
+use clap::{Parser, Subcommand};
+
+pub mod dataset;
+
+/// gen: diffusion sampling with guidance, score distillation to 3D, reward fine-tuning and a
+/// tiny embedded Stable Diffusion trained on a procedural shapes world.
+#[derive(Debug, Parser)]
+#[command(name = "gen", version, after_help = "Examples:\n  gen dataset --split test --count 64 --out out/test64\n  gen dataset --help")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Render samples of the procedural shapes world (images, masks, captions, ground truth).
+    Dataset(dataset::DatasetArgs),
+}
+
+/// Runs the parsed command line.
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Dataset(args) => dataset::run(args),
+    }
+}
