@@ -24,7 +24,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use crate::blocks::{
-    conv2d, Activation, Conv2d, Attention, AttentionLayerConfig, Downsample2D, ResnetBlock2D, ResnetConfig, Upsample2D,
+    conv2d, Activation, Attention, AttentionLayerConfig, Conv2d, Downsample2D, ResnetBlock2D, ResnetConfig, Upsample2D,
 };
 
 /// A config value that diffusers accepts either as one number for all blocks or as a list.
@@ -209,8 +209,11 @@ pub(crate) fn parse_config<T: for<'de> Deserialize<'de>>(
 /// Reads a JSON file into a `Value`, naming the file on error.
 pub(crate) fn read_json(path: &Path) -> Result<Value> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    serde_json::from_str(&text)
-        .map_err(|e| Error::Config { file: path.into(), key: "<root>".into(), msg: format!("invalid JSON: {e}") })
+    serde_json::from_str(&text).map_err(|e| Error::Config {
+        file: path.into(),
+        key: "<root>".into(),
+        msg: format!("invalid JSON: {e}"),
+    })
 }
 
 impl UNetConfig {
@@ -235,7 +238,10 @@ impl UNetConfig {
             return err("block_out_channels", "must not be empty".into());
         }
         if self.down_block_types.len() != n {
-            return err("down_block_types", format!("{} entries for {n} block_out_channels", self.down_block_types.len()));
+            return err(
+                "down_block_types",
+                format!("{} entries for {n} block_out_channels", self.down_block_types.len()),
+            );
         }
         if self.up_block_types.len() != n {
             return err("up_block_types", format!("{} entries for {n} block_out_channels", self.up_block_types.len()));
@@ -309,7 +315,12 @@ impl UNetConfig {
 
 /// Sinusoidal timestep embedding (diffusers `get_timestep_embedding`, scale 1, max period
 /// 10000). `t`: `(B)` → `(B, dim)`, computed in f32.
-pub fn timestep_embedding(t: &Tensor, dim: usize, flip_sin_to_cos: bool, freq_shift: f64) -> candle_core::Result<Tensor> {
+pub fn timestep_embedding(
+    t: &Tensor,
+    dim: usize,
+    flip_sin_to_cos: bool,
+    freq_shift: f64,
+) -> candle_core::Result<Tensor> {
     let half = dim / 2;
     let dev = t.device();
     // The same f32 arithmetic as diffusers: exp(-ln(10000) * i / (half - shift)).
@@ -447,7 +458,12 @@ impl Transformer2D {
         let blocks = (0..cfg.layers)
             .map(|i| BasicTransformerBlock::new(vb.pp(format!("transformer_blocks.{i}")), cfg))
             .collect::<candle_core::Result<Vec<_>>>()?;
-        Ok(Self { norm: GroupNorm::new(vb.pp("norm"), cfg.groups, c, 1e-6)?, proj_in: proj("proj_in")?, blocks, proj_out: proj("proj_out")? })
+        Ok(Self {
+            norm: GroupNorm::new(vb.pp("norm"), cfg.groups, c, 1e-6)?,
+            proj_in: proj("proj_in")?,
+            blocks,
+            proj_out: proj("proj_out")?,
+        })
     }
 
     /// `x`: `(B, C, H, W)`, `ctx`: `(B, Lk, cross_attention_dim)` → `(B, C, H, W)`.
@@ -595,7 +611,9 @@ impl UNet2DConditionModel {
 
     fn build(vb: VarBuilder, cfg: &UNetConfig) -> candle_core::Result<Self> {
         let n = cfg.block_out_channels.len();
-        let bad = |key: &str| candle_core::Error::Msg(format!("UNet config: inconsistent `{key}` (use UNetConfig::from_json)"));
+        let bad = |key: &str| {
+            candle_core::Error::Msg(format!("UNet config: inconsistent `{key}` (use UNetConfig::from_json)"))
+        };
         let boc = &cfg.block_out_channels;
         let layers = cfg.layers_per_block.expand(n).ok_or_else(|| bad("layers_per_block"))?;
         let tlayers = cfg.transformer_layers_per_block.expand(n).ok_or_else(|| bad("transformer_layers_per_block"))?;
@@ -746,7 +764,10 @@ impl UNet2DConditionModel {
     pub fn forward(&self, sample: &Tensor, timesteps: &Tensor, encoder_hidden_states: &Tensor) -> Result<Tensor> {
         let (b, c, h, w) = sample.dims4().ctx("UNet: sample must be (B, C, H, W)")?;
         if c != self.cfg.in_channels {
-            return Err(Error::invalid("UNet sample", format!("{c} channels, the config says {}", self.cfg.in_channels)));
+            return Err(Error::invalid(
+                "UNet sample",
+                format!("{c} channels, the config says {}", self.cfg.in_channels),
+            ));
         }
         let f = 1usize << (self.cfg.block_out_channels.len() - 1);
         if h % f != 0 || w % f != 0 {

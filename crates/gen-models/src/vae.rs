@@ -19,7 +19,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use crate::blocks::{
-    conv2d, Activation, Conv2d, Attention, AttentionLayerConfig, Downsample2D, ResnetBlock2D, ResnetConfig, Upsample2D,
+    conv2d, Activation, Attention, AttentionLayerConfig, Conv2d, Downsample2D, ResnetBlock2D, ResnetConfig, Upsample2D,
     ATTENTION_KEYS, LEGACY_ATTENTION_KEYS,
 };
 use crate::unet::{parse_config, read_json};
@@ -104,10 +104,16 @@ impl VaeConfig {
             return err("block_out_channels", "must not be empty".into());
         }
         if cfg.down_block_types.len() != n || cfg.down_block_types.iter().any(|t| t != "DownEncoderBlock2D") {
-            return err("down_block_types", format!("expected {n} × \"DownEncoderBlock2D\", found {:?}", cfg.down_block_types));
+            return err(
+                "down_block_types",
+                format!("expected {n} × \"DownEncoderBlock2D\", found {:?}", cfg.down_block_types),
+            );
         }
         if cfg.up_block_types.len() != n || cfg.up_block_types.iter().any(|t| t != "UpDecoderBlock2D") {
-            return err("up_block_types", format!("expected {n} × \"UpDecoderBlock2D\", found {:?}", cfg.up_block_types));
+            return err(
+                "up_block_types",
+                format!("expected {n} × \"UpDecoderBlock2D\", found {:?}", cfg.up_block_types),
+            );
         }
         if Activation::parse(&cfg.act_fn).is_none() {
             return err("act_fn", format!("activation {:?} is not supported", cfg.act_fn));
@@ -396,7 +402,8 @@ impl AutoencoderKL {
 
     fn build(vb: VarBuilder, cfg: &VaeConfig) -> candle_core::Result<Self> {
         let l = cfg.latent_channels;
-        let quant_conv = if cfg.use_quant_conv { Some(conv2d(vb.pp("quant_conv"), 2 * l, 2 * l, 1, 1, 0)?) } else { None };
+        let quant_conv =
+            if cfg.use_quant_conv { Some(conv2d(vb.pp("quant_conv"), 2 * l, 2 * l, 1, 1, 0)?) } else { None };
         let post_quant_conv =
             if cfg.use_post_quant_conv { Some(conv2d(vb.pp("post_quant_conv"), l, l, 1, 1, 0)?) } else { None };
         Ok(Self {

@@ -45,7 +45,8 @@ fn tiny_cfg() -> UNetConfig {
 /// Gives every variable deterministic random values: norm weights near 1, biases small,
 /// other weights ~ N(0, 1/fan_in).
 fn randomize(varmap: &VarMap, seed: u64) -> Result<BTreeMap<String, Var>> {
-    let vars: BTreeMap<String, Var> = varmap.data().lock().unwrap().iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    let vars: BTreeMap<String, Var> =
+        varmap.data().lock().unwrap().iter().map(|(k, v)| (k.clone(), v.clone())).collect();
     let mut rng = SeededRng::new(seed);
     for (name, var) in &vars {
         let shape = var.shape().clone();
@@ -270,7 +271,11 @@ fn unet_per_sample_timesteps_match_single_runs() -> Result<()> {
     let inp = inputs(6)?;
     let both = model.forward(&inp.sample, &Tensor::new(&[3f64, 640.0], &Device::Cpu)?, &inp.ctx)?;
     for (i, t) in [3f64, 640.0].into_iter().enumerate() {
-        let one = model.forward(&inp.sample.narrow(0, i, 1)?, &Tensor::new(&[t], &Device::Cpu)?, &inp.ctx.narrow(0, i, 1)?)?;
+        let one = model.forward(
+            &inp.sample.narrow(0, i, 1)?,
+            &Tensor::new(&[t], &Device::Cpu)?,
+            &inp.ctx.narrow(0, i, 1)?,
+        )?;
         let d = (both.narrow(0, i, 1)? - one)?.abs()?.max_all()?.to_scalar::<f64>()?;
         assert!(d < 1e-12, "sample {i}: batched vs single differ by {d}");
     }
@@ -320,10 +325,20 @@ fn unet_config_errors_name_file_and_key() -> Result<()> {
     assert_eq!(cfg.block_out_channels, vec![8, 16]);
 
     let cases: Vec<(&str, ConfigEdit, &str)> = vec![
-        ("missing.json", Box::new(|j| { j.as_object_mut().unwrap().remove("cross_attention_dim"); }), "cross_attention_dim"),
+        (
+            "missing.json",
+            Box::new(|j| {
+                j.as_object_mut().unwrap().remove("cross_attention_dim");
+            }),
+            "cross_attention_dim",
+        ),
         ("sdxl.json", Box::new(|j| j["addition_embed_type"] = json!("text_time")), "addition_embed_type"),
         ("badtype.json", Box::new(|j| j["norm_eps"] = json!("tiny")), "norm_eps"),
-        ("blocks.json", Box::new(|j| j["down_block_types"] = json!(["CrossAttnDownBlock2D", "SimpleDown"])), "down_block_types"),
+        (
+            "blocks.json",
+            Box::new(|j| j["down_block_types"] = json!(["CrossAttnDownBlock2D", "SimpleDown"])),
+            "down_block_types",
+        ),
         ("heads.json", Box::new(|j| j["attention_head_dim"] = json!(3)), "attention_head_dim"),
         ("shift.json", Box::new(|j| j["resnet_time_scale_shift"] = json!("scale_shift")), "resnet_time_scale_shift"),
     ];

@@ -47,7 +47,9 @@ fn check(sub: &str, weights: &str, reference: &str) -> Result<()> {
     let model = UNet2DConditionModel::new(vb, &cfg)?;
     let r = candle_core::safetensors::load(fixtures().join("parity").join(reference), &dev)?;
     let (x, ehs) = (&r["sample"], &r["encoder_hidden_states"]);
-    for (tkey, okey) in [("timesteps_mixed", "out_mixed"), ("timesteps_mixed_i64", "out_mixed"), ("timesteps_uniform", "out_uniform")] {
+    for (tkey, okey) in
+        [("timesteps_mixed", "out_mixed"), ("timesteps_mixed_i64", "out_mixed"), ("timesteps_uniform", "out_uniform")]
+    {
         let out = model.forward(x, &r[tkey], ehs)?;
         let want = &r[okey];
         let err = max_abs(&(out - want)?)?;
@@ -80,7 +82,9 @@ fn tiny_sd_unet_f16_runs_close() -> Result<()> {
     let dir = fixtures().join("tiny-sd/unet");
     let cfg = UNetConfig::from_file(dir.join("config.json"))?;
     let dev = Device::Cpu;
-    let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[dir.join("diffusion_pytorch_model.safetensors")], DType::F16, &dev)? };
+    let vb = unsafe {
+        VarBuilder::from_mmaped_safetensors(&[dir.join("diffusion_pytorch_model.safetensors")], DType::F16, &dev)?
+    };
     let model = UNet2DConditionModel::new(vb, &cfg)?;
     let r = candle_core::safetensors::load(fixtures().join("parity/unet.safetensors"), &dev)?;
     let x = r["sample"].to_dtype(DType::F16)?;

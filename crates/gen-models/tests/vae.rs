@@ -36,7 +36,8 @@ fn tiny_cfg() -> VaeConfig {
 
 /// Deterministic random values: norm weights near 1, biases small, weights ~ N(0, 1/fan_in).
 fn randomize(varmap: &VarMap, seed: u64) -> Result<BTreeMap<String, Var>> {
-    let vars: BTreeMap<String, Var> = varmap.data().lock().unwrap().iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    let vars: BTreeMap<String, Var> =
+        varmap.data().lock().unwrap().iter().map(|(k, v)| (k.clone(), v.clone())).collect();
     let mut rng = SeededRng::new(seed);
     for (name, var) in &vars {
         let shape = var.shape().clone();
@@ -126,7 +127,10 @@ fn vae_gradients_match_finite_differences() -> Result<()> {
     let (wm, wl) = (rng.randn((2, 4, 4, 4), DType::F64, &dev)?, rng.randn((2, 4, 4, 4), DType::F64, &dev)?);
     let wd = rng.randn((2, 3, 8, 8), DType::F64, &dev)?;
     let named = |names: &[&str]| -> Vec<(String, Var)> {
-        names.iter().map(|n| (n.to_string(), vars.get(*n).unwrap_or_else(|| panic!("no parameter {n}")).clone())).collect()
+        names
+            .iter()
+            .map(|n| (n.to_string(), vars.get(*n).unwrap_or_else(|| panic!("no parameter {n}")).clone()))
+            .collect()
     };
 
     // Encoder: L = Σ mean ⊙ wm + Σ logvar ⊙ wl.
@@ -275,7 +279,13 @@ fn vae_config_errors_name_file_and_key() -> Result<()> {
     assert!((cfg.scaling_factor - 0.18215).abs() < 1e-12 && cfg.use_quant_conv && cfg.mid_block_add_attention);
 
     let cases: Vec<(&str, ConfigEdit, &str)> = vec![
-        ("missing.json", Box::new(|j| { j.as_object_mut().unwrap().remove("block_out_channels"); }), "block_out_channels"),
+        (
+            "missing.json",
+            Box::new(|j| {
+                j.as_object_mut().unwrap().remove("block_out_channels");
+            }),
+            "block_out_channels",
+        ),
         ("badtype.json", Box::new(|j| j["scaling_factor"] = json!("big")), "scaling_factor"),
         ("blocks.json", Box::new(|j| j["up_block_types"] = json!(["UpDecoderBlock2D"])), "up_block_types"),
         ("groups.json", Box::new(|j| j["norm_num_groups"] = json!(3)), "norm_num_groups"),
