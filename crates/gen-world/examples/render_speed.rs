@@ -1,6 +1,9 @@
 //! Render speed of the shapes world: ms per image at a given size, on one thread and on all.
 //!
 //! `cargo run --release -p gen-world --example render_speed [-- SIZE COUNT]`
+//!
+//! On a shared machine wall-clock times are inflated by other load; `RAYON_NUM_THREADS=1 time
+//! target/release/examples/render_speed 64 300` gives CPU time (it renders 7 x COUNT + 10 images).
 
 use std::time::Instant;
 

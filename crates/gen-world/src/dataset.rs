@@ -7,7 +7,8 @@
 //!   (8-bit grey, 255 = pixel fully covered by the object);
 //! - `metadata.jsonl` — one [`Record`] per line, in index order;
 //! - `contact_sheet.png` — the first (up to) 256 images in a grid;
-//! - `world.json` — the [`WorldConfig`] and the range written.
+//! - `world.json` — the [`WorldConfig`] and the range written;
+//! - `vocabulary.txt` — every caption token, one per line ([`crate::vocabulary`]).
 
 use std::io::Cursor;
 use std::path::{Path, PathBuf};
@@ -193,5 +194,8 @@ pub fn write_dataset(world: &World, spec: &DatasetSpec, out: &Path, progress: &(
     }
     let info = serde_json::to_string_pretty(&RunInfo { world: world.config(), dataset: spec }).map_err(|e| Error::msg(format!("world.json: {e}")))?;
     write_atomic(out.join("world.json"), info.as_bytes())?;
+    let mut vocab = crate::caption::vocabulary().join("\n");
+    vocab.push('\n');
+    write_atomic(out.join("vocabulary.txt"), vocab.as_bytes())?;
     Ok(DatasetSummary { records, metadata, contact_sheet: contact, render_seconds, wall_seconds: wall.elapsed().as_secs_f64() })
 }

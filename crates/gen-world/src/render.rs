@@ -24,7 +24,8 @@ pub struct Lighting {
 }
 
 impl Default for Lighting {
-    /// Light from azimuth 35°, elevation 50° (front-left-above, seen from the front camera),
+    /// Light from azimuth 35°, elevation 50° (above, in front and to the right as seen from the
+    /// front camera at azimuth 0, whose image right is world +Y),
     /// ambient 0.3.
     fn default() -> Self {
         let (az, el) = (35f32.to_radians(), 50f32.to_radians());

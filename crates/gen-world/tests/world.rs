@@ -282,6 +282,12 @@ fn dataset_folder_is_complete_and_bad_outputs_fail_clearly() {
     let sheet = image::open(dir.join("contact_sheet.png")).unwrap();
     assert_eq!((sheet.width(), sheet.height()), (3 * 26 + 2, 2 * 26 + 2));
     assert!(dir.join("world.json").exists());
+    let vocab = std::fs::read_to_string(dir.join("vocabulary.txt")).unwrap();
+    for rec in &lines {
+        for tok in gen_world::tokenize(&rec.caption) {
+            assert!(vocab.lines().any(|w| w == tok), "{tok:?} missing from vocabulary.txt");
+        }
+    }
     // No temporary files left behind.
     for sub in ["", "images", "masks"] {
         for e in std::fs::read_dir(dir.join(sub)).unwrap() {

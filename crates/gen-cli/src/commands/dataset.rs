@@ -9,9 +9,9 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 const EXAMPLES: &str = "\
 Writes OUT/images/*.png, OUT/masks/*.png (object coverage), OUT/metadata.jsonl (caption, shape,
-colour, background, view, camera angles, coverage per sample), OUT/contact_sheet.png and
-OUT/world.json. Samples are a pure function of (split, index): the same command always writes
-the same bytes.
+colour, background, view, camera angles, coverage per sample), OUT/contact_sheet.png,
+OUT/world.json (the world's settings) and OUT/vocabulary.txt (every caption token). Samples are a
+pure function of (split, index): the same command always writes the same bytes.
 
 Examples:
   gen dataset --split test --count 64 --out out/test64
