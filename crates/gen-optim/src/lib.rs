@@ -9,10 +9,12 @@
 //! `scripts/fixtures_optim.py`. FRUGAL and the DCT projector have no packaged reference; they
 //! are tested by their defining properties (`tests/lowrank.rs`).
 //!
-//! Not here yet: LoRA adapters and LoRA file formats (they wait for the model code).
+//! [`lora`]: LoRA adapters for `gen_ops::nn::Linear` layers and the kohya / diffusers-PEFT LoRA
+//! file formats (parity with diffusers in `tests/tests/lora_parity.rs`, `scripts/fixtures_lora.py`).
 
 pub mod adamp;
 pub mod adamw;
+pub mod lora;
 pub mod lowrank;
 pub mod optimizer;
 pub mod projector;

@@ -1,0 +1,541 @@
+//! LoRA files: save and load the kohya and diffusers/PEFT safetensors formats, and apply a file
+//! to a model's [`Linear`] layers (as adapters or merged into the weights).
+//!
+//! Formats (key of one module `M`, its path as diffusers names it, e.g.
+//! `down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q`):
+//! - **kohya** (sd-scripts; what A1111 and ComfyUI read natively):
+//!   `lora_unet_<M with '.'→'_'>.lora_down.weight` (A `(r, in)`), `….lora_up.weight` (B `(out, r)`),
+//!   `….alpha` (0-d); the text encoder uses `lora_te_` (`lora_te1_`/`lora_te2_` for SDXL's two).
+//!   A missing `.alpha` means alpha = r.
+//! - **PEFT** (diffusers ≥ 0.22 `save_lora_weights`): `unet.M.lora_A.weight`,
+//!   `unet.M.lora_B.weight`, `text_encoder.M.…`. No alpha is stored in the tensors: readers
+//!   assume alpha = r unless the `lora_adapter_metadata` header entry (a JSON object with
+//!   `unet.r`, `unet.lora_alpha`, `unet.alpha_pattern`, …, as diffusers 0.42 writes and reads it)
+//!   says otherwise. We write either B pre-multiplied by alpha/r ([`PeftAlpha::Bake`], the
+//!   default: every reader gets the same model) or that metadata ([`PeftAlpha::Metadata`]).
+//! - **PEFT legacy** (diffusers < 0.22): `unet.M.lora.down.weight` / `unet.M.lora.up.weight`.
+//!
+//! The format is detected on load. Kohya keys are ambiguous (`to_out_0` could be `to.out.0` or
+//! `to_out.0`): they are resolved by sending every layer name of the model through the same
+//! `'.'→'_'` map. Every file we write also records `gen.lora.*` metadata (format, ranks, alphas)
+//! and kohya's `ss_network_dim` / `ss_network_alpha`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use gen_core::{Error, Result, ResultExt};
+use gen_ops::nn::Linear;
+
+use super::{LoraSet, LoraWeights, KNOWN_PREFIXES};
+
+/// A LoRA file format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LoraFormat {
+    Kohya,
+    Peft,
+    PeftLegacy,
+}
+
+impl LoraFormat {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            LoraFormat::Kohya => "kohya",
+            LoraFormat::Peft => "peft",
+            LoraFormat::PeftLegacy => "peft-legacy",
+        }
+    }
+}
+
+/// How a PEFT file carries alpha.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum PeftAlpha {
+    /// Store `B · alpha/r` so that alpha = r holds for every reader.
+    #[default]
+    Bake,
+    /// Store B as is and write diffusers' `lora_adapter_metadata` (`r`, `lora_alpha`, patterns).
+    Metadata,
+}
+
+/// Options of [`save_lora`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct LoraSaveOptions {
+    pub format: LoraFormat,
+    pub peft_alpha: PeftAlpha,
+    /// Dtype of the stored A and B (alpha is always f32).
+    pub dtype: DType,
+}
+
+impl Default for LoraSaveOptions {
+    fn default() -> Self {
+        Self { format: LoraFormat::Kohya, peft_alpha: PeftAlpha::Bake, dtype: DType::F32 }
+    }
+}
+
+/// The kohya key prefix of a component.
+pub fn kohya_prefix(component: &str) -> Result<&'static str> {
+    match component {
+        "unet" => Ok("lora_unet_"),
+        "text_encoder" => Ok("lora_te_"),
+        "text_encoder_2" => Ok("lora_te2_"),
+        other => Err(Error::invalid("LoRA component", format!("{other:?} has no kohya prefix"))),
+    }
+}
+
+/// Writes the adapters of `sets` (one per component; their current A, B and alpha — not the
+/// multiplier) to `path`, atomically.
+pub fn save_lora(sets: &[&LoraSet], path: impl AsRef<Path>, opts: &LoraSaveOptions) -> Result<()> {
+    let path = path.as_ref();
+    let mut tensors: BTreeMap<String, Tensor> = BTreeMap::new();
+    let mut meta: HashMap<String, String> = HashMap::new();
+    let mut peft_meta = serde_json::Map::new();
+    let mut seen = std::collections::HashSet::new();
+    let (mut ranks, mut alphas) = (Vec::new(), Vec::new());
+    for set in sets {
+        if !seen.insert(set.prefix().to_string()) {
+            return Err(Error::invalid("LoRA sets", format!("component {:?} given twice", set.prefix())));
+        }
+        let comp = set.prefix();
+        let mut first: Option<(usize, f64)> = None;
+        let mut rank_pattern = serde_json::Map::new();
+        let mut alpha_pattern = serde_json::Map::new();
+        for e in set.entries() {
+            let ad = &e.adapter;
+            let (r, alpha) = (ad.rank(), ad.alpha());
+            ranks.push(r);
+            alphas.push(alpha);
+            let a = ad.a().as_tensor().detach().to_device(&Device::Cpu)?;
+            let b = ad.b().as_tensor().detach().to_device(&Device::Cpu)?;
+            let name = e.linear.name();
+            match opts.format {
+                LoraFormat::Kohya => {
+                    let base = format!("{}{}", kohya_prefix(comp)?, name.replace('.', "_"));
+                    tensors.insert(format!("{base}.lora_down.weight"), a.to_dtype(opts.dtype)?);
+                    tensors.insert(format!("{base}.lora_up.weight"), b.to_dtype(opts.dtype)?);
+                    tensors.insert(format!("{base}.alpha"), Tensor::new(alpha as f32, &Device::Cpu)?);
+                }
+                LoraFormat::Peft | LoraFormat::PeftLegacy => {
+                    let b = match opts.peft_alpha {
+                        PeftAlpha::Bake if alpha != r as f64 => (b.to_dtype(DType::F64)? * (alpha / r as f64))?,
+                        _ => b,
+                    };
+                    let (dk, uk) = if opts.format == LoraFormat::Peft { ("lora_A.weight", "lora_B.weight") } else { ("lora.down.weight", "lora.up.weight") };
+                    tensors.insert(format!("{comp}.{name}.{dk}"), a.to_dtype(opts.dtype)?);
+                    tensors.insert(format!("{comp}.{name}.{uk}"), b.to_dtype(opts.dtype)?);
+                    match first {
+                        None => first = Some((r, alpha)),
+                        Some((r0, a0)) => {
+                            if r != r0 {
+                                rank_pattern.insert(name.to_string(), r.into());
+                            }
+                            if alpha != a0 {
+                                alpha_pattern.insert(name.to_string(), alpha.into());
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        if opts.format != LoraFormat::Kohya && opts.peft_alpha == PeftAlpha::Metadata {
+            if let Some((r0, a0)) = first {
+                let targets: Vec<serde_json::Value> = set.names().into_iter().map(Into::into).collect();
+                peft_meta.insert(format!("{comp}.r"), r0.into());
+                peft_meta.insert(format!("{comp}.lora_alpha"), a0.into());
+                peft_meta.insert(format!("{comp}.target_modules"), targets.into());
+                peft_meta.insert(format!("{comp}.rank_pattern"), rank_pattern.into());
+                peft_meta.insert(format!("{comp}.alpha_pattern"), alpha_pattern.into());
+            }
+        }
+    }
+    if tensors.is_empty() {
+        return Err(Error::invalid("LoRA save", format!("{}: no adapters to write", path.display())));
+    }
+    meta.insert("format".into(), "pt".into());
+    meta.insert("gen.lora.format".into(), opts.format.as_str().into());
+    meta.insert("gen.lora.components".into(), sets.iter().map(|s| s.prefix()).collect::<Vec<_>>().join(","));
+    meta.insert("gen.lora.ranks".into(), summarise(&ranks));
+    meta.insert("gen.lora.alphas".into(), summarise(&alphas));
+    if opts.format != LoraFormat::Kohya {
+        let baked = opts.peft_alpha == PeftAlpha::Bake;
+        meta.insert("gen.lora.alpha_baked_into_B".into(), baked.to_string());
+        if !baked {
+            meta.insert("lora_adapter_metadata".into(), serde_json::to_string(&peft_meta).expect("json"));
+        }
+    }
+    if let (Some(r), Some(a)) = (ranks.first(), alphas.first()) {
+        meta.insert("ss_network_module".into(), "networks.lora".into());
+        meta.insert("ss_network_dim".into(), r.to_string());
+        meta.insert("ss_network_alpha".into(), a.to_string());
+    }
+    let raws = tensors.iter().map(|(k, v)| Ok((k.as_str(), RawTensor::from_tensor(v)?))).collect::<Result<Vec<_>>>()?;
+    let bytes = safetensors::serialize(raws, Some(meta))
+        .map_err(|e| Error::msg(format!("{}: serialising LoRA: {e}", path.display())))?;
+    gen_core::write_atomic(path, &bytes)
+}
+
+/// A tensor's little-endian bytes, for the `safetensors` crate (whose version differs from
+/// candle's, so candle's own `View` impl cannot be used).
+struct RawTensor {
+    dtype: safetensors::Dtype,
+    shape: Vec<usize>,
+    data: Vec<u8>,
+}
+
+impl RawTensor {
+    fn from_tensor(t: &Tensor) -> Result<Self> {
+        let flat = t.to_device(&Device::Cpu)?.flatten_all()?;
+        let (dtype, data): (safetensors::Dtype, Vec<u8>) = match t.dtype() {
+            DType::F32 => (safetensors::Dtype::F32, flat.to_vec1::<f32>()?.iter().flat_map(|x| x.to_le_bytes()).collect()),
+            DType::F64 => (safetensors::Dtype::F64, flat.to_vec1::<f64>()?.iter().flat_map(|x| x.to_le_bytes()).collect()),
+            DType::F16 => (safetensors::Dtype::F16, flat.to_vec1::<half::f16>()?.iter().flat_map(|x| x.to_le_bytes()).collect()),
+            DType::BF16 => (safetensors::Dtype::BF16, flat.to_vec1::<half::bf16>()?.iter().flat_map(|x| x.to_le_bytes()).collect()),
+            other => return Err(Error::invalid("LoRA save dtype", format!("{other:?} (use f32, f16, bf16 or f64)"))),
+        };
+        Ok(Self { dtype, shape: t.dims().to_vec(), data })
+    }
+}
+
+impl safetensors::View for RawTensor {
+    fn dtype(&self) -> safetensors::Dtype {
+        self.dtype
+    }
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
+        std::borrow::Cow::Borrowed(&self.data)
+    }
+    fn data_len(&self) -> usize {
+        self.data.len()
+    }
+}
+
+/// A candle tensor from a safetensors view (f32, f64, f16, bf16).
+fn load_view(v: &safetensors::tensor::TensorView<'_>, device: &Device) -> candle_core::Result<Tensor> {
+    let dtype = match v.dtype() {
+        safetensors::Dtype::F32 => DType::F32,
+        safetensors::Dtype::F64 => DType::F64,
+        safetensors::Dtype::F16 => DType::F16,
+        safetensors::Dtype::BF16 => DType::BF16,
+        other => candle_core::bail!("unsupported dtype {other:?} (LoRA tensors must be float)"),
+    };
+    Tensor::from_raw_buffer(v.data(), dtype, v.shape(), device)
+}
+
+/// Distinct values, comma-separated, in first-seen order.
+fn summarise<T: PartialEq + ToString + Copy>(v: &[T]) -> String {
+    let mut d: Vec<T> = Vec::new();
+    for x in v {
+        if !d.contains(x) {
+            d.push(*x);
+        }
+    }
+    d.iter().map(|x| x.to_string()).collect::<Vec<_>>().join(",")
+}
+
+/// One module of a LoRA file.
+#[derive(Clone, Debug)]
+pub struct LoraModule {
+    /// `unet`, `text_encoder` or `text_encoder_2`.
+    pub component: String,
+    /// The module as the file names it: a dotted path (PEFT) or the underscored kohya name
+    /// without its `lora_unet_` prefix.
+    pub module: String,
+    /// The file key of A (for error messages).
+    pub down_key: String,
+    /// The file key of B.
+    pub up_key: String,
+    pub weights: LoraWeights,
+}
+
+/// A parsed LoRA file.
+#[derive(Clone, Debug)]
+pub struct LoraFile {
+    pub path: PathBuf,
+    pub format: LoraFormat,
+    pub modules: Vec<LoraModule>,
+    /// The safetensors header metadata.
+    pub metadata: HashMap<String, String>,
+}
+
+impl LoraFile {
+    /// The components present, in [`KNOWN_PREFIXES`] order.
+    pub fn components(&self) -> Vec<&'static str> {
+        KNOWN_PREFIXES.iter().copied().filter(|c| self.has_component(c)).collect()
+    }
+    pub fn has_component(&self, c: &str) -> bool {
+        self.modules.iter().any(|m| m.component == c)
+    }
+}
+
+fn file_err(path: &Path, msg: impl std::fmt::Display) -> Error {
+    Error::msg(format!("LoRA file {}: {msg}", path.display()))
+}
+
+/// Reads a kohya or PEFT LoRA file (format auto-detected), loading tensors onto `device`.
+pub fn read_lora_file(path: impl AsRef<Path>, device: &Device) -> Result<LoraFile> {
+    let path = path.as_ref();
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| file_err(path, format!("not a readable safetensors file ({e}); truncated or corrupt?")))?;
+    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| file_err(path, e))?;
+    let metadata = header.metadata().clone().unwrap_or_default();
+    let mut tensors: HashMap<String, Tensor> = HashMap::new();
+    for (name, view) in st.tensors() {
+        let t = load_view(&view, device).ctx(format!("LoRA file {}: tensor `{name}`", path.display()))?;
+        tensors.insert(name, t);
+    }
+    if tensors.is_empty() {
+        return Err(file_err(path, "holds no tensors"));
+    }
+    let is_kohya = |k: &str| k.starts_with("lora_unet_") || k.starts_with("lora_te_") || k.starts_with("lora_te1_") || k.starts_with("lora_te2_");
+    let kohya = tensors.keys().filter(|k| is_kohya(k)).count();
+    let format = if kohya == tensors.len() {
+        LoraFormat::Kohya
+    } else if kohya > 0 {
+        let other: Vec<&String> = tensors.keys().filter(|k| !is_kohya(k)).take(3).collect();
+        return Err(file_err(path, format!("mixes kohya keys with others ({other:?})")));
+    } else if tensors.keys().any(|k| k.ends_with(".lora_A.weight") || k.ends_with(".lora_B.weight")) {
+        LoraFormat::Peft
+    } else if tensors.keys().any(|k| k.ends_with(".lora.down.weight") || k.ends_with(".lora.up.weight")) {
+        LoraFormat::PeftLegacy
+    } else {
+        let some: Vec<&String> = tensors.keys().take(4).collect();
+        return Err(file_err(path, format!("no LoRA keys of a known format (kohya `lora_unet_….lora_down.weight`, PEFT `unet.….lora_A.weight`); found e.g. {some:?}")));
+    };
+    let modules = match format {
+        LoraFormat::Kohya => parse_kohya(path, tensors)?,
+        _ => parse_peft(path, format, tensors, &metadata)?,
+    };
+    Ok(LoraFile { path: path.to_path_buf(), format, modules, metadata })
+}
+
+fn scalar(path: &Path, key: &str, t: &Tensor) -> Result<f64> {
+    if t.elem_count() != 1 {
+        return Err(file_err(path, format!("`{key}` should be a scalar, has shape {:?}", t.dims())));
+    }
+    let v = t.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?[0];
+    if !v.is_finite() || v <= 0.0 {
+        return Err(file_err(path, format!("`{key}` = {v} (alpha must be finite and > 0)")));
+    }
+    Ok(v)
+}
+
+fn make_weights(path: &Path, down_key: &str, up_key: &str, down: Tensor, up: Tensor, alpha: Option<f64>) -> Result<LoraWeights> {
+    let (r, _) = down.dims2().map_err(|_| file_err(path, format!("`{down_key}` has shape {:?}; expected (rank, in) — conv LoRA is not supported", down.dims())))?;
+    let (_, r2) = up.dims2().map_err(|_| file_err(path, format!("`{up_key}` has shape {:?}; expected (out, rank) — conv LoRA is not supported", up.dims())))?;
+    if r == 0 {
+        return Err(file_err(path, format!("`{down_key}` has rank 0")));
+    }
+    if r != r2 {
+        return Err(Error::Shape { file: path.display().to_string(), key: up_key.to_string(), expected: vec![up.dims()[0], r], found: up.dims().to_vec() });
+    }
+    Ok(LoraWeights { down, up, alpha: alpha.unwrap_or(r as f64) })
+}
+
+fn parse_kohya(path: &Path, mut tensors: HashMap<String, Tensor>) -> Result<Vec<LoraModule>> {
+    let mut bases: Vec<String> = tensors.keys().filter_map(|k| k.strip_suffix(".lora_down.weight").map(str::to_string)).collect();
+    bases.sort();
+    let mut modules = Vec::new();
+    for base in bases {
+        let (dk, uk, ak) = (format!("{base}.lora_down.weight"), format!("{base}.lora_up.weight"), format!("{base}.alpha"));
+        let down = tensors.remove(&dk).expect("listed");
+        let up = tensors.remove(&uk).ok_or_else(|| Error::MissingTensor { file: path.display().to_string(), key: uk.clone() })?;
+        let alpha = match tensors.remove(&ak) {
+            Some(t) => Some(scalar(path, &ak, &t)?),
+            None => None,
+        };
+        let (component, module) = if let Some(m) = base.strip_prefix("lora_unet_") {
+            ("unet", m)
+        } else if let Some(m) = base.strip_prefix("lora_te_").or_else(|| base.strip_prefix("lora_te1_")) {
+            ("text_encoder", m)
+        } else if let Some(m) = base.strip_prefix("lora_te2_") {
+            ("text_encoder_2", m)
+        } else {
+            unreachable!("kohya keys checked")
+        };
+        let weights = make_weights(path, &dk, &uk, down, up, alpha)?;
+        modules.push(LoraModule { component: component.into(), module: module.into(), down_key: dk, up_key: uk, weights });
+    }
+    if !tensors.is_empty() {
+        let mut left: Vec<&String> = tensors.keys().collect();
+        left.sort();
+        return Err(file_err(path, format!("{} keys that are not LoRA down/up/alpha (unsupported variant: DoRA, LoHa, LoKr?), e.g. {:?}", left.len(), &left[..left.len().min(4)])));
+    }
+    Ok(modules)
+}
+
+/// Per-component alpha settings from diffusers' `lora_adapter_metadata`.
+#[derive(Default, Debug)]
+struct PeftMeta {
+    lora_alpha: Option<f64>,
+    alpha_pattern: Vec<(String, f64)>,
+}
+
+fn peft_meta(path: &Path, metadata: &HashMap<String, String>) -> Result<HashMap<String, PeftMeta>> {
+    let mut out: HashMap<String, PeftMeta> = HashMap::new();
+    let Some(raw) = metadata.get("lora_adapter_metadata") else { return Ok(out) };
+    let v: serde_json::Value = serde_json::from_str(raw).map_err(|e| file_err(path, format!("lora_adapter_metadata is not JSON: {e}")))?;
+    let obj = v.as_object().ok_or_else(|| file_err(path, "lora_adapter_metadata is not a JSON object"))?;
+    for (k, val) in obj {
+        let Some((comp, field)) = KNOWN_PREFIXES.iter().rev().find_map(|c| k.strip_prefix(&format!("{c}.")).map(|f| (c.to_string(), f))) else { continue };
+        let m = out.entry(comp).or_default();
+        match field {
+            "lora_alpha" => m.lora_alpha = val.as_f64(),
+            "alpha_pattern" => {
+                if let Some(p) = val.as_object() {
+                    m.alpha_pattern = p.iter().filter_map(|(k, v)| v.as_f64().map(|a| (k.clone(), a))).collect();
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(out)
+}
+
+fn parse_peft(path: &Path, format: LoraFormat, mut tensors: HashMap<String, Tensor>, metadata: &HashMap<String, String>) -> Result<Vec<LoraModule>> {
+    let (ds, us) = if format == LoraFormat::Peft { (".lora_A.weight", ".lora_B.weight") } else { (".lora.down.weight", ".lora.up.weight") };
+    let meta = peft_meta(path, metadata)?;
+    let mut bases: Vec<String> = tensors.keys().filter_map(|k| k.strip_suffix(ds).map(str::to_string)).collect();
+    bases.sort();
+    let mut modules = Vec::new();
+    for base in bases {
+        let (dk, uk, ak) = (format!("{base}{ds}"), format!("{base}{us}"), format!("{base}.alpha"));
+        let down = tensors.remove(&dk).expect("listed");
+        let up = tensors.remove(&uk).ok_or_else(|| Error::MissingTensor { file: path.display().to_string(), key: uk.clone() })?;
+        let Some((component, module)) = KNOWN_PREFIXES.iter().rev().find_map(|c| base.strip_prefix(&format!("{c}.")).map(|m| (c.to_string(), m.to_string()))) else {
+            return Err(file_err(path, format!("`{dk}`: unknown component (expected a key starting with one of {KNOWN_PREFIXES:?})")));
+        };
+        let mut alpha = match tensors.remove(&ak) {
+            Some(t) => Some(scalar(path, &ak, &t)?),
+            None => None,
+        };
+        if alpha.is_none() {
+            if let Some(m) = meta.get(&component) {
+                alpha = m.alpha_pattern.iter().find(|(p, _)| crate::lora::pattern_matches(p, &module)).map(|(_, a)| *a).or(m.lora_alpha);
+            }
+        }
+        let weights = make_weights(path, &dk, &uk, down, up, alpha)?;
+        modules.push(LoraModule { component, module, down_key: dk, up_key: uk, weights });
+    }
+    if !tensors.is_empty() {
+        let mut left: Vec<&String> = tensors.keys().collect();
+        left.sort();
+        return Err(file_err(path, format!("{} keys without a matching {ds} (unsupported variant or mixed formats?), e.g. {:?}", left.len(), &left[..left.len().min(4)])));
+    }
+    Ok(modules)
+}
+
+/// What to do with file modules that match no layer of the model.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum UnknownKeys {
+    /// Fail, listing a few of them (default).
+    #[default]
+    Error,
+    /// Skip them; they are listed in [`AppliedLora::skipped`].
+    Skip,
+}
+
+/// How a file is applied.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum ApplyMode {
+    /// As adapters (the weights untouched; `scale` can be changed later; trainable).
+    #[default]
+    Adapter,
+    /// Merged into the weights (base speed; [`LoraSet::unmerge`] restores them).
+    Merge,
+}
+
+/// Options of [`apply_lora`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct ApplyOptions {
+    /// Multiplier on `(alpha/r) · B A` (the `:SCALE` of `--lora FILE:SCALE`).
+    pub scale: f64,
+    pub mode: ApplyMode,
+    pub unknown: UnknownKeys,
+}
+
+impl Default for ApplyOptions {
+    fn default() -> Self {
+        Self { scale: 1.0, mode: ApplyMode::Adapter, unknown: UnknownKeys::Error }
+    }
+}
+
+/// The result of [`apply_lora`].
+#[derive(Debug)]
+pub struct AppliedLora {
+    pub set: LoraSet,
+    /// Modules of the file (for this component) that matched no layer, when skipping was asked for.
+    pub skipped: Vec<String>,
+}
+
+/// Applies the modules of `file` that belong to `component` (`"unet"`, `"text_encoder"`, …) to
+/// the layers `linears` of that component. Each module is resolved to a layer name (kohya names
+/// through the `'.'→'_'` map of every layer name); A must be `(r, in)` and B `(out, r)` for that
+/// layer. Errors name the file key, the expected and the found shape. Errors when the file holds
+/// nothing for `component` (check [`LoraFile::has_component`] first).
+pub fn apply_lora(file: &LoraFile, component: &str, linears: &[Linear], opts: &ApplyOptions) -> Result<AppliedLora> {
+    if !opts.scale.is_finite() {
+        return Err(Error::invalid("LoRA scale", opts.scale.to_string()));
+    }
+    let path = &file.path;
+    let mods: Vec<&LoraModule> = file.modules.iter().filter(|m| m.component == component).collect();
+    if mods.is_empty() {
+        return Err(file_err(path, format!("has no {component} LoRA (components: {:?})", file.components())));
+    }
+    // Name index: exact for PEFT, '.'→'_' for kohya (with ambiguity detection).
+    let mut index: HashMap<String, Vec<&Linear>> = HashMap::new();
+    for l in linears {
+        let key = if file.format == LoraFormat::Kohya { l.name().replace('.', "_") } else { l.name().to_string() };
+        index.entry(key).or_default().push(l);
+    }
+    let mut pairs = Vec::new();
+    let mut unknown = Vec::new();
+    let mut used = std::collections::HashSet::new();
+    for m in mods {
+        let Some(cands) = index.get(&m.module) else {
+            unknown.push(m.down_key.clone());
+            continue;
+        };
+        if cands.len() > 1 {
+            let names: Vec<&str> = cands.iter().map(|l| l.name()).collect();
+            return Err(file_err(path, format!("`{}` is ambiguous: matches layers {names:?}", m.down_key)));
+        }
+        let lin = cands[0];
+        if !used.insert(lin.name().to_string()) {
+            return Err(file_err(path, format!("two modules map to layer {}", lin.name())));
+        }
+        let (out_dim, in_dim) = (lin.out_dim(), lin.in_dim());
+        let r = m.weights.down.dims()[0];
+        let shape_err = |key: &str, expected: Vec<usize>, found: &[usize]| Error::Shape { file: path.display().to_string(), key: key.to_string(), expected, found: found.to_vec() };
+        if m.weights.down.dims()[1] != in_dim {
+            return Err(shape_err(&m.down_key, vec![r, in_dim], m.weights.down.dims()));
+        }
+        if m.weights.up.dims()[0] != out_dim {
+            return Err(shape_err(&m.up_key, vec![out_dim, r], m.weights.up.dims()));
+        }
+        pairs.push((lin.clone(), m.weights.clone()));
+    }
+    if !unknown.is_empty() && opts.unknown == UnknownKeys::Error {
+        let sample: Vec<&str> = linears.iter().take(3).map(|l| l.name()).collect();
+        return Err(file_err(
+            path,
+            format!(
+                "{} {component} module(s) match no layer of the model, e.g. {:?} (model layers look like {sample:?}; use UnknownKeys::Skip to ignore them)",
+                unknown.len(),
+                &unknown[..unknown.len().min(4)]
+            ),
+        ));
+    }
+    let set = LoraSet::from_weights(component, pairs, opts.scale)?;
+    if opts.mode == ApplyMode::Merge {
+        set.merge(opts.scale)?;
+    }
+    Ok(AppliedLora { set, skipped: unknown })
+}
+
+/// Reads `path` and applies its `component` part to `linears` (see [`apply_lora`]).
+pub fn apply_lora_file(linears: &[Linear], component: &str, path: impl AsRef<Path>, opts: &ApplyOptions) -> Result<AppliedLora> {
+    let dev = linears.first().map(|l| l.weight().device().clone()).unwrap_or(Device::Cpu);
+    let file = read_lora_file(path, &dev)?;
+    apply_lora(&file, component, linears, opts)
+}
