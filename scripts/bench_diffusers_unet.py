@@ -19,7 +19,8 @@ Configurations:
   tiny  block_out_channels (32, 64, 64), 1 layer per block, 1.49 M parameters, batch 32,
         4x16x16 latents, 77 condition tokens of width 64
   sd15  Stable Diffusion 1.5's UNet (860 M parameters), batch 1, 4x64x64 latents, 77x768
-        condition; forward only unless --sd15-backward (needs ~20+ GB of memory)
+        condition; forward only unless --sd15-backward (forward + backward, no AdamW;
+        needs well over 10 GB of memory)
 Weights: seeded random, by the rule of scripts/make_tiny_sd.py (the values do not change the time).
 """
 
@@ -79,8 +80,9 @@ CONFIGS = {
 }
 
 
-def timed(fn, reps):
-    fn()  # warm-up
+def timed(fn, reps, warmup=1):
+    for _ in range(warmup):
+        fn()
     ms = []
     for _ in range(reps):
         t0 = time.perf_counter()
@@ -89,7 +91,7 @@ def timed(fn, reps):
     return statistics.median(ms), min(ms)
 
 
-def bench(name, spec, reps, backward):
+def bench(name, spec, reps, backward, adamw, warmup=1):
     print(f"== {name}: building", file=sys.stderr)
     unet = UNet2DConditionModel(**spec["model"])
     randomize_(unet, 1)
@@ -107,7 +109,7 @@ def bench(name, spec, reps, backward):
             unet(x, t, encoder_hidden_states=ehs)
 
     print(f"== {name}: forward", file=sys.stderr)
-    res["fwd_ms"], res["fwd_min_ms"] = timed(fwd, reps)
+    res["fwd_ms"], res["fwd_min_ms"] = timed(fwd, reps, warmup)
     if backward:
         unet.train()
 
@@ -117,7 +119,9 @@ def bench(name, spec, reps, backward):
             unet.zero_grad(set_to_none=True)
 
         print(f"== {name}: forward + backward", file=sys.stderr)
-        res["fwd_bwd_ms"], res["fwd_bwd_min_ms"] = timed(fwd_bwd, reps)
+        res["fwd_bwd_ms"], res["fwd_bwd_min_ms"] = timed(fwd_bwd, reps, warmup)
+        if not adamw:
+            return res
         opt = torch.optim.AdamW(unet.parameters(), lr=1e-4)
 
         def step():
@@ -127,7 +131,7 @@ def bench(name, spec, reps, backward):
             opt.zero_grad(set_to_none=True)
 
         print(f"== {name}: forward + backward + AdamW", file=sys.stderr)
-        res["fwd_bwd_adamw_ms"], res["fwd_bwd_adamw_min_ms"] = timed(step, reps)
+        res["fwd_bwd_adamw_ms"], res["fwd_bwd_adamw_min_ms"] = timed(step, reps, warmup)
     return res
 
 
@@ -136,7 +140,8 @@ def main():
     ap.add_argument("--reps", type=int, default=5, help="timed calls for the tiny UNet")
     ap.add_argument("--sd15-reps", type=int, default=2)
     ap.add_argument("--no-sd15", action="store_true")
-    ap.add_argument("--sd15-backward", action="store_true")
+    ap.add_argument("--sd15-backward", action="store_true", help="also forward + backward (no AdamW)")
+    ap.add_argument("--sd15-warmup", type=int, default=1)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=os.path.join(REPO, "target", "bench", "diffusers_unet.json"))
     args = ap.parse_args()
@@ -147,9 +152,11 @@ def main():
     torch.manual_seed(0)
 
     results = {"torch": torch.__version__, "diffusers": diffusers.__version__, "threads": args.threads}
-    results["tiny"] = bench("tiny", CONFIGS["tiny"], args.reps, backward=True)
+    results["tiny"] = bench("tiny", CONFIGS["tiny"], args.reps, backward=True, adamw=True)
     if not args.no_sd15:
-        results["sd15"] = bench("sd15", CONFIGS["sd15"], args.sd15_reps, backward=args.sd15_backward)
+        results["sd15"] = bench(
+            "sd15", CONFIGS["sd15"], args.sd15_reps, backward=args.sd15_backward, adamw=False, warmup=args.sd15_warmup
+        )
 
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     tmp = args.out + ".tmp"

@@ -11,7 +11,8 @@
 //! - `GEN_BENCH_REPS` timed repetitions for the tiny UNet (default 5; SD 1.5 uses `GEN_BENCH_SD15_REPS`, default 2);
 //!   each measurement is the median after one untimed warm-up call.
 //! - `GEN_BENCH_SD15=0` skips the SD-1.5-sized UNet; `GEN_BENCH_SD15_BACKWARD=1` also times its
-//!   backward (needs roughly 20+ GB of memory; off by default).
+//!   forward + backward (no AdamW; needs well over 10 GB of memory; off by default);
+//!   `GEN_BENCH_SD15_WARMUP` untimed calls before (default 1).
 //! - `GEN_BENCH_DIFFUSERS_JSON` overrides the path of the diffusers results.
 //!
 //! Configurations (same in the Python script):
@@ -42,7 +43,11 @@ struct Case {
     hw: usize,
     tokens: usize,
     reps: usize,
+    /// Untimed calls before the timed ones.
+    warmup: usize,
     backward: bool,
+    /// Also time forward + backward + AdamW (needs memory for the optimizer state).
+    adamw: bool,
 }
 
 #[derive(Default)]
@@ -86,7 +91,7 @@ fn run_case(case: &Case) -> Result<Row> {
     let ours_out = {
         let ours = UNet2DConditionModel::new(VarBuilder::from_tensors(detached_weights(&varmap), DType::F32, &dev), cfg)?;
         eprintln!("== {}: gen-models forward", case.name);
-        row.ours_fwd = Some(time_it(1, case.reps, || ours.forward(&x, &ts, &ehs).map(|_| ()).map_err(Into::into))?);
+        row.ours_fwd = Some(time_it(case.warmup, case.reps, || ours.forward(&x, &ts, &ehs).map(|_| ()).map_err(Into::into))?);
         ours.forward(&x, &ts, &ehs)?
     };
     {
@@ -98,7 +103,7 @@ fn run_case(case: &Case) -> Result<Row> {
             candle_unet_config(cfg)?,
         )?;
         eprintln!("== {}: candle-transformers forward", case.name);
-        row.candle_fwd = Some(time_it(1, case.reps, || theirs.forward(&x, t as f64, &ehs).map(|_| ()).map_err(Into::into))?);
+        row.candle_fwd = Some(time_it(case.warmup, case.reps, || theirs.forward(&x, t as f64, &ehs).map(|_| ()).map_err(Into::into))?);
         row.agreement = rel_err(&ours_out, &theirs.forward(&x, t as f64, &ehs)?)?;
     }
 
@@ -106,16 +111,19 @@ fn run_case(case: &Case) -> Result<Row> {
         let model = UNet2DConditionModel::new(VarBuilder::from_varmap(&varmap, DType::F32, &dev), cfg)?;
         let loss = || -> Result<Tensor> { Ok((model.forward(&x, &ts, &ehs)? - &target)?.sqr()?.mean_all()?) };
         eprintln!("== {}: gen-models forward + backward", case.name);
-        row.ours_fwd_bwd = Some(time_it(1, case.reps, || loss()?.backward().map(|_| ()).map_err(Into::into))?);
+        row.ours_fwd_bwd = Some(time_it(case.warmup, case.reps, || loss()?.backward().map(|_| ()).map_err(Into::into))?);
         let params: Vec<NamedVar> = {
             let data = varmap.data().lock().expect("varmap lock");
             let mut v: Vec<NamedVar> = data.iter().map(|(k, var)| NamedVar::new(k.clone(), var.clone())).collect();
             v.sort_by(|a, b| a.name.cmp(&b.name));
             v
         };
+        if !case.adamw {
+            return Ok(row);
+        }
         let mut opt = Optim::new(AdamW, vec![ParamGroup::new(params, AdamWConfig { lr: 1e-4, ..Default::default() })])?;
         eprintln!("== {}: gen-models forward + backward + AdamW", case.name);
-        row.ours_step = Some(time_it(1, case.reps, || {
+        row.ours_step = Some(time_it(case.warmup, case.reps, || {
             let grads = loss()?.backward()?;
             opt.step(&grads)?;
             Ok(())
@@ -146,7 +154,17 @@ fn ratio(a: Option<f64>, b: Option<f64>) -> String {
 
 fn main() -> Result<()> {
     let reps = env_usize("GEN_BENCH_REPS", 5);
-    let mut cases = vec![Case { name: "tiny", cfg: tiny_unet_config()?, batch: 32, hw: 16, tokens: 77, reps, backward: true }];
+    let mut cases = vec![Case {
+        name: "tiny",
+        cfg: tiny_unet_config()?,
+        batch: 32,
+        hw: 16,
+        tokens: 77,
+        reps,
+        warmup: 1,
+        backward: true,
+        adamw: true,
+    }];
     if env_usize("GEN_BENCH_SD15", 1) != 0 {
         cases.push(Case {
             name: "sd15",
@@ -155,7 +173,9 @@ fn main() -> Result<()> {
             hw: 64,
             tokens: 77,
             reps: env_usize("GEN_BENCH_SD15_REPS", 2),
+            warmup: env_usize("GEN_BENCH_SD15_WARMUP", 1),
             backward: env_usize("GEN_BENCH_SD15_BACKWARD", 0) != 0,
+            adamw: false,
         });
     }
     println!("UNet benchmark, f32 CPU, {} threads (candle)", candle_core::utils::get_num_threads());
