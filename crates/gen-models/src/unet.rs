@@ -289,8 +289,11 @@ impl UNetConfig {
                 }
             }
         }
-        if self.freq_shift.is_nan() || self.norm_eps.is_nan() || self.norm_eps < 0.0 {
-            return err("norm_eps", "must be a non-negative number".into());
+        if self.norm_eps.is_nan() || self.norm_eps < 0.0 {
+            return err("norm_eps", format!("{} is not a non-negative number", self.norm_eps));
+        }
+        if !self.freq_shift.is_finite() {
+            return err("freq_shift", format!("{} is not a finite number", self.freq_shift));
         }
         Ok(())
     }

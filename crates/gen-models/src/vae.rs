@@ -75,6 +75,12 @@ pub struct VaeConfig {
     pub scaling_factor: f64,
     #[serde(default)]
     pub shift_factor: Option<f64>,
+    /// Per-channel latent statistics some VAEs publish (SD-XL-derived models); the VAE itself
+    /// does not use them — pipelines that normalise latents with them read them from here.
+    #[serde(default)]
+    pub latents_mean: Option<Vec<f64>>,
+    #[serde(default)]
+    pub latents_std: Option<Vec<f64>>,
     #[serde(default = "default_true")]
     pub force_upcast: bool,
     #[serde(default = "default_true")]
@@ -86,7 +92,7 @@ pub struct VaeConfig {
 }
 
 const REQUIRED_FIELDS: &[&str] = &["block_out_channels", "down_block_types", "up_block_types"];
-const FIXED_FIELDS: &[(&str, &[&str])] = &[("latents_mean", &["null"]), ("latents_std", &["null"])];
+const FIXED_FIELDS: &[(&str, &[&str])] = &[];
 
 impl VaeConfig {
     /// Reads diffusers' `vae/config.json`.
@@ -126,6 +132,13 @@ impl VaeConfig {
         }
         if cfg.layers_per_block == 0 {
             return err("layers_per_block", "must be positive".into());
+        }
+        for (key, v) in [("latents_mean", &cfg.latents_mean), ("latents_std", &cfg.latents_std)] {
+            if let Some(v) = v {
+                if v.len() != cfg.latent_channels {
+                    return err(key, format!("{} values for {} latent channels", v.len(), cfg.latent_channels));
+                }
+            }
         }
         Ok(cfg)
     }

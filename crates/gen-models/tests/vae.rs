@@ -277,6 +277,13 @@ fn vae_config_errors_name_file_and_key() -> Result<()> {
     let cfg = VaeConfig::from_file(&ok)?;
     assert_eq!(cfg, tiny_cfg());
     assert!((cfg.scaling_factor - 0.18215).abs() < 1e-12 && cfg.use_quant_conv && cfg.mid_block_add_attention);
+    let mut with_stats = tiny_json();
+    with_stats["latents_mean"] = json!([0.1, 0.2, 0.3, 0.4]);
+    with_stats["latents_std"] = json!([1.0, 2.0, 3.0, 4.0]);
+    with_stats["shift_factor"] = json!(0.5);
+    let cfg = VaeConfig::from_json(&with_stats, "stats")?;
+    assert_eq!(cfg.latents_std, Some(vec![1.0, 2.0, 3.0, 4.0]));
+    assert_eq!(cfg.shift_factor, Some(0.5));
 
     let cases: Vec<(&str, ConfigEdit, &str)> = vec![
         (
@@ -290,6 +297,7 @@ fn vae_config_errors_name_file_and_key() -> Result<()> {
         ("blocks.json", Box::new(|j| j["up_block_types"] = json!(["UpDecoderBlock2D"])), "up_block_types"),
         ("groups.json", Box::new(|j| j["norm_num_groups"] = json!(3)), "norm_num_groups"),
         ("latents.json", Box::new(|j| j["latents_mean"] = json!([0.1, 0.2])), "latents_mean"),
+        ("force_upcast.json", Box::new(|j| j["force_upcast"] = json!(3)), "force_upcast"),
     ];
     for (file, edit, key) in cases {
         let mut j = tiny_json();
