@@ -3,6 +3,7 @@
 use clap::{Parser, Subcommand};
 
 pub mod dataset;
+pub mod image;
 
 /// gen: diffusion sampling with guidance, score distillation to 3D, reward fine-tuning and a
 /// tiny embedded Stable Diffusion trained on a procedural shapes world.
@@ -17,11 +18,14 @@ pub struct Cli {
 pub enum Command {
     /// Render samples of the procedural shapes world (images, masks, captions, ground truth).
     Dataset(dataset::DatasetArgs),
+    /// Generate images from a prompt (or an image and a prompt) with CFG or APG guidance.
+    Image(image::ImageArgs),
 }
 
 /// Runs the parsed command line.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Dataset(args) => dataset::run(args),
+        Command::Image(args) => image::run(args),
     }
 }

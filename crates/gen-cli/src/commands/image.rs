@@ -1,0 +1,309 @@
+//! `gen image`: text-to-image and image-to-image with CFG or APG guidance.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use clap::Args;
+use gen_core::DeviceChoice;
+use gen_diffusion::{ApgConfig, GuidanceConfig, GuidanceMethod, IntervalRange};
+use gen_models::pipeline::{HubOptions, ModelSource, SdPipeline};
+use gen_sample::{generate, plan_outputs, save_outputs, InitImage, Precision, Progress, SampleConfig, Sampler};
+use indicatif::{ProgressBar, ProgressStyle};
+
+const AFTER_HELP: &str = "\
+Outputs: --out X.png with one image writes X.png; with --num-images N > 1 it writes the grid
+X.png and the images X-000.png, X-001.png, …; --out FOLDER writes FOLDER/image-000.png, …,
+FOLDER/grid.png (N > 1) and FOLDER/config.json (the full settings). Every PNG carries the
+prompt, seed and full settings in text chunks (`prompt`, `seed`, `parameters`, …). Files are
+written only after every image is generated, each atomically: a failed run writes nothing.
+
+Model: --model PATH|ORG/NAME[@REV]; default: $GEN_MODEL, else weights/tiny-shapes of this
+checkout (next to the executable or the source tree).
+
+Determinism: image i draws its noise from random stream i of --seed, so the same command gives
+the same bytes on the CPU, whatever --batch-size is.
+
+Guidance: scale w with D = u + w (c - u); w = 1 is no guidance. --apg switches CFG to adaptive
+projected guidance (Sadat et al. 2024) with the preset's eta / norm threshold / momentum unless
+given.
+
+Examples:
+  gen image \"a red cube on a blue floor\" --steps 20 --seed 7 --out cube.png
+  gen image \"a red cube\" --apg --guidance-scale 10 --eta 0.3 --num-images 4 --out runs/apg
+  gen image \"a green sphere\" --scheduler euler-a --guidance-rescale 0.7 --guidance-interval 0.2,0.8
+  gen image \"a yellow cone\" --init-image cube.png --strength 0.6 --out cone.png
+  gen image \"an astronaut\" --model stabilityai/stable-diffusion-2-1-base --offline --size 512x512";
+
+/// Generate images from a prompt (text-to-image) or from an image and a prompt (image-to-image).
+#[derive(Debug, Args)]
+#[command(after_help = AFTER_HELP)]
+pub struct ImageArgs {
+    /// The prompt. Several prompts: image i uses prompt i mod count (and --num-images defaults
+    /// to the number of prompts).
+    #[arg(required = true, num_args = 1..)]
+    pub prompt: Vec<String>,
+    /// Prompt of the unconditional branch (what to steer away from).
+    #[arg(long, default_value = "")]
+    pub negative_prompt: String,
+    /// Guidance scale w (1 = no guidance).
+    #[arg(long, default_value_t = 7.5)]
+    pub guidance_scale: f64,
+    /// Use adaptive projected guidance (APG) instead of CFG.
+    #[arg(long)]
+    pub apg: bool,
+    /// APG preset: paper (eta 0, r 15, momentum -0.5, x0 space), diffusers (eta 1, r 15, no
+    /// momentum, model-output space, u + w·update) or comfy (eta 1, r 5, x0 space, c + w·update).
+    #[arg(long, default_value = "paper", requires = "apg", value_parser = ["paper", "diffusers", "comfy"])]
+    pub apg_preset: String,
+    /// APG: weight of the update's component parallel to the conditional prediction.
+    #[arg(long, requires = "apg")]
+    pub eta: Option<f64>,
+    /// APG: norm threshold r of the update (0 disables the rescaling).
+    #[arg(long, requires = "apg")]
+    pub norm_threshold: Option<f64>,
+    /// APG: momentum beta (negative in the paper; |beta| < 1; 0 disables).
+    #[arg(long, requires = "apg", allow_hyphen_values = true)]
+    pub momentum: Option<f64>,
+    /// CFG-rescale phi in [0, 1] (0 = off; 0.7 in Lin et al. 2023).
+    #[arg(long, default_value_t = 0.0)]
+    pub guidance_rescale: f64,
+    /// Guide only in this interval: `a,b` = fractions of the steps (step floor(a·n) up to
+    /// floor(b·n)), `sigma:lo,hi` = noise levels in (lo, hi], `t:lo,hi` = timesteps in [lo, hi].
+    #[arg(long, value_parser = parse_interval)]
+    pub guidance_interval: Option<IntervalRange>,
+    /// Sampler: ddim, ddpm, euler, euler-a, dpm++2m, dpm++2m-karras.
+    #[arg(long, default_value = "dpm++2m", value_parser = parse_sampler)]
+    pub scheduler: Sampler,
+    /// DDIM eta (0 = deterministic DDIM); only with --scheduler ddim.
+    #[arg(long, default_value_t = 0.0)]
+    pub ddim_eta: f64,
+    /// Number of denoising steps.
+    #[arg(long, default_value_t = 30)]
+    pub steps: usize,
+    /// Random seed.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Image size WxH in pixels (or one number for a square); a multiple of the model's factor
+    /// (8·8 = 64 for Stable Diffusion). Default: the model's native size, or the init image's.
+    #[arg(long, value_parser = parse_size)]
+    pub size: Option<(usize, usize)>,
+    /// Number of images.
+    #[arg(long)]
+    pub num_images: Option<usize>,
+    /// Images denoised together.
+    #[arg(long, default_value_t = 1)]
+    pub batch_size: usize,
+    /// Model: a diffusers folder or a hub repo id ORG/NAME[@REVISION].
+    #[arg(long)]
+    pub model: Option<String>,
+    /// Read hub models from the local cache only.
+    #[arg(long)]
+    pub offline: bool,
+    /// Compute precision: f32, f16 or bf16 (the CPU runs f32 fastest).
+    #[arg(long, default_value = "f32", value_parser = parse_dtype)]
+    pub dtype: Precision,
+    /// Device: auto, cpu, cuda[:N] or metal[:N].
+    #[arg(long, default_value = "auto", value_parser = parse_device)]
+    pub device: DeviceChoice,
+    /// Image-to-image: start from this image (PNG or JPEG), resized to --size if given.
+    #[arg(long)]
+    pub init_image: Option<PathBuf>,
+    /// Image-to-image: how much to change the init image, in [0, 1] (0 = the VAE round trip).
+    #[arg(long, requires = "init_image")]
+    pub strength: Option<f64>,
+    /// Output: a .png file or a folder (see below).
+    #[arg(long, default_value = "gen-image.png")]
+    pub out: PathBuf,
+}
+
+fn parse_sampler(s: &str) -> Result<Sampler, String> {
+    Sampler::parse(s).map_err(|e| e.to_string())
+}
+
+fn parse_dtype(s: &str) -> Result<Precision, String> {
+    Precision::parse(s).map_err(|e| e.to_string())
+}
+
+fn parse_device(s: &str) -> Result<DeviceChoice, String> {
+    s.parse::<DeviceChoice>().map_err(|e| e.to_string())
+}
+
+fn parse_size(s: &str) -> Result<(usize, usize), String> {
+    let num = |p: &str| p.trim().parse::<usize>().map_err(|_| format!("`{s}` is not WxH (e.g. 512x512) or a single number"));
+    match s.split_once(['x', 'X', '×']) {
+        Some((w, h)) => Ok((num(w)?, num(h)?)),
+        None => {
+            let n = num(s)?;
+            Ok((n, n))
+        }
+    }
+}
+
+fn parse_interval(s: &str) -> Result<IntervalRange, String> {
+    let (kind, rest) = match s.split_once(':') {
+        Some((k, r)) => (k.trim(), r),
+        None => ("steps", s),
+    };
+    let (a, b) = rest.split_once(',').ok_or_else(|| format!("`{s}`: expected a,b (or sigma:lo,hi, t:lo,hi)"))?;
+    let num = |p: &str| p.trim().parse::<f64>().map_err(|_| format!("`{p}` in `{s}` is not a number"));
+    let (a, b) = (num(a)?, num(b)?);
+    match kind {
+        "steps" => {
+            if !(0.0..=1.0).contains(&a) || !(0.0..=1.0).contains(&b) || a > b {
+                return Err(format!("`{s}`: step fractions need 0 <= a <= b <= 1"));
+            }
+            Ok(IntervalRange::StepFraction { start: a, stop: b })
+        }
+        "sigma" => Ok(IntervalRange::Sigma { lo: a, hi: b }),
+        "t" => Ok(IntervalRange::Timestep { lo: a, hi: b }),
+        _ => Err(format!("`{s}`: unknown interval kind `{kind}` (steps fractions a,b, sigma:lo,hi or t:lo,hi)")),
+    }
+}
+
+/// The default model folder: `$GEN_MODEL`, else `weights/tiny-shapes` found next to the
+/// executable (or an ancestor of its folder), else in the source tree gen was built from.
+/// Returns the candidates looked at when none exists.
+fn default_model() -> Result<String, Vec<PathBuf>> {
+    if let Ok(m) = std::env::var("GEN_MODEL") {
+        if !m.is_empty() {
+            return Ok(m);
+        }
+    }
+    let rel = Path::new("weights").join("tiny-shapes");
+    let mut looked = Vec::new();
+    if let Ok(exe) = std::env::current_exe() {
+        // target/<profile>/gen → the checkout is three levels up; an installed copy may sit beside it.
+        for dir in exe.ancestors().skip(1).take(3) {
+            looked.push(dir.join(&rel));
+        }
+    }
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let src = src.canonicalize().unwrap_or(src);
+    if !looked.contains(&src.join(&rel)) {
+        looked.push(src.join(&rel));
+    }
+    match looked.iter().find(|p| p.join("model_index.json").is_file()) {
+        Some(p) => Ok(p.display().to_string()),
+        None => Err(looked),
+    }
+}
+
+/// The sampling config from the flags (without loading anything).
+fn config_from_args(a: &ImageArgs, model: &str) -> anyhow::Result<SampleConfig> {
+    let method = if a.apg {
+        let w = a.guidance_scale;
+        let mut c = match a.apg_preset.as_str() {
+            "diffusers" => ApgConfig::diffusers(w),
+            "comfy" => ApgConfig::comfy(w),
+            _ => ApgConfig::paper(w),
+        };
+        if let Some(e) = a.eta {
+            c.eta = e;
+        }
+        if let Some(r) = a.norm_threshold {
+            c.norm_threshold = r;
+        }
+        if let Some(m) = a.momentum {
+            c.momentum = m;
+        }
+        GuidanceMethod::Apg(c)
+    } else {
+        GuidanceMethod::Cfg { scale: a.guidance_scale }
+    };
+    let num_images = a.num_images.unwrap_or(a.prompt.len());
+    let cfg = SampleConfig {
+        prompts: a.prompt.clone(),
+        negative_prompt: a.negative_prompt.clone(),
+        guidance: GuidanceConfig { method, rescale_phi: a.guidance_rescale, interval: a.guidance_interval },
+        sampler: a.scheduler,
+        steps: a.steps,
+        seed: a.seed,
+        width: a.size.map(|s| s.0),
+        height: a.size.map(|s| s.1),
+        num_images,
+        batch_size: a.batch_size,
+        batch_invariant: true,
+        dtype: a.dtype,
+        ddim_eta: a.ddim_eta,
+        init_image: a.init_image.as_ref().map(|p| InitImage { path: p.clone(), strength: a.strength.unwrap_or(0.8) }),
+        model: Some(model.to_string()),
+    };
+    cfg.validate()?;
+    Ok(cfg)
+}
+
+pub fn run(args: ImageArgs) -> anyhow::Result<()> {
+    let model = match &args.model {
+        Some(m) => m.clone(),
+        None => match default_model() {
+            Ok(m) => m,
+            Err(looked) => bail!(
+                "no model given and the default model weights/tiny-shapes was not found (looked in {}); pass --model PATH|ORG/NAME or set GEN_MODEL",
+                looked.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
+            ),
+        },
+    };
+    // Everything that can be checked without the model first.
+    let cfg = config_from_args(&args, &model)?;
+    let plan = plan_outputs(&args.out, cfg.num_images)?;
+    if let Some(ii) = &cfg.init_image {
+        ii.dimensions()?;
+    }
+
+    let source = ModelSource::parse(&model)?;
+    let device = gen_core::pick_device(args.device)?;
+    let hub = HubOptions { offline: args.offline, ..Default::default() };
+    let pipe = SdPipeline::load(&source, &cfg.load_options(device, hub)).with_context(|| format!("loading model {model}"))?;
+    let cfg = cfg.resolve(&pipe)?;
+    let (w, h) = cfg.resolved_size()?;
+    eprintln!(
+        "{} image(s) {w}x{h}, {} {} steps, guidance {}, seed {}, model {model}",
+        cfg.num_images,
+        cfg.sampler,
+        cfg.steps,
+        cfg.guidance.build()?.name(),
+        cfg.seed
+    );
+
+    let bar = ProgressBar::new(0);
+    bar.set_style(ProgressStyle::with_template("{bar:40} {pos}/{len} steps ({elapsed}, eta {eta}) {msg}").expect("valid template"));
+    let started = std::time::Instant::now();
+    let images = generate(&pipe, &cfg, &mut |ev| match ev {
+        Progress::Warning(w) => bar.println(format!("warning: {w}")),
+        Progress::Start { total_steps, .. } => bar.set_length(*total_steps as u64),
+        Progress::Step { done, .. } => bar.set_position(*done as u64),
+        Progress::Decoded { images_done, num_images } => bar.set_message(format!("{images_done}/{num_images} images")),
+    })?;
+    bar.finish_and_clear();
+    let secs = started.elapsed().as_secs_f64();
+    let saved = save_outputs(&args.out, &images, &cfg).with_context(|| format!("writing outputs to {}", args.out.display()))?;
+    debug_assert_eq!(saved, plan);
+    println!("generated {} image(s) in {secs:.2} s", images.len());
+    for p in &saved.images {
+        println!("image: {}", p.display());
+    }
+    if let Some(g) = &saved.grid {
+        println!("grid: {}", g.display());
+    }
+    if let Some(c) = &saved.config {
+        println!("config: {}", c.display());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_sizes_and_intervals() {
+        assert_eq!(parse_size("64x32").unwrap(), (64, 32));
+        assert_eq!(parse_size("48").unwrap(), (48, 48));
+        assert!(parse_size("64x").is_err());
+        assert_eq!(parse_interval("0.2,0.8").unwrap(), IntervalRange::StepFraction { start: 0.2, stop: 0.8 });
+        assert_eq!(parse_interval("sigma:0.28,5.42").unwrap(), IntervalRange::Sigma { lo: 0.28, hi: 5.42 });
+        assert_eq!(parse_interval("t:100,900").unwrap(), IntervalRange::Timestep { lo: 100.0, hi: 900.0 });
+        assert!(parse_interval("0.8,0.2").is_err());
+        assert!(parse_interval("x:1,2").is_err());
+    }
+}

@@ -1,0 +1,121 @@
+//! The `gen image` command end to end on the tiny random pipeline `tests/fixtures/tiny-sd`:
+//! files and metadata written, determinism, and bad input → non-zero exit, a clear message and
+//! no output file.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn fixture() -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/tiny-sd").display().to_string()
+}
+
+fn gen(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_gen")).args(args).env_remove("GEN_MODEL").output().expect("gen binary runs")
+}
+
+fn tmp(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("gen-cli-image-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn text_chunk(path: &Path, key: &str) -> String {
+    let chunks = gen_sample::read_png_text(path).unwrap();
+    chunks.into_iter().find(|(k, _)| k == key).map(|(_, v)| v).unwrap_or_else(|| panic!("{}: no `{key}` chunk", path.display()))
+}
+
+#[test]
+fn image_writes_png_with_metadata_and_is_deterministic() {
+    let dir = tmp("ok");
+    let model = fixture();
+    let out = dir.join("cube.png");
+    let args = ["image", "a red cube", "--model", &model, "--size", "16x16", "--steps", "2", "--seed", "5", "--device", "cpu", "--apg", "--eta", "0.3"];
+    let run = |o: &Path| {
+        let mut a: Vec<&str> = args.to_vec();
+        a.extend(["--out", o.to_str().unwrap()]);
+        let r = gen(&a);
+        assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+        r
+    };
+    let r = run(&out);
+    assert!(String::from_utf8_lossy(&r.stdout).contains("cube.png"));
+    assert_eq!(text_chunk(&out, "prompt"), "a red cube");
+    assert_eq!(text_chunk(&out, "seed"), "5");
+    let params = text_chunk(&out, "parameters");
+    assert!(params.contains("\"method\":\"apg\"") && params.contains("\"eta\":0.3"), "{params}");
+    let again = dir.join("again.png");
+    run(&again);
+    let img = gen_core::imageio::load_image(&out, &candle_core::Device::Cpu).unwrap();
+    assert_eq!(img.dims(), &[3, 16, 16]);
+    assert_eq!(std::fs::read(&out).unwrap(), std::fs::read(&again).unwrap(), "same command, different bytes");
+
+    // A folder: images, grid and config.json.
+    let folder = dir.join("run");
+    let r = gen(&["image", "a red cube", "a blue sphere", "--model", &model, "--size", "16", "--steps", "2", "--scheduler", "euler-a", "--out", folder.to_str().unwrap()]);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    for f in ["image-000.png", "image-001.png", "grid.png", "config.json"] {
+        assert!(folder.join(f).is_file(), "{f} missing");
+    }
+    assert_eq!(text_chunk(&folder.join("image-001.png"), "prompt"), "a blue sphere");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn bad_input_fails_clearly_and_writes_nothing() {
+    let dir = tmp("bad");
+    let model = fixture();
+    let out = dir.join("out.png");
+    let out_s = out.to_str().unwrap().to_string();
+    let not_png = dir.join("not.png");
+    std::fs::write(&not_png, b"text").unwrap();
+    let np = not_png.to_str().unwrap().to_string();
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["--size", "18x16"], "not a multiple of 4"),
+        (vec!["--size", "16x"], "WxH"),
+        (vec!["--steps", "0"], "steps"),
+        (vec!["--scheduler", "pndm"], "known: ddim, ddpm, euler, euler-a, dpm++2m, dpm++2m-karras"),
+        (vec!["--init-image", &np, "--strength", "0.5"], "cannot read init image"),
+        (vec!["--init-image", &np, "--strength", "1.5"], "outside [0, 1]"),
+        (vec!["--strength", "0.5"], "--init-image"),
+        (vec!["--eta", "0.5"], "--apg"),
+        (vec!["--apg", "--momentum", "1.5"], "momentum"),
+        (vec!["--guidance-rescale", "2"], "phi"),
+        (vec!["--dtype", "f64"], "f32, f16, bf16"),
+    ];
+    for (extra, needle) in cases {
+        let mut a = vec!["image", "a red cube", "--model", &model, "--out", &out_s];
+        a.extend(extra.iter().copied());
+        for (flag, default) in [("--steps", "2"), ("--size", "16")] {
+            if !extra.contains(&flag) {
+                a.extend([flag, default]);
+            }
+        }
+        let r = gen(&a);
+        let err = String::from_utf8_lossy(&r.stderr);
+        assert!(!r.status.success(), "{extra:?} succeeded");
+        assert!(err.contains(needle), "{extra:?}: expected `{needle}` in `{err}`");
+        assert!(!out.exists(), "{extra:?} wrote an output");
+    }
+    let r = gen(&["image", "a red cube", "--model", &model, "--size", "16", "--steps", "2", "--out", dir.join("x.jpg").to_str().unwrap()]);
+    assert!(!r.status.success() && String::from_utf8_lossy(&r.stderr).contains(".jpg"));
+    let r = gen(&["image", "x", "--model", dir.join("nothing").to_str().unwrap(), "--out", &out_s]);
+    assert!(!r.status.success() && String::from_utf8_lossy(&r.stderr).contains("nothing"));
+    // Only the two files this test made.
+    assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 1);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn help_lists_every_flag_with_examples() {
+    let r = gen(&["image", "--help"]);
+    assert!(r.status.success());
+    let help = String::from_utf8_lossy(&r.stdout);
+    for flag in [
+        "--negative-prompt", "--apg", "--eta", "--norm-threshold", "--momentum", "--guidance-scale", "--guidance-rescale", "--guidance-interval",
+        "--scheduler", "--steps", "--seed", "--size", "--num-images", "--model", "--offline", "--dtype", "--device", "--init-image", "--strength", "--out",
+        "Examples:",
+    ] {
+        assert!(help.contains(flag), "--help lacks {flag}");
+    }
+}
