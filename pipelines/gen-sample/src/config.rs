@@ -155,6 +155,13 @@ pub struct InitImage {
     pub strength: f64,
 }
 
+impl InitImage {
+    /// The image's (width, height), read from its header; the error names the file.
+    pub fn dimensions(&self) -> Result<(u32, u32)> {
+        image::image_dimensions(&self.path).map_err(|e| Error::msg(format!("cannot read init image {}: {e}", self.path.display())))
+    }
+}
+
 /// Everything that determines the generated images. `None` size fields mean the model's
 /// native size (`unet.sample_size × VAE factor`, or the init image's size for img2img).
 /// [`SampleConfig::resolve`] fills them in and checks every field against the pipeline.
@@ -343,7 +350,7 @@ impl SampleConfig {
             ));
         }
         let init_dims = match &cfg.init_image {
-            Some(ii) => Some(image::image_dimensions(&ii.path).map_err(|e| Error::msg(format!("cannot read init image {}: {e}", ii.path.display())))?),
+            Some(ii) => Some(ii.dimensions()?),
             None => None,
         };
         let native = Self::native_size(pipe);
