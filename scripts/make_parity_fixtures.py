@@ -38,6 +38,10 @@ Files (all tensors f32 unless noted):
       image [2,3,32,32] in [-1, 1], posterior_mean [2,4,16,16], posterior_logvar [2,4,16,16]
       (diffusers clamps logvar to [-30, 20]), latent [2,4,8,8], decoded [2,3,16,16]
       (vae.decode(latent), no scaling_factor applied)
+  grads_unet.safetensors, grads_vae.safetensors, grads_text_encoder.safetensors
+      PyTorch autograd gradients of loss = sum(output * fixed random weights) with respect to the
+      inputs and to the parameters (every parameter's gradient norm, a few full gradients); see
+      write_gradient_fixtures.
 """
 
 import argparse
@@ -186,6 +190,125 @@ def main():
             "decoded": f32(decoded),
         },
     )
+
+    # -- gradients (PyTorch autograd in float64) ----------------------------------------------------
+    write_gradient_fixtures(args, input_ids, sample, t_mixed, ehs, image, latent)
+
+
+GRAD_PARAMS = {
+    # A few full parameter gradients per model, chosen where candle's own layers drop or corrupt
+    # gradients (attention projections, layer norms) plus ordinary convs and norms.
+    "unet": [
+        "conv_in.weight",
+        "time_embedding.linear_1.weight",
+        "down_blocks.0.resnets.0.norm1.weight",
+        "down_blocks.0.attentions.0.proj_in.weight",
+        "down_blocks.0.attentions.0.transformer_blocks.0.norm1.weight",
+        "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.weight",
+        "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_k.weight",
+        "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight",
+        "down_blocks.0.attentions.0.transformer_blocks.0.ff.net.0.proj.weight",
+        "mid_block.attentions.0.transformer_blocks.0.attn1.to_q.weight",
+        "up_blocks.1.attentions.2.proj_out.bias",
+        "conv_out.weight",
+    ],
+    "vae": [
+        "encoder.conv_in.weight",
+        "encoder.mid_block.attentions.0.to_q.weight",
+        "encoder.mid_block.attentions.0.group_norm.weight",
+        "quant_conv.weight",
+        "post_quant_conv.weight",
+        "decoder.mid_block.attentions.0.to_k.weight",
+        "decoder.up_blocks.0.upsamplers.0.conv.weight",
+        "decoder.conv_out.bias",
+    ],
+    "text_encoder": [
+        "text_model.embeddings.token_embedding.weight",
+        "text_model.embeddings.position_embedding.weight",
+        "text_model.encoder.layers.0.self_attn.q_proj.weight",
+        "text_model.encoder.layers.0.layer_norm1.weight",
+        "text_model.encoder.layers.1.mlp.fc1.weight",
+        "text_model.final_layer_norm.bias",
+    ],
+}
+
+
+def param_grads(model, names, prefix=""):
+    """{"grad.<name>": full gradient for `names`} and {"gradnorm.<name>": L2 norm} for every parameter."""
+    rec = {}
+    params = dict(model.named_parameters())
+    for name, p in params.items():
+        key = prefix + name
+        g = p.grad if p.grad is not None else torch.zeros_like(p)
+        rec[f"gradnorm.{key}"] = f32(g.norm().reshape(1))
+    for key in names:
+        name = key[len(prefix):] if key.startswith(prefix) else key
+        assert name in params, key
+        rec[f"grad.{key}"] = f32(params[name].grad)
+    return rec
+
+
+def write_gradient_fixtures(args, input_ids, sample, t_mixed, ehs, image, latent):
+    """Gradients of fixed random projections of the outputs (loss = sum(out * w)) with respect
+    to the inputs and the parameters, in float64.
+
+      grads_unet.safetensors   tiny-sd unet/: inputs as in unet.safetensors; w [3,4,8,8];
+          d_sample, d_encoder_hidden_states, gradnorm.<param> [1] for every parameter,
+          grad.<param> for GRAD_PARAMS["unet"]
+      grads_vae.safetensors    vae/: loss = sum(mean * w_mean) + sum(logvar * w_logvar) for the
+          encoder (image as in vae.safetensors), + sum(decode(latent) * w_dec);
+          d_image, d_latent, gradnorm.*, grad.*
+      grads_text_encoder.safetensors  text_encoder/: loss = sum(last_hidden_state * w_last) +
+          sum(pooled * w_pooled); gradnorm.* / grad.* (keys with the hub "text_model." prefix)
+    """
+    g = torch.Generator().manual_seed(SEED + 1)
+
+    unet = UNet2DConditionModel.from_pretrained(os.path.join(args.tiny, "unet")).double()
+    x = sample.clone().requires_grad_(True)
+    c = ehs.detach().clone().requires_grad_(True)
+    w = torch.randn(3, 4, 8, 8, generator=g, dtype=torch.float64)
+    (unet(x, t_mixed, encoder_hidden_states=c).sample * w).sum().backward()
+    rec = {
+        "sample": f32(sample),
+        "encoder_hidden_states": f32(ehs),
+        "timesteps": t_mixed.to(torch.float32),
+        "w": f32(w),
+        "d_sample": f32(x.grad),
+        "d_encoder_hidden_states": f32(c.grad),
+    }
+    rec.update(param_grads(unet, GRAD_PARAMS["unet"]))
+    save(os.path.join(args.out, "grads_unet.safetensors"), rec)
+
+    vae = AutoencoderKL.from_pretrained(os.path.join(args.tiny, "vae")).double()
+    img = image.clone().requires_grad_(True)
+    z = latent.clone().requires_grad_(True)
+    w_mean = torch.randn(2, 4, 16, 16, generator=g, dtype=torch.float64)
+    w_logvar = torch.randn(2, 4, 16, 16, generator=g, dtype=torch.float64)
+    w_dec = torch.randn(2, 3, 16, 16, generator=g, dtype=torch.float64)
+    post = vae.encode(img).latent_dist
+    loss = (post.mean * w_mean).sum() + (post.logvar * w_logvar).sum() + (vae.decode(z).sample * w_dec).sum()
+    loss.backward()
+    rec = {
+        "image": f32(image),
+        "latent": f32(latent),
+        "w_mean": f32(w_mean),
+        "w_logvar": f32(w_logvar),
+        "w_dec": f32(w_dec),
+        "d_image": f32(img.grad),
+        "d_latent": f32(z.grad),
+    }
+    rec.update(param_grads(vae, GRAD_PARAMS["vae"]))
+    save(os.path.join(args.out, "grads_vae.safetensors"), rec)
+
+    te = CLIPTextModel.from_pretrained(os.path.join(args.tiny, "text_encoder")).double()
+    w_last = torch.randn(3, 77, 32, generator=g, dtype=torch.float64)
+    w_pooled = torch.randn(3, 32, generator=g, dtype=torch.float64)
+    o = te(input_ids)
+    ((o.last_hidden_state * w_last).sum() + (o.pooler_output * w_pooled).sum()).backward()
+    rec = {"input_ids": input_ids, "w_last": f32(w_last), "w_pooled": f32(w_pooled)}
+    # transformers 5 names the parameters without "text_model."; the checkpoint has it.
+    rec.update(param_grads(te, GRAD_PARAMS["text_encoder"], prefix="text_model."))
+    save(os.path.join(args.out, "grads_text_encoder.safetensors"), rec)
 
 
 if __name__ == "__main__":
