@@ -130,3 +130,54 @@ fn unet_variant_keys_and_parity() -> Result<()> {
     }
     Ok(())
 }
+
+/// A `VarBuilder` backend that records every requested name and shape and hands out stride-0
+/// zero tensors, so full-size models can be built without memory.
+#[derive(Clone, Default)]
+struct ShapeRecorder(std::sync::Arc<std::sync::Mutex<std::collections::BTreeMap<String, Vec<usize>>>>);
+
+impl candle_nn::var_builder::SimpleBackend for ShapeRecorder {
+    fn get(
+        &self,
+        s: candle_core::Shape,
+        name: &str,
+        _: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        self.0.lock().unwrap().insert(name.to_string(), s.dims().to_vec());
+        Tensor::zeros((), dtype, dev)?.broadcast_as(s)
+    }
+    fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> candle_core::Result<Tensor> {
+        candle_core::bail!("unexpected unchecked get of {name}")
+    }
+    fn contains_tensor(&self, _: &str) -> bool {
+        false
+    }
+}
+
+/// At full size (SD 1.5 and SD 2.1 configs), the UNet asks for exactly diffusers' parameter
+/// names and shapes (`tests/unet_vae_variant_fixtures/sd_shapes.json`, from diffusers by
+/// `tests/unet_vae_sd_shapes.py`).
+#[test]
+fn sd_unet_parameter_names_and_shapes_match_diffusers() -> Result<()> {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/unet_vae_variant_fixtures/sd_shapes.json");
+    let all: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path)?)?;
+    for name in ["sd15_unet", "sd21_unet"] {
+        let cfg = UNetConfig::from_json(&all[name]["config"], name)?;
+        let want: std::collections::BTreeMap<String, Vec<usize>> = serde_json::from_value(all[name]["params"].clone())?;
+        let rec = ShapeRecorder::default();
+        let vb = VarBuilder::from_backend(Box::new(rec.clone()), DType::F32, Device::Cpu);
+        let model = UNet2DConditionModel::new(vb, &cfg)?;
+        let got = rec.0.lock().unwrap().clone();
+        let missing: Vec<_> = want.keys().filter(|k| !got.contains_key(*k)).collect();
+        let extra: Vec<_> = got.keys().filter(|k| !want.contains_key(*k)).collect();
+        assert!(missing.is_empty() && extra.is_empty(), "{name}: missing {missing:?}, extra {extra:?}");
+        for (k, s) in &want {
+            assert_eq!(&got[k], s, "{name}: shape of {k}");
+        }
+        let n: usize = got.values().map(|s| s.iter().product::<usize>()).sum();
+        eprintln!("{name}: {} tensors, {n} parameters, {} linear layers", got.len(), model.linears().len());
+    }
+    Ok(())
+}
