@@ -189,7 +189,7 @@ pub(crate) fn parse_config<T: for<'de> Deserialize<'de>>(
     T::deserialize(value).map_err(|e| {
         let msg = e.to_string();
         // Name the offending key: serde names missing fields; for a bad value, find the key
-        // whose removal makes the rest parse.
+        // whose removal makes the rest parse (or only complain that this key is missing).
         let key = obj
             .keys()
             .find(|k| msg.contains(&format!("`{k}`")))
@@ -197,7 +197,10 @@ pub(crate) fn parse_config<T: for<'de> Deserialize<'de>>(
                 obj.keys().find(|k| {
                     let mut rest = obj.clone();
                     rest.remove(k.as_str());
-                    T::deserialize(&Value::Object(rest)).is_ok()
+                    match T::deserialize(&Value::Object(rest)) {
+                        Ok(_) => true,
+                        Err(e) => e.to_string().contains(&format!("missing field `{k}`")),
+                    }
                 })
             })
             .cloned()

@@ -334,6 +334,7 @@ fn unet_config_errors_name_file_and_key() -> Result<()> {
         ),
         ("sdxl.json", Box::new(|j| j["addition_embed_type"] = json!("text_time")), "addition_embed_type"),
         ("badtype.json", Box::new(|j| j["norm_eps"] = json!("tiny")), "norm_eps"),
+        ("badreq.json", Box::new(|j| j["in_channels"] = json!("four")), "in_channels"),
         (
             "blocks.json",
             Box::new(|j| j["down_block_types"] = json!(["CrossAttnDownBlock2D", "SimpleDown"])),
