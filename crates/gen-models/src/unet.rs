@@ -763,7 +763,7 @@ impl UNet2DConditionModel {
     ///
     /// - `sample`: `(B, in_channels, H, W)`; `H` and `W` divisible by `2^(blocks-1)`.
     /// - `timesteps`: `(B)` one timestep per sample, or a single value (`()` or `(1)`) for all;
-    ///   any float or integer dtype.
+    ///   any float or integer dtype, on any device (moved to the sample's).
     /// - `encoder_hidden_states`: `(B, L, cross_attention_dim)`.
     ///
     /// Returns `(B, out_channels, H, W)` in the dtype of `sample`.
@@ -796,6 +796,7 @@ impl UNet2DConditionModel {
                 ))
             }
         };
+        let t = t.to_device(sample.device())?;
         let ctx = encoder_hidden_states.to_dtype(sample.dtype())?;
         self.forward_inner(sample, &t, &ctx).ctx("UNet2DConditionModel::forward")
     }
