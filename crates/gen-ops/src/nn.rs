@@ -107,6 +107,9 @@ impl Module for Linear {
             let st = self.state.read().expect("linear lock");
             (st.weight.clone().expect("weight present"), st.adapters.clone())
         };
+        // candle 0.11.1 computes a batched matmul of a non-contiguous 3-D input against the
+        // broadcast weight wrongly (huggingface/candle#3744); `contiguous` is free otherwise.
+        let x = &x.contiguous()?;
         let mut y = candle_nn::Linear::new(w, self.bias.clone()).forward(x)?;
         for a in adapters.iter() {
             y = (y + a.forward(x)?)?;

@@ -126,3 +126,21 @@ fn embedding_with_repeated_ids() -> Result<()> {
     assert_fd("index_select dim 1", &move |t: &[Tensor]| t[0].index_select(&ids_flat, 1), &[table], 1e-6)?;
     Ok(())
 }
+
+/// `nn::Linear` on a transposed (non-contiguous) 3-D input equals the contiguous result
+/// (candle 0.11.1's batched matmul gets this wrong: huggingface/candle#3744).
+#[test]
+fn linear_on_non_contiguous_input_matches_contiguous() {
+    use candle_core::{DType, Device, Module, Tensor};
+    let dev = Device::Cpu;
+    let w = Tensor::arange(0f32, 12.0, &dev).unwrap().reshape((3, 4)).unwrap();
+    let b = Tensor::new(&[0.5f32, -1.0, 2.0], &dev).unwrap();
+    let lin = gen_ops::nn::Linear::from_weights("probe", w, Some(b));
+    let x = Tensor::arange(0f32, 40.0, &dev).unwrap().reshape((2, 4, 5)).unwrap().to_dtype(DType::F32).unwrap();
+    let xt = x.transpose(1, 2).unwrap(); // (2, 5, 4), non-contiguous
+    assert!(!xt.is_contiguous());
+    let y1 = lin.forward(&xt).unwrap();
+    let y2 = lin.forward(&xt.contiguous().unwrap()).unwrap();
+    let d = (y1 - y2).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    assert_eq!(d, 0.0);
+}
