@@ -5,8 +5,11 @@
 //! `(H, W, C)` tensors unless a function says otherwise.
 
 pub mod camera;
+pub mod export;
+pub mod mesh;
 pub mod real;
 pub mod splat;
+pub mod turntable;
 
 pub use camera::{Camera, Intrinsics};
 pub use splat::{render, RenderConfig, RenderOutput, Splats};
