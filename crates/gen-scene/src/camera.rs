@@ -27,10 +27,20 @@ impl Intrinsics {
     /// principal point.
     pub fn from_fov_y(fov_y: f64, width: usize, height: usize) -> Result<Self> {
         if !(fov_y > 0.0 && fov_y < std::f64::consts::PI) {
-            return Err(Error::invalid("camera fov_y", format!("{fov_y} rad is not in (0, pi)")));
+            return Err(Error::invalid(
+                "camera fov_y",
+                format!("{fov_y} rad is not in (0, pi)"),
+            ));
         }
         let f = 0.5 * height as f64 / (0.5 * fov_y).tan();
-        let k = Self { fx: f, fy: f, cx: 0.5 * width as f64, cy: 0.5 * height as f64, width, height };
+        let k = Self {
+            fx: f,
+            fy: f,
+            cx: 0.5 * width as f64,
+            cy: 0.5 * height as f64,
+            width,
+            height,
+        };
         k.validate()?;
         Ok(k)
     }
@@ -38,13 +48,25 @@ impl Intrinsics {
     /// Checks positive focal lengths and a non-empty image.
     pub fn validate(&self) -> Result<()> {
         if !(self.fx > 0.0 && self.fy > 0.0 && self.fx.is_finite() && self.fy.is_finite()) {
-            return Err(Error::invalid("camera intrinsics", format!("focal lengths fx={} fy={} must be positive and finite", self.fx, self.fy)));
+            return Err(Error::invalid(
+                "camera intrinsics",
+                format!(
+                    "focal lengths fx={} fy={} must be positive and finite",
+                    self.fx, self.fy
+                ),
+            ));
         }
         if !(self.cx.is_finite() && self.cy.is_finite()) {
-            return Err(Error::invalid("camera intrinsics", format!("principal point ({}, {}) is not finite", self.cx, self.cy)));
+            return Err(Error::invalid(
+                "camera intrinsics",
+                format!("principal point ({}, {}) is not finite", self.cx, self.cy),
+            ));
         }
         if self.width == 0 || self.height == 0 {
-            return Err(Error::invalid("camera intrinsics", format!("image size {}x{} is empty", self.width, self.height)));
+            return Err(Error::invalid(
+                "camera intrinsics",
+                format!("image size {}x{} is empty", self.width, self.height),
+            ));
         }
         Ok(())
     }
@@ -67,14 +89,30 @@ impl Camera {
     /// matrix (orthonormal, determinant +1) to within 1e-4.
     pub fn new(intrinsics: Intrinsics, rotation: DMat3, translation: DVec3) -> Result<Self> {
         intrinsics.validate()?;
-        let err = (rotation * rotation.transpose() - DMat3::IDENTITY).to_cols_array().iter().fold(0.0f64, |m, v| m.max(v.abs()));
+        let err = (rotation * rotation.transpose() - DMat3::IDENTITY)
+            .to_cols_array()
+            .iter()
+            .fold(0.0f64, |m, v| m.max(v.abs()));
         if !(err < 1e-4) || (rotation.determinant() - 1.0).abs() > 1e-4 {
-            return Err(Error::invalid("camera rotation", format!("not a rotation matrix (|R Rᵀ - I| = {err:.2e}, det = {:.4})", rotation.determinant())));
+            return Err(Error::invalid(
+                "camera rotation",
+                format!(
+                    "not a rotation matrix (|R Rᵀ - I| = {err:.2e}, det = {:.4})",
+                    rotation.determinant()
+                ),
+            ));
         }
         if !translation.is_finite() {
-            return Err(Error::invalid("camera translation", format!("{translation} is not finite")));
+            return Err(Error::invalid(
+                "camera translation",
+                format!("{translation} is not finite"),
+            ));
         }
-        Ok(Self { intrinsics, rotation, translation })
+        Ok(Self {
+            intrinsics,
+            rotation,
+            translation,
+        })
     }
 
     /// A camera at `eye` looking at `target`, with `up` the world direction that appears up in
@@ -82,11 +120,17 @@ impl Camera {
     pub fn look_at(intrinsics: Intrinsics, eye: DVec3, target: DVec3, up: DVec3) -> Result<Self> {
         let forward = (target - eye).normalize_or_zero();
         if forward == DVec3::ZERO {
-            return Err(Error::invalid("camera look_at", format!("eye {eye} and target {target} coincide")));
+            return Err(Error::invalid(
+                "camera look_at",
+                format!("eye {eye} and target {target} coincide"),
+            ));
         }
         let right = forward.cross(up).normalize_or_zero();
         if right == DVec3::ZERO {
-            return Err(Error::invalid("camera look_at", format!("up {up} is parallel to the view direction {forward}")));
+            return Err(Error::invalid(
+                "camera look_at",
+                format!("up {up} is parallel to the view direction {forward}"),
+            ));
         }
         let down = forward.cross(right);
         // Rows of R are the camera axes in world coordinates.
@@ -152,6 +196,11 @@ mod tests {
         assert!(Camera::look_at(k, DVec3::ZERO, DVec3::Y, DVec3::Y).is_err());
         assert!(Intrinsics::from_fov_y(0.0, 8, 8).is_err());
         assert!(Intrinsics::from_fov_y(1.0, 0, 8).is_err());
-        assert!(Camera::new(k, DMat3::from_diagonal(DVec3::new(1.0, 1.0, 2.0)), DVec3::ZERO).is_err());
+        assert!(Camera::new(
+            k,
+            DMat3::from_diagonal(DVec3::new(1.0, 1.0, 2.0)),
+            DVec3::ZERO
+        )
+        .is_err());
     }
 }

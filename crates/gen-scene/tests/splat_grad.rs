@@ -15,11 +15,24 @@ const H: usize = 24;
 
 fn camera() -> Camera {
     let k = Intrinsics::from_fov_y(0.8, W, H).unwrap();
-    Camera::look_at(k, DVec3::new(0.6, -0.8, -4.0), DVec3::new(0.0, 0.0, 0.0), DVec3::new(0.0, -1.0, 0.0)).unwrap()
+    Camera::look_at(
+        k,
+        DVec3::new(0.6, -0.8, -4.0),
+        DVec3::new(0.0, 0.0, 0.0),
+        DVec3::new(0.0, -1.0, 0.0),
+    )
+    .unwrap()
 }
 
 fn scene(seed: u64, n: usize, sh_degree: usize, logit_range: (f32, f32)) -> Splats {
-    let cfg = RandomSplatsConfig { count: n, sh_degree, extent: 1.2, log_scale_range: (-1.6, -0.9), logit_range, sh_std: 0.3 };
+    let cfg = RandomSplatsConfig {
+        count: n,
+        sh_degree,
+        extent: 1.2,
+        log_scale_range: (-1.6, -0.9),
+        logit_range,
+        sh_std: 0.3,
+    };
     Splats::random(&cfg, &mut SeededRng::new(seed), DType::F64, &Device::Cpu).unwrap()
 }
 
@@ -51,7 +64,13 @@ impl Vars {
         }
     }
     fn all(&self) -> [(&'static str, &Var); 5] {
-        [("means", &self.means), ("log_scales", &self.log_scales), ("quats", &self.quats), ("opacity_logits", &self.logits), ("sh", &self.sh)]
+        [
+            ("means", &self.means),
+            ("log_scales", &self.log_scales),
+            ("quats", &self.quats),
+            ("opacity_logits", &self.logits),
+            ("sh", &self.sh),
+        ]
     }
 }
 
@@ -66,7 +85,11 @@ impl LossWeights {
     fn new(dtype: DType) -> Result<Self> {
         let mut rng = SeededRng::new(99);
         let d = Device::Cpu;
-        Ok(Self { rgb: rng.randn((H, W, 3), dtype, &d)?, alpha: rng.randn((H, W), dtype, &d)?, depth: (rng.randn((H, W), dtype, &d)? * 0.2)? })
+        Ok(Self {
+            rgb: rng.randn((H, W, 3), dtype, &d)?,
+            alpha: rng.randn((H, W), dtype, &d)?,
+            depth: (rng.randn((H, W), dtype, &d)? * 0.2)?,
+        })
     }
     fn loss(&self, rgb: &Tensor, alpha: &Tensor, depth: &Tensor) -> Result<Tensor> {
         let l = (rgb * &self.rgb)?.sum_all()?;
@@ -76,7 +99,9 @@ impl LossWeights {
 }
 
 fn cfg() -> RenderConfig {
-    RenderConfig { background: [0.2, 0.3, 0.4] }
+    RenderConfig {
+        background: [0.2, 0.3, 0.4],
+    }
 }
 
 fn op_loss(s: &Splats, lw: &LossWeights) -> Result<Tensor> {
@@ -85,11 +110,20 @@ fn op_loss(s: &Splats, lw: &LossWeights) -> Result<Tensor> {
 }
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f64> {
-    Ok((a - b)?.abs()?.flatten_all()?.max(0)?.to_dtype(DType::F64)?.to_scalar::<f64>()?)
+    Ok((a - b)?
+        .abs()?
+        .flatten_all()?
+        .max(0)?
+        .to_dtype(DType::F64)?
+        .to_scalar::<f64>()?)
 }
 
 fn max_abs(a: &Tensor) -> Result<f64> {
-    Ok(a.abs()?.flatten_all()?.max(0)?.to_dtype(DType::F64)?.to_scalar::<f64>()?)
+    Ok(a.abs()?
+        .flatten_all()?
+        .max(0)?
+        .to_dtype(DType::F64)?
+        .to_scalar::<f64>()?)
 }
 
 /// Op vs dense reference: images and the gradients of every parameter.
@@ -100,8 +134,17 @@ fn check_against_dense(s: &Splats, what: &str) -> Result<f64> {
     let sp = vars.splats();
     let out = render(&sp, &camera(), &cfg())?;
     let (rgb_d, alpha_d, depth_d) = render_dense(&sp, &camera(), &cfg())?;
-    let visible = out.radii()?.gt(0.0)?.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?;
-    assert!(visible >= s.len() as f64 - 1.0, "{what}: only {visible} of {} Gaussians visible", s.len());
+    let visible = out
+        .radii()?
+        .gt(0.0)?
+        .to_dtype(DType::F64)?
+        .sum_all()?
+        .to_scalar::<f64>()?;
+    assert!(
+        visible >= s.len() as f64 - 1.0,
+        "{what}: only {visible} of {} Gaussians visible",
+        s.len()
+    );
     assert!(max_abs(&out.alpha)? > 0.5, "{what}: scene nearly empty");
     let e_rgb = max_abs_diff(&out.rgb, &rgb_d)?;
     let e_alpha = max_abs_diff(&out.alpha, &alpha_d)?;
@@ -112,15 +155,25 @@ fn check_against_dense(s: &Splats, what: &str) -> Result<f64> {
     let g_op = lw.loss(&out.rgb, &out.alpha, &out.depth)?.backward()?;
     let g_dense = lw.loss(&rgb_d, &alpha_d, &depth_d)?.backward()?;
     for (name, v) in vars.all() {
-        let a = g_op.get(v).unwrap_or_else(|| panic!("{what}: no op gradient for {name}"));
-        let b = g_dense.get(v).unwrap_or_else(|| panic!("{what}: no dense gradient for {name}"));
+        let a = g_op
+            .get(v)
+            .unwrap_or_else(|| panic!("{what}: no op gradient for {name}"));
+        let b = g_dense
+            .get(v)
+            .unwrap_or_else(|| panic!("{what}: no dense gradient for {name}"));
         let scale = max_abs(b)?;
         let err = max_abs_diff(a, b)?;
         println!("{what}: grad {name}: max |op - dense| = {err:.2e} (max |grad| {scale:.2e})");
         assert!(scale > 1e-6, "{what}: dense gradient of {name} is zero");
-        assert!(err <= 1e-9 * (1.0 + scale), "{what}: gradient of {name} differs from the dense reference: {err:.3e}");
+        assert!(
+            err <= 1e-9 * (1.0 + scale),
+            "{what}: gradient of {name} differs from the dense reference: {err:.3e}"
+        );
     }
-    let t_min = (1.0 - &out.alpha)?.flatten_all()?.min(0)?.to_scalar::<f64>()?;
+    let t_min = (1.0 - &out.alpha)?
+        .flatten_all()?
+        .min(0)?
+        .to_scalar::<f64>()?;
     println!("{what}: smallest final transmittance {t_min:.2e}");
     Ok(t_min)
 }
@@ -137,7 +190,10 @@ fn op_matches_dense_reference_opaque_sh1() -> Result<()> {
     let s = scene(2, 16, 1, (5.0, 8.0));
     let t_min = check_against_dense(&s, "16 opaque splats, SH 1")?;
     // Many layers at alpha 0.99 overlap, yet no pixel goes below T = 1e-4: compositing stopped.
-    assert!((1e-4..1e-3).contains(&t_min), "early stop not exercised: min T = {t_min}");
+    assert!(
+        (1e-4..1e-3).contains(&t_min),
+        "early stop not exercised: min T = {t_min}"
+    );
     Ok(())
 }
 
@@ -175,7 +231,10 @@ fn finite_differences_every_parameter() -> Result<()> {
             worst = worst.max(err);
             max_grad = max_grad.max(an[i].abs());
         }
-        println!("FD {name}: {} elements, worst relative error {worst:.2e}, max |grad| {max_grad:.2e}", base.len());
+        println!(
+            "FD {name}: {} elements, worst relative error {worst:.2e}, max |grad| {max_grad:.2e}",
+            base.len()
+        );
         assert!(max_grad > 1e-3, "gradient of {name} is (nearly) zero");
         assert!(worst < 1e-5, "FD mismatch for {name}: {worst:.3e}");
     }
@@ -187,14 +246,24 @@ fn finite_differences_every_parameter() -> Result<()> {
 fn f32_matches_f64() -> Result<()> {
     let s64 = scene(4, 8, 2, (-1.0, 1.5));
     let to32 = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
-    let s32 = Splats { means: to32(&s64.means), log_scales: to32(&s64.log_scales), quats: to32(&s64.quats), opacity_logits: to32(&s64.opacity_logits), sh: to32(&s64.sh) };
+    let s32 = Splats {
+        means: to32(&s64.means),
+        log_scales: to32(&s64.log_scales),
+        quats: to32(&s64.quats),
+        opacity_logits: to32(&s64.opacity_logits),
+        sh: to32(&s64.sh),
+    };
     let mut res = Vec::new();
     for (s, dt) in [(&s64, DType::F64), (&s32, DType::F32)] {
         let vars = Vars::new(s)?;
         let out = render(&vars.splats(), &camera(), &cfg())?;
         let lw = LossWeights::new(dt)?;
         let g = lw.loss(&out.rgb, &out.alpha, &out.depth)?.backward()?;
-        let grads: Vec<Tensor> = vars.all().iter().map(|(_, v)| g.get(v).unwrap().to_dtype(DType::F64).unwrap()).collect();
+        let grads: Vec<Tensor> = vars
+            .all()
+            .iter()
+            .map(|(_, v)| g.get(v).unwrap().to_dtype(DType::F64).unwrap())
+            .collect();
         res.push((out.rgb.to_dtype(DType::F64)?, grads));
     }
     let e = max_abs_diff(&res[0].0, &res[1].0)?;
@@ -215,11 +284,24 @@ fn gradients_independent_of_thread_count() -> Result<()> {
     let s = scene(5, 8, 1, (-1.0, 1.5));
     let lw = LossWeights::new(DType::F64)?;
     let run = |threads: usize| -> Vec<Vec<f64>> {
-        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
         pool.install(|| {
             let vars = Vars::new(&s).unwrap();
             let g = op_loss(&vars.splats(), &lw).unwrap().backward().unwrap();
-            vars.all().iter().map(|(_, v)| g.get(v).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap()).collect()
+            vars.all()
+                .iter()
+                .map(|(_, v)| {
+                    g.get(v)
+                        .unwrap()
+                        .flatten_all()
+                        .unwrap()
+                        .to_vec1::<f64>()
+                        .unwrap()
+                })
+                .collect()
         })
     };
     assert_eq!(run(1), run(3));

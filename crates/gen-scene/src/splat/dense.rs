@@ -19,7 +19,11 @@ fn col(t: &Tensor, i: usize) -> candle_core::Result<Tensor> {
 }
 
 /// SH colour `(N, 3)` from tensor ops (3DGS formula, clamped at 0).
-pub fn sh_colors_dense(means: &Tensor, sh: &Tensor, campos: [f64; 3]) -> candle_core::Result<Tensor> {
+pub fn sh_colors_dense(
+    means: &Tensor,
+    sh: &Tensor,
+    campos: [f64; 3],
+) -> candle_core::Result<Tensor> {
     let dev = means.device();
     let cp = Tensor::new(&campos, dev)?.to_dtype(means.dtype())?;
     let v = means.broadcast_sub(&cp)?;
@@ -57,7 +61,11 @@ pub fn sh_colors_dense(means: &Tensor, sh: &Tensor, campos: [f64; 3]) -> candle_
 
 /// Dense reference render → `(rgb (H,W,3), alpha (H,W), depth (H,W))`, same conventions as
 /// [`crate::splat::render`].
-pub fn render_dense(splats: &Splats, camera: &Camera, cfg: &RenderConfig) -> Result<(Tensor, Tensor, Tensor)> {
+pub fn render_dense(
+    splats: &Splats,
+    camera: &Camera,
+    cfg: &RenderConfig,
+) -> Result<(Tensor, Tensor, Tensor)> {
     splats.validate()?;
     let cam = CamParams::from_camera(camera);
     let dt = splats.means.dtype();
@@ -71,7 +79,9 @@ pub fn render_dense(splats: &Splats, camera: &Camera, cfg: &RenderConfig) -> Res
     let (tx, ty, tz) = (col(&t, 0)?, col(&t, 1)?, col(&t, 2)?);
 
     // Rotation from the normalised quaternion.
-    let q = splats.quats.broadcast_div(&splats.quats.sqr()?.sum_keepdim(1)?.sqrt()?)?;
+    let q = splats
+        .quats
+        .broadcast_div(&splats.quats.sqr()?.sum_keepdim(1)?.sqrt()?)?;
     let (qw, qx, qy, qz) = (col(&q, 0)?, col(&q, 1)?, col(&q, 2)?, col(&q, 3)?);
     let one = qw.ones_like()?;
     let two = |a: &Tensor, b: &Tensor| -> candle_core::Result<Tensor> { (a * b)? * 2.0 };
@@ -112,7 +122,10 @@ pub fn render_dense(splats: &Splats, camera: &Camera, cfg: &RenderConfig) -> Res
     )?
     .reshape((n, 2, 3))?;
     let tm = j.broadcast_matmul(&wmat)?;
-    let cov = tm.matmul(&sigma)?.matmul(&tm.transpose(1, 2)?)?.reshape((n, 4))?;
+    let cov = tm
+        .matmul(&sigma)?
+        .matmul(&tm.transpose(1, 2)?)?
+        .reshape((n, 4))?;
     let a = (col(&cov, 0)? + LOW_PASS)?;
     let b = col(&cov, 1)?;
     let c = (col(&cov, 3)? + LOW_PASS)?;
@@ -133,12 +146,22 @@ pub fn render_dense(splats: &Splats, camera: &Camera, cfg: &RenderConfig) -> Res
     let py = Tensor::from_vec(py, (1, np), dev)?.to_dtype(dt)?;
     let dx = u.unsqueeze(1)?.broadcast_sub(&px)?; // (N,P)
     let dy = v.unsqueeze(1)?.broadcast_sub(&py)?;
-    let power = ((dx.sqr()?.broadcast_mul(&ca.unsqueeze(1)?)? + dy.sqr()?.broadcast_mul(&cc.unsqueeze(1)?)?)? * -0.5)?
+    let power = ((dx.sqr()?.broadcast_mul(&ca.unsqueeze(1)?)?
+        + dy.sqr()?.broadcast_mul(&cc.unsqueeze(1)?)?)?
+        * -0.5)?
         .sub(&(&dx * &dy)?.broadcast_mul(&cb.unsqueeze(1)?)?)?;
-    let alpha = power.exp()?.broadcast_mul(&opacity.unsqueeze(1)?)?.minimum(ALPHA_MAX)?;
+    let alpha = power
+        .exp()?
+        .broadcast_mul(&opacity.unsqueeze(1)?)?
+        .minimum(ALPHA_MAX)?;
 
     // Discrete decisions on detached values: culling, tile membership, skips, early stop.
-    let f = |t: &Tensor| -> candle_core::Result<Vec<f64>> { t.detach().to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>() };
+    let f = |t: &Tensor| -> candle_core::Result<Vec<f64>> {
+        t.detach()
+            .to_dtype(DType::F64)?
+            .flatten_all()?
+            .to_vec1::<f64>()
+    };
     let (uv, vv, zv) = (f(&u)?, f(&v)?, f(&tz)?);
     let (av, cv, detv) = (f(&a)?, f(&c)?, f(&det)?);
     let (alpha_v, power_v) = (f(&alpha)?, f(&power)?);
@@ -156,7 +179,12 @@ pub fn render_dense(splats: &Splats, camera: &Camera, cfg: &RenderConfig) -> Res
         }
     }
     let mut order: Vec<usize> = (0..n).filter(|&i| rects[i].is_some()).collect();
-    order.sort_by(|&i, &k| zv[i].partial_cmp(&zv[k]).unwrap_or(std::cmp::Ordering::Equal).then(i.cmp(&k)));
+    order.sort_by(|&i, &k| {
+        zv[i]
+            .partial_cmp(&zv[k])
+            .unwrap_or(std::cmp::Ordering::Equal)
+            .then(i.cmp(&k))
+    });
     let mut mask = vec![0.0f64; n * np];
     for p in 0..np {
         let (tx_, ty_) = ((p % w) / TILE, (p / w) / TILE);
@@ -186,12 +214,21 @@ pub fn render_dense(splats: &Splats, camera: &Camera, cfg: &RenderConfig) -> Res
     for &i in &order {
         let al = alpha.get(i)?;
         let wgt = (&tr * &al)?;
-        rgb = (rgb + wgt.unsqueeze(1)?.broadcast_mul(&colors.get(i)?.unsqueeze(0)?)?)?;
+        rgb = (rgb
+            + wgt
+                .unsqueeze(1)?
+                .broadcast_mul(&colors.get(i)?.unsqueeze(0)?)?)?;
         depth = (depth + wgt.broadcast_mul(&tz.get(i)?)?)?;
         tr = (&tr * (1.0 - &al)?)?;
     }
-    let bg = Tensor::new(&cfg.background, dev)?.to_dtype(dt)?.unsqueeze(0)?;
+    let bg = Tensor::new(&cfg.background, dev)?
+        .to_dtype(dt)?
+        .unsqueeze(0)?;
     let rgb = (rgb + tr.unsqueeze(1)?.broadcast_mul(&bg)?)?;
     let alpha_img = (1.0 - &tr)?;
-    Ok((rgb.reshape((h, w, 3))?, alpha_img.reshape((h, w))?, depth.reshape((h, w))?))
+    Ok((
+        rgb.reshape((h, w, 3))?,
+        alpha_img.reshape((h, w))?,
+        depth.reshape((h, w))?,
+    ))
 }

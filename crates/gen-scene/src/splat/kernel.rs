@@ -48,7 +48,10 @@ impl CamParams<f64> {
             fy: k.fy,
             cx: k.cx,
             cy: k.cy,
-            lim_pos: [(w - k.cx) / k.fx + 0.3 * tan_x, (h - k.cy) / k.fy + 0.3 * tan_y],
+            lim_pos: [
+                (w - k.cx) / k.fx + 0.3 * tan_x,
+                (h - k.cy) / k.fy + 0.3 * tan_y,
+            ],
             lim_neg: [k.cx / k.fx + 0.3 * tan_x, k.cy / k.fy + 0.3 * tan_y],
             width: k.width,
             height: k.height,
@@ -79,16 +82,34 @@ impl CamParams<f64> {
 
 /// Tiles `[x0, x1) × [y0, y1)` holding every pixel centre within `radius` (in each axis) of
 /// `(u, v)`. Pixel `j` has its centre at `j + 0.5`.
-pub(crate) fn tile_rect(u: f64, v: f64, radius: f64, tiles_x: usize, tiles_y: usize) -> (usize, usize, usize, usize) {
+pub(crate) fn tile_rect(
+    u: f64,
+    v: f64,
+    radius: f64,
+    tiles_x: usize,
+    tiles_y: usize,
+) -> (usize, usize, usize, usize) {
     let t = TILE as f64;
     let lo = |p: f64, n: usize| ((p - 0.5 - radius) / t).floor().clamp(0.0, n as f64) as usize;
-    let hi = |p: f64, n: usize| (((p - 0.5 + radius) / t).floor() + 1.0).clamp(0.0, n as f64) as usize;
-    (lo(u, tiles_x), hi(u, tiles_x), lo(v, tiles_y), hi(v, tiles_y))
+    let hi =
+        |p: f64, n: usize| (((p - 0.5 + radius) / t).floor() + 1.0).clamp(0.0, n as f64) as usize;
+    (
+        lo(u, tiles_x),
+        hi(u, tiles_x),
+        lo(v, tiles_y),
+        hi(v, tiles_y),
+    )
 }
 
 /// The contiguous slice of a CPU storage described by `layout`.
-pub(crate) fn cpu_slice<'a, R: Real>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [R]> {
-    let data = s.as_slice::<R>().map_err(|e| candle_core::Error::Msg(format!("splat op input `{what}`: {e}")))?;
+pub(crate) fn cpu_slice<'a, R: Real>(
+    s: &'a CpuStorage,
+    l: &Layout,
+    what: &str,
+) -> candle_core::Result<&'a [R]> {
+    let data = s
+        .as_slice::<R>()
+        .map_err(|e| candle_core::Error::Msg(format!("splat op input `{what}`: {e}")))?;
     match l.contiguous_offsets() {
         Some((a, b)) => Ok(&data[a..b]),
         None => candle_core::bail!("splat op input `{what}` must be contiguous"),

@@ -58,23 +58,50 @@ pub struct RandomSplatsConfig {
 
 impl Default for RandomSplatsConfig {
     fn default() -> Self {
-        Self { count: 100, sh_degree: 0, extent: 1.0, log_scale_range: (-3.0, -1.5), logit_range: (-1.0, 2.0), sh_std: 0.5 }
+        Self {
+            count: 100,
+            sh_degree: 0,
+            extent: 1.0,
+            log_scale_range: (-3.0, -1.5),
+            logit_range: (-1.0, 2.0),
+            sh_std: 0.5,
+        }
     }
 }
 
 impl Splats {
     /// Random splats from an explicit seeded generator (tests, benchmarks, initialisation).
-    pub fn random(cfg: &RandomSplatsConfig, rng: &mut SeededRng, dtype: DType, device: &Device) -> Result<Self> {
+    pub fn random(
+        cfg: &RandomSplatsConfig,
+        rng: &mut SeededRng,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
         let n = cfg.count;
         if cfg.sh_degree > 3 {
-            return Err(Error::invalid("sh_degree", format!("{} (supported: 0..=3)", cfg.sh_degree)));
+            return Err(Error::invalid(
+                "sh_degree",
+                format!("{} (supported: 0..=3)", cfg.sh_degree),
+            ));
         }
         let k = num_sh_coeffs(cfg.sh_degree);
         Ok(Self {
             means: rng.rand_uniform((n, 3), -cfg.extent, cfg.extent, dtype, device)?,
-            log_scales: rng.rand_uniform((n, 3), cfg.log_scale_range.0, cfg.log_scale_range.1, dtype, device)?,
+            log_scales: rng.rand_uniform(
+                (n, 3),
+                cfg.log_scale_range.0,
+                cfg.log_scale_range.1,
+                dtype,
+                device,
+            )?,
             quats: rng.randn((n, 4), dtype, device)?,
-            opacity_logits: rng.rand_uniform(n, cfg.logit_range.0, cfg.logit_range.1, dtype, device)?,
+            opacity_logits: rng.rand_uniform(
+                n,
+                cfg.logit_range.0,
+                cfg.logit_range.1,
+                dtype,
+                device,
+            )?,
             sh: (rng.randn((n, k, 3), dtype, device)? * cfg.sh_std as f64)?,
         })
     }
@@ -91,7 +118,12 @@ impl Splats {
     /// SH degree implied by the coefficient count.
     pub fn sh_degree(&self) -> Result<usize> {
         let k = self.sh.dims().get(1).copied().unwrap_or(0);
-        sh_degree_of(k).ok_or_else(|| Error::invalid("splat sh", format!("{k} coefficients per channel is not (degree+1)² for a degree in 0..=3")))
+        sh_degree_of(k).ok_or_else(|| {
+            Error::invalid(
+                "splat sh",
+                format!("{k} coefficients per channel is not (degree+1)² for a degree in 0..=3"),
+            )
+        })
     }
 
     /// Checks shapes, dtypes and device.
@@ -99,18 +131,32 @@ impl Splats {
         let n = self.len();
         let expect = |name: &str, t: &Tensor, shape: &[usize]| -> Result<()> {
             if t.dims() != shape {
-                return Err(Error::Shape { file: "splats".into(), key: name.into(), expected: shape.to_vec(), found: t.dims().to_vec() });
+                return Err(Error::Shape {
+                    file: "splats".into(),
+                    key: name.into(),
+                    expected: shape.to_vec(),
+                    found: t.dims().to_vec(),
+                });
             }
             if t.dtype() != self.means.dtype() {
-                return Err(Error::invalid(format!("splat `{name}` dtype"), format!("{:?}, but means are {:?}", t.dtype(), self.means.dtype())));
+                return Err(Error::invalid(
+                    format!("splat `{name}` dtype"),
+                    format!("{:?}, but means are {:?}", t.dtype(), self.means.dtype()),
+                ));
             }
             if !t.device().is_cpu() {
-                return Err(Error::invalid(format!("splat `{name}` device"), "the splat kernels run on the CPU only so far; move the tensors to the CPU"));
+                return Err(Error::invalid(
+                    format!("splat `{name}` device"),
+                    "the splat kernels run on the CPU only so far; move the tensors to the CPU",
+                ));
             }
             Ok(())
         };
         if !matches!(self.means.dtype(), DType::F32 | DType::F64) {
-            return Err(Error::invalid("splat dtype", format!("{:?} (f32 or f64)", self.means.dtype())));
+            return Err(Error::invalid(
+                "splat dtype",
+                format!("{:?} (f32 or f64)", self.means.dtype()),
+            ));
         }
         expect("means", &self.means, &[n, 3])?;
         expect("log_scales", &self.log_scales, &[n, 3])?;
@@ -132,7 +178,9 @@ pub struct RenderConfig {
 
 impl Default for RenderConfig {
     fn default() -> Self {
-        Self { background: [0.0; 3] }
+        Self {
+            background: [0.0; 3],
+        }
     }
 }
 
@@ -170,10 +218,20 @@ pub fn sh_colors(means: &Tensor, sh: &Tensor, camera: &Camera) -> Result<Tensor>
     let n = means.dim(0)?;
     let k = sh.dims().get(1).copied().unwrap_or(0);
     if means.dims() != [n, 3] || sh.dims() != [n, k, 3] || sh_degree_of(k).is_none() {
-        return Err(Error::invalid("sh_colors shapes", format!("means {:?} and sh {:?} (want (N,3) and (N,K,3), K in 1,4,9,16)", means.dims(), sh.dims())));
+        return Err(Error::invalid(
+            "sh_colors shapes",
+            format!(
+                "means {:?} and sh {:?} (want (N,3) and (N,K,3), K in 1,4,9,16)",
+                means.dims(),
+                sh.dims()
+            ),
+        ));
     }
     let campos = kernel::CamParams::from_camera(camera).campos;
-    means.contiguous()?.apply_op2(&sh.contiguous()?, sh::ShOp { campos, k }).ctx("splat SH colour")
+    means
+        .contiguous()?
+        .apply_op2(&sh.contiguous()?, sh::ShOp { campos, k })
+        .ctx("splat SH colour")
 }
 
 /// Renders `splats` from `camera` with the tile rasterizer. Differentiable wrt every field of
@@ -184,11 +242,27 @@ pub fn render(splats: &Splats, camera: &Camera, cfg: &RenderConfig) -> Result<Re
     let k = splats.sh.dim(1)?;
     let means = splats.means.contiguous()?;
     let projection = means
-        .apply_op3(&splats.log_scales.contiguous()?, &splats.quats.contiguous()?, project::ProjectOp { cam })
+        .apply_op3(
+            &splats.log_scales.contiguous()?,
+            &splats.quats.contiguous()?,
+            project::ProjectOp { cam },
+        )
         .ctx("splat projection")?;
-    let colors = means.apply_op2(&splats.sh.contiguous()?, sh::ShOp { campos: cam.campos, k }).ctx("splat SH colour")?;
+    let colors = means
+        .apply_op2(
+            &splats.sh.contiguous()?,
+            sh::ShOp {
+                campos: cam.campos,
+                k,
+            },
+        )
+        .ctx("splat SH colour")?;
     let packed = projection
-        .apply_op3(&colors, &splats.opacity_logits.contiguous()?, raster::RasterOp::new(cam, cfg.background))
+        .apply_op3(
+            &colors,
+            &splats.opacity_logits.contiguous()?,
+            raster::RasterOp::new(cam, cfg.background),
+        )
         .ctx("splat rasterization")?;
     Ok(RenderOutput {
         rgb: packed.narrow(2, 0, 3)?,

@@ -27,9 +27,21 @@ pub(crate) fn quat_rot<R: Real>(q: [R; 4]) -> M3<R> {
     let one = R::c(1.0);
     let two = R::c(2.0);
     [
-        [one - two * (y * y + z * z), two * (x * y - w * z), two * (x * z + w * y)],
-        [two * (x * y + w * z), one - two * (x * x + z * z), two * (y * z - w * x)],
-        [two * (x * z - w * y), two * (y * z + w * x), one - two * (x * x + y * y)],
+        [
+            one - two * (y * y + z * z),
+            two * (x * y - w * z),
+            two * (x * z + w * y),
+        ],
+        [
+            two * (x * y + w * z),
+            one - two * (x * x + z * z),
+            two * (y * z - w * x),
+        ],
+        [
+            two * (x * z - w * y),
+            two * (y * z + w * x),
+            one - two * (x * x + y * y),
+        ],
     ]
 }
 
@@ -60,7 +72,12 @@ struct Fwd<R> {
     det: R,
 }
 
-fn forward_one<R: Real>(cam: &CamParams<R>, mean: [R; 3], logs: [R; 3], quat: [R; 4]) -> Option<Fwd<R>> {
+fn forward_one<R: Real>(
+    cam: &CamParams<R>,
+    mean: [R; 3],
+    logs: [R; 3],
+    quat: [R; 4],
+) -> Option<Fwd<R>> {
     let w = &cam.rot;
     let mut t = [R::c(0.0); 3];
     for i in 0..3 {
@@ -102,7 +119,10 @@ fn forward_one<R: Real>(cam: &CamParams<R>, mean: [R; 3], logs: [R; 3], quat: [R
         };
     }
     let (fx, fy) = (cam.fx, cam.fy);
-    let j = [[fx / tz, R::c(0.0), -fx * ratio[0] / tz], [R::c(0.0), fy / tz, -fy * ratio[1] / tz]];
+    let j = [
+        [fx / tz, R::c(0.0), -fx * ratio[0] / tz],
+        [R::c(0.0), fy / tz, -fy * ratio[1] / tz],
+    ];
     let mut tm = [[R::c(0.0); 3]; 2];
     for r in 0..2 {
         for c in 0..3 {
@@ -117,18 +137,43 @@ fn forward_one<R: Real>(cam: &CamParams<R>, mean: [R; 3], logs: [R; 3], quat: [R
         }
     }
     let dot = |a: &[R; 3], b: &[R; 3]| a[0] * b[0] + a[1] * b[1] + a[2] * b[2];
-    let cov = [dot(&ts[0], &tm[0]) + R::c(LOW_PASS), dot(&ts[0], &tm[1]), dot(&ts[1], &tm[1]) + R::c(LOW_PASS)];
+    let cov = [
+        dot(&ts[0], &tm[0]) + R::c(LOW_PASS),
+        dot(&ts[0], &tm[1]),
+        dot(&ts[1], &tm[1]) + R::c(LOW_PASS),
+    ];
     let det = cov[0] * cov[2] - cov[1] * cov[1];
     if !(det.f64() > 0.0) {
         return None;
     }
-    Some(Fwd { t, qn, qnorm, rq, s, m, sigma, tm, clamped, ratio, cov, det })
+    Some(Fwd {
+        t,
+        qn,
+        qnorm,
+        rq,
+        s,
+        m,
+        sigma,
+        tm,
+        clamped,
+        ratio,
+        cov,
+        det,
+    })
 }
 
 /// Projects one Gaussian; writes the packed `PROJ_DIM` values (all zero when culled).
-pub(crate) fn project_one<R: Real>(cam: &CamParams<R>, mean: [R; 3], logs: [R; 3], quat: [R; 4], out: &mut [R]) {
+pub(crate) fn project_one<R: Real>(
+    cam: &CamParams<R>,
+    mean: [R; 3],
+    logs: [R; 3],
+    quat: [R; 4],
+    out: &mut [R],
+) {
     out.iter_mut().for_each(|v| *v = R::c(0.0));
-    let Some(f) = forward_one(cam, mean, logs, quat) else { return };
+    let Some(f) = forward_one(cam, mean, logs, quat) else {
+        return;
+    };
     let [a, b, c] = f.cov;
     let conic = [c / f.det, -b / f.det, a / f.det];
     let mid = R::c(0.5) * (a + c);
@@ -162,7 +207,9 @@ pub(crate) fn project_one_bwd<R: Real>(
     g: &[R],
 ) -> ([R; 3], [R; 3], [R; 4]) {
     let zero = R::c(0.0);
-    let Some(f) = forward_one(cam, mean, logs, quat) else { return ([zero; 3], [zero; 3], [zero; 4]) };
+    let Some(f) = forward_one(cam, mean, logs, quat) else {
+        return ([zero; 3], [zero; 3], [zero; 4]);
+    };
     let (fx, fy) = (cam.fx, cam.fy);
     let [tx, ty, tz] = f.t;
     let [a, b, c] = f.cov;
@@ -186,7 +233,8 @@ pub(crate) fn project_one_bwd<R: Real>(
     let mut tms = [[zero; 3]; 2];
     for r in 0..2 {
         for cc in 0..3 {
-            tms[r][cc] = tm[r][0] * f.sigma[0][cc] + tm[r][1] * f.sigma[1][cc] + tm[r][2] * f.sigma[2][cc];
+            tms[r][cc] =
+                tm[r][0] * f.sigma[0][cc] + tm[r][1] * f.sigma[1][cc] + tm[r][2] * f.sigma[2][cc];
         }
     }
     let mut dtm = [[zero; 3]; 2];
@@ -242,7 +290,8 @@ pub(crate) fn project_one_bwd<R: Real>(
     let mut dm = [[zero; 3]; 3];
     for i in 0..3 {
         for j in 0..3 {
-            dm[i][j] = R::c(2.0) * (dsig[i][0] * f.m[0][j] + dsig[i][1] * f.m[1][j] + dsig[i][2] * f.m[2][j]);
+            dm[i][j] = R::c(2.0)
+                * (dsig[i][0] * f.m[0][j] + dsig[i][1] * f.m[1][j] + dsig[i][2] * f.m[2][j]);
         }
     }
     let mut dlogs = [zero; 3];
@@ -267,14 +316,32 @@ pub(crate) fn quat_rot_bwd<R: Real>(qn: [R; 4], qnorm: R, g: &M3<R>) -> [R; 4] {
     }
     let [w, x, y, z] = qn;
     let two = R::c(2.0);
-    let dw = two * (-z * g[0][1] + y * g[0][2] + z * g[1][0] - x * g[1][2] - y * g[2][0] + x * g[2][1]);
-    let dx = two * (y * g[0][1] + z * g[0][2] + y * g[1][0] - two * x * g[1][1] - w * g[1][2] + z * g[2][0] + w * g[2][1] - two * x * g[2][2]);
-    let dy = two * (-two * y * g[0][0] + x * g[0][1] + w * g[0][2] + x * g[1][0] + z * g[1][2] - w * g[2][0] + z * g[2][1] - two * y * g[2][2]);
-    let dz = two * (-two * z * g[0][0] - w * g[0][1] + x * g[0][2] + w * g[1][0] - two * z * g[1][1] + y * g[1][2] + x * g[2][0] + y * g[2][1]);
+    let dw =
+        two * (-z * g[0][1] + y * g[0][2] + z * g[1][0] - x * g[1][2] - y * g[2][0] + x * g[2][1]);
+    let dx = two
+        * (y * g[0][1] + z * g[0][2] + y * g[1][0] - two * x * g[1][1] - w * g[1][2]
+            + z * g[2][0]
+            + w * g[2][1]
+            - two * x * g[2][2]);
+    let dy = two
+        * (-two * y * g[0][0] + x * g[0][1] + w * g[0][2] + x * g[1][0] + z * g[1][2]
+            - w * g[2][0]
+            + z * g[2][1]
+            - two * y * g[2][2]);
+    let dz = two
+        * (-two * z * g[0][0] - w * g[0][1] + x * g[0][2] + w * g[1][0] - two * z * g[1][1]
+            + y * g[1][2]
+            + x * g[2][0]
+            + y * g[2][1]);
     let gq = [dw, dx, dy, dz];
     // Through q̂ = q / |q|.
     let d = qn[0] * gq[0] + qn[1] * gq[1] + qn[2] * gq[2] + qn[3] * gq[3];
-    [(gq[0] - qn[0] * d) / qnorm, (gq[1] - qn[1] * d) / qnorm, (gq[2] - qn[2] * d) / qnorm, (gq[3] - qn[3] * d) / qnorm]
+    [
+        (gq[0] - qn[0] * d) / qnorm,
+        (gq[1] - qn[1] * d) / qnorm,
+        (gq[2] - qn[2] * d) / qnorm,
+        (gq[3] - qn[3] * d) / qnorm,
+    ]
 }
 
 fn arr<R: Real, const K: usize>(s: &[R], i: usize) -> [R; K] {
@@ -282,12 +349,20 @@ fn arr<R: Real, const K: usize>(s: &[R], i: usize) -> [R; K] {
 }
 
 /// CPU projection of all Gaussians. `means`, `logs`: `N*3`; `quats`: `N*4` → `N*PROJ_DIM`.
-pub(crate) fn project_cpu<R: Real>(cam: &CamParams<R>, means: &[R], logs: &[R], quats: &[R]) -> Vec<R> {
+pub(crate) fn project_cpu<R: Real>(
+    cam: &CamParams<R>,
+    means: &[R],
+    logs: &[R],
+    quats: &[R],
+) -> Vec<R> {
     let n = means.len() / 3;
     let mut out = vec![R::c(0.0); n * PROJ_DIM];
-    out.par_chunks_mut(PROJ_DIM).enumerate().with_min_len(256).for_each(|(i, o)| {
-        project_one(cam, arr(means, i), arr(logs, i), arr(quats, i), o);
-    });
+    out.par_chunks_mut(PROJ_DIM)
+        .enumerate()
+        .with_min_len(256)
+        .for_each(|(i, o)| {
+            project_one(cam, arr(means, i), arr(logs, i), arr(quats, i), o);
+        });
     out
 }
 
@@ -310,7 +385,13 @@ pub(crate) fn project_bwd_cpu<R: Real>(
                 let z = R::c(0.0);
                 return ([z; 3], [z; 3], [z; 4]);
             }
-            project_one_bwd(cam, arr(means, i), arr(logs, i), arr(quats, i), &grad[i * PROJ_DIM..(i + 1) * PROJ_DIM])
+            project_one_bwd(
+                cam,
+                arr(means, i),
+                arr(logs, i),
+                arr(quats, i),
+                &grad[i * PROJ_DIM..(i + 1) * PROJ_DIM],
+            )
         })
         .collect();
     let mut dm = Vec::with_capacity(n * 3);
@@ -331,7 +412,15 @@ pub(crate) struct ProjectOp {
 }
 
 impl ProjectOp {
-    fn fwd_t<R: Real>(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn fwd_t<R: Real>(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
         let means = cpu_slice::<R>(s1, l1, "means")?;
         let logs = cpu_slice::<R>(s2, l2, "log_scales")?;
         let quats = cpu_slice::<R>(s3, l3, "quats")?;
@@ -340,12 +429,23 @@ impl ProjectOp {
         Ok((R::to_cpu_storage_owned(out), Shape::from((n, PROJ_DIM))))
     }
 
-    fn bwd_t<R: Real>(&self, means: &Tensor, logs: &Tensor, quats: &Tensor, res: &Tensor, grad: &Tensor) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
+    fn bwd_t<R: Real>(
+        &self,
+        means: &Tensor,
+        logs: &Tensor,
+        quats: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
         let v = |t: &Tensor| t.flatten_all()?.to_vec1::<R>();
         let (m, l, q, p, g) = (v(means)?, v(logs)?, v(quats)?, v(res)?, v(grad)?);
         let (dm, dl, dq) = project_bwd_cpu(&self.cam.cast::<R>(), &m, &l, &q, &p, &g);
         let dev = means.device();
-        Ok((Tensor::from_vec(dm, means.shape(), dev)?, Tensor::from_vec(dl, logs.shape(), dev)?, Tensor::from_vec(dq, quats.shape(), dev)?))
+        Ok((
+            Tensor::from_vec(dm, means.shape(), dev)?,
+            Tensor::from_vec(dl, logs.shape(), dev)?,
+            Tensor::from_vec(dq, quats.shape(), dev)?,
+        ))
     }
 }
 
@@ -354,17 +454,35 @@ impl CustomOp3 for ProjectOp {
         "gen-scene-splat-project"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
         match s1 {
             CpuStorage::F32(_) => self.fwd_t::<f32>(s1, l1, s2, l2, s3, l3),
             CpuStorage::F64(_) => self.fwd_t::<f64>(s1, l1, s2, l2, s3, l3),
-            other => candle_core::bail!("splat projection: dtype {:?} not supported (f32 or f64)", candle_core::backend::BackendStorage::dtype(other)),
+            other => candle_core::bail!(
+                "splat projection: dtype {:?} not supported (f32 or f64)",
+                candle_core::backend::BackendStorage::dtype(other)
+            ),
         }
     }
 
     // The backward pass runs on the CPU for every device for now; a CUDA kernel can take its
     // place beside `cpu_fwd` without changing the graph.
-    fn bwd(&self, a1: &Tensor, a2: &Tensor, a3: &Tensor, res: &Tensor, grad: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        a1: &Tensor,
+        a2: &Tensor,
+        a3: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (dm, dl, dq) = match a1.dtype() {
             candle_core::DType::F32 => self.bwd_t::<f32>(a1, a2, a3, res, grad)?,
             candle_core::DType::F64 => self.bwd_t::<f64>(a1, a2, a3, res, grad)?,
