@@ -14,6 +14,10 @@
 //!   says otherwise. We write either B pre-multiplied by alpha/r ([`PeftAlpha::Bake`], the
 //!   default: every reader gets the same model) or that metadata ([`PeftAlpha::Metadata`]).
 //! - **PEFT legacy** (diffusers < 0.22): `unet.M.lora.down.weight` / `unet.M.lora.up.weight`.
+//!   Read also: `….lora_linear_layer.down.weight` (text encoders) and the attention-processor form
+//!   `unet.….attn1.processor.to_q_lora.down.weight`. Files that diffusers' training scripts write
+//!   mix these with `lora_A`/`lora_B` (see `PEFT_SUFFIXES`); a file is labelled
+//!   [`LoraFormat::Peft`] when it has any `lora_A` key.
 //!
 //! The format is detected on load. Kohya keys are ambiguous (`to_out_0` could be `to.out.0` or
 //! `to_out.0`): they are resolved by sending every layer name of the model through the same
@@ -126,10 +130,10 @@ pub fn save_lora(sets: &[&LoraSet], path: impl AsRef<Path>, opts: &LoraSaveOptio
                         None => first = Some((r, alpha)),
                         Some((r0, a0)) => {
                             if r != r0 {
-                                rank_pattern.insert(name.to_string(), r.into());
+                                rank_pattern.insert(peft_target(comp, name), r.into());
                             }
                             if alpha != a0 {
-                                alpha_pattern.insert(name.to_string(), alpha.into());
+                                alpha_pattern.insert(peft_target(comp, name), alpha.into());
                             }
                         }
                     }
@@ -138,7 +142,7 @@ pub fn save_lora(sets: &[&LoraSet], path: impl AsRef<Path>, opts: &LoraSaveOptio
         }
         if opts.format != LoraFormat::Kohya && opts.peft_alpha == PeftAlpha::Metadata {
             if let Some((r0, a0)) = first {
-                let targets: Vec<serde_json::Value> = set.names().into_iter().map(Into::into).collect();
+                let targets: Vec<serde_json::Value> = set.names().iter().map(|n| peft_target(comp, n).into()).collect();
                 peft_meta.insert(format!("{comp}.r"), r0.into());
                 peft_meta.insert(format!("{comp}.lora_alpha"), a0.into());
                 peft_meta.insert(format!("{comp}.target_modules"), targets.into());
@@ -171,6 +175,16 @@ pub fn save_lora(sets: &[&LoraSet], path: impl AsRef<Path>, opts: &LoraSaveOptio
     let bytes = safetensors::serialize(raws, Some(meta))
         .map_err(|e| Error::msg(format!("{}: serialising LoRA: {e}", path.display())))?;
     gen_core::write_atomic(path, &bytes)
+}
+
+/// A layer name as a PEFT `target_modules` entry (matched as a suffix). Text encoders drop the
+/// leading `text_model.`, which transformers ≥ 5 no longer has in its module names, so that the
+/// entry matches both layouts.
+fn peft_target(component: &str, name: &str) -> String {
+    match name.strip_prefix("text_model.") {
+        Some(rest) if component.starts_with("text_encoder") => rest.to_string(),
+        _ => name.to_string(),
+    }
 }
 
 /// A tensor's little-endian bytes, for the `safetensors` crate (whose version differs from
@@ -210,14 +224,34 @@ impl safetensors::View for RawTensor {
     }
 }
 
-/// A candle tensor from a safetensors view (f32, f64, f16, bf16).
+/// A candle tensor from a safetensors view (f32, f64, f16, bf16; integer scalars — diffusers'
+/// `convert_state_dict_to_kohya` stores alpha as an int64 0-d tensor — become f64).
 fn load_view(v: &safetensors::tensor::TensorView<'_>, device: &Device) -> candle_core::Result<Tensor> {
+    use safetensors::Dtype as D;
+    let int_scalar = |b: &[u8]| -> Option<f64> {
+        Some(match (v.dtype(), b.len()) {
+            (D::I64, 8) => i64::from_le_bytes(b.try_into().ok()?) as f64,
+            (D::U64, 8) => u64::from_le_bytes(b.try_into().ok()?) as f64,
+            (D::I32, 4) => i32::from_le_bytes(b.try_into().ok()?) as f64,
+            (D::U32, 4) => u32::from_le_bytes(b.try_into().ok()?) as f64,
+            (D::I16, 2) => i16::from_le_bytes(b.try_into().ok()?) as f64,
+            (D::U16, 2) => u16::from_le_bytes(b.try_into().ok()?) as f64,
+            (D::I8, 1) => b[0] as i8 as f64,
+            (D::U8, 1) => b[0] as f64,
+            _ => return None,
+        })
+    };
+    if v.shape().iter().product::<usize>() == 1 {
+        if let Some(x) = int_scalar(v.data()) {
+            return Tensor::new(x, device)?.reshape(v.shape());
+        }
+    }
     let dtype = match v.dtype() {
         safetensors::Dtype::F32 => DType::F32,
         safetensors::Dtype::F64 => DType::F64,
         safetensors::Dtype::F16 => DType::F16,
         safetensors::Dtype::BF16 => DType::BF16,
-        other => candle_core::bail!("unsupported dtype {other:?} (LoRA tensors must be float)"),
+        other => candle_core::bail!("unsupported dtype {other:?} (LoRA weights must be float; integers only as a scalar alpha)"),
     };
     Tensor::from_raw_buffer(v.data(), dtype, v.shape(), device)
 }
@@ -294,9 +328,9 @@ pub fn read_lora_file(path: impl AsRef<Path>, device: &Device) -> Result<LoraFil
     } else if kohya > 0 {
         let other: Vec<&String> = tensors.keys().filter(|k| !is_kohya(k)).take(3).collect();
         return Err(file_err(path, format!("mixes kohya keys with others ({other:?})")));
-    } else if tensors.keys().any(|k| k.ends_with(".lora_A.weight") || k.ends_with(".lora_B.weight")) {
+    } else if tensors.keys().any(|k| k.ends_with(".lora_A.weight")) {
         LoraFormat::Peft
-    } else if tensors.keys().any(|k| k.ends_with(".lora.down.weight") || k.ends_with(".lora.up.weight")) {
+    } else if tensors.keys().any(|k| PEFT_SUFFIXES.iter().any(|(ds, _)| k.ends_with(ds))) {
         LoraFormat::PeftLegacy
     } else {
         let some: Vec<&String> = tensors.keys().take(4).collect();
@@ -304,7 +338,7 @@ pub fn read_lora_file(path: impl AsRef<Path>, device: &Device) -> Result<LoraFil
     };
     let modules = match format {
         LoraFormat::Kohya => parse_kohya(path, tensors)?,
-        _ => parse_peft(path, format, tensors, &metadata)?,
+        _ => parse_peft(path, tensors, &metadata)?,
     };
     Ok(LoraFile { path: path.to_path_buf(), format, modules, metadata })
 }
@@ -392,19 +426,45 @@ fn peft_meta(path: &Path, metadata: &HashMap<String, String>) -> Result<HashMap<
     Ok(out)
 }
 
-fn parse_peft(path: &Path, format: LoraFormat, mut tensors: HashMap<String, Tensor>, metadata: &HashMap<String, String>) -> Result<Vec<LoraModule>> {
-    let (ds, us) = if format == LoraFormat::Peft { (".lora_A.weight", ".lora_B.weight") } else { (".lora.down.weight", ".lora.up.weight") };
+/// The (A, B) key suffixes of the diffusers/PEFT family. Files written by diffusers' training
+/// scripts (`convert_state_dict_to_diffusers`) mix them: UNet attention `…to_q.lora.down.weight`,
+/// text-encoder attention `…q_proj.lora_linear_layer.down.weight`, everything else
+/// `….lora_A.weight`; the attention-processor format has `…processor.to_q_lora.down.weight`.
+const PEFT_SUFFIXES: [(&str, &str); 4] = [
+    (".lora_A.weight", ".lora_B.weight"),
+    (".lora.down.weight", ".lora.up.weight"),
+    (".lora_linear_layer.down.weight", ".lora_linear_layer.up.weight"),
+    ("_lora.down.weight", "_lora.up.weight"),
+];
+
+/// The module path of an attention-processor key base (`….attn1.processor.to_q` →
+/// `….attn1.to_q`, `….processor.to_out` → `….to_out.0`).
+fn processor_module(base: &str) -> String {
+    match base.rsplit_once(".processor.") {
+        Some((head, "to_out")) => format!("{head}.to_out.0"),
+        Some((head, tail)) => format!("{head}.{tail}"),
+        None => base.to_string(),
+    }
+}
+
+fn parse_peft(path: &Path, mut tensors: HashMap<String, Tensor>, metadata: &HashMap<String, String>) -> Result<Vec<LoraModule>> {
     let meta = peft_meta(path, metadata)?;
-    let mut bases: Vec<String> = tensors.keys().filter_map(|k| k.strip_suffix(ds).map(str::to_string)).collect();
-    bases.sort();
+    let mut found: Vec<(String, &str, &str)> = Vec::new();
+    for k in tensors.keys() {
+        if let Some((ds, us)) = PEFT_SUFFIXES.iter().find(|(ds, _)| k.ends_with(ds)) {
+            found.push((k[..k.len() - ds.len()].to_string(), ds, us));
+        }
+    }
+    found.sort();
     let mut modules = Vec::new();
-    for base in bases {
+    for (base, ds, us) in found {
         let (dk, uk, ak) = (format!("{base}{ds}"), format!("{base}{us}"), format!("{base}.alpha"));
         let down = tensors.remove(&dk).expect("listed");
         let up = tensors.remove(&uk).ok_or_else(|| Error::MissingTensor { file: path.display().to_string(), key: uk.clone() })?;
         let Some((component, module)) = KNOWN_PREFIXES.iter().rev().find_map(|c| base.strip_prefix(&format!("{c}.")).map(|m| (c.to_string(), m.to_string()))) else {
             return Err(file_err(path, format!("`{dk}`: unknown component (expected a key starting with one of {KNOWN_PREFIXES:?})")));
         };
+        let module = if ds.starts_with('_') { processor_module(&module) } else { module };
         let mut alpha = match tensors.remove(&ak) {
             Some(t) => Some(scalar(path, &ak, &t)?),
             None => None,
@@ -420,7 +480,7 @@ fn parse_peft(path: &Path, format: LoraFormat, mut tensors: HashMap<String, Tens
     if !tensors.is_empty() {
         let mut left: Vec<&String> = tensors.keys().collect();
         left.sort();
-        return Err(file_err(path, format!("{} keys without a matching {ds} (unsupported variant or mixed formats?), e.g. {:?}", left.len(), &left[..left.len().min(4)])));
+        return Err(file_err(path, format!("{} keys that are not LoRA A/B/alpha (unsupported variant: DoRA, LoHa, conv?), e.g. {:?}", left.len(), &left[..left.len().min(4)])));
     }
     Ok(modules)
 }
@@ -470,7 +530,8 @@ pub struct AppliedLora {
 
 /// Applies the modules of `file` that belong to `component` (`"unet"`, `"text_encoder"`, …) to
 /// the layers `linears` of that component. Each module is resolved to a layer name (kohya names
-/// through the `'.'→'_'` map of every layer name); A must be `(r, in)` and B `(out, r)` for that
+/// through the `'.'→'_'` map of every layer name; for text encoders a leading `text_model.` is
+/// ignored on both sides, as transformers ≥ 5 drops it); A must be `(r, in)` and B `(out, r)` for that
 /// layer. Errors name the file key, the expected and the found shape. Errors when the file holds
 /// nothing for `component` (check [`LoraFile::has_component`] first).
 pub fn apply_lora(file: &LoraFile, component: &str, linears: &[Linear], opts: &ApplyOptions) -> Result<AppliedLora> {
@@ -483,16 +544,27 @@ pub fn apply_lora(file: &LoraFile, component: &str, linears: &[Linear], opts: &A
         return Err(file_err(path, format!("has no {component} LoRA (components: {:?})", file.components())));
     }
     // Name index: exact for PEFT, '.'→'_' for kohya (with ambiguity detection).
+    // Text encoders: files from transformers ≥ 5 name CLIP layers without the `text_model.`
+    // level (`text_encoder.encoder.layers.0…`, kohya `lora_te1_encoder_layers_0_…`), older ones
+    // and our models with it; both resolve.
+    let text = component.starts_with("text_encoder");
+    let norm = |s: &str| -> String {
+        let s = if file.format == LoraFormat::Kohya { s.replace('.', "_") } else { s.to_string() };
+        let strip = if file.format == LoraFormat::Kohya { "text_model_" } else { "text_model." };
+        match s.strip_prefix(strip) {
+            Some(rest) if text => rest.to_string(),
+            _ => s,
+        }
+    };
     let mut index: HashMap<String, Vec<&Linear>> = HashMap::new();
     for l in linears {
-        let key = if file.format == LoraFormat::Kohya { l.name().replace('.', "_") } else { l.name().to_string() };
-        index.entry(key).or_default().push(l);
+        index.entry(norm(l.name())).or_default().push(l);
     }
     let mut pairs = Vec::new();
     let mut unknown = Vec::new();
     let mut used = std::collections::HashSet::new();
     for m in mods {
-        let Some(cands) = index.get(&m.module) else {
+        let Some(cands) = index.get(&norm(&m.module)) else {
             unknown.push(m.down_key.clone());
             continue;
         };
