@@ -119,7 +119,7 @@ fn bad_grids_are_errors() {
 
 /// Three Gaussians with known parameters; density recomputed here from the definition.
 fn three() -> (Splats, Vec<([f64; 3], [f64; 3], [f64; 4], f64)>) {
-    let g = vec![
+    let g: Vec<([f64; 3], [f64; 3], [f64; 4], f64)> = vec![
         ([0.0, 0.0, 0.0], [0.2, 0.1, 0.05], [0.9, 0.1, -0.3, 0.2], 0.8),
         ([0.15, 0.05, 0.0], [0.08, 0.08, 0.08], [1.0, 0.0, 0.0, 0.0], 0.6),
         ([-0.1, 0.2, 0.1], [0.05, 0.15, 0.1], [0.3, 0.5, 0.1, -0.7], 0.95),
