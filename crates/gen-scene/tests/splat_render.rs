@@ -262,3 +262,53 @@ fn compositing_stops_before_transmittance_drops_below_1e4() -> Result<()> {
     assert!((1.0 - alpha - t).abs() < 1e-15 && t > 1e-4 && t < 2e-4);
     Ok(())
 }
+
+#[test]
+fn degenerate_parameters_are_culled_without_panics() -> Result<()> {
+    let good = [0.0, 0.0, 0.0];
+    let sp = splats(
+        &[
+            good,
+            [f64::NAN, 0.0, 0.0],
+            [0.0, 0.0, 0.0],
+            [0.0, 0.0, -4.995],
+        ],
+        &[-1.0, -1.0, 400.0, -1.0],
+        &[1.0; 4],
+        &[[0.2, 0.1, 0.0]; 4],
+    );
+    // A zero quaternion on the first splat is treated as the identity rotation.
+    let q = Tensor::from_vec(
+        vec![
+            0.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0,
+        ],
+        (4, 4),
+        &Device::Cpu,
+    )?;
+    let means = Var::from_tensor(&sp.means)?;
+    let sp = Splats {
+        quats: q,
+        means: means.as_tensor().clone(),
+        ..sp
+    };
+    let out = render(&sp, &cam32(), &RenderConfig::default())?;
+    let radii = out.radii()?.to_vec1::<f64>()?;
+    // NaN mean, infinite scale and a splat on the near plane (depth 0.005) are culled.
+    assert!(radii[0] > 0.0 && radii[1..] == [0.0, 0.0, 0.0], "{radii:?}");
+    assert!(out
+        .rgb
+        .flatten_all()?
+        .to_vec1::<f64>()?
+        .iter()
+        .all(|v| v.is_finite()));
+    let g = out
+        .rgb
+        .sum_all()?
+        .backward()?
+        .get(&means)
+        .expect("gradient")
+        .flatten_all()?
+        .to_vec1::<f64>()?;
+    assert!(g.iter().all(|v| v.is_finite()) && g[3..].iter().all(|&v| v == 0.0));
+    Ok(())
+}
