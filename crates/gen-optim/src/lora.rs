@@ -27,7 +27,7 @@ use crate::optimizer::NamedVar;
 #[path = "lora_file.rs"]
 pub mod file;
 pub use file::{
-    apply_lora, apply_lora_file, kohya_prefix, read_lora_file, save_lora, AppliedLora, ApplyMode, ApplyOptions, LoraFile, LoraFormat, LoraModule,
+    apply_lora, apply_lora_file, apply_lora_file_to_parts, kohya_prefix, parse_lora_arg, read_lora_file, save_lora, AppliedLora, ApplyMode, ApplyOptions, LoraFile, LoraFormat, LoraModule,
     LoraSaveOptions, PeftAlpha, UnknownKeys,
 };
 

@@ -611,3 +611,46 @@ pub fn apply_lora_file(linears: &[Linear], component: &str, path: impl AsRef<Pat
     let file = read_lora_file(path, &dev)?;
     apply_lora(&file, component, linears, opts)
 }
+
+/// Parses a `--lora FILE[:SCALE]` argument: the scale after the last `:` when it parses as a
+/// number (default 1), so paths with colons still work (`C:\\x.safetensors` without a scale is
+/// taken whole).
+pub fn parse_lora_arg(arg: &str) -> Result<(PathBuf, f64)> {
+    if arg.trim().is_empty() {
+        return Err(Error::invalid("--lora", "empty argument (expected FILE or FILE:SCALE)"));
+    }
+    if let Some((file, scale)) = arg.rsplit_once(':') {
+        if let Ok(s) = scale.trim().parse::<f64>() {
+            if !s.is_finite() {
+                return Err(Error::invalid("--lora", format!("{arg}: scale {s} is not finite")));
+            }
+            if file.is_empty() {
+                return Err(Error::invalid("--lora", format!("{arg}: no file before the scale")));
+            }
+            return Ok((PathBuf::from(file), s));
+        }
+    }
+    Ok((PathBuf::from(arg), 1.0))
+}
+
+/// Applies every component of the LoRA file at `path` to the matching model part:
+/// `parts` = `[("unet", unet.linears()), ("text_encoder", text_encoder.linears())]`. Errors when the
+/// file holds a component that `parts` lacks (e.g. an SDXL `text_encoder_2` LoRA on an SD 1.x
+/// pipeline), or nothing for any of them.
+pub fn apply_lora_file_to_parts(path: impl AsRef<Path>, parts: &[(&str, Vec<Linear>)], opts: &ApplyOptions) -> Result<Vec<AppliedLora>> {
+    let path = path.as_ref();
+    let dev = parts.iter().find_map(|(_, l)| l.first()).map(|l| l.weight().device().clone()).unwrap_or(Device::Cpu);
+    let file = read_lora_file(path, &dev)?;
+    let comps = file.components();
+    if let Some(c) = comps.iter().find(|c| !parts.iter().any(|(p, _)| p == *c)) {
+        let have: Vec<&str> = parts.iter().map(|(p, _)| *p).collect();
+        return Err(file_err(path, format!("has a {c} LoRA but the model has no such part (parts: {have:?})")));
+    }
+    let mut out = Vec::new();
+    for (comp, linears) in parts {
+        if file.has_component(comp) {
+            out.push(apply_lora(&file, comp, linears, opts)?);
+        }
+    }
+    Ok(out)
+}

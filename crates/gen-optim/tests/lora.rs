@@ -466,3 +466,60 @@ fn save_is_atomic_and_rejects_empty_sets() -> Result<()> {
     assert!(e.contains("twice"), "{e}");
     Ok(())
 }
+
+#[test]
+fn diffusers_legacy_key_styles_resolve() -> Result<()> {
+    // Attention-processor keys and `lora_linear_layer` keys (older diffusers files).
+    let m = model(DType::F32, 81)?;
+    let mut rng = SeededRng::new(82);
+    let mut r = |s: &[usize]| rng.randn(s, DType::F32, &Device::Cpu).unwrap();
+    let p = write_raw(
+        "legacy.safetensors",
+        vec![
+            ("unet.blk.attn.processor.to_q_lora.down.weight", r(&[2, 6])),
+            ("unet.blk.attn.processor.to_q_lora.up.weight", r(&[5, 2])),
+            ("unet.blk.attn.processor.to_out_lora.down.weight", r(&[2, 5])),
+            ("unet.blk.attn.processor.to_out_lora.up.weight", r(&[4, 2])),
+            ("unet.blk.ff.lora_linear_layer.down.weight", r(&[2, 4])),
+            ("unet.blk.ff.lora_linear_layer.up.weight", r(&[4, 2])),
+        ],
+    )?;
+    let f = read_lora_file(&p, &Device::Cpu)?;
+    assert_eq!(f.format, LoraFormat::PeftLegacy);
+    let ok = apply_lora(&f, "unet", &m, &ApplyOptions::default())?;
+    let mut names = ok.set.names();
+    names.sort();
+    assert_eq!(names, vec!["blk.attn.to_out.0", "blk.attn.to_q", "blk.ff"]);
+    // alpha defaults to r: the delta is exactly B A x.
+    let x = SeededRng::new(83).randn((2, 4), DType::F32, &Device::Cpu)?;
+    let e = ok.set.entries().iter().find(|e| e.linear.name() == "blk.ff").unwrap();
+    let want = x.matmul(&e.adapter.a().as_tensor().t()?)?.matmul(&e.adapter.b().as_tensor().t()?)?;
+    assert!(max_abs(&e.adapter.forward(&x)?, &want)? < 1e-6);
+    Ok(())
+}
+
+#[test]
+fn lora_cli_arguments_and_multi_part_apply() -> Result<()> {
+    assert_eq!(parse_lora_arg("a/b.safetensors")?, (PathBuf::from("a/b.safetensors"), 1.0));
+    assert_eq!(parse_lora_arg("a/b.safetensors:0.5")?, (PathBuf::from("a/b.safetensors"), 0.5));
+    assert_eq!(parse_lora_arg("c:/x.safetensors")?, (PathBuf::from("c:/x.safetensors"), 1.0));
+    assert!(parse_lora_arg("x:inf").unwrap_err().to_string().contains("not finite"));
+    assert!(parse_lora_arg("").is_err());
+    assert!(parse_lora_arg(":0.5").is_err());
+    // A file with unet and text-encoder parts.
+    let unet = model(DType::F32, 91)?;
+    let te = model(DType::F32, 92)?;
+    let su = attach_lora(&unet, "unet", &cfg(2, 2.0), &mut SeededRng::new(1))?;
+    let st = attach_lora(&te, "text_encoder", &cfg(2, 2.0), &mut SeededRng::new(2))?;
+    let path = tmp("parts.safetensors");
+    save_lora(&[&su, &st], &path, &LoraSaveOptions::default())?;
+    su.detach();
+    st.detach();
+    let applied = apply_lora_file_to_parts(&path, &[("unet", unet.clone()), ("text_encoder", te.clone())], &ApplyOptions { scale: 0.5, ..Default::default() })?;
+    assert_eq!(applied.len(), 2);
+    assert!(applied.iter().all(|a| a.set.entries().iter().all(|e| e.adapter.multiplier() == 0.5)));
+    applied.iter().for_each(|a| a.set.detach());
+    let e = apply_lora_file_to_parts(&path, &[("unet", unet)], &ApplyOptions::default()).unwrap_err().to_string();
+    assert!(e.contains("text_encoder"), "{e}");
+    Ok(())
+}
