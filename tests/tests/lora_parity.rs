@@ -218,3 +218,32 @@ fn file_for_another_model_is_rejected_with_shapes() -> Result<()> {
     }
     Ok(())
 }
+
+#[test]
+fn cli_style_lora_on_a_loaded_pipeline() -> Result<()> {
+    // What `gen image --lora FILE:SCALE` is meant to do: parse the argument and apply every part
+    // of the file to the loaded pipeline, merged. Scale 1 is checked against diffusers; scale 0.5
+    // (no diffusers reference recorded) merged against the adapter path at multiplier 0.5.
+    use gen_models::pipeline::{LoadOptions, ModelSource, SdPipeline};
+    let pipe = SdPipeline::load(&ModelSource::Local(fixtures().join("tiny-sd")), &LoadOptions::default())?;
+    let arg = format!("{}:1", lora_dir().join("ours_kohya.safetensors").display());
+    let (path, scale) = parse_lora_arg(&arg)?;
+    let parts = [("unet", pipe.unet.linears()), ("text_encoder", pipe.text_encoder.linears())];
+    let applied = apply_lora_file_to_parts(&path, &parts, &ApplyOptions { scale, mode: ApplyMode::Merge, ..Default::default() })?;
+    assert_eq!(applied.len(), 2);
+    let m = Models { unet: pipe.unet.clone(), te: pipe.text_encoder.clone() };
+    let refs = load(&lora_dir().join("ref_ours_kohya.safetensors"))?;
+    let (ou, ot) = outputs(&m)?;
+    let (eu, et) = (rel_err(&ou, &refs["unet_out"])?, rel_err(&ot, &refs["te_last_hidden_state"])?);
+    println!("pipeline --lora ours_kohya:1 merged: UNet {eu:.2e}, text encoder {et:.2e}");
+    ensure!(eu < TOL && et < TOL, "UNet {eu}, text encoder {et}");
+    // Scale 0.5: merged equals the adapter path at multiplier 0.5.
+    applied.iter().try_for_each(|a| a.set.unmerge())?;
+    applied.iter().for_each(|a| a.set.set_multiplier(0.5));
+    let (au, at) = outputs(&m)?;
+    applied.iter().try_for_each(|a| a.set.merge(0.5))?;
+    let (mu, mt) = outputs(&m)?;
+    ensure!(rel_err(&mu, &au)? < 1e-5 && rel_err(&mt, &at)? < 1e-5, "scale 0.5: merged vs adapter");
+    ensure!(rel_err(&au, &refs["unet_out"])? > 1e-2, "scale 0.5 must differ from scale 1");
+    Ok(())
+}
