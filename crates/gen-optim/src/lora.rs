@@ -13,7 +13,7 @@
 //!
 //! The model-facing glue is generic over `Linear` handles, which every model exposes through
 //! `linears()` (the UNet, the CLIP encoders, the VAE); this crate does not depend on the models.
-//! LoRA files (kohya and diffusers/PEFT formats) are in [`file`].
+//! LoRA files (kohya and diffusers/PEFT formats) are in [`mod@file`].
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -260,7 +260,7 @@ pub struct LoraSet {
     shared: Arc<Shared>,
 }
 
-/// Component prefixes known to the file formats (see [`file`]).
+/// Component prefixes known to the file formats (see [`mod@file`]).
 pub const KNOWN_PREFIXES: [&str; 3] = ["unet", "text_encoder", "text_encoder_2"];
 
 fn check_prefix(prefix: &str) -> Result<()> {
@@ -409,7 +409,8 @@ impl LoraSet {
     /// Folds the adapters into the base weights: `W ← W + scale · (alpha/r) · B A` (computed in
     /// f32, or f64 for f64 weights, then cast to the weight's dtype) and detaches them, so the
     /// model runs at base speed. `scale` replaces the adapters' multipliers. Keeps the original
-    /// weights for [`LoraSet::unmerge`]. Errors if already merged.
+    /// weights for [`LoraSet::unmerge`]. Errors if already merged. Several sets merged into the
+    /// same layers must be unmerged in reverse order (each restores the weight it found).
     pub fn merge(&self, scale: f64) -> Result<()> {
         if let Some(e) = self.entries.iter().find(|e| e.is_merged()) {
             return Err(Error::msg(format!("LoRA {}: {} is already merged", self.prefix, e.linear.name())));
