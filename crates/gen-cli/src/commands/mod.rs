@@ -19,13 +19,13 @@ pub enum Command {
     /// Render samples of the procedural shapes world (images, masks, captions, ground truth).
     Dataset(dataset::DatasetArgs),
     /// Generate images from a prompt (or an image and a prompt) with CFG or APG guidance.
-    Image(image::ImageArgs),
+    Image(Box<image::ImageArgs>),
 }
 
 /// Runs the parsed command line.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Dataset(args) => dataset::run(args),
-        Command::Image(args) => image::run(args),
+        Command::Image(args) => image::run(*args),
     }
 }
