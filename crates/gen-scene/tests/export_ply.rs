@@ -48,7 +48,11 @@ fn assert_same(a: &Splats, b: &Splats) {
 
 /// Splits a PLY into header lines and body bytes (independent of the library's parser).
 fn split_header(bytes: &[u8]) -> (Vec<String>, &[u8]) {
-    let end = bytes.windows(11).position(|w| w == b"end_header\n").unwrap() + 11;
+    let end = bytes
+        .windows(11)
+        .position(|w| w == b"end_header\n")
+        .unwrap()
+        + 11;
     let text = std::str::from_utf8(&bytes[..end]).unwrap();
     (text.lines().map(|s| s.to_string()).collect(), &bytes[end..])
 }
@@ -64,7 +68,10 @@ fn round_trip_is_exact_for_every_degree() {
         assert_same(&s, &back);
     }
     // No temporary files left behind by the atomic writer.
-    let left: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name()).collect();
+    let left: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
     assert_eq!(left.len(), 4, "{left:?}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
@@ -96,11 +103,17 @@ fn header_has_the_standard_property_order() {
     write_ply(&random_splats(2, 3, 2), &path).unwrap();
     let bytes = std::fs::read(&path).unwrap();
     let (lines, body) = split_header(&bytes);
-    let props: Vec<&str> = lines.iter().filter_map(|l| l.strip_prefix("property float ")).collect();
+    let props: Vec<&str> = lines
+        .iter()
+        .filter_map(|l| l.strip_prefix("property float "))
+        .collect();
     assert_eq!(props.len(), 62);
     assert_eq!(props[9], "f_rest_0");
     assert_eq!(props[53], "f_rest_44");
-    assert_eq!(&props[54..], &["opacity", "scale_0", "scale_1", "scale_2", "rot_0", "rot_1", "rot_2", "rot_3"]);
+    assert_eq!(
+        &props[54..],
+        &["opacity", "scale_0", "scale_1", "scale_2", "rot_0", "rot_1", "rot_2", "rot_3"]
+    );
     assert_eq!(body.len(), 2 * 62 * 4);
     std::fs::remove_dir_all(&dir).unwrap();
 }
@@ -122,7 +135,10 @@ fn body_layout_is_pre_activation_and_channel_major() {
     write_ply(&s, &path).unwrap();
     let bytes = std::fs::read(&path).unwrap();
     let (_, body) = split_header(&bytes);
-    let v: Vec<f32> = body.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect();
+    let v: Vec<f32> = body
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+        .collect();
     #[rustfmt::skip]
     let want = [
         1.0, 2.0, 3.0, 0.0, 0.0, 0.0, // position, zero normals
@@ -146,10 +162,22 @@ fn foreign_layouts_are_read_by_name() {
     h.push_str("element camera 1\r\nproperty float fx\r\nproperty float fy\r\n");
     h.push_str("element vertex 2\r\n");
     let order = [
-        ("rot_3", "float"), ("x", "double"), ("red", "uchar"), ("scale_2", "float"),
-        ("f_dc_1", "float"), ("y", "float"), ("opacity", "double"), ("z", "float"),
-        ("rot_0", "float"), ("f_dc_0", "float"), ("scale_0", "float"), ("rot_1", "float"),
-        ("f_dc_2", "float"), ("scale_1", "float"), ("rot_2", "float"), ("confidence", "short"),
+        ("rot_3", "float"),
+        ("x", "double"),
+        ("red", "uchar"),
+        ("scale_2", "float"),
+        ("f_dc_1", "float"),
+        ("y", "float"),
+        ("opacity", "double"),
+        ("z", "float"),
+        ("rot_0", "float"),
+        ("f_dc_0", "float"),
+        ("scale_0", "float"),
+        ("rot_1", "float"),
+        ("f_dc_2", "float"),
+        ("scale_1", "float"),
+        ("rot_2", "float"),
+        ("confidence", "short"),
     ];
     for (n, t) in order {
         h.push_str(&format!("property {t} {n}\r\n"));
@@ -163,10 +191,21 @@ fn foreign_layouts_are_read_by_name() {
         for (n, t) in order {
             // Value = base + a per-property code, so every field is recognisable.
             let code = match n {
-                "x" => 1.0, "y" => 2.0, "z" => 3.0, "f_dc_0" => 4.0, "f_dc_1" => 5.0,
-                "f_dc_2" => 6.0, "opacity" => 0.5, "scale_0" => -1.0, "scale_1" => -2.0,
-                "scale_2" => -3.0, "rot_0" => 0.1, "rot_1" => 0.2, "rot_2" => 0.3,
-                "rot_3" => 0.4, _ => 0.0,
+                "x" => 1.0,
+                "y" => 2.0,
+                "z" => 3.0,
+                "f_dc_0" => 4.0,
+                "f_dc_1" => 5.0,
+                "f_dc_2" => 6.0,
+                "opacity" => 0.5,
+                "scale_0" => -1.0,
+                "scale_1" => -2.0,
+                "scale_2" => -3.0,
+                "rot_0" => 0.1,
+                "rot_1" => 0.2,
+                "rot_2" => 0.3,
+                "rot_3" => 0.4,
+                _ => 0.0,
             };
             let v = base + code;
             match t {
@@ -242,7 +281,10 @@ fn bad_files_are_clear_errors() {
     assert!(e.contains("unknown type `float32x`"), "{e}");
     let e = err_of(&edit("element vertex 3", "element vertex three"));
     assert!(e.contains("line 4") && e.contains("three"), "{e}");
-    let e = err_of(&edit("property float x", "property float x\nproperty float x"));
+    let e = err_of(&edit(
+        "property float x",
+        "property float x\nproperty float x",
+    ));
     assert!(e.contains("declared twice"), "{e}");
     let e = err_of(&edit("element vertex", "element points"));
     assert!(e.contains("no `vertex` element"), "{e}");
@@ -260,10 +302,15 @@ fn bad_files_are_clear_errors() {
 
     // Every truncation of a small file is an error, never a panic.
     for cut in 0..good.len() {
-        assert!(parse_ply(&good[..cut], "cut.ply").is_err(), "accepted a file cut at {cut}");
+        assert!(
+            parse_ply(&good[..cut], "cut.ply").is_err(),
+            "accepted a file cut at {cut}"
+        );
     }
     // Missing file: I/O error naming the path.
-    let e = read_ply(dir.join("missing.ply"), &Device::Cpu).unwrap_err().to_string();
+    let e = read_ply(dir.join("missing.ply"), &Device::Cpu)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("missing.ply"), "{e}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
@@ -277,7 +324,10 @@ fn non_finite_splats_are_refused_on_export() {
     s.log_scales = Tensor::from_vec(m, (4, 3), &Device::Cpu).unwrap();
     let path = dir.join("nan.ply");
     let e = write_ply(&s, &path).unwrap_err().to_string();
-    assert!(e.contains("log_scales") && e.contains("Gaussian 2") && e.contains("nan.ply"), "{e}");
+    assert!(
+        e.contains("log_scales") && e.contains("Gaussian 2") && e.contains("nan.ply"),
+        "{e}"
+    );
     assert!(!path.exists());
     std::fs::remove_dir_all(&dir).unwrap();
 }
