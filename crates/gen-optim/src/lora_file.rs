@@ -288,6 +288,9 @@ pub struct LoraFile {
     pub path: PathBuf,
     pub format: LoraFormat,
     pub modules: Vec<LoraModule>,
+    /// Conv-layer modules (4-D A and B), as (component, A key): read but not applicable to
+    /// `Linear` layers; [`apply_lora`] treats them like unknown modules.
+    pub conv: Vec<(String, String)>,
     /// The safetensors header metadata.
     pub metadata: HashMap<String, String>,
 }
@@ -298,7 +301,7 @@ impl LoraFile {
         KNOWN_PREFIXES.iter().copied().filter(|c| self.has_component(c)).collect()
     }
     pub fn has_component(&self, c: &str) -> bool {
-        self.modules.iter().any(|m| m.component == c)
+        self.modules.iter().any(|m| m.component == c) || self.conv.iter().any(|(comp, _)| comp == c)
     }
 }
 
@@ -336,11 +339,11 @@ pub fn read_lora_file(path: impl AsRef<Path>, device: &Device) -> Result<LoraFil
         let some: Vec<&String> = tensors.keys().take(4).collect();
         return Err(file_err(path, format!("no LoRA keys of a known format (kohya `lora_unet_….lora_down.weight`, PEFT `unet.….lora_A.weight`); found e.g. {some:?}")));
     };
-    let modules = match format {
+    let (modules, conv) = match format {
         LoraFormat::Kohya => parse_kohya(path, tensors)?,
         _ => parse_peft(path, tensors, &metadata)?,
     };
-    Ok(LoraFile { path: path.to_path_buf(), format, modules, metadata })
+    Ok(LoraFile { path: path.to_path_buf(), format, modules, conv, metadata })
 }
 
 fn scalar(path: &Path, key: &str, t: &Tensor) -> Result<f64> {
@@ -354,22 +357,30 @@ fn scalar(path: &Path, key: &str, t: &Tensor) -> Result<f64> {
     Ok(v)
 }
 
-fn make_weights(path: &Path, down_key: &str, up_key: &str, down: Tensor, up: Tensor, alpha: Option<f64>) -> Result<LoraWeights> {
-    let (r, _) = down.dims2().map_err(|_| file_err(path, format!("`{down_key}` has shape {:?}; expected (rank, in) — conv LoRA is not supported", down.dims())))?;
-    let (_, r2) = up.dims2().map_err(|_| file_err(path, format!("`{up_key}` has shape {:?}; expected (out, rank) — conv LoRA is not supported", up.dims())))?;
+/// `Ok(None)` for a conv LoRA (4-D A and B: kohya's LoCon, or SD 1.x `proj_in`/`proj_out`
+/// 1×1 convs), which no `Linear` can take.
+fn make_weights(path: &Path, down_key: &str, up_key: &str, down: Tensor, up: Tensor, alpha: Option<f64>) -> Result<Option<LoraWeights>> {
+    if down.rank() == 4 && up.rank() == 4 {
+        return Ok(None);
+    }
+    let (r, _) = down.dims2().map_err(|_| file_err(path, format!("`{down_key}` has shape {:?}; expected (rank, in)", down.dims())))?;
+    let (_, r2) = up.dims2().map_err(|_| file_err(path, format!("`{up_key}` has shape {:?}; expected (out, rank)", up.dims())))?;
     if r == 0 {
         return Err(file_err(path, format!("`{down_key}` has rank 0")));
     }
     if r != r2 {
         return Err(Error::Shape { file: path.display().to_string(), key: up_key.to_string(), expected: vec![up.dims()[0], r], found: up.dims().to_vec() });
     }
-    Ok(LoraWeights { down, up, alpha: alpha.unwrap_or(r as f64) })
+    Ok(Some(LoraWeights { down, up, alpha: alpha.unwrap_or(r as f64) }))
 }
 
-fn parse_kohya(path: &Path, mut tensors: HashMap<String, Tensor>) -> Result<Vec<LoraModule>> {
+/// Linear modules, and (component, A key) of conv modules.
+type Parsed = (Vec<LoraModule>, Vec<(String, String)>);
+
+fn parse_kohya(path: &Path, mut tensors: HashMap<String, Tensor>) -> Result<Parsed> {
     let mut bases: Vec<String> = tensors.keys().filter_map(|k| k.strip_suffix(".lora_down.weight").map(str::to_string)).collect();
     bases.sort();
-    let mut modules = Vec::new();
+    let (mut modules, mut conv) = (Vec::new(), Vec::new());
     for base in bases {
         let (dk, uk, ak) = (format!("{base}.lora_down.weight"), format!("{base}.lora_up.weight"), format!("{base}.alpha"));
         let down = tensors.remove(&dk).expect("listed");
@@ -387,15 +398,17 @@ fn parse_kohya(path: &Path, mut tensors: HashMap<String, Tensor>) -> Result<Vec<
         } else {
             unreachable!("kohya keys checked")
         };
-        let weights = make_weights(path, &dk, &uk, down, up, alpha)?;
-        modules.push(LoraModule { component: component.into(), module: module.into(), down_key: dk, up_key: uk, weights });
+        match make_weights(path, &dk, &uk, down, up, alpha)? {
+            Some(weights) => modules.push(LoraModule { component: component.into(), module: module.into(), down_key: dk, up_key: uk, weights }),
+            None => conv.push((component.to_string(), dk)),
+        }
     }
     if !tensors.is_empty() {
         let mut left: Vec<&String> = tensors.keys().collect();
         left.sort();
         return Err(file_err(path, format!("{} keys that are not LoRA down/up/alpha (unsupported variant: DoRA, LoHa, LoKr?), e.g. {:?}", left.len(), &left[..left.len().min(4)])));
     }
-    Ok(modules)
+    Ok((modules, conv))
 }
 
 /// Per-component alpha settings from diffusers' `lora_adapter_metadata`.
@@ -447,7 +460,7 @@ fn processor_module(base: &str) -> String {
     }
 }
 
-fn parse_peft(path: &Path, mut tensors: HashMap<String, Tensor>, metadata: &HashMap<String, String>) -> Result<Vec<LoraModule>> {
+fn parse_peft(path: &Path, mut tensors: HashMap<String, Tensor>, metadata: &HashMap<String, String>) -> Result<Parsed> {
     let meta = peft_meta(path, metadata)?;
     let mut found: Vec<(String, &str, &str)> = Vec::new();
     for k in tensors.keys() {
@@ -456,7 +469,7 @@ fn parse_peft(path: &Path, mut tensors: HashMap<String, Tensor>, metadata: &Hash
         }
     }
     found.sort();
-    let mut modules = Vec::new();
+    let (mut modules, mut conv) = (Vec::new(), Vec::new());
     for (base, ds, us) in found {
         let (dk, uk, ak) = (format!("{base}{ds}"), format!("{base}{us}"), format!("{base}.alpha"));
         let down = tensors.remove(&dk).expect("listed");
@@ -474,15 +487,17 @@ fn parse_peft(path: &Path, mut tensors: HashMap<String, Tensor>, metadata: &Hash
                 alpha = m.alpha_pattern.iter().find(|(p, _)| crate::lora::pattern_matches(p, &module)).map(|(_, a)| *a).or(m.lora_alpha);
             }
         }
-        let weights = make_weights(path, &dk, &uk, down, up, alpha)?;
-        modules.push(LoraModule { component, module, down_key: dk, up_key: uk, weights });
+        match make_weights(path, &dk, &uk, down, up, alpha)? {
+            Some(weights) => modules.push(LoraModule { component, module, down_key: dk, up_key: uk, weights }),
+            None => conv.push((component, dk)),
+        }
     }
     if !tensors.is_empty() {
         let mut left: Vec<&String> = tensors.keys().collect();
         left.sort();
         return Err(file_err(path, format!("{} keys that are not LoRA A/B/alpha (unsupported variant: DoRA, LoHa, conv?), e.g. {:?}", left.len(), &left[..left.len().min(4)])));
     }
-    Ok(modules)
+    Ok((modules, conv))
 }
 
 /// What to do with file modules that match no layer of the model.
@@ -524,7 +539,8 @@ impl Default for ApplyOptions {
 #[derive(Debug)]
 pub struct AppliedLora {
     pub set: LoraSet,
-    /// Modules of the file (for this component) that matched no layer, when skipping was asked for.
+    /// A keys of the modules (for this component) that matched no layer or are conv LoRA, when
+    /// skipping was asked for.
     pub skipped: Vec<String>,
 }
 
@@ -541,7 +557,7 @@ pub fn apply_lora(file: &LoraFile, component: &str, linears: &[Linear], opts: &A
     let path = &file.path;
     let mods: Vec<&LoraModule> = file.modules.iter().filter(|m| m.component == component).collect();
     if mods.is_empty() {
-        return Err(file_err(path, format!("has no {component} LoRA (components: {:?})", file.components())));
+        return Err(file_err(path, format!("has no {component} LoRA for linear layers (components: {:?})", file.components())));
     }
     // Name index: exact for PEFT, '.'→'_' for kohya (with ambiguity detection).
     // Text encoders: files from transformers ≥ 5 name CLIP layers without the `text_model.`
@@ -587,6 +603,18 @@ pub fn apply_lora(file: &LoraFile, component: &str, linears: &[Linear], opts: &A
         }
         pairs.push((lin.clone(), m.weights.clone()));
     }
+    let conv: Vec<String> = file.conv.iter().filter(|(c, _)| c == component).map(|(_, k)| k.clone()).collect();
+    if !conv.is_empty() && opts.unknown == UnknownKeys::Error {
+        return Err(file_err(
+            path,
+            format!(
+                "{} {component} conv-layer LoRA module(s) (e.g. {:?}): conv LoRA is not supported; use UnknownKeys::Skip to apply the rest",
+                conv.len(),
+                &conv[..conv.len().min(3)]
+            ),
+        ));
+    }
+    unknown.extend(conv);
     if !unknown.is_empty() && opts.unknown == UnknownKeys::Error {
         let sample: Vec<&str> = linears.iter().take(3).map(|l| l.name()).collect();
         return Err(file_err(

@@ -400,10 +400,26 @@ fn bad_files_give_clear_errors() -> Result<()> {
     )?;
     let e = read_lora_file(&p, &Device::Cpu).unwrap_err().to_string();
     assert!(e.contains("lora_unet_blk_attn_to_q.alpha") && e.contains("-1"), "{e}");
-    // Conv LoRA (4-D).
-    let p = write_raw("conv.safetensors", vec![("lora_unet_blk_attn_to_q.lora_down.weight", z(&[2, 6, 1, 1])), ("lora_unet_blk_attn_to_q.lora_up.weight", z(&[5, 2, 1, 1]))])?;
+    // Conv LoRA (4-D, e.g. SD 1.x proj_in 1×1 convs): an error naming it, or skipped on request.
+    let p = write_raw(
+        "conv.safetensors",
+        vec![
+            ("lora_unet_blk_proj_in.lora_down.weight", z(&[2, 6, 1, 1])),
+            ("lora_unet_blk_proj_in.lora_up.weight", z(&[5, 2, 1, 1])),
+            ("lora_unet_blk_attn_to_q.lora_down.weight", z(&[2, 6])),
+            ("lora_unet_blk_attn_to_q.lora_up.weight", z(&[5, 2])),
+        ],
+    )?;
+    let e = apply_lora_file(&m, "unet", &p, &opts).unwrap_err().to_string();
+    assert!(e.contains("conv LoRA is not supported") && e.contains("lora_unet_blk_proj_in.lora_down.weight"), "{e}");
+    let ok = apply_lora_file(&m, "unet", &p, &ApplyOptions { unknown: UnknownKeys::Skip, ..Default::default() })?;
+    assert_eq!(ok.skipped, vec!["lora_unet_blk_proj_in.lora_down.weight".to_string()]);
+    assert_eq!(ok.set.names(), vec!["blk.attn.to_q"]);
+    ok.set.detach();
+    // Other ranks are errors.
+    let p = write_raw("rank3.safetensors", vec![("lora_unet_blk_attn_to_q.lora_down.weight", z(&[2, 6, 1])), ("lora_unet_blk_attn_to_q.lora_up.weight", z(&[5, 2]))])?;
     let e = read_lora_file(&p, &Device::Cpu).unwrap_err().to_string();
-    assert!(e.contains("conv LoRA is not supported"), "{e}");
+    assert!(e.contains("lora_unet_blk_attn_to_q.lora_down.weight") && e.contains("[2, 6, 1]"), "{e}");
     // Not a LoRA file.
     let p = write_raw("model.safetensors", vec![("blk.attn.to_q.weight", z(&[5, 6]))])?;
     let e = read_lora_file(&p, &Device::Cpu).unwrap_err().to_string();
