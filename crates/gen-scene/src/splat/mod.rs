@@ -9,7 +9,15 @@
 //! 3. rasterization `(projection, colours, opacity logits)` → packed `(H, W, 5)` image.
 //!
 //! The kernels run on the CPU (rayon) in f32 or f64; the backward passes are analytic.
-//! Other devices are refused with a clear error until their kernels exist.
+//! Other devices are refused with a clear error until their kernels exist. A GPU path adds
+//! `cuda_fwd`/`metal_fwd` to the three ops and makes their `bwd` call device ops instead of
+//! copying to the host; the rasterizer's saved state (tile lists, final transmittance,
+//! contributor counts) then lives in device buffers. The tile layout (16×16 tiles, lists sorted
+//! by depth, one list per tile) is the one GPU rasterizers use.
+//!
+//! Results are deterministic on the CPU: the backward pass accumulates into one slot per
+//! (tile, Gaussian) list entry and reduces in a fixed order, whatever the thread count.
+//! [`dense::render_dense`] is a slow pure-tensor version of the same rules, for tests.
 
 pub mod dense;
 pub(crate) mod kernel;
