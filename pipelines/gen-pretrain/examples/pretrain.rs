@@ -1,0 +1,108 @@
+//! Driver of the embedded model's training run (release build recommended):
+//!
+//! ```text
+//! cargo run --release -p gen-pretrain --example pretrain -- train --preset real --out /work/train-run
+//! cargo run --release -p gen-pretrain --example pretrain -- export --out /work/train-run --dest weights/tiny-shapes
+//! cargo run --release -p gen-pretrain --example pretrain -- measure --dest weights/tiny-shapes
+//! ```
+//! `train` resumes every stage from its latest checkpoint when the folder already holds a run.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device};
+use gen_models::pipeline::{LoadOptions, ModelSource, SdPipeline};
+use gen_pretrain::data::WorldData;
+use gen_pretrain::evaluator::Evaluator;
+use gen_pretrain::metrics::{evaluator_accuracy, generation_accuracy, image_grid, vae_psnr, GenerationSettings};
+use gen_pretrain::{PretrainConfig, RunControl, Stage, TrainEvent, Trainer};
+
+fn arg(args: &[String], name: &str) -> Option<String> {
+    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1).cloned())
+}
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let cmd = args.first().cloned().unwrap_or_default();
+    match cmd.as_str() {
+        "train" => train(&args),
+        "export" => {
+            let out = PathBuf::from(arg(&args, "--out").context("--out RUN_FOLDER")?);
+            let dest = PathBuf::from(arg(&args, "--dest").context("--dest MODEL_FOLDER")?);
+            let dtype = match arg(&args, "--dtype").as_deref().unwrap_or("f16") {
+                "f16" => DType::F16,
+                "f32" => DType::F32,
+                d => bail!("--dtype {d}: expected f16 or f32"),
+            };
+            let r = gen_pretrain::export::export(&out, &dest, dtype)?;
+            println!("{r:?}");
+            let pipe = SdPipeline::load(&ModelSource::Local(dest.clone()), &LoadOptions::default())?;
+            println!("loaded {}; unused keys: {:?}", dest.display(), pipe.unused_keys);
+            Ok(())
+        }
+        "measure" => measure(&args),
+        _ => bail!("usage: pretrain train --preset tiny|real --out DIR [--stages evaluator,clip,vae,unet] [--seconds-per-stage N]\n       pretrain export --out DIR --dest MODEL [--dtype f16|f32]\n       pretrain measure --dest MODEL [--prompts N] [--cfg W] [--steps N]"),
+    }
+}
+
+fn train(args: &[String]) -> Result<()> {
+    let out = PathBuf::from(arg(args, "--out").context("--out RUN_FOLDER")?);
+    let cfg = match arg(args, "--config") {
+        Some(p) => PretrainConfig::load(&PathBuf::from(p))?,
+        None => PretrainConfig::preset(&arg(args, "--preset").unwrap_or_else(|| "real".into()))?,
+    };
+    let stages: Vec<Stage> = match arg(args, "--stages") {
+        Some(s) => s.split(',').map(Stage::parse).collect::<gen_core::Result<_>>()?,
+        None => Stage::ALL.to_vec(),
+    };
+    let stop_after = arg(args, "--stop-after").map(|s| s.parse::<u64>()).transpose()?;
+    let mut trainer = Trainer::new(cfg, &out, &Device::Cpu)?;
+    let start = Instant::now();
+    let mut last_print = Instant::now();
+    let mut on_event = |e: &TrainEvent| {
+        match e {
+            TrainEvent::Step { stage, step, total_steps, loss, lr, grad_norm, seconds } => {
+                if last_print.elapsed().as_secs_f64() > 20.0 || *step == 1 || step == total_steps {
+                    println!("[{:7.1}s] {stage} {step}/{total_steps} loss {loss:.5} lr {lr:.2e} |g| {grad_norm:.3} ({seconds:.2} s/step)", start.elapsed().as_secs_f64());
+                    last_print = Instant::now();
+                }
+            }
+            other => println!("[{:7.1}s] {other:?}", start.elapsed().as_secs_f64()),
+        }
+        let _ = std::io::stdout().flush();
+    };
+    for s in stages {
+        trainer.train(s, &RunControl { stop_after }, &mut on_event)?;
+    }
+    println!("done in {:.1} s", start.elapsed().as_secs_f64());
+    Ok(())
+}
+
+fn measure(args: &[String]) -> Result<()> {
+    let dest = PathBuf::from(arg(args, "--dest").context("--dest MODEL_FOLDER")?);
+    let n_prompts: usize = arg(args, "--prompts").map(|s| s.parse()).transpose()?.unwrap_or(48);
+    let w: f64 = arg(args, "--cfg").map(|s| s.parse()).transpose()?.unwrap_or(7.5);
+    let steps: usize = arg(args, "--steps").map(|s| s.parse()).transpose()?.unwrap_or(30);
+    let n_test: usize = arg(args, "--test-images").map(|s| s.parse()).transpose()?.unwrap_or(256);
+    let t0 = Instant::now();
+    let pipe = SdPipeline::load(&ModelSource::Local(dest.clone()), &LoadOptions::default())?;
+    let eval = Evaluator::load(&dest.join("evaluator"), &Device::Cpu)?;
+    let size = eval.config().image_size as u32;
+    let mut data = WorldData::new(size, 3, 1, &Device::Cpu)?;
+    let psnr = vae_psnr(&pipe.vae, &mut data, n_test)?;
+    println!("VAE PSNR on {n_test} test images: {psnr:.2} dB");
+    let acc = evaluator_accuracy(&eval, &mut data, n_test)?;
+    println!("evaluator on {n_test} real test images: {}", serde_json::to_string(&acc)?);
+    let settings = GenerationSettings { prompts: n_prompts, steps, guidance_scale: w, seed: 0, batch: 16 };
+    let (gacc, imgs) = generation_accuracy(&pipe, &eval, &mut data, &settings)?;
+    println!("generated ({} prompts = captions of test samples 0..{n_prompts}, DDIM {steps} steps, CFG {w}, seed 0): {}", n_prompts, serde_json::to_string(&gacc)?);
+    if let Some(p) = arg(args, "--grid") {
+        image_grid(&imgs, 8)?.save(&p)?;
+        println!("grid: {p}");
+    }
+    println!("{}", serde_json::json!({"vae_psnr_db": psnr, "evaluator_test": acc, "generation": gacc, "settings": settings}));
+    println!("measured in {:.1} s", t0.elapsed().as_secs_f64());
+    Ok(())
+}
