@@ -247,3 +247,26 @@ fn cli_style_lora_on_a_loaded_pipeline() -> Result<()> {
     ensure!(rel_err(&au, &refs["unet_out"])? > 1e-2, "scale 0.5 must differ from scale 1");
     Ok(())
 }
+
+#[test]
+fn lora_on_an_f16_unet() -> Result<()> {
+    // Dtype paths: adapters on f16 activations (A and B cast per call) and merging into f16
+    // weights (computed in f32, then cast). Bound: f16 rounding.
+    let dir = fixtures().join("tiny-sd/unet");
+    let cfg = UNetConfig::from_file(dir.join("config.json"))?;
+    let vb = weights_vb(&find_weight_files(&dir, &WeightVariant { variant: None })?, DType::F16, &Device::Cpu)?;
+    let unet = UNet2DConditionModel::new(vb, &cfg)?;
+    let u = load(&fixtures().join("parity/unet.safetensors"))?;
+    let refs = load(&lora_dir().join("ref_ours_kohya.safetensors"))?;
+    let run = || -> Result<Tensor> {
+        Ok(unet.forward(&u["sample"].to_dtype(DType::F16)?, &u["timesteps_mixed"], &u["encoder_hidden_states"].to_dtype(DType::F16)?)?)
+    };
+    let lf = read_lora_file(lora_dir().join("ours_kohya.safetensors"), &Device::Cpu)?;
+    let a = apply_lora(&lf, "unet", &unet.linears(), &ApplyOptions::default())?;
+    let e_adapter = rel_err(&run()?, &refs["unet_out"])?;
+    a.set.merge(1.0)?;
+    let e_merged = rel_err(&run()?, &refs["unet_out"])?;
+    println!("f16 UNet + ours_kohya: adapter {e_adapter:.2e}, merged {e_merged:.2e}");
+    ensure!(e_adapter < 1e-2 && e_merged < 1e-2, "adapter {e_adapter}, merged {e_merged}");
+    Ok(())
+}
