@@ -36,8 +36,8 @@ fn ball(n: usize, sh_degree: usize, rng: &mut SeededRng) -> Result<Splats> {
         }
         means.extend_from_slice(&p);
         // DC colour from the position; small random higher-order terms.
-        for c in 0..3 {
-            sh.push(((p[c] + 0.5).clamp(0.0, 1.0) - 0.5) / SH_C0);
+        for v in p {
+            sh.push(((v + 0.5).clamp(0.0, 1.0) - 0.5) / SH_C0);
         }
         for _ in 1..k {
             for _ in 0..3 {

@@ -179,9 +179,12 @@ fn bad_grids_are_errors() {
     .is_err());
 }
 
+/// (mean, scales, quaternion (w, x, y, z), opacity).
+type Gauss = ([f64; 3], [f64; 3], [f64; 4], f64);
+
 /// Three Gaussians with known parameters; density recomputed here from the definition.
-fn three() -> (Splats, Vec<([f64; 3], [f64; 3], [f64; 4], f64)>) {
-    let g: Vec<([f64; 3], [f64; 3], [f64; 4], f64)> = vec![
+fn three() -> (Splats, Vec<Gauss>) {
+    let g: Vec<Gauss> = vec![
         (
             [0.0, 0.0, 0.0],
             [0.2, 0.1, 0.05],
@@ -231,7 +234,7 @@ fn three() -> (Splats, Vec<([f64; 3], [f64; 3], [f64; 4], f64)>) {
 }
 
 /// `Σ o exp(-½ xᵀ Σ⁻¹ x)` with `Σ⁻¹ = R S⁻² Rᵀ` built from the (w, x, y, z) quaternion.
-fn reference_density(g: &[([f64; 3], [f64; 3], [f64; 4], f64)], p: [f64; 3]) -> f64 {
+fn reference_density(g: &[Gauss], p: [f64; 3]) -> f64 {
     g.iter()
         .map(|(m, s, q, o)| {
             let n = (q[0] * q[0] + q[1] * q[1] + q[2] * q[2] + q[3] * q[3]).sqrt();

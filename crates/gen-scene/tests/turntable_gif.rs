@@ -72,8 +72,11 @@ fn lzw_decode(data: &[u8]) -> Vec<u8> {
     }
 }
 
+/// (width, height, palette, loop count, per-frame (delay, indices)).
+type DecodedGif = (u16, u16, Vec<u8>, Option<u16>, Vec<(u16, Vec<u8>)>);
+
 /// Splits a GIF into (width, height, palette, loop count, per-frame (delay, indices)).
-fn decode_gif(b: &[u8]) -> (u16, u16, Vec<u8>, Option<u16>, Vec<(u16, Vec<u8>)>) {
+fn decode_gif(b: &[u8]) -> DecodedGif {
     assert_eq!(&b[0..6], b"GIF89a");
     let w = u16::from_le_bytes([b[6], b[7]]);
     let h = u16::from_le_bytes([b[8], b[9]]);

@@ -80,9 +80,7 @@ impl GltfBuilder {
     }
 
     fn push_view(&mut self, bytes: Vec<u8>, target: Option<u32>) -> usize {
-        while self.bin.len() % 4 != 0 {
-            self.bin.push(0);
-        }
+        self.bin.resize(self.bin.len().next_multiple_of(4), 0);
         let mut view = json!({
             "buffer": 0,
             "byteOffset": self.bin.len(),
@@ -98,9 +96,7 @@ impl GltfBuilder {
 
     /// Finishes the document: `doc` gets `asset`, `buffers`, `bufferViews` and `accessors`.
     fn finish(mut self, mut doc: Value) -> Result<Vec<u8>> {
-        while self.bin.len() % 4 != 0 {
-            self.bin.push(0);
-        }
+        self.bin.resize(self.bin.len().next_multiple_of(4), 0);
         doc["asset"] = json!({"version": "2.0", "generator": "gen-scene"});
         doc["buffers"] = json!([{"byteLength": self.bin.len()}]);
         doc["bufferViews"] = Value::Array(self.views);
@@ -117,12 +113,8 @@ fn bytemuck_f32(data: &[f32]) -> Vec<u8> {
 
 /// Packs a JSON chunk and a BIN chunk into a GLB container (both padded to 4 bytes).
 pub fn glb_container(mut json: Vec<u8>, mut bin: Vec<u8>) -> Vec<u8> {
-    while json.len() % 4 != 0 {
-        json.push(b' ');
-    }
-    while bin.len() % 4 != 0 {
-        bin.push(0);
-    }
+    json.resize(json.len().next_multiple_of(4), b' ');
+    bin.resize(bin.len().next_multiple_of(4), 0);
     let total = 12 + 8 + json.len() + if bin.is_empty() { 0 } else { 8 + bin.len() };
     let mut out = Vec::with_capacity(total);
     out.extend_from_slice(b"glTF");
@@ -166,7 +158,7 @@ pub fn parse_glb(bytes: &[u8], name: &str) -> Result<(Value, Vec<u8>)> {
     if bytes.get(16..20) != Some(b"JSON") {
         return Err(err("first chunk is not JSON".into()));
     }
-    if json_len % 4 != 0 {
+    if json_len != json_len.next_multiple_of(4) {
         return Err(err(format!(
             "JSON chunk length {json_len} is not a multiple of 4"
         )));
@@ -182,7 +174,7 @@ pub fn parse_glb(bytes: &[u8], name: &str) -> Result<(Value, Vec<u8>)> {
         if bytes.get(o + 4..o + 8) != Some(b"BIN\0") {
             return Err(err("second chunk is not BIN".into()));
         }
-        if bin_len % 4 != 0 {
+        if bin_len != bin_len.next_multiple_of(4) {
             return Err(err(format!(
                 "BIN chunk length {bin_len} is not a multiple of 4"
             )));
@@ -288,10 +280,10 @@ pub fn splats_glb_bytes(arrays: &SplatArrays, cfg: &SplatGlbConfig) -> Result<Ve
     }
     if cfg.color_fallback {
         let mut col = Vec::with_capacity(4 * n);
-        for i in 0..n {
+        for (i, &o) in opacity.iter().enumerate() {
             let c = arrays.dc_color(i);
             col.extend(c.iter().map(|&v| srgb_to_linear(v)));
-            col.push(opacity[i]);
+            col.push(o);
         }
         attrs.insert("COLOR_0".into(), json!(b.add_f32(&col, 4, "VEC4", false)));
     }

@@ -159,7 +159,8 @@ impl TriMesh {
                 ));
             }
             let len2: f32 = self.normals[i].iter().map(|v| v * v).sum();
-            if !((len2 - 1.0).abs() < 1e-3) {
+            let unit = (len2 - 1.0).abs() < 1e-3;
+            if !unit {
                 return Err(Error::invalid(
                     "mesh",
                     format!("vertex {i} normal {:?} is not unit length", self.normals[i]),

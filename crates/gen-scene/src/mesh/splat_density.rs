@@ -198,8 +198,8 @@ impl DensityField for SplatDensity {
         for &i in self.candidates(pv) {
             let g = &self.gauss[i as usize];
             let w = g.eval(pv, c2);
-            for c in 0..3 {
-                acc[c] += w * g.color[c] as f64;
+            for (a, &c) in acc.iter_mut().zip(&g.color) {
+                *a += w * c as f64;
             }
             wsum += w;
         }
