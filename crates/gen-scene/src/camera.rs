@@ -93,7 +93,7 @@ impl Camera {
             .to_cols_array()
             .iter()
             .fold(0.0f64, |m, v| m.max(v.abs()));
-        if !(err < 1e-4) || (rotation.determinant() - 1.0).abs() > 1e-4 {
+        if err.is_nan() || err >= 1e-4 || (rotation.determinant() - 1.0).abs() > 1e-4 {
             return Err(Error::invalid(
                 "camera rotation",
                 format!(

@@ -1,7 +1,7 @@
 //! A minimal float trait so that the rasterizer kernels run in `f32` (speed) and `f64`
 //! (finite-difference gradient tests) from one source.
 
-use std::ops::{Add, AddAssign, Div, Mul, MulAssign, Neg, Sub, SubAssign};
+use std::ops::{Add, AddAssign, Div, DivAssign, Mul, MulAssign, Neg, Sub, SubAssign};
 
 /// The float operations the splat kernels need. Implemented for `f32` and `f64`.
 pub trait Real:
@@ -19,6 +19,7 @@ pub trait Real:
     + AddAssign
     + SubAssign
     + MulAssign
+    + DivAssign
     + candle_core::WithDType
     + 'static
 {

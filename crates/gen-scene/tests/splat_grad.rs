@@ -213,8 +213,10 @@ fn finite_differences_every_parameter() -> Result<()> {
         let k_sh = s.sh.dim(1)?;
         let kind = |i: usize| -> &'static str {
             match name {
-                "sh" if (i / 3) % k_sh == 0 => "sh dc",
-                "sh" => "sh degree 1-3",
+                "sh" => match (i / 3) % k_sh {
+                    0 => "sh dc",
+                    _ => "sh degree 1-3",
+                },
                 _ => name,
             }
         };

@@ -6,6 +6,9 @@
 //! 2D covariance `[[a, b], [b, c]]`, the camera-space depth, the pixel radius
 //! `ceil(3 sqrt(λ_max))` (0 = culled; not differentiable) and a reserved slot.
 
+// Index loops mirror the matrix formulas; `!(x > y)` comparisons deliberately treat NaN as failing.
+#![allow(clippy::needless_range_loop, clippy::neg_cmp_op_on_partial_ord)]
+
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 

@@ -12,6 +12,9 @@
 //! to one tile, so tiles run in parallel with rayon and never share a slot); the buffer is then
 //! reduced per Gaussian in a fixed order, so the result does not depend on the thread count.
 
+// Index loops mirror the matrix formulas; `!(x > y)` comparisons deliberately treat NaN as failing.
+#![allow(clippy::needless_range_loop, clippy::neg_cmp_op_on_partial_ord)]
+
 use std::sync::Mutex;
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
@@ -224,6 +227,9 @@ fn tile_blocks<R: Real>(
     blocks
 }
 
+/// One pixel's forward result: (pixel index, packed output, final T, contributor count).
+type PixelOut<R> = (usize, [R; OUT_DIM], R, u32);
+
 /// Forward output: packed image `H*W*OUT_DIM`, final transmittance and contributor counts per pixel.
 pub(crate) struct RasterFwd<R> {
     pub image: Vec<R>,
@@ -241,7 +247,7 @@ pub(crate) fn raster_fwd<R: Real>(
 ) -> RasterFwd<R> {
     let (w, h) = (cam.width, cam.height);
     let ntiles = cam.tiles_x * cam.tiles_y;
-    let per_tile: Vec<Vec<(usize, [R; OUT_DIM], R, u32)>> = (0..ntiles)
+    let per_tile: Vec<Vec<PixelOut<R>>> = (0..ntiles)
         .into_par_iter()
         .map(|t| {
             let gs = gather(
@@ -369,7 +375,7 @@ pub(crate) fn raster_bwd<R: Real>(
                             continue;
                         };
                         let one_m = one - alpha;
-                        tr = tr / one_m;
+                        tr /= one_m;
                         let wgt = alpha * tr;
                         let e = &mut eg[j * GDIM..(j + 1) * GDIM];
                         for ch in 0..3 {
