@@ -92,7 +92,10 @@ fn main() -> Result<()> {
 
     let t = Instant::now();
     let field = SplatDensity::new(&s0, SplatDensityConfig::default())?;
-    let grid = Grid::cube(-0.8, 0.8, res);
+    let (lo, hi) = field
+        .bounds()
+        .context("no Gaussian is opaque enough to mesh")?;
+    let grid = Grid::around(lo, hi, res, 0.02)?;
     let values = gen_scene::mesh::DensityField::sample_grid(&field, &grid)?;
     let t_density = t.elapsed();
     let t = Instant::now();
@@ -107,7 +110,8 @@ fn main() -> Result<()> {
     write_mesh(&mesh, out.join("mesh.glb"))?;
     write_mesh(&mesh, out.join("mesh.obj"))?;
     println!(
-        "density {res}³ of {} Gaussians: {:.3} s (max {:.2}); extract_mesh (density + marching cubes + colours): {:.3} s; {} vertices, {} triangles, area {:.3}",
+        "density on a {:?} grid of {} Gaussians: {:.3} s (max {:.2}); extract_mesh (density + marching cubes + colours): {:.3} s; {} vertices, {} triangles, area {:.3}",
+        grid.dims,
         field.len(),
         t_density.as_secs_f64(),
         values.iter().copied().fold(0f32, f32::max),

@@ -233,29 +233,34 @@ fn three() -> (Splats, Vec<Gauss>) {
     (splats, g)
 }
 
+/// Rotation matrix of the (w, x, y, z) quaternion `q` (normalised here).
+fn rotation(q: &[f64; 4]) -> [[f64; 3]; 3] {
+    let n = (q[0] * q[0] + q[1] * q[1] + q[2] * q[2] + q[3] * q[3]).sqrt();
+    let (w, x, y, z) = (q[0] / n, q[1] / n, q[2] / n, q[3] / n);
+    [
+        [
+            1.0 - 2.0 * (y * y + z * z),
+            2.0 * (x * y - w * z),
+            2.0 * (x * z + w * y),
+        ],
+        [
+            2.0 * (x * y + w * z),
+            1.0 - 2.0 * (x * x + z * z),
+            2.0 * (y * z - w * x),
+        ],
+        [
+            2.0 * (x * z - w * y),
+            2.0 * (y * z + w * x),
+            1.0 - 2.0 * (x * x + y * y),
+        ],
+    ]
+}
+
 /// `Σ o exp(-½ xᵀ Σ⁻¹ x)` with `Σ⁻¹ = R S⁻² Rᵀ` built from the (w, x, y, z) quaternion.
 fn reference_density(g: &[Gauss], p: [f64; 3]) -> f64 {
     g.iter()
         .map(|(m, s, q, o)| {
-            let n = (q[0] * q[0] + q[1] * q[1] + q[2] * q[2] + q[3] * q[3]).sqrt();
-            let (w, x, y, z) = (q[0] / n, q[1] / n, q[2] / n, q[3] / n);
-            let r = [
-                [
-                    1.0 - 2.0 * (y * y + z * z),
-                    2.0 * (x * y - w * z),
-                    2.0 * (x * z + w * y),
-                ],
-                [
-                    2.0 * (x * y + w * z),
-                    1.0 - 2.0 * (x * x + z * z),
-                    2.0 * (y * z - w * x),
-                ],
-                [
-                    2.0 * (x * z - w * y),
-                    2.0 * (y * z + w * x),
-                    1.0 - 2.0 * (x * x + y * y),
-                ],
-            ];
+            let r = rotation(q);
             let d = [p[0] - m[0], p[1] - m[1], p[2] - m[2]];
             // Local coordinates Rᵀ d, scaled.
             let mut m2 = 0.0;
@@ -352,4 +357,47 @@ fn meshing_one_gaussian_gives_its_iso_sphere_in_its_colour() {
         }
     }
     m.validate().unwrap();
+}
+
+#[test]
+fn grid_around_the_splats_holds_the_whole_object() {
+    let (splats, g) = three();
+    let field = SplatDensity::new(&splats, SplatDensityConfig::default()).unwrap();
+    let (lo, hi) = field.bounds().unwrap();
+    // Exact 3σ box: half extent along axis a is 3 sqrt(Σ_aa), Σ_aa = Σ_j R_aj² s_j².
+    let (mut want_lo, mut want_hi) = ([f64::MAX; 3], [f64::MIN; 3]);
+    for (m, s, q, _) in &g {
+        let r = rotation(q);
+        for a in 0..3 {
+            let var: f64 = (0..3).map(|j| (r[a][j] * s[j]).powi(2)).sum();
+            want_lo[a] = want_lo[a].min(m[a] - 3.0 * var.sqrt());
+            want_hi[a] = want_hi[a].max(m[a] + 3.0 * var.sqrt());
+        }
+    }
+    for a in 0..3 {
+        assert!((lo[a] - want_lo[a]).abs() < 1e-5, "{lo:?} vs {want_lo:?}");
+        assert!((hi[a] - want_hi[a]).abs() < 1e-5, "{hi:?} vs {want_hi:?}");
+    }
+    let grid = Grid::around(lo, hi, 40, 0.05).unwrap();
+    let step = grid.step();
+    for a in 0..3 {
+        assert!(
+            (step[a] - step[0]).abs() < 1e-12,
+            "cells are not cubic: {step:?}"
+        );
+        assert!(grid.min[a] < lo[a] && grid.max[a] > hi[a]);
+    }
+    assert_eq!(grid.dims.iter().max(), Some(&40));
+    // Density is (nearly) zero on the border, so the mesh is closed.
+    let m = extract_mesh(
+        &field,
+        &MeshConfig {
+            grid,
+            threshold: 0.3,
+        },
+    )
+    .unwrap();
+    assert!(!m.indices.is_empty());
+    assert_eq!(closed_euler(&m) % 2, 0);
+    assert!(Grid::around(lo, lo, 10, 0.1).is_err());
 }

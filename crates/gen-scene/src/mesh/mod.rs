@@ -66,6 +66,35 @@ impl Grid {
         }
     }
 
+    /// A grid over the box `[lo, hi]` grown by `pad` (a fraction of its largest side) on every
+    /// side, with cubic cells and `res` samples along the longest axis (at least 2 per axis).
+    pub fn around(lo: [f64; 3], hi: [f64; 3], res: usize, pad: f64) -> Result<Self> {
+        let side = (0..3).map(|a| hi[a] - lo[a]).fold(0f64, f64::max);
+        if !(side.is_finite() && side > 0.0 && pad >= 0.0 && res >= 2) {
+            return Err(Error::invalid(
+                "mesh grid",
+                format!("box {lo:?}..{hi:?}, res {res}, pad {pad}"),
+            ));
+        }
+        let margin = pad * side;
+        let step = (side + 2.0 * margin) / (res - 1) as f64;
+        let mut g = Self {
+            min: [0.0; 3],
+            max: [0.0; 3],
+            dims: [0; 3],
+        };
+        for a in 0..3 {
+            let centre = 0.5 * (lo[a] + hi[a]);
+            let n = (((hi[a] - lo[a] + 2.0 * margin) / step).ceil() as usize + 1).max(2);
+            let half = 0.5 * step * (n - 1) as f64;
+            g.min[a] = centre - half;
+            g.max[a] = centre + half;
+            g.dims[a] = n;
+        }
+        g.validate()?;
+        Ok(g)
+    }
+
     /// At least 2 samples per axis, finite bounds with `min < max`, at most 2^31 points.
     pub fn validate(&self) -> Result<()> {
         for a in 0..3 {

@@ -151,6 +151,20 @@ impl SplatDensity {
         })
     }
 
+    /// Axis-aligned box holding every kept Gaussian's cut-off ellipsoid, `None` when no
+    /// Gaussian is kept. Use it with [`Grid::around`] to mesh the whole object.
+    pub fn bounds(&self) -> Option<([f64; 3], [f64; 3])> {
+        if self.gauss.is_empty() {
+            return None;
+        }
+        let (mut lo, mut hi) = (DVec3::splat(f64::INFINITY), DVec3::splat(f64::NEG_INFINITY));
+        for g in &self.gauss {
+            lo = lo.min(g.mean - g.half);
+            hi = hi.max(g.mean + g.half);
+        }
+        Some((lo.to_array(), hi.to_array()))
+    }
+
     /// Number of Gaussians kept (opacity at least `min_opacity`).
     pub fn len(&self) -> usize {
         self.gauss.len()
