@@ -29,7 +29,8 @@ pub trait DensityField: Sync {
     }
 
     /// Samples the field on `grid` (x fastest, then y, then z). The default evaluates every
-    /// point in parallel; fields with locality (splats) override it.
+    /// point in parallel; fields with locality (splats) override it, and a neural field should
+    /// override it to evaluate batches of points as one tensor (e.g. one z-slab at a time).
     fn sample_grid(&self, grid: &Grid) -> Result<Vec<f32>> {
         grid.validate()?;
         let [nx, ny, _] = grid.dims;
