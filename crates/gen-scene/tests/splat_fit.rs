@@ -5,7 +5,7 @@ use anyhow::Result;
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 use gen_core::SeededRng;
-use gen_scene::splat::{render, RandomSplatsConfig, RenderConfig, Splats};
+use gen_scene::splat::{render, render_with_probe, RandomSplatsConfig, RenderConfig, Splats};
 use gen_scene::{Camera, Intrinsics};
 use glam::DVec3;
 
@@ -62,11 +62,27 @@ fn adam_fits_perturbed_splats_to_a_target_render() -> Result<()> {
     )?;
     let mut losses = Vec::new();
     for _ in 0..60 {
-        let out = render(&splats(), &cam, &cfg)?;
-        let loss = (out.rgb - &target_rgb)?.sqr()?.mean_all()?;
+        let probe = Var::zeros((24, 8), DType::F32, &dev)?;
+        let out = render_with_probe(&splats(), &cam, &cfg, &probe)?;
+        let loss = (&out.rgb - &target_rgb)?.sqr()?.mean_all()?;
         losses.push(loss.to_scalar::<f32>()?);
-        opt.backward_step(&loss)?;
+        let grads = loss.backward()?;
+        // Screen-space mean gradients (for density control) are available per Gaussian.
+        let g2d = grads.get(&probe).expect("probe gradient").narrow(1, 0, 2)?;
+        assert!(g2d.abs()?.sum_all()?.to_scalar::<f32>()? > 0.0);
+        opt.step(&grads)?;
     }
+    // The probe changes no value.
+    let probe = Var::zeros((24, 8), DType::F32, &dev)?;
+    let a = render_with_probe(&splats(), &cam, &cfg, &probe)?
+        .rgb
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    let b = render(&splats(), &cam, &cfg)?
+        .rgb
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    assert_eq!(a, b);
     let (first, last) = (losses[0], *losses.last().unwrap());
     println!("fit: loss {first:.5} -> {last:.5}");
     assert!(first > 1e-3, "the perturbation should be visible: {first}");

@@ -322,3 +322,36 @@ fn gradients_independent_of_thread_count() -> Result<()> {
     assert_eq!(run(1), run(3));
     Ok(())
 }
+
+/// The screen-space probe's gradient (d loss / d projection) against central differences.
+#[test]
+fn probe_gradient_matches_finite_differences() -> Result<()> {
+    use gen_scene::splat::render_with_probe;
+    let s = scene(6, 8, 1, (-1.0, 1.5));
+    let lw = LossWeights::new(DType::F64)?;
+    let n = s.len();
+    let loss_at = |probe: &Tensor| -> Result<Tensor> {
+        let out = render_with_probe(&s, &camera(), &cfg(), probe)?;
+        lw.loss(&out.rgb, &out.alpha, &out.depth)
+    };
+    let probe = Var::zeros((n, 8), DType::F64, &Device::Cpu)?;
+    let g = loss_at(probe.as_tensor())?.backward()?;
+    let an = g.get(&probe).expect("probe gradient").to_vec2::<f64>()?;
+    let eps = 1e-6;
+    let mut worst = 0.0f64;
+    for i in 0..n {
+        // u, v, conic a, b, c, depth (the radius column is not differentiable).
+        for c in 0..6 {
+            let mut d = vec![0.0; n * 8];
+            d[i * 8 + c] = eps;
+            let dp = Tensor::from_vec(d, (n, 8), &Device::Cpu)?;
+            let lp = loss_at(&dp)?.to_scalar::<f64>()?;
+            let lm = loss_at(&dp.neg()?)?.to_scalar::<f64>()?;
+            let fd = (lp - lm) / (2.0 * eps);
+            worst = worst.max((fd - an[i][c]).abs() / (1e-3 + fd.abs().max(an[i][c].abs())));
+        }
+    }
+    println!("FD probe (u, v, conic, depth): worst relative error {worst:.2e}");
+    assert!(worst < 1e-5, "{worst}");
+    Ok(())
+}

@@ -203,7 +203,8 @@ pub struct RenderOutput {
     /// expected depth of the covered part).
     pub depth: Tensor,
     /// `(N, 8)` packed projection ([`project::PROJ_DIM`]); column 6 is the pixel radius, 0 when
-    /// the Gaussian was culled.
+    /// the Gaussian was culled. (candle drops gradients of intermediate tensors; for
+    /// screen-space gradients use [`render_with_probe`].)
     pub projection: Tensor,
 }
 
@@ -245,6 +246,42 @@ pub fn sh_colors(means: &Tensor, sh: &Tensor, camera: &Camera) -> Result<Tensor>
 /// Renders `splats` from `camera` with the tile rasterizer. Differentiable wrt every field of
 /// `splats` (gradients flow through the camera-independent parameters only).
 pub fn render(splats: &Splats, camera: &Camera, cfg: &RenderConfig) -> Result<RenderOutput> {
+    render_impl(splats, camera, cfg, None)
+}
+
+/// [`render`] with a screen-space gradient probe (the "viewspace points" of 3DGS): `probe` is
+/// an `(N, 8)` tensor of zeros, normally a `Var`, added to the packed projection before
+/// rasterization. It changes no value, and after `loss.backward()` its gradient is
+/// d loss / d (2D mean, conic, depth) per Gaussian (columns 0..2: screen-space means), which
+/// density control thresholds. candle keeps gradients of variables only, hence the probe.
+pub fn render_with_probe(
+    splats: &Splats,
+    camera: &Camera,
+    cfg: &RenderConfig,
+    probe: &Tensor,
+) -> Result<RenderOutput> {
+    let n = splats.len();
+    if probe.dims() != [n, project::PROJ_DIM] || probe.dtype() != splats.means.dtype() {
+        return Err(Error::invalid(
+            "render probe",
+            format!(
+                "shape {:?} dtype {:?}, want ({n}, {}) {:?}",
+                probe.dims(),
+                probe.dtype(),
+                project::PROJ_DIM,
+                splats.means.dtype()
+            ),
+        ));
+    }
+    render_impl(splats, camera, cfg, Some(probe))
+}
+
+fn render_impl(
+    splats: &Splats,
+    camera: &Camera,
+    cfg: &RenderConfig,
+    probe: Option<&Tensor>,
+) -> Result<RenderOutput> {
     splats.validate()?;
     let cam = kernel::CamParams::from_camera(camera);
     let k = splats.sh.dim(1)?;
@@ -265,7 +302,11 @@ pub fn render(splats: &Splats, camera: &Camera, cfg: &RenderConfig) -> Result<Re
             },
         )
         .ctx("splat SH colour")?;
-    let packed = projection
+    let raster_in = match probe {
+        Some(p) => (&projection + p)?,
+        None => projection.clone(),
+    };
+    let packed = raster_in
         .apply_op3(
             &colors,
             &splats.opacity_logits.contiguous()?,
