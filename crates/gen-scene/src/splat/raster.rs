@@ -11,6 +11,11 @@
 //! `T` by division by `1 - alpha`. Gradients go to a per-list-entry buffer (every entry belongs
 //! to one tile, so tiles run in parallel with rayon and never share a slot); the buffer is then
 //! reduced per Gaussian in a fixed order, so the result does not depend on the thread count.
+//!
+//! Where the 0.99 clamp is active the backward pass gives no gradient to the opacity and the
+//! Gaussian's shape (the exact derivative of the forward pass, as gsplat does; the original
+//! 3DGS CUDA backward passes the gradient through as if unclamped). `depth` is the
+//! alpha-weighted sum `Σ T_i α_i z_i` (gsplat's "D" mode; divide by alpha for "ED").
 
 // Index loops mirror the matrix formulas; `!(x > y)` comparisons deliberately treat NaN as failing.
 #![allow(clippy::needless_range_loop, clippy::neg_cmp_op_on_partial_ord)]
