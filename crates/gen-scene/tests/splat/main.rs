@@ -1,0 +1,13 @@
+//! Tests of the Gaussian-splat rasterizer, in one binary to keep link time down:
+//! - `render`: values against hand computations (single splat, occlusion, early stop, culling,
+//!   errors);
+//! - `grad`: the custom ops against the dense pure-tensor reference (values and gradients), and
+//!   central finite differences in f64 for every parameter kind;
+//! - `gsplat_parity`: fixtures from gsplat 1.5.3's PyTorch implementation
+//!   (`scripts/fixtures_splat.py`);
+//! - `fit`: AdamW through the rasterizer recovers a perturbed scene.
+
+mod fit;
+mod grad;
+mod gsplat_parity;
+mod render;
