@@ -25,7 +25,7 @@ pub mod project;
 pub mod raster;
 pub mod sh;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device, Tensor, Var};
 use gen_core::{Error, Result, ResultExt, SeededRng};
 
 use crate::camera::Camera;
@@ -174,6 +174,53 @@ impl Splats {
         expect("sh", &self.sh, &[n, k, 3])?;
         self.sh_degree()?;
         Ok(())
+    }
+}
+
+/// Trainable splat parameters as candle `Var`s (same fields and shapes as [`Splats`]).
+#[derive(Debug, Clone)]
+pub struct SplatVars {
+    pub means: Var,
+    pub log_scales: Var,
+    pub quats: Var,
+    pub opacity_logits: Var,
+    pub sh: Var,
+}
+
+impl SplatVars {
+    /// Variables initialised with copies of `splats`.
+    pub fn new(splats: &Splats) -> Result<Self> {
+        splats.validate()?;
+        Ok(Self {
+            means: Var::from_tensor(&splats.means)?,
+            log_scales: Var::from_tensor(&splats.log_scales)?,
+            quats: Var::from_tensor(&splats.quats)?,
+            opacity_logits: Var::from_tensor(&splats.opacity_logits)?,
+            sh: Var::from_tensor(&splats.sh)?,
+        })
+    }
+
+    /// The current values as [`Splats`] (tensors tracked for backward).
+    pub fn splats(&self) -> Splats {
+        Splats {
+            means: self.means.as_tensor().clone(),
+            log_scales: self.log_scales.as_tensor().clone(),
+            quats: self.quats.as_tensor().clone(),
+            opacity_logits: self.opacity_logits.as_tensor().clone(),
+            sh: self.sh.as_tensor().clone(),
+        }
+    }
+
+    /// All variables, in the order means, log_scales, quats, opacity_logits, sh (e.g. for an
+    /// optimiser; per-group learning rates take them one by one).
+    pub fn all(&self) -> Vec<Var> {
+        vec![
+            self.means.clone(),
+            self.log_scales.clone(),
+            self.quats.clone(),
+            self.opacity_logits.clone(),
+            self.sh.clone(),
+        ]
     }
 }
 

@@ -5,7 +5,9 @@ use anyhow::Result;
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 use gen_core::SeededRng;
-use gen_scene::splat::{render, render_with_probe, RandomSplatsConfig, RenderConfig, Splats};
+use gen_scene::splat::{
+    render, render_with_probe, RandomSplatsConfig, RenderConfig, SplatVars, Splats,
+};
 use gen_scene::{Camera, Intrinsics};
 use glam::DVec3;
 
@@ -33,27 +35,20 @@ fn adam_fits_perturbed_splats_to_a_target_render() -> Result<()> {
     let target = Splats::random(&scene, &mut SeededRng::new(11), DType::F32, &dev)?;
     let target_rgb = render(&target, &cam, &cfg)?.rgb;
     let mut rng = SeededRng::new(12);
-    let noise = |t: &Tensor, s: f64, rng: &mut SeededRng| -> Result<Var> {
-        Ok(Var::from_tensor(
-            &(t + (rng.randn(t.shape(), DType::F32, &dev)? * s)?)?,
-        )?)
+    let noise = |t: &Tensor, s: f64, rng: &mut SeededRng| -> Result<Tensor> {
+        Ok((t + (rng.randn(t.shape(), DType::F32, &dev)? * s)?)?)
     };
-    let vars = [
-        noise(&target.means, 0.08, &mut rng)?,
-        noise(&target.log_scales, 0.2, &mut rng)?,
-        noise(&target.quats, 0.2, &mut rng)?,
-        noise(&target.opacity_logits, 0.5, &mut rng)?,
-        noise(&target.sh, 0.3, &mut rng)?,
-    ];
-    let splats = || Splats {
-        means: vars[0].as_tensor().clone(),
-        log_scales: vars[1].as_tensor().clone(),
-        quats: vars[2].as_tensor().clone(),
-        opacity_logits: vars[3].as_tensor().clone(),
-        sh: vars[4].as_tensor().clone(),
+    let start = Splats {
+        means: noise(&target.means, 0.08, &mut rng)?,
+        log_scales: noise(&target.log_scales, 0.2, &mut rng)?,
+        quats: noise(&target.quats, 0.2, &mut rng)?,
+        opacity_logits: noise(&target.opacity_logits, 0.5, &mut rng)?,
+        sh: noise(&target.sh, 0.3, &mut rng)?,
     };
+    let vars = SplatVars::new(&start)?;
+    let splats = || vars.splats();
     let mut opt = AdamW::new(
-        vars.to_vec(),
+        vars.all(),
         ParamsAdamW {
             lr: 0.01,
             weight_decay: 0.0,
