@@ -5,7 +5,9 @@
 //! `(H, W, C)` tensors unless a function says otherwise.
 
 pub mod camera;
+pub mod density;
 pub mod export;
+pub mod field;
 pub mod mesh;
 pub mod real;
 pub mod splat;
