@@ -6,6 +6,7 @@
 
 pub mod camera;
 pub mod density;
+pub mod density;
 pub mod export;
 pub mod field;
 pub mod mesh;
