@@ -164,10 +164,14 @@ impl Trainer {
         if cpath.exists() {
             let old = PretrainConfig::load(&cpath)?;
             if old != cfg {
-                return Err(Error::msg(format!(
-                    "{} holds a different training config; resume with that config or use another output folder",
-                    cpath.display()
-                )));
+                check_compatible(&old, &cfg, out)?;
+                // keep the superseded config next to the new one
+                let mut n = 1;
+                while out.join(format!("config.prev-{n}.json")).exists() {
+                    n += 1;
+                }
+                old.save(&out.join(format!("config.prev-{n}.json")))?;
+                cfg.save(&cpath)?;
             }
         } else {
             cfg.save(&cpath)?;
@@ -329,6 +333,38 @@ impl Trainer {
         };
         run_stage(StageSpec { name: stage.name(), dir: &dir, cfg: &self.cfg.unet.train, seed: stage.seed(self.cfg.seed) }, &vars, &mut obj, control, events)
     }
+}
+
+/// A run folder may continue under a changed config only when the data and seed are the same
+/// and every stage whose settings changed has not started (no checkpoint): e.g. to give the
+/// stages still to come fewer steps. Otherwise the error says what differs.
+fn check_compatible(old: &PretrainConfig, new: &PretrainConfig, out: &Path) -> Result<()> {
+    let shared = |c: &PretrainConfig| (c.seed, c.image_size, c.supersample, c.pool_size, c.max_text_len);
+    let refuse = |what: &str| {
+        Err(Error::msg(format!(
+            "{} holds a different training config ({what}); resume with that config or use another output folder",
+            out.join("config.json").display()
+        )))
+    };
+    if shared(old) != shared(new) {
+        return refuse("seed, image size, supersampling, pool size or text length differ");
+    }
+    let changed = [
+        (Stage::Clip, old.clip != new.clip),
+        (Stage::Vae, old.vae != new.vae),
+        (Stage::Unet, old.unet != new.unet),
+        (Stage::Evaluator, old.evaluator != new.evaluator),
+    ];
+    for (stage, differs) in changed {
+        if differs && crate::runner::latest_checkpoint(&out.join(stage.name()))?.is_some() {
+            return refuse(&format!("stage `{}` changed but already has a checkpoint", stage.name()));
+        }
+    }
+    // the UNet depends on the CLIP text encoder and the VAE
+    if (changed[0].1 || changed[1].1) && crate::runner::latest_checkpoint(&out.join("unet"))?.is_some() {
+        return refuse("the CLIP or VAE stage changed but the UNet, trained on them, has a checkpoint");
+    }
+    Ok(())
 }
 
 /// Encodes prompts to `(B, L, D)` last hidden states.

@@ -183,7 +183,20 @@ fn config_round_trips_and_rejects_bad_values() -> anyhow::Result<()> {
     let mut other = PretrainConfig::tiny();
     other.seed += 1;
     let e = Trainer::new(other, &out, &Device::Cpu).err().unwrap().to_string();
-    assert!(e.contains("different training config"), "{e}");
+    assert!(e.contains("different training config") && e.contains("seed"), "{e}");
+    // a stage that has not started may change (fewer steps for the stages still to come) ...
+    let mut t = Trainer::new(PretrainConfig::tiny(), &out, &Device::Cpu)?;
+    t.train(Stage::Evaluator, &RunControl::default(), &mut |_| {})?;
+    let mut shorter = PretrainConfig::tiny();
+    shorter.vae.train.steps = 20;
+    Trainer::new(shorter.clone(), &out, &Device::Cpu)?;
+    assert_eq!(PretrainConfig::load(&out.join("config.json"))?, shorter);
+    assert_eq!(PretrainConfig::load(&out.join("config.prev-1.json"))?, PretrainConfig::tiny());
+    // ... but not one with a checkpoint
+    let mut changed = shorter.clone();
+    changed.evaluator.train.lr *= 2.0;
+    let e = Trainer::new(changed, &out, &Device::Cpu).err().unwrap().to_string();
+    assert!(e.contains("stage `evaluator` changed"), "{e}");
     std::fs::remove_dir_all(&dir)?;
     Ok(())
 }
