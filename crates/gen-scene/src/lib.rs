@@ -6,9 +6,9 @@
 
 pub mod camera;
 pub mod density;
-pub mod density;
 pub mod export;
 pub mod field;
+pub mod fit;
 pub mod mesh;
 pub mod real;
 pub mod splat;
