@@ -119,3 +119,25 @@ fn help_lists_every_flag_with_examples() {
         assert!(help.contains(flag), "--help lacks {flag}");
     }
 }
+
+#[test]
+fn gen_model_environment_variable_names_the_default_model() {
+    let dir = tmp("env");
+    let out = dir.join("env.png");
+    let r = Command::new(env!("CARGO_BIN_EXE_gen"))
+        .args(["image", "a red cube", "--size", "16", "--steps", "2", "--out", out.to_str().unwrap()])
+        .env("GEN_MODEL", fixture())
+        .output()
+        .unwrap();
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    assert_eq!(text_chunk(&out, "model"), fixture());
+    let missing = dir.join("no-model");
+    let r = Command::new(env!("CARGO_BIN_EXE_gen"))
+        .args(["image", "a red cube", "--out", dir.join("x.png").to_str().unwrap()])
+        .env("GEN_MODEL", &missing)
+        .output()
+        .unwrap();
+    assert!(!r.status.success());
+    assert!(String::from_utf8_lossy(&r.stderr).contains("no-model"));
+    std::fs::remove_dir_all(&dir).unwrap();
+}

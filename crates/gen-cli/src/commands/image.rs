@@ -108,7 +108,8 @@ pub struct ImageArgs {
     /// Image-to-image: start from this image (PNG or JPEG), resized to --size if given.
     #[arg(long)]
     pub init_image: Option<PathBuf>,
-    /// Image-to-image: how much to change the init image, in [0, 1] (0 = the VAE round trip).
+    /// Image-to-image: how much to change the init image, in [0, 1] (0 = the VAE round trip,
+    /// 1 = from the most noised latent); 0.8 when not given.
     #[arg(long, requires = "init_image")]
     pub strength: Option<f64>,
     /// Output: a .png file or a folder (see below).
