@@ -82,6 +82,7 @@ fn bad_input_fails_clearly_and_writes_nothing() {
         (vec!["--apg", "--momentum", "1.5"], "momentum"),
         (vec!["--guidance-rescale", "2"], "phi"),
         (vec!["--dtype", "f64"], "f32, f16, bf16"),
+        (vec!["--dtype", "bf16", "--device", "cpu"], "bf16 does not run on the CPU"),
     ];
     for (extra, needle) in cases {
         let mut a = vec!["image", "a red cube", "--model", &model, "--out", &out_s];

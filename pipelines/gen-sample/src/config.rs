@@ -127,6 +127,15 @@ impl Precision {
             Self::Bf16 => "bf16",
         }
     }
+    /// Whether models can run in this precision on `device`: candle's CPU backend has no bf16
+    /// matmul, so bf16 needs a GPU.
+    pub fn check_device(self, device: &candle_core::Device) -> Result<()> {
+        if self == Self::Bf16 && device.is_cpu() {
+            return Err(Error::invalid("dtype", "bf16 does not run on the CPU (candle's CPU backend has no bf16 matmul); use f32 or f16, or a GPU"));
+        }
+        Ok(())
+    }
+
     pub fn parse(s: &str) -> Result<Self> {
         match s.trim().to_ascii_lowercase().as_str() {
             "f32" | "float32" => Ok(Self::F32),
@@ -349,6 +358,7 @@ impl SampleConfig {
                 format!("the config asks for {} but the pipeline was loaded in {:?}; load it with SampleConfig::load_options", cfg.dtype.name(), pipe.dtype),
             ));
         }
+        cfg.dtype.check_device(&pipe.device)?;
         let init_dims = match &cfg.init_image {
             Some(ii) => Some(ii.dimensions()?),
             None => None,

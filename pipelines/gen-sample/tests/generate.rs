@@ -277,3 +277,18 @@ fn unknown_words_of_a_word_level_tokenizer_warn_with_the_known_ones() -> Result<
     std::fs::remove_dir_all(&dir)?;
     Ok(())
 }
+
+#[test]
+fn f16_pipeline_generates() -> Result<()> {
+    let opts = LoadOptions { dtype: candle_core::DType::F16, ..Default::default() };
+    let pipe = SdPipeline::load(&ModelSource::Local(fixture()), &opts)?;
+    let cfg = SampleConfig { dtype: gen_sample::Precision::F16, ..base().apg(ApgConfig::paper(5.0)) };
+    let (imgs, _) = run(&pipe, &cfg)?;
+    let (again, _) = run(&pipe, &cfg)?;
+    assert_eq!(imgs, again);
+    let first = imgs[0].get_pixel(0, 0);
+    assert!(imgs[0].pixels().any(|p| p != first));
+    // The config must say f16 for an f16 pipeline.
+    assert!(generate(&pipe, &base(), &mut |_| {}).unwrap_err().to_string().contains("dtype"));
+    Ok(())
+}

@@ -253,6 +253,7 @@ pub fn run(args: ImageArgs) -> anyhow::Result<()> {
 
     let source = ModelSource::parse(&model)?;
     let device = gen_core::pick_device(args.device)?;
+    cfg.dtype.check_device(&device)?;
     let hub = HubOptions { offline: args.offline, ..Default::default() };
     let pipe = SdPipeline::load(&source, &cfg.load_options(device, hub)).with_context(|| format!("loading model {model}"))?;
     let cfg = cfg.resolve(&pipe)?;
