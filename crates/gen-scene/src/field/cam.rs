@@ -178,13 +178,17 @@ impl CamField {
         let inv = Tensor::new(&ext.map(|e| 1.0 / e), &self.device)?.to_dtype(self.dtype)?.unsqueeze(0)?;
         let u = points.broadcast_sub(&lo)?.broadcast_mul(&inv)?;
         let g = hashgrid::encode(&u, self.table.as_tensor(), &self.cfg.grid)?;
-        let m = g.matmul(&self.mod_w.t()?)?.broadcast_add(&self.mod_b)?;
         let mut x = ((u * 2.0)? - 1.0)?;
         for (i, (w, bias)) in self.layers.iter().enumerate() {
             let z = x.matmul(&w.t()?)?.broadcast_add(bias)?;
             let n = gen_ops::layer_norm(&z, None, None, self.cfg.norm_eps)?;
-            let gamma = (m.narrow(1, i * 2 * h, h)? + 1.0)?;
-            let beta = m.narrow(1, i * 2 * h + h, h)?;
+            // Narrow the (small) weights rather than one wide product: the backward of a
+            // narrow pads to the full size, which is costly for (M, K·2H) activations.
+            let proj = |off: usize| -> candle_core::Result<Tensor> {
+                g.matmul(&self.mod_w.narrow(0, off, h)?.t()?)?.broadcast_add(&self.mod_b.narrow(0, off, h)?)
+            };
+            let gamma = (proj(i * 2 * h)? + 1.0)?;
+            let beta = proj(i * 2 * h + h)?;
             x = (gamma * n)?.add(&beta)?.relu()?;
         }
         let raw = (x.matmul(&self.density_w.t()?)?.broadcast_add(&self.density_b)? + self.cfg.density_bias)?.squeeze(D::Minus1)?;

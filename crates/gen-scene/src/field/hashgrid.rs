@@ -213,14 +213,15 @@ fn forward_cpu<R: Real>(cfg: &HashGridConfig, points: &[R], table: &[R]) -> Vec<
     out
 }
 
-/// Gradients `(d points (N·3), d table (L·T·F))` for the output gradient `grad (N·L·F)`.
-fn backward_cpu<R: Real>(cfg: &HashGridConfig, points: &[R], table: &[R], grad: &[R]) -> (Vec<R>, Vec<R>) {
+/// Gradients `(d points (N·3), d table (L·T·F))` for the output gradient `grad (N·L·F)`;
+/// each is computed only when asked for (`want`).
+fn backward_cpu<R: Real>(cfg: &HashGridConfig, points: &[R], table: &[R], grad: &[R], want: [bool; 2]) -> (Option<Vec<R>>, Option<Vec<R>>) {
     let levels = cfg.level_params();
     let (t, f, lf) = (cfg.table_size(), cfg.features, cfg.out_dim());
     let mask = (t - 1) as u32;
     let n = points.len() / 3;
     // Table: one task per level, points in order → deterministic.
-    let mut dtable = vec![R::c(0.0); table.len()];
+    let mut dtable = vec![R::c(0.0); if want[1] { table.len() } else { 0 }];
     dtable.par_chunks_mut(t * f).enumerate().for_each(|(l, dt)| {
         let level = levels[l];
         for i in 0..n {
@@ -238,7 +239,7 @@ fn backward_cpu<R: Real>(cfg: &HashGridConfig, points: &[R], table: &[R], grad: 
         }
     });
     // Positions: d out / d x_a = Σ_k Σ_j g_j · table[k, j] · d w_k / d frac_a · d frac_a / d x_a.
-    let mut dpoints = vec![R::c(0.0); points.len()];
+    let mut dpoints = vec![R::c(0.0); if want[0] { points.len() } else { 0 }];
     dpoints.par_chunks_mut(3).enumerate().for_each(|(i, dp)| {
         let p = &points[3 * i..3 * i + 3];
         for (l, &level) in levels.iter().enumerate() {
@@ -262,7 +263,7 @@ fn backward_cpu<R: Real>(cfg: &HashGridConfig, points: &[R], table: &[R], grad: 
             }
         }
     });
-    (dpoints, dtable)
+    (want[0].then_some(dpoints), want[1].then_some(dtable))
 }
 
 fn cpu_slice<'a, R: Real>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [R]> {
@@ -286,12 +287,17 @@ impl HashGridOp {
         Ok((R::to_cpu_storage_owned(out), Shape::from((points.len() / 3, self.cfg.out_dim()))))
     }
 
-    fn bwd_t<R: Real>(&self, points: &Tensor, table: &Tensor, grad: &Tensor) -> candle_core::Result<(Tensor, Tensor)> {
+    /// Gradients for the inputs that take part in a graph (`track_op`); the position gradient
+    /// is skipped when the points are constants (the usual case when rendering).
+    fn bwd_t<R: Real>(&self, points: &Tensor, table: &Tensor, grad: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let v = |t: &Tensor| t.flatten_all()?.to_vec1::<R>();
         let (p, t, g) = (v(points)?, v(table)?, v(grad)?);
-        let (dp, dt) = backward_cpu(&self.cfg, &p, &t, &g);
+        let want = [points.track_op(), table.track_op()];
+        let (dp, dt) = backward_cpu(&self.cfg, &p, &t, &g, want);
         let dev = points.device();
-        Ok((Tensor::from_vec(dp, points.shape(), dev)?, Tensor::from_vec(dt, table.shape(), dev)?))
+        let dp = dp.map(|d| Tensor::from_vec(d, points.shape(), dev)).transpose()?;
+        let dt = dt.map(|d| Tensor::from_vec(d, table.shape(), dev)).transpose()?;
+        Ok((dp, dt))
     }
 }
 
@@ -313,12 +319,11 @@ impl CustomOp2 for HashGridOp {
     }
 
     fn bwd(&self, a1: &Tensor, a2: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let (dp, dt) = match a1.dtype() {
-            DType::F32 => self.bwd_t::<f32>(a1, a2, grad)?,
-            DType::F64 => self.bwd_t::<f64>(a1, a2, grad)?,
+        match a1.dtype() {
+            DType::F32 => self.bwd_t::<f32>(a1, a2, grad),
+            DType::F64 => self.bwd_t::<f64>(a1, a2, grad),
             d => candle_core::bail!("hash grid backward: dtype {d:?} not supported"),
-        };
-        Ok((Some(dp), Some(dt)))
+        }
     }
 }
 
