@@ -170,3 +170,19 @@ pub fn opengl_c2w_to_camera(m: &[[f64; 4]; 4], k: Intrinsics) -> Result<Camera> 
         ))
     })
 }
+
+/// A camera from intrinsics and world-to-camera extrinsics given as plain arrays: `rotation`
+/// rows (the camera's right, down and forward axes in world coordinates) and `translation`
+/// (`t = R p + T`), OpenCV convention. For callers that do not use glam.
+pub fn camera_from_extrinsics(
+    k: Intrinsics,
+    rotation: [[f64; 3]; 3],
+    translation: [f64; 3],
+) -> Result<Camera> {
+    let [r0, r1, r2] = rotation.map(DVec3::from);
+    Camera::new(
+        k,
+        DMat3::from_cols(r0, r1, r2).transpose(),
+        DVec3::from(translation),
+    )
+}
