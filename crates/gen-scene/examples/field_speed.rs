@@ -26,12 +26,18 @@ fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let arg = |name: &str| -> Result<Option<usize>> {
         match args.iter().position(|a| a == name) {
-            Some(i) => Ok(Some(args.get(i + 1).ok_or_else(|| anyhow::anyhow!("{name} needs a number"))?.parse()?)),
+            Some(i) => Ok(Some(
+                args.get(i + 1)
+                    .ok_or_else(|| anyhow::anyhow!("{name} needs a number"))?
+                    .parse()?,
+            )),
             None => Ok(None),
         }
     };
     if let Some(n) = arg("--threads")? {
-        rayon::ThreadPoolBuilder::new().num_threads(n).build_global()?;
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build_global()?;
     }
     let reps = arg("--reps")?.unwrap_or(5);
     println!("threads: {}", rayon::current_num_threads());
@@ -41,7 +47,13 @@ fn main() -> Result<()> {
     let cfg = FieldConfig::small();
     let field = CamField::new(cfg, &vm, "field", &mut SeededRng::new(0), DType::F32, &dev)?;
     // A non-trivial table so that the density is not uniform.
-    field.table().set(&SeededRng::new(1).rand_uniform(cfg.grid.table_shape(), -1.0, 1.0, DType::F32, &dev)?)?;
+    field.table().set(&SeededRng::new(1).rand_uniform(
+        cfg.grid.table_shape(),
+        -1.0,
+        1.0,
+        DType::F32,
+        &dev,
+    )?)?;
     let k = Intrinsics::from_fov_y(0.8, 64, 64)?;
     let cam = Camera::look_at(k, DVec3::new(0.3, 0.5, -2.6), DVec3::ZERO, DVec3::Y)?;
     let vcfg = VolumeConfig::new(64, Aabb::cube(1.0));
@@ -74,7 +86,9 @@ fn main() -> Result<()> {
         let _ = encode(pts.as_tensor(), table.as_tensor(), &g)?;
         fwd.push(t.elapsed().as_secs_f64() * 1e3);
         let t = Instant::now();
-        let _ = encode(pts.as_tensor(), table.as_tensor(), &g)?.sum_all()?.backward()?;
+        let _ = encode(pts.as_tensor(), table.as_tensor(), &g)?
+            .sum_all()?
+            .backward()?;
         both.push(t.elapsed().as_secs_f64() * 1e3);
     }
     let (f0, f1) = stats(fwd);

@@ -2,6 +2,9 @@
 //! ops (values and gradients), central finite differences in f64, determinism across thread
 //! counts, exact interpolation on a dense level, and shape errors.
 
+// Index loops mirror pixel and coordinate indices.
+#![allow(clippy::needless_range_loop)]
+
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor, Var};
 use gen_core::SeededRng;
@@ -19,7 +22,8 @@ fn ref_row(c: &HashGridConfig, l: usize, i: u64, j: u64, k: u64) -> u64 {
     let local = if (n + 1).pow(3) <= t {
         i + (n + 1) * j + (n + 1) * (n + 1) * k
     } else {
-        let h = (i.wrapping_mul(1) ^ j.wrapping_mul(2_654_435_761) ^ k.wrapping_mul(805_459_861)) % (1u64 << 32);
+        let h = (i.wrapping_mul(1) ^ j.wrapping_mul(2_654_435_761) ^ k.wrapping_mul(805_459_861))
+            % (1u64 << 32);
         h % t
     };
     l as u64 * t + local
@@ -33,17 +37,32 @@ fn reference(points: &Tensor, table: &Tensor, c: &HashGridConfig) -> Result<Tens
     let mut levels = Vec::new();
     for l in 0..c.levels {
         let res = c.resolution(l);
-        let cells: Vec<[u64; 3]> =
-            pv.iter().map(|p| std::array::from_fn(|a| ((p[a] * res as f64).floor() as u64).min(res as u64 - 1))).collect();
-        let base = Tensor::from_vec(cells.iter().flat_map(|c| c.map(|v| v as f64)).collect::<Vec<_>>(), (n, 3), points.device())?
-            .to_dtype(points.dtype())?;
+        let cells: Vec<[u64; 3]> = pv
+            .iter()
+            .map(|p| {
+                std::array::from_fn(|a| ((p[a] * res as f64).floor() as u64).min(res as u64 - 1))
+            })
+            .collect();
+        let base = Tensor::from_vec(
+            cells
+                .iter()
+                .flat_map(|c| c.map(|v| v as f64))
+                .collect::<Vec<_>>(),
+            (n, 3),
+            points.device(),
+        )?
+        .to_dtype(points.dtype())?;
         let frac = ((points * res as f64)? - base)?;
         let mut acc: Option<Tensor> = None;
         for corner in 0..8usize {
             let mut w: Option<Tensor> = None;
             for a in 0..3 {
                 let fa = frac.narrow(1, a, 1)?;
-                let term = if (corner >> a) & 1 == 1 { fa } else { (1.0 - fa)? };
+                let term = if (corner >> a) & 1 == 1 {
+                    fa
+                } else {
+                    (1.0 - fa)?
+                };
                 w = Some(match w {
                     None => term,
                     Some(w) => (w * term)?,
@@ -80,7 +99,12 @@ fn setup(dtype: DType, n: usize, seed: u64) -> Result<(Var, Var, Tensor)> {
 }
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f64> {
-    Ok((a - b)?.abs()?.flatten_all()?.max(0)?.to_dtype(DType::F64)?.to_scalar::<f64>()?)
+    Ok((a - b)?
+        .abs()?
+        .flatten_all()?
+        .max(0)?
+        .to_dtype(DType::F64)?
+        .to_scalar::<f64>()?)
 }
 
 #[test]
@@ -88,7 +112,11 @@ fn config_has_dense_and_hashed_levels() {
     let c = cfg();
     assert_eq!(c.resolution(0), 2);
     assert_eq!(c.resolution(c.levels - 1), 16);
-    assert!(c.is_dense(0) && c.is_dense(1), "coarse levels must be dense: {:?}", (0..4).map(|l| c.resolution(l)).collect::<Vec<_>>());
+    assert!(
+        c.is_dense(0) && c.is_dense(1),
+        "coarse levels must be dense: {:?}",
+        (0..4).map(|l| c.resolution(l)).collect::<Vec<_>>()
+    );
     assert!(!c.is_dense(c.levels - 1));
     let ngp = HashGridConfig::instant_ngp();
     assert!((ngp.growth() - ((2048f64 / 16.0).ln() / 15.0).exp()).abs() < 1e-12);
@@ -109,10 +137,18 @@ fn values_and_gradients_match_reference() -> Result<()> {
     let g2 = (refo * &weights)?.sum_all()?.backward()?;
     let dt = max_abs_diff(g1.get(&table).unwrap(), g2.get(&table).unwrap())?;
     let dp = max_abs_diff(g1.get(&points).unwrap(), g2.get(&points).unwrap())?;
-    let scale = g2.get(&points).unwrap().abs()?.max_all()?.to_scalar::<f64>()?;
+    let scale = g2
+        .get(&points)
+        .unwrap()
+        .abs()?
+        .max_all()?
+        .to_scalar::<f64>()?;
     println!("reference parity: values {dv:.2e}, table grad {dt:.2e}, point grad {dp:.2e} (scale {scale:.2})");
     assert!(dt < 1e-12, "table gradients differ by {dt:e}");
-    assert!(dp < 1e-9 * scale.max(1.0), "point gradients differ by {dp:e}");
+    assert!(
+        dp < 1e-9 * scale.max(1.0),
+        "point gradients differ by {dp:e}"
+    );
     Ok(())
 }
 
@@ -120,10 +156,20 @@ fn values_and_gradients_match_reference() -> Result<()> {
 fn gradients_match_finite_differences() -> Result<()> {
     let c = cfg();
     let (points, table, weights) = setup(DType::F64, 40, 2)?;
-    let loss = |p: &Tensor, t: &Tensor| -> Result<f64> { Ok((encode(p, t, &c)? * &weights)?.sum_all()?.to_scalar::<f64>()?) };
-    let grads = (encode(points.as_tensor(), table.as_tensor(), &c)? * &weights)?.sum_all()?.backward()?;
+    let loss = |p: &Tensor, t: &Tensor| -> Result<f64> {
+        Ok((encode(p, t, &c)? * &weights)?
+            .sum_all()?
+            .to_scalar::<f64>()?)
+    };
+    let grads = (encode(points.as_tensor(), table.as_tensor(), &c)? * &weights)?
+        .sum_all()?
+        .backward()?;
     let gt = grads.get(&table).unwrap().flatten_all()?.to_vec1::<f64>()?;
-    let gp = grads.get(&points).unwrap().flatten_all()?.to_vec1::<f64>()?;
+    let gp = grads
+        .get(&points)
+        .unwrap()
+        .flatten_all()?
+        .to_vec1::<f64>()?;
     let eps = 1e-6;
     let fd = |var: &Var, i: usize| -> Result<f64> {
         let base = var.as_tensor().flatten_all()?.to_vec1::<f64>()?;
@@ -154,7 +200,11 @@ fn gradients_match_finite_differences() -> Result<()> {
         let f = fd(&points, i)?;
         let err = (f - gp[i]).abs() / (1.0 + gp[i].abs());
         worst_p = worst_p.max(err);
-        assert!(err < 1e-6, "point coordinate {i}: analytic {} vs FD {f}", gp[i]);
+        assert!(
+            err < 1e-6,
+            "point coordinate {i}: analytic {} vs FD {f}",
+            gp[i]
+        );
     }
     println!("FD relative error: table {worst_t:.2e}, points {worst_p:.2e}");
     Ok(())
@@ -165,9 +215,13 @@ fn backward_is_independent_of_thread_count() -> Result<()> {
     let c = cfg();
     let (points, table, weights) = setup(DType::F32, 3000, 3)?;
     let run = |threads: usize| -> Result<(Vec<f32>, Vec<f32>)> {
-        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build()?;
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()?;
         pool.install(|| {
-            let g = (encode(points.as_tensor(), table.as_tensor(), &c)? * &weights)?.sum_all()?.backward()?;
+            let g = (encode(points.as_tensor(), table.as_tensor(), &c)? * &weights)?
+                .sum_all()?
+                .backward()?;
             Ok((
                 g.get(&table).unwrap().flatten_all()?.to_vec1::<f32>()?,
                 g.get(&points).unwrap().flatten_all()?.to_vec1::<f32>()?,
@@ -175,7 +229,10 @@ fn backward_is_independent_of_thread_count() -> Result<()> {
         })
     };
     let (a, b) = (run(1)?, run(3)?);
-    assert!(a.0 == b.0 && a.1 == b.1, "gradients depend on the thread count");
+    assert!(
+        a.0 == b.0 && a.1 == b.1,
+        "gradients depend on the thread count"
+    );
     Ok(())
 }
 
@@ -183,7 +240,13 @@ fn backward_is_independent_of_thread_count() -> Result<()> {
 fn dense_level_interpolates_linear_functions_exactly() -> Result<()> {
     // One dense level at resolution 4: store f(i,j,k) = i + 2j + 3k at every corner; trilinear
     // interpolation must return 4·(x + 2y + 3z) exactly.
-    let c = HashGridConfig { levels: 1, features: 1, log2_table_size: 7, base_resolution: 4, max_resolution: 4 };
+    let c = HashGridConfig {
+        levels: 1,
+        features: 1,
+        log2_table_size: 7,
+        base_resolution: 4,
+        max_resolution: 4,
+    };
     assert!(c.is_dense(0));
     let mut t = vec![0f64; c.table_size()];
     for k in 0..5 {
@@ -194,8 +257,18 @@ fn dense_level_interpolates_linear_functions_exactly() -> Result<()> {
         }
     }
     let table = Tensor::from_vec(t, c.table_shape(), &Device::Cpu)?;
-    let pts = [[0.1, 0.2, 0.3], [0.0, 0.0, 0.0], [1.0, 1.0, 1.0], [0.77, 0.5, 0.01], [1.5, -0.2, 0.5]];
-    let p = Tensor::from_vec(pts.iter().flatten().copied().collect::<Vec<f64>>(), (5, 3), &Device::Cpu)?;
+    let pts = [
+        [0.1, 0.2, 0.3],
+        [0.0, 0.0, 0.0],
+        [1.0, 1.0, 1.0],
+        [0.77, 0.5, 0.01],
+        [1.5, -0.2, 0.5],
+    ];
+    let p = Tensor::from_vec(
+        pts.iter().flatten().copied().collect::<Vec<f64>>(),
+        (5, 3),
+        &Device::Cpu,
+    )?;
     let out = encode(&p, &table, &c)?.flatten_all()?.to_vec1::<f64>()?;
     for (q, o) in pts.iter().zip(out) {
         let cl = q.map(|v: f64| v.clamp(0.0, 1.0));
@@ -210,7 +283,12 @@ fn f32_matches_f64() -> Result<()> {
     let c = cfg();
     let (points, table, _) = setup(DType::F64, 100, 4)?;
     let a = encode(points.as_tensor(), table.as_tensor(), &c)?;
-    let b = encode(&points.to_dtype(DType::F32)?, &table.to_dtype(DType::F32)?, &c)?.to_dtype(DType::F64)?;
+    let b = encode(
+        &points.to_dtype(DType::F32)?,
+        &table.to_dtype(DType::F32)?,
+        &c,
+    )?
+    .to_dtype(DType::F64)?;
     assert!(max_abs_diff(&a, &b)? < 1e-5);
     Ok(())
 }
@@ -220,11 +298,21 @@ fn bad_inputs_are_errors() -> Result<()> {
     let c = cfg();
     let dev = Device::Cpu;
     let table = Tensor::zeros(c.table_shape(), DType::F32, &dev)?;
-    let e = encode(&Tensor::zeros((4, 2), DType::F32, &dev)?, &table, &c).unwrap_err().to_string();
+    let e = encode(&Tensor::zeros((4, 2), DType::F32, &dev)?, &table, &c)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("(N, 3)"), "{e}");
-    let e = encode(&Tensor::zeros((4, 3), DType::F32, &dev)?, &Tensor::zeros((10, 2), DType::F32, &dev)?, &c).unwrap_err().to_string();
+    let e = encode(
+        &Tensor::zeros((4, 3), DType::F32, &dev)?,
+        &Tensor::zeros((10, 2), DType::F32, &dev)?,
+        &c,
+    )
+    .unwrap_err()
+    .to_string();
     assert!(e.contains("table has shape"), "{e}");
-    let e = encode(&Tensor::zeros((4, 3), DType::F64, &dev)?, &table, &c).unwrap_err().to_string();
+    let e = encode(&Tensor::zeros((4, 3), DType::F64, &dev)?, &table, &c)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("f32 or both f64"), "{e}");
     let bad = HashGridConfig { levels: 0, ..c };
     assert!(bad.validate().is_err());

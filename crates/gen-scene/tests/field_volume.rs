@@ -1,6 +1,9 @@
 //! Volume renderer: analytic densities (constant cube, linear ramp) against closed-form
 //! transmittance and depth, background compositing, and occupancy-grid skipping.
 
+// Index loops mirror pixel and coordinate indices.
+#![allow(clippy::needless_range_loop)]
+
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
 use gen_core::SeededRng;
@@ -14,9 +17,13 @@ struct Analytic<F: Fn([f64; 3]) -> (f64, [f64; 3])>(F);
 impl<F: Fn([f64; 3]) -> (f64, [f64; 3])> RadianceField for Analytic<F> {
     fn query(&self, points: &Tensor) -> candle_core::Result<(Tensor, Tensor)> {
         let p = points.to_vec2::<f64>()?;
-        let (s, c): (Vec<f64>, Vec<[f64; 3]>) = p.iter().map(|q| (self.0)([q[0], q[1], q[2]])).unzip();
+        let (s, c): (Vec<f64>, Vec<[f64; 3]>) =
+            p.iter().map(|q| (self.0)([q[0], q[1], q[2]])).unzip();
         let n = s.len();
-        Ok((Tensor::from_vec(s, n, &Device::Cpu)?, Tensor::from_vec(c.concat(), (n, 3), &Device::Cpu)?))
+        Ok((
+            Tensor::from_vec(s, n, &Device::Cpu)?,
+            Tensor::from_vec(c.concat(), (n, 3), &Device::Cpu)?,
+        ))
     }
     fn dtype(&self) -> DType {
         DType::F64
@@ -35,7 +42,11 @@ fn camera(w: usize, h: usize, eye: [f64; 3]) -> Result<Camera> {
 /// `[-1/2, 1/2]³` in camera depth — computed here independently of the renderer.
 fn chord(cam: &Camera, i: usize, j: usize) -> Option<(DVec3, f64, f64)> {
     let k = &cam.intrinsics;
-    let dc = DVec3::new((j as f64 + 0.5 - k.cx) / k.fx, (i as f64 + 0.5 - k.cy) / k.fy, 1.0);
+    let dc = DVec3::new(
+        (j as f64 + 0.5 - k.cx) / k.fx,
+        (i as f64 + 0.5 - k.cy) / k.fy,
+        1.0,
+    );
     let d = cam.rotation.transpose() * dc;
     let o = cam.position();
     let (mut lo, mut hi) = (f64::MIN, f64::MAX);
@@ -76,17 +87,31 @@ fn constant_cube_matches_beer_lambert() -> Result<()> {
             worst_t = worst_t.max((op[i][j] - (1.0 - t)).abs());
             for ch in 0..3 {
                 let want = (1.0 - t) * col[ch] + t * bg[ch];
-                assert!((rgb[i][j][ch] - want).abs() < 1e-12, "pixel ({i},{j}) channel {ch}");
+                assert!(
+                    (rgb[i][j][ch] - want).abs() < 1e-12,
+                    "pixel ({i},{j}) channel {ch}"
+                );
             }
             // ∫ a e^{-a s} (z0 + s) ds over [0, len].
             let want_d = z0 * (1.0 - t) + 1.0 / a - t * (len + 1.0 / a);
             worst_d = worst_d.max((depth[i][j] - want_d).abs() / want_d);
         }
     }
-    println!("constant cube: {hits} rays, |opacity error| {worst_t:.1e}, depth rel. error {worst_d:.1e}");
-    assert!(hits > 15 && hits < 120, "{hits} rays hit: both hits and misses are needed");
-    assert!(worst_t < 1e-12, "piecewise-constant quadrature of a constant density must be exact");
-    assert!(worst_d < 2e-3, "depth error {worst_d} exceeds the midpoint-rule bound");
+    println!(
+        "constant cube: {hits} rays, |opacity error| {worst_t:.1e}, depth rel. error {worst_d:.1e}"
+    );
+    assert!(
+        hits > 15 && hits < 120,
+        "{hits} rays hit: both hits and misses are needed"
+    );
+    assert!(
+        worst_t < 1e-12,
+        "piecewise-constant quadrature of a constant density must be exact"
+    );
+    assert!(
+        worst_d < 2e-3,
+        "depth error {worst_d} exceeds the midpoint-rule bound"
+    );
     Ok(())
 }
 
@@ -95,15 +120,24 @@ fn linear_density_ramp_matches_closed_form() -> Result<()> {
     // σ(p) = 2 + 1.5 x: the midpoint rule integrates it exactly, so opacity is exact.
     let field = Analytic(|p: [f64; 3]| (2.0 + 1.5 * p[0], [1.0, 1.0, 1.0]));
     let cam = camera(9, 9, [2.0, -0.4, -1.5])?;
-    let out = render_volume(&field, &cam, &VolumeConfig::new(16, Aabb::cube(0.5)), None, None)?;
+    let out = render_volume(
+        &field,
+        &cam,
+        &VolumeConfig::new(16, Aabb::cube(0.5)),
+        None,
+        None,
+    )?;
     let op = out.opacity.to_vec2::<f64>()?;
     let o = cam.position();
     let mut worst = 0f64;
     for i in 0..9 {
         for j in 0..9 {
-            let Some((d, z0, z1)) = chord(&cam, i, j) else { continue };
+            let Some((d, z0, z1)) = chord(&cam, i, j) else {
+                continue;
+            };
             // ∫ σ(o + z d) |d| dz = |d| [2(z1-z0) + 1.5 (o_x (z1-z0) + d_x (z1²-z0²)/2)].
-            let tau = d.length() * (2.0 * (z1 - z0) + 1.5 * (o.x * (z1 - z0) + d.x * (z1 * z1 - z0 * z0) / 2.0));
+            let tau = d.length()
+                * (2.0 * (z1 - z0) + 1.5 * (o.x * (z1 - z0) + d.x * (z1 * z1 - z0 * z0) / 2.0));
             worst = worst.max((op[i][j] - (1.0 - (-tau).exp())).abs());
         }
     }
@@ -137,7 +171,10 @@ fn occupancy_skipping_keeps_the_image() -> Result<()> {
             for i in 0..40 {
                 let p = [i, j, k].map(|v| -0.5 + (v as f64 + 0.5) / 40.0);
                 if (field.0)(p).0 > 0.0 {
-                    assert!(grid.is_occupied(p), "{p:?} has density but its cell is empty");
+                    assert!(
+                        grid.is_occupied(p),
+                        "{p:?} has density but its cell is empty"
+                    );
                 }
             }
         }
@@ -154,11 +191,23 @@ fn occupancy_skipping_keeps_the_image() -> Result<()> {
         skip.samples_evaluated,
         skip.samples_total
     );
-    let diff = |a: &Tensor, b: &Tensor| -> Result<f64> { Ok((a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f64>()?) };
-    let (dc, dop, dd) = (diff(&full.rgb, &skip.rgb)?, diff(&full.opacity, &skip.opacity)?, diff(&full.depth, &skip.depth)?);
-    assert!(dc < 1e-12 && dop < 1e-12 && dd < 1e-12, "skipping changed the image: {dc:e} {dop:e} {dd:e}");
+    let diff = |a: &Tensor, b: &Tensor| -> Result<f64> {
+        Ok((a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f64>()?)
+    };
+    let (dc, dop, dd) = (
+        diff(&full.rgb, &skip.rgb)?,
+        diff(&full.opacity, &skip.opacity)?,
+        diff(&full.depth, &skip.depth)?,
+    );
+    assert!(
+        dc < 1e-12 && dop < 1e-12 && dd < 1e-12,
+        "skipping changed the image: {dc:e} {dop:e} {dd:e}"
+    );
     let opmax = full.opacity.flatten_all()?.max(0)?.to_scalar::<f64>()?;
-    assert!(opmax > 0.9, "the ball must be visible (max opacity {opmax})");
+    assert!(
+        opmax > 0.9,
+        "the ball must be visible (max opacity {opmax})"
+    );
 
     // A grid that misses part of the ball changes the image (the comparison above can fail).
     let mut partial = grid.clone();
@@ -167,7 +216,13 @@ fn occupancy_skipping_keeps_the_image() -> Result<()> {
             *o = false;
         }
     }
-    let cut = render_volume(&field, &cam, &cfg, Some(&partial), Some(&mut SeededRng::new(5)))?;
+    let cut = render_volume(
+        &field,
+        &cam,
+        &cfg,
+        Some(&partial),
+        Some(&mut SeededRng::new(5)),
+    )?;
     assert!(diff(&full.rgb, &cut.rgb)? > 0.1);
     Ok(())
 }
@@ -177,13 +232,25 @@ fn rays_missing_the_box_show_the_background() -> Result<()> {
     let field = Analytic(|_| (5.0, [1.0, 0.0, 0.0]));
     // Camera looking away from the box.
     let k = Intrinsics::from_fov_y(0.5, 4, 4)?;
-    let cam = Camera::look_at(k, DVec3::new(0.0, 0.0, -3.0), DVec3::new(0.0, 0.0, -6.0), DVec3::Y)?;
+    let cam = Camera::look_at(
+        k,
+        DVec3::new(0.0, 0.0, -3.0),
+        DVec3::new(0.0, 0.0, -6.0),
+        DVec3::Y,
+    )?;
     let mut cfg = VolumeConfig::new(8, Aabb::cube(0.5));
     cfg.background = [0.1, 0.2, 0.3];
     let out = render_volume(&field, &cam, &cfg, None, None)?;
     assert_eq!(out.samples_total, 0);
     let rgb = out.rgb.to_vec3::<f64>()?;
     assert!(rgb.iter().flatten().all(|c| c == &vec![0.1, 0.2, 0.3]));
-    assert!(render_volume(&field, &cam, &VolumeConfig::new(0, Aabb::cube(0.5)), None, None).is_err());
+    assert!(render_volume(
+        &field,
+        &cam,
+        &VolumeConfig::new(0, Aabb::cube(0.5)),
+        None,
+        None
+    )
+    .is_err());
     Ok(())
 }

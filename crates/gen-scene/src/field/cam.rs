@@ -71,12 +71,20 @@ impl FieldConfig {
 
     /// instant-ngp-sized grid with a 2 × 64 MLP (GPU scale).
     pub fn base() -> Self {
-        Self { grid: HashGridConfig::instant_ngp(), hidden: 64, ..Self::small() }
+        Self {
+            grid: HashGridConfig::instant_ngp(),
+            hidden: 64,
+            ..Self::small()
+        }
     }
 
     /// Tiny sizes for tests: [`HashGridConfig::tiny`], 2 × 8.
     pub fn tiny() -> Self {
-        Self { grid: HashGridConfig::tiny(), hidden: 8, ..Self::small() }
+        Self {
+            grid: HashGridConfig::tiny(),
+            hidden: 8,
+            ..Self::small()
+        }
     }
 
     /// Checks the grid, the widths and the box.
@@ -85,13 +93,19 @@ impl FieldConfig {
         if self.hidden == 0 || self.layers == 0 {
             return Err(Error::invalid(
                 "field config",
-                format!("hidden {} and layers {} must be positive", self.hidden, self.layers),
+                format!(
+                    "hidden {} and layers {} must be positive",
+                    self.hidden, self.layers
+                ),
             ));
         }
         if !(self.norm_eps > 0.0 && self.density_bias.is_finite()) {
             return Err(Error::invalid(
                 "field config",
-                format!("norm_eps {} must be > 0, density_bias {} finite", self.norm_eps, self.density_bias),
+                format!(
+                    "norm_eps {} must be > 0, density_bias {} finite",
+                    self.norm_eps, self.density_bias
+                ),
             ));
         }
         self.bounds.validate()
@@ -118,14 +132,27 @@ impl CamField {
     /// A freshly initialised field whose parameters are inserted into `varmap` under
     /// `<prefix>.<name>` (an existing entry of that name is an error). Linear layers use
     /// `U(±1/√fan_in)`, the table `U(±1e-4)`, biases 0.
-    pub fn new(cfg: FieldConfig, varmap: &VarMap, prefix: &str, rng: &mut SeededRng, dtype: DType, device: &Device) -> Result<Self> {
+    pub fn new(
+        cfg: FieldConfig,
+        varmap: &VarMap,
+        prefix: &str,
+        rng: &mut SeededRng,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
         cfg.validate()?;
         let (h, k, lf) = (cfg.hidden, cfg.layers, cfg.grid.out_dim());
-        let mut data = varmap.data().lock().map_err(|_| Error::invalid("field varmap", "lock poisoned"))?;
+        let mut data = varmap
+            .data()
+            .lock()
+            .map_err(|_| Error::invalid("field varmap", "lock poisoned"))?;
         let mut add = |name: &str, t: Tensor| -> Result<Var> {
             let key = format!("{prefix}.{name}");
             if data.contains_key(&key) {
-                return Err(Error::invalid("field varmap", format!("`{key}` already exists")));
+                return Err(Error::invalid(
+                    "field varmap",
+                    format!("`{key}` already exists"),
+                ));
             }
             let v = Var::from_tensor(&t)?;
             data.insert(key, v.clone());
@@ -133,7 +160,7 @@ impl CamField {
         };
         let linear = |rng: &mut SeededRng, out: usize, inp: usize| -> Result<Tensor> {
             let a = (1.0 / inp as f64).sqrt() as f32;
-            Ok(rng.rand_uniform((out, inp), -a, a, dtype, device)?)
+            rng.rand_uniform((out, inp), -a, a, dtype, device)
         };
         let zeros = |n: usize| Tensor::zeros(n, dtype, device);
         let table = add("grid.table", cfg.grid.init_table(rng, dtype, device)?)?;
@@ -150,7 +177,19 @@ impl CamField {
         let density_b = add("density.bias", zeros(1)?)?;
         let color_w = add("color.weight", linear(rng, 3, h)?)?;
         let color_b = add("color.bias", zeros(3)?)?;
-        Ok(Self { cfg, table, mod_w, mod_b, layers, density_w, density_b, color_w, color_b, dtype, device: device.clone() })
+        Ok(Self {
+            cfg,
+            table,
+            mod_w,
+            mod_b,
+            layers,
+            density_w,
+            density_b,
+            color_w,
+            color_b,
+            dtype,
+            device: device.clone(),
+        })
     }
 
     /// All parameters, table first.
@@ -160,7 +199,12 @@ impl CamField {
             v.push(w.clone());
             v.push(b.clone());
         }
-        v.extend([self.density_w.clone(), self.density_b.clone(), self.color_w.clone(), self.color_b.clone()]);
+        v.extend([
+            self.density_w.clone(),
+            self.density_b.clone(),
+            self.color_w.clone(),
+            self.color_b.clone(),
+        ]);
         v
     }
 
@@ -173,9 +217,17 @@ impl CamField {
     pub fn forward(&self, points: &Tensor) -> candle_core::Result<(Tensor, Tensor)> {
         let h = self.cfg.hidden;
         let b = &self.cfg.bounds;
-        let lo = Tensor::new(&b.min, &self.device)?.to_dtype(self.dtype)?.unsqueeze(0)?;
-        let ext = [b.max[0] - b.min[0], b.max[1] - b.min[1], b.max[2] - b.min[2]];
-        let inv = Tensor::new(&ext.map(|e| 1.0 / e), &self.device)?.to_dtype(self.dtype)?.unsqueeze(0)?;
+        let lo = Tensor::new(&b.min, &self.device)?
+            .to_dtype(self.dtype)?
+            .unsqueeze(0)?;
+        let ext = [
+            b.max[0] - b.min[0],
+            b.max[1] - b.min[1],
+            b.max[2] - b.min[2],
+        ];
+        let inv = Tensor::new(&ext.map(|e| 1.0 / e), &self.device)?
+            .to_dtype(self.dtype)?
+            .unsqueeze(0)?;
         let u = points.broadcast_sub(&lo)?.broadcast_mul(&inv)?;
         let g = hashgrid::encode(&u, self.table.as_tensor(), &self.cfg.grid)?;
         let mut x = ((u * 2.0)? - 1.0)?;
@@ -185,18 +237,24 @@ impl CamField {
             // Narrow the (small) weights rather than one wide product: the backward of a
             // narrow pads to the full size, which is costly for (M, K·2H) activations.
             let proj = |off: usize| -> candle_core::Result<Tensor> {
-                g.matmul(&self.mod_w.narrow(0, off, h)?.t()?)?.broadcast_add(&self.mod_b.narrow(0, off, h)?)
+                g.matmul(&self.mod_w.narrow(0, off, h)?.t()?)?
+                    .broadcast_add(&self.mod_b.narrow(0, off, h)?)
             };
             let gamma = (proj(i * 2 * h)? + 1.0)?;
             let beta = proj(i * 2 * h + h)?;
             x = (gamma * n)?.add(&beta)?.relu()?;
         }
-        let raw = (x.matmul(&self.density_w.t()?)?.broadcast_add(&self.density_b)? + self.cfg.density_bias)?.squeeze(D::Minus1)?;
+        let raw = (x
+            .matmul(&self.density_w.t()?)?
+            .broadcast_add(&self.density_b)?
+            + self.cfg.density_bias)?
+            .squeeze(D::Minus1)?;
         let sigma = match self.cfg.density_activation {
             DensityActivation::Softplus => softplus(&raw)?,
             DensityActivation::TruncExp => trunc_exp(&raw)?,
         };
-        let rgb = candle_nn::ops::sigmoid(&x.matmul(&self.color_w.t()?)?.broadcast_add(&self.color_b)?)?;
+        let rgb =
+            candle_nn::ops::sigmoid(&x.matmul(&self.color_w.t()?)?.broadcast_add(&self.color_b)?)?;
         Ok((sigma, rgb))
     }
 
@@ -241,11 +299,15 @@ impl RadianceField for CamField {
 impl DensityField for CamField {
     /// `σ(p)`; NaN if the evaluation fails (meshing reports non-finite densities as errors).
     fn density(&self, p: [f64; 3]) -> f64 {
-        self.eval_points(&[p]).map(|(s, _)| s[0]).unwrap_or(f64::NAN)
+        self.eval_points(&[p])
+            .map(|(s, _)| s[0])
+            .unwrap_or(f64::NAN)
     }
 
     fn color(&self, p: [f64; 3]) -> [f32; 3] {
-        self.eval_points(&[p]).map(|(_, c)| c[0]).unwrap_or([0.0; 3])
+        self.eval_points(&[p])
+            .map(|(_, c)| c[0])
+            .unwrap_or([0.0; 3])
     }
 
     /// Evaluates one z-slab (`nx · ny` points) per tensor call.
@@ -254,7 +316,9 @@ impl DensityField for CamField {
         let [nx, ny, nz] = grid.dims;
         let mut out = Vec::with_capacity(grid.len());
         for k in 0..nz {
-            let pts: Vec<[f64; 3]> = (0..ny).flat_map(|j| (0..nx).map(move |i| grid.point(i, j, k))).collect();
+            let pts: Vec<[f64; 3]> = (0..ny)
+                .flat_map(|j| (0..nx).map(move |i| grid.point(i, j, k)))
+                .collect();
             let (s, _) = self.eval_points(&pts)?;
             out.extend(s.into_iter().map(|v| v as f32));
         }

@@ -43,15 +43,23 @@ pub struct Aabb {
 impl Aabb {
     /// The cube `[-half, half]³`.
     pub fn cube(half: f64) -> Self {
-        Self { min: [-half; 3], max: [half; 3] }
+        Self {
+            min: [-half; 3],
+            max: [half; 3],
+        }
     }
 
     /// Finite bounds with `min < max` on every axis.
     pub fn validate(&self) -> Result<()> {
-        if (0..3).all(|a| self.min[a].is_finite() && self.max[a].is_finite() && self.min[a] < self.max[a]) {
+        if (0..3).all(|a| {
+            self.min[a].is_finite() && self.max[a].is_finite() && self.min[a] < self.max[a]
+        }) {
             Ok(())
         } else {
-            Err(Error::invalid("bounding box", format!("{:?}..{:?} is empty or not finite", self.min, self.max)))
+            Err(Error::invalid(
+                "bounding box",
+                format!("{:?}..{:?} is empty or not finite", self.min, self.max),
+            ))
         }
     }
 
@@ -89,14 +97,26 @@ pub struct VolumeConfig {
 impl VolumeConfig {
     /// `samples_per_ray` samples in `bounds`, near 0.01, black background.
     pub fn new(samples_per_ray: usize, bounds: Aabb) -> Self {
-        Self { samples_per_ray, bounds, near: 0.01, background: [0.0; 3] }
+        Self {
+            samples_per_ray,
+            bounds,
+            near: 0.01,
+            background: [0.0; 3],
+        }
     }
 
     pub fn validate(&self) -> Result<()> {
-        if self.samples_per_ray == 0 || !(self.near >= 0.0) || self.background.iter().any(|v| !v.is_finite()) {
+        if self.samples_per_ray == 0
+            || self.near.is_nan()
+            || self.near < 0.0
+            || self.background.iter().any(|v| !v.is_finite())
+        {
             return Err(Error::invalid(
                 "volume render config",
-                format!("{} samples per ray, near {}, background {:?}", self.samples_per_ray, self.near, self.background),
+                format!(
+                    "{} samples per ray, near {}, background {:?}",
+                    self.samples_per_ray, self.near, self.background
+                ),
             ));
         }
         self.bounds.validate()
@@ -133,9 +153,16 @@ impl OccupancyGrid {
     pub fn full(bounds: Aabb, res: usize) -> Result<Self> {
         bounds.validate()?;
         if res == 0 || res > 1024 {
-            return Err(Error::invalid("occupancy grid", format!("resolution {res} not in 1..=1024")));
+            return Err(Error::invalid(
+                "occupancy grid",
+                format!("resolution {res} not in 1..=1024"),
+            ));
         }
-        Ok(Self { bounds, res, occupied: vec![true; res * res * res] })
+        Ok(Self {
+            bounds,
+            res,
+            occupied: vec![true; res * res * res],
+        })
     }
 
     /// Re-marks the cells from the field's density (no gradients): a cell is occupied when the
@@ -158,7 +185,11 @@ impl OccupancyGrid {
         for k in 0..r {
             for j in 0..r {
                 for i in 0..r {
-                    pts.extend([at(0, i as f64 + 0.5), at(1, j as f64 + 0.5), at(2, k as f64 + 0.5)]);
+                    pts.extend([
+                        at(0, i as f64 + 0.5),
+                        at(1, j as f64 + 0.5),
+                        at(2, k as f64 + 0.5),
+                    ]);
                 }
             }
         }
@@ -251,9 +282,15 @@ pub fn render_volume(
     let mut total = 0usize;
     for i in 0..h {
         for j in 0..w {
-            let dc = glam::DVec3::new((j as f64 + 0.5 - intr.cx) / intr.fx, (i as f64 + 0.5 - intr.cy) / intr.fy, 1.0);
+            let dc = glam::DVec3::new(
+                (j as f64 + 0.5 - intr.cx) / intr.fx,
+                (i as f64 + 0.5 - intr.cy) / intr.fy,
+                1.0,
+            );
             let d = (rt * dc).to_array();
-            let Some((t0, t1)) = cfg.bounds.intersect(o, d) else { continue };
+            let Some((t0, t1)) = cfg.bounds.intersect(o, d) else {
+                continue;
+            };
             let t0 = t0.max(cfg.near);
             if t1 <= t0 {
                 continue;
@@ -282,14 +319,21 @@ pub fn render_volume(
     }
     let m = pts.len() / 3;
     let pad = m as u32;
-    let slot: Vec<u32> = slot.into_iter().map(|s| if s == u32::MAX { pad } else { s }).collect();
+    let slot: Vec<u32> = slot
+        .into_iter()
+        .map(|s| if s == u32::MAX { pad } else { s })
+        .collect();
     let (sigma_p, rgb_p) = if m > 0 {
         let t = Tensor::from_vec(pts, (m, 3), &device)?.to_dtype(dtype)?;
         let (s, c) = field.query(&t)?;
         if s.dims() != [m] || c.dims() != [m, 3] {
             return Err(Error::invalid(
                 "radiance field",
-                format!("query of {m} points returned σ {:?} and rgb {:?}, expected ({m}) and ({m}, 3)", s.dims(), c.dims()),
+                format!(
+                    "query of {m} points returned σ {:?} and rgb {:?}, expected ({m}) and ({m}, 3)",
+                    s.dims(),
+                    c.dims()
+                ),
             ));
         }
         (
@@ -297,7 +341,10 @@ pub fn render_volume(
             Tensor::cat(&[c, Tensor::zeros((1, 3), dtype, &device)?], 0)?,
         )
     } else {
-        (Tensor::zeros(1, dtype, &device)?, Tensor::zeros((1, 3), dtype, &device)?)
+        (
+            Tensor::zeros(1, dtype, &device)?,
+            Tensor::zeros((1, 3), dtype, &device)?,
+        )
     };
     let idx = Tensor::from_vec(slot, nrays * k, &device)?;
     let sigma = sigma_p.index_select(&idx, 0)?.reshape((nrays, k))?;
@@ -310,8 +357,14 @@ pub fn render_volume(
     let alpha = (1.0 - sd.neg()?.exp()?)?;
     let wts = (trans * alpha)?;
     let t_final = sd.sum(1)?.neg()?.exp()?; // (R)
-    let bg = Tensor::new(&cfg.background, &device)?.to_dtype(dtype)?.unsqueeze(0)?;
-    let color = wts.unsqueeze(2)?.broadcast_mul(&rgb)?.sum(1)?.add(&t_final.unsqueeze(1)?.broadcast_mul(&bg)?)?;
+    let bg = Tensor::new(&cfg.background, &device)?
+        .to_dtype(dtype)?
+        .unsqueeze(0)?;
+    let color = wts
+        .unsqueeze(2)?
+        .broadcast_mul(&rgb)?
+        .sum(1)?
+        .add(&t_final.unsqueeze(1)?.broadcast_mul(&bg)?)?;
     let opacity = (1.0 - &t_final)?;
     let depth = (wts * zs)?.sum(1)?;
     Ok(VolumeOutput {
