@@ -5,6 +5,7 @@ use clap::{Parser, Subcommand};
 pub mod dataset;
 pub mod fit;
 pub mod image;
+pub mod train;
 
 /// gen: diffusion sampling with guidance, score distillation to 3D, reward fine-tuning and a
 /// tiny embedded Stable Diffusion trained on a procedural shapes world.
@@ -23,6 +24,8 @@ pub enum Command {
     Fit(Box<fit::FitArgs>),
     /// Generate images from a prompt (or an image and a prompt) with CFG or APG guidance.
     Image(Box<image::ImageArgs>),
+    /// Train the embedded tiny Stable Diffusion and its evaluator on the shapes world (resumable).
+    Train(Box<train::TrainArgs>),
 }
 
 /// Runs the parsed command line.
@@ -31,5 +34,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Dataset(args) => dataset::run(args),
         Command::Fit(args) => fit::run(*args),
         Command::Image(args) => image::run(*args),
+        Command::Train(args) => train::run(*args),
     }
 }
