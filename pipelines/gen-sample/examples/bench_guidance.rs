@@ -40,18 +40,58 @@ fn apg() -> GuidanceConfig {
     GuidanceConfig { method: GuidanceMethod::Apg(ApgConfig::paper(7.5)), rescale_phi: 0.0, interval: None }
 }
 
-/// (median seconds per step, end-to-end seconds) of one `generate` call.
-fn timed_generate(pipe: &SdPipeline, cfg: &SampleConfig) -> Result<(f64, f64)> {
+/// CPU seconds (user + system) used by this process so far (Linux; 0 elsewhere). On a shared
+/// machine this is steadier than wall time.
+fn cpu_seconds() -> f64 {
+    let s = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // fields after the command name (which ends with ')'): utime and stime are the 12th and 13th
+    let rest = s.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+/// Wall and CPU seconds: median per step and end to end, of one `generate` call.
+#[derive(Debug, Clone, Copy)]
+struct Timing {
+    step_wall: f64,
+    step_cpu: f64,
+    total_wall: f64,
+    total_cpu: f64,
+}
+
+fn timed_generate(pipe: &SdPipeline, cfg: &SampleConfig) -> Result<Timing> {
     let mut stamps = Vec::new();
-    let t0 = Instant::now();
+    let (t0, c0) = (Instant::now(), cpu_seconds());
     generate(pipe, cfg, &mut |e| {
         if matches!(e, Progress::Step { .. } | Progress::Start { .. }) {
-            stamps.push(Instant::now());
+            stamps.push((Instant::now(), cpu_seconds()));
         }
     })?;
-    let total = t0.elapsed().as_secs_f64();
-    let mut gaps: Vec<f64> = stamps.windows(2).map(|w| (w[1] - w[0]).as_secs_f64()).collect();
-    Ok((median(&mut gaps), total))
+    let (total_wall, total_cpu) = (t0.elapsed().as_secs_f64(), cpu_seconds() - c0);
+    let mut wall: Vec<f64> = stamps.windows(2).map(|w| (w[1].0 - w[0].0).as_secs_f64()).collect();
+    let mut cpu: Vec<f64> = stamps.windows(2).map(|w| w[1].1 - w[0].1).collect();
+    Ok(Timing { step_wall: median(&mut wall), step_cpu: median(&mut cpu), total_wall, total_cpu })
+}
+
+fn report(rows: &[(&str, Timing)], unit: f64, unit_name: &str) {
+    for (name, t) in rows {
+        println!(
+            "  {name}: {:.2} {unit_name}/step wall ({:.2} CPU), generate {:.2} s wall ({:.2} s CPU)",
+            t.step_wall * unit,
+            t.step_cpu * unit,
+            t.total_wall,
+            t.total_cpu
+        );
+    }
+    let (a, c) = (&rows[1].1, &rows[0].1);
+    println!(
+        "  APG/CFG: per step {:.3} wall, {:.3} CPU; end to end {:.3} wall, {:.3} CPU",
+        a.step_wall / c.step_wall,
+        a.step_cpu / c.step_cpu,
+        a.total_wall / c.total_wall,
+        a.total_cpu / c.total_cpu
+    );
 }
 
 fn combine_time(g: &GuidanceConfig, reps: usize) -> Result<f64> {
@@ -116,20 +156,23 @@ fn main() -> Result<()> {
     let methods = [("CFG", base.clone().guidance(cfg_g.clone())), ("APG", base.clone().guidance(apg()))];
     timed_generate(&pipe, &methods[0].1)?; // warm-up
     // CFG and APG runs alternate, so a change of machine load hits both alike.
-    let mut samples = vec![(Vec::new(), Vec::new()); 2];
+    let mut samples: Vec<Vec<Timing>> = vec![Vec::new(), Vec::new()];
     for _ in 0..3 {
         for (m, (_, cfg)) in methods.iter().enumerate() {
-            let (s, t) = timed_generate(&pipe, cfg)?;
-            samples[m].0.push(s);
-            samples[m].1.push(t);
+            samples[m].push(timed_generate(&pipe, cfg)?);
         }
     }
-    let rows: Vec<(&str, f64, f64)> = methods.iter().zip(samples.iter_mut()).map(|((n, _), (s, t))| (*n, median(s), median(t))).collect();
+    let med = |v: &[Timing], f: fn(&Timing) -> f64| median(&mut v.iter().map(f).collect::<Vec<_>>());
+    let rows: Vec<(&str, Timing)> = methods
+        .iter()
+        .zip(&samples)
+        .map(|((n, _), v)| {
+            let t = Timing { step_wall: med(v, |t| t.step_wall), step_cpu: med(v, |t| t.step_cpu), total_wall: med(v, |t| t.total_wall), total_cpu: med(v, |t| t.total_cpu) };
+            (*n, t)
+        })
+        .collect();
     println!("tiny-sd 64x64 px, 10 steps dpm++2m, median of 3:");
-    for (name, s, t) in &rows {
-        println!("  {name}: {:.2} ms/step, generate {:.3} s", s * 1e3, t);
-    }
-    println!("  APG/CFG: per step {:.3}, end to end {:.3}", rows[1].1 / rows[0].1, rows[1].2 / rows[0].2);
+    report(&rows, 1e3, "ms");
 
     if skip_sd15 {
         return Ok(());
@@ -169,14 +212,11 @@ fn sd15(pipe: &SdPipeline, cfg_g: GuidanceConfig) -> Result<()> {
     let base = SampleConfig::new("a red cube on a blue floor").size(128, 128).steps(steps).seed(1).sampler(Sampler::DpmPp2m);
     let mut rows = Vec::new();
     for (name, g) in [("CFG", cfg_g), ("APG", apg())] {
-        let (s, t) = timed_generate(&big, &base.clone().guidance(g))?;
+        let t = timed_generate(&big, &base.clone().guidance(g))?;
         println!("  {name} done, RSS {:.1} GB", rss_gb());
-        rows.push((name, s, t));
+        rows.push((name, t));
     }
     println!("SD-1.5-sized UNet, 64x64 latents (tiny VAE, 128x128 px), {steps} steps dpm++2m, one run each:");
-    for (name, s, t) in &rows {
-        println!("  {name}: {:.2} s/step, generate {:.2} s", s, t);
-    }
-    println!("  APG/CFG: per step {:.3}, end to end {:.3}", rows[1].1 / rows[0].1, rows[1].2 / rows[0].2);
+    report(&rows, 1.0, "s");
     Ok(())
 }
