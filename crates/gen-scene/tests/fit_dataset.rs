@@ -173,3 +173,77 @@ fn clear_errors() {
     let e = load_transforms(&dir, [1.0; 3]).unwrap_err().to_string();
     assert!(e.contains("transforms.json"), "{e}");
 }
+
+/// Round trip: renders of a splat scene written as RGBA PNGs with OpenGL camera-to-world
+/// matrices load back into cameras under which the same scene renders the same pixels.
+#[test]
+fn written_renders_round_trip_through_transforms_json() -> Result<()> {
+    use candle_core::{DType, Device};
+    use gen_core::SeededRng;
+    use gen_scene::splat::{render, RandomSplatsConfig, RenderConfig, Splats};
+    use gen_scene::{Camera, Intrinsics};
+    let target = Splats::random(
+        &RandomSplatsConfig {
+            count: 10,
+            extent: 0.5,
+            log_scale_range: (-1.8, -1.3),
+            logit_range: (1.0, 3.0),
+            ..Default::default()
+        },
+        &mut SeededRng::new(4),
+        DType::F32,
+        &Device::Cpu,
+    )?;
+    let dir = tmp_dir("roundtrip");
+    let k = Intrinsics::from_fov_y(0.8, 20, 16)?;
+    let black = RenderConfig { background: [0.0; 3] };
+    let mut frames = Vec::new();
+    let mut cams = Vec::new();
+    for i in 0..3 {
+        let a = i as f64 * 2.0;
+        let eye = DVec3::new(3.0 * a.cos(), 3.0 * a.sin(), 0.5 + i as f64 * 0.4);
+        let cam = Camera::look_at(k, eye, DVec3::ZERO, DVec3::Z)?;
+        let out = render(&target, &cam, &black)?;
+        // Premultiplied colour on black → straight RGBA.
+        let rgb = out.rgb.to_vec3::<f32>()?;
+        let alpha = out.alpha.to_vec2::<f32>()?;
+        let mut img = image::RgbaImage::new(20, 16);
+        for (x, y, p) in img.enumerate_pixels_mut() {
+            let a = alpha[y as usize][x as usize];
+            let c = &rgb[y as usize][x as usize];
+            let s = |v: f32| ((if a > 0.0 { v / a } else { 0.0 }).clamp(0.0, 1.0) * 255.0).round() as u8;
+            *p = image::Rgba([s(c[0]), s(c[1]), s(c[2]), (a * 255.0).round() as u8]);
+        }
+        img.save(dir.join(format!("train/f{i}.png")))?;
+        let r = cam.rotation; // rows: right, down, forward
+        let (right, down, fwd) = (r.row(0), r.row(1), r.row(2));
+        let c = -(r.transpose() * cam.translation);
+        frames.push(json!({
+            "file_path": format!("train/f{i}"),
+            "transform_matrix": [
+                [right.x, -down.x, -fwd.x, c.x],
+                [right.y, -down.y, -fwd.y, c.y],
+                [right.z, -down.z, -fwd.z, c.z],
+                [0.0, 0.0, 0.0, 1.0],
+            ]
+        }));
+        cams.push(cam);
+    }
+    write_json(
+        &dir,
+        &json!({"fl_x": k.fx, "fl_y": k.fy, "cx": k.cx, "cy": k.cy, "w": 20, "h": 16, "frames": frames}),
+    );
+    let bg = [0.2, 0.5, 0.9];
+    let views = load_transforms(&dir, bg)?;
+    for (v, cam) in views.iter().zip(&cams) {
+        assert!(v.camera.rotation.abs_diff_eq(cam.rotation, 1e-12));
+        assert!((v.camera.translation - cam.translation).abs().max_element() < 1e-12);
+        let again = render(&target, &v.camera, &RenderConfig { background: bg })?;
+        let d = (again.rgb - &v.rgb)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        // 8-bit quantisation of colour and alpha.
+        assert!(d < 2.5 / 255.0, "render vs loaded image: max diff {d}");
+        let m = (again.alpha - v.mask.as_ref().unwrap())?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(m <= 0.5 / 255.0 + 1e-6, "{m}");
+    }
+    Ok(())
+}

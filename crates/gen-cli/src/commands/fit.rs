@@ -96,6 +96,9 @@ pub struct FitArgs {
     /// 2e-4 on 800 px images; gradients are larger on small images, 1e-3 suits 64 px.
     #[arg(long, default_value_t = 1e-3)]
     pub grad_threshold: f64,
+    /// Iso-level of the splat density for --export mesh (DreamGaussian: 1).
+    #[arg(long, default_value_t = 1.0)]
+    pub mesh_threshold: f64,
     /// Upper bound on the number of Gaussians.
     #[arg(long, default_value_t = 10_000)]
     pub max_gaussians: usize,
@@ -288,6 +291,7 @@ pub fn run(args: FitArgs) -> anyhow::Result<()> {
     let mut out = FitOutputs::new(&args.out);
     out.resume = args.resume;
     out.exports = exports;
+    out.mesh_threshold = args.mesh_threshold;
     println!(
         "fitting {} from {} views ({} held out), {} steps, seed {}",
         views.label,

@@ -31,6 +31,15 @@ fn num(v: &Value, key: &str) -> Option<f64> {
 /// (sRGB in [0, 1]) is composited behind transparent pixels.
 pub fn load_transforms(path: impl AsRef<Path>, background: [f64; 3]) -> Result<Vec<PosedImage>> {
     let path = path.as_ref();
+    if !path.exists() {
+        return Err(Error::invalid(
+            "dataset",
+            format!(
+                "{} does not exist (want a folder with transforms.json, or the JSON file)",
+                path.display()
+            ),
+        ));
+    }
     let json_path: PathBuf = if path.is_dir() {
         path.join("transforms.json")
     } else {

@@ -872,6 +872,17 @@ pub fn export(splats: &Splats, out: &FitOutputs, background: [f64; 3]) -> Result
         crate::export::glb::splats_to_glb(splats, &p, &Default::default())?;
         written.push(p);
     }
+    if e.turntable {
+        let cfg = crate::turntable::TurntableConfig {
+            up: out.up,
+            render: RenderConfig { background },
+            ..Default::default()
+        };
+        let (g, s) = (out.dir.join("turntable.gif"), out.dir.join("turntable.png"));
+        crate::turntable::write_turntable(splats, &cfg, &g, &s)?;
+        written.push(g);
+        written.push(s);
+    }
     if e.mesh {
         use crate::mesh::splat_density::{SplatDensity, SplatDensityConfig};
         let field = SplatDensity::new(splats, SplatDensityConfig::default())?;
@@ -886,20 +897,19 @@ pub fn export(splats: &Splats, out: &FitOutputs, background: [f64; 3]) -> Result
                 threshold: out.mesh_threshold,
             },
         )?;
+        if mesh.indices.is_empty() {
+            return Err(Error::invalid(
+                "mesh export",
+                format!(
+                    "the splat density never reaches the iso-level {} (opacities too low; fit \
+                     longer or lower the mesh threshold); the other outputs were written",
+                    out.mesh_threshold
+                ),
+            ));
+        }
         let p = out.dir.join("mesh.glb");
         crate::mesh::write_mesh(&mesh, &p)?;
         written.push(p);
-    }
-    if e.turntable {
-        let cfg = crate::turntable::TurntableConfig {
-            up: out.up,
-            render: RenderConfig { background },
-            ..Default::default()
-        };
-        let (g, s) = (out.dir.join("turntable.gif"), out.dir.join("turntable.png"));
-        crate::turntable::write_turntable(splats, &cfg, &g, &s)?;
-        written.push(g);
-        written.push(s);
     }
     Ok(written)
 }
