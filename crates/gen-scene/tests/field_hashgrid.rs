@@ -318,3 +318,30 @@ fn bad_inputs_are_errors() -> Result<()> {
     assert!(bad.validate().is_err());
     Ok(())
 }
+
+#[test]
+fn clamped_coordinates_have_zero_position_gradient() -> Result<()> {
+    let c = cfg();
+    let mut rng = SeededRng::new(6);
+    let dev = Device::Cpu;
+    let table = rng.rand_uniform(c.table_shape(), -1.0, 1.0, DType::F64, &dev)?;
+    // x outside [0, 1] on the low and high side; y, z inside.
+    let pts = Var::new(&[[-0.3f64, 0.41, 0.77], [1.2, 0.13, 0.52]], &dev)?;
+    let w = rng.randn((2, c.out_dim()), DType::F64, &dev)?;
+    let g = (encode(pts.as_tensor(), &table, &c)? * &w)?
+        .sum_all()?
+        .backward()?;
+    let gp = g.get(&pts).unwrap().to_vec2::<f64>()?;
+    assert_eq!(gp[0][0], 0.0);
+    assert_eq!(gp[1][0], 0.0);
+    assert!(gp[0][1] != 0.0 && gp[1][2] != 0.0);
+    // Clamping: the encoding equals the one of the projected point.
+    let a = encode(pts.as_tensor(), &table, &c)?;
+    let b = encode(
+        &Tensor::new(&[[0.0f64, 0.41, 0.77], [1.0, 0.13, 0.52]], &dev)?,
+        &table,
+        &c,
+    )?;
+    assert!(max_abs_diff(&a, &b)? == 0.0);
+    Ok(())
+}
