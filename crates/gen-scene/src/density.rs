@@ -108,7 +108,10 @@ impl DensityConfig {
             return bad("percent_dense", format!("{}", self.percent_dense));
         }
         if !(0.0..1.0).contains(&self.min_opacity) {
-            return bad("min_opacity", format!("{} (must be in [0, 1))", self.min_opacity));
+            return bad(
+                "min_opacity",
+                format!("{} (must be in [0, 1))", self.min_opacity),
+            );
         }
         if self.split_count < 1 {
             return bad("split_count", "0 (must be >= 1)".into());
@@ -117,12 +120,16 @@ impl DensityConfig {
             return bad("split_scale_div", format!("{}", self.split_scale_div));
         }
         if !(self.reset_opacity > 0.0 && self.reset_opacity < 1.0) {
-            return bad("reset_opacity", format!("{} (must be in (0, 1))", self.reset_opacity));
+            return bad(
+                "reset_opacity",
+                format!("{} (must be in (0, 1))", self.reset_opacity),
+            );
         }
         Ok(())
     }
 
     /// Whether density control runs after optimizer step `step` (1-based).
+    #[allow(clippy::manual_is_multiple_of)] // is_multiple_of needs Rust 1.87 (MSRV 1.85)
     pub fn densify_now(&self, step: u64) -> bool {
         step >= self.densify_from
             && step <= self.densify_until
@@ -131,6 +138,7 @@ impl DensityConfig {
     }
 
     /// Whether opacities are reset after optimizer step `step` (1-based).
+    #[allow(clippy::manual_is_multiple_of)] // is_multiple_of needs Rust 1.87 (MSRV 1.85)
     pub fn reset_opacity_now(&self, step: u64) -> bool {
         self.opacity_reset_interval > 0
             && step <= self.densify_until
@@ -398,7 +406,9 @@ pub fn densify_and_prune(
     let pruned: Vec<bool> = (0..n)
         .map(|i| {
             sigmoid(host.logits[i]) < cfg.min_opacity
-                || cfg.max_screen_radius.is_some_and(|r| stats.max_radius[i] > r)
+                || cfg
+                    .max_screen_radius
+                    .is_some_and(|r| stats.max_radius[i] > r)
                 || cfg
                     .max_world_scale
                     .is_some_and(|f| max_scale[i] > f * extent)
@@ -408,7 +418,7 @@ pub fn densify_and_prune(
     let mut clone_idx = Vec::new();
     let mut split_idx = Vec::new();
     for i in 0..n {
-        if pruned[i] || !(grads[i] >= cfg.grad_threshold) || cfg.grad_threshold.is_nan() {
+        if pruned[i] || grads[i] < cfg.grad_threshold || grads[i].is_nan() {
             continue;
         }
         if max_scale[i] <= dense_limit {
@@ -469,7 +479,11 @@ pub fn densify_and_prune(
         let r = quat_matrix(host.quats[i]);
         let s = host.log_scales[i].map(f64::exp);
         for _ in 0..cfg.split_count {
-            let e = [rng.normal() as f64, rng.normal() as f64, rng.normal() as f64];
+            let e = [
+                rng.normal() as f64,
+                rng.normal() as f64,
+                rng.normal() as f64,
+            ];
             let local = [s[0] * e[0], s[1] * e[1], s[2] * e[2]];
             out.push_row(&host, i);
             let m = out.means.last_mut().expect("row pushed");
@@ -636,11 +650,8 @@ pub fn remap_optimizer<R: UpdateRule + Clone>(
             remapped
         };
     }
-    let mut opt = Optim::new(
-        old.rule().clone(),
-        splat_param_groups(new_vars, configs),
-    )?
-    .with_options(old.options().clone());
+    let mut opt = Optim::new(old.rule().clone(), splat_param_groups(new_vars, configs))?
+        .with_options(old.options().clone());
     load_optimizer_state_map(&mut opt, &map)?;
     Ok(opt)
 }

@@ -125,9 +125,14 @@ fn clone_split_prune_counts_and_values() -> Result<()> {
         assert_eq!(d.splats.sh.to_vec3::<f32>()?[j], vec![vec![3.0, 4.0, 5.0]]);
         assert_ne!(means[j], old_means[1]);
     }
-    let spread = |a: usize| (means[3][a] - old_means[1][a]).abs() + (means[4][a] - old_means[1][a]).abs();
+    let spread =
+        |a: usize| (means[3][a] - old_means[1][a]).abs() + (means[4][a] - old_means[1][a]).abs();
     assert!(spread(1) > spread(0), "long axis is y: {:?}", means);
-    assert!(spread(1) < 0.5, "samples stay near the original: {:?}", means);
+    assert!(
+        spread(1) < 0.5,
+        "samples stay near the original: {:?}",
+        means
+    );
     Ok(())
 }
 
@@ -198,7 +203,9 @@ fn stats_accumulate_visible_gradients_in_ndc_units() -> Result<()> {
     assert_eq!(s.visible, vec![2, 0, 2]);
     assert_eq!(s.max_radius, vec![2.0, 0.0, 5.0]);
     // Wrong shapes are errors, not panics.
-    assert!(s.accumulate(&grad.narrow(0, 0, 2)?, &radii, 20, 40).is_err());
+    assert!(s
+        .accumulate(&grad.narrow(0, 0, 2)?, &radii, 20, 40)
+        .is_err());
     Ok(())
 }
 
@@ -242,8 +249,13 @@ fn optimizer_state_follows_the_gaussians() -> Result<()> {
             assert_eq!(n.len(), d.rows.len());
             for (j, r) in d.rows.iter().enumerate() {
                 match r {
-                    Some(i) if name != "opacity_logits" => assert_eq!(n[j], o[*i], "{name}.{slot} row {j}"),
-                    _ => assert!(n[j].iter().all(|&v| v == 0.0), "{name}.{slot} row {j} not zeroed"),
+                    Some(i) if name != "opacity_logits" => {
+                        assert_eq!(n[j], o[*i], "{name}.{slot} row {j}")
+                    }
+                    _ => assert!(
+                        n[j].iter().all(|&v| v == 0.0),
+                        "{name}.{slot} row {j} not zeroed"
+                    ),
                 }
                 if r.is_some() && name != "opacity_logits" {
                     assert!(o[r.unwrap()].iter().any(|&v| v != 0.0));

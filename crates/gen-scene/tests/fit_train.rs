@@ -7,8 +7,8 @@ use candle_core::{DType, Device};
 use gen_core::SeededRng;
 use gen_scene::density::DensityConfig;
 use gen_scene::fit::{
-    evaluate, fit, ExportSet, FitConfig, FitEvent, FitOutputs, InitConfig, InitRegion,
-    PosedImage, Trainer,
+    evaluate, fit, ExportSet, FitConfig, FitEvent, FitOutputs, InitConfig, InitRegion, PosedImage,
+    Trainer,
 };
 use gen_scene::splat::{render, RandomSplatsConfig, RenderConfig, Splats};
 use gen_scene::{Camera, Intrinsics};
@@ -143,7 +143,10 @@ fn resume_is_bit_identical() -> Result<()> {
     }
     // A checkpoint from another seed is refused.
     let other = FitConfig { seed: 6, ..c };
-    let e = Trainer::resume(other, v, &ckpt).err().expect("seed mismatch").to_string();
+    let e = Trainer::resume(other, v, &ckpt)
+        .err()
+        .expect("seed mismatch")
+        .to_string();
     assert!(e.contains("seed"), "{e}");
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
@@ -183,13 +186,21 @@ fn fit_writes_outputs_and_events() -> Result<()> {
         serde_json::from_str(&std::fs::read_to_string(dir.join("config.json"))?)?;
     assert_eq!(cfg_json["steps"], 10);
     assert_eq!(cfg_json["ssim_weight"], 0.2);
-    let steps = events.iter().filter(|e| matches!(e, FitEvent::Step(_))).count();
+    let steps = events
+        .iter()
+        .filter(|e| matches!(e, FitEvent::Step(_)))
+        .count();
     assert_eq!(steps, 10);
-    assert!(matches!(events.last(), Some(FitEvent::Finished { step: 10, .. })));
+    assert!(matches!(
+        events.last(),
+        Some(FitEvent::Finished { step: 10, .. })
+    ));
     // Resuming a finished run does no more steps.
     out.resume = true;
     let mut n = 0;
-    fit(c, v, &out, &mut |e| n += matches!(e, FitEvent::Step(_)) as usize)?;
+    fit(c, v, &out, &mut |e| {
+        n += matches!(e, FitEvent::Step(_)) as usize
+    })?;
     assert_eq!(n, 0);
     assert!(ExportSet::parse("ply,stl").is_err());
     let _ = std::fs::remove_dir_all(&dir);

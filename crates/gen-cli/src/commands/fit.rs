@@ -180,7 +180,12 @@ fn world_views(args: &FitArgs) -> anyhow::Result<Views> {
     };
     let n = args.views as usize;
     let train = (0..n)
-        .map(|i| view(360.0 * i as f32 / n as f32, [-5.0, 10.0, 25.0, 40.0, 55.0][i % 5]))
+        .map(|i| {
+            view(
+                360.0 * i as f32 / n as f32,
+                [-5.0, 10.0, 25.0, 40.0, 55.0][i % 5],
+            )
+        })
         .collect::<anyhow::Result<Vec<_>>>()?;
     let m = args.holdout as usize;
     let heldout = (0..m)
@@ -197,7 +202,12 @@ fn world_views(args: &FitArgs) -> anyhow::Result<Views> {
         heldout,
         background: bg.map(|v| v as f64),
         init_radius: args.init_radius.unwrap_or(1.0),
-        label: format!("{} {} on {}", colour.name(), shape.name(), background.name()),
+        label: format!(
+            "{} {} on {}",
+            colour.name(),
+            shape.name(),
+            background.name()
+        ),
     })
 }
 
@@ -254,7 +264,9 @@ fn cpu_seconds() -> Option<f64> {
 pub fn run(args: FitArgs) -> anyhow::Result<()> {
     let exports = ExportSet::parse(&args.export)?;
     let views = match (&args.data, args.world.is_some() || args.shape.is_some()) {
-        (Some(d), false) => data_views(&args, d).with_context(|| format!("loading {}", d.display()))?,
+        (Some(d), false) => {
+            data_views(&args, d).with_context(|| format!("loading {}", d.display()))?
+        }
         (None, true) => world_views(&args)?,
         _ => bail!("give exactly one of --world \"a red cube\", --shape SHAPE or --data DIR"),
     };

@@ -50,8 +50,8 @@ pub fn load_transforms(path: impl AsRef<Path>, background: [f64; 3]) -> Result<V
         .map(Path::to_path_buf)
         .unwrap_or_else(|| PathBuf::from("."));
     let text = std::fs::read_to_string(&json_path).map_err(|e| Error::io(&json_path, e))?;
-    let root: Value = serde_json::from_str(&text)
-        .map_err(|e| err(&json_path, format!("not valid JSON: {e}")))?;
+    let root: Value =
+        serde_json::from_str(&text).map_err(|e| err(&json_path, format!("not valid JSON: {e}")))?;
     let frames = root
         .get("frames")
         .and_then(Value::as_array)
@@ -78,8 +78,8 @@ pub fn load_transforms(path: impl AsRef<Path>, background: [f64; 3]) -> Result<V
         let has_alpha = img.color().has_alpha();
         let rgba = img.to_rgba32f();
         let (w, h) = (rgba.width() as usize, rgba.height() as usize);
-        let k = intrinsics(&root, frame, w, h).map_err(|m| at(m))?;
-        let m = matrix(frame).map_err(|m| at(m))?;
+        let k = intrinsics(&root, frame, w, h).map_err(&at)?;
+        let m = matrix(frame).map_err(&at)?;
         let camera = opengl_c2w_to_camera(&m, k).map_err(|e| at(format!("{e}")))?;
         let mut rgb = Vec::with_capacity(w * h * 3);
         let mut mask = Vec::with_capacity(w * h);
@@ -104,7 +104,12 @@ pub fn load_transforms(path: impl AsRef<Path>, background: [f64; 3]) -> Result<V
 }
 
 /// Intrinsics from the frame's or the file's fields, for an image of `w`×`h` pixels.
-fn intrinsics(root: &Value, frame: &Value, w: usize, h: usize) -> std::result::Result<Intrinsics, String> {
+fn intrinsics(
+    root: &Value,
+    frame: &Value,
+    w: usize,
+    h: usize,
+) -> std::result::Result<Intrinsics, String> {
     let get = |key: &str| num(frame, key).or_else(|| num(root, key));
     for (key, size) in [("w", w), ("h", h)] {
         if let Some(v) = get(key) {
@@ -144,7 +149,10 @@ fn matrix(frame: &Value) -> std::result::Result<[[f64; 4]; 4], String> {
         .as_array()
         .ok_or("`transform_matrix` is not an array")?;
     if rows.len() != 4 {
-        return Err(format!("`transform_matrix` has {} rows, want 4", rows.len()));
+        return Err(format!(
+            "`transform_matrix` has {} rows, want 4",
+            rows.len()
+        ));
     }
     let mut m = [[0.0; 4]; 4];
     for (r, row) in rows.iter().enumerate() {
@@ -153,10 +161,9 @@ fn matrix(frame: &Value) -> std::result::Result<[[f64; 4]; 4], String> {
             .filter(|a| a.len() == 4)
             .ok_or_else(|| format!("`transform_matrix` row {r} is not 4 numbers"))?;
         for (c, v) in row.iter().enumerate() {
-            m[r][c] = v
-                .as_f64()
-                .filter(|x| x.is_finite())
-                .ok_or_else(|| format!("`transform_matrix`[{r}][{c}] = {v} is not a finite number"))?;
+            m[r][c] = v.as_f64().filter(|x| x.is_finite()).ok_or_else(|| {
+                format!("`transform_matrix`[{r}][{c}] = {v} is not a finite number")
+            })?;
         }
     }
     Ok(m)

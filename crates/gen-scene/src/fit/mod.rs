@@ -34,7 +34,7 @@ use crate::density::{
     densify_and_prune, load_optimizer_state_map, optimizer_state_map, remap_optimizer,
     reset_opacity, splat_param_groups, DensityConfig, DensityReport, DensityStats,
 };
-use crate::splat::{render, render_with_probe, project::PROJ_DIM, RenderConfig, SplatVars, Splats};
+use crate::splat::{project::PROJ_DIM, render, render_with_probe, RenderConfig, SplatVars, Splats};
 pub use ssim::{ssim, Ssim};
 
 /// One training or evaluation view.
@@ -53,7 +53,10 @@ impl PosedImage {
         if self.rgb.dims() != [h, w, 3] {
             return Err(Error::invalid(
                 format!("view {i} image"),
-                format!("shape {:?}, but its camera is {w}x{h} (want ({h}, {w}, 3))", self.rgb.dims()),
+                format!(
+                    "shape {:?}, but its camera is {w}x{h} (want ({h}, {w}, 3))",
+                    self.rgb.dims()
+                ),
             ));
         }
         if let Some(m) = &self.mask {
@@ -211,7 +214,10 @@ impl FitConfig {
             return bad("sh_degree", format!("{} (0..=3)", self.sh_degree));
         }
         if !(0.0..=1.0).contains(&self.ssim_weight) {
-            return bad("ssim_weight", format!("{} (must be in [0, 1])", self.ssim_weight));
+            return bad(
+                "ssim_weight",
+                format!("{} (must be in [0, 1])", self.ssim_weight),
+            );
         }
         if !(self.mask_weight.is_finite() && self.mask_weight >= 0.0) {
             return bad("mask_weight", format!("{}", self.mask_weight));
@@ -380,7 +386,13 @@ fn adam_configs(lr: &LearningRates, means_lr: f64) -> [AdamWConfig; 5] {
         weight_decay: 0.0,
     };
     // Order of PARAM_NAMES: means, log_scales, quats, opacity_logits, sh.
-    [c(means_lr), c(lr.scales), c(lr.rotation), c(lr.opacity), c(lr.colour)]
+    [
+        c(means_lr),
+        c(lr.scales),
+        c(lr.rotation),
+        c(lr.opacity),
+        c(lr.colour),
+    ]
 }
 
 impl Trainer {
@@ -413,8 +425,13 @@ impl Trainer {
         };
         let vars = SplatVars::new(&splats)?;
         let means_lr = cfg.lr.means_at(0, cfg.steps);
-        let opt = Optim::new(AdamW, splat_param_groups(&vars, adam_configs(&cfg.lr, means_lr)))?;
-        let extent = cfg.extent.unwrap_or_else(|| cfg.init.region.bounding_ball().1);
+        let opt = Optim::new(
+            AdamW,
+            splat_param_groups(&vars, adam_configs(&cfg.lr, means_lr)),
+        )?;
+        let extent = cfg
+            .extent
+            .unwrap_or_else(|| cfg.init.region.bounding_ball().1);
         Ok(Self {
             stats: DensityStats::new(splats.len()),
             cfg,
@@ -593,7 +610,10 @@ impl Trainer {
         if seed != cfg.seed {
             return Err(Error::invalid(
                 "resume seed",
-                format!("{file} was written with seed {seed}, the config has {}", cfg.seed),
+                format!(
+                    "{file} was written with seed {seed}, the config has {}",
+                    cfg.seed
+                ),
             ));
         }
         let step = get(CKPT_STEP)?.to_scalar::<i64>()?;
@@ -612,7 +632,11 @@ impl Trainer {
         if splats.sh_degree()? != cfg.sh_degree {
             return Err(Error::invalid(
                 "resume sh_degree",
-                format!("{file} has degree {}, the config {}", splats.sh_degree()?, cfg.sh_degree),
+                format!(
+                    "{file} has degree {}, the config {}",
+                    splats.sh_degree()?,
+                    cfg.sh_degree
+                ),
             ));
         }
         let mut t = Self::with_splats(cfg, views, &splats)?;
@@ -626,7 +650,10 @@ impl Trainer {
         let f64s = |k: &str| -> Result<Vec<f64>> {
             let v = get(k)?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
             if v.len() != n {
-                return Err(Error::invalid(k, format!("{file}: {} entries for {n} Gaussians", v.len())));
+                return Err(Error::invalid(
+                    k,
+                    format!("{file}: {} entries for {n} Gaussians", v.len()),
+                ));
             }
             Ok(v)
         };
@@ -672,7 +699,11 @@ pub fn evaluate(splats: &Splats, views: &[PosedImage], background: [f64; 3]) -> 
         per_view_psnr.push(psnr(mse));
         per_view_iou.push(match &v.mask {
             Some(m) => {
-                let a = out.alpha.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+                let a = out
+                    .alpha
+                    .to_dtype(DType::F32)?
+                    .flatten_all()?
+                    .to_vec1::<f32>()?;
                 let m = m.flatten_all()?.to_vec1::<f32>()?;
                 let (mut inter, mut uni) = (0usize, 0usize);
                 for (x, y) in a.iter().zip(&m) {
@@ -680,7 +711,11 @@ pub fn evaluate(splats: &Splats, views: &[PosedImage], background: [f64; 3]) -> 
                     inter += (p && q) as usize;
                     uni += (p || q) as usize;
                 }
-                Some(if uni == 0 { 1.0 } else { inter as f64 / uni as f64 })
+                Some(if uni == 0 {
+                    1.0
+                } else {
+                    inter as f64 / uni as f64
+                })
             }
             None => None,
         });
@@ -774,12 +809,28 @@ impl FitOutputs {
 /// Progress of [`fit`].
 #[derive(Debug, Clone, PartialEq)]
 pub enum FitEvent {
-    Started { step: u64, steps: u64, gaussians: usize, resumed: bool },
+    Started {
+        step: u64,
+        steps: u64,
+        gaussians: usize,
+        resumed: bool,
+    },
     Step(StepInfo),
-    Checkpoint { step: u64, path: PathBuf },
-    Preview { step: u64, path: PathBuf },
-    Exported { path: PathBuf },
-    Finished { step: u64, gaussians: usize },
+    Checkpoint {
+        step: u64,
+        path: PathBuf,
+    },
+    Preview {
+        step: u64,
+        path: PathBuf,
+    },
+    Exported {
+        path: PathBuf,
+    },
+    Finished {
+        step: u64,
+        gaussians: usize,
+    },
 }
 
 /// `(H, W, 3)` [0, 1] tensor → 8-bit image.
@@ -839,7 +890,10 @@ pub fn fit(
         }
         if cfg.checkpoint_every > 0 && step % cfg.checkpoint_every == 0 {
             trainer.save_checkpoint(&ckpt)?;
-            on_event(&FitEvent::Checkpoint { step, path: ckpt.clone() });
+            on_event(&FitEvent::Checkpoint {
+                step,
+                path: ckpt.clone(),
+            });
         }
     }
     trainer.save_checkpoint(&ckpt)?;
@@ -886,9 +940,9 @@ pub fn export(splats: &Splats, out: &FitOutputs, background: [f64; 3]) -> Result
     if e.mesh {
         use crate::mesh::splat_density::{SplatDensity, SplatDensityConfig};
         let field = SplatDensity::new(splats, SplatDensityConfig::default())?;
-        let (lo, hi) = field.bounds().ok_or_else(|| {
-            Error::invalid("mesh export", "no Gaussian is opaque enough to mesh")
-        })?;
+        let (lo, hi) = field
+            .bounds()
+            .ok_or_else(|| Error::invalid("mesh export", "no Gaussian is opaque enough to mesh"))?;
         let grid = crate::mesh::Grid::around(lo, hi, out.mesh_resolution, 0.05)?;
         let mesh = crate::mesh::extract_mesh(
             &field,

@@ -54,7 +54,10 @@ impl Ssim {
     /// SSIM for `(height, width)` images of `dtype` on `device`.
     pub fn new(height: usize, width: usize, dtype: DType, device: &Device) -> Result<Self> {
         if height == 0 || width == 0 {
-            return Err(Error::invalid("ssim image size", format!("{height}x{width}")));
+            return Err(Error::invalid(
+                "ssim image size",
+                format!("{height}x{width}"),
+            ));
         }
         let w = gaussian_window(WINDOW, SIGMA);
         Ok(Self {
@@ -104,7 +107,10 @@ impl Ssim {
 pub fn ssim(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     let d = a.dims();
     if d.len() != 3 {
-        return Err(Error::invalid("ssim input", format!("shape {d:?} (want (H, W, C))")));
+        return Err(Error::invalid(
+            "ssim input",
+            format!("shape {d:?} (want (H, W, C))"),
+        ));
     }
     Ssim::new(d[0], d[1], a.dtype(), a.device())?.ssim(a, b)
 }
