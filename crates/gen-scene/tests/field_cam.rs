@@ -331,3 +331,40 @@ fn fitting_renders_of_a_ball_reduces_the_loss() -> Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn density_gradient_matches_finite_differences() -> Result<()> {
+    let (field, _vm) = tiny_field(DensityActivation::Softplus, 5)?;
+    let mut rng = SeededRng::new(8);
+    let pts = rng.rand_uniform((6, 3), -0.45, 0.45, DType::F64, &Device::Cpu)?;
+    let (sigma, grad) = field.density_gradient(&pts)?;
+    let (s2, _) = field.forward(&pts)?;
+    assert_eq!(sigma.to_vec1::<f64>()?, s2.to_vec1::<f64>()?);
+    let g = grad.to_vec2::<f64>()?;
+    let p = pts.to_vec2::<f64>()?;
+    let eps = 1e-6;
+    let mut worst = 0f64;
+    for i in 0..6 {
+        for a in 0..3 {
+            let at = |d: f64| -> Result<f64> {
+                let mut q = p[i].clone();
+                q[a] += d;
+                Ok(field.density([q[0], q[1], q[2]]))
+            };
+            let fd = (at(eps)? - at(-eps)?) / (2.0 * eps);
+            let err = (fd - g[i][a]).abs() / (1e-3 + fd.abs());
+            worst = worst.max(err);
+            assert!(
+                err < 1e-5,
+                "point {i} axis {a}: analytic {} vs FD {fd}",
+                g[i][a]
+            );
+        }
+    }
+    assert!(
+        g.iter().flatten().any(|v| v.abs() > 1e-3),
+        "gradient is trivially zero"
+    );
+    println!("density gradient: worst FD relative error {worst:.2e}");
+    Ok(())
+}

@@ -258,6 +258,22 @@ impl CamField {
         Ok((sigma, rgb))
     }
 
+    /// Density and its spatial gradient `∂σ/∂x` at world points (through the hash grid's
+    /// analytic position gradient and the MLP). `points`: `(M, 3)` → `(σ (M), ∇σ (M, 3))`.
+    /// Normals are `−∇σ / |∇σ|`. The gradient is computed by a backward pass, so it is not itself
+    /// differentiable (candle has no double backward): usable for normals and shading, not as
+    /// an eikonal loss on the parameters.
+    pub fn density_gradient(&self, points: &Tensor) -> candle_core::Result<(Tensor, Tensor)> {
+        let x = Var::from_tensor(&points.detach())?;
+        let (sigma, _) = self.forward(x.as_tensor())?;
+        let grads = sigma.sum_all()?.backward()?;
+        let g = match grads.get(&x) {
+            Some(g) => g.clone(),
+            None => x.as_tensor().zeros_like()?,
+        };
+        Ok((sigma.detach(), g))
+    }
+
     /// Evaluates (without gradients) at `f64` points, returning `(σ, rgb)` as `f64`/`f32`.
     fn eval_points(&self, pts: &[[f64; 3]]) -> candle_core::Result<(Vec<f64>, Vec<[f32; 3]>)> {
         let flat: Vec<f64> = pts.iter().flatten().copied().collect();
