@@ -128,7 +128,9 @@ fn per_image_noise(rngs: &mut [SeededRng], shape: (usize, usize, usize), dtype: 
 /// steps, each evaluating the branches the guidance asks for in one batched UNet pass
 /// ([`UNetDenoiser`]) and combining them with [`guided_prediction`]; VAE decode. Image `i`
 /// draws all its noise from `SeededRng::fork(seed, i)`, so it is the same whatever the batch
-/// size, and the same seed gives the same bytes on the CPU.
+/// size, and the same seed gives the same bytes on the CPU. The step loop is
+/// `gen_diffusion::sample`'s, except that stochastic schedulers get their step noise from
+/// each image's own stream (`sample` draws it for the whole batch from one generator).
 pub fn generate(pipe: &SdPipeline, cfg: &SampleConfig, progress: &mut dyn FnMut(&Progress)) -> Result<Vec<RgbImage>> {
     let cfg = cfg.resolve(pipe)?;
     let (width, height) = cfg.resolved_size()?;
