@@ -17,6 +17,13 @@
 //! [`fit`] drives a trainer to the end with an output folder: config JSON, previews,
 //! checkpoints, final splats, exports (`.ply`, `.glb` splats, a marching-cubes mesh `.glb`, a
 //! turntable GIF) and progress events.
+//!
+//! **Measured** (`gen fit --world ...`, release, 36 training views of 64×64 px on an orbit,
+//! 12 held-out cameras at other azimuths and elevations, 1500 steps, 1000 initial Gaussians,
+//! gradient threshold 1e-3, mask weight 0.1; a shared 2-core machine with load ~10, so wall
+//! time ≈ 2× CPU time): red cube 31.7 dB / IoU 0.973 / 21.5 s wall (11 s user CPU); light
+//! blue torus 45.2 dB / 0.980 / 18 s; dark green cone 44.8 dB / 0.979 / 13 s; yellow sphere
+//! 38.1 dB / 0.997 / 15 s; purple cylinder 34.9 dB / 0.987 / 21 s.
 
 pub mod dataset;
 pub mod ssim;
