@@ -222,7 +222,7 @@ impl DensityStats {
             .collect()
     }
 
-    /// The statistics of the Gaussians `rows` (new rows, e.g. after [`remap`]: `None` = zeros).
+    /// The statistics re-indexed by `rows` (as in [`Densified::rows`]; `None` rows get zeros).
     pub fn remap(&self, rows: &[Option<usize>]) -> Self {
         let mut s = Self::new(rows.len());
         for (j, r) in rows.iter().enumerate() {

@@ -1,7 +1,7 @@
 //! Posed images from a folder with a `transforms.json` in the Blender / nerfstudio convention.
 //!
 //! Intrinsics: either `camera_angle_x` (horizontal field of view, radians; square pixels,
-//! centred principal point) or `fl_x` [`fl_y`] [`cx` `cy`] [`w` `h`], at the top level or per
+//! centred principal point) or `fl_x` (optionally `fl_y`, `cx`, `cy`, `w`, `h`), at the top level or per
 //! frame. Frames: `file_path` (relative to the folder; a path without extension gets `.png`)
 //! and `transform_matrix`, a 4×4 **camera-to-world** matrix in the **OpenGL** camera
 //! convention (x right, y up, z backwards). It is converted to our OpenCV world-to-camera
