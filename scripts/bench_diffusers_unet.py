@@ -11,7 +11,8 @@ then `cargo bench -p gen-bench --bench unet` prints gen-models / diffusers ratio
 Pinned environment: scripts/requirements-fixtures.txt (torch==2.9.1, diffusers==0.42.1).
 
 Same measurements as the Rust benchmark: f32, torch.set_num_threads(2), timestep 500 for every
-sample, median of --reps timed calls after one untimed warm-up:
+sample, median of --reps timed calls after one untimed warm-up (wall clock, and the process CPU
+time of all threads, steadier on a shared machine):
   fwd            forward under torch.no_grad()
   fwd_bwd        forward + MSE loss against a random target + backward
   fwd_bwd_adamw  the same + torch.optim.AdamW(lr=1e-4).step()
@@ -81,14 +82,17 @@ CONFIGS = {
 
 
 def timed(fn, reps, warmup=1):
+    """(median wall ms, min wall ms, median process CPU ms over all threads)."""
     for _ in range(warmup):
         fn()
-    ms = []
+    ms, cpu = [], []
     for _ in range(reps):
+        c0 = time.process_time()
         t0 = time.perf_counter()
         fn()
         ms.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(ms), min(ms)
+        cpu.append((time.process_time() - c0) * 1e3)
+    return statistics.median(ms), min(ms), statistics.median(cpu)
 
 
 def bench(name, spec, reps, backward, adamw, warmup=1):
@@ -109,7 +113,7 @@ def bench(name, spec, reps, backward, adamw, warmup=1):
             unet(x, t, encoder_hidden_states=ehs)
 
     print(f"== {name}: forward", file=sys.stderr)
-    res["fwd_ms"], res["fwd_min_ms"] = timed(fwd, reps, warmup)
+    res["fwd_ms"], res["fwd_min_ms"], res["fwd_cpu_ms"] = timed(fwd, reps, warmup)
     if backward:
         unet.train()
 
@@ -119,7 +123,7 @@ def bench(name, spec, reps, backward, adamw, warmup=1):
             unet.zero_grad(set_to_none=True)
 
         print(f"== {name}: forward + backward", file=sys.stderr)
-        res["fwd_bwd_ms"], res["fwd_bwd_min_ms"] = timed(fwd_bwd, reps, warmup)
+        res["fwd_bwd_ms"], res["fwd_bwd_min_ms"], res["fwd_bwd_cpu_ms"] = timed(fwd_bwd, reps, warmup)
         if not adamw:
             return res
         opt = torch.optim.AdamW(unet.parameters(), lr=1e-4)
@@ -131,7 +135,7 @@ def bench(name, spec, reps, backward, adamw, warmup=1):
             opt.zero_grad(set_to_none=True)
 
         print(f"== {name}: forward + backward + AdamW", file=sys.stderr)
-        res["fwd_bwd_adamw_ms"], res["fwd_bwd_adamw_min_ms"] = timed(step, reps, warmup)
+        res["fwd_bwd_adamw_ms"], res["fwd_bwd_adamw_min_ms"], res["fwd_bwd_adamw_cpu_ms"] = timed(step, reps, warmup)
     return res
 
 
@@ -165,14 +169,14 @@ def main():
     os.replace(tmp, args.out)
 
     print(f"diffusers {diffusers.__version__}, torch {torch.__version__}, {args.threads} threads, f32 CPU")
-    print("median ms | params | batch | fwd | fwd+bwd | fwd+bwd+AdamW")
+    print("median ms (process CPU ms) | params | batch | fwd | fwd+bwd | fwd+bwd+AdamW")
     print("---|---|---|---|---|---")
     for name in ["tiny", "sd15"]:
         r = results.get(name)
         if r is None:
             continue
-        f = lambda k: f"{r[k]:.1f}" if k in r else "-"  # noqa: E731
-        print(f"{name} | {r['params']} | {r['batch']} | {f('fwd_ms')} | {f('fwd_bwd_ms')} | {f('fwd_bwd_adamw_ms')}")
+        f = lambda k: f"{r[k + '_ms']:.1f} ({r[k + '_cpu_ms']:.0f})" if k + "_ms" in r else "-"  # noqa: E731
+        print(f"{name} | {r['params']} | {r['batch']} | {f('fwd')} | {f('fwd_bwd')} | {f('fwd_bwd_adamw')}")
     print(f"(written to {args.out})")
 
 

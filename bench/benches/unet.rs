@@ -219,6 +219,24 @@ fn main() -> Result<()> {
             ratio(g(r.ours_step), ds),
         );
     }
+    println!();
+    println!("process CPU time (all threads), median ms | gen fwd | candle fwd | diffusers fwd | gen fwd+bwd | diffusers fwd+bwd | gen +AdamW | diffusers +AdamW");
+    println!("---|---|---|---|---|---|---|---");
+    for r in &rows {
+        let c = |t: Option<Timing>| t.map(|t| format!("{:.0}", t.cpu_median_ms)).unwrap_or_else(|| "-".into());
+        let p = |k: &str| py_ms(&r.name, k).map(|v| format!("{v:.0}")).unwrap_or_else(|| "-".into());
+        println!(
+            "{} | {} | {} | {} | {} | {} | {} | {}",
+            r.name,
+            c(r.ours_fwd),
+            c(r.candle_fwd),
+            p("fwd_cpu_ms"),
+            c(r.ours_fwd_bwd),
+            p("fwd_bwd_cpu_ms"),
+            c(r.ours_step),
+            p("fwd_bwd_adamw_cpu_ms")
+        );
+    }
     if py.is_none() {
         println!("(no diffusers results: run scripts/bench_diffusers_unet.py first for those columns)");
     }

@@ -108,18 +108,32 @@ pub fn num_params(varmap: &VarMap) -> usize {
     varmap.all_vars().iter().map(|v| v.elem_count()).sum()
 }
 
-/// Timing summary in milliseconds.
+/// Timing summary in milliseconds: wall clock, and CPU time of the whole process (all threads;
+/// steadier than wall time on a shared machine, NaN where `/proc/self/stat` is unavailable).
 #[derive(Debug, Clone, Copy)]
 pub struct Timing {
     pub median_ms: f64,
     pub min_ms: f64,
+    pub cpu_median_ms: f64,
     pub reps: usize,
 }
 
 impl std::fmt::Display for Timing {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{:.1} ms (min {:.1}, n={})", self.median_ms, self.min_ms, self.reps)
+        write!(f, "{:.1} ms (min {:.1}, n={}; cpu {:.1} ms)", self.median_ms, self.min_ms, self.reps, self.cpu_median_ms)
     }
+}
+
+/// User + system CPU time of this process in seconds, from `/proc/self/stat` (Linux; clock
+/// ticks of 1/100 s, the Linux default).
+pub fn process_cpu_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // fields after the parenthesised command name; utime and stime are fields 14 and 15
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let utime: f64 = f.get(11)?.parse().ok()?;
+    let stime: f64 = f.get(12)?.parse().ok()?;
+    Some((utime + stime) / 100.0)
 }
 
 /// Runs `f` `warmup` times untimed, then `reps` times, and returns the median and minimum.
@@ -129,12 +143,23 @@ pub fn time_it(warmup: usize, reps: usize, mut f: impl FnMut() -> Result<()>) ->
         f()?;
     }
     let mut ms = Vec::with_capacity(reps);
+    let mut cpu_ms = Vec::with_capacity(reps);
     for _ in 0..reps {
+        let c0 = process_cpu_seconds();
         let t0 = Instant::now();
         f()?;
         ms.push(t0.elapsed().as_secs_f64() * 1e3);
+        cpu_ms.push(match (c0, process_cpu_seconds()) {
+            (Some(a), Some(b)) => (b - a) * 1e3,
+            _ => f64::NAN,
+        });
     }
-    Ok(Timing { median_ms: median(&mut ms), min_ms: ms.iter().cloned().fold(f64::INFINITY, f64::min), reps })
+    Ok(Timing {
+        median_ms: median(&mut ms),
+        min_ms: ms.iter().cloned().fold(f64::INFINITY, f64::min),
+        cpu_median_ms: median(&mut cpu_ms),
+        reps,
+    })
 }
 
 /// Median of `v` (mean of the two middle values for an even count). Sorts `v`.
@@ -154,6 +179,24 @@ pub fn median(v: &mut [f64]) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cpu_time_advances() {
+        // Spin until this process has used 50 ms of CPU (the machine may be shared, so wall time
+        // says little); a counter that never moved would time out.
+        let a = process_cpu_seconds().expect("/proc/self/stat");
+        let t0 = Instant::now();
+        let mut x = 0u64;
+        let mut b = a;
+        while b - a < 0.05 && t0.elapsed().as_secs() < 20 {
+            for _ in 0..100_000 {
+                x = x.wrapping_mul(6364136223846793005).wrapping_add(1);
+            }
+            b = process_cpu_seconds().expect("/proc/self/stat");
+        }
+        std::hint::black_box(x);
+        assert!(b - a >= 0.05, "cpu time advanced by {} s in {:.1} s", b - a, t0.elapsed().as_secs_f64());
+    }
 
     #[test]
     fn median_odd_even() {
