@@ -96,13 +96,14 @@ fn measure(args: &[String]) -> Result<()> {
     let acc = evaluator_accuracy(&eval, &mut data, n_test)?;
     println!("evaluator on {n_test} real test images: {}", serde_json::to_string(&acc)?);
     let settings = GenerationSettings { prompts: n_prompts, steps, guidance_scale: w, seed: 0, batch: 16 };
-    let (gacc, imgs) = generation_accuracy(&pipe, &eval, &mut data, &settings)?;
+    let (gacc, report, imgs) = generation_accuracy(&pipe, &eval, &mut data, &settings)?;
     println!("generated ({} prompts = captions of test samples 0..{n_prompts}, DDIM {steps} steps, CFG {w}, seed 0): {}", n_prompts, serde_json::to_string(&gacc)?);
+    println!("generated: {}", serde_json::to_string(&report)?);
     if let Some(p) = arg(args, "--grid") {
         image_grid(&imgs, 8)?.save(&p)?;
         println!("grid: {p}");
     }
-    println!("{}", serde_json::json!({"vae_psnr_db": psnr, "evaluator_test": acc, "generation": gacc, "settings": settings}));
+    println!("{}", serde_json::json!({"vae_psnr_db": psnr, "evaluator_test": acc, "generation": gacc, "generation_report": report, "settings": settings}));
     println!("measured in {:.1} s", t0.elapsed().as_secs_f64());
     Ok(())
 }

@@ -7,9 +7,7 @@ use std::collections::HashMap;
 
 use candle_core::{Device, Tensor};
 use gen_core::{Result, SeededRng};
-use gen_world::{Sample, Shape, Split, View, World, WorldConfig};
-
-use gen_world::{Background, Hue, Tone};
+use gen_world::{Background, Hue, Sample, Shape, Split, Tone, View, World, WorldConfig};
 
 /// Class counts of the ground-truth labels, in [`Labels`] order.
 pub const NUM_SHAPES: usize = Shape::ALL.len();

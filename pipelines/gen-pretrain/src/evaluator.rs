@@ -134,6 +134,13 @@ impl Evaluator {
 
     /// `images`: `(B, 3, S, S)` sRGB in `[0, 1]`, `S = image_size` → logits `(B, num_logits)`.
     pub fn forward(&self, images: &Tensor) -> Result<Tensor> {
+        let pooled = self.features(images)?;
+        Ok(pooled.matmul(&self.head_w.t()?)?.broadcast_add(&self.head_b)?)
+    }
+
+    /// The pooled features before the heads, `(B, channels.last())`: the feature space of the
+    /// "tiny-FID" (see [`crate::metrics::frechet_distance`]).
+    pub fn features(&self, images: &Tensor) -> Result<Tensor> {
         let (_, c, h, w) = images.dims4().ctx("evaluator input must be (B, 3, H, W)")?;
         if c != 3 || h != self.cfg.image_size || w != self.cfg.image_size {
             return Err(Error::invalid("evaluator input", format!("shape {:?}, expected (B, 3, {s}, {s})", images.dims(), s = self.cfg.image_size)));
@@ -145,8 +152,7 @@ impl Evaluator {
             x = gen_ops::group_norm(&x, self.cfg.norm_groups, Some(g), Some(bb), 1e-5)?;
             x = x.silu()?;
         }
-        let pooled = x.flatten_from(2)?.mean(D::Minus1)?;
-        Ok(pooled.matmul(&self.head_w.t()?)?.broadcast_add(&self.head_b)?)
+        Ok(x.flatten_from(2)?.mean(D::Minus1)?)
     }
 
     /// The most likely class of each head for each image.

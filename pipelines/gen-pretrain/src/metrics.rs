@@ -2,7 +2,10 @@
 //! - [`vae_psnr`]: reconstruction PSNR (dB, images in [0, 1]) through the posterior mean;
 //! - [`evaluator_accuracy`]: per-head accuracy of the evaluator on real test renders;
 //! - [`generation_accuracy`]: the evaluator's shape / hue / colour (hue and tone) agreement with
-//!   the prompts of generated images (DDIM, classifier-free guidance).
+//!   the prompts of generated images (DDIM, classifier-free guidance);
+//! - [`frechet_distance`] of evaluator features ("tiny-FID", generated vs real test images),
+//!   [`object_saturation`] (mean HSV saturation of object pixels) and the clipped-pixel fraction
+//!   of decoded images ([`GenerationReport`]).
 
 use candle_core::{DType, Device, Tensor};
 use serde::Serialize;
@@ -121,10 +124,81 @@ impl Default for GenerationSettings {
     }
 }
 
+/// Everything [`generation_accuracy`] measures besides the accuracies.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct GenerationReport {
+    /// Fréchet distance of evaluator features, generated vs the real test images of the same
+    /// captions ("tiny-FID"; with few images it is biased upwards, compare like with like).
+    pub tiny_fid: f64,
+    /// Mean HSV saturation of object pixels: generated images, and the real test renders of the
+    /// same captions. Object pixels: colour farther than 0.1 (RGB, [0, 1]) from the background
+    /// colour named in the caption (real renders use their coverage mask the same way).
+    pub saturation_generated: f64,
+    pub saturation_real: f64,
+    /// Fraction of decoded pixel values outside [0, 1] before clamping.
+    pub clipped_fraction: f64,
+}
+
+/// Fréchet distance between Gaussians fitted to two sets of feature rows:
+/// `|μa − μb|² + tr Σa + tr Σb − 2 tr (Σa^½ Σb Σa^½)^½`. The last trace is the nuclear norm of
+/// `Ac Bcᵀ / sqrt((na − 1)(nb − 1))` (centred rows), computed with an SVD of that na×nb matrix.
+pub fn frechet_distance(a: &[Vec<f64>], b: &[Vec<f64>]) -> Result<f64> {
+    let (na, nb) = (a.len(), b.len());
+    if na < 2 || nb < 2 || a[0].len() != b[0].len() {
+        return Err(gen_core::Error::invalid("frechet_distance", format!("needs two sets of >= 2 rows of equal width ({na} and {nb} rows)")));
+    }
+    let d = a[0].len();
+    let mean = |x: &[Vec<f64>]| (0..d).map(|j| x.iter().map(|r| r[j]).sum::<f64>() / x.len() as f64).collect::<Vec<_>>();
+    let (ma, mb) = (mean(a), mean(b));
+    let centre = |x: &[Vec<f64>], m: &[f64]| x.iter().map(|r| r.iter().zip(m).map(|(v, m)| v - m).collect::<Vec<_>>()).collect::<Vec<_>>();
+    let (ac, bc) = (centre(a, &ma), centre(b, &mb));
+    let tr = |x: &[Vec<f64>]| x.iter().flatten().map(|v| v * v).sum::<f64>() / (x.len() - 1) as f64;
+    let norm = ((na - 1) as f64 * (nb - 1) as f64).sqrt();
+    let cross = faer::Mat::<f64>::from_fn(na, nb, |i, j| ac[i].iter().zip(&bc[j]).map(|(x, y)| x * y).sum::<f64>() / norm);
+    let sv = cross.singular_values().map_err(|e| gen_core::Error::msg(format!("frechet_distance: SVD failed: {e:?}")))?;
+    let dm: f64 = ma.iter().zip(&mb).map(|(x, y)| (x - y) * (x - y)).sum();
+    Ok(dm + tr(&ac) + tr(&bc) - 2.0 * sv.iter().sum::<f64>())
+}
+
+/// HSV saturation `(max − min) / max` of an sRGB pixel (0 for black).
+fn saturation(p: [f32; 3]) -> f64 {
+    let mx = p[0].max(p[1]).max(p[2]) as f64;
+    let mn = p[0].min(p[1]).min(p[2]) as f64;
+    if mx <= 1e-6 {
+        0.0
+    } else {
+        (mx - mn) / mx
+    }
+}
+
+/// Mean saturation of the pixels of `images` `(N, 3, H, W)` in [0, 1] whose colour is farther
+/// than 0.1 (Euclidean, RGB) from the image's background colour `backgrounds[n]`.
+pub fn object_saturation(images: &Tensor, backgrounds: &[[f32; 3]]) -> Result<f64> {
+    let (n, _, h, w) = images.dims4()?;
+    let v = images.permute((0, 2, 3, 1))?.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+    let (mut sum, mut count) = (0.0, 0usize);
+    for (k, &bg) in backgrounds.iter().enumerate().take(n) {
+        for p in 0..h * w {
+            let o = (k * h * w + p) * 3;
+            let px = [v[o], v[o + 1], v[o + 2]];
+            let dist = ((px[0] - bg[0]).powi(2) + (px[1] - bg[1]).powi(2) + (px[2] - bg[2]).powi(2)).sqrt();
+            if dist > 0.1 {
+                sum += saturation(px);
+                count += 1;
+            }
+        }
+    }
+    Ok(if count == 0 { 0.0 } else { sum / count as f64 })
+}
+
+fn rows(t: &Tensor) -> Result<Vec<Vec<f64>>> {
+    Ok(t.to_dtype(DType::F64)?.to_vec2::<f64>()?)
+}
+
 /// Generates one image per test caption with the pipeline (DDIM from `scheduler/`, CFG) and
 /// scores it with the evaluator against the caption's shape, hue and tone. Returns the
-/// accuracies and the generated images `(N, 3, H, W)` in [0, 1].
-pub fn generation_accuracy(pipe: &SdPipeline, eval: &Evaluator, data: &mut WorldData, s: &GenerationSettings) -> Result<(HeadAccuracy, Tensor)> {
+/// accuracies, the other measurements and the generated images `(N, 3, H, W)` in [0, 1].
+pub fn generation_accuracy(pipe: &SdPipeline, eval: &Evaluator, data: &mut WorldData, s: &GenerationSettings) -> Result<(HeadAccuracy, GenerationReport, Tensor)> {
     let sc = SchedulerConfig::from_json_value(&pipe.scheduler_config, &pipe.files.scheduler_config)?;
     let mut acc = HeadAccuracy::default();
     let mut images = Vec::new();
@@ -134,6 +208,10 @@ pub fn generation_accuracy(pipe: &SdPipeline, eval: &Evaluator, data: &mut World
     let f = 1usize << (pipe.vae_config.block_out_channels.len() - 1);
     let side = data.world().config().image_size as usize / f;
     let dev: Device = pipe.device.clone();
+    let (mut gen_feats, mut real_feats) = (Vec::new(), Vec::new());
+    let (mut clipped, mut values) = (0usize, 0usize);
+    let mut backgrounds = Vec::new();
+    let mut reals = Vec::new();
     for (ci, chunk) in idx.chunks(s.batch.max(1)).enumerate() {
         let b = data.batch(Split::Test, chunk)?;
         let prompts: Vec<&str> = b.captions.iter().map(String::as_str).collect();
@@ -147,14 +225,31 @@ pub fn generation_accuracy(pipe: &SdPipeline, eval: &Evaluator, data: &mut World
         let x = start_from_noise(sched.as_ref(), &noise)?;
         let mut g = Cfg::new(s.guidance_scale)?;
         let lat = sample(&den, sched.as_mut(), &mut g, &x, &Conditions { cond, uncond: Some(uncond) }, &mut rng, &mut |_| {})?;
-        let img = pipe.vae.decode(&(lat / scaling)?)?;
-        let img = ((img + 1.0)? * 0.5)?.clamp(0f32, 1f32)?;
+        let raw = ((pipe.vae.decode(&(lat / scaling)?)? + 1.0)? * 0.5)?;
+        let flat = raw.flatten_all()?.to_vec1::<f32>()?;
+        clipped += flat.iter().filter(|v| !(0.0..=1.0).contains(*v)).count();
+        values += flat.len();
+        let img = raw.clamp(0f32, 1f32)?;
         for (p, l) in eval.predict(&img)?.iter().zip(&b.labels) {
             accumulate(&mut acc, p, l);
         }
+        gen_feats.extend(rows(&eval.features(&img)?)?);
+        real_feats.extend(rows(&eval.features(&b.images)?)?);
+        for &i in chunk {
+            backgrounds.push(data.sample(Split::Test, i)?.scene.background.srgb());
+        }
+        reals.push(b.images.clone());
         images.push(img);
     }
-    Ok((finish(acc), Tensor::cat(&images, 0)?))
+    let images = Tensor::cat(&images, 0)?;
+    let reals = Tensor::cat(&reals, 0)?;
+    let report = GenerationReport {
+        tiny_fid: frechet_distance(&gen_feats, &real_feats)?,
+        saturation_generated: object_saturation(&images, &backgrounds)?,
+        saturation_real: object_saturation(&reals, &backgrounds)?,
+        clipped_fraction: clipped as f64 / values.max(1) as f64,
+    };
+    Ok((finish(acc), report, images))
 }
 
 /// A grid PNG of `(N, 3, H, W)` images in [0, 1], `cols` per row.

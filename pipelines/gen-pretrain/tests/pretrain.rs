@@ -105,8 +105,10 @@ fn tiny_run_losses_fall_and_export_loads() -> anyhow::Result<()> {
     let acc = evaluator_accuracy(&eval, &mut data, 8)?;
     assert_eq!(acc.n, 8);
     let settings = GenerationSettings { prompts: 2, steps: 2, guidance_scale: 3.0, seed: 1, batch: 2 };
-    let (gacc, imgs) = generation_accuracy(&pipe, &eval, &mut data, &settings)?;
+    let (gacc, report, imgs) = generation_accuracy(&pipe, &eval, &mut data, &settings)?;
     assert_eq!(gacc.n, 2);
+    assert!(report.tiny_fid.is_finite() && (0.0..=1.0).contains(&report.clipped_fraction), "{report:?}");
+    assert!(report.saturation_real > 0.0 && report.saturation_real <= 1.0, "{report:?}");
     assert_eq!(imgs.dims(), &[2, 3, 16, 16]);
     std::fs::remove_dir_all(&out)?;
     Ok(())
@@ -198,5 +200,28 @@ fn config_round_trips_and_rejects_bad_values() -> anyhow::Result<()> {
     let e = Trainer::new(changed, &out, &Device::Cpu).err().unwrap().to_string();
     assert!(e.contains("stage `evaluator` changed"), "{e}");
     std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}
+
+#[test]
+fn frechet_distance_and_saturation_by_hand() -> anyhow::Result<()> {
+    use gen_pretrain::metrics::{frechet_distance, object_saturation};
+    // 1-D: a = {0, 2} (mean 1, variance 2), b = {1, 5} (mean 3, variance 8):
+    // (1 - 3)² + 2 + 8 - 2 sqrt(2 * 8) = 6
+    let fd = frechet_distance(&[vec![0.0], vec![2.0]], &[vec![1.0], vec![5.0]])?;
+    assert!((fd - 6.0).abs() < 1e-9, "{fd}");
+    // identical sets: 0; a shifted copy: the squared shift
+    let a: Vec<Vec<f64>> = (0..6).map(|i| vec![i as f64, (i * i) as f64 * 0.5, (i % 3) as f64]).collect();
+    assert!(frechet_distance(&a, &a)?.abs() < 1e-9);
+    let b: Vec<Vec<f64>> = a.iter().map(|r| vec![r[0] + 1.0, r[1], r[2] - 2.0]).collect();
+    assert!((frechet_distance(&a, &b)? - 5.0).abs() < 1e-9);
+    assert!(frechet_distance(&a[..1], &b).is_err());
+    // 2×1 image: a pure red pixel (saturation 1) and a grey one equal to the background (skipped)
+    let img = Tensor::from_vec(vec![1f32, 0.5, 0.0, 0.5, 0.0, 0.5], (1, 3, 1, 2), &Device::Cpu)?;
+    let s = object_saturation(&img, &[[0.5, 0.5, 0.5]])?;
+    assert!((s - 1.0).abs() < 1e-9, "{s}");
+    // a light pixel (1, 0.5, 0.5): saturation 0.5
+    let img = Tensor::from_vec(vec![1f32, 0.5, 0.5], (1, 3, 1, 1), &Device::Cpu)?;
+    assert!((object_saturation(&img, &[[0.0, 0.0, 0.0]])? - 0.5).abs() < 1e-9);
     Ok(())
 }
