@@ -15,6 +15,7 @@
 pub mod camera;
 pub mod caption;
 pub mod dataset;
+pub mod metrics;
 pub mod palette;
 pub mod render;
 pub mod shapes;
@@ -23,6 +24,10 @@ pub mod world;
 pub use camera::{OrbitCamera, Ray, RayGen};
 pub use caption::{caption, parse_caption, tokenize, vocabulary, CaptionParts, View};
 pub use dataset::{contact_sheet, write_dataset, DatasetSpec, DatasetSummary, Record};
+pub use metrics::{
+    alignment, clipped_fraction, colourfulness, frechet_distance, frechet_distance_stats, mean_saturation, real_vs_real,
+    saturation_excess, AlignmentReport, ClipThresholds, GaussianStats, ImageU8, ObjectSelect, Predicted, Target, ViewJudge,
+};
 pub use palette::{Background, Colour, Hue, Tone};
 pub use render::{render, Lighting, RenderInput, Rendered};
 pub use shapes::{Hit, Shape};
