@@ -114,7 +114,7 @@ fn help_lists_every_flag_with_examples() {
     let help = String::from_utf8_lossy(&r.stdout);
     for flag in [
         "--negative-prompt", "--apg", "--eta", "--norm-threshold", "--momentum", "--guidance-scale", "--guidance-rescale", "--guidance-interval",
-        "--scheduler", "--steps", "--seed", "--size", "--num-images", "--model", "--offline", "--dtype", "--device", "--init-image", "--strength", "--out",
+        "--scheduler", "--steps", "--seed", "--size", "--num-images", "--model", "--offline", "--dtype", "--device", "--init-image", "--strength", "--lora", "--out",
         "Examples:",
     ] {
         assert!(help.contains(flag), "--help lacks {flag}");
@@ -140,5 +140,49 @@ fn gen_model_environment_variable_names_the_default_model() {
         .unwrap();
     assert!(!r.status.success());
     assert!(String::from_utf8_lossy(&r.stderr).contains("no-model"));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// `--lora FILE[:SCALE]`: a LoRA file changes the image, scale 0 leaves it as without LoRA,
+/// the file and scale are recorded in the settings, and a missing or mismatched file fails
+/// before anything is written.
+#[test]
+fn lora_flag_changes_the_image_and_is_recorded() {
+    let dir = tmp("lora");
+    let model = fixture();
+    let lora = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/lora/ours_kohya.safetensors");
+    let lora = lora.to_str().unwrap().to_string();
+    let run = |name: &str, extra: &[&str]| -> PathBuf {
+        let out = dir.join(name);
+        let mut a = vec!["image", "a red cube", "--model", &model, "--size", "16x16", "--steps", "2", "--seed", "3", "--device", "cpu"];
+        a.extend_from_slice(extra);
+        a.extend(["--out", out.to_str().unwrap()]);
+        let r = gen(&a);
+        assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+        out
+    };
+    let img = |p: &Path| {
+        let t = gen_core::imageio::load_image(p, &candle_core::Device::Cpu).unwrap();
+        t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+    };
+    let plain = img(&run("plain.png", &[]));
+    let with = run("lora.png", &["--lora", &format!("{lora}:1.5")]);
+    let zero = img(&run("zero.png", &["--lora", &format!("{lora}:0")]));
+    assert_ne!(img(&with), plain, "LoRA at scale 1.5 did not change the image");
+    assert_eq!(zero, plain, "LoRA at scale 0 changed the image");
+    let params = text_chunk(&with, "parameters");
+    assert!(params.contains("ours_kohya.safetensors") && params.contains("1.5"), "{params}");
+
+    let missing = dir.join("missing.png");
+    let r = gen(&["image", "a red cube", "--model", &model, "--size", "16x16", "--steps", "2", "--lora", "/no/such/lora.safetensors", "--out", missing.to_str().unwrap()]);
+    assert!(!r.status.success());
+    assert!(String::from_utf8_lossy(&r.stderr).contains("/no/such/lora.safetensors"));
+    assert!(!missing.exists());
+    // A file that is not a LoRA for this model (the UNet weights themselves).
+    let wrong = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/tiny-sd/unet/diffusion_pytorch_model.safetensors");
+    let r = gen(&["image", "a red cube", "--model", &model, "--size", "16x16", "--steps", "2", "--lora", wrong.to_str().unwrap(), "--out", missing.to_str().unwrap()]);
+    assert!(!r.status.success());
+    assert!(String::from_utf8_lossy(&r.stderr).contains("diffusion_pytorch_model.safetensors"), "{}", String::from_utf8_lossy(&r.stderr));
+    assert!(!missing.exists());
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -208,6 +208,9 @@ pub struct SampleConfig {
     pub init_image: Option<InitImage>,
     /// Where the model came from (a folder or hub id); informational, saved with the outputs.
     pub model: Option<String>,
+    /// LoRA files merged into the model before sampling (see [`crate::apply_loras`]);
+    /// informational here, saved with the outputs.
+    pub loras: Vec<crate::LoraSpec>,
 }
 
 impl Default for SampleConfig {
@@ -228,6 +231,7 @@ impl Default for SampleConfig {
             ddim_eta: 0.0,
             init_image: None,
             model: None,
+            loras: Vec::new(),
         }
     }
 }

@@ -31,6 +31,7 @@ Examples:
   gen image \"a red cube on a blue floor\" --steps 20 --seed 7 --out cube.png
   gen image \"a red cube\" --apg --guidance-scale 10 --eta 0.3 --num-images 4 --out runs/apg
   gen image \"a green sphere\" --scheduler euler-a --guidance-rescale 0.7 --guidance-interval 0.2,0.8
+  gen image \"a red cube\" --lora style.safetensors:0.8 --lora detail.safetensors
   gen image \"a yellow cone\" --init-image cube.png --strength 0.6 --out cone.png
   gen image \"an astronaut\" --model stabilityai/stable-diffusion-2-1-base --offline --size 512x512";
 
@@ -112,9 +113,17 @@ pub struct ImageArgs {
     /// 1 = from the most noised latent); 0.8 when not given.
     #[arg(long, requires = "init_image")]
     pub strength: Option<f64>,
+    /// LoRA file (kohya or diffusers/PEFT .safetensors) merged into the UNet and text encoder,
+    /// as FILE or FILE:SCALE (scale 1 when omitted); repeatable.
+    #[arg(long = "lora", value_name = "FILE[:SCALE]", value_parser = parse_lora)]
+    pub lora: Vec<gen_sample::LoraSpec>,
     /// Output: a .png file or a folder (see below).
     #[arg(long, default_value = "gen-image.png")]
     pub out: PathBuf,
+}
+
+fn parse_lora(s: &str) -> Result<gen_sample::LoraSpec, String> {
+    gen_sample::LoraSpec::parse(s).map_err(|e| e.to_string())
 }
 
 fn parse_sampler(s: &str) -> Result<Sampler, String> {
@@ -228,7 +237,11 @@ fn config_from_args(a: &ImageArgs, model: &str) -> anyhow::Result<SampleConfig> 
         ddim_eta: a.ddim_eta,
         init_image: a.init_image.as_ref().map(|p| InitImage { path: p.clone(), strength: a.strength.unwrap_or(0.8) }),
         model: Some(model.to_string()),
+        loras: a.lora.clone(),
     };
+    if let Some(l) = cfg.loras.iter().find(|l| !l.path.is_file()) {
+        bail!("--lora {}: no such file", l.path.display());
+    }
     cfg.validate()?;
     Ok(cfg)
 }
@@ -256,6 +269,7 @@ pub fn run(args: ImageArgs) -> anyhow::Result<()> {
     cfg.dtype.check_device(&device)?;
     let hub = HubOptions { offline: args.offline, ..Default::default() };
     let pipe = SdPipeline::load(&source, &cfg.load_options(device, hub)).with_context(|| format!("loading model {model}"))?;
+    gen_sample::apply_loras(&pipe, &cfg.loras)?;
     let cfg = cfg.resolve(&pipe)?;
     let (w, h) = cfg.resolved_size()?;
     eprintln!(
