@@ -341,7 +341,7 @@ pub struct GaussianStats {
 impl GaussianStats {
     /// Statistics of `features`, N×D row-major (`features.len() == n * d`), N ≥ 2.
     pub fn from_features(features: &[f64], d: usize) -> Result<Self> {
-        if d == 0 || features.len() % d != 0 {
+        if d == 0 || !features.len().is_multiple_of(d) {
             return Err(Error::invalid("features", format!("{} values do not form rows of dimension {d}", features.len())));
         }
         let n = features.len() / d;
@@ -480,7 +480,7 @@ pub struct RealVsReal {
 /// keeps any ordering of the set out of the split). Fréchet distance is biased upwards at small
 /// N, so compare it with a generated set of the same `size`. Needs `2 * size <= N`, `size >= 2`.
 pub fn real_vs_real(features: &[f64], d: usize, size: usize) -> Result<RealVsReal> {
-    if d == 0 || features.len() % d != 0 {
+    if d == 0 || !features.len().is_multiple_of(d) {
         return Err(Error::invalid("real features", format!("{} values do not form rows of dimension {d}", features.len())));
     }
     let n = features.len() / d;
