@@ -26,6 +26,7 @@
 //! 38.1 dB / 0.997 / 15 s; purple cylinder 34.9 dB / 0.987 / 21 s.
 
 pub mod dataset;
+pub mod field;
 pub mod ssim;
 
 use std::collections::HashMap;
