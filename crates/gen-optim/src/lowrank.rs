@@ -350,7 +350,9 @@ pub struct FrugalConfig {
     pub betas: (f64, f64),
     pub eps: f64,
     pub weight_decay: f64,
-    /// Fraction rho of the projected dimension kept state-full: r = max(1, round(rho d)).
+    /// Fraction rho of the projected dimension d kept state-full: as in the reference,
+    /// r = round(rho d) with ties to even (`round(2.5) = 2`), or r = floor(rho d) for
+    /// [`ProjectionKind::RandomColumns`]; unlike the reference, at least 1.
     pub density: f64,
     pub update_gap: u64,
     pub kind: ProjectionKind,
@@ -401,6 +403,18 @@ impl GroupConfig for FrugalConfig {
     }
 }
 
+/// The state-full rank of a FRUGAL projection of dimension `d`: the reference rounds
+/// `density * d` with Python's `round` (ties to even) in its SVD / random projectors and
+/// truncates it (`int`) in its coordinate projector; kept in `1..=d`.
+fn frugal_rank(density: f64, d: usize, kind: ProjectionKind) -> usize {
+    let exact = density * d as f64;
+    let r = match kind {
+        ProjectionKind::RandomColumns => exact.floor(),
+        _ => exact.round_ties_even(),
+    };
+    (r as usize).clamp(1, d)
+}
+
 /// FRUGAL: `g = P⁻¹(P g) + g_free`; Adam on `P g` (state-full, moments and bias correction
 /// reset whenever the projector is rebuilt), a state-free update on `g_free`.
 #[derive(Debug, Default)]
@@ -440,7 +454,7 @@ impl UpdateRule for Frugal {
         };
         let g2 = grad.reshape((m, n))?;
         let d = Side::for_shape(m, n).dim(m, n);
-        let rank = ((cfg.density * d as f64).round() as usize).clamp(1, d);
+        let rank = frugal_rank(cfg.density, d, cfg.kind);
         let (proj, fresh) = projector_for_step(
             state,
             ProjectionSpec {
