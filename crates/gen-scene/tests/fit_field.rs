@@ -169,7 +169,10 @@ fn resume_is_bit_identical() -> Result<()> {
     assert_eq!(b.occupancy(), full.occupancy());
     // A different seed or field size is refused with a clear message.
     let err = FieldTrainer::resume(
-        FieldFitConfig { seed: 4, ..c.clone() },
+        FieldFitConfig {
+            seed: 4,
+            ..c.clone()
+        },
         v.clone(),
         &ckpt,
     )
@@ -178,7 +181,9 @@ fn resume_is_bit_identical() -> Result<()> {
     assert!(err.to_string().contains("seed"), "{err}");
     let mut bigger = c.clone();
     bigger.field.hidden = 16;
-    let err = FieldTrainer::resume(bigger, v, &ckpt).err().expect("shape mismatch");
+    let err = FieldTrainer::resume(bigger, v, &ckpt)
+        .err()
+        .expect("shape mismatch");
     assert!(err.to_string().contains("shape"), "{err}");
     std::fs::remove_dir_all(&dir)?;
     Ok(())
@@ -248,9 +253,11 @@ fn fit_field_writes_outputs_and_events() -> Result<()> {
     // An unreachable iso-level is a clear error, splat formats are refused.
     out.exports = FieldExportSet::parse("mesh")?;
     out.mesh_threshold = 1e9;
-    let err = fit_field(c, v, &out, &mut |_| {}).err().expect("empty mesh");
+    let err = fit_field(c, v, &out, &mut |_| {})
+        .err()
+        .expect("empty mesh");
     assert!(err.to_string().contains("iso-level"), "{err}");
-    let err = FieldExportSet::parse("ply").err().expect("splat format");
+    let err = FieldExportSet::parse("ply").expect_err("splat format");
     assert!(err.to_string().contains("splat format"), "{err}");
     std::fs::remove_dir_all(&dir)?;
     Ok(())

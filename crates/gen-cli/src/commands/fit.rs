@@ -10,6 +10,10 @@ use candle_core::{Device, Tensor};
 use clap::Args;
 use gen_scene::density::DensityConfig;
 use gen_scene::fit::dataset::{camera_from_extrinsics, load_transforms};
+use gen_scene::fit::field::{
+    evaluate_field, field_preset, fit_field, FieldExportSet, FieldFitConfig, FieldFitEvent,
+    FieldOutputs, PhotometricLoss,
+};
 use gen_scene::fit::{
     evaluate, fit, ExportSet, FitConfig, FitEvent, FitOutputs, InitConfig, InitRegion,
     LearningRates, PosedImage,
@@ -34,6 +38,11 @@ Examples:
   gen fit --shape torus --colour \"light blue\" --background grey --views 36 --holdout 12 --size 64 --out out/torus
   gen fit --world \"a green cone\" --steps 3000 --export ply,glb,mesh,turntable --out out/cone
   gen fit --data data/lego --steps 5000 --bg 1,1,1 --out out/lego
+  gen fit --world \"a red cube\" --representation field --steps 1500 --export mesh,turntable --out out/cube-field
+
+--representation field fits a hash-grid neural field (box of half-side 1.25 x the init radius)
+with random ray batches; its checkpoint holds the field parameters, optimizer state,
+occupancy grid and step, and its exports are mesh.glb + mesh.obj and the turntable.
   gen fit --world \"a red cube\" --out out/fit-cube --resume";
 
 /// Fit Gaussian splats to posed images (a world object or a transforms.json folder).
@@ -76,9 +85,29 @@ pub struct FitArgs {
     /// Continue from OUT/checkpoint.safetensors when it exists.
     #[arg(long)]
     pub resume: bool,
-    /// Exports at the end: comma list of ply, glb, mesh, turntable (or all, none).
-    #[arg(long, default_value = "ply,glb")]
-    pub export: String,
+    /// What to fit: Gaussian splats or a neural field (hash-grid CAM field, volume rendered).
+    #[arg(long, default_value = "splats", value_parser = ["splats", "field"])]
+    pub representation: String,
+    /// Exports at the end: comma list of ply, glb, mesh, turntable (or all, none); a field
+    /// exports mesh (mesh.glb + mesh.obj) and turntable. Default: ply,glb for splats, mesh for
+    /// a field.
+    #[arg(long)]
+    pub export: Option<String>,
+    /// Field size preset (--representation field): tiny, small, base.
+    #[arg(long, default_value = "small", value_parser = ["tiny", "small", "base"])]
+    pub field_preset: String,
+    /// Samples per ray (--representation field).
+    #[arg(long, default_value_t = 64)]
+    pub samples_per_ray: usize,
+    /// Random pixels (rays) per step from all training views (--representation field).
+    #[arg(long, default_value_t = 1024)]
+    pub rays: usize,
+    /// Initial learning rate of the field (decays log-linearly to a tenth).
+    #[arg(long, default_value_t = 1e-2)]
+    pub field_lr: f64,
+    /// Re-mark the field's occupancy grid every N steps (0: never skip empty space).
+    #[arg(long, default_value_t = 16)]
+    pub occupancy_every: u64,
     /// Initial Gaussians (random in a ball).
     #[arg(long, default_value_t = 1000)]
     pub gaussians: usize,
@@ -96,9 +125,10 @@ pub struct FitArgs {
     /// 2e-4 on 800 px images; gradients are larger on small images, 1e-3 suits 64 px.
     #[arg(long, default_value_t = 1e-3)]
     pub grad_threshold: f64,
-    /// Iso-level of the splat density for --export mesh (DreamGaussian: 1).
-    #[arg(long, default_value_t = 1.0)]
-    pub mesh_threshold: f64,
+    /// Iso-level for --export mesh: of the splat density (default 1, as DreamGaussian) or of
+    /// the field's σ (default 10 per world unit).
+    #[arg(long)]
+    pub mesh_threshold: Option<f64>,
     /// Upper bound on the number of Gaussians.
     #[arg(long, default_value_t = 10_000)]
     pub max_gaussians: usize,
@@ -262,7 +292,21 @@ fn cpu_seconds() -> Option<f64> {
 }
 
 pub fn run(args: FitArgs) -> anyhow::Result<()> {
-    let exports = ExportSet::parse(&args.export)?;
+    let field = args.representation == "field";
+    let export_list = args
+        .export
+        .clone()
+        .unwrap_or_else(|| if field { "mesh" } else { "ply,glb" }.to_string());
+    let field_exports = if field {
+        Some(FieldExportSet::parse(&export_list)?)
+    } else {
+        None
+    };
+    let exports = if field {
+        ExportSet::default()
+    } else {
+        ExportSet::parse(&export_list)?
+    };
     let views = match (&args.data, args.world.is_some() || args.shape.is_some()) {
         (Some(d), false) => {
             data_views(&args, d).with_context(|| format!("loading {}", d.display()))?
@@ -270,6 +314,9 @@ pub fn run(args: FitArgs) -> anyhow::Result<()> {
         (None, true) => world_views(&args)?,
         _ => bail!("give exactly one of --world \"a red cube\", --shape SHAPE or --data DIR"),
     };
+    if let Some(e) = field_exports {
+        return run_field(&args, views, e);
+    }
     let cfg = FitConfig {
         steps: args.steps,
         lr: LearningRates::default(),
@@ -303,7 +350,7 @@ pub fn run(args: FitArgs) -> anyhow::Result<()> {
     let mut out = FitOutputs::new(&args.out);
     out.resume = args.resume;
     out.exports = exports;
-    out.mesh_threshold = args.mesh_threshold;
+    out.mesh_threshold = args.mesh_threshold.unwrap_or(1.0);
     println!(
         "fitting {} from {} views ({} held out), {} steps, seed {}",
         views.label,
@@ -396,6 +443,152 @@ pub fn run(args: FitArgs) -> anyhow::Result<()> {
         "done: {} steps, {} Gaussians, {:.1} s wall{}",
         trainer.step_count(),
         splats.len(),
+        wall,
+        cpu.map_or(String::new(), |c| format!(", {c:.1} s CPU"))
+    );
+    if let Some(r) = &report {
+        println!(
+            "held-out ({} views): PSNR {:.2} dB, silhouette IoU {}",
+            views.heldout.len(),
+            r.psnr,
+            r.iou.map_or("n/a (no masks)".into(), |v| format!("{v:.4}"))
+        );
+    }
+    println!("outputs in {}", args.out.display());
+    Ok(())
+}
+
+/// Held-out targets above renders, written to OUT/heldout.png.
+fn write_heldout_sheet(
+    out: &std::path::Path,
+    heldout: &[PosedImage],
+    render: &dyn Fn(&PosedImage) -> anyhow::Result<Tensor>,
+) -> anyhow::Result<()> {
+    if heldout.is_empty() {
+        return Ok(());
+    }
+    let mut rows = Vec::new();
+    for v in heldout {
+        rows.push(Tensor::cat(&[&v.rgb, &render(v)?], 0)?);
+    }
+    let img = gen_scene::fit::to_rgb8(&Tensor::cat(&rows, 1)?)?;
+    gen_core::write_atomic(
+        out.join("heldout.png"),
+        &gen_scene::turntable::png_bytes(&img)?,
+    )?;
+    Ok(())
+}
+
+/// `gen fit --representation field`: fits a CAM neural field with random ray batches.
+fn run_field(args: &FitArgs, views: Views, exports: FieldExportSet) -> anyhow::Result<()> {
+    let mut fcfg = field_preset(&args.field_preset)?;
+    let r = views.init_radius;
+    fcfg.bounds = gen_scene::field::Aabb::cube(1.25 * r);
+    let cfg = FieldFitConfig {
+        field: fcfg,
+        steps: args.steps,
+        samples_per_ray: args.samples_per_ray,
+        rays_per_batch: args.rays,
+        lr: args.field_lr,
+        lr_final: 0.1 * args.field_lr,
+        loss: PhotometricLoss::Mse,
+        mask_weight: args.mask_weight,
+        background: views.background,
+        checkpoint_every: args.checkpoint_every,
+        preview_every: args.preview_every,
+        seed: args.seed,
+        occupancy_every: args.occupancy_every,
+        ..Default::default()
+    };
+    let mut out = FieldOutputs::new(&args.out);
+    out.resume = args.resume;
+    out.exports = exports;
+    if let Some(t) = args.mesh_threshold {
+        out.mesh_threshold = t;
+    }
+    println!(
+        "fitting a {} neural field to {} from {} views ({} held out), {} steps of {} rays x {} \
+         samples, seed {}",
+        args.field_preset,
+        views.label,
+        views.train.len(),
+        views.heldout.len(),
+        args.steps,
+        args.rays,
+        args.samples_per_ray,
+        args.seed
+    );
+    let bar = ProgressBar::new(args.steps);
+    bar.set_style(
+        ProgressStyle::with_template("{bar:40} {pos}/{len} steps ({elapsed}, eta {eta}) {msg}")
+            .expect("valid template"),
+    );
+    let (t0, c0) = (Instant::now(), cpu_seconds());
+    let mut psnr_avg = None::<f64>;
+    let trainer = fit_field(cfg.clone(), views.train, &out, &mut |e| match e {
+        FieldFitEvent::Started { step, .. } => bar.set_position(*step),
+        FieldFitEvent::Step(s) => {
+            let p = psnr_avg.map_or(s.psnr, |a| 0.95 * a + 0.05 * s.psnr);
+            psnr_avg = Some(p);
+            bar.set_position(s.step);
+            bar.set_message(format!(
+                "loss {:.5} PSNR {:.2} dB, {:.0}% of samples evaluated",
+                s.loss,
+                p,
+                100.0 * s.samples_evaluated as f64 / s.samples_total.max(1) as f64
+            ));
+        }
+        FieldFitEvent::Exported { path } => bar.println(format!("wrote {}", path.display())),
+        _ => {}
+    })
+    .with_context(|| format!("fitting into {}", args.out.display()))?;
+    bar.finish_and_clear();
+    let wall = t0.elapsed().as_secs_f64();
+    let cpu = match (c0, cpu_seconds()) {
+        (Some(a), Some(b)) => Some(b - a),
+        _ => None,
+    };
+    let vcfg = cfg.volume_config();
+    let report = if views.heldout.is_empty() {
+        None
+    } else {
+        Some(evaluate_field(
+            trainer.field(),
+            &views.heldout,
+            &vcfg,
+            Some(trainer.occupancy()),
+        )?)
+    };
+    write_heldout_sheet(&args.out, &views.heldout, &|v| {
+        Ok(trainer.render(&v.camera)?.0)
+    })?;
+    let list = |v: Vec<String>| v.join(", ");
+    let metrics = format!(
+        "{{\n  \"representation\": \"field\",\n  \"steps\": {},\n  \"heldout_views\": {},\n  \"heldout_psnr_db\": {},\n  \"heldout_iou\": {},\n  \"per_view_psnr_db\": [{}],\n  \"per_view_iou\": [{}],\n  \"occupied_fraction\": {:.4},\n  \"wall_seconds\": {:.3},\n  \"cpu_seconds\": {}\n}}\n",
+        trainer.step_count(),
+        views.heldout.len(),
+        report.as_ref().map_or("null".into(), |r| format!("{:.4}", r.psnr)),
+        report
+            .as_ref()
+            .and_then(|r| r.iou)
+            .map_or("null".into(), |v| format!("{v:.5}")),
+        report.as_ref().map_or(String::new(), |r| list(
+            r.per_view_psnr.iter().map(|v| format!("{v:.3}")).collect()
+        )),
+        report.as_ref().map_or(String::new(), |r| list(
+            r.per_view_iou
+                .iter()
+                .map(|v| v.map_or("null".into(), |x| format!("{x:.4}")))
+                .collect()
+        )),
+        trainer.occupancy().occupied_fraction(),
+        wall,
+        cpu.map_or("null".into(), |c| format!("{c:.2}")),
+    );
+    gen_core::write_atomic(args.out.join("metrics.json"), metrics.as_bytes())?;
+    println!(
+        "done: {} steps, {:.1} s wall{}",
+        trainer.step_count(),
         wall,
         cpu.map_or(String::new(), |c| format!(", {c:.1} s CPU"))
     );

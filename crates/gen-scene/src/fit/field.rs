@@ -137,7 +137,10 @@ impl FieldFitConfig {
             return bad("occupancy_res", format!("{} (1..=256)", self.occupancy_res));
         }
         if !self.occupancy_threshold.is_finite() {
-            return bad("occupancy_threshold", format!("{}", self.occupancy_threshold));
+            return bad(
+                "occupancy_threshold",
+                format!("{}", self.occupancy_threshold),
+            );
         }
         self.volume_config().validate()
     }
@@ -429,7 +432,11 @@ impl FieldTrainer {
         for (i, v) in views.iter().enumerate() {
             v.validate(i)?;
             pixels.push(ViewPixels {
-                rgb: v.rgb.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?,
+                rgb: v
+                    .rgb
+                    .to_dtype(DType::F32)?
+                    .flatten_all()?
+                    .to_vec1::<f32>()?,
                 mask: match &v.mask {
                     Some(m) => Some(m.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?),
                     None => None,
@@ -546,7 +553,9 @@ impl FieldTrainer {
         if self.cfg.mask_weight > 0.0 && masked > 0.0 {
             let mt = Tensor::from_vec(mask_t, nr, &dev)?;
             let mw = Tensor::from_vec(mask_w, nr, &dev)?;
-            let ml = ((&out.opacity - mt)?.sqr()? * mw)?.sum_all()?.affine(1.0 / masked as f64, 0.0)?;
+            let ml = ((&out.opacity - mt)?.sqr()? * mw)?
+                .sum_all()?
+                .affine(1.0 / masked as f64, 0.0)?;
             mask_loss = ml.to_scalar::<f32>()? as f64;
             loss = (loss + (ml * self.cfg.mask_weight)?)?;
         }
@@ -557,8 +566,8 @@ impl FieldTrainer {
         self.opt.set_group_lr(0, self.cfg.lr_at(self.step))?;
         self.opt.step(&grads)?;
         self.step += 1;
-        let occupancy = if self.cfg.occupancy_every > 0 && self.step % self.cfg.occupancy_every == 0
-        {
+        // `checked_rem` is `None` for an interval of 0 (never re-mark).
+        let occupancy = if self.step.checked_rem(self.cfg.occupancy_every) == Some(0) {
             Some(
                 self.occupancy
                     .update(&Detached(&self.field), self.cfg.occupancy_threshold)?,
@@ -607,7 +616,10 @@ impl FieldTrainer {
         }
         let dev = Device::Cpu;
         let occ: Vec<u8> = self.occupancy.occupied.iter().map(|&b| b as u8).collect();
-        map.insert(CKPT_OCC.into(), Tensor::from_vec(occ, self.occupancy.occupied.len(), &dev)?);
+        map.insert(
+            CKPT_OCC.into(),
+            Tensor::from_vec(occ, self.occupancy.occupied.len(), &dev)?,
+        );
         map.insert(CKPT_STEP.into(), Tensor::new(self.step as i64, &dev)?);
         map.insert(CKPT_SEED.into(), Tensor::new(self.cfg.seed as i64, &dev)?);
         gen_optim::save_safetensors_atomic(&map, path.as_ref())
@@ -834,12 +846,26 @@ impl FieldOutputs {
 /// Progress of [`fit_field`].
 #[derive(Debug, Clone, PartialEq)]
 pub enum FieldFitEvent {
-    Started { step: u64, steps: u64, resumed: bool },
+    Started {
+        step: u64,
+        steps: u64,
+        resumed: bool,
+    },
     Step(FieldStepInfo),
-    Checkpoint { step: u64, path: PathBuf },
-    Preview { step: u64, path: PathBuf },
-    Exported { path: PathBuf },
-    Finished { step: u64 },
+    Checkpoint {
+        step: u64,
+        path: PathBuf,
+    },
+    Preview {
+        step: u64,
+        path: PathBuf,
+    },
+    Exported {
+        path: PathBuf,
+    },
+    Finished {
+        step: u64,
+    },
 }
 
 /// Runs a whole field fit into `out.dir`: `config.json`, `previews/step_NNNNNN.png` (first
