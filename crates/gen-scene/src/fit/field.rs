@@ -19,6 +19,12 @@
 //! [`fit_field`] drives a trainer with an output folder (config JSON, previews, checkpoints,
 //! exports: a marching-cubes mesh of the density as `.glb` and `.obj` with vertex colours from
 //! the field, and a volume-rendered turntable GIF + contact sheet).
+//!
+//! **Measured** (`gen fit --representation field`, release, `small` preset, 36 training views of
+//! 64×64 px, 12 held-out cameras, 300 steps of 1024 rays × 64 samples, mask weight 0.1; shared
+//! 2-core machine under load, wall ≈ 2× CPU): red cube 29.7 dB / IoU 0.975 / 211 s wall
+//! (100 s CPU, including mesh and turntable exports); light blue torus 40.8 dB / 0.985 / 208 s
+//! (93 s CPU). The splat fitter reaches 31.7 / 45.2 dB on the same objects in ~20 s.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
