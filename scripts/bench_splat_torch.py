@@ -14,7 +14,9 @@ before T < 1e-4), vectorised over the pixels and Gaussians of a tile (cumulative
 
 The scenes (seeded here) are written to `target/bench/splat_scenes.safetensors` so that the Rust
 benchmark renders the same Gaussians from the same camera; the timings go to
-`target/bench/splat_torch.json`. Camera: world-to-camera R = I, T = (0, 0, 4) (OpenCV axes),
+`target/bench/splat_torch.json` (folder: `GEN_BENCH_SPLAT_DIR`; the minimum of the timed runs is
+recorded too, as `*_min_s`; `GEN_BENCH_TORCH_THREADS` sets torch's thread count, default 2).
+Camera: world-to-camera R = I, T = (0, 0, 4) (OpenCV axes),
 fov_y 0.8 rad, square images, fx = fy = 0.5·H / tan(0.4), (cx, cy) = (W/2, H/2).
 
 Forward: everything under `torch.no_grad()`. Forward + backward: the same with autograd, loss =
@@ -38,7 +40,7 @@ from safetensors.torch import save_file
 
 PINNED = {"torch": "2.9.1", "gsplat": "1.5.3", "safetensors": "0.8.0"}
 ROOT = os.path.normpath(os.path.join(os.path.dirname(__file__), ".."))
-OUT_DIR = os.path.join(ROOT, "target", "bench")
+OUT_DIR = os.environ.get("GEN_BENCH_SPLAT_DIR", os.path.join(ROOT, "target", "bench"))
 SCENES = os.path.join(OUT_DIR, "splat_scenes.safetensors")
 RESULTS = os.path.join(OUT_DIR, "splat_torch.json")
 
@@ -107,6 +109,7 @@ def render(p, size):
     iy, ix = torch.meshgrid(torch.arange(TILE, dtype=torch.float32), torch.arange(TILE, dtype=torch.float32), indexing="ij")
     iy, ix = iy.reshape(-1), ix.reshape(-1)
     tiles = []
+    alpha_sum = 0.0  # sum of 1 - T_final over the pixels of the tiles (a cross-check with gen-scene)
     for t in range(tw * th):
         ty, tx = divmod(t, tw)
         px = ix + tx * TILE + 0.5
@@ -133,10 +136,13 @@ def render(p, size):
         w = a * t_excl  # (K, 256)
         rgb = w.t() @ colors[ids] + trans[-1][:, None] * bg[None]
         tiles.append(rgb)
+        alpha_sum += float((1 - trans[-1]).detach().sum())
     img = torch.stack(tiles).reshape(th, tw, TILE, TILE, 3).permute(0, 2, 1, 3, 4).reshape(th * TILE, tw * TILE, 3)
     img = img[:size, :size]
     t3 = time.perf_counter()
-    return img, {"project": t1 - t0, "bin": t2 - t1, "composite": t3 - t2, "isects": n_isect}
+    # Tiles beyond the image edge are empty here (sizes are multiples of 16).
+    info = {"project": t1 - t0, "bin": t2 - t1, "composite": t3 - t2, "isects": n_isect, "alpha_mean": alpha_sum / (size * size)}
+    return img, info
 
 
 def timed(f, reps, warmup=True):
@@ -150,7 +156,7 @@ def timed(f, reps, warmup=True):
         if ts[-1] > 5.0:
             break
     ts.sort()
-    return ts[len(ts) // 2], info
+    return ts[len(ts) // 2], ts[0], info
 
 
 def main():
@@ -158,7 +164,7 @@ def main():
         have = importlib.metadata.version(pkg)
         if not have.startswith(want):
             sys.exit(f"{pkg} {have} installed, this benchmark is pinned to {want}")
-    torch.set_num_threads(2)
+    torch.set_num_threads(int(os.environ.get("GEN_BENCH_TORCH_THREADS", "2")))
     reps = int(os.environ.get("GEN_BENCH_REPS", "3"))
     limit = float(os.environ.get("GEN_BENCH_SPLAT_LIMIT_S", "30"))
     counts = [int(x) for x in os.environ.get("GEN_BENCH_SPLAT_COUNTS", ",".join(map(str, COUNTS))).split(",")]
@@ -210,15 +216,16 @@ def main():
                     row["fwd_s"] = time.perf_counter() - t0
                 row["stages"] = info
             else:
-                row["fwd_s"], info_f = timed(fwd, reps)
-                row["fwd_bwd_s"], info = timed(fwd_bwd, reps, warmup=False)
+                row["fwd_s"], row["fwd_min_s"], _ = timed(fwd, reps)
+                row["fwd_bwd_s"], row["fwd_bwd_min_s"], info = timed(fwd_bwd, reps, warmup=False)
                 row["stages"] = info
             results.append(row)
             st = row["stages"]
             print(
-                f"n={n:6} {size:3}²: fwd {row['fwd_s']*1e3:9.1f} ms  fwd+bwd {row['fwd_bwd_s']*1e3:9.1f} ms  "
+                f"n={n:6} {size:3}²: fwd {row['fwd_s']*1e3:9.1f} ms (min {row.get('fwd_min_s', row['fwd_s'])*1e3:.1f})  "
+                f"fwd+bwd {row['fwd_bwd_s']*1e3:9.1f} ms (min {row.get('fwd_bwd_min_s', row['fwd_bwd_s'])*1e3:.1f})  "
                 f"(project {st['project']*1e3:.0f}, bin {st['bin']*1e3:.0f}, composite {st['composite']*1e3:.0f} ms; "
-                f"{st['isects']} tile entries)",
+                f"{st['isects']} tile entries; mean alpha {st['alpha_mean']:.3f})",
                 flush=True,
             )
     doc = {
