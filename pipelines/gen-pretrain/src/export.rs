@@ -97,15 +97,16 @@ pub fn export(run: &Path, dest: &Path, dtype: DType) -> Result<ExportReport> {
     crate::tokenizer::write_tokenizer(&dest.join("tokenizer"), cfg.max_text_len)?;
 
     let clip = load_map(&clip_w)?;
-    let mut dt = clip_config_json(&cfg);
-    dt["torch_dtype"] = json!(if dtype == DType::F16 { "float16" } else { "float32" });
+    // `torch_dtype` stays float32 (as written by `clip_config_json`) whatever the storage dtype:
+    // transformers would otherwise build the text encoder in f16 while diffusers builds the UNet
+    // and VAE in f32, and a default `StableDiffusionPipeline` call would mix them.
+    let dt = clip_config_json(&cfg);
     std::fs::create_dir_all(dest.join("clip")).map_err(|e| Error::io(dest.join("clip"), e))?;
     write_json(&dest.join("clip").join("config.json"), &dt)?;
     files.push(("clip".into(), save_map(clip.clone(), dtype, &dest.join("clip").join("model.safetensors"))?));
     let text_only: HashMap<String, Tensor> = clip.into_iter().filter(|(k, _)| k.starts_with("text_model.")).collect();
     std::fs::create_dir_all(dest.join("text_encoder")).map_err(|e| Error::io(dest.join("text_encoder"), e))?;
-    let mut tc = text_encoder_config_json(&cfg);
-    tc["torch_dtype"] = dt["torch_dtype"].clone();
+    let tc = text_encoder_config_json(&cfg);
     write_json(&dest.join("text_encoder").join("config.json"), &tc)?;
     files.push(("text_encoder".into(), save_map(text_only, dtype, &dest.join("text_encoder").join("model.safetensors"))?));
 
