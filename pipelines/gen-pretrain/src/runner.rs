@@ -50,8 +50,9 @@ pub enum TrainEvent {
     Step { stage: String, step: u64, total_steps: u64, loss: f64, lr: f64, grad_norm: f64, seconds: f64 },
     /// A checkpoint was written.
     Checkpoint { stage: String, step: u64, path: PathBuf },
-    /// The stage ran to its last step (or stopped at `stop_after`).
-    StageEnd { stage: String, step: u64, seconds: f64 },
+    /// The stage ran to its last step (or stopped at `stop_after`). `optimizer_state_bytes`:
+    /// bytes of optimizer state per parameter group (gen-optim's accounting).
+    StageEnd { stage: String, step: u64, seconds: f64, optimizer_state_bytes: Vec<usize> },
     /// Anything else worth telling (scaling factor, measured metrics).
     Note { stage: String, message: String },
 }
@@ -279,6 +280,6 @@ pub fn run_stage(
     csv.flush()?;
     write_loss_curve(&dir.join("loss.png"), stage, &csv.curve())?;
     let seconds = seconds_before + start.elapsed().as_secs_f64();
-    events(&TrainEvent::StageEnd { stage: stage.into(), step, seconds });
+    events(&TrainEvent::StageEnd { stage: stage.into(), step, seconds, optimizer_state_bytes: opt.state_bytes() });
     Ok(StageOutcome { step, finished: step >= cfg.steps, seconds, losses })
 }

@@ -55,6 +55,22 @@ fn tiny_run_losses_fall_and_export_loads() -> anyhow::Result<()> {
     }
     assert!(events.iter().any(|e| matches!(e, TrainEvent::Checkpoint { stage, step: 30, .. } if stage == "unet")));
     assert!(events.iter().filter(|e| matches!(e, TrainEvent::Step { .. })).count() == 4 * 30);
+    // optimizer-state accounting: AdamW keeps two f32 moments per trained parameter
+    let params: std::collections::HashMap<String, usize> = events
+        .iter()
+        .filter_map(|e| match e {
+            TrainEvent::StageStart { stage, params, .. } => Some((stage.clone(), *params)),
+            _ => None,
+        })
+        .collect();
+    let mut ends = 0;
+    for e in &events {
+        if let TrainEvent::StageEnd { stage, optimizer_state_bytes, .. } = e {
+            assert_eq!(optimizer_state_bytes.iter().sum::<usize>(), 2 * 4 * params[stage], "{stage}: AdamW state bytes");
+            ends += 1;
+        }
+    }
+    assert_eq!(ends, 4);
 
     // export in f32: the pipeline loads with every key used and exactly the trained UNet
     let dest = out.join("export");

@@ -74,7 +74,10 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
             bar.set_message(format!("loss {loss:.4}"));
         }
         TrainEvent::Checkpoint { .. } => {}
-        TrainEvent::StageEnd { stage, step, seconds } => bar.println(format!("{stage}: at step {step}, {seconds:.1} s of training in total")),
+        TrainEvent::StageEnd { stage, step, seconds, optimizer_state_bytes } => bar.println(format!(
+            "{stage}: at step {step}, {seconds:.1} s of training in total; optimizer state {:.2} MB",
+            optimizer_state_bytes.iter().sum::<usize>() as f64 / 1e6
+        )),
         TrainEvent::Note { stage, message } => bar.println(format!("{stage}: {message}")),
     };
     for s in stages {
