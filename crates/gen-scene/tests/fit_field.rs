@@ -236,7 +236,7 @@ fn fit_field_writes_outputs_and_events() -> Result<()> {
     ));
     assert!(matches!(
         events.last(),
-        Some(FieldFitEvent::Finished { step: 60 })
+        Some(FieldFitEvent::Finished { step: 60, .. })
     ));
     assert_eq!(
         events

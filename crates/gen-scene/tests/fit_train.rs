@@ -195,6 +195,10 @@ fn fit_writes_outputs_and_events() -> Result<()> {
         events.last(),
         Some(FitEvent::Finished { step: 10, .. })
     ));
+    // AdamW keeps two moments per parameter of the final splats.
+    if let Some(FitEvent::Finished { gaussians, optimizer_state_bytes, .. }) = events.last() {
+        assert!(*optimizer_state_bytes > 0 && optimizer_state_bytes % gaussians == 0, "{optimizer_state_bytes} bytes for {gaussians} Gaussians");
+    }
     // Resuming a finished run does no more steps.
     out.resume = true;
     let mut n = 0;

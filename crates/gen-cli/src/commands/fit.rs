@@ -378,6 +378,9 @@ pub fn run(args: FitArgs) -> anyhow::Result<()> {
             ));
         }
         FitEvent::Exported { path } => bar.println(format!("wrote {}", path.display())),
+        FitEvent::Finished { optimizer_state_bytes, .. } => {
+            bar.println(format!("optimizer state {:.2} MB", *optimizer_state_bytes as f64 / 1e6))
+        }
         _ => {}
     })
     .with_context(|| format!("fitting into {}", args.out.display()))?;
@@ -539,6 +542,9 @@ fn run_field(args: &FitArgs, views: Views, exports: FieldExportSet) -> anyhow::R
             ));
         }
         FieldFitEvent::Exported { path } => bar.println(format!("wrote {}", path.display())),
+        FieldFitEvent::Finished { optimizer_state_bytes, .. } => {
+            bar.println(format!("optimizer state {:.2} MB", *optimizer_state_bytes as f64 / 1e6))
+        }
         _ => {}
     })
     .with_context(|| format!("fitting into {}", args.out.display()))?;

@@ -871,6 +871,8 @@ pub enum FieldFitEvent {
     },
     Finished {
         step: u64,
+        /// Bytes of optimizer state (gen-optim's accounting, all parameter groups).
+        optimizer_state_bytes: usize,
     },
 }
 
@@ -930,6 +932,7 @@ pub fn fit_field(
     }
     on_event(&FieldFitEvent::Finished {
         step: trainer.step_count(),
+        optimizer_state_bytes: trainer.opt.state_bytes().iter().sum::<usize>() + trainer.opt.shared_state_bytes(),
     });
     Ok(trainer)
 }

@@ -838,6 +838,8 @@ pub enum FitEvent {
     Finished {
         step: u64,
         gaussians: usize,
+        /// Bytes of optimizer state (gen-optim's accounting, all parameter groups).
+        optimizer_state_bytes: usize,
     },
 }
 
@@ -916,6 +918,7 @@ pub fn fit(
     on_event(&FitEvent::Finished {
         step: trainer.step_count(),
         gaussians: splats.len(),
+        optimizer_state_bytes: trainer.opt.state_bytes().iter().sum::<usize>() + trainer.opt.shared_state_bytes(),
     });
     Ok(trainer)
 }
