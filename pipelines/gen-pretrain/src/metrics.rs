@@ -139,25 +139,14 @@ pub struct GenerationReport {
     pub clipped_fraction: f64,
 }
 
-/// Fréchet distance between Gaussians fitted to two sets of feature rows:
-/// `|μa − μb|² + tr Σa + tr Σb − 2 tr (Σa^½ Σb Σa^½)^½`. The last trace is the nuclear norm of
-/// `Ac Bcᵀ / sqrt((na − 1)(nb − 1))` (centred rows), computed with an SVD of that na×nb matrix.
+/// Fréchet distance between Gaussians fitted to two sets of feature rows (each row one sample):
+/// [`gen_world::metrics::frechet_distance`] on the rows flattened.
 pub fn frechet_distance(a: &[Vec<f64>], b: &[Vec<f64>]) -> Result<f64> {
-    let (na, nb) = (a.len(), b.len());
-    if na < 2 || nb < 2 || a[0].len() != b[0].len() {
-        return Err(gen_core::Error::invalid("frechet_distance", format!("needs two sets of >= 2 rows of equal width ({na} and {nb} rows)")));
+    let d = a.first().map_or(0, Vec::len);
+    if a.iter().chain(b).any(|r| r.len() != d) {
+        return Err(gen_core::Error::invalid("frechet_distance", "feature rows of different widths"));
     }
-    let d = a[0].len();
-    let mean = |x: &[Vec<f64>]| (0..d).map(|j| x.iter().map(|r| r[j]).sum::<f64>() / x.len() as f64).collect::<Vec<_>>();
-    let (ma, mb) = (mean(a), mean(b));
-    let centre = |x: &[Vec<f64>], m: &[f64]| x.iter().map(|r| r.iter().zip(m).map(|(v, m)| v - m).collect::<Vec<_>>()).collect::<Vec<_>>();
-    let (ac, bc) = (centre(a, &ma), centre(b, &mb));
-    let tr = |x: &[Vec<f64>]| x.iter().flatten().map(|v| v * v).sum::<f64>() / (x.len() - 1) as f64;
-    let norm = ((na - 1) as f64 * (nb - 1) as f64).sqrt();
-    let cross = faer::Mat::<f64>::from_fn(na, nb, |i, j| ac[i].iter().zip(&bc[j]).map(|(x, y)| x * y).sum::<f64>() / norm);
-    let sv = cross.singular_values().map_err(|e| gen_core::Error::msg(format!("frechet_distance: SVD failed: {e:?}")))?;
-    let dm: f64 = ma.iter().zip(&mb).map(|(x, y)| (x - y) * (x - y)).sum();
-    Ok(dm + tr(&ac) + tr(&bc) - 2.0 * sv.iter().sum::<f64>())
+    gen_world::metrics::frechet_distance(&a.concat(), &b.concat(), d)
 }
 
 /// HSV saturation `(max − min) / max` of an sRGB pixel (0 for black).
