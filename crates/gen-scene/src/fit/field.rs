@@ -726,43 +726,8 @@ pub fn evaluate_field(
     cfg: &VolumeConfig,
     occupancy: Option<&OccupancyGrid>,
 ) -> Result<EvalReport> {
-    let mut per_view_psnr = Vec::new();
-    let mut per_view_iou = Vec::new();
-    for (i, v) in views.iter().enumerate() {
-        v.validate(i)?;
-        let (rgb, op) = render_field_image(field, &v.camera, cfg, occupancy)?;
-        let rgb = rgb.clamp(0f32, 1f32)?;
-        let mse = (rgb - v.rgb.to_dtype(DType::F32)?)?
-            .sqr()?
-            .mean_all()?
-            .to_scalar::<f32>()? as f64;
-        per_view_psnr.push(psnr(mse));
-        per_view_iou.push(match &v.mask {
-            Some(m) => {
-                let a = op.flatten_all()?.to_vec1::<f32>()?;
-                let m = m.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-                let (mut inter, mut uni) = (0usize, 0usize);
-                for (x, y) in a.iter().zip(&m) {
-                    let (p, q) = (*x > 0.5, *y > 0.5);
-                    inter += (p && q) as usize;
-                    uni += (p || q) as usize;
-                }
-                Some(if uni == 0 {
-                    1.0
-                } else {
-                    inter as f64 / uni as f64
-                })
-            }
-            None => None,
-        });
-    }
-    let nv = per_view_psnr.len().max(1) as f64;
-    let ious: Vec<f64> = per_view_iou.iter().flatten().copied().collect();
-    Ok(EvalReport {
-        psnr: per_view_psnr.iter().sum::<f64>() / nv,
-        iou: (!ious.is_empty()).then(|| ious.iter().sum::<f64>() / ious.len() as f64),
-        per_view_psnr,
-        per_view_iou,
+    EvalReport::over_views(views, |v| {
+        render_field_image(field, &v.camera, cfg, occupancy)
     })
 }
 
@@ -932,7 +897,8 @@ pub fn fit_field(
     }
     on_event(&FieldFitEvent::Finished {
         step: trainer.step_count(),
-        optimizer_state_bytes: trainer.opt.state_bytes().iter().sum::<usize>() + trainer.opt.shared_state_bytes(),
+        optimizer_state_bytes: trainer.opt.state_bytes().iter().sum::<usize>()
+            + trainer.opt.shared_state_bytes(),
     });
     Ok(trainer)
 }
