@@ -36,9 +36,9 @@ use gen_optim::{AdamW, AdamWConfig, NamedVar, Optim, Optimizer, ParamGroup};
 use image::RgbImage;
 use serde_json::json;
 
-use super::{psnr, to_rgb8, EvalReport, PosedImage};
+use super::{psnr, to_rgb8, CheckpointFile, EvalReport, PosedImage, CKPT_SEED, CKPT_STEP};
 use crate::camera::{Camera, Intrinsics};
-use crate::density::{load_optimizer_state_map, optimizer_state_map};
+use crate::density::optimizer_state_map;
 use crate::field::volume::RadianceField;
 use crate::field::{render_volume, Aabb, CamField, FieldConfig, OccupancyGrid, VolumeConfig};
 use crate::mesh::{extract_mesh, Grid, MeshConfig, TriMesh};
@@ -423,8 +423,6 @@ pub struct FieldTrainer {
 }
 
 const PREFIX: &str = "field";
-const CKPT_STEP: &str = "meta.step";
-const CKPT_SEED: &str = "meta.seed";
 const CKPT_OCC: &str = "occupancy";
 
 impl FieldTrainer {
@@ -638,29 +636,9 @@ impl FieldTrainer {
         views: Vec<PosedImage>,
         path: impl AsRef<Path>,
     ) -> Result<Self> {
-        let path = path.as_ref();
-        let file = path.display().to_string();
-        let map = candle_core::safetensors::load(path, &Device::Cpu)
-            .map_err(|e| Error::msg(format!("reading checkpoint {file}: {e}")))?;
-        let get = |k: &str| -> Result<Tensor> {
-            map.get(k).cloned().ok_or_else(|| Error::MissingTensor {
-                file: file.clone(),
-                key: k.to_string(),
-            })
-        };
-        let seed = get(CKPT_SEED)?.to_scalar::<i64>()? as u64;
-        if seed != cfg.seed {
-            return Err(Error::invalid(
-                "resume seed",
-                format!(
-                    "{file} was written with seed {seed}, the config has {}",
-                    cfg.seed
-                ),
-            ));
-        }
-        let step = get(CKPT_STEP)?.to_scalar::<i64>()?;
-        let step = u64::try_from(step)
-            .map_err(|_| Error::invalid("checkpoint step", format!("{file}: {step}")))?;
+        let ck = CheckpointFile::read(path.as_ref(), cfg.seed)?;
+        let (file, step) = (ck.file.clone(), ck.step);
+        let get = |k: &str| ck.get(k);
         let mut t = Self::new(cfg, views)?;
         {
             let data = t
@@ -683,12 +661,7 @@ impl FieldTrainer {
                 v.set(&saved.to_dtype(DType::F32)?)?;
             }
         }
-        let optim: HashMap<String, Tensor> = map
-            .iter()
-            .filter_map(|(k, v)| k.strip_prefix("optim.").map(|k| (k.to_string(), v.clone())))
-            .collect();
-        load_optimizer_state_map(&mut t.opt, &optim)
-            .map_err(|e| Error::msg(format!("{file}: optimizer state: {e}")))?;
+        ck.load_optimizer(&mut t.opt)?;
         let occ = get(CKPT_OCC)?.to_dtype(DType::U8)?.to_vec1::<u8>()?;
         if occ.len() != t.occupancy.occupied.len() {
             return Err(Error::invalid(

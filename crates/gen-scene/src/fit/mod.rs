@@ -383,8 +383,8 @@ pub struct Trainer {
     extent: f64,
 }
 
-const CKPT_STEP: &str = "meta.step";
-const CKPT_SEED: &str = "meta.seed";
+pub(crate) const CKPT_STEP: &str = "meta.step";
+pub(crate) const CKPT_SEED: &str = "meta.seed";
 
 fn adam_configs(lr: &LearningRates, means_lr: f64) -> [AdamWConfig; 5] {
     let c = |lr: f64| AdamWConfig {
@@ -604,29 +604,9 @@ impl Trainer {
     /// A trainer continuing from a checkpoint written by [`Trainer::save_checkpoint`] with the
     /// same configuration and views (the seed must match).
     pub fn resume(cfg: FitConfig, views: Vec<PosedImage>, path: impl AsRef<Path>) -> Result<Self> {
-        let path = path.as_ref();
-        let file = path.display().to_string();
-        let map = candle_core::safetensors::load(path, &Device::Cpu)
-            .map_err(|e| Error::msg(format!("reading checkpoint {file}: {e}")))?;
-        let get = |k: &str| -> Result<Tensor> {
-            map.get(k).cloned().ok_or_else(|| Error::MissingTensor {
-                file: file.clone(),
-                key: k.to_string(),
-            })
-        };
-        let seed = get(CKPT_SEED)?.to_scalar::<i64>()? as u64;
-        if seed != cfg.seed {
-            return Err(Error::invalid(
-                "resume seed",
-                format!(
-                    "{file} was written with seed {seed}, the config has {}",
-                    cfg.seed
-                ),
-            ));
-        }
-        let step = get(CKPT_STEP)?.to_scalar::<i64>()?;
-        let step = u64::try_from(step)
-            .map_err(|_| Error::invalid("checkpoint step", format!("{file}: {step}")))?;
+        let ck = CheckpointFile::read(path.as_ref(), cfg.seed)?;
+        let (file, step) = (ck.file.clone(), ck.step);
+        let get = |k: &str| ck.get(k);
         let splats = Splats {
             means: get("splat.means")?,
             log_scales: get("splat.log_scales")?,
@@ -648,12 +628,7 @@ impl Trainer {
             ));
         }
         let mut t = Self::with_splats(cfg, views, &splats)?;
-        let optim: HashMap<String, Tensor> = map
-            .iter()
-            .filter_map(|(k, v)| k.strip_prefix("optim.").map(|k| (k.to_string(), v.clone())))
-            .collect();
-        load_optimizer_state_map(&mut t.opt, &optim)
-            .map_err(|e| Error::msg(format!("{file}: optimizer state: {e}")))?;
+        ck.load_optimizer(&mut t.opt)?;
         let n = splats.len();
         let f64s = |k: &str| -> Result<Vec<f64>> {
             let v = get(k)?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
@@ -692,6 +667,60 @@ pub struct EvalReport {
     pub iou: Option<f64>,
     pub per_view_psnr: Vec<f64>,
     pub per_view_iou: Vec<Option<f64>>,
+}
+
+/// A fitting checkpoint read back: its tensors, checked against the run's seed, and its step.
+/// Shared by the splat and field trainers (`seed`, `step` and `optim.*` keys).
+pub(crate) struct CheckpointFile {
+    pub(crate) file: String,
+    map: HashMap<String, Tensor>,
+    pub(crate) step: u64,
+}
+
+impl CheckpointFile {
+    /// Reads `path` and checks that it was written with `seed`.
+    pub(crate) fn read(path: &Path, seed: u64) -> Result<Self> {
+        let file = path.display().to_string();
+        let map = candle_core::safetensors::load(path, &Device::Cpu)
+            .map_err(|e| Error::msg(format!("reading checkpoint {file}: {e}")))?;
+        let mut ck = Self { file, map, step: 0 };
+        let saved = ck.get(CKPT_SEED)?.to_scalar::<i64>()? as u64;
+        if saved != seed {
+            return Err(Error::invalid(
+                "resume seed",
+                format!(
+                    "{} was written with seed {saved}, the config has {seed}",
+                    ck.file
+                ),
+            ));
+        }
+        let step = ck.get(CKPT_STEP)?.to_scalar::<i64>()?;
+        ck.step = u64::try_from(step)
+            .map_err(|_| Error::invalid("checkpoint step", format!("{}: {step}", ck.file)))?;
+        Ok(ck)
+    }
+
+    /// The tensor under `key`; an error naming the file and key when absent.
+    pub(crate) fn get(&self, key: &str) -> Result<Tensor> {
+        self.map
+            .get(key)
+            .cloned()
+            .ok_or_else(|| Error::MissingTensor {
+                file: self.file.clone(),
+                key: key.to_string(),
+            })
+    }
+
+    /// Loads the `optim.*` tensors into `opt`.
+    pub(crate) fn load_optimizer(&self, opt: &mut Optim<AdamW>) -> Result<()> {
+        let optim: HashMap<String, Tensor> = self
+            .map
+            .iter()
+            .filter_map(|(k, v)| k.strip_prefix("optim.").map(|k| (k.to_string(), v.clone())))
+            .collect();
+        load_optimizer_state_map(opt, &optim)
+            .map_err(|e| Error::msg(format!("{}: optimizer state: {e}", self.file)))
+    }
 }
 
 /// PSNR and silhouette IoU of `splats` rendered on `background` against `views`.
