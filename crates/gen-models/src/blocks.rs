@@ -58,8 +58,7 @@ pub struct Conv2d {
 impl Module for Conv2d {
     /// `(B, in, H, W)` → `(B, out, H', W')`.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = gen_ops::conv2d(x, &self.weight, &self.cfg)?;
-        y.broadcast_add(&self.bias.reshape((1, (), 1, 1))?)
+        gen_ops::conv2d_bias(x, &self.weight, Some(&self.bias), &self.cfg)
     }
 }
 

@@ -148,7 +148,7 @@ impl Evaluator {
         let mut x = ((images * 2.0)? - 1.0)?;
         let conv = Conv2dConfig { padding: 1, stride: 2, dilation: 1, groups: 1, cudnn_fwd_algo: None };
         for ((w, b), (g, bb)) in self.convs.iter().zip(&self.norms) {
-            x = gen_ops::conv2d(&x, w, &conv)?.broadcast_add(&b.reshape((1, (), 1, 1))?)?;
+            x = gen_ops::conv2d_bias(&x, w, Some(b), &conv)?;
             x = gen_ops::group_norm(&x, self.cfg.norm_groups, Some(g), Some(bb), 1e-5)?;
             x = x.silu()?;
         }
