@@ -19,6 +19,8 @@ time of all threads, steadier on a shared machine):
 Configurations:
   tiny  block_out_channels (32, 64, 64), 1 layer per block, 1.49 M parameters, batch 32,
         4x16x16 latents, 77 condition tokens of width 64
+  prior the embedded prior's UNet (gen train --preset real): (32, 64, 64), attention at 8x8
+        and 4x4 only, batch 32, 4x16x16 latents, 16 condition tokens of width 64
   sd15  Stable Diffusion 1.5's UNet (860 M parameters), batch 1, 4x64x64 latents, 77x768
         condition; forward only unless --sd15-backward (forward + backward, no AdamW;
         needs well over 10 GB of memory)
@@ -60,6 +62,24 @@ CONFIGS = {
         batch=32,
         hw=16,
         tokens=77,
+    ),
+    # the embedded prior's UNet (gen-pretrain's real preset): one `gen train` UNet step
+    "prior": dict(
+        model=dict(
+            sample_size=16,
+            in_channels=4,
+            out_channels=4,
+            block_out_channels=(32, 64, 64),
+            layers_per_block=1,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            cross_attention_dim=64,
+            attention_head_dim=4,
+            norm_num_groups=16,
+        ),
+        batch=32,
+        hw=16,
+        tokens=16,
     ),
     "sd15": dict(
         model=dict(
@@ -157,6 +177,7 @@ def main():
 
     results = {"torch": torch.__version__, "diffusers": diffusers.__version__, "threads": args.threads}
     results["tiny"] = bench("tiny", CONFIGS["tiny"], args.reps, backward=True, adamw=True)
+    results["prior"] = bench("prior", CONFIGS["prior"], args.reps, backward=True, adamw=True)
     if not args.no_sd15:
         results["sd15"] = bench(
             "sd15", CONFIGS["sd15"], args.sd15_reps, backward=args.sd15_backward, adamw=False, warmup=args.sd15_warmup
@@ -171,7 +192,7 @@ def main():
     print(f"diffusers {diffusers.__version__}, torch {torch.__version__}, {args.threads} threads, f32 CPU")
     print("median ms (process CPU ms) | params | batch | fwd | fwd+bwd | fwd+bwd+AdamW")
     print("---|---|---|---|---|---")
-    for name in ["tiny", "sd15"]:
+    for name in ["tiny", "prior", "sd15"]:
         r = results.get(name)
         if r is None:
             continue

@@ -10,6 +10,7 @@
 //! Environment:
 //! - `GEN_BENCH_REPS` timed repetitions for the tiny UNet (default 5; SD 1.5 uses `GEN_BENCH_SD15_REPS`, default 2);
 //!   each measurement is the median after one untimed warm-up call.
+//! - `GEN_BENCH_TINY=0` / `GEN_BENCH_PRIOR=0` skip the tiny UNet / the embedded prior's UNet;
 //! - `GEN_BENCH_SD15=0` skips the SD-1.5-sized UNet; `GEN_BENCH_SD15_BACKWARD=1` also times its
 //!   forward + backward (no AdamW; needs well over 10 GB of memory; off by default);
 //!   `GEN_BENCH_SD15_WARMUP` untimed calls before (default 1).
@@ -18,6 +19,9 @@
 //! Configurations (same in the Python script):
 //! - tiny: block_out_channels (32, 64, 64), 1 layer per block, 1.49 M parameters, batch 32,
 //!   4×16×16 latents, 77 condition tokens of width 64;
+//! - prior: the UNet of the embedded model (`gen train --preset real`: (32, 64, 64), attention
+//!   at 8×8 and 4×4 only, 4 heads), batch 32, 4×16×16 latents, 16 tokens of width 64 — one
+//!   training step of `gen train`;
 //! - sd15: Stable Diffusion 1.5's UNet (860 M parameters), batch 1, 4×64×64 latents, 77×768
 //!   condition.
 //!
@@ -32,7 +36,7 @@ use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use candle_transformers::models::stable_diffusion::unet_2d;
-use gen_bench::{candle_unet_config, detached_weights, num_params, randomize, sd15_unet_config, time_it, tiny_unet_config, Timing};
+use gen_bench::{candle_unet_config, detached_weights, num_params, prior_unet_config, randomize, sd15_unet_config, time_it, tiny_unet_config, Timing};
 use gen_models::unet::{UNet2DConditionModel, UNetConfig};
 use gen_optim::{AdamW, AdamWConfig, NamedVar, Optim, Optimizer, ParamGroup};
 
@@ -154,17 +158,13 @@ fn ratio(a: Option<f64>, b: Option<f64>) -> String {
 
 fn main() -> Result<()> {
     let reps = env_usize("GEN_BENCH_REPS", 5);
-    let mut cases = vec![Case {
-        name: "tiny",
-        cfg: tiny_unet_config()?,
-        batch: 32,
-        hw: 16,
-        tokens: 77,
-        reps,
-        warmup: 1,
-        backward: true,
-        adamw: true,
-    }];
+    let mut cases = Vec::new();
+    if env_usize("GEN_BENCH_TINY", 1) != 0 {
+        cases.push(Case { name: "tiny", cfg: tiny_unet_config()?, batch: 32, hw: 16, tokens: 77, reps, warmup: 1, backward: true, adamw: true });
+    }
+    if env_usize("GEN_BENCH_PRIOR", 1) != 0 {
+        cases.push(Case { name: "prior", cfg: prior_unet_config()?, batch: 32, hw: 16, tokens: 16, reps, warmup: 1, backward: true, adamw: true });
+    }
     if env_usize("GEN_BENCH_SD15", 1) != 0 {
         cases.push(Case {
             name: "sd15",

@@ -26,6 +26,12 @@ pub fn tiny_unet_config() -> Result<UNetConfig> {
     )?)
 }
 
+/// The UNet of the embedded prior (`gen train`'s real preset, exactly as trained and shipped).
+pub fn prior_unet_config() -> Result<UNetConfig> {
+    let cfg = gen_pretrain::PretrainConfig::real();
+    Ok(UNetConfig::from_json(&gen_pretrain::stages::unet_config_json(&cfg), "gen-pretrain real preset unet.config")?)
+}
+
 /// Stable Diffusion 1.5's UNet (runwayml/stable-diffusion-v1-5 `unet/config.json`, 860 M
 /// parameters).
 pub fn sd15_unet_config() -> Result<UNetConfig> {
