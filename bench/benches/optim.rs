@@ -306,6 +306,7 @@ fn bench_train(steps: usize) -> Result<()> {
 }
 
 fn main() -> Result<()> {
+    gen_core::tune_allocator();
     let parts = std::env::var("GEN_BENCH_OPTIM_PARTS").unwrap_or_else(|_| "proj,state,train".into());
     let reps: usize = std::env::var("GEN_BENCH_REPS").ok().and_then(|s| s.parse().ok()).unwrap_or(3);
     let steps: usize = std::env::var("GEN_BENCH_OPTIM_STEPS").ok().and_then(|s| s.parse().ok()).unwrap_or(100);

@@ -86,6 +86,7 @@ fn torch_row(doc: &Option<serde_json::Value>, n: usize, size: usize) -> Option<T
 }
 
 fn main() -> Result<()> {
+    gen_core::tune_allocator();
     let dir = PathBuf::from(std::env::var("GEN_BENCH_SPLAT_DIR").unwrap_or_else(|_| {
         concat!(env!("CARGO_MANIFEST_DIR"), "/../target/bench").to_string()
     }));

@@ -13,7 +13,9 @@
 //! - `GEN_BENCH_TINY=0` / `GEN_BENCH_PRIOR=0` skip the tiny UNet / the embedded prior's UNet;
 //! - `GEN_BENCH_SD15=0` skips the SD-1.5-sized UNet; `GEN_BENCH_SD15_BACKWARD=1` also times its
 //!   forward + backward (no AdamW; needs well over 10 GB of memory; off by default);
-//!   `GEN_BENCH_SD15_WARMUP` untimed calls before (default 1).
+//!   `GEN_BENCH_SD15_WARMUP` untimed calls before (default 1); `GEN_BENCH_SD15_ATTN_CHUNK` the
+//!   attention query chunk of the forward + backward (default 1024; without chunking the
+//!   attention probabilities kept for the backward pass alone need several GB).
 //! - `GEN_BENCH_DIFFUSERS_JSON` overrides the path of the diffusers results.
 //!
 //! Configurations (same in the Python script):
@@ -52,6 +54,8 @@ struct Case {
     backward: bool,
     /// Also time forward + backward + AdamW (needs memory for the optimizer state).
     adamw: bool,
+    /// Attention query chunk for the forward + backward timings (`None`: unchunked).
+    train_attention_chunk: Option<usize>,
 }
 
 #[derive(Default)]
@@ -112,7 +116,10 @@ fn run_case(case: &Case) -> Result<Row> {
     }
 
     if case.backward {
-        let model = UNet2DConditionModel::new(VarBuilder::from_varmap(&varmap, DType::F32, &dev), cfg)?;
+        let mut model = UNet2DConditionModel::new(VarBuilder::from_varmap(&varmap, DType::F32, &dev), cfg)?;
+        // Training at SD resolution keeps the attention probabilities of every layer for the
+        // backward pass unless queries are chunked (the fused op recomputes them per chunk).
+        model.set_attention_chunk_size(case.train_attention_chunk);
         let loss = || -> Result<Tensor> { Ok((model.forward(&x, &ts, &ehs)? - &target)?.sqr()?.mean_all()?) };
         eprintln!("== {}: gen-models forward + backward", case.name);
         row.ours_fwd_bwd = Some(time_it(case.warmup, case.reps, || loss()?.backward().map(|_| ()).map_err(Into::into))?);
@@ -157,13 +164,14 @@ fn ratio(a: Option<f64>, b: Option<f64>) -> String {
 }
 
 fn main() -> Result<()> {
+    gen_core::tune_allocator();
     let reps = env_usize("GEN_BENCH_REPS", 5);
     let mut cases = Vec::new();
     if env_usize("GEN_BENCH_TINY", 1) != 0 {
-        cases.push(Case { name: "tiny", cfg: tiny_unet_config()?, batch: 32, hw: 16, tokens: 77, reps, warmup: 1, backward: true, adamw: true });
+        cases.push(Case { name: "tiny", cfg: tiny_unet_config()?, batch: 32, hw: 16, tokens: 77, reps, warmup: 1, backward: true, adamw: true, train_attention_chunk: None });
     }
     if env_usize("GEN_BENCH_PRIOR", 1) != 0 {
-        cases.push(Case { name: "prior", cfg: prior_unet_config()?, batch: 32, hw: 16, tokens: 16, reps, warmup: 1, backward: true, adamw: true });
+        cases.push(Case { name: "prior", cfg: prior_unet_config()?, batch: 32, hw: 16, tokens: 16, reps, warmup: 1, backward: true, adamw: true, train_attention_chunk: None });
     }
     if env_usize("GEN_BENCH_SD15", 1) != 0 {
         cases.push(Case {
@@ -176,6 +184,8 @@ fn main() -> Result<()> {
             warmup: env_usize("GEN_BENCH_SD15_WARMUP", 1),
             backward: env_usize("GEN_BENCH_SD15_BACKWARD", 0) != 0,
             adamw: false,
+            // 1024 of SD 1.5's 4096 queries at 64×64: ≤ 128 MB of logits per layer at a time
+            train_attention_chunk: Some(env_usize("GEN_BENCH_SD15_ATTN_CHUNK", 1024)),
         });
     }
     println!("UNet benchmark, f32 CPU, {} threads (candle)", candle_core::utils::get_num_threads());

@@ -6,6 +6,7 @@ mod commands;
 use clap::Parser;
 
 fn main() -> std::process::ExitCode {
+    gen_core::tune_allocator();
     let cli = commands::Cli::parse();
     match commands::run(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -4,12 +4,14 @@
 //! Every library crate of the workspace returns [`Result`]; errors name the file, tensor key,
 //! op or shape involved.
 
+pub mod alloc;
 pub mod device;
 pub mod error;
 pub mod fsutil;
 pub mod imageio;
 pub mod rng;
 
+pub use alloc::tune_allocator;
 pub use device::{pick_device, DeviceChoice};
 pub use error::{Error, Result, ResultExt};
 pub use fsutil::{write_atomic, AtomicFile};
