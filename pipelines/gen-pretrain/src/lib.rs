@@ -11,9 +11,12 @@
 //!   `vae/`, `scheduler/`, plus `clip/` and `evaluator/`);
 //! - [`metrics`]: measurements on the test split (VAE PSNR, evaluator accuracy, prompt accuracy
 //!   of generated images).
+//! - [`eval`]: `gen eval`: prompt accuracy, tiny-FID with its real-vs-real baseline, saturation
+//!   excess, clipped pixels and speed of a pipeline with CFG or APG on the test split.
 
 pub mod config;
 pub mod data;
+pub mod eval;
 pub mod evaluator;
 pub mod export;
 pub mod metrics;

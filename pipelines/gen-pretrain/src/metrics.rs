@@ -4,8 +4,10 @@
 //! - [`generation_accuracy`]: the evaluator's shape / hue / colour (hue and tone) agreement with
 //!   the prompts of generated images (DDIM, classifier-free guidance);
 //! - [`frechet_distance`] of evaluator features ("tiny-FID", generated vs real test images),
-//!   [`object_saturation`] (mean HSV saturation of object pixels) and the clipped-pixel fraction
-//!   of decoded images ([`GenerationReport`]).
+//!   object saturation vs the real renders of the same captions and the clipped-pixel fraction
+//!   ([`GenerationReport`], with gen-world's metrics: [`gen_world::metrics`]).
+//!
+//! `gen eval` (the full report with CFG/APG, baselines and timing) is in [`crate::eval`].
 
 use candle_core::{DType, Device, Tensor};
 use serde::Serialize;
@@ -16,6 +18,7 @@ use gen_models::clip::TextForwardOptions;
 use gen_models::pipeline::SdPipeline;
 use gen_models::unet::UNet2DConditionModel;
 use gen_models::vae::AutoencoderKL;
+use gen_world::metrics::{clipped_fraction, set_saturation, ClipThresholds, ImageU8, ObjectSelect};
 use gen_world::Split;
 
 use crate::data::{Labels, WorldData};
@@ -130,12 +133,15 @@ pub struct GenerationReport {
     /// Fréchet distance of evaluator features, generated vs the real test images of the same
     /// captions ("tiny-FID"; with few images it is biased upwards, compare like with like).
     pub tiny_fid: f64,
-    /// Mean HSV saturation of object pixels: generated images, and the real test renders of the
-    /// same captions. Object pixels: colour farther than 0.1 (RGB, [0, 1]) from the background
-    /// colour named in the caption (real renders use their coverage mask the same way).
-    pub saturation_generated: f64,
+    /// Mean HSV saturation of object pixels ([`gen_world::metrics::set_saturation`]): generated
+    /// images (`None` if no object pixel was found), and the real test renders of the same
+    /// captions. Both segmented the same way: distance to the caption's background colour
+    /// ([`ObjectSelect::for_background`]).
+    pub saturation_generated: Option<f64>,
     pub saturation_real: f64,
-    /// Fraction of decoded pixel values outside [0, 1] before clamping.
+    /// `saturation_generated − saturation_real` ([`gen_world::metrics::saturation_excess`]).
+    pub saturation_excess: Option<f64>,
+    /// Fraction of 8-bit channel values at 0 or 255 ([`gen_world::metrics::clipped_fraction`]).
     pub clipped_fraction: f64,
 }
 
@@ -149,35 +155,16 @@ pub fn frechet_distance(a: &[Vec<f64>], b: &[Vec<f64>]) -> Result<f64> {
     gen_world::metrics::frechet_distance(&a.concat(), &b.concat(), d)
 }
 
-/// HSV saturation `(max − min) / max` of an sRGB pixel (0 for black).
-fn saturation(p: [f32; 3]) -> f64 {
-    let mx = p[0].max(p[1]).max(p[2]) as f64;
-    let mn = p[0].min(p[1]).min(p[2]) as f64;
-    if mx <= 1e-6 {
-        0.0
-    } else {
-        (mx - mn) / mx
-    }
-}
-
-/// Mean saturation of the pixels of `images` `(N, 3, H, W)` in [0, 1] whose colour is farther
-/// than 0.1 (Euclidean, RGB) from the image's background colour `backgrounds[n]`.
-pub fn object_saturation(images: &Tensor, backgrounds: &[[f32; 3]]) -> Result<f64> {
+/// 8-bit images from `(N, 3, H, W)` values in [0, 1] (clamped, `round(255 v)`).
+pub fn tensor_to_images(images: &Tensor) -> Result<Vec<image::RgbImage>> {
     let (n, _, h, w) = images.dims4()?;
     let v = images.permute((0, 2, 3, 1))?.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
-    let (mut sum, mut count) = (0.0, 0usize);
-    for (k, &bg) in backgrounds.iter().enumerate().take(n) {
-        for p in 0..h * w {
-            let o = (k * h * w + p) * 3;
-            let px = [v[o], v[o + 1], v[o + 2]];
-            let dist = ((px[0] - bg[0]).powi(2) + (px[1] - bg[1]).powi(2) + (px[2] - bg[2]).powi(2)).sqrt();
-            if dist > 0.1 {
-                sum += saturation(px);
-                count += 1;
-            }
-        }
-    }
-    Ok(if count == 0 { 0.0 } else { sum / count as f64 })
+    Ok((0..n)
+        .map(|k| {
+            let raw = v[k * h * w * 3..(k + 1) * h * w * 3].iter().map(|x| (x * 255.0).round().clamp(0.0, 255.0) as u8).collect();
+            image::RgbImage::from_raw(w as u32, h as u32, raw).expect("buffer is H*W*3")
+        })
+        .collect())
 }
 
 fn rows(t: &Tensor) -> Result<Vec<Vec<f64>>> {
@@ -198,7 +185,6 @@ pub fn generation_accuracy(pipe: &SdPipeline, eval: &Evaluator, data: &mut World
     let side = data.world().config().image_size as usize / f;
     let dev: Device = pipe.device.clone();
     let (mut gen_feats, mut real_feats) = (Vec::new(), Vec::new());
-    let (mut clipped, mut values) = (0usize, 0usize);
     let mut backgrounds = Vec::new();
     let mut reals = Vec::new();
     for (ci, chunk) in idx.chunks(s.batch.max(1)).enumerate() {
@@ -215,9 +201,6 @@ pub fn generation_accuracy(pipe: &SdPipeline, eval: &Evaluator, data: &mut World
         let mut g = Cfg::new(s.guidance_scale)?;
         let lat = sample(&den, sched.as_mut(), &mut g, &x, &Conditions { cond, uncond: Some(uncond) }, &mut rng, &mut |_| {})?;
         let raw = ((pipe.vae.decode(&(lat / scaling)?)? + 1.0)? * 0.5)?;
-        let flat = raw.flatten_all()?.to_vec1::<f32>()?;
-        clipped += flat.iter().filter(|v| !(0.0..=1.0).contains(*v)).count();
-        values += flat.len();
         let img = raw.clamp(0f32, 1f32)?;
         for (p, l) in eval.predict(&img)?.iter().zip(&b.labels) {
             accumulate(&mut acc, p, l);
@@ -225,20 +208,34 @@ pub fn generation_accuracy(pipe: &SdPipeline, eval: &Evaluator, data: &mut World
         gen_feats.extend(rows(&eval.features(&img)?)?);
         real_feats.extend(rows(&eval.features(&b.images)?)?);
         for &i in chunk {
-            backgrounds.push(data.sample(Split::Test, i)?.scene.background.srgb());
+            backgrounds.push(data.sample(Split::Test, i)?.scene.background);
         }
         reals.push(b.images.clone());
         images.push(img);
     }
     let images = Tensor::cat(&images, 0)?;
     let reals = Tensor::cat(&reals, 0)?;
+    let gen8 = tensor_to_images(&images)?;
+    let real8 = tensor_to_images(&reals)?;
+    let (gen_sel, real_sel) = (by_background(&gen8, &backgrounds), by_background(&real8, &backgrounds));
+    let saturation_generated = set_saturation(&gen_sel)?.mean;
+    let saturation_real = set_saturation(&real_sel)?
+        .mean
+        .ok_or_else(|| gen_core::Error::msg("no object pixels found in the real test renders (world and background colours disagree?)"))?;
+    let clipped = clipped_fraction(&gen8.iter().map(ImageU8::from_rgb_image).collect::<Vec<_>>(), ClipThresholds::EXACT)?;
     let report = GenerationReport {
         tiny_fid: frechet_distance(&gen_feats, &real_feats)?,
-        saturation_generated: object_saturation(&images, &backgrounds)?,
-        saturation_real: object_saturation(&reals, &backgrounds)?,
-        clipped_fraction: clipped as f64 / values.max(1) as f64,
+        saturation_generated,
+        saturation_real,
+        saturation_excess: saturation_generated.map(|g| g - saturation_real),
+        clipped_fraction: clipped.overall,
     };
     Ok((finish(acc), report, images))
+}
+
+/// Each image with the background-distance object selection of its background.
+fn by_background<'a>(images: &'a [image::RgbImage], backgrounds: &[gen_world::Background]) -> Vec<(ImageU8<'a>, ObjectSelect<'static>)> {
+    images.iter().zip(backgrounds).map(|(i, b)| (ImageU8::from_rgb_image(i), ObjectSelect::for_background(*b))).collect()
 }
 
 /// A grid PNG of `(N, 3, H, W)` images in [0, 1], `cols` per row.

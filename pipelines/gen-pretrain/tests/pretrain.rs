@@ -220,8 +220,8 @@ fn config_round_trips_and_rejects_bad_values() -> anyhow::Result<()> {
 }
 
 #[test]
-fn frechet_distance_and_saturation_by_hand() -> anyhow::Result<()> {
-    use gen_pretrain::metrics::{frechet_distance, object_saturation};
+fn frechet_distance_by_hand() -> anyhow::Result<()> {
+    use gen_pretrain::metrics::frechet_distance;
     // 1-D: a = {0, 2} (mean 1, variance 2), b = {1, 5} (mean 3, variance 8):
     // (1 - 3)² + 2 + 8 - 2 sqrt(2 * 8) = 6
     let fd = frechet_distance(&[vec![0.0], vec![2.0]], &[vec![1.0], vec![5.0]])?;
@@ -232,12 +232,5 @@ fn frechet_distance_and_saturation_by_hand() -> anyhow::Result<()> {
     let b: Vec<Vec<f64>> = a.iter().map(|r| vec![r[0] + 1.0, r[1], r[2] - 2.0]).collect();
     assert!((frechet_distance(&a, &b)? - 5.0).abs() < 1e-9);
     assert!(frechet_distance(&a[..1], &b).is_err());
-    // 2×1 image: a pure red pixel (saturation 1) and a grey one equal to the background (skipped)
-    let img = Tensor::from_vec(vec![1f32, 0.5, 0.0, 0.5, 0.0, 0.5], (1, 3, 1, 2), &Device::Cpu)?;
-    let s = object_saturation(&img, &[[0.5, 0.5, 0.5]])?;
-    assert!((s - 1.0).abs() < 1e-9, "{s}");
-    // a light pixel (1, 0.5, 0.5): saturation 0.5
-    let img = Tensor::from_vec(vec![1f32, 0.5, 0.5], (1, 3, 1, 1), &Device::Cpu)?;
-    assert!((object_saturation(&img, &[[0.0, 0.0, 0.0]])? - 0.5).abs() < 1e-9);
     Ok(())
 }

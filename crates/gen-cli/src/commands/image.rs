@@ -173,7 +173,7 @@ fn parse_interval(s: &str) -> Result<IntervalRange, String> {
 /// The default model folder: `$GEN_MODEL`, else `weights/tiny-shapes` found next to the
 /// executable (or an ancestor of its folder), else in the source tree gen was built from.
 /// Returns the candidates looked at when none exists.
-fn default_model() -> Result<String, Vec<PathBuf>> {
+pub(crate) fn default_model() -> Result<String, Vec<PathBuf>> {
     if let Ok(m) = std::env::var("GEN_MODEL") {
         if !m.is_empty() {
             return Ok(m);

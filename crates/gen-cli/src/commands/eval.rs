@@ -1,0 +1,364 @@
+//! `gen eval images` and `gen eval guidance`: prompt accuracy, tiny-FID, saturation excess,
+//! clipped pixels and speed of the model on the shapes world's test split (gen-pretrain's
+//! `eval` module), for one guidance setting or a CFG-vs-APG sweep over scales.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use clap::{Args, Subcommand};
+use gen_core::{write_atomic, DeviceChoice};
+use gen_pretrain::eval::{
+    csv_header, csv_row, guidance_method, guidance_panels, parse_csv, parse_scales, same_settings, samples_grid, settings_columns, sweep_configs, ApgOverrides,
+    EvalConfig, EvalOutput, EvalReport, EvalSession,
+};
+use gen_sample::{Progress, Sampler};
+use indicatif::{ProgressBar, ProgressStyle};
+
+const METRICS_HELP: &str = "\
+Metrics (evaluator = the classifier in MODEL/evaluator, never trained on generated images):
+  shape / colour (hue and tone) / background / view accuracy: evaluator labels of the generated
+    images vs the prompt; 'real' = the same on the true renders of the prompts (the ceiling).
+  tiny-FID: Fréchet distance of evaluator features, generated vs as many real test renders;
+    the real-vs-real baseline is the same distance between two disjoint real sets of that size.
+    Small sets bias it upwards: compare only runs with the same --prompts × --per-prompt.
+  saturation excess: mean HSV saturation of object pixels, generated minus real renders of the
+    same prompts (object = farther than 0.12 from the caption's background colour).
+  clipped fraction: channel values at 0 or 255.   s/image: generation time per image.
+Prompts are captions of the world's TEST split picked by --seed; image i uses prompt i mod
+--prompts and noise stream i of --seed (as `gen image`), so runs that differ only in guidance
+see the same prompts and noise. APG starts from the paper preset (eta 0, r 15, momentum -0.5, x0
+space); r scales with the square root of the latent size (r 15 on SDXL's 128×128×4 latents is
+about 2 on the tiny model's 16×16×4).";
+
+const IMAGES_HELP: &str = "\
+Writes OUT/report.json (settings, prompts, every metric), OUT/metrics.csv (one row) and
+OUT/samples.png (the generated images, one row per prompt when --per-prompt > 1).
+
+Examples:
+  gen eval images --out out/eval-cfg
+  gen eval images --guidance apg --scale 10 --apg-eta 0.3 --apg-r 2 --out out/eval-apg
+  gen eval images --model out/tiny-model --prompts 2 --per-prompt 1 --steps 4 --out out/smoke";
+
+const GUIDANCE_HELP: &str = "\
+Runs `gen eval images` for every method × scale with the same prompts and seeds, appending one
+row per run to OUT/guidance.csv (every metric); rows already there with the same settings are
+reused, so an interrupted sweep resumes where it stopped. Then draws OUT/guidance.png (accuracy,
+tiny-FID, saturation excess and clipped fraction vs scale, one line per method) and prints the
+CFG-vs-APG table.
+
+Examples:
+  gen eval guidance --out out/guidance
+  gen eval guidance --method cfg,apg --scales 1,3,5,7.5,10,15,20 --apg-r 2 --out out/guidance-r2
+  gen eval guidance --method apg --scales 5,10,20,30 --apg-eta 0.5 --prompts 64 --out out/apg-eta05";
+
+/// Measure the model on the shapes world's test prompts.
+#[derive(Debug, Args)]
+pub struct EvalArgs {
+    #[command(subcommand)]
+    pub command: EvalCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum EvalCommand {
+    /// Generate images for test prompts with one guidance setting and measure them.
+    #[command(after_help = format!("{IMAGES_HELP}\n\n{METRICS_HELP}"))]
+    Images(ImagesArgs),
+    /// Sweep guidance methods × scales (CFG vs APG) with the same prompts and seeds.
+    #[command(after_help = format!("{GUIDANCE_HELP}\n\n{METRICS_HELP}"))]
+    Guidance(GuidanceArgs),
+}
+
+/// Options shared by both subcommands.
+#[derive(Debug, Args)]
+pub struct CommonArgs {
+    /// Model: a diffusers folder with an evaluator/ folder. Default: $GEN_MODEL, else
+    /// weights/tiny-shapes of this checkout (as `gen image`).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// Evaluator folder (config.json, model.safetensors); default MODEL/evaluator.
+    #[arg(long)]
+    pub evaluator: Option<PathBuf>,
+    /// Number of test prompts.
+    #[arg(long, default_value_t = 32)]
+    pub prompts: usize,
+    /// Images per prompt.
+    #[arg(long, default_value_t = 1)]
+    pub per_prompt: usize,
+    /// Denoising steps.
+    #[arg(long, default_value_t = 30)]
+    pub steps: usize,
+    /// Sampler: ddim, ddpm, euler, euler-a, dpm++2m, dpm++2m-karras.
+    #[arg(long, default_value = "dpm++2m", value_parser = parse_sampler)]
+    pub scheduler: Sampler,
+    /// APG: weight of the update's component parallel to the conditional prediction (paper: 0).
+    #[arg(long, allow_hyphen_values = true)]
+    pub apg_eta: Option<f64>,
+    /// APG: norm threshold r of the update (0 disables; paper: 15).
+    #[arg(long, allow_hyphen_values = true)]
+    pub apg_r: Option<f64>,
+    /// APG: momentum beta (|beta| < 1; paper: -0.5; 0 disables).
+    #[arg(long, allow_hyphen_values = true)]
+    pub apg_momentum: Option<f64>,
+    /// Seed of the prompts and of every image's noise.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Images denoised together (does not change the images).
+    #[arg(long, default_value_t = 8)]
+    pub batch: usize,
+    /// Device: auto, cpu, cuda[:N] or metal[:N].
+    #[arg(long, default_value = "auto", value_parser = parse_device)]
+    pub device: DeviceChoice,
+    /// Output folder (created if missing).
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct ImagesArgs {
+    #[command(flatten)]
+    pub common: CommonArgs,
+    /// Guidance method: cfg or apg.
+    #[arg(long, default_value = "cfg")]
+    pub guidance: String,
+    /// Guidance scale w (> 0; 1 = no guidance).
+    #[arg(long, default_value_t = 7.5, allow_hyphen_values = true)]
+    pub scale: f64,
+}
+
+#[derive(Debug, Args)]
+pub struct GuidanceArgs {
+    #[command(flatten)]
+    pub common: CommonArgs,
+    /// Guidance methods, comma-separated: cfg, apg.
+    #[arg(long, default_value = "cfg,apg")]
+    pub method: String,
+    /// Guidance scales, comma-separated (each > 0).
+    #[arg(long, default_value = "1,3,5,7.5,10,15,20", allow_hyphen_values = true)]
+    pub scales: String,
+}
+
+fn parse_sampler(s: &str) -> Result<Sampler, String> {
+    Sampler::parse(s).map_err(|e| e.to_string())
+}
+
+fn parse_device(s: &str) -> Result<DeviceChoice, String> {
+    s.parse::<DeviceChoice>().map_err(|e| e.to_string())
+}
+
+pub fn run(args: EvalArgs) -> anyhow::Result<()> {
+    match args.command {
+        EvalCommand::Images(a) => run_images(a),
+        EvalCommand::Guidance(a) => run_guidance(a),
+    }
+}
+
+impl CommonArgs {
+    fn apg(&self) -> ApgOverrides {
+        ApgOverrides { eta: self.apg_eta, norm_threshold: self.apg_r, momentum: self.apg_momentum }
+    }
+
+    /// The model folder: --model, else `gen image`'s default.
+    fn model(&self) -> anyhow::Result<PathBuf> {
+        match &self.model {
+            Some(m) => Ok(m.clone()),
+            None => match super::image::default_model() {
+                Ok(m) => Ok(PathBuf::from(m)),
+                Err(looked) => bail!(
+                    "no model given and the default model weights/tiny-shapes was not found (looked in {}); pass --model DIR or set GEN_MODEL",
+                    looked.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
+                ),
+            },
+        }
+    }
+
+    /// The config with CFG 7.5 (callers set the guidance).
+    fn base_config(&self, model: PathBuf) -> EvalConfig {
+        EvalConfig {
+            evaluator: self.evaluator.clone(),
+            prompts: self.prompts,
+            per_prompt: self.per_prompt,
+            steps: self.steps,
+            sampler: self.scheduler,
+            seed: self.seed,
+            batch: self.batch,
+            ..EvalConfig::new(model)
+        }
+    }
+
+    fn session(&self, model: &Path) -> anyhow::Result<EvalSession> {
+        let device = gen_core::pick_device(self.device)?;
+        Ok(EvalSession::load(model, self.evaluator.as_deref(), &device)?)
+    }
+}
+
+fn bar(prefix: String) -> ProgressBar {
+    let bar = ProgressBar::new(0);
+    bar.set_style(ProgressStyle::with_template("{prefix} {bar:40} {pos}/{len} steps ({elapsed}, eta {eta}) {msg}").expect("valid template"));
+    bar.set_prefix(prefix);
+    bar
+}
+
+/// Runs one evaluation with a progress bar.
+fn evaluate(session: &mut EvalSession, cfg: &EvalConfig, label: String) -> anyhow::Result<EvalOutput> {
+    let bar = bar(label);
+    let out = session.evaluate(cfg, &mut |ev| match ev {
+        Progress::Warning(w) => bar.println(format!("warning: {w}")),
+        Progress::Start { total_steps, .. } => bar.set_length(*total_steps as u64),
+        Progress::Step { done, .. } => bar.set_position(*done as u64),
+        Progress::Decoded { images_done, num_images } => bar.set_message(format!("{images_done}/{num_images} images")),
+    })?;
+    bar.finish_and_clear();
+    Ok(out)
+}
+
+fn create_out(out: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(out).with_context(|| format!("creating output folder {}", out.display()))
+}
+
+fn run_images(a: ImagesArgs) -> anyhow::Result<()> {
+    let c = &a.common;
+    // Everything that can be checked without the model first.
+    let model = c.model()?;
+    let cfg = EvalConfig { guidance: guidance_method(&a.guidance, a.scale, &c.apg())?, ..c.base_config(model.clone()) };
+    cfg.validate()?;
+    let mut session = c.session(&model)?;
+    create_out(&c.out)?;
+    eprintln!("{} prompts × {} image(s), {} {} steps, {}, seed {}, model {}", cfg.prompts, cfg.per_prompt, cfg.sampler, cfg.steps, describe(&cfg), cfg.seed, model.display());
+    let out = evaluate(&mut session, &cfg, describe(&cfg))?;
+
+    write_atomic(c.out.join("report.json"), out.report.to_json()?.as_bytes())?;
+    write_atomic(c.out.join("metrics.csv"), format!("{}\n{}\n", csv_header(), csv_row(&out.report)).as_bytes())?;
+    let grid = samples_grid(&out.images, cfg.prompts, cfg.per_prompt)?;
+    gen_sample::save_png(&c.out.join("samples.png"), &grid, &[("prompts".into(), out.report.prompts.join(" | "))])?;
+    print_report(&out.report);
+    println!("report: {}", c.out.join("report.json").display());
+    println!("metrics: {}", c.out.join("metrics.csv").display());
+    println!("samples: {}", c.out.join("samples.png").display());
+    Ok(())
+}
+
+/// "CFG w=7.5" / "APG w=10 eta=0 r=15 beta=-0.5".
+fn describe(cfg: &EvalConfig) -> String {
+    match &cfg.guidance {
+        gen_diffusion::GuidanceMethod::Apg(c) => format!("APG w={} eta={} r={} beta={}", c.scale, c.eta, c.norm_threshold, c.momentum),
+        gen_diffusion::GuidanceMethod::Cfg { scale } => format!("CFG w={scale}"),
+        gen_diffusion::GuidanceMethod::None => "no guidance".into(),
+    }
+}
+
+fn pct(v: Option<f64>) -> String {
+    v.map(|x| format!("{:.1}%", 100.0 * x)).unwrap_or_else(|| "-".into())
+}
+
+fn num(v: Option<f64>, digits: usize) -> String {
+    v.map(|x| format!("{x:.digits$}")).unwrap_or_else(|| "-".into())
+}
+
+fn print_report(r: &EvalReport) {
+    let m = &r.metrics;
+    println!("{:<28} {:>10}   {}", "metric", "generated", "reference");
+    println!("{:<28} {:>10}   real renders {}", "shape accuracy", pct(m.shape_accuracy), pct(m.real_shape_accuracy));
+    println!("{:<28} {:>10}   real renders {}", "colour accuracy (hue+tone)", pct(m.colour_accuracy), pct(m.real_colour_accuracy));
+    println!("{:<28} {:>10}   hue {}, tone {}", "", "", pct(m.hue_accuracy), pct(m.tone_accuracy));
+    println!("{:<28} {:>10}   real renders {}", "background accuracy", pct(m.background_accuracy), pct(m.real_background_accuracy));
+    println!("{:<28} {:>10}", "view accuracy (exact word)", pct(m.view_accuracy));
+    println!("{:<28} {:>10.3}   real vs real {:.3} ({} vs {} images)", "tiny-FID", m.tiny_fid, m.tiny_fid_real_baseline, m.fid_size, m.fid_size);
+    println!("{:<28} {:>10}   real {}", "object saturation", num(m.saturation_generated, 3), num(m.saturation_real, 3));
+    println!(
+        "{:<28} {:>10}   {}",
+        "saturation excess",
+        num(m.saturation_excess, 3),
+        if m.images_without_object > 0 { format!("{} image(s) without object pixels left out", m.images_without_object) } else { String::new() }
+    );
+    println!("{:<28} {:>10}   real {}", "clipped fraction", pct(Some(m.clipped_fraction)), pct(Some(m.clipped_fraction_real)));
+    println!("{:<28} {:>10.3}", "seconds per image", m.seconds_per_image);
+}
+
+fn run_guidance(a: GuidanceArgs) -> anyhow::Result<()> {
+    let c = &a.common;
+    let model = c.model()?;
+    let methods: Vec<String> = a.method.split(',').map(|s| s.trim().to_ascii_lowercase()).filter(|s| !s.is_empty()).collect();
+    let scales = parse_scales(&a.scales)?;
+    let base = c.base_config(model.clone());
+    let configs = sweep_configs(&base, &methods, &scales, &c.apg())?;
+    for cfg in &configs {
+        cfg.validate()?;
+    }
+    let csv_path = c.out.join("guidance.csv");
+    let mut existing = match std::fs::read_to_string(&csv_path) {
+        Ok(t) => parse_csv(&t, &csv_path)?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Err(e) => return Err(gen_core::Error::io(&csv_path, e).into()),
+    };
+    let mut session = c.session(&model)?;
+    create_out(&c.out)?;
+    let size = session.image_size();
+    let total = configs.len();
+    let mut sweep_rows: Vec<BTreeMap<String, String>> = Vec::new();
+    for (k, cfg) in configs.iter().enumerate() {
+        let settings = settings_columns(cfg, size);
+        if let Some(row) = existing.iter().find(|r| same_settings(r, &settings)) {
+            eprintln!("[{}/{total}] {}: already in {} (reused)", k + 1, describe(cfg), csv_path.display());
+            sweep_rows.push(row.clone());
+            continue;
+        }
+        let out = evaluate(&mut session, cfg, format!("[{}/{total}] {}", k + 1, describe(cfg)))?;
+        let row: BTreeMap<String, String> = out.report.columns().into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+        let m = &out.report.metrics;
+        eprintln!(
+            "[{}/{total}] {}: shape {} colour {} tiny-FID {:.3} saturation excess {} clipped {}",
+            k + 1,
+            describe(cfg),
+            pct(m.shape_accuracy),
+            pct(m.colour_accuracy),
+            m.tiny_fid,
+            num(m.saturation_excess, 3),
+            pct(Some(m.clipped_fraction))
+        );
+        // Append the row (rewriting the whole file atomically).
+        let mut text = match std::fs::read_to_string(&csv_path) {
+            Ok(t) if !t.trim().is_empty() => t,
+            _ => format!("{}\n", csv_header()),
+        };
+        if !text.ends_with('\n') {
+            text.push('\n');
+        }
+        text.push_str(&csv_row(&out.report));
+        text.push('\n');
+        write_atomic(&csv_path, text.as_bytes())?;
+        existing.push(row.clone());
+        sweep_rows.push(row);
+    }
+    let title = format!("guidance sweep: {} prompts x {}, {} {} steps, seed {}", c.prompts, c.per_prompt, c.scheduler, c.steps, c.seed);
+    let png = c.out.join("guidance.png");
+    gen_pretrain::plot::write_panels(&png, &title, &guidance_panels(&sweep_rows), 3)?;
+    print_sweep(&sweep_rows);
+    println!("table: {}", csv_path.display());
+    println!("chart: {}", png.display());
+    Ok(())
+}
+
+fn print_sweep(rows: &[BTreeMap<String, String>]) {
+    let get = |r: &BTreeMap<String, String>, k: &str| r.get(k).and_then(|v| v.parse::<f64>().ok());
+    println!(
+        "{:<6} {:>6} {:>7} {:>7} {:>7} {:>7} {:>9} {:>9} {:>8} {:>8} {:>7}",
+        "method", "scale", "shape", "colour", "tone", "backgr", "tiny-FID", "(real)", "sat.exc", "clipped", "s/img"
+    );
+    for r in rows {
+        println!(
+            "{:<6} {:>6} {:>7} {:>7} {:>7} {:>7} {:>9} {:>9} {:>8} {:>8} {:>7}",
+            r.get("method").map(String::as_str).unwrap_or("?"),
+            r.get("scale").map(String::as_str).unwrap_or("?"),
+            pct(get(r, "shape_accuracy")),
+            pct(get(r, "colour_accuracy")),
+            pct(get(r, "tone_accuracy")),
+            pct(get(r, "background_accuracy")),
+            num(get(r, "tiny_fid"), 3),
+            num(get(r, "tiny_fid_real_baseline"), 3),
+            num(get(r, "saturation_excess"), 3),
+            pct(get(r, "clipped_fraction")),
+            num(get(r, "seconds_per_image"), 3),
+        );
+    }
+}
