@@ -1,0 +1,179 @@
+//! `gen eval images` and `gen eval guidance` end to end on the shipped model weights/tiny-shapes
+//! with tiny settings (2 prompts, 1 image each, 4 steps): the files exist, parse, and every value
+//! is in its range (the model is retrained from time to time, so no value is pinned); resuming a
+//! sweep reuses its rows; bad input fails with a clear message, a non-zero exit and no output.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn model() -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../weights/tiny-shapes").display().to_string()
+}
+
+fn gen(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_gen")).args(args).env_remove("GEN_MODEL").output().expect("gen binary runs")
+}
+
+fn tmp(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("gen-cli-eval-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn ok(r: &Output) {
+    assert!(r.status.success(), "stdout:\n{}\nstderr:\n{}", String::from_utf8_lossy(&r.stdout), String::from_utf8_lossy(&r.stderr));
+}
+
+fn rows(path: &Path) -> Vec<BTreeMap<String, String>> {
+    gen_pretrain::eval::parse_csv(&std::fs::read_to_string(path).unwrap(), path).unwrap()
+}
+
+fn value(row: &BTreeMap<String, String>, k: &str) -> f64 {
+    row[k].parse::<f64>().unwrap_or_else(|_| panic!("{k} = {:?} is not a number", row[k]))
+}
+
+/// Every metric of a row in its range.
+fn check_ranges(row: &BTreeMap<String, String>, images: f64) {
+    for k in ["shape_accuracy", "colour_accuracy", "hue_accuracy", "tone_accuracy", "background_accuracy", "view_accuracy", "real_shape_accuracy", "real_colour_accuracy"] {
+        let v = value(row, k);
+        assert!((0.0..=1.0).contains(&v), "{k} = {v}");
+    }
+    // accuracies over `images` images are multiples of 1/images
+    let s = value(row, "shape_accuracy") * images;
+    assert!((s - s.round()).abs() < 1e-9, "shape accuracy × {images} = {s}");
+    for k in ["clipped_fraction", "clipped_fraction_real", "saturation_real"] {
+        let v = value(row, k);
+        assert!((0.0..=1.0).contains(&v), "{k} = {v}");
+    }
+    if !row["saturation_excess"].is_empty() {
+        let (e, g, r) = (value(row, "saturation_excess"), value(row, "saturation_generated"), value(row, "saturation_real"));
+        assert!((e - (g - r)).abs() < 1e-12 && (-1.0..=1.0).contains(&e), "{e} {g} {r}");
+    }
+    let (fid, base) = (value(row, "tiny_fid"), value(row, "tiny_fid_real_baseline"));
+    assert!(fid.is_finite() && fid > -1e-6 && base.is_finite() && base > -1e-6, "{fid} {base}");
+    assert_eq!(value(row, "images"), images);
+    assert_eq!(value(row, "fid_size"), images);
+    let t = value(row, "seconds_per_image");
+    assert!(t > 0.0 && t < 60.0, "{t}");
+}
+
+#[test]
+fn eval_images_writes_report_csv_and_grid() {
+    let dir = tmp("images");
+    let out = dir.join("run");
+    let m = model();
+    let args = ["eval", "images", "--model", &m, "--prompts", "2", "--per-prompt", "1", "--steps", "4", "--device", "cpu", "--out", out.to_str().unwrap()];
+    let r = gen(&args);
+    ok(&r);
+    let stdout = String::from_utf8_lossy(&r.stdout);
+    for word in ["shape accuracy", "tiny-FID", "real vs real", "saturation excess", "clipped fraction", "seconds per image"] {
+        assert!(stdout.contains(word), "table lacks {word}:\n{stdout}");
+    }
+    let csv = rows(&out.join("metrics.csv"));
+    assert_eq!(csv.len(), 1);
+    check_ranges(&csv[0], 2.0);
+    assert_eq!(csv[0]["method"], "cfg");
+    assert_eq!(csv[0]["steps"], "4");
+    let report = std::fs::read_to_string(out.join("report.json")).unwrap();
+    for key in ["\"prompts\"", "\"test_indices\"", "\"metrics\"", "\"tiny_fid\"", " background, "] {
+        assert!(report.contains(key), "report.json lacks {key}:\n{report}");
+    }
+    let grid = gen_core::imageio::load_image(out.join("samples.png"), &candle_core::Device::Cpu).unwrap();
+    assert_eq!(grid.dims(), &[3, 64, 2 * 64 + 2]);
+
+    // Same command, same numbers (except the timing).
+    let again = dir.join("again");
+    let mut a2 = args.to_vec();
+    *a2.last_mut().unwrap() = again.to_str().unwrap();
+    ok(&gen(&a2));
+    let csv2 = rows(&again.join("metrics.csv"));
+    for k in ["shape_accuracy", "colour_accuracy", "tiny_fid", "saturation_excess", "clipped_fraction"] {
+        assert_eq!(csv[0][k], csv2[0][k], "{k} differs between identical runs");
+    }
+    assert_eq!(std::fs::read(out.join("samples.png")).unwrap(), std::fs::read(again.join("samples.png")).unwrap());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn eval_guidance_sweeps_and_resumes() {
+    let dir = tmp("guidance");
+    let out = dir.join("sweep");
+    let m = model();
+    let o = out.to_str().unwrap().to_string();
+    let base = ["eval", "guidance", "--model", &m, "--prompts", "2", "--steps", "2", "--apg-r", "2", "--device", "cpu", "--out", &o];
+    let mut args = base.to_vec();
+    args.extend(["--method", "cfg,apg", "--scales", "1,5"]);
+    let r = gen(&args);
+    ok(&r);
+    let csv = rows(&out.join("guidance.csv"));
+    assert_eq!(csv.len(), 4);
+    for row in &csv {
+        check_ranges(row, 2.0);
+    }
+    assert_eq!(csv.iter().map(|r| (r["method"].as_str(), r["scale"].as_str())).collect::<Vec<_>>(), [("cfg", "1"), ("cfg", "5"), ("apg", "1"), ("apg", "5")]);
+    assert_eq!(csv[2]["apg_r"], "2");
+    // w = 1: CFG and APG both reduce to the conditional prediction → the same images.
+    for k in ["shape_accuracy", "tiny_fid", "clipped_fraction"] {
+        assert_eq!(csv[0][k], csv[2][k], "{k}: CFG and APG at w = 1 differ");
+    }
+    let png = gen_core::imageio::load_image(out.join("guidance.png"), &candle_core::Device::Cpu).unwrap();
+    assert!(png.dim(2).unwrap() >= 600 && png.dim(1).unwrap() >= 400, "{:?}", png.dims());
+    let stdout = String::from_utf8_lossy(&r.stdout);
+    assert!(stdout.contains("method") && stdout.contains("apg"), "{stdout}");
+
+    // Resume: the 4 rows are reused, one new row is added.
+    let mut args = base.to_vec();
+    args.extend(["--method", "cfg,apg", "--scales", "1,5,7.5"]);
+    let r = gen(&args);
+    ok(&r);
+    let stderr = String::from_utf8_lossy(&r.stderr);
+    assert_eq!(stderr.matches("(reused)").count(), 4, "{stderr}");
+    let csv2 = rows(&out.join("guidance.csv"));
+    assert_eq!(csv2.len(), 6);
+    assert_eq!(csv2[..4], csv[..]);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn bad_input_fails_clearly_and_writes_nothing() {
+    let dir = tmp("bad");
+    let out = dir.join("out");
+    let o = out.to_str().unwrap().to_string();
+    let m = model();
+    let missing = dir.join("no-such-model").display().to_string();
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["eval", "images", "--model", &missing, "--prompts", "2", "--out", &o], "is not a folder"),
+        (vec!["eval", "images", "--model", &m, "--guidance", "pag", "--out", &o], "unknown method `pag`; known: cfg, apg"),
+        (vec!["eval", "images", "--model", &m, "--scale", "0", "--out", &o], "guidance scale"),
+        (vec!["eval", "images", "--model", &m, "--scale", "-3", "--out", &o], "must be a finite number > 0"),
+        (vec!["eval", "images", "--model", &m, "--prompts", "1", "--out", &o], "at least 2 generated images"),
+        (vec!["eval", "images", "--model", &m, "--guidance", "apg", "--apg-momentum", "1.5", "--out", &o], "momentum"),
+        (vec!["eval", "images", "--model", &m, "--steps", "0", "--out", &o], "steps"),
+        (vec!["eval", "guidance", "--model", &m, "--scales", "", "--out", &o], "empty"),
+        (vec!["eval", "guidance", "--model", &m, "--scales", "1,-2", "--out", &o], "guidance scale"),
+        (vec!["eval", "guidance", "--model", &m, "--method", "cfg,foo", "--out", &o], "unknown method `foo`"),
+        (vec!["eval", "guidance", "--model", &missing, "--out", &o], "is not a folder"),
+    ];
+    for (args, expect) in cases {
+        let r = gen(&args);
+        let stderr = String::from_utf8_lossy(&r.stderr);
+        assert!(!r.status.success(), "{args:?} succeeded");
+        assert!(stderr.contains(expect), "{args:?}: expected {expect:?} in:\n{stderr}");
+        assert!(!stderr.contains("panicked"), "{args:?} panicked:\n{stderr}");
+        assert!(!out.exists(), "{args:?} wrote {}", out.display());
+    }
+    // An evaluator folder that is not there.
+    let r = gen(&["eval", "images", "--model", &m, "--evaluator", &missing, "--out", &o]);
+    assert!(!r.status.success());
+    assert!(String::from_utf8_lossy(&r.stderr).contains("no-such-model/config.json"), "{}", String::from_utf8_lossy(&r.stderr));
+    // --help carries examples on both subcommands.
+    for sub in ["images", "guidance"] {
+        let r = gen(&["eval", sub, "--help"]);
+        ok(&r);
+        let help = String::from_utf8_lossy(&r.stdout);
+        assert!(help.contains("Examples:") && help.contains(&format!("gen eval {sub}")) && help.contains("real-vs-real"), "{help}");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
