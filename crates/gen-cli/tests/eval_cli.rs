@@ -151,6 +151,8 @@ fn bad_input_fails_clearly_and_writes_nothing() {
         (vec!["eval", "images", "--model", &m, "--prompts", "1", "--out", &o], "at least 2 generated images"),
         (vec!["eval", "images", "--model", &m, "--guidance", "apg", "--apg-momentum", "1.5", "--out", &o], "momentum"),
         (vec!["eval", "images", "--model", &m, "--steps", "0", "--out", &o], "steps"),
+        (vec!["eval", "images", "--model", &m, "--apg-r", "2", "--out", &o], "--apg-r only apply to APG"),
+        (vec!["eval", "guidance", "--model", &m, "--method", "cfg", "--apg-eta", "1", "--out", &o], "--apg-eta only apply to APG"),
         (vec!["eval", "guidance", "--model", &m, "--scales", "", "--out", &o], "empty"),
         (vec!["eval", "guidance", "--model", &m, "--scales", "1,-2", "--out", &o], "guidance scale"),
         (vec!["eval", "guidance", "--model", &m, "--method", "cfg,foo", "--out", &o], "unknown method `foo`"),

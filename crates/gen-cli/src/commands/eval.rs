@@ -158,6 +158,18 @@ impl CommonArgs {
         ApgOverrides { eta: self.apg_eta, norm_threshold: self.apg_r, momentum: self.apg_momentum }
     }
 
+    /// Errors when an --apg-* option is given but no APG run will use it.
+    fn check_apg_used(&self, apg_runs: bool) -> anyhow::Result<()> {
+        let given: Vec<&str> = [("--apg-eta", self.apg_eta), ("--apg-r", self.apg_r), ("--apg-momentum", self.apg_momentum)]
+            .into_iter()
+            .filter_map(|(n, v)| v.map(|_| n))
+            .collect();
+        if !apg_runs && !given.is_empty() {
+            bail!("{} only apply to APG; add apg to the guidance methods or drop them", given.join(", "));
+        }
+        Ok(())
+    }
+
     /// The model folder: --model, else `gen image`'s default.
     fn model(&self) -> anyhow::Result<PathBuf> {
         match &self.model {
@@ -221,6 +233,7 @@ fn run_images(a: ImagesArgs) -> anyhow::Result<()> {
     // Everything that can be checked without the model first.
     let model = c.model()?;
     let cfg = EvalConfig { guidance: guidance_method(&a.guidance, a.scale, &c.apg())?, ..c.base_config(model.clone()) };
+    c.check_apg_used(matches!(cfg.guidance, gen_diffusion::GuidanceMethod::Apg(_)))?;
     cfg.validate()?;
     let mut session = c.session(&model)?;
     create_out(&c.out)?;
@@ -257,7 +270,7 @@ fn num(v: Option<f64>, digits: usize) -> String {
 
 fn print_report(r: &EvalReport) {
     let m = &r.metrics;
-    println!("{:<28} {:>10}   {}", "metric", "generated", "reference");
+    println!("{:<28} {:>10}   reference", "metric", "generated");
     println!("{:<28} {:>10}   real renders {}", "shape accuracy", pct(m.shape_accuracy), pct(m.real_shape_accuracy));
     println!("{:<28} {:>10}   real renders {}", "colour accuracy (hue+tone)", pct(m.colour_accuracy), pct(m.real_colour_accuracy));
     println!("{:<28} {:>10}   hue {}, tone {}", "", "", pct(m.hue_accuracy), pct(m.tone_accuracy));
@@ -282,6 +295,7 @@ fn run_guidance(a: GuidanceArgs) -> anyhow::Result<()> {
     let scales = parse_scales(&a.scales)?;
     let base = c.base_config(model.clone());
     let configs = sweep_configs(&base, &methods, &scales, &c.apg())?;
+    c.check_apg_used(methods.iter().any(|m| m == "apg"))?;
     for cfg in &configs {
         cfg.validate()?;
     }
