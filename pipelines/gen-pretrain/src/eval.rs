@@ -452,9 +452,9 @@ pub struct EvalOutput {
     pub images: Vec<RgbImage>,
 }
 
+/// Test samples `prompt_indices(seed, count)`: captions, renders and their scores.
 struct RealScores {
     seed: u64,
-    prompts: usize,
     count: usize,
     captions: Vec<String>,
     images: Vec<RgbImage>,
@@ -513,8 +513,8 @@ impl EvalSession {
     }
 
     /// Renders and scores test samples `prompt_indices(seed, count)` (cached).
-    fn real(&mut self, seed: u64, prompts: usize, count: usize) -> Result<&RealScores> {
-        let fresh = !matches!(&self.real, Some(r) if r.seed == seed && r.prompts == prompts && r.count == count);
+    fn real(&mut self, seed: u64, count: usize) -> Result<&RealScores> {
+        let fresh = !matches!(&self.real, Some(r) if r.seed == seed && r.count == count);
         if fresh {
             let idx = prompt_indices(seed, count);
             let mut captions = Vec::with_capacity(count);
@@ -525,7 +525,7 @@ impl EvalSession {
                 images.push(s.image.to_rgb8());
             }
             let (predicted, features, _) = self.score(&images)?;
-            self.real = Some(RealScores { seed, prompts, count, captions, images, predicted, features });
+            self.real = Some(RealScores { seed, count, captions, images, predicted, features });
         }
         Ok(self.real.as_ref().expect("filled above"))
     }
@@ -536,9 +536,7 @@ impl EvalSession {
         let n = cfg.num_images();
         let size = self.image_size();
         let count = cfg.prompts.max(2 * n);
-        self.real(cfg.seed, cfg.prompts, count)?;
-        let real = self.real.as_ref().expect("filled above");
-        let prompts: Vec<String> = real.captions[..cfg.prompts].to_vec();
+        let prompts: Vec<String> = self.real(cfg.seed, count)?.captions[..cfg.prompts].to_vec();
         let test_indices = prompt_indices(cfg.seed, cfg.prompts);
         let sc = cfg.sample_config(prompts.clone(), size);
 
