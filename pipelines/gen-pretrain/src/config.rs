@@ -166,7 +166,7 @@ impl PretrainConfig {
                 projection_dim: 64,
             },
             vae: VaeStage {
-                train: StageConfig { warmup_steps: 50, ..stage(2400, 16, 1e-3, 100) },
+                train: StageConfig { warmup_steps: 50, ..stage(1600, 16, 1e-3, 100) },
                 config: json!({"block_out_channels": [32, 64, 64],
                     "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D", "DownEncoderBlock2D"],
                     "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D"],

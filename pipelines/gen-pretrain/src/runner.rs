@@ -215,14 +215,30 @@ pub fn run_stage(
     let schedule = Cosine::new(cfg.lr, cfg.warmup_steps, cfg.steps, cfg.lr * cfg.final_lr_fraction)?;
     let (mut step, mut seconds_before) = (0u64, 0.0);
     if let Some((ck, st)) = latest_checkpoint(dir)? {
-        if st.seed != seed || st.total_steps != cfg.steps {
+        if st.seed != seed {
             return Err(Error::msg(format!(
-                "{}: checkpoint of a different run (seed {}, {} steps; this run: seed {seed}, {} steps); use another output folder",
+                "{}: checkpoint of a different run (seed {}; this run: seed {seed}); use another output folder",
                 ck.display(),
                 st.seed,
-                st.total_steps,
+            )));
+        }
+        if st.step > cfg.steps {
+            return Err(Error::msg(format!(
+                "{}: the stage already ran {} steps, more than the {} now configured",
+                ck.display(),
+                st.step,
                 cfg.steps
             )));
+        }
+        if st.total_steps != cfg.steps {
+            // A changed step count continues the run on the new total's learning-rate schedule.
+            events(&TrainEvent::Note {
+                stage: stage.into(),
+                message: format!(
+                    "resuming at step {} with {} steps in total (was {}); the learning-rate schedule now spans {} steps",
+                    st.step, cfg.steps, st.total_steps, cfg.steps
+                ),
+            });
         }
         load_vars(vars, &ck.join("model.safetensors"))?;
         opt.load_state(&ck.join("optimizer.safetensors"))?;

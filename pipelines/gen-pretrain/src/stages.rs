@@ -336,8 +336,9 @@ impl Trainer {
 }
 
 /// A run folder may continue under a changed config only when the data and seed are the same
-/// and every stage whose settings changed has not started (no checkpoint): e.g. to give the
-/// stages still to come fewer steps. Otherwise the error says what differs.
+/// and every stage whose settings changed has not started (no checkpoint) or changed only its
+/// step count (it then continues on the new total's learning-rate schedule): e.g. to give the
+/// stages still to come, or the running one, fewer steps. Otherwise the error says what differs.
 fn check_compatible(old: &PretrainConfig, new: &PretrainConfig, out: &Path) -> Result<()> {
     let shared = |c: &PretrainConfig| (c.seed, c.image_size, c.supersample, c.pool_size, c.max_text_len);
     let refuse = |what: &str| {
@@ -349,15 +350,22 @@ fn check_compatible(old: &PretrainConfig, new: &PretrainConfig, out: &Path) -> R
     if shared(old) != shared(new) {
         return refuse("seed, image size, supersampling, pool size or text length differ");
     }
+    // `train.steps` alone may change under a checkpoint (to shorten or extend a running stage);
+    // anything else in a started stage may not.
+    fn other_than_steps<T: Clone>(a: &T, b: &T, train: impl Fn(&mut T) -> &mut crate::config::StageConfig) -> T {
+        let mut a = a.clone();
+        train(&mut a).steps = train(&mut b.clone()).steps;
+        a
+    }
     let changed = [
-        (Stage::Clip, old.clip != new.clip),
-        (Stage::Vae, old.vae != new.vae),
-        (Stage::Unet, old.unet != new.unet),
-        (Stage::Evaluator, old.evaluator != new.evaluator),
+        (Stage::Clip, old.clip != new.clip, other_than_steps(&old.clip, &new.clip, |c| &mut c.train) != new.clip),
+        (Stage::Vae, old.vae != new.vae, other_than_steps(&old.vae, &new.vae, |c| &mut c.train) != new.vae),
+        (Stage::Unet, old.unet != new.unet, other_than_steps(&old.unet, &new.unet, |c| &mut c.train) != new.unet),
+        (Stage::Evaluator, old.evaluator != new.evaluator, other_than_steps(&old.evaluator, &new.evaluator, |c| &mut c.train) != new.evaluator),
     ];
-    for (stage, differs) in changed {
-        if differs && crate::runner::latest_checkpoint(&out.join(stage.name()))?.is_some() {
-            return refuse(&format!("stage `{}` changed but already has a checkpoint", stage.name()));
+    for (stage, _, differs_beyond_steps) in &changed {
+        if *differs_beyond_steps && crate::runner::latest_checkpoint(&out.join(stage.name()))?.is_some() {
+            return refuse(&format!("stage `{}` changed (beyond its step count) but already has a checkpoint", stage.name()));
         }
     }
     // the UNet depends on the CLIP text encoder and the VAE

@@ -219,6 +219,43 @@ fn config_round_trips_and_rejects_bad_values() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A stage with a checkpoint may change its step count (and nothing else): it continues from
+/// its checkpoint on the new total's schedule; fewer steps than it already ran is an error.
+#[test]
+fn running_stage_may_change_its_step_count() -> anyhow::Result<()> {
+    let out = tmp("steps-change");
+    let cfg = PretrainConfig::tiny();
+    let mut t = Trainer::new(cfg.clone(), &out, &Device::Cpu)?;
+    t.train(Stage::Evaluator, &RunControl { stop_after: Some(20) }, &mut |_| {})?;
+    // longer: resumes at 20 and runs to the new total
+    let mut longer = cfg.clone();
+    longer.evaluator.train.steps = cfg.evaluator.train.steps + 10;
+    let mut t = Trainer::new(longer.clone(), &out, &Device::Cpu)?;
+    let mut notes = Vec::new();
+    let o = t.train(Stage::Evaluator, &RunControl::default(), &mut |e| {
+        if let gen_pretrain::TrainEvent::Note { message, .. } = e {
+            notes.push(message.clone())
+        }
+    })?;
+    assert!(o.finished && o.step == longer.evaluator.train.steps, "{o:?}");
+    assert!(notes.iter().any(|m| m.contains("resuming at step 20")), "{notes:?}");
+    let csv = std::fs::read_to_string(out.join("evaluator").join("metrics.csv"))?;
+    assert_eq!(csv.lines().count() as u64, 1 + longer.evaluator.train.steps, "one row per step, none repeated");
+    // fewer steps than already run: refused when training
+    let mut shorter = longer.clone();
+    shorter.evaluator.train.steps = 10;
+    let mut t = Trainer::new(shorter, &out, &Device::Cpu)?;
+    let e = t.train(Stage::Evaluator, &RunControl::default(), &mut |_| {}).unwrap_err().to_string();
+    assert!(e.contains("already ran") && e.contains("10"), "{e}");
+    // any other change to the started stage is still refused
+    let mut other = longer.clone();
+    other.evaluator.train.batch_size += 1;
+    let e = Trainer::new(other, &out, &Device::Cpu).err().unwrap().to_string();
+    assert!(e.contains("stage `evaluator` changed"), "{e}");
+    std::fs::remove_dir_all(&out)?;
+    Ok(())
+}
+
 #[test]
 fn frechet_distance_by_hand() -> anyhow::Result<()> {
     use gen_pretrain::metrics::frechet_distance;
