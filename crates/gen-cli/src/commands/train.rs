@@ -1,7 +1,9 @@
 //! `gen train`: trains the embedded tiny Stable Diffusion (CLIP, VAE, UNet) and its evaluator on
 //! the shapes world (gen-pretrain), resumable, and optionally exports the diffusers folder.
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
+use std::time::Instant;
 
 use anyhow::Context;
 use candle_core::{DType, Device};
@@ -59,26 +61,40 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         d => anyhow::bail!("--dtype {d}: expected f16 or f32"),
     };
     let mut trainer = Trainer::new(cfg, &args.out, &Device::Cpu).with_context(|| format!("preparing {}", args.out.display()))?;
+    // Without a terminal (a background run writing to a log file) the bar is hidden and its
+    // `println`s vanish, so events go to stderr as plain lines, with a step line every 30 s.
+    let tty = std::io::stderr().is_terminal();
+    let log = |line: String| eprintln!("[{}] {line}", utc_clock());
+    let mut last_line = Instant::now();
     let bar = ProgressBar::new(1);
     bar.set_style(ProgressStyle::with_template("{prefix} {bar:30} {pos}/{len} {msg} ({elapsed}, eta {eta})").expect("valid template"));
+    let say = |line: String| if tty { bar.println(line) } else { log(line) };
     let mut on_event = |e: &TrainEvent| match e {
         TrainEvent::StageStart { stage, start_step, total_steps, params } => {
             bar.reset();
             bar.set_length(*total_steps);
             bar.set_position(*start_step);
             bar.set_prefix(stage.clone());
-            bar.println(format!("{stage}: {params} parameters, from step {start_step} of {total_steps}"));
+            say(format!("{stage}: {params} parameters, from step {start_step} of {total_steps}"));
         }
-        TrainEvent::Step { step, loss, .. } => {
+        TrainEvent::Step { stage, step, total_steps, loss, lr, seconds, .. } => {
             bar.set_position(*step);
             bar.set_message(format!("loss {loss:.4}"));
+            if !tty && (last_line.elapsed().as_secs() >= 30 || step == total_steps) {
+                last_line = Instant::now();
+                log(format!("{stage} {step}/{total_steps} loss {loss:.5} lr {lr:.2e} ({seconds:.2} s/step)"));
+            }
         }
-        TrainEvent::Checkpoint { .. } => {}
-        TrainEvent::StageEnd { stage, step, seconds, optimizer_state_bytes } => bar.println(format!(
+        TrainEvent::Checkpoint { stage, step, .. } => {
+            if !tty {
+                log(format!("{stage}: checkpoint at step {step}"));
+            }
+        }
+        TrainEvent::StageEnd { stage, step, seconds, optimizer_state_bytes } => say(format!(
             "{stage}: at step {step}, {seconds:.1} s of training in total; optimizer state {:.2} MB",
             optimizer_state_bytes.iter().sum::<usize>() as f64 / 1e6
         )),
-        TrainEvent::Note { stage, message } => bar.println(format!("{stage}: {message}")),
+        TrainEvent::Note { stage, message } => say(format!("{stage}: {message}")),
     };
     for s in stages {
         trainer.train(s, &RunControl { stop_after: args.stop_after }, &mut on_event).with_context(|| format!("training stage {}", s.name()))?;
@@ -91,4 +107,10 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         println!("exported {} ({:.1} MB of weights, VAE scaling factor {:.5})", dest.display(), total as f64 / 1e6, r.scaling_factor);
     }
     Ok(())
+}
+
+/// UTC wall-clock time as `HH:MM:SS` (for log lines).
+fn utc_clock() -> String {
+    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    format!("{:02}:{:02}:{:02}", (secs / 3600) % 24, (secs / 60) % 60, secs % 60)
 }
