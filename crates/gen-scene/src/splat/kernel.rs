@@ -90,15 +90,35 @@ pub(crate) fn tile_rect(
     tiles_y: usize,
 ) -> (usize, usize, usize, usize) {
     let t = TILE as f64;
-    let lo = |p: f64, n: usize| ((p - 0.5 - radius) / t).floor().clamp(0.0, n as f64) as usize;
-    let hi =
-        |p: f64, n: usize| (((p - 0.5 + radius) / t).floor() + 1.0).clamp(0.0, n as f64) as usize;
+    let lo = |p: f64, n: usize| floor_index((p - 0.5 - radius) / t, n);
+    let hi = |p: f64, n: usize| floor_index_plus_one((p - 0.5 + radius) / t, n);
     (
         lo(u, tiles_x),
         hi(u, tiles_x),
         lo(v, tiles_y),
         hi(v, tiles_y),
     )
+}
+
+/// `floor(x).clamp(0, n)` as an index (NaN gives 0), without a libm `floor` call (the x86-64
+/// baseline has no rounding instruction).
+#[inline(always)]
+pub(crate) fn floor_index(x: f64, n: usize) -> usize {
+    if x > 0.0 {
+        (x as usize).min(n) // truncation is floor for x > 0; `as` saturates
+    } else {
+        0
+    }
+}
+
+/// `(floor(x) + 1).clamp(0, n)` as an index (NaN gives 0), without a libm `floor` call.
+#[inline(always)]
+pub(crate) fn floor_index_plus_one(x: f64, n: usize) -> usize {
+    if x >= 0.0 {
+        (x as usize).saturating_add(1).min(n)
+    } else {
+        0
+    }
 }
 
 /// The contiguous slice of a CPU storage described by `layout`.
@@ -113,5 +133,32 @@ pub(crate) fn cpu_slice<'a, R: Real>(
     match l.contiguous_offsets() {
         Some((a, b)) => Ok(&data[a..b]),
         None => candle_core::bail!("splat op input `{what}` must be contiguous"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The index helpers equal the `floor`/`clamp` formulas they replace.
+    #[test]
+    fn floor_index_helpers_match_floor_clamp() {
+        let xs: [f64; 19] = [
+            -1e300, -7.5, -1.0, -0.999, -0.5, -1e-300, -0.0, 0.0, 1e-300, 0.3, 0.999, 1.0, 1.5,
+            3.0, 3.999, 4.0, 4.5, 7.0, 1e300,
+        ];
+        for n in [0usize, 1, 4, 5] {
+            for &x in &xs {
+                let lo = x.floor().clamp(0.0, n as f64) as usize;
+                let hi = (x.floor() + 1.0).clamp(0.0, n as f64) as usize;
+                assert_eq!(floor_index(x, n), lo, "floor_index({x}, {n})");
+                assert_eq!(floor_index_plus_one(x, n), hi, "floor_index_plus_one({x}, {n})");
+            }
+            for x in [f64::NAN, f64::INFINITY, f64::NEG_INFINITY] {
+                let lo = x.floor().clamp(0.0, n as f64) as usize;
+                let hi = (x.floor() + 1.0).clamp(0.0, n as f64) as usize;
+                assert_eq!((floor_index(x, n), floor_index_plus_one(x, n)), (lo, hi), "{x}");
+            }
+        }
     }
 }

@@ -20,13 +20,16 @@
 // Index loops mirror the matrix formulas; `!(x > y)` comparisons deliberately treat NaN as failing.
 #![allow(clippy::needless_range_loop, clippy::neg_cmp_op_on_partial_ord)]
 
+use std::any::Any;
 use std::sync::Mutex;
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use crate::real::Real;
-use crate::splat::kernel::{cpu_slice, tile_rect, CamParams, TILE};
+use crate::splat::kernel::{
+    cpu_slice, floor_index, floor_index_plus_one, tile_rect, CamParams, TILE,
+};
 use crate::splat::project::PROJ_DIM;
 
 /// Values per pixel in the packed raster output: `[r, g, b, alpha, depth]`.
@@ -44,44 +47,57 @@ pub(crate) struct Binning {
     pub ids: Vec<u32>,
 }
 
+/// Tile lists of the projected Gaussians `proj` (`N*PROJ_DIM`; radius 0 = culled): the visible
+/// Gaussians are sorted once by (depth, index), then a counting sort by tile keeps that order
+/// inside every tile's list.
 pub(crate) fn bin<R: Real>(cam: &CamParams<R>, proj: &[R]) -> Binning {
     let n = proj.len() / PROJ_DIM;
     let ntiles = cam.tiles_x * cam.tiles_y;
-    let mut entries: Vec<(u32, R, u32)> = Vec::new();
-    for i in 0..n {
-        let p = &proj[i * PROJ_DIM..(i + 1) * PROJ_DIM];
-        if p[6].f64() <= 0.0 {
-            continue;
-        }
-        let (x0, x1, y0, y1) =
-            tile_rect(p[0].f64(), p[1].f64(), p[6].f64(), cam.tiles_x, cam.tiles_y);
+    let depth = |i: u32| proj[i as usize * PROJ_DIM + 5];
+    let mut order: Vec<u32> = (0..n as u32)
+        .filter(|&i| !(proj[i as usize * PROJ_DIM + 6].f64() <= 0.0))
+        .collect();
+    order.par_sort_unstable_by(|&a, &b| {
+        depth(a)
+            .partial_cmp(&depth(b))
+            .unwrap_or(std::cmp::Ordering::Equal)
+            .then(a.cmp(&b))
+    });
+    let rects: Vec<(usize, usize, usize, usize)> = order
+        .iter()
+        .map(|&i| {
+            let p = &proj[i as usize * PROJ_DIM..(i as usize + 1) * PROJ_DIM];
+            tile_rect(p[0].f64(), p[1].f64(), p[6].f64(), cam.tiles_x, cam.tiles_y)
+        })
+        .collect();
+    let mut offsets = vec![0usize; ntiles + 1];
+    for &(x0, x1, y0, y1) in &rects {
         for ty in y0..y1 {
             for tx in x0..x1 {
-                entries.push(((ty * cam.tiles_x + tx) as u32, p[5], i as u32));
+                offsets[ty * cam.tiles_x + tx + 1] += 1;
             }
         }
-    }
-    entries.par_sort_unstable_by(|a, b| {
-        a.0.cmp(&b.0)
-            .then(a.1.partial_cmp(&b.1).unwrap_or(std::cmp::Ordering::Equal))
-            .then(a.2.cmp(&b.2))
-    });
-    let mut offsets = vec![0usize; ntiles + 1];
-    for e in &entries {
-        offsets[e.0 as usize + 1] += 1;
     }
     for t in 0..ntiles {
         offsets[t + 1] += offsets[t];
     }
-    Binning {
-        offsets,
-        ids: entries.into_iter().map(|e| e.2).collect(),
+    let mut cursor = offsets.clone();
+    let mut ids = vec![0u32; offsets[ntiles]];
+    for (&i, &(x0, x1, y0, y1)) in order.iter().zip(&rects) {
+        for ty in y0..y1 {
+            for tx in x0..x1 {
+                let c = &mut cursor[ty * cam.tiles_x + tx];
+                ids[*c] = i;
+                *c += 1;
+            }
+        }
     }
+    Binning { offsets, ids }
 }
 
 /// One Gaussian as the compositing loop reads it.
 #[derive(Clone, Copy)]
-struct Splat2d<R> {
+pub(crate) struct Splat2d<R> {
     u: R,
     v: R,
     a: R,
@@ -101,10 +117,11 @@ fn sigmoid<R: Real>(x: R) -> R {
     R::c(1.0) / (R::c(1.0) + (-x).exp())
 }
 
-fn gather<R: Real>(ids: &[u32], proj: &[R], colors: &[R], logits: &[R]) -> Vec<Splat2d<R>> {
-    ids.iter()
-        .map(|&i| {
-            let i = i as usize;
+/// The compositing form of every Gaussian (`proj` `N*PROJ_DIM`, `colors` `N*3`, `logits` `N`),
+/// computed once per pass rather than once per tile-list entry.
+pub(crate) fn prepare<R: Real>(proj: &[R], colors: &[R], logits: &[R]) -> Vec<Splat2d<R>> {
+    (0..logits.len())
+        .map(|i| {
             let p = &proj[i * PROJ_DIM..(i + 1) * PROJ_DIM];
             let opacity = sigmoid(logits[i]);
             let power_floor = (R::c(ALPHA_MIN) / opacity).ln() - R::c(1e-3);
@@ -128,23 +145,9 @@ fn gather<R: Real>(ids: &[u32], proj: &[R], colors: &[R], logits: &[R]) -> Vec<S
         .collect()
 }
 
-/// `(alpha, gaussian value, raw opacity*G)` at pixel offset `(dx, dy) = mean - pixel`, or `None`
-/// when skipped.
-#[inline(always)]
-fn eval<R: Real>(g: &Splat2d<R>, px: R, py: R) -> Option<(R, R, R, R, R)> {
-    let dx = g.u - px;
-    let dy = g.v - py;
-    let power = R::c(-0.5) * (g.a * dx * dx + g.c * dy * dy) - g.b * dx * dy;
-    if power > R::c(0.0) || power < g.power_floor {
-        return None;
-    }
-    let gv = power.exp();
-    let raw = g.opacity * gv;
-    let alpha = raw.minr(R::c(ALPHA_MAX));
-    if alpha < R::c(ALPHA_MIN) {
-        return None;
-    }
-    Some((alpha, gv, raw, dx, dy))
+/// The prepared Gaussians of one tile list, in list order.
+fn gather<R: Real>(ids: &[u32], splats: &[Splat2d<R>]) -> Vec<Splat2d<R>> {
+    ids.iter().map(|&i| splats[i as usize]).collect()
 }
 
 /// Side of the pixel blocks a tile is split into for culling.
@@ -152,7 +155,7 @@ const SUB: usize = 4;
 
 /// A block of pixels `[x0, x1) × [y0, y1)` of a tile and the tile-list indices (ascending) of
 /// the Gaussians that can reach `alpha >= 1/255` somewhere in it.
-struct Block {
+pub(crate) struct Block {
     x0: usize,
     x1: usize,
     y0: usize,
@@ -199,13 +202,10 @@ fn tile_blocks<R: Real>(
             let r = (g.power_floor.f64() / -g.lmin_half.f64()).sqrt();
             let (u, v) = (g.u.f64(), g.v.f64());
             let lo = |p: f64, o: usize, n: usize| {
-                ((p - r - 0.5 - o as f64) / SUB as f64)
-                    .floor()
-                    .clamp(0.0, n as f64) as usize
+                floor_index((p - r - 0.5 - o as f64) / SUB as f64, n)
             };
             let hi = |p: f64, o: usize, n: usize| {
-                (((p + r - 0.5 - o as f64) / SUB as f64).floor() + 1.0).clamp(0.0, n as f64)
-                    as usize
+                floor_index_plus_one((p + r - 0.5 - o as f64) / SUB as f64, n)
             };
             (
                 lo(u, x0, nbx),
@@ -232,106 +232,436 @@ fn tile_blocks<R: Real>(
     blocks
 }
 
+/// Pixels of one block, composited together as SIMD-friendly lanes (lane `l` is pixel
+/// `(x0 + l % SUB, y0 + l / SUB)` of its block).
+const LANES: usize = SUB * SUB;
+
+/// The float types the compositing lanes run in, with the `exp` they use.
+pub(crate) trait LaneReal: Real {
+    /// `exp(x)`, called for `x <= 0` (larger inputs give a finite value that is not used).
+    fn exp_lane(self) -> Self;
+}
+
+impl LaneReal for f64 {
+    #[inline(always)]
+    fn exp_lane(self) -> f64 {
+        self.exp()
+    }
+}
+
+impl LaneReal for f32 {
+    #[inline(always)]
+    fn exp_lane(self) -> f32 {
+        exp_f32(self)
+    }
+}
+
+/// `exp(x)` for `x <= 0` in plain f32 arithmetic, so that loops over lanes vectorise (libm's
+/// `expf` is a scalar call). Inputs are clamped to `[-80, 0]`; there the relative error is a
+/// few ulp (checked against f64 `exp` in the unit tests). NaN stays NaN.
+/// Cody–Waite reduction `x = n ln2 + r`, `|r| <= ln2/2`, degree-7 Taylor polynomial for `e^r`,
+/// and `2^n` built from its exponent bits.
+#[inline(always)]
+fn exp_f32(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_359_4; // 355/512, exact in 9 bits
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    const MAGIC: f32 = 12_582_912.0; // 1.5 * 2^23: adding it rounds to an integer
+    let x = if x < -80.0 { -80.0 } else { x };
+    let x = if x > 0.0 { 0.0 } else { x };
+    let t = x * LOG2E + MAGIC;
+    let n = t - MAGIC;
+    let r = (x - n * LN2_HI) - n * LN2_LO;
+    let p = 1.0
+        + r * (1.0
+            + r * (0.5
+                + r * (1.0 / 6.0
+                    + r * (1.0 / 24.0
+                        + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
+    let ni = (t.to_bits() as i32).wrapping_sub(MAGIC.to_bits() as i32);
+    let scale = f32::from_bits((ni.wrapping_add(127) as u32) << 23);
+    p * scale
+}
+
+/// Pairwise sum of the lanes (a fixed order, so results do not depend on the thread count).
+#[inline(always)]
+fn hsum<R: Real>(v: &[R; LANES]) -> R {
+    let mut h = [R::c(0.0); LANES / 2];
+    for i in 0..LANES / 2 {
+        h[i] = v[i] + v[i + LANES / 2];
+    }
+    let mut q = [R::c(0.0); LANES / 4];
+    for i in 0..LANES / 4 {
+        q[i] = h[i] + h[i + LANES / 4];
+    }
+    (q[0] + q[2]) + (q[1] + q[3])
+}
+
+/// Pixel centres and indices of a block's lanes; lanes outside the image are not `valid`.
+struct Lanes<R> {
+    px: [R; LANES],
+    py: [R; LANES],
+    pix: [usize; LANES],
+    valid: [bool; LANES],
+}
+
+fn lanes<R: Real>(b: &Block, width: usize) -> Lanes<R> {
+    let mut ln = Lanes {
+        px: [R::c(0.0); LANES],
+        py: [R::c(0.0); LANES],
+        pix: [0; LANES],
+        valid: [false; LANES],
+    };
+    for l in 0..LANES {
+        let (x, y) = (b.x0 + l % SUB, b.y0 + l / SUB);
+        ln.px[l] = R::c(x as f64 + 0.5);
+        ln.py[l] = R::c(y as f64 + 0.5);
+        ln.valid[l] = x < b.x1 && y < b.y1;
+        if ln.valid[l] {
+            ln.pix[l] = y * width + x;
+        }
+    }
+    ln
+}
+
+/// Power of the Gaussian's exponent at the lane's pixel, and the offset `(dx, dy) = mean - pixel`.
+#[inline(always)]
+fn power<R: Real>(g: &Splat2d<R>, px: R, py: R) -> (R, R, R) {
+    let dx = g.u - px;
+    let dy = g.v - py;
+    (
+        R::c(-0.5) * (g.a * dx * dx + g.c * dy * dy) - g.b * dx * dy,
+        dx,
+        dy,
+    )
+}
+
+/// The alpha of Gaussian `g` at a lane's pixel, or 0 where the pixel skips it (`power > 0`,
+/// `alpha < 1/255`; `power` below the floor implies the latter; NaN fails the skip tests, as in
+/// the reference), together with `G = exp(power)`, `opacity * G` and the offset.
+/// A zero alpha changes nothing in either pass (`T (1 - 0) = T`, weight 0), which lets every
+/// lane run the same instructions.
+#[inline(always)]
+fn lane_alpha<R: LaneReal>(g: &Splat2d<R>, px: R, py: R) -> (R, R, R, R, R) {
+    let (pw, dx, dy) = power(g, px, py);
+    let gv = pw.exp_lane();
+    let raw = g.opacity * gv;
+    let alpha = raw.minr(R::c(ALPHA_MAX));
+    let skip = (pw > R::c(0.0)) | (pw < g.power_floor) | (alpha < R::c(ALPHA_MIN));
+    (if skip { R::c(0.0) } else { alpha }, gv, raw, dx, dy)
+}
+
+/// Front-to-back compositing of one block; pushes one [`PixelOut`] per pixel in the image.
+#[inline(always)]
+fn fwd_block<R: LaneReal>(
+    gs: &[Splat2d<R>],
+    b: &Block,
+    width: usize,
+    bg: [R; 3],
+    out: &mut Vec<PixelOut<R>>,
+) {
+    let ln = lanes::<R>(b, width);
+    let (zero, one) = (R::c(0.0), R::c(1.0));
+    let mut tr = [one; LANES];
+    let mut col = [[zero; LANES]; 3];
+    let mut dep = [zero; LANES];
+    let mut last = [0u32; LANES];
+    // 1 while the lane composites, 0 once it stopped (or lies outside the image).
+    let mut live = ln.valid.map(|v| if v { one } else { zero });
+    for &j in &b.list {
+        let g = &gs[j as usize];
+        let mut stops = [zero; LANES];
+        for l in 0..LANES {
+            let (alpha, ..) = lane_alpha(g, ln.px[l], ln.py[l]);
+            let alpha = alpha * live[l];
+            let next_t = tr[l] * (one - alpha);
+            // A live lane's T is >= T_MIN, so only a taking-part Gaussian can stop it.
+            let stop = next_t < R::c(T_MIN);
+            let alpha = if stop { zero } else { alpha };
+            let wgt = alpha * tr[l];
+            for ch in 0..3 {
+                col[ch][l] += wgt * g.color[ch];
+            }
+            dep[l] += wgt * g.depth;
+            tr[l] = if stop { tr[l] } else { next_t };
+            last[l] = if alpha > zero { j + 1 } else { last[l] };
+            live[l] = if stop { zero } else { live[l] };
+            stops[l] = if stop { one } else { zero };
+        }
+        if hsum(&stops) > zero && hsum(&live) == zero {
+            break;
+        }
+    }
+    for l in 0..LANES {
+        if ln.valid[l] {
+            out.push((
+                ln.pix[l],
+                [
+                    col[0][l] + tr[l] * bg[0],
+                    col[1][l] + tr[l] * bg[1],
+                    col[2][l] + tr[l] * bg[2],
+                    one - tr[l],
+                    dep[l],
+                ],
+                tr[l],
+                last[l],
+            ));
+        }
+    }
+}
+
+/// What the backward pass reads per pixel.
+struct PixelIn<'a, R> {
+    width: usize,
+    bg: [R; 3],
+    final_t: &'a [R],
+    n_contrib: &'a [u32],
+    grad: &'a [R],
+}
+
+/// Back-to-front replay of one block, adding each list entry's gradient (summed over the
+/// block's pixels) to its slot of `eg` (`GDIM` values per entry of the tile list).
+#[inline(always)]
+fn bwd_block<R: LaneReal>(gs: &[Splat2d<R>], b: &Block, inp: &PixelIn<R>, eg: &mut [R]) {
+    let ln = lanes::<R>(b, inp.width);
+    let (zero, one) = (R::c(0.0), R::c(1.0));
+    let mut nc = [0u32; LANES];
+    let mut tr = [one; LANES];
+    let mut gc = [[zero; LANES]; 3];
+    let mut ga = [zero; LANES];
+    let mut gd = [zero; LANES];
+    for l in 0..LANES {
+        if ln.valid[l] {
+            let pix = ln.pix[l];
+            nc[l] = inp.n_contrib[pix];
+            tr[l] = inp.final_t[pix];
+            let go = &inp.grad[pix * OUT_DIM..(pix + 1) * OUT_DIM];
+            for ch in 0..3 {
+                gc[ch][l] = go[ch];
+            }
+            ga[l] = go[3];
+            gd[l] = go[4];
+        }
+    }
+    let nmax = nc.iter().copied().max().unwrap_or(0);
+    if nmax == 0 {
+        return;
+    }
+    let t_final = tr;
+    // Colour (and depth) of everything behind the current entry, background included.
+    let mut acc = inp.bg.map(|c| [c; LANES]);
+    let mut acc_d = [zero; LANES];
+    let upto = b.list.partition_point(|&j| j < nmax);
+    for &j in b.list[..upto].iter().rev() {
+        let g = &gs[j as usize];
+        // Per-lane gradient terms: u, v, conic a, b, c, depth, r, g, b, opacity.
+        let mut s = [[zero; LANES]; GDIM];
+        let mut used = [zero; LANES];
+        for l in 0..LANES {
+            let (alpha, gv, raw, dx, dy) = lane_alpha(g, ln.px[l], ln.py[l]);
+            // Entries after the pixel's last contributor did not take part.
+            let alpha = if j < nc[l] { alpha } else { zero };
+            let one_m = one - alpha;
+            let t_here = tr[l] / one_m;
+            let wgt = alpha * t_here;
+            let mut dalpha = gd[l] * (g.depth - acc_d[l]);
+            for ch in 0..3 {
+                dalpha += gc[ch][l] * (g.color[ch] - acc[ch][l]);
+            }
+            dalpha = dalpha * t_here + ga[l] * t_final[l] / one_m;
+            tr[l] = t_here;
+            for ch in 0..3 {
+                acc[ch][l] = alpha * g.color[ch] + one_m * acc[ch][l];
+                s[6 + ch][l] = wgt * gc[ch][l];
+            }
+            acc_d[l] = alpha * g.depth + one_m * acc_d[l];
+            s[5][l] = wgt * gd[l];
+            // alpha = opacity * G, G = exp(power); no gradient where the 0.99 clamp is active.
+            let unclamped = (alpha > zero) & (raw < R::c(ALPHA_MAX));
+            let dpow = g.opacity * dalpha * gv;
+            let terms = [
+                -(g.a * dx + g.b * dy) * dpow,
+                -(g.b * dx + g.c * dy) * dpow,
+                R::c(-0.5) * dx * dx * dpow,
+                -dx * dy * dpow,
+                R::c(-0.5) * dy * dy * dpow,
+            ];
+            for k in 0..5 {
+                s[k][l] = if unclamped { terms[k] } else { zero };
+            }
+            s[9][l] = if unclamped { gv * dalpha } else { zero };
+            used[l] = alpha;
+        }
+        if hsum(&used) > zero {
+            let e = &mut eg[j as usize * GDIM..(j as usize + 1) * GDIM];
+            for k in 0..GDIM {
+                e[k] += hsum(&s[k]);
+            }
+        }
+    }
+}
+
 /// One pixel's forward result: (pixel index, packed output, final T, contributor count).
 type PixelOut<R> = (usize, [R; OUT_DIM], R, u32);
 
-/// Forward output: packed image `H*W*OUT_DIM`, final transmittance and contributor counts per pixel.
+/// Forward pass of tile `t`: its pixels and its blocks (kept for the backward pass).
+#[inline(always)]
+fn fwd_tile_impl<R: LaneReal>(
+    cam: &CamParams<R>,
+    bins: &Binning,
+    splats: &[Splat2d<R>],
+    bg: [R; 3],
+    t: usize,
+) -> (Vec<PixelOut<R>>, Vec<Block>) {
+    let gs = gather(&bins.ids[bins.offsets[t]..bins.offsets[t + 1]], splats);
+    let mut res = Vec::with_capacity(TILE * TILE);
+    let blocks = tile_blocks(&gs, cam.width, cam.height, cam.tiles_x, t);
+    for b in &blocks {
+        fwd_block(&gs, b, cam.width, bg, &mut res);
+    }
+    (res, blocks)
+}
+
+/// Backward pass of tile `t` (with its blocks from the forward pass) into its entry slots `eg`.
+#[inline(always)]
+fn bwd_tile_impl<R: LaneReal>(
+    bins: &Binning,
+    splats: &[Splat2d<R>],
+    blocks: &[Block],
+    inp: &PixelIn<R>,
+    t: usize,
+    eg: &mut [R],
+) {
+    let gs = gather(&bins.ids[bins.offsets[t]..bins.offsets[t + 1]], splats);
+    for b in blocks {
+        bwd_block(&gs, b, inp, eg);
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn fwd_tile_avx2<R: LaneReal>(
+    cam: &CamParams<R>,
+    bins: &Binning,
+    splats: &[Splat2d<R>],
+    bg: [R; 3],
+    t: usize,
+) -> (Vec<PixelOut<R>>, Vec<Block>) {
+    fwd_tile_impl(cam, bins, splats, bg, t)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn bwd_tile_avx2<R: LaneReal>(
+    bins: &Binning,
+    splats: &[Splat2d<R>],
+    blocks: &[Block],
+    inp: &PixelIn<R>,
+    t: usize,
+    eg: &mut [R],
+) {
+    bwd_tile_impl(bins, splats, blocks, inp, t, eg)
+}
+
+/// Whether the wider-vector builds of the tile kernels can run here. They execute the same
+/// float operations in the same order (no FMA), so results are identical either way.
+fn use_avx2() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::is_x86_feature_detected!("avx2")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+fn fwd_tile<R: LaneReal>(
+    cam: &CamParams<R>,
+    bins: &Binning,
+    splats: &[Splat2d<R>],
+    bg: [R; 3],
+    t: usize,
+) -> (Vec<PixelOut<R>>, Vec<Block>) {
+    #[cfg(target_arch = "x86_64")]
+    if use_avx2() {
+        // SAFETY: the CPU supports AVX2 (checked at run time).
+        return unsafe { fwd_tile_avx2(cam, bins, splats, bg, t) };
+    }
+    fwd_tile_impl(cam, bins, splats, bg, t)
+}
+
+fn bwd_tile<R: LaneReal>(
+    bins: &Binning,
+    splats: &[Splat2d<R>],
+    blocks: &[Block],
+    inp: &PixelIn<R>,
+    t: usize,
+    eg: &mut [R],
+) {
+    #[cfg(target_arch = "x86_64")]
+    if use_avx2() {
+        // SAFETY: the CPU supports AVX2 (checked at run time).
+        return unsafe { bwd_tile_avx2(bins, splats, blocks, inp, t, eg) };
+    }
+    bwd_tile_impl(bins, splats, blocks, inp, t, eg)
+}
+
+/// Forward output: packed image `H*W*OUT_DIM`, final transmittance and contributor counts per
+/// pixel, and each tile's blocks.
 pub(crate) struct RasterFwd<R> {
     pub image: Vec<R>,
     pub final_t: Vec<R>,
     pub n_contrib: Vec<u32>,
+    pub blocks: Vec<Vec<Block>>,
 }
 
-pub(crate) fn raster_fwd<R: Real>(
+/// Forward pass over prepared Gaussians ([`prepare`]).
+pub(crate) fn raster_fwd<R: LaneReal>(
     cam: &CamParams<R>,
     bins: &Binning,
-    proj: &[R],
-    colors: &[R],
-    logits: &[R],
+    splats: &[Splat2d<R>],
     bg: [R; 3],
 ) -> RasterFwd<R> {
     let (w, h) = (cam.width, cam.height);
     let ntiles = cam.tiles_x * cam.tiles_y;
-    let per_tile: Vec<Vec<PixelOut<R>>> = (0..ntiles)
+    let per_tile: Vec<(Vec<PixelOut<R>>, Vec<Block>)> = (0..ntiles)
         .into_par_iter()
-        .map(|t| {
-            let gs = gather(
-                &bins.ids[bins.offsets[t]..bins.offsets[t + 1]],
-                proj,
-                colors,
-                logits,
-            );
-            let mut res = Vec::with_capacity(TILE * TILE);
-            for b in tile_blocks(&gs, w, h, cam.tiles_x, t) {
-                for y in b.y0..b.y1 {
-                    for x in b.x0..b.x1 {
-                        let (px, py) = (R::c(x as f64 + 0.5), R::c(y as f64 + 0.5));
-                        let mut tr = R::c(1.0);
-                        let mut col = [R::c(0.0); 3];
-                        let mut dep = R::c(0.0);
-                        let mut last = 0u32;
-                        for &j in &b.list {
-                            let g = &gs[j as usize];
-                            let Some((alpha, ..)) = eval(g, px, py) else {
-                                continue;
-                            };
-                            let next_t = tr * (R::c(1.0) - alpha);
-                            if next_t < R::c(T_MIN) {
-                                break;
-                            }
-                            let wgt = alpha * tr;
-                            for ch in 0..3 {
-                                col[ch] += wgt * g.color[ch];
-                            }
-                            dep += wgt * g.depth;
-                            tr = next_t;
-                            last = j + 1;
-                        }
-                        let out = [
-                            col[0] + tr * bg[0],
-                            col[1] + tr * bg[1],
-                            col[2] + tr * bg[2],
-                            R::c(1.0) - tr,
-                            dep,
-                        ];
-                        res.push((y * w + x, out, tr, last));
-                    }
-                }
-            }
-            res
-        })
+        .map(|t| fwd_tile(cam, bins, splats, bg, t))
         .collect();
     let mut image = vec![R::c(0.0); w * h * OUT_DIM];
     let mut final_t = vec![R::c(1.0); w * h];
     let mut n_contrib = vec![0u32; w * h];
-    for tile in per_tile {
+    let mut blocks = Vec::with_capacity(ntiles);
+    for (tile, tile_blocks) in per_tile {
         for (pix, out, tr, last) in tile {
             image[pix * OUT_DIM..(pix + 1) * OUT_DIM].copy_from_slice(&out);
             final_t[pix] = tr;
             n_contrib[pix] = last;
         }
+        blocks.push(tile_blocks);
     }
     RasterFwd {
         image,
         final_t,
         n_contrib,
+        blocks,
     }
 }
 
-/// Gradients of the rasterizer inputs: `(d proj N*PROJ_DIM, d colors N*3, d logits N)`.
+/// Gradients of the rasterizer inputs: `(d proj N*PROJ_DIM, d colors N*3, d logits N)`, from
+/// the forward pass's prepared Gaussians, blocks, final transmittance and contributor counts.
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn raster_bwd<R: Real>(
+pub(crate) fn raster_bwd<R: LaneReal>(
     cam: &CamParams<R>,
     bins: &Binning,
-    proj: &[R],
-    colors: &[R],
-    logits: &[R],
+    splats: &[Splat2d<R>],
+    blocks: &[Vec<Block>],
     bg: [R; 3],
     final_t: &[R],
     n_contrib: &[u32],
     grad: &[R],
 ) -> (Vec<R>, Vec<R>, Vec<R>) {
-    let (w, h) = (cam.width, cam.height);
     let ntiles = cam.tiles_x * cam.tiles_y;
     let zero = R::c(0.0);
     let one = R::c(1.0);
@@ -345,73 +675,19 @@ pub(crate) fn raster_bwd<R: Real>(
         slices.push((t, head));
         rest = tail;
     }
+    let inp = PixelIn {
+        width: cam.width,
+        bg,
+        final_t,
+        n_contrib,
+        grad,
+    };
     slices.into_par_iter().for_each(|(t, eg)| {
-        if eg.is_empty() {
-            return;
-        }
-        let gs = gather(
-            &bins.ids[bins.offsets[t]..bins.offsets[t + 1]],
-            proj,
-            colors,
-            logits,
-        );
-        for b in tile_blocks(&gs, w, h, cam.tiles_x, t) {
-            for y in b.y0..b.y1 {
-                for x in b.x0..b.x1 {
-                    let pix = y * w + x;
-                    let n = n_contrib[pix];
-                    if n == 0 {
-                        continue;
-                    }
-                    // Block entries up to the last contributor.
-                    let upto = b.list.partition_point(|&j| j < n);
-                    let go = &grad[pix * OUT_DIM..(pix + 1) * OUT_DIM];
-                    let (gc, ga, gd) = ([go[0], go[1], go[2]], go[3], go[4]);
-                    let (px, py) = (R::c(x as f64 + 0.5), R::c(y as f64 + 0.5));
-                    let t_final = final_t[pix];
-                    let mut tr = t_final;
-                    // Colour (and depth) of everything behind the current entry, background included.
-                    let mut acc = bg;
-                    let mut acc_d = zero;
-                    for &j in b.list[..upto].iter().rev() {
-                        let j = j as usize;
-                        let g = &gs[j];
-                        let Some((alpha, gv, raw, dx, dy)) = eval(g, px, py) else {
-                            continue;
-                        };
-                        let one_m = one - alpha;
-                        tr /= one_m;
-                        let wgt = alpha * tr;
-                        let e = &mut eg[j * GDIM..(j + 1) * GDIM];
-                        for ch in 0..3 {
-                            e[6 + ch] += wgt * gc[ch];
-                        }
-                        e[5] += wgt * gd;
-                        let mut dalpha = gd * (g.depth - acc_d);
-                        for ch in 0..3 {
-                            dalpha += gc[ch] * (g.color[ch] - acc[ch]);
-                        }
-                        dalpha = dalpha * tr + ga * t_final / one_m;
-                        for ch in 0..3 {
-                            acc[ch] = alpha * g.color[ch] + one_m * acc[ch];
-                        }
-                        acc_d = alpha * g.depth + one_m * acc_d;
-                        if raw < R::c(ALPHA_MAX) {
-                            // alpha = opacity * G, G = exp(power).
-                            e[9] += gv * dalpha;
-                            let dpow = g.opacity * dalpha * gv;
-                            e[2] += R::c(-0.5) * dx * dx * dpow;
-                            e[3] += -dx * dy * dpow;
-                            e[4] += R::c(-0.5) * dy * dy * dpow;
-                            e[0] += -(g.a * dx + g.b * dy) * dpow;
-                            e[1] += -(g.b * dx + g.c * dy) * dpow;
-                        }
-                    }
-                }
-            }
+        if !eg.is_empty() {
+            bwd_tile(bins, splats, &blocks[t], &inp, t, eg);
         }
     });
-    let n = proj.len() / PROJ_DIM;
+    let n = splats.len();
     let mut gproj = vec![zero; n * PROJ_DIM];
     let mut gcol = vec![zero; n * 3];
     let mut gop = vec![zero; n];
@@ -426,17 +702,17 @@ pub(crate) fn raster_bwd<R: Real>(
         }
         gop[i] += e[9];
     }
-    let glogit = gop.iter().zip(logits).map(|(&g, &l)| {
-        let o = sigmoid(l);
-        g * o * (one - o)
-    });
+    // d opacity / d logit = o (1 - o).
+    let glogit = gop.iter().zip(splats).map(|(&g, s)| g * s.opacity * (one - s.opacity));
     (gproj, gcol, glogit.collect())
 }
 
-/// What the forward pass keeps for the backward pass.
-struct State {
+/// What the forward pass keeps for the backward pass (in the op's float type).
+struct State<R> {
     bins: Binning,
-    final_t: Vec<f64>,
+    splats: Vec<Splat2d<R>>,
+    blocks: Vec<Vec<Block>>,
+    final_t: Vec<R>,
     n_contrib: Vec<u32>,
 }
 
@@ -445,7 +721,8 @@ struct State {
 pub(crate) struct RasterOp {
     pub cam: CamParams<f64>,
     pub background: [f64; 3],
-    state: Mutex<Option<State>>,
+    /// A `State<f32>` or `State<f64>`.
+    state: Mutex<Option<Box<dyn Any + Send>>>,
 }
 
 impl RasterOp {
@@ -457,7 +734,7 @@ impl RasterOp {
         }
     }
 
-    fn fwd_t<R: Real>(
+    fn fwd_t<R: LaneReal>(
         &self,
         s1: &CpuStorage,
         l1: &Layout,
@@ -471,48 +748,61 @@ impl RasterOp {
         let logits = cpu_slice::<R>(s3, l3, "opacity logits")?;
         let cam = self.cam.cast::<R>();
         let bins = bin(&cam, proj);
-        let f = raster_fwd(&cam, &bins, proj, colors, logits, self.background.map(R::c));
+        let splats = prepare(proj, colors, logits);
+        let f = raster_fwd(&cam, &bins, &splats, self.background.map(R::c));
         let state = State {
             bins,
-            final_t: f.final_t.iter().map(|v| v.f64()).collect(),
+            splats,
+            blocks: f.blocks,
+            final_t: f.final_t,
             n_contrib: f.n_contrib,
         };
         *self
             .state
             .lock()
             .map_err(|_| candle_core::Error::Msg("splat raster state poisoned".into()))? =
-            Some(state);
+            Some(Box::new(state));
         Ok((
             R::to_cpu_storage_owned(f.image),
             Shape::from((self.cam.height, self.cam.width, OUT_DIM)),
         ))
     }
 
-    fn bwd_t<R: Real>(
+    fn bwd_t<R: LaneReal>(
         &self,
         proj: &Tensor,
         colors: &Tensor,
         logits: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
-        let v = |t: &Tensor| t.flatten_all()?.to_vec1::<R>();
-        let (p, c, l, g) = (v(proj)?, v(colors)?, v(logits)?, v(grad)?);
+        let g = grad.flatten_all()?.to_vec1::<R>()?;
         let cam = self.cam.cast::<R>();
         let bg = self.background.map(R::c);
         let guard = self
             .state
             .lock()
             .map_err(|_| candle_core::Error::Msg("splat raster state poisoned".into()))?;
-        let (dp, dc, dl) = match guard.as_ref() {
-            Some(s) => {
-                let ft: Vec<R> = s.final_t.iter().map(|&x| R::c(x)).collect();
-                raster_bwd(&cam, &s.bins, &p, &c, &l, bg, &ft, &s.n_contrib, &g)
-            }
+        let (dp, dc, dl) = match guard.as_ref().and_then(|s| s.downcast_ref::<State<R>>()) {
+            Some(s) => raster_bwd(
+                &cam,
+                &s.bins,
+                &s.splats,
+                &s.blocks,
+                bg,
+                &s.final_t,
+                &s.n_contrib,
+                &g,
+            ),
             None => {
                 // No saved state (should not happen): recompute the forward pass.
+                let v = |t: &Tensor| t.flatten_all()?.to_vec1::<R>();
+                let (p, c, l) = (v(proj)?, v(colors)?, v(logits)?);
                 let bins = bin(&cam, &p);
-                let f = raster_fwd(&cam, &bins, &p, &c, &l, bg);
-                raster_bwd(&cam, &bins, &p, &c, &l, bg, &f.final_t, &f.n_contrib, &g)
+                let splats = prepare(&p, &c, &l);
+                let f = raster_fwd(&cam, &bins, &splats, bg);
+                raster_bwd(
+                    &cam, &bins, &splats, &f.blocks, bg, &f.final_t, &f.n_contrib, &g,
+                )
             }
         };
         let dev = proj.device();
@@ -563,5 +853,35 @@ impl CustomOp3 for RasterOp {
             d => candle_core::bail!("splat rasterizer backward: dtype {d:?} not supported"),
         };
         Ok((Some(dp), Some(dc), Some(dl)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The vectorisable f32 `exp` against f64 `exp` over the range the rasterizer uses (and
+    /// the clamped tail), within 3 f32 ulp relative.
+    #[test]
+    fn exp_f32_is_accurate() {
+        let mut worst = 0.0f64;
+        let mut x = 0.0f32;
+        while x > -80.0 {
+            let want = (x as f64).exp();
+            let got = exp_f32(x) as f64;
+            worst = worst.max(((got - want) / want).abs());
+            x -= 1.3e-4;
+        }
+        assert!(worst < 3.0 * f32::EPSILON as f64, "worst relative error {worst:.3e}");
+        assert_eq!(exp_f32(0.0), 1.0);
+        assert_eq!(exp_f32(-200.0), exp_f32(-80.0));
+        assert!(exp_f32(f32::NAN).is_nan());
+    }
+
+    /// The pairwise lane sum adds every lane once.
+    #[test]
+    fn hsum_adds_every_lane() {
+        let v: [f64; LANES] = std::array::from_fn(|i| (1u64 << i) as f64);
+        assert_eq!(hsum(&v), ((1u64 << LANES) - 1) as f64);
     }
 }
