@@ -179,3 +179,26 @@ fn bad_input_fails_clearly_and_writes_nothing() {
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// `gen eval model`: VAE PSNR and evaluator accuracy on real test images, written to model.json.
+#[test]
+fn eval_model_reports_vae_psnr_and_evaluator_accuracy() {
+    let out = tmp("model");
+    let r = gen(&["eval", "model", "--model", &model(), "--images", "4", "--out", out.to_str().unwrap()]);
+    ok(&r);
+    let doc: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("model.json")).unwrap()).unwrap();
+    let psnr = doc["vae_psnr_db"].as_f64().unwrap();
+    assert!((5.0..80.0).contains(&psnr), "PSNR {psnr}");
+    for k in ["shape", "hue", "tone", "colour", "view", "background"] {
+        let v = doc["evaluator"][k].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&v), "{k} = {v}");
+    }
+    assert_eq!(doc["evaluator"]["n"].as_u64(), Some(4));
+    assert!(String::from_utf8_lossy(&r.stdout).contains("VAE reconstruction PSNR"));
+    // bad input: no images, a missing model folder
+    let r = gen(&["eval", "model", "--model", &model(), "--images", "0"]);
+    assert!(!r.status.success() && String::from_utf8_lossy(&r.stderr).contains("--images"));
+    let r = gen(&["eval", "model", "--model", "/nonexistent/model"]);
+    assert!(!r.status.success() && String::from_utf8_lossy(&r.stderr).contains("/nonexistent/model"));
+    let _ = std::fs::remove_dir_all(&out);
+}
