@@ -15,7 +15,9 @@ before T < 1e-4), vectorised over the pixels and Gaussians of a tile (cumulative
 The scenes (seeded here) are written to `target/bench/splat_scenes.safetensors` so that the Rust
 benchmark renders the same Gaussians from the same camera; the timings go to
 `target/bench/splat_torch.json` (folder: `GEN_BENCH_SPLAT_DIR`; the minimum of the timed runs is
-recorded too, as `*_min_s`; `GEN_BENCH_TORCH_THREADS` sets torch's thread count, default 2).
+recorded too, as `*_min_s`, and the median process CPU time, as `*_cpu_s`, which a loaded
+machine disturbs far less than wall time; `--threads N` or `GEN_BENCH_TORCH_THREADS` sets
+torch's intra- and inter-op thread counts, default 2).
 Camera: world-to-camera R = I, T = (0, 0, 4) (OpenCV axes),
 fov_y 0.8 rad, square images, fx = fy = 0.5·H / tan(0.4), (cx, cy) = (W/2, H/2).
 
@@ -25,8 +27,9 @@ sum(w · rgb) for a fixed random w, `.backward()` to all five parameter tensors.
 a case whose forward + backward takes over `GEN_BENCH_SPLAT_LIMIT_S` (default 30 s) causes the
 larger images of that Gaussian count and the larger counts at that size to be skipped.
 
-Run: /work/venv/bin/python scripts/bench_splat_torch.py
+Run: /work/venv/bin/python scripts/bench_splat_torch.py --threads 1
 """
+import argparse
 import importlib.metadata
 import importlib.util
 import json
@@ -146,17 +149,21 @@ def render(p, size):
 
 
 def timed(f, reps, warmup=True):
+    """(median wall s, min wall s, median process CPU s, info of the last run)."""
     if warmup:
         f()
-    ts = []
+    ts, cs = [], []
     for _ in range(reps):
+        c0 = time.process_time()
         t0 = time.perf_counter()
         info = f()
         ts.append(time.perf_counter() - t0)
+        cs.append(time.process_time() - c0)
         if ts[-1] > 5.0:
             break
     ts.sort()
-    return ts[len(ts) // 2], ts[0], info
+    cs.sort()
+    return ts[len(ts) // 2], ts[0], cs[len(cs) // 2], info
 
 
 def main():
@@ -164,7 +171,12 @@ def main():
         have = importlib.metadata.version(pkg)
         if not have.startswith(want):
             sys.exit(f"{pkg} {have} installed, this benchmark is pinned to {want}")
-    torch.set_num_threads(int(os.environ.get("GEN_BENCH_TORCH_THREADS", "2")))
+    ap = argparse.ArgumentParser(description="CPU PyTorch peer of the splat rasterizer benchmark")
+    ap.add_argument("--threads", type=int, default=int(os.environ.get("GEN_BENCH_TORCH_THREADS", "2")),
+                    help="torch intra-op threads (default: GEN_BENCH_TORCH_THREADS or 2)")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.set_num_interop_threads(args.threads)
     reps = int(os.environ.get("GEN_BENCH_REPS", "3"))
     limit = float(os.environ.get("GEN_BENCH_SPLAT_LIMIT_S", "30"))
     counts = [int(x) for x in os.environ.get("GEN_BENCH_SPLAT_COUNTS", ",".join(map(str, COUNTS))).split(",")]
@@ -203,27 +215,33 @@ def main():
                 return info
 
             # One untimed try first decides whether the case fits the limit.
+            c0 = time.process_time()
             t0 = time.perf_counter()
             fwd_bwd()
             first = time.perf_counter() - t0
+            first_cpu = time.process_time() - c0
             if first > limit:
                 row["fwd_bwd_s"] = first
+                row["fwd_bwd_cpu_s"] = first_cpu
                 row["note"] = "single run (over the limit)"
                 too_slow_sizes[size] = min(too_slow_sizes.get(size, n), n)
                 with torch.no_grad():
+                    c0 = time.process_time()
                     t0 = time.perf_counter()
                     _, info = render(p, size)
                     row["fwd_s"] = time.perf_counter() - t0
+                    row["fwd_cpu_s"] = time.process_time() - c0
                 row["stages"] = info
             else:
-                row["fwd_s"], row["fwd_min_s"], _ = timed(fwd, reps)
-                row["fwd_bwd_s"], row["fwd_bwd_min_s"], info = timed(fwd_bwd, reps, warmup=False)
+                row["fwd_s"], row["fwd_min_s"], row["fwd_cpu_s"], _ = timed(fwd, reps)
+                row["fwd_bwd_s"], row["fwd_bwd_min_s"], row["fwd_bwd_cpu_s"], info = timed(fwd_bwd, reps, warmup=False)
                 row["stages"] = info
             results.append(row)
             st = row["stages"]
             print(
                 f"n={n:6} {size:3}²: fwd {row['fwd_s']*1e3:9.1f} ms (min {row.get('fwd_min_s', row['fwd_s'])*1e3:.1f})  "
-                f"fwd+bwd {row['fwd_bwd_s']*1e3:9.1f} ms (min {row.get('fwd_bwd_min_s', row['fwd_bwd_s'])*1e3:.1f})  "
+                f"fwd+bwd {row['fwd_bwd_s']*1e3:9.1f} ms (min {row.get('fwd_bwd_min_s', row['fwd_bwd_s'])*1e3:.1f}; "
+                f"CPU fwd {row['fwd_cpu_s']*1e3:.1f}, fwd+bwd {row['fwd_bwd_cpu_s']*1e3:.1f} ms)  "
                 f"(project {st['project']*1e3:.0f}, bin {st['bin']*1e3:.0f}, composite {st['composite']*1e3:.0f} ms; "
                 f"{st['isects']} tile entries; mean alpha {st['alpha_mean']:.3f})",
                 flush=True,
@@ -232,6 +250,7 @@ def main():
         "generator": "scripts/bench_splat_torch.py",
         "versions": {k: importlib.metadata.version(k) for k in PINNED},
         "threads": torch.get_num_threads(),
+        "loadavg": open("/proc/loadavg").read().strip() if os.path.exists("/proc/loadavg") else None,
         "fov_y": FOV_Y,
         "cam_t": CAM_T,
         "results": results,

@@ -7,6 +7,9 @@
 //! ```text
 //! /work/venv/bin/python scripts/bench_splat_torch.py   # target/bench/splat_{scenes.safetensors,torch.json}
 //! RAYON_NUM_THREADS=2 cargo bench -p gen-bench --bench splat
+//! # single-thread comparison (the one in bench/RESULTS.md):
+//! /work/venv/bin/python scripts/bench_splat_torch.py --threads 1
+//! RAYON_NUM_THREADS=1 cargo bench -p gen-bench --bench splat
 //! ```
 //!
 //! Without the scene file the benchmark generates its own scenes (`Splats::random`, same
@@ -15,6 +18,8 @@
 //! (default `target/bench`), `GEN_BENCH_SPLAT_COUNTS` / `GEN_BENCH_SPLAT_SIZES` comma lists
 //! (default 1000,10000,100000 and 64,128,256,512), `GEN_BENCH_SPLAT_LIMIT_S` (default 30):
 //! a case whose forward + backward takes longer causes the same skips as in the Python script.
+//! Each case reports median wall time and median process CPU time (`/proc/self/task/*/schedstat`);
+//! the Python script records both too, and the table gives both ratios.
 //!
 //! Forward: `render` on plain tensors (no graph). Forward + backward: `render` on `SplatVars`,
 //! loss = sum(w · rgb) with a fixed random w, `backward()` to all five parameter tensors.
@@ -42,18 +47,36 @@ fn env_list(name: &str, default: &[usize]) -> Result<Vec<usize>> {
     }
 }
 
-/// Median wall time in seconds over up to `reps` runs (stopping early after a run over 5 s).
-fn time_runs(reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+/// CPU time of this process so far (all threads), in seconds, from the scheduler's per-thread
+/// run-time counters (`/proc/self/task/*/schedstat`, nanoseconds); 0 where they are missing.
+/// On a loaded machine it moves far less than wall time.
+fn cpu_time_s() -> f64 {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else { return 0.0 };
+    let mut ns = 0u64;
+    for t in tasks.flatten() {
+        if let Ok(s) = std::fs::read_to_string(t.path().join("schedstat")) {
+            ns += s.split_whitespace().next().and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        }
+    }
+    ns as f64 * 1e-9
+}
+
+/// Median wall and median CPU time in seconds over up to `reps` runs (stopping early after a
+/// run over 5 s).
+fn time_runs(reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<(f64, f64)> {
     let mut ts = Vec::new();
+    let mut cs = Vec::new();
     for _ in 0..reps {
+        let c0 = cpu_time_s();
         let t0 = Instant::now();
         f()?;
         ts.push(t0.elapsed().as_secs_f64());
+        cs.push(cpu_time_s() - c0);
         if ts[ts.len() - 1] > 5.0 {
             break;
         }
     }
-    Ok(median(&mut ts))
+    Ok((median(&mut ts), median(&mut cs)))
 }
 
 fn camera(size: usize) -> Result<Camera> {
@@ -64,7 +87,17 @@ fn camera(size: usize) -> Result<Camera> {
 struct TorchRow {
     fwd: Option<f64>,
     fwd_bwd: Option<f64>,
+    fwd_cpu: Option<f64>,
+    fwd_bwd_cpu: Option<f64>,
     note: String,
+}
+
+/// Our timings of one case: (wall s, CPU s) medians, `None` when skipped.
+struct Row {
+    n: usize,
+    size: usize,
+    fwd: Option<(f64, f64)>,
+    fwd_bwd: Option<(f64, f64)>,
 }
 
 fn torch_row(doc: &Option<serde_json::Value>, n: usize, size: usize) -> Option<TorchRow> {
@@ -82,7 +115,13 @@ fn torch_row(doc: &Option<serde_json::Value>, n: usize, size: usize) -> Option<T
             r["note"].as_str().map(|s| format!("; {s}")).unwrap_or_default()
         )
     };
-    Some(TorchRow { fwd: r["fwd_s"].as_f64(), fwd_bwd: r["fwd_bwd_s"].as_f64(), note })
+    Some(TorchRow {
+        fwd: r["fwd_s"].as_f64(),
+        fwd_bwd: r["fwd_bwd_s"].as_f64(),
+        fwd_cpu: r["fwd_cpu_s"].as_f64(),
+        fwd_bwd_cpu: r["fwd_bwd_cpu_s"].as_f64(),
+        note,
+    })
 }
 
 fn main() -> Result<()> {
@@ -139,7 +178,7 @@ fn main() -> Result<()> {
         splats.validate()?;
         for &size in &sizes {
             if too_slow.iter().any(|&(s, c)| size >= s && n >= c) {
-                rows.push((n, size, None, None, 0.0));
+                rows.push(Row { n, size, fwd: None, fwd_bwd: None });
                 continue;
             }
             let cam = camera(size)?;
@@ -153,14 +192,16 @@ fn main() -> Result<()> {
                 anyhow::ensure!(grads.get(vars.means.as_tensor()).is_some(), "no gradient for the means");
                 Ok(())
             };
+            let c0 = cpu_time_s();
             let t0 = Instant::now();
             fwd_bwd()?; // warm-up, and the limit check
-            let first = t0.elapsed().as_secs_f64();
-            let (fwd, fb) = if first > limit {
+            let first = (t0.elapsed().as_secs_f64(), cpu_time_s() - c0);
+            let (fwd, fb) = if first.0 > limit {
                 too_slow.push((size, n));
+                let c0 = cpu_time_s();
                 let t0 = Instant::now();
                 render(&splats, &cam, &cfg)?;
-                (t0.elapsed().as_secs_f64(), first)
+                ((t0.elapsed().as_secs_f64(), cpu_time_s() - c0), first)
             } else {
                 let fb = time_runs(reps, &mut fwd_bwd)?;
                 let fwd = time_runs(reps, || {
@@ -170,32 +211,43 @@ fn main() -> Result<()> {
                 })?;
                 (fwd, fb)
             };
-            println!("n={n:6} {size:3}²: fwd {:9.2} ms  fwd+bwd {:9.2} ms  (mean alpha {alpha_mean:.3})", fwd * 1e3, fb * 1e3);
-            rows.push((n, size, Some(fwd), Some(fb), alpha_mean));
+            println!(
+                "n={n:6} {size:3}²: fwd {:9.2} ms (CPU {:.2})  fwd+bwd {:9.2} ms (CPU {:.2})  (mean alpha {alpha_mean:.3})",
+                fwd.0 * 1e3,
+                fwd.1 * 1e3,
+                fb.0 * 1e3,
+                fb.1 * 1e3
+            );
+            rows.push(Row { n, size, fwd: Some(fwd), fwd_bwd: Some(fb) });
         }
     }
     println!();
-    println!("| Gaussians | image | ours fwd (ms) | ours fwd+bwd (ms) | torch fwd (ms) | torch fwd+bwd (ms) | torch/ours fwd | torch/ours fwd+bwd | torch stages (fwd+bwd run) |");
-    println!("|---|---|---|---|---|---|---|---|---|");
+    println!("Wall time (ms) and torch/ours ratios; CPU-time ratios (process CPU, less disturbed by load) in the last two columns.");
+    println!("| Gaussians | image | ours fwd | ours fwd+bwd | torch fwd | torch fwd+bwd | wall ratio fwd | wall ratio fwd+bwd | CPU ratio fwd | CPU ratio fwd+bwd | torch stages (fwd+bwd run) |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
     let ms = |v: Option<f64>| v.map(|x| format!("{:.1}", x * 1e3)).unwrap_or_else(|| "—".into());
     let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
-        (Some(a), Some(b)) => format!("{:.1}×", a / b),
+        (Some(a), Some(b)) if b > 0.0 => format!("{:.1}×", a / b),
         _ => "—".into(),
     };
-    for (n, size, fwd, fb, _) in rows {
-        let t = torch_row(&torch, n, size);
-        let (tf, tfb, note) = match t {
-            Some(t) => (t.fwd, t.fwd_bwd, t.note),
-            None => (None, None, "not run".into()),
-        };
+    for r in rows {
+        let t = torch_row(&torch, r.n, r.size);
+        let t = t.unwrap_or(TorchRow { fwd: None, fwd_bwd: None, fwd_cpu: None, fwd_bwd_cpu: None, note: "not run".into() });
+        let wall = |v: Option<(f64, f64)>| v.map(|x| x.0);
+        let cpu = |v: Option<(f64, f64)>| v.map(|x| x.1);
         println!(
-            "| {n} | {size}² | {} | {} | {} | {} | {} | {} | {note} |",
-            ms(fwd),
-            ms(fb),
-            ms(tf),
-            ms(tfb),
-            ratio(tf, fwd),
-            ratio(tfb, fb)
+            "| {} | {}² | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            r.n,
+            r.size,
+            ms(wall(r.fwd)),
+            ms(wall(r.fwd_bwd)),
+            ms(t.fwd),
+            ms(t.fwd_bwd),
+            ratio(t.fwd, wall(r.fwd)),
+            ratio(t.fwd_bwd, wall(r.fwd_bwd)),
+            ratio(t.fwd_cpu, cpu(r.fwd)),
+            ratio(t.fwd_bwd_cpu, cpu(r.fwd_bwd)),
+            t.note
         );
     }
     Ok(())
