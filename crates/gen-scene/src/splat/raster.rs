@@ -110,6 +110,11 @@ pub(crate) struct Splat2d<R> {
     power_floor: R,
     /// Half the smallest eigenvalue of the conic, less 1%: `power <= -lmin_half * |d|²`.
     lmin_half: R,
+    /// Half the largest eigenvalue of the conic: `power >= -lmax_half * |d|²`.
+    lmax_half: R,
+    /// `b / c` and `b / a` (edge maximisers of [`max_power_in_rect`]; 0 if not positive definite).
+    b_over_c: R,
+    b_over_a: R,
     color: [R; 3],
 }
 
@@ -129,6 +134,8 @@ pub(crate) fn prepare<R: Real>(proj: &[R], colors: &[R], logits: &[R]) -> Vec<Sp
             let half_diff = R::c(0.5) * (a - c);
             let lmin = R::c(0.5) * (a + c) - (half_diff * half_diff + b * b).sqrt();
             let lmin_half = (R::c(0.5 * 0.99) * lmin).maxr(R::c(0.0));
+            let lmax = R::c(0.5) * (a + c) + (half_diff * half_diff + b * b).sqrt();
+            let pd = a > R::c(0.0) && c > R::c(0.0) && a * c > b * b;
             Splat2d {
                 u: p[0],
                 v: p[1],
@@ -139,6 +146,9 @@ pub(crate) fn prepare<R: Real>(proj: &[R], colors: &[R], logits: &[R]) -> Vec<Sp
                 opacity,
                 power_floor,
                 lmin_half,
+                lmax_half: R::c(0.5) * lmax,
+                b_over_c: if pd { b / c } else { R::c(0.0) },
+                b_over_a: if pd { b / a } else { R::c(0.0) },
                 color: [colors[i * 3], colors[i * 3 + 1], colors[i * 3 + 2]],
             }
         })
@@ -165,8 +175,10 @@ pub(crate) struct Block {
 
 /// The blocks of tile `t` with their Gaussian lists. A Gaussian is left out of a block only when
 /// the bound `power <= -lmin/2 |d|²` (d: distance from its mean to the block's pixel centres)
-/// is below its power floor, so no pixel of the block would have used it: the result is
-/// the same as testing every pixel against the whole tile list, only faster.
+/// or the exact maximum of its exponent over the block ([`max_power_in_rect`]) is below its
+/// power floor, so no pixel of the block would have used it: the result is the same as
+/// testing every pixel against the whole tile list, only faster.
+#[inline(always)]
 fn tile_blocks<R: Real>(
     gs: &[Splat2d<R>],
     cam_w: usize,
@@ -189,46 +201,41 @@ fn tile_blocks<R: Real>(
             });
         }
     }
-    let nbx = (x1 - x0).div_ceil(SUB);
-    let nby = (y1 - y0).div_ceil(SUB);
+    // Lane `l` tests block `l` (at most LANES blocks per tile), so that the tests of one
+    // Gaussian against all the blocks of its tile run together and without branches.
     let zero = R::c(0.0);
+    let mut rect = [[zero; LANES]; 4]; // pixel-centre bounds x0, x1, y0, y1
+    let mut valid = [false; LANES];
+    for (l, b) in blocks.iter().enumerate() {
+        rect[0][l] = R::c(b.x0 as f64 + 0.5);
+        rect[1][l] = R::c(b.x1 as f64 - 0.5);
+        rect[2][l] = R::c(b.y0 as f64 + 0.5);
+        rect[3][l] = R::c(b.y1 as f64 - 0.5);
+        valid[l] = true;
+    }
+    let mut keep = [false; LANES];
     for (j, g) in gs.iter().enumerate() {
         if g.power_floor >= zero {
             continue; // alpha < 1/255 even at the mean.
         }
-        // Block range of the disc where the bound allows power >= floor (all blocks if the
-        // conic is degenerate), then the exact distance test per block.
-        let (cx0, cx1, cy0, cy1) = if g.lmin_half > zero {
-            let r = (g.power_floor.f64() / -g.lmin_half.f64()).sqrt();
-            let (u, v) = (g.u.f64(), g.v.f64());
-            let lo = |p: f64, o: usize, n: usize| {
-                floor_index((p - r - 0.5 - o as f64) / SUB as f64, n)
-            };
-            let hi = |p: f64, o: usize, n: usize| {
-                floor_index_plus_one((p + r - 0.5 - o as f64) / SUB as f64, n)
-            };
-            (
-                lo(u, x0, nbx),
-                hi(u, x0, nbx),
-                lo(v, y0, nby),
-                hi(v, y0, nby),
-            )
-        } else {
-            (0, nbx, 0, nby)
-        };
-        for byi in cy0..cy1 {
-            for bxi in cx0..cx1 {
-                let b = &mut blocks[byi * nbx + bxi];
-                let (rx0, rx1) = (R::c(b.x0 as f64 + 0.5), R::c(b.x1 as f64 - 0.5));
-                let (ry0, ry1) = (R::c(b.y0 as f64 + 0.5), R::c(b.y1 as f64 - 0.5));
-                let dx = (rx0 - g.u).maxr(g.u - rx1).maxr(zero);
-                let dy = (ry0 - g.v).maxr(g.v - ry1).maxr(zero);
-                if -(g.lmin_half * (dx * dx + dy * dy)) >= g.power_floor
-                    && max_power_in_rect(g, (g.u - rx1, g.u - rx0), (g.v - ry1, g.v - ry0))
-                        >= g.power_floor
-                {
-                    b.list.push(j as u32);
-                }
+        for l in 0..LANES {
+            let (rx0, rx1, ry0, ry1) = (rect[0][l], rect[1][l], rect[2][l], rect[3][l]);
+            // Disc bound (smallest eigenvalue) at the nearest pixel centre of the block.
+            let dx = (rx0 - g.u).maxr(g.u - rx1).maxr(zero);
+            let dy = (ry0 - g.v).maxr(g.v - ry1).maxr(zero);
+            let disc = -(g.lmin_half * (dx * dx + dy * dy)) >= g.power_floor;
+            // Whole block inside by the largest eigenvalue at the farthest pixel centre, or
+            // else the exact test (blocks at the footprint's edge).
+            let fx = (g.u - rx0).maxr(rx1 - g.u);
+            let fy = (g.v - ry0).maxr(ry1 - g.v);
+            let quick = -(g.lmax_half * (fx * fx + fy * fy)) >= g.power_floor;
+            let exact = max_power_in_rect(g, (g.u - rx1, g.u - rx0), (g.v - ry1, g.v - ry0))
+                >= g.power_floor;
+            keep[l] = valid[l] & disc & (quick | exact);
+        }
+        for (l, b) in blocks.iter_mut().enumerate() {
+            if keep[l] {
+                b.list.push(j as u32);
             }
         }
     }
@@ -238,6 +245,8 @@ fn tile_blocks<R: Real>(
 /// Pixels of one block, composited together as SIMD-friendly lanes (lane `l` is pixel
 /// `(x0 + l % SUB, y0 + l / SUB)` of its block).
 const LANES: usize = SUB * SUB;
+// `tile_blocks` tests the blocks of a tile as lanes.
+const _: () = assert!((TILE / SUB) * (TILE / SUB) <= LANES);
 
 /// The float types the compositing lanes run in, with the `exp` they use.
 pub(crate) trait LaneReal: Real {
@@ -507,28 +516,26 @@ fn bwd_block<R: LaneReal>(gs: &[Splat2d<R>], b: &Block, inp: &PixelIn<R>, eg: &m
 /// The largest exponent `power(dx, dy) = -(a dx² + 2b dx dy + c dy²) / 2` of `g` over offsets
 /// `dx ∈ [dx0, dx1]`, `dy ∈ [dy0, dy1]` (mean minus pixel centre over a block), exactly: 0 if
 /// the mean lies inside, else the best point of the four edges (the exponent is concave, so
-/// each edge has its maximum at the clamped stationary point). Returns 0 (keep) for a conic
-/// that is not positive definite.
-#[inline]
+/// each edge has its maximum at the clamped stationary point, from the precomputed `b / c`
+/// and `b / a`). Returns 0 (keep) for a conic that is not positive definite. Branch-free, so
+/// that it vectorises over the blocks of a tile.
+#[inline(always)]
 fn max_power_in_rect<R: Real>(g: &Splat2d<R>, (dx0, dx1): (R, R), (dy0, dy1): (R, R)) -> R {
     let zero = R::c(0.0);
-    let inside_x = !(dx0 > zero) && !(dx1 < zero);
-    let inside_y = !(dy0 > zero) && !(dy1 < zero);
-    if (inside_x && inside_y) || !(g.a > zero && g.c > zero && g.a * g.c > g.b * g.b) {
-        return zero;
-    }
+    let inside = !(dx0 > zero) & !(dx1 < zero) & !(dy0 > zero) & !(dy1 < zero);
+    let pd = (g.a > zero) & (g.c > zero) & (g.a * g.c > g.b * g.b);
     let pw = |dx: R, dy: R| R::c(-0.5) * (g.a * dx * dx + g.c * dy * dy) - g.b * dx * dy;
     let clamp = |x: R, lo: R, hi: R| x.maxr(lo).minr(hi);
-    let mut best = R::c(f64::NEG_INFINITY);
-    for dx in [dx0, dx1] {
-        let dy = clamp(-(g.b * dx) / g.c, dy0, dy1);
-        best = best.maxr(pw(dx, dy));
+    let e0 = pw(dx0, clamp(-(g.b_over_c * dx0), dy0, dy1));
+    let e1 = pw(dx1, clamp(-(g.b_over_c * dx1), dy0, dy1));
+    let e2 = pw(clamp(-(g.b_over_a * dy0), dx0, dx1), dy0);
+    let e3 = pw(clamp(-(g.b_over_a * dy1), dx0, dx1), dy1);
+    let best = e0.maxr(e1).maxr(e2.maxr(e3));
+    if inside | !pd {
+        zero
+    } else {
+        best
     }
-    for dy in [dy0, dy1] {
-        let dx = clamp(-(g.b * dy) / g.a, dx0, dx1);
-        best = best.maxr(pw(dx, dy));
-    }
-    best
 }
 
 /// One pixel's forward result: (pixel index, packed output, final T, contributor count).
@@ -934,6 +941,9 @@ mod tests {
                 opacity: 0.5,
                 power_floor: -5.0,
                 lmin_half: 0.0,
+                lmax_half: 0.0,
+                b_over_c: c * s * (i1 - i2) / (s * s * i1 + c * c * i2),
+                b_over_a: c * s * (i1 - i2) / (c * c * i1 + s * s * i2),
                 color: [0.0; 3],
             };
             let (x0, y0) = (uni(-4.0, 2.0), uni(-4.0, 2.0));
