@@ -81,15 +81,22 @@ Renders the first N images of the world's test split (same renderer settings as 
 images in [0, 1]) and the evaluator's per-head accuracy (shape, hue, tone, colour = hue and
 tone, view word, background).";
 
+/// The model and evaluator folders (every subcommand).
 #[derive(Debug, Args)]
-pub struct ModelArgs {
+pub struct ModelPaths {
     /// Model: a diffusers folder with an evaluator/ folder. Default: $GEN_MODEL, else
     /// weights/tiny-shapes of this checkout (as `gen image`).
     #[arg(long)]
     pub model: Option<PathBuf>,
-    /// Evaluator folder; default MODEL/evaluator.
+    /// Evaluator folder (config.json, model.safetensors); default MODEL/evaluator.
     #[arg(long)]
     pub evaluator: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct ModelArgs {
+    #[command(flatten)]
+    pub paths: ModelPaths,
     /// Test images.
     #[arg(long, default_value_t = 256)]
     pub images: usize,
@@ -101,13 +108,8 @@ pub struct ModelArgs {
 /// Options shared by both subcommands.
 #[derive(Debug, Args)]
 pub struct CommonArgs {
-    /// Model: a diffusers folder with an evaluator/ folder. Default: $GEN_MODEL, else
-    /// weights/tiny-shapes of this checkout (as `gen image`).
-    #[arg(long)]
-    pub model: Option<PathBuf>,
-    /// Evaluator folder (config.json, model.safetensors); default MODEL/evaluator.
-    #[arg(long)]
-    pub evaluator: Option<PathBuf>,
+    #[command(flatten)]
+    pub paths: ModelPaths,
     /// Number of test prompts.
     #[arg(long, default_value_t = 32)]
     pub prompts: usize,
@@ -189,8 +191,8 @@ fn run_model(a: ModelArgs) -> anyhow::Result<()> {
     if a.images == 0 {
         bail!("--images must be at least 1");
     }
-    let model = resolve_model(&a.model)?;
-    let evaluator = a.evaluator.clone().unwrap_or_else(|| model.join("evaluator"));
+    let model = resolve_model(&a.paths.model)?;
+    let evaluator = a.paths.evaluator.clone().unwrap_or_else(|| model.join("evaluator"));
     let dev = candle_core::Device::Cpu;
     let pipe = SdPipeline::load(&ModelSource::Local(model.clone()), &LoadOptions::default()).with_context(|| format!("loading {}", model.display()))?;
     let eval = gen_pretrain::evaluator::Evaluator::load(&evaluator, &dev).with_context(|| format!("loading the evaluator {}", evaluator.display()))?;
@@ -253,13 +255,13 @@ impl CommonArgs {
 
     /// The model folder: --model, else `gen image`'s default.
     fn model(&self) -> anyhow::Result<PathBuf> {
-        resolve_model(&self.model)
+        resolve_model(&self.paths.model)
     }
 
     /// The config with CFG 7.5 (callers set the guidance).
     fn base_config(&self, model: PathBuf) -> EvalConfig {
         EvalConfig {
-            evaluator: self.evaluator.clone(),
+            evaluator: self.paths.evaluator.clone(),
             prompts: self.prompts,
             per_prompt: self.per_prompt,
             steps: self.steps,
@@ -272,7 +274,7 @@ impl CommonArgs {
 
     fn session(&self, model: &Path) -> anyhow::Result<EvalSession> {
         let device = gen_core::pick_device(self.device)?;
-        Ok(EvalSession::load(model, self.evaluator.as_deref(), &device)?)
+        Ok(EvalSession::load(model, self.paths.evaluator.as_deref(), &device)?)
     }
 }
 
