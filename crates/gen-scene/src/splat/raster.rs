@@ -349,8 +349,9 @@ fn power<R: Real>(g: &Splat2d<R>, px: R, py: R) -> (R, R, R) {
 }
 
 /// The alpha of Gaussian `g` at a lane's pixel, or 0 where the pixel skips it (`power > 0`,
-/// `alpha < 1/255`; `power` below the floor implies the latter; NaN fails the skip tests, as in
-/// the reference), together with `G = exp(power)`, `opacity * G` and the offset.
+/// `alpha < 1/255`; NaN fails the skip tests, as in the reference; `power` below the floor
+/// implies `alpha < 1/255` by a margin of 1e-3 in the exponent, far above rounding, so that
+/// test is left to the culling), together with `G = exp(power)`, `opacity * G` and the offset.
 /// A zero alpha changes nothing in either pass (`T (1 - 0) = T`, weight 0), which lets every
 /// lane run the same instructions.
 #[inline(always)]
@@ -359,7 +360,7 @@ fn lane_alpha<R: LaneReal>(g: &Splat2d<R>, px: R, py: R) -> (R, R, R, R, R) {
     let gv = pw.exp_lane();
     let raw = g.opacity * gv;
     let alpha = raw.minr(R::c(ALPHA_MAX));
-    let skip = (pw > R::c(0.0)) | (pw < g.power_floor) | (alpha < R::c(ALPHA_MIN));
+    let skip = (pw > R::c(0.0)) | (alpha < R::c(ALPHA_MIN));
     (if skip { R::c(0.0) } else { alpha }, gv, raw, dx, dy)
 }
 
@@ -374,36 +375,34 @@ fn fwd_block<R: LaneReal>(
 ) {
     let ln = lanes::<R>(b, width);
     let (zero, one) = (R::c(0.0), R::c(1.0));
-    let mut tr = [one; LANES];
+    // A live lane's T is >= T_MIN > 0. A lane that stopped (or lies outside the image) keeps
+    // -T < 0, so that it stops again at every later Gaussian and composites nothing more.
+    let mut tr = ln.valid.map(|v| if v { one } else { -one });
     let mut col = [[zero; LANES]; 3];
     let mut dep = [zero; LANES];
     let mut last = [0u32; LANES];
-    // 1 while the lane composites, 0 once it stopped (or lies outside the image).
-    let mut live = ln.valid.map(|v| if v { one } else { zero });
     for &j in &b.list {
         let g = &gs[j as usize];
-        let mut stops = [zero; LANES];
         for l in 0..LANES {
             let (alpha, ..) = lane_alpha(g, ln.px[l], ln.py[l]);
-            let alpha = alpha * live[l];
-            let next_t = tr[l] * (one - alpha);
-            // A live lane's T is >= T_MIN, so only a taking-part Gaussian can stop it.
+            let t = tr[l];
+            let next_t = t * (one - alpha);
             let stop = next_t < R::c(T_MIN);
             let alpha = if stop { zero } else { alpha };
-            let wgt = alpha * tr[l];
+            let wgt = alpha * t;
             for ch in 0..3 {
                 col[ch][l] += wgt * g.color[ch];
             }
             dep[l] += wgt * g.depth;
-            tr[l] = if stop { tr[l] } else { next_t };
+            let dead = if t > zero { -t } else { t };
+            tr[l] = if stop { dead } else { next_t };
             last[l] = if alpha > zero { j + 1 } else { last[l] };
-            live[l] = if stop { zero } else { live[l] };
-            stops[l] = if stop { one } else { zero };
         }
-        if hsum(&stops) > zero && hsum(&live) == zero {
+        if tr.iter().all(|&t| !(t > zero)) {
             break;
         }
     }
+    let tr = tr.map(|t| if t > zero { t } else { -t });
     for l in 0..LANES {
         if ln.valid[l] {
             out.push((
