@@ -152,12 +152,20 @@ mod tests {
                 let lo = x.floor().clamp(0.0, n as f64) as usize;
                 let hi = (x.floor() + 1.0).clamp(0.0, n as f64) as usize;
                 assert_eq!(floor_index(x, n), lo, "floor_index({x}, {n})");
-                assert_eq!(floor_index_plus_one(x, n), hi, "floor_index_plus_one({x}, {n})");
+                assert_eq!(
+                    floor_index_plus_one(x, n),
+                    hi,
+                    "floor_index_plus_one({x}, {n})"
+                );
             }
             for x in [f64::NAN, f64::INFINITY, f64::NEG_INFINITY] {
                 let lo = x.floor().clamp(0.0, n as f64) as usize;
                 let hi = (x.floor() + 1.0).clamp(0.0, n as f64) as usize;
-                assert_eq!((floor_index(x, n), floor_index_plus_one(x, n)), (lo, hi), "{x}");
+                assert_eq!(
+                    (floor_index(x, n), floor_index_plus_one(x, n)),
+                    (lo, hi),
+                    "{x}"
+                );
             }
         }
     }

@@ -27,9 +27,7 @@ use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use crate::real::Real;
-use crate::splat::kernel::{
-    cpu_slice, floor_index, floor_index_plus_one, tile_rect, CamParams, TILE,
-};
+use crate::splat::kernel::{cpu_slice, tile_rect, CamParams, TILE};
 use crate::splat::project::PROJ_DIM;
 
 /// Values per pixel in the packed raster output: `[r, g, b, alpha, depth]`.
@@ -739,7 +737,10 @@ pub(crate) fn raster_bwd<R: LaneReal>(
         gop[i] += e[9];
     }
     // d opacity / d logit = o (1 - o).
-    let glogit = gop.iter().zip(splats).map(|(&g, s)| g * s.opacity * (one - s.opacity));
+    let glogit = gop
+        .iter()
+        .zip(splats)
+        .map(|(&g, s)| g * s.opacity * (one - s.opacity));
     (gproj, gcol, glogit.collect())
 }
 
@@ -837,7 +838,14 @@ impl RasterOp {
                 let splats = prepare(&p, &c, &l);
                 let f = raster_fwd(&cam, &bins, &splats, bg);
                 raster_bwd(
-                    &cam, &bins, &splats, &f.blocks, bg, &f.final_t, &f.n_contrib, &g,
+                    &cam,
+                    &bins,
+                    &splats,
+                    &f.blocks,
+                    bg,
+                    &f.final_t,
+                    &f.n_contrib,
+                    &g,
                 )
             }
         };
@@ -908,7 +916,10 @@ mod tests {
             worst = worst.max(((got - want) / want).abs());
             x -= 1.3e-4;
         }
-        assert!(worst < 3.0 * f32::EPSILON as f64, "worst relative error {worst:.3e}");
+        assert!(
+            worst < 3.0 * f32::EPSILON as f64,
+            "worst relative error {worst:.3e}"
+        );
         assert_eq!(exp_f32(0.0), 1.0);
         assert_eq!(exp_f32(-200.0), exp_f32(-80.0));
         assert!(exp_f32(f32::NAN).is_nan());
@@ -921,7 +932,13 @@ mod tests {
         let mut rng = gen_core::SeededRng::new(7);
         let mut uni = |lo: f64, hi: f64| -> f64 {
             let t = rng
-                .rand_uniform(1, lo as f32, hi as f32, candle_core::DType::F64, &candle_core::Device::Cpu)
+                .rand_uniform(
+                    1,
+                    lo as f32,
+                    hi as f32,
+                    candle_core::DType::F64,
+                    &candle_core::Device::Cpu,
+                )
                 .unwrap();
             t.to_vec1::<f64>().unwrap()[0]
         };
@@ -960,7 +977,10 @@ mod tests {
                 }
             }
             // The grid misses the exact maximiser by at most a cell.
-            assert!(m - grid_max < 0.05 * (1.0 + m.abs()), "bound {m} far above grid max {grid_max}");
+            assert!(
+                m - grid_max < 0.05 * (1.0 + m.abs()),
+                "bound {m} far above grid max {grid_max}"
+            );
         }
     }
 
