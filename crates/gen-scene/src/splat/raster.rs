@@ -243,6 +243,8 @@ fn tile_blocks<R: Real>(
 /// Pixels of one block, composited together as SIMD-friendly lanes (lane `l` is pixel
 /// `(x0 + l % SUB, y0 + l / SUB)` of its block).
 const LANES: usize = SUB * SUB;
+/// Half a block (two pixel rows), the unit the backward pass skips when a Gaussian misses it.
+const HALF: usize = LANES / 2;
 // `tile_blocks` tests the blocks of a tile as lanes.
 const _: () = assert!((TILE / SUB) * (TILE / SUB) <= LANES);
 
@@ -463,45 +465,63 @@ fn bwd_block<R: LaneReal>(gs: &[Splat2d<R>], b: &Block, inp: &PixelIn<R>, eg: &m
     let upto = b.list.partition_point(|&j| j < nmax);
     for &j in b.list[..upto].iter().rev() {
         let g = &gs[j as usize];
-        // Per-lane gradient terms: u, v, conic a, b, c, depth, r, g, b, opacity.
-        let mut s = [[zero; LANES]; GDIM];
-        let mut used = [zero; LANES];
+        // Alphas first; entries after a pixel's last contributor did not take part there.
+        let mut al = [zero; LANES];
+        let mut gvs = [zero; LANES];
+        let mut raws = [zero; LANES];
+        let mut dxs = [zero; LANES];
+        let mut dys = [zero; LANES];
         for l in 0..LANES {
             let (alpha, gv, raw, dx, dy) = lane_alpha(g, ln.px[l], ln.py[l]);
-            // Entries after the pixel's last contributor did not take part.
-            let alpha = if j < nc[l] { alpha } else { zero };
-            let one_m = one - alpha;
-            let t_here = tr[l] / one_m;
-            let wgt = alpha * t_here;
-            let mut dalpha = gd[l] * (g.depth - acc_d[l]);
-            for ch in 0..3 {
-                dalpha += gc[ch][l] * (g.color[ch] - acc[ch][l]);
-            }
-            dalpha = dalpha * t_here + ga[l] * t_final[l] / one_m;
-            tr[l] = t_here;
-            for ch in 0..3 {
-                acc[ch][l] = alpha * g.color[ch] + one_m * acc[ch][l];
-                s[6 + ch][l] = wgt * gc[ch][l];
-            }
-            acc_d[l] = alpha * g.depth + one_m * acc_d[l];
-            s[5][l] = wgt * gd[l];
-            // alpha = opacity * G, G = exp(power); no gradient where the 0.99 clamp is active.
-            let unclamped = (alpha > zero) & (raw < R::c(ALPHA_MAX));
-            let dpow = g.opacity * dalpha * gv;
-            let terms = [
-                -(g.a * dx + g.b * dy) * dpow,
-                -(g.b * dx + g.c * dy) * dpow,
-                R::c(-0.5) * dx * dx * dpow,
-                -dx * dy * dpow,
-                R::c(-0.5) * dy * dy * dpow,
-            ];
-            for k in 0..5 {
-                s[k][l] = if unclamped { terms[k] } else { zero };
-            }
-            s[9][l] = if unclamped { gv * dalpha } else { zero };
-            used[l] = alpha;
+            al[l] = if j < nc[l] { alpha } else { zero };
+            (gvs[l], raws[l], dxs[l], dys[l]) = (gv, raw, dx, dy);
         }
-        if hsum(&used) > zero {
+        // Per-lane gradient terms: u, v, conic a, b, c, depth, r, g, b, opacity. A half block
+        // where the Gaussian takes part nowhere changes nothing (alpha 0) and is skipped.
+        let mut s = [[zero; LANES]; GDIM];
+        let mut any = false;
+        for h in 0..2 {
+            let half = &al[h * HALF..(h + 1) * HALF];
+            if half.iter().fold(false, |acc, &a| acc | (a > zero)) {
+                any = true;
+            } else {
+                continue;
+            }
+            for i in 0..HALF {
+                let l = h * HALF + i;
+                let (alpha, gv, raw, dx, dy) = (al[l], gvs[l], raws[l], dxs[l], dys[l]);
+                let one_m = one - alpha;
+                let t_here = tr[l] / one_m;
+                let wgt = alpha * t_here;
+                let mut dalpha = gd[l] * (g.depth - acc_d[l]);
+                for ch in 0..3 {
+                    dalpha += gc[ch][l] * (g.color[ch] - acc[ch][l]);
+                }
+                dalpha = dalpha * t_here + ga[l] * t_final[l] / one_m;
+                tr[l] = t_here;
+                for ch in 0..3 {
+                    acc[ch][l] = alpha * g.color[ch] + one_m * acc[ch][l];
+                    s[6 + ch][l] = wgt * gc[ch][l];
+                }
+                acc_d[l] = alpha * g.depth + one_m * acc_d[l];
+                s[5][l] = wgt * gd[l];
+                // alpha = opacity * G, G = exp(power); no gradient where the 0.99 clamp is active.
+                let unclamped = (alpha > zero) & (raw < R::c(ALPHA_MAX));
+                let dpow = g.opacity * dalpha * gv;
+                let terms = [
+                    -(g.a * dx + g.b * dy) * dpow,
+                    -(g.b * dx + g.c * dy) * dpow,
+                    R::c(-0.5) * dx * dx * dpow,
+                    -dx * dy * dpow,
+                    R::c(-0.5) * dy * dy * dpow,
+                ];
+                for k in 0..5 {
+                    s[k][l] = if unclamped { terms[k] } else { zero };
+                }
+                s[9][l] = if unclamped { gv * dalpha } else { zero };
+            }
+        }
+        if any {
             let e = &mut eg[j as usize * GDIM..(j as usize + 1) * GDIM];
             for k in 0..GDIM {
                 e[k] += hsum(&s[k]);
