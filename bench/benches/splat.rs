@@ -17,7 +17,9 @@
 //! fewer when one run takes over 5 s), `GEN_BENCH_SPLAT_DIR` the folder of the two files
 //! (default `target/bench`), `GEN_BENCH_SPLAT_COUNTS` / `GEN_BENCH_SPLAT_SIZES` comma lists
 //! (default 1000,10000,100000 and 64,128,256,512), `GEN_BENCH_SPLAT_LIMIT_S` (default 30):
-//! a case whose forward + backward takes longer causes the same skips as in the Python script.
+//! a case whose forward + backward takes longer (CPU time) causes the same skips as in the Python
+//! script.
+//! Our timings also go to `splat_ours.json` in that folder.
 //! Each case reports median wall time and median process CPU time (`/proc/self/task/*/schedstat`);
 //! the Python script records both too, and the table gives both ratios.
 //!
@@ -196,7 +198,7 @@ fn main() -> Result<()> {
             let t0 = Instant::now();
             fwd_bwd()?; // warm-up, and the limit check
             let first = (t0.elapsed().as_secs_f64(), cpu_time_s() - c0);
-            let (fwd, fb) = if first.0 > limit {
+            let (fwd, fb) = if first.1 > limit {
                 too_slow.push((size, n));
                 let c0 = cpu_time_s();
                 let t0 = Instant::now();
@@ -221,6 +223,27 @@ fn main() -> Result<()> {
             rows.push(Row { n, size, fwd: Some(fwd), fwd_bwd: Some(fb) });
         }
     }
+    let json_rows: Vec<serde_json::Value> = rows
+        .iter()
+        .map(|r| {
+            serde_json::json!({
+                "count": r.n, "size": r.size,
+                "fwd_s": r.fwd.map(|x| x.0), "fwd_cpu_s": r.fwd.map(|x| x.1),
+                "fwd_bwd_s": r.fwd_bwd.map(|x| x.0), "fwd_bwd_cpu_s": r.fwd_bwd.map(|x| x.1),
+            })
+        })
+        .collect();
+    let doc = serde_json::json!({
+        "generator": "bench/benches/splat.rs",
+        "rayon_threads": rayon::current_num_threads(),
+        "loadavg": std::fs::read_to_string("/proc/loadavg").map(|s| s.trim().to_string()).ok(),
+        "results": json_rows,
+    });
+    let ours_path = dir.join("splat_ours.json");
+    std::fs::create_dir_all(&dir)?;
+    gen_core::write_atomic(&ours_path, serde_json::to_string_pretty(&doc)?.as_bytes())
+        .with_context(|| format!("writing {}", ours_path.display()))?;
+    println!("wrote {}", ours_path.display());
     println!();
     println!("Wall time (ms) and torch/ours ratios; CPU-time ratios (process CPU, less disturbed by load) in the last two columns.");
     println!("| Gaussians | image | ours fwd | ours fwd+bwd | torch fwd | torch fwd+bwd | wall ratio fwd | wall ratio fwd+bwd | CPU ratio fwd | CPU ratio fwd+bwd | torch stages (fwd+bwd run) |");
