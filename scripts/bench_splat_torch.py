@@ -167,6 +167,22 @@ def timed(f, reps, warmup=True):
     return ts[len(ts) // 2], ts[0], cs[len(cs) // 2], info
 
 
+def write_results(results):
+    """Writes the timings so far (after every case, so a crash keeps the finished ones)."""
+    doc = {
+        "generator": "scripts/bench_splat_torch.py",
+        "versions": {k: importlib.metadata.version(k) for k in PINNED},
+        "threads": torch.get_num_threads(),
+        "loadavg": open("/proc/loadavg").read().strip() if os.path.exists("/proc/loadavg") else None,
+        "fov_y": FOV_Y,
+        "cam_t": CAM_T,
+        "results": results,
+    }
+    with open(RESULTS + ".tmp", "w") as f:
+        json.dump(doc, f, indent=1)
+    os.replace(RESULTS + ".tmp", RESULTS)
+
+
 def main():
     for pkg, want in PINNED.items():
         have = importlib.metadata.version(pkg)
@@ -196,6 +212,7 @@ def main():
             if any(size >= s and n >= c for s, c in too_slow_sizes.items()):
                 row["skipped"] = f"a smaller case took over {limit:.0f} s"
                 results.append(row)
+                write_results(results)
                 print(f"n={n:6} {size:3}²: skipped", flush=True)
                 continue
             p = scenes[n]
@@ -239,6 +256,7 @@ def main():
                 row["fwd_bwd_s"], row["fwd_bwd_min_s"], row["fwd_bwd_cpu_s"], info = timed(fwd_bwd, reps, warmup=False)
                 row["stages"] = info
             results.append(row)
+            write_results(results)
             st = row["stages"]
             print(
                 f"n={n:6} {size:3}²: fwd {row['fwd_s']*1e3:9.1f} ms (min {row.get('fwd_min_s', row['fwd_s'])*1e3:.1f})  "
@@ -248,18 +266,7 @@ def main():
                 f"{st['isects']} tile entries; mean alpha {st['alpha_mean']:.3f})",
                 flush=True,
             )
-    doc = {
-        "generator": "scripts/bench_splat_torch.py",
-        "versions": {k: importlib.metadata.version(k) for k in PINNED},
-        "threads": torch.get_num_threads(),
-        "loadavg": open("/proc/loadavg").read().strip() if os.path.exists("/proc/loadavg") else None,
-        "fov_y": FOV_Y,
-        "cam_t": CAM_T,
-        "results": results,
-    }
-    with open(RESULTS + ".tmp", "w") as f:
-        json.dump(doc, f, indent=1)
-    os.replace(RESULTS + ".tmp", RESULTS)
+    write_results(results)
     print(f"wrote {RESULTS} and {SCENES}")
 
 
