@@ -26,7 +26,8 @@ sum(w · rgb) for a fixed random w, `.backward()` to all five parameter tensors.
 `GEN_BENCH_REPS` runs (default 3) after one warm-up, or fewer when one takes over 5 s;
 a case whose forward + backward takes over `GEN_BENCH_SPLAT_LIMIT_S` (default 30 s) of process CPU
 time causes the larger images of that Gaussian count and the larger counts at that size to be
-skipped.
+skipped; so does a case whose autograd graph would not fit in memory (estimated from the number
+of tile entries against `GEN_BENCH_SPLAT_MEM_GB`, default 60% of MemAvailable).
 
 Run: /work/venv/bin/python scripts/bench_splat_torch.py --threads 1
 """
@@ -56,6 +57,27 @@ TILE = 16
 SEED = 20261128
 BACKGROUND = (0.0, 0.0, 0.0)
 C0 = 0.28209479177387814
+
+
+# Autograd keeps about nine (entries, 256) f32 tensors per tile for the backward pass: 100k
+# Gaussians at 256² (about 2.5 M tile entries) were killed for memory at 23 GB RSS. Estimate with
+# a margin, and skip a case that would not fit (an out-of-memory kill may hit other processes).
+BYTES_PER_ISECT_PIXEL = 48
+
+
+class OverMemoryBudget(Exception):
+    pass
+
+
+def memory_budget():
+    """Bytes the forward + backward may use: `GEN_BENCH_SPLAT_MEM_GB`, else 60% of MemAvailable."""
+    if "GEN_BENCH_SPLAT_MEM_GB" in os.environ:
+        return float(os.environ["GEN_BENCH_SPLAT_MEM_GB"]) * 2**30
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return 0.6 * int(line.split()[1]) * 1024
+    return float("inf")
 
 
 def load_torch_impl():
@@ -109,6 +131,11 @@ def render(p, size):
     opac = torch.sigmoid(p["opacity_logits"])
     bg = torch.tensor(BACKGROUND)
     n_isect = flatten_ids.shape[0]
+    if torch.is_grad_enabled():
+        need = n_isect * TILE * TILE * BYTES_PER_ISECT_PIXEL
+        if need > memory_budget():
+            raise OverMemoryBudget(f"autograd would need about {need / 2**30:.1f} GiB ({n_isect} tile entries), "
+                                   f"over the budget of {memory_budget() / 2**30:.1f} GiB")
     ends = torch.cat([offsets[1:], torch.tensor([n_isect])])
     iy, ix = torch.meshgrid(torch.arange(TILE, dtype=torch.float32), torch.arange(TILE, dtype=torch.float32), indexing="ij")
     iy, ix = iy.reshape(-1), ix.reshape(-1)
@@ -210,7 +237,7 @@ def main():
         for size in sizes:
             row = {"count": n, "size": size}
             if any(size >= s and n >= c for s, c in too_slow_sizes.items()):
-                row["skipped"] = f"a smaller case took over {limit:.0f} s"
+                row["skipped"] = f"a smaller case took over {limit:.0f} s or did not fit in memory"
                 results.append(row)
                 write_results(results)
                 print(f"n={n:6} {size:3}²: skipped", flush=True)
@@ -235,7 +262,15 @@ def main():
             # One untimed try first decides whether the case fits the limit.
             c0 = time.process_time()
             t0 = time.perf_counter()
-            fwd_bwd()
+            try:
+                fwd_bwd()
+            except OverMemoryBudget as e:
+                row["skipped"] = f"out of memory budget: {e}"
+                too_slow_sizes[size] = min(too_slow_sizes.get(size, n), n)
+                results.append(row)
+                write_results(results)
+                print(f"n={n:6} {size:3}²: skipped ({e})", flush=True)
+                continue
             first = time.perf_counter() - t0
             first_cpu = time.process_time() - c0
             # The limit applies to CPU time, which a loaded machine inflates far less than wall time.
