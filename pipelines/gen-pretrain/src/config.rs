@@ -175,7 +175,7 @@ impl PretrainConfig {
                 kl_weight: 1e-5,
             },
             unet: UnetStage {
-                train: StageConfig { warmup_steps: 100, ..stage(3600, 32, 1.5e-3, 100) },
+                train: StageConfig { warmup_steps: 100, ..stage(6000, 32, 1.5e-3, 100) },
                 config: json!({"in_channels": 4, "out_channels": 4, "block_out_channels": [32, 64, 64],
                     "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
                     "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
