@@ -27,12 +27,16 @@ Guidance: scale w with D = u + w (c - u); w = 1 is no guidance. --apg switches C
 projected guidance (Sadat et al. 2024) with the preset's eta / norm threshold / momentum unless
 given.
 
+The embedded model (weights/tiny-shapes) was trained on full captions, \"a|an [light|dark] HUE
+SHAPE on a|an BACKGROUND background, VIEW view\"; leaving out the background or view clause
+often gives the wrong shape (its model card, \"Known problems\").
+
 Examples:
-  gen image \"a red cube on a blue floor\" --steps 20 --seed 7 --out cube.png
-  gen image \"a red cube\" --apg --guidance-scale 10 --eta 0.3 --num-images 4 --out runs/apg
-  gen image \"a green sphere\" --scheduler euler-a --guidance-rescale 0.7 --guidance-interval 0.2,0.8
-  gen image \"a red cube\" --lora style.safetensors:0.8 --lora detail.safetensors
-  gen image \"a yellow cone\" --init-image cube.png --strength 0.6 --out cone.png
+  gen image \"a red cube on a grey background, front view\" --steps 20 --seed 7 --out cube.png
+  gen image \"a red cube on a white background, side view\" --apg --guidance-scale 10 --eta 0.3 --num-images 4 --out runs/apg
+  gen image \"a green sphere on a blue background, back view\" --scheduler euler-a --guidance-rescale 0.7 --guidance-interval 0.2,0.8
+  gen image \"a red cube on a grey background, front view\" --lora style.safetensors:0.8 --lora detail.safetensors
+  gen image \"a yellow cone on a grey background, front view\" --init-image cube.png --strength 0.6 --out cone.png
   gen image \"an astronaut\" --model stabilityai/stable-diffusion-2-1-base --offline --size 512x512";
 
 /// Generate images from a prompt (text-to-image) or from an image and a prompt (image-to-image).
