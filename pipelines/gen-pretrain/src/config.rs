@@ -60,6 +60,11 @@ pub struct UnetStage {
     pub config: Value,
     /// Probability of replacing a caption with the empty prompt (classifier-free guidance).
     pub caption_dropout: f64,
+    /// Probability of leaving out the background clause of a kept caption, and (drawn
+    /// separately) its view clause, so the model also learns prompts such as "a red cube" or
+    /// "a red cube, front view". 0 (the default, and what the shipped model used) draws nothing.
+    #[serde(default)]
+    pub caption_part_dropout: f64,
     /// Images used to measure the latent standard deviation (the VAE scaling factor).
     pub scaling_samples: usize,
 }
@@ -137,6 +142,7 @@ impl PretrainConfig {
                     "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"], "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
                     "layers_per_block": 1, "cross_attention_dim": 16, "attention_head_dim": 2, "norm_num_groups": 4, "sample_size": 8}),
                 caption_dropout: 0.1,
+                caption_part_dropout: 0.0,
                 scaling_samples: 16,
             },
             evaluator: EvaluatorStage { train: stage(30, 16, 1e-2, 10), channels: vec![8, 16], norm_groups: 4 },
@@ -182,6 +188,7 @@ impl PretrainConfig {
                     "layers_per_block": 1, "cross_attention_dim": 64, "attention_head_dim": 4, "norm_num_groups": 16,
                     "sample_size": 16}),
                 caption_dropout: 0.1,
+                caption_part_dropout: 0.0,
                 scaling_samples: 256,
             },
             evaluator: EvaluatorStage { train: stage(400, 32, 2e-3, 100), channels: vec![32, 64, 64, 128], norm_groups: 8 },
@@ -231,6 +238,9 @@ impl PretrainConfig {
         }
         if !(0.0..1.0).contains(&self.unet.caption_dropout) {
             return bad("unet.caption_dropout", format!("{} (must be in [0, 1))", self.unet.caption_dropout));
+        }
+        if !(0.0..=1.0).contains(&self.unet.caption_part_dropout) {
+            return bad("unet.caption_part_dropout", format!("{} (must be in [0, 1])", self.unet.caption_part_dropout));
         }
         if self.evaluator.channels.is_empty() || self.evaluator.channels.iter().any(|c| c % self.evaluator.norm_groups != 0) {
             return bad("evaluator.channels", format!("{:?} must be non-empty multiples of norm_groups {}", self.evaluator.channels, self.evaluator.norm_groups));

@@ -327,6 +327,7 @@ impl Trainer {
             max_len: self.cfg.max_text_len,
             batch: self.cfg.unet.train.batch_size,
             dropout: self.cfg.unet.caption_dropout,
+            part_dropout: self.cfg.unet.caption_part_dropout,
             alphas: sd_alphas_cumprod(),
             latents: HashMap::new(),
             texts: HashMap::new(),
@@ -373,6 +374,23 @@ fn check_compatible(old: &PretrainConfig, new: &PretrainConfig, out: &Path) -> R
         return refuse("the CLIP or VAE stage changed but the UNet, trained on them, has a checkpoint");
     }
     Ok(())
+}
+
+/// A UNet training caption of `scene`: the full caption, or with probability `part_dropout`
+/// each (two independent draws), without its background clause and/or its view clause
+/// ("a red cube, front view", "a red cube on a grey background", "a red cube"). With
+/// `part_dropout` 0 it draws nothing, so runs without part dropout are unchanged.
+pub fn training_caption(scene: &gen_world::Scene, part_dropout: f64, rng: &mut SeededRng) -> String {
+    let (mut background, mut view) = (Some(scene.background), Some(scene.view()));
+    if part_dropout > 0.0 {
+        if (rng.uniform() as f64) < part_dropout {
+            background = None;
+        }
+        if (rng.uniform() as f64) < part_dropout {
+            view = None;
+        }
+    }
+    gen_world::CaptionParts { shape: scene.shape, colour: Some(scene.colour), background, view }.to_string()
 }
 
 /// Encodes prompts to `(B, L, D)` last hidden states.
@@ -508,6 +526,8 @@ struct UnetObjective<'a> {
     max_len: usize,
     batch: usize,
     dropout: f64,
+    /// Probability of leaving out the background clause, and the view clause, of a caption.
+    part_dropout: f64,
     alphas: Vec<f64>,
     /// pool index → (posterior mean, posterior std), each `(C, h, w)`
     latents: HashMap<u64, (Tensor, Tensor)>,
@@ -547,6 +567,12 @@ impl UnetObjective<'_> {
         Ok(())
     }
 
+    /// The training caption of pool sample `i` (see [`training_caption`]).
+    fn caption(&mut self, i: u64, rng: &mut SeededRng) -> Result<String> {
+        let s = self.data.sample(Split::Train, i)?;
+        Ok(training_caption(&s.scene, self.part_dropout, rng))
+    }
+
     fn model_device(&self) -> Device {
         self.text.token_embedding.device().clone()
     }
@@ -564,7 +590,7 @@ impl Objective for UnetObjective<'_> {
         let mut prompts = Vec::with_capacity(b);
         for &i in &idx {
             let keep = rng.uniform() as f64 >= self.dropout;
-            prompts.push(if keep { self.data.sample(Split::Train, i)?.caption.clone() } else { String::new() });
+            prompts.push(if keep { self.caption(i, rng)? } else { String::new() });
         }
         self.ensure_texts(&prompts)?;
         let means: Vec<Tensor> = idx.iter().map(|i| self.latents[i].0.clone()).collect();

@@ -280,3 +280,43 @@ fn frechet_distance_by_hand() -> anyhow::Result<()> {
     assert!(frechet_distance(&a[..1], &b).is_err());
     Ok(())
 }
+
+/// Caption-part dropout: off draws nothing and gives the world's caption; on, every variant
+/// (full, no background, no view, neither) occurs and parses back to the scene's parts.
+#[test]
+fn training_captions_with_part_dropout() -> anyhow::Result<()> {
+    use gen_core::SeededRng;
+    use gen_pretrain::stages::training_caption;
+    use gen_world::{parse_caption, Split, World};
+    let world = World::default();
+    let mut seen = std::collections::BTreeSet::new();
+    for i in 0..40 {
+        let s = world.sample(Split::Train, i)?;
+        // off: the world's caption, and the generator is untouched
+        let mut a = SeededRng::new(i);
+        let mut b = SeededRng::new(i);
+        assert_eq!(training_caption(&s.scene, 0.0, &mut a), s.caption);
+        assert_eq!(a.uniform(), b.uniform(), "part dropout 0 must not draw");
+        // always: only shape and colour are left
+        let short = training_caption(&s.scene, 1.0, &mut a);
+        let p = parse_caption(&short)?;
+        assert!(p.background.is_none() && p.view.is_none(), "{short}");
+        assert_eq!((p.shape, p.colour), (s.scene.shape, Some(s.scene.colour)), "{short}");
+        // half: each variant parses back to the scene's parts
+        for _ in 0..4 {
+            let c = training_caption(&s.scene, 0.5, &mut a);
+            let p = parse_caption(&c)?;
+            assert_eq!((p.shape, p.colour), (s.scene.shape, Some(s.scene.colour)), "{c}");
+            assert!(p.background.is_none_or(|bg| bg == s.scene.background), "{c}");
+            assert!(p.view.is_none_or(|v| v == s.scene.view()), "{c}");
+            seen.insert((p.background.is_some(), p.view.is_some()));
+        }
+    }
+    assert_eq!(seen.len(), 4, "all four variants occur: {seen:?}");
+    // out of range is refused
+    let mut bad = PretrainConfig::tiny();
+    bad.unet.caption_part_dropout = 1.5;
+    let e = bad.validate().unwrap_err().to_string();
+    assert!(e.contains("unet.caption_part_dropout"), "{e}");
+    Ok(())
+}
