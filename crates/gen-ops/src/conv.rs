@@ -177,13 +177,25 @@ fn matmul<T: ConvFloat>(m: usize, n: usize, k: usize, dst: &mut [T], accumulate:
     }
 }
 
+/// Runs `f(out_b, in_b, scratch)` for every sample `b` (chunks of `out_len` / `in_len`), in
+/// parallel over the batch when it can keep every thread busy, with one scratch buffer per
+/// worker.
+fn per_sample<T: ConvFloat>(g: &ConvGeom, out: &mut [T], out_len: usize, inp: &[T], in_len: usize, f: impl Fn(&mut [T], &[T], &mut Vec<T>) + Sync) {
+    if g.batch_parallel() {
+        out.par_chunks_mut(out_len).zip(inp.par_chunks(in_len)).for_each_init(Vec::new, |buf, (o, i)| f(o, i, buf));
+    } else {
+        let mut buf = Vec::new();
+        out.chunks_mut(out_len).zip(inp.chunks(in_len)).for_each(|(o, i)| f(o, i, &mut buf));
+    }
+}
+
 /// `y (B, O, N) = W (O, K) · im2col(x_b) + bias` for every sample.
 fn forward<T: ConvFloat>(g: &ConvGeom, x: &[T], w: &[T], bias: &[T]) -> Vec<T> {
     let (k, n) = (g.k(), g.n());
     let chw = g.c * g.h * g.w;
     let mut y = vec![T::ZERO; g.b * g.o * n];
     let par = g.inner_par();
-    let one = |(yb, xb): (&mut [T], &[T]), col: &mut Vec<T>| {
+    let one = |yb: &mut [T], xb: &[T], col: &mut Vec<T>| {
         for (row, &b) in yb.chunks_mut(n).zip(bias) {
             row.fill(b);
         }
@@ -195,12 +207,7 @@ fn forward<T: ConvFloat>(g: &ConvGeom, x: &[T], w: &[T], bias: &[T]) -> Vec<T> {
             matmul(g.o, n, k, yb, true, w, false, col, false, par);
         }
     };
-    if g.batch_parallel() {
-        y.par_chunks_mut(g.o * n).zip(x.par_chunks(chw)).for_each_init(Vec::new, |col, pair| one(pair, col));
-    } else {
-        let mut col = Vec::new();
-        y.chunks_mut(g.o * n).zip(x.chunks(chw)).for_each(|pair| one(pair, &mut col));
-    }
+    per_sample(g, &mut y, g.o * n, x, chw, one);
     y
 }
 
@@ -210,7 +217,7 @@ fn grad_input<T: ConvFloat>(g: &ConvGeom, gy: &[T], w: &[T]) -> Vec<T> {
     let chw = g.c * g.h * g.w;
     let mut dx = vec![T::ZERO; g.b * chw];
     let par = g.inner_par();
-    let one = |(dxb, gb): (&mut [T], &[T]), dcol: &mut Vec<T>| {
+    let one = |dxb: &mut [T], gb: &[T], dcol: &mut Vec<T>| {
         if g.is_pointwise() {
             matmul(k, n, g.o, dxb, false, w, true, gb, false, par);
         } else {
@@ -219,12 +226,7 @@ fn grad_input<T: ConvFloat>(g: &ConvGeom, gy: &[T], w: &[T]) -> Vec<T> {
             col2im(g, dcol, dxb);
         }
     };
-    if g.batch_parallel() {
-        dx.par_chunks_mut(chw).zip(gy.par_chunks(g.o * n)).for_each_init(Vec::new, |dcol, pair| one(pair, dcol));
-    } else {
-        let mut dcol = Vec::new();
-        dx.chunks_mut(chw).zip(gy.chunks(g.o * n)).for_each(|pair| one(pair, &mut dcol));
-    }
+    per_sample(g, &mut dx, chw, gy, g.o * n, one);
     dx
 }
 

@@ -12,7 +12,7 @@ use gen_pretrain::eval::{
     csv_header, csv_row, guidance_method, guidance_panels, parse_csv, parse_scales, same_settings, samples_grid, settings_columns, sweep_configs, ApgOverrides,
     EvalConfig, EvalOutput, EvalReport, EvalSession,
 };
-use gen_sample::{Progress, Sampler};
+use gen_sample::Sampler;
 use indicatif::{ProgressBar, ProgressStyle};
 
 const METRICS_HELP: &str = "\
@@ -288,12 +288,7 @@ fn bar(prefix: String) -> ProgressBar {
 /// Runs one evaluation with a progress bar.
 fn evaluate(session: &mut EvalSession, cfg: &EvalConfig, label: String) -> anyhow::Result<EvalOutput> {
     let bar = bar(label);
-    let out = session.evaluate(cfg, &mut |ev| match ev {
-        Progress::Warning(w) => bar.println(format!("warning: {w}")),
-        Progress::Start { total_steps, .. } => bar.set_length(*total_steps as u64),
-        Progress::Step { done, .. } => bar.set_position(*done as u64),
-        Progress::Decoded { images_done, num_images } => bar.set_message(format!("{images_done}/{num_images} images")),
-    })?;
+    let out = session.evaluate(cfg, &mut |ev| super::image::show_progress(&bar, ev))?;
     bar.finish_and_clear();
     Ok(out)
 }

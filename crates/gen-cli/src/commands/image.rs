@@ -174,6 +174,16 @@ fn parse_interval(s: &str) -> Result<IntervalRange, String> {
     }
 }
 
+/// Shows a sampling event on a step progress bar (warnings above it).
+pub(crate) fn show_progress(bar: &ProgressBar, ev: &Progress) {
+    match ev {
+        Progress::Warning(w) => bar.println(format!("warning: {w}")),
+        Progress::Start { total_steps, .. } => bar.set_length(*total_steps as u64),
+        Progress::Step { done, .. } => bar.set_position(*done as u64),
+        Progress::Decoded { images_done, num_images } => bar.set_message(format!("{images_done}/{num_images} images")),
+    }
+}
+
 /// The default model folder: `$GEN_MODEL`, else `weights/tiny-shapes` found next to the
 /// executable (or an ancestor of its folder), else in the source tree gen was built from.
 /// Returns the candidates looked at when none exists.
@@ -288,12 +298,7 @@ pub fn run(args: ImageArgs) -> anyhow::Result<()> {
     let bar = ProgressBar::new(0);
     bar.set_style(ProgressStyle::with_template("{bar:40} {pos}/{len} steps ({elapsed}, eta {eta}) {msg}").expect("valid template"));
     let started = std::time::Instant::now();
-    let images = generate(&pipe, &cfg, &mut |ev| match ev {
-        Progress::Warning(w) => bar.println(format!("warning: {w}")),
-        Progress::Start { total_steps, .. } => bar.set_length(*total_steps as u64),
-        Progress::Step { done, .. } => bar.set_position(*done as u64),
-        Progress::Decoded { images_done, num_images } => bar.set_message(format!("{images_done}/{num_images} images")),
-    })?;
+    let images = generate(&pipe, &cfg, &mut |ev| show_progress(&bar, ev))?;
     bar.finish_and_clear();
     let secs = started.elapsed().as_secs_f64();
     let saved = save_outputs(&args.out, &images, &cfg).with_context(|| format!("writing outputs to {}", args.out.display()))?;
