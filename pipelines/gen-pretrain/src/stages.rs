@@ -339,7 +339,8 @@ impl Trainer {
 /// A run folder may continue under a changed config only when the data and seed are the same
 /// and every stage whose settings changed has not started (no checkpoint) or changed only its
 /// step count (it then continues on the new total's learning-rate schedule): e.g. to give the
-/// stages still to come, or the running one, fewer steps. Otherwise the error says what differs.
+/// stages still to come, or the running one, fewer steps. A started UNet stage may also change
+/// its caption-part dropout (the caption mix it trains on). Otherwise the error says what differs.
 fn check_compatible(old: &PretrainConfig, new: &PretrainConfig, out: &Path) -> Result<()> {
     let shared = |c: &PretrainConfig| (c.seed, c.image_size, c.supersample, c.pool_size, c.max_text_len);
     let refuse = |what: &str| {
@@ -351,8 +352,8 @@ fn check_compatible(old: &PretrainConfig, new: &PretrainConfig, out: &Path) -> R
     if shared(old) != shared(new) {
         return refuse("seed, image size, supersampling, pool size or text length differ");
     }
-    // `train.steps` alone may change under a checkpoint (to shorten or extend a running stage);
-    // anything else in a started stage may not.
+    // `train.steps` may change under a checkpoint (to shorten or extend a running stage), and
+    // the UNet's caption-part dropout; anything else in a started stage may not.
     fn other_than_steps<T: Clone>(a: &T, b: &T, train: impl Fn(&mut T) -> &mut crate::config::StageConfig) -> T {
         let mut a = a.clone();
         train(&mut a).steps = train(&mut b.clone()).steps;
@@ -361,7 +362,12 @@ fn check_compatible(old: &PretrainConfig, new: &PretrainConfig, out: &Path) -> R
     let changed = [
         (Stage::Clip, old.clip != new.clip, other_than_steps(&old.clip, &new.clip, |c| &mut c.train) != new.clip),
         (Stage::Vae, old.vae != new.vae, other_than_steps(&old.vae, &new.vae, |c| &mut c.train) != new.vae),
-        (Stage::Unet, old.unet != new.unet, other_than_steps(&old.unet, &new.unet, |c| &mut c.train) != new.unet),
+        (Stage::Unet, old.unet != new.unet, {
+            // the caption mix (part dropout) is data, not model: it may change too
+            let mut u = other_than_steps(&old.unet, &new.unet, |c| &mut c.train);
+            u.caption_part_dropout = new.unet.caption_part_dropout;
+            u != new.unet
+        }),
         (Stage::Evaluator, old.evaluator != new.evaluator, other_than_steps(&old.evaluator, &new.evaluator, |c| &mut c.train) != new.evaluator),
     ];
     for (stage, _, differs_beyond_steps) in &changed {

@@ -133,17 +133,42 @@ fn tiny_run_losses_fall_and_export_loads() -> anyhow::Result<()> {
 /// Runs `stage` of the tiny config in `out` (8 steps, a checkpoint every 4), stopping after
 /// `stop` steps when given (as if killed right after that checkpoint).
 fn run_tiny(out: &Path, stage: Stage, stop: Option<u64>) -> anyhow::Result<()> {
+    let mut trainer = Trainer::new(tiny8(), out, &Device::Cpu)?;
+    if stage == Stage::Unet {
+        trainer.run(&[Stage::Clip, Stage::Vae], &RunControl::default(), &mut |_| {})?;
+    }
+    trainer.train(stage, &RunControl { stop_after: stop }, &mut |_| {})?;
+    Ok(())
+}
+
+/// The tiny config with 8 steps per stage and a checkpoint every 4.
+fn tiny8() -> PretrainConfig {
     let mut cfg = PretrainConfig::tiny();
     for s in [&mut cfg.vae.train, &mut cfg.unet.train, &mut cfg.clip.train, &mut cfg.evaluator.train] {
         s.steps = 8;
         s.checkpoint_every = 4;
         s.warmup_steps = 2;
     }
-    let mut trainer = Trainer::new(cfg, out, &Device::Cpu)?;
-    if stage == Stage::Unet {
-        trainer.run(&[Stage::Clip, Stage::Vae], &RunControl::default(), &mut |_| {})?;
-    }
-    trainer.train(stage, &RunControl { stop_after: stop }, &mut |_| {})?;
+    cfg
+}
+
+/// A started UNet stage may change its caption-part dropout (the caption mix) and continue;
+/// its caption dropout (the CFG unconditional rate) may not change.
+#[test]
+fn started_unet_may_change_its_caption_part_dropout() -> anyhow::Result<()> {
+    let out = tmp("part-dropout-change");
+    run_tiny(&out, Stage::Unet, Some(4))?;
+    let mut cfg = tiny8();
+    cfg.unet.caption_part_dropout = 0.3;
+    let mut t = Trainer::new(cfg.clone(), &out, &Device::Cpu)?;
+    let o = t.train(Stage::Unet, &RunControl::default(), &mut |_| {})?;
+    assert!(o.finished && o.step == 8, "{o:?}");
+    assert_eq!(PretrainConfig::load(&out.join("config.json"))?.unet.caption_part_dropout, 0.3);
+    let mut other = cfg.clone();
+    other.unet.caption_dropout = 0.2;
+    let e = Trainer::new(other, &out, &Device::Cpu).err().unwrap().to_string();
+    assert!(e.contains("stage `unet` changed"), "{e}");
+    std::fs::remove_dir_all(&out)?;
     Ok(())
 }
 
