@@ -2,7 +2,7 @@
 //! gradient-norm clipping, a NaN/Inf guard and checkpointable state, driving update rules
 //! ([`AdamW`], [`AdamP`], [`Sgdp`], [`Sgd`], [`SignSgd`], and the low-rank [`GaLore`] and
 //! [`Frugal`] over SVD, DCT, random-orthogonal and random-column projectors), plus
-//! learning-rate schedules.
+//! learning-rate schedules and an exponential moving average of the weights ([`Ema`]).
 //!
 //! AdamW, SGD, AdamP, SGDP and GaLore match their reference implementations (PyTorch,
 //! clovaai/AdamP, galore-torch) on recorded gradients; see `tests/parity.rs` and
@@ -14,6 +14,7 @@
 
 pub mod adamp;
 pub mod adamw;
+pub mod ema;
 pub mod lora;
 pub mod lowrank;
 pub mod optimizer;
@@ -23,6 +24,7 @@ pub mod sgd;
 
 pub use adamp::{scale_invariant_projection, AdamP, AdamPConfig, Projected, Sgdp, SgdpConfig};
 pub use adamw::{AdamForm, AdamW, AdamWConfig};
+pub use ema::Ema;
 pub use lowrank::{Frugal, FrugalConfig, GaLore, GaLoreConfig, StateFree};
 pub use optimizer::{
     clip_grad_norm, global_grad_norm, save_safetensors_atomic, GroupConfig, NamedVar, Optim,

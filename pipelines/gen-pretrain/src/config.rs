@@ -26,6 +26,15 @@ pub struct StageConfig {
     pub max_grad_norm: Option<f64>,
     /// A checkpoint every this many steps (and at the last step).
     pub checkpoint_every: u64,
+    /// Decay of a moving average of the weights kept beside them (0 = none; e.g. 0.999, with
+    /// diffusers' warm-up `min(decay, (1 + n) / (10 + n))`). With it, the stage's weights —
+    /// what later stages load and what is exported — are the average.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub ema_decay: f64,
+}
+
+fn is_zero(x: &f64) -> bool {
+    *x == 0.0
 }
 
 /// The CLIP stage: transformers `CLIPConfig` pieces.
@@ -107,6 +116,7 @@ fn stage(steps: u64, batch_size: usize, lr: f64, checkpoint_every: u64) -> Stage
         weight_decay: 0.01,
         max_grad_norm: Some(1.0),
         checkpoint_every,
+        ema_decay: 0.0,
     }
 }
 
@@ -231,6 +241,9 @@ impl PretrainConfig {
             }
             if s.batch_size > self.pool_size {
                 return bad(&format!("{name}.train.batch_size"), format!("{} exceeds pool_size {}", s.batch_size, self.pool_size));
+            }
+            if !(0.0..1.0).contains(&s.ema_decay) {
+                return bad(&format!("{name}.train.ema_decay"), format!("{} (must be in [0, 1); 0 = no moving average)", s.ema_decay));
             }
             if s.warmup_steps > s.steps {
                 return bad(&format!("{name}.train.warmup_steps"), format!("{} exceeds steps {}", s.warmup_steps, s.steps));

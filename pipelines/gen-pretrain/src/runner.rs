@@ -10,7 +10,8 @@
 //!
 //! # Checkpoint layout (in the stage folder)
 //! `ckpt-<step>/model.safetensors`, `ckpt-<step>/optimizer.safetensors`, `ckpt-<step>/state.json`,
-//! and `latest.json` naming the newest complete checkpoint. `latest.json` is replaced atomically
+//! with a moving average of the weights `ckpt-<step>/ema.safetensors` when the stage keeps one
+//! (`StageConfig::ema_decay`), and `latest.json` naming the newest complete checkpoint. `latest.json` is replaced atomically
 //! only after the checkpoint's files are written, and older checkpoints are deleted only after
 //! that, so a kill at any moment leaves a loadable checkpoint.
 
@@ -19,7 +20,7 @@ use std::time::Instant;
 
 use candle_core::Tensor;
 use gen_core::{write_atomic, Error, Result, SeededRng};
-use gen_optim::{AdamW, AdamWConfig, Cosine, LrSchedule, NamedVar, Optim, Optimizer, ParamGroup, StepOptions};
+use gen_optim::{AdamW, AdamWConfig, Cosine, Ema, LrSchedule, NamedVar, Optim, Optimizer, ParamGroup, StepOptions};
 use serde::{Deserialize, Serialize};
 
 use crate::config::StageConfig;
@@ -78,7 +79,13 @@ pub struct CheckpointState {
     pub recent_loss: f64,
     /// Seconds spent training so far (all sessions).
     pub seconds: f64,
+    /// Updates of the moving average of the weights (`ema.safetensors`), when the stage keeps one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ema_updates: Option<u64>,
 }
+
+/// The moving average's file in a checkpoint folder.
+const EMA_FILE: &str = "ema.safetensors";
 
 /// What [`run_stage`] returns.
 #[derive(Debug, Clone)]
@@ -112,9 +119,11 @@ pub fn latest_checkpoint(dir: &Path) -> Result<Option<(PathBuf, CheckpointState)
     Ok(Some((ck, st)))
 }
 
-/// The model weights of a stage's latest checkpoint.
+/// The weights a stage produced, from its latest checkpoint: the moving average of the weights
+/// when the stage keeps one, else the trained parameters.
 pub fn latest_weights(dir: &Path) -> Result<PathBuf> {
     match latest_checkpoint(dir)? {
+        Some((ck, st)) if st.ema_updates.is_some() => Ok(ck.join(EMA_FILE)),
         Some((ck, _)) => Ok(ck.join("model.safetensors")),
         None => Err(Error::MissingFile { path: dir.join("latest.json"), hint: "the stage has no checkpoint yet: train it first".into() }),
     }
@@ -165,12 +174,15 @@ impl Csv {
     }
 }
 
-fn write_checkpoint(dir: &Path, vars: &[NamedVar], opt: &dyn Optimizer, state: &CheckpointState) -> Result<PathBuf> {
+fn write_checkpoint(dir: &Path, vars: &[NamedVar], opt: &dyn Optimizer, ema: Option<&Ema>, state: &CheckpointState) -> Result<PathBuf> {
     let name = format!("ckpt-{:08}", state.step);
     let ck = dir.join(&name);
     std::fs::create_dir_all(&ck).map_err(|e| Error::io(&ck, e))?;
     save_vars(vars, &ck.join("model.safetensors"))?;
     opt.save_state(&ck.join("optimizer.safetensors"))?;
+    if let Some(ema) = ema {
+        ema.save(&ck.join(EMA_FILE))?;
+    }
     let st = serde_json::to_string_pretty(state).map_err(|e| Error::msg(format!("serialising checkpoint state: {e}")))?;
     write_atomic(ck.join("state.json"), st.as_bytes())?;
     write_atomic(dir.join("latest.json"), serde_json::json!({ "checkpoint": name, "step": state.step }).to_string().as_bytes())?;
@@ -214,6 +226,8 @@ pub fn run_stage(
         .with_options(StepOptions { max_grad_norm: cfg.max_grad_norm, skip_nonfinite: true });
     let schedule = Cosine::new(cfg.lr, cfg.warmup_steps, cfg.steps, cfg.lr * cfg.final_lr_fraction)?;
     let (mut step, mut seconds_before) = (0u64, 0.0);
+    // the saved moving average to continue: (file, updates)
+    let mut saved_ema = None;
     if let Some((ck, st)) = latest_checkpoint(dir)? {
         if st.seed != seed {
             return Err(Error::msg(format!(
@@ -244,7 +258,22 @@ pub fn run_stage(
         opt.load_state(&ck.join("optimizer.safetensors"))?;
         step = st.step;
         seconds_before = st.seconds;
+        saved_ema = st.ema_updates.map(|n| (ck.join(EMA_FILE), n));
     }
+    let mut ema = if cfg.ema_decay > 0.0 {
+        let mut ema = Ema::new(vars, cfg.ema_decay)?;
+        match saved_ema {
+            Some((file, updates)) => ema.load(&file, updates)?,
+            None if step > 0 => events(&TrainEvent::Note {
+                stage: stage.into(),
+                message: format!("a moving average of the weights (decay {}) starts at step {step} from the current weights", cfg.ema_decay),
+            }),
+            None => {}
+        }
+        Some(ema)
+    } else {
+        None
+    };
     let params: usize = vars.iter().map(|v| v.var.elem_count()).sum();
     events(&TrainEvent::StageStart { stage: stage.into(), start_step: step, total_steps: cfg.steps, params });
     let mut header = "step,loss".to_string();
@@ -266,6 +295,9 @@ pub fn run_stage(
         let lr = schedule.lr(step);
         opt.set_lr(lr);
         let report = opt.step(&grads)?;
+        if let Some(ema) = ema.as_mut() {
+            ema.update(vars)?;
+        }
         step += 1;
         losses.push(loss);
         let secs = t0.elapsed().as_secs_f64();
@@ -285,11 +317,12 @@ pub fn run_stage(
                 rng: "per step: SeededRng::fork(seed, step) (ChaCha8); no other generator state".into(),
                 recent_loss: recent.iter().sum::<f64>() / recent.len().max(1) as f64,
                 seconds: seconds_before + start.elapsed().as_secs_f64(),
+                ema_updates: ema.as_ref().map(|e| e.updates()),
             };
             // metrics first: a resumed run truncates rows past the checkpoint anyway
             csv.flush()?;
             write_loss_curve(&dir.join("loss.png"), stage, &csv.curve())?;
-            let ck = write_checkpoint(dir, vars, &opt, &state)?;
+            let ck = write_checkpoint(dir, vars, &opt, ema.as_ref(), &state)?;
             events(&TrainEvent::Checkpoint { stage: stage.into(), step, path: ck });
         }
     }

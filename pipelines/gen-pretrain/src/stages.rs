@@ -339,8 +339,9 @@ impl Trainer {
 /// A run folder may continue under a changed config only when the data and seed are the same
 /// and every stage whose settings changed has not started (no checkpoint) or changed only its
 /// step count (it then continues on the new total's learning-rate schedule): e.g. to give the
-/// stages still to come, or the running one, fewer steps. A started UNet stage may also change
-/// its caption-part dropout (the caption mix it trains on). Otherwise the error says what differs.
+/// stages still to come, or the running one, fewer steps. A started stage may also change its
+/// weight-average decay (`train.ema_decay`), and a started UNet its caption-part dropout (the
+/// caption mix it trains on). Otherwise the error says what differs.
 fn check_compatible(old: &PretrainConfig, new: &PretrainConfig, out: &Path) -> Result<()> {
     let shared = |c: &PretrainConfig| (c.seed, c.image_size, c.supersample, c.pool_size, c.max_text_len);
     let refuse = |what: &str| {
@@ -352,11 +353,14 @@ fn check_compatible(old: &PretrainConfig, new: &PretrainConfig, out: &Path) -> R
     if shared(old) != shared(new) {
         return refuse("seed, image size, supersampling, pool size or text length differ");
     }
-    // `train.steps` may change under a checkpoint (to shorten or extend a running stage), and
+    // `train.steps` may change under a checkpoint (to shorten or extend a running stage), as
+    // may `train.ema_decay` (a moving average started then starts from the current weights) and
     // the UNet's caption-part dropout; anything else in a started stage may not.
     fn other_than_steps<T: Clone>(a: &T, b: &T, train: impl Fn(&mut T) -> &mut crate::config::StageConfig) -> T {
         let mut a = a.clone();
-        train(&mut a).steps = train(&mut b.clone()).steps;
+        let mut b = b.clone();
+        train(&mut a).steps = train(&mut b).steps;
+        train(&mut a).ema_decay = train(&mut b).ema_decay;
         a
     }
     let changed = [

@@ -141,7 +141,8 @@ fn run_tiny(out: &Path, stage: Stage, stop: Option<u64>) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The tiny config with 8 steps per stage and a checkpoint every 4.
+/// The tiny config with 8 steps per stage and a checkpoint every 4; the UNet keeps a moving
+/// average of its weights.
 fn tiny8() -> PretrainConfig {
     let mut cfg = PretrainConfig::tiny();
     for s in [&mut cfg.vae.train, &mut cfg.unet.train, &mut cfg.clip.train, &mut cfg.evaluator.train] {
@@ -149,7 +150,59 @@ fn tiny8() -> PretrainConfig {
         s.checkpoint_every = 4;
         s.warmup_steps = 2;
     }
+    cfg.unet.train.ema_decay = 0.9;
     cfg
+}
+
+/// A moving average of the weights switched on in a started stage starts from the weights at
+/// that checkpoint, then is what the stage exports (`latest_weights`); the trained parameters
+/// themselves continue exactly as without it.
+#[test]
+fn weight_average_started_mid_stage() -> anyhow::Result<()> {
+    let out = tmp("ema-mid-stage");
+    let mut cfg = tiny8();
+    cfg.unet.train.ema_decay = 0.0;
+    let mut t = Trainer::new(cfg.clone(), &out, &Device::Cpu)?;
+    t.run(&[Stage::Clip, Stage::Vae], &RunControl::default(), &mut |_| {})?;
+    t.train(Stage::Unet, &RunControl { stop_after: Some(4) }, &mut |_| {})?;
+    let at4 = load(&latest_weights(&out.join("unet"))?);
+    // a straight run without the average, for the parameters
+    let plain = tmp("ema-mid-stage-plain");
+    let mut t = Trainer::new(cfg.clone(), &plain, &Device::Cpu)?;
+    t.run(&[Stage::Clip, Stage::Vae, Stage::Unet], &RunControl::default(), &mut |_| {})?;
+    cfg.unet.train.ema_decay = 0.5;
+    let mut t = Trainer::new(cfg, &out, &Device::Cpu)?;
+    let mut notes = Vec::new();
+    t.train(Stage::Unet, &RunControl::default(), &mut |e| {
+        if let TrainEvent::Note { message, .. } = e {
+            notes.push(message.clone())
+        }
+    })?;
+    assert!(notes.iter().any(|m| m.contains("starts at step 4")), "{notes:?}");
+    let (ck, st) = gen_pretrain::runner::latest_checkpoint(&out.join("unet"))?.unwrap();
+    assert_eq!(st.ema_updates, Some(4));
+    assert_eq!(latest_weights(&out.join("unet"))?, ck.join("ema.safetensors"));
+    let avg = load(&ck.join("ema.safetensors"));
+    let params = load(&ck.join("model.safetensors"));
+    let plain_params = load(&latest_weights(&plain.join("unet"))?);
+    assert!(bitwise_equal(&params, &plain_params)?, "the average must not change the training");
+    // decays 0.1, 2/11, 0.25, 4/13 over steps 5..8: the step-8 weights weigh 0.69, the step-4
+    // ones 0.0014, so the average is off both but much nearer the last weights
+    let (mut to_old, mut to_new, mut span) = (0.0f64, 0.0f64, 0.0f64);
+    for (k, a) in &avg {
+        let a = a.flatten_all()?.to_vec1::<f32>()?;
+        let o = at4[k].flatten_all()?.to_vec1::<f32>()?;
+        let n = params[k].flatten_all()?.to_vec1::<f32>()?;
+        for i in 0..a.len() {
+            to_old += (a[i] - o[i]).abs() as f64;
+            to_new += (a[i] - n[i]).abs() as f64;
+            span += (n[i] - o[i]).abs() as f64;
+        }
+    }
+    assert!(span > 0.0 && to_new > 0.0 && to_new < 0.5 * to_old, "{to_old} {to_new} {span}");
+    std::fs::remove_dir_all(&out)?;
+    std::fs::remove_dir_all(&plain)?;
+    Ok(())
 }
 
 /// A started UNet stage may change its caption-part dropout (the caption mix) and continue;
@@ -172,16 +225,23 @@ fn started_unet_may_change_its_caption_part_dropout() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Final weights, optimizer state and logged `step,loss` lines of a stage.
+/// Final weights (with the moving average, if any), optimizer state and logged `step,loss`
+/// lines of a stage.
 type FinalState = (HashMap<String, Tensor>, HashMap<String, Tensor>, String);
 
 fn final_state(out: &Path, stage: Stage) -> anyhow::Result<FinalState> {
     let (ck, st) = gen_pretrain::runner::latest_checkpoint(&out.join(stage.name()))?.unwrap();
     assert_eq!(st.step, 8);
+    let mut weights = load(&ck.join("model.safetensors"));
+    if st.ema_updates.is_some() {
+        for (k, v) in load(&ck.join("ema.safetensors")) {
+            weights.insert(format!("ema.{k}"), v);
+        }
+    }
     let csv = std::fs::read_to_string(out.join(stage.name()).join("metrics.csv"))?;
     // losses without the timing column
     let losses: Vec<String> = csv.lines().map(|l| l.split(',').take(2).collect::<Vec<_>>().join(",")).collect();
-    Ok((load(&ck.join("model.safetensors")), load(&ck.join("optimizer.safetensors")), losses.join("\n")))
+    Ok((weights, load(&ck.join("optimizer.safetensors")), losses.join("\n")))
 }
 
 #[test]
@@ -195,6 +255,8 @@ fn resume_after_kill_is_bit_identical() -> anyhow::Result<()> {
         run_tiny(&b, stage, Some(4))?;
         let (ck, st) = gen_pretrain::runner::latest_checkpoint(&b.join(stage.name()))?.unwrap();
         assert_eq!(st.step, 4, "{}", ck.display());
+        // the UNet keeps a moving average (in the compared weights below)
+        assert_eq!(st.ema_updates.is_some(), stage == Stage::Unet);
         // a new Trainer (as after a restart) resumes from step 4 to 8
         run_tiny(&b, stage, None)?;
         let (wa, oa, la) = final_state(&a, stage)?;
@@ -220,6 +282,10 @@ fn config_round_trips_and_rejects_bad_values() -> anyhow::Result<()> {
     bad.unet.train.batch_size = 1000;
     let e = bad.validate().unwrap_err().to_string();
     assert!(e.contains("unet.train.batch_size") && e.contains("pool_size"), "{e}");
+    let mut bad = PretrainConfig::tiny();
+    bad.vae.train.ema_decay = 1.0;
+    let e = bad.validate().unwrap_err().to_string();
+    assert!(e.contains("vae.train.ema_decay"), "{e}");
     // a different config in an existing run folder is refused
     let out = dir.join("run");
     Trainer::new(PretrainConfig::tiny(), &out, &Device::Cpu)?;
