@@ -121,7 +121,7 @@ fn eval_guidance_sweeps_and_resumes() {
     let png = gen_core::imageio::load_image(out.join("guidance.png"), &candle_core::Device::Cpu).unwrap();
     assert!(png.dim(2).unwrap() >= 600 && png.dim(1).unwrap() >= 400, "{:?}", png.dims());
     let stdout = String::from_utf8_lossy(&r.stdout);
-    assert!(stdout.contains("method") && stdout.contains("apg"), "{stdout}");
+    assert!(stdout.contains("guidance") && stdout.contains("APG eta=0 r=2 beta=-0.5"), "{stdout}");
 
     // Resume: the 4 rows are reused, one new row is added.
     let mut args = base.to_vec();
@@ -133,6 +133,21 @@ fn eval_guidance_sweeps_and_resumes() {
     let csv2 = rows(&out.join("guidance.csv"));
     assert_eq!(csv2.len(), 6);
     assert_eq!(csv2[..4], csv[..]);
+
+    // Another variant into the same folder: APG in the second half of the steps only. Its row
+    // is added and the table (and chart) show all 7 rows of this model, prompts and seed.
+    let mut args = base.to_vec();
+    args.extend(["--method", "apg", "--scales", "5", "--guidance-interval", "0.5,1"]);
+    let r = gen(&args);
+    ok(&r);
+    let csv3 = rows(&out.join("guidance.csv"));
+    assert_eq!(csv3.len(), 7);
+    assert_eq!(csv3[6]["interval"], "steps:0.5,1");
+    assert_eq!(csv3[6]["method"], "apg");
+    assert!(csv3[..6].iter().all(|r| r["interval"].is_empty()));
+    let stdout = String::from_utf8_lossy(&r.stdout);
+    assert_eq!(stdout.lines().filter(|l| l.starts_with("CFG") || l.starts_with("APG")).count(), 7, "{stdout}");
+    assert!(stdout.contains("APG eta=0 r=2 beta=-0.5 in steps:0.5,1"), "{stdout}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
@@ -154,6 +169,7 @@ fn bad_input_fails_clearly_and_writes_nothing() {
         (vec!["eval", "images", "--model", &m, "--apg-r", "2", "--out", &o], "--apg-r only apply to APG"),
         (vec!["eval", "guidance", "--model", &m, "--method", "cfg", "--apg-eta", "1", "--out", &o], "--apg-eta only apply to APG"),
         (vec!["eval", "guidance", "--model", &m, "--scales", "", "--out", &o], "empty"),
+        (vec!["eval", "guidance", "--model", &m, "--guidance-interval", "0.8,0.2", "--out", &o], "guidance interval"),
         (vec!["eval", "guidance", "--model", &m, "--scales", "1,-2", "--out", &o], "guidance scale"),
         (vec!["eval", "guidance", "--model", &m, "--method", "cfg,foo", "--out", &o], "unknown method `foo`"),
         (vec!["eval", "guidance", "--model", &missing, "--out", &o], "is not a folder"),

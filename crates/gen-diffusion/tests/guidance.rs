@@ -222,3 +222,30 @@ fn guidance_config_builds_the_composition() -> Result<()> {
     assert!(bad.build().is_err());
     Ok(())
 }
+
+#[test]
+fn interval_parses_and_prints_back() -> Result<()> {
+    use gen_diffusion::IntervalRange;
+    for (text, want) in [
+        ("0.2,0.8", IntervalRange::StepFraction { start: 0.2, stop: 0.8 }),
+        ("steps:0.5,1", IntervalRange::StepFraction { start: 0.5, stop: 1.0 }),
+        ("sigma:0.28,5.42", IntervalRange::Sigma { lo: 0.28, hi: 5.42 }),
+        ("t: 100 , 900", IntervalRange::Timestep { lo: 100.0, hi: 900.0 }),
+    ] {
+        let r = IntervalRange::parse(text)?;
+        assert_eq!(r, want, "{text}");
+        assert_eq!(IntervalRange::parse(&r.to_string())?, r, "{r}");
+    }
+    for (bad, says) in [
+        ("0.8,0.2", "0.8,0.2"),
+        ("1.5,2", "0 <= a <= b <= 1"),
+        ("x:1,2", "unknown interval kind `x`"),
+        ("sigma:5,1", "not ordered"),
+        ("0.5", "expected a,b"),
+        ("0.5,late", "`late`"),
+    ] {
+        let e = IntervalRange::parse(bad).unwrap_err().to_string();
+        assert!(e.contains(says) && e.contains("guidance interval"), "{bad}: {e}");
+    }
+    Ok(())
+}

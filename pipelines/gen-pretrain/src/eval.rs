@@ -32,7 +32,7 @@ use image::RgbImage;
 use serde::Serialize;
 
 use gen_core::{Error, Result, SeededRng};
-use gen_diffusion::{ApgConfig, GuidanceConfig, GuidanceMethod};
+use gen_diffusion::{ApgConfig, GuidanceConfig, GuidanceMethod, IntervalRange};
 use gen_models::pipeline::{LoadOptions, ModelSource, SdPipeline};
 use gen_sample::{generate, Progress, SampleConfig, Sampler};
 use gen_world::metrics::{
@@ -62,6 +62,8 @@ pub struct EvalConfig {
     pub sampler: Sampler,
     /// CFG or APG with its options.
     pub guidance: GuidanceMethod,
+    /// Guide only in this interval of the steps or noise levels (`None`: at every step).
+    pub interval: Option<IntervalRange>,
     /// Picks the prompts and the noise of every image.
     pub seed: u64,
     /// Images denoised together (does not change the images, see `gen image`).
@@ -79,6 +81,7 @@ impl EvalConfig {
             steps: 30,
             sampler: Sampler::DpmPp2m,
             guidance: GuidanceMethod::Cfg { scale: 7.5 },
+            interval: None,
             seed: 0,
             batch: 8,
         }
@@ -115,15 +118,20 @@ impl EvalConfig {
             return Err(Error::invalid("batch", "0 (need at least 1)"));
         }
         check_guidance_scale(guidance_scale(&self.guidance))?;
-        GuidanceConfig { method: self.guidance.clone(), rescale_phi: 0.0, interval: None }.build()?;
+        self.guidance_config().build()?;
         Ok(())
+    }
+
+    /// The guidance: the method, no rescale, the interval.
+    pub fn guidance_config(&self) -> GuidanceConfig {
+        GuidanceConfig { method: self.guidance.clone(), rescale_phi: 0.0, interval: self.interval }
     }
 
     /// The `gen image` config of this evaluation for `prompts` at `size`×`size`.
     pub fn sample_config(&self, prompts: Vec<String>, size: usize) -> SampleConfig {
         SampleConfig {
             prompts,
-            guidance: GuidanceConfig { method: self.guidance.clone(), rescale_phi: 0.0, interval: None },
+            guidance: self.guidance_config(),
             sampler: self.sampler,
             steps: self.steps,
             seed: self.seed,
@@ -586,8 +594,25 @@ pub fn samples_grid(images: &[RgbImage], prompts: usize, per_prompt: usize) -> R
 // ---------------------------------------------------------------------------------------------
 
 /// Columns of the settings that make two rows "the same run" (for resuming a sweep).
-pub const SETTING_COLUMNS: [&str; 12] =
-    ["model", "method", "scale", "apg_eta", "apg_r", "apg_momentum", "sampler", "steps", "prompts", "per_prompt", "seed", "image_size"];
+pub const SETTING_COLUMNS: [&str; 13] = [
+    "model",
+    "method",
+    "scale",
+    "apg_eta",
+    "apg_r",
+    "apg_momentum",
+    "interval",
+    "sampler",
+    "steps",
+    "prompts",
+    "per_prompt",
+    "seed",
+    "image_size",
+];
+
+/// The setting columns that are not the guidance's: rows that agree on these saw the same
+/// prompts and noise and can share a chart.
+pub const RUN_COLUMNS: [&str; 7] = ["model", "sampler", "steps", "prompts", "per_prompt", "seed", "image_size"];
 
 /// Columns of the metrics, in [`EvalMetrics`] order.
 pub const METRIC_COLUMNS: [&str; 21] = [
@@ -739,6 +764,7 @@ pub fn settings_columns(cfg: &EvalConfig, image_size: usize) -> Vec<(&'static st
         eta,
         r,
         beta,
+        cfg.interval.map(|i| i.to_string()).unwrap_or_default(),
         cfg.sampler.name().to_string(),
         cfg.steps.to_string(),
         cfg.prompts.to_string(),
@@ -788,26 +814,36 @@ pub fn sweep_configs(base: &EvalConfig, methods: &[String], scales: &[f64], apg:
     Ok(out)
 }
 
-fn series_colour(method: &str) -> [u8; 3] {
-    match method {
-        "cfg" => [30, 80, 220],
-        "apg" => [230, 110, 20],
-        _ => [110, 110, 110],
+/// Line colours of the chart's series, in order of first appearance.
+const PALETTE: [[u8; 3]; 8] =
+    [[30, 80, 220], [230, 110, 20], [40, 160, 60], [200, 40, 40], [140, 80, 200], [120, 80, 40], [220, 90, 180], [110, 110, 110]];
+
+/// The guidance variant of a CSV row ([`parse_csv`]) as a chart/table label: `CFG`,
+/// `APG eta=0 r=2 beta=-0.5`, followed by ` in steps:0.5,1` when guided in an interval only.
+pub fn guidance_label(row: &BTreeMap<String, String>) -> String {
+    let g = |k: &str| row.get(k).map(String::as_str).unwrap_or("");
+    let mut s = g("method").to_uppercase();
+    if g("method") == "apg" {
+        s.push_str(&format!(" eta={} r={} beta={}", g("apg_eta"), g("apg_r"), g("apg_momentum")));
     }
+    if !g("interval").is_empty() {
+        s.push_str(&format!(" in {}", g("interval")));
+    }
+    s
 }
 
 /// The panels of the guidance chart from CSV rows ([`parse_csv`]): prompt accuracies (shape,
 /// colour, background; y in [0, 1]), tiny-FID (dashed: the mean real-vs-real baseline),
 /// saturation excess (dashed: 0) and the clipped fraction (dashed: the real renders'), each
-/// against the guidance scale, one line per method.
+/// against the guidance scale, one line per guidance variant ([`guidance_label`]).
 pub fn guidance_panels(rows: &[BTreeMap<String, String>]) -> Vec<crate::plot::Panel> {
     use crate::plot::{Panel, Series};
     let num = |r: &BTreeMap<String, String>, k: &str| r.get(k).and_then(|v| v.parse::<f64>().ok());
-    let mut methods: Vec<String> = Vec::new();
+    let mut variants: Vec<String> = Vec::new();
     for r in rows {
-        let m = r.get("method").cloned().unwrap_or_default();
-        if !methods.contains(&m) {
-            methods.push(m);
+        let m = guidance_label(r);
+        if !variants.contains(&m) {
+            variants.push(m);
         }
     }
     let mean_of = |k: &str| {
@@ -816,16 +852,21 @@ pub fn guidance_panels(rows: &[BTreeMap<String, String>]) -> Vec<crate::plot::Pa
     };
     let panel = |title: &str, key: &str, reference: Option<f64>, y_range: Option<(f64, f64)>| Panel {
         title: title.to_string(),
-        series: methods
+        series: variants
             .iter()
-            .map(|m| Series {
-                name: m.to_uppercase(),
-                colour: series_colour(m),
-                points: rows
-                    .iter()
-                    .filter(|r| r.get("method") == Some(m))
-                    .filter_map(|r| Some((num(r, "scale")?, num(r, key)?)))
-                    .collect(),
+            .enumerate()
+            .map(|(i, v)| Series {
+                name: v.clone(),
+                colour: PALETTE[i % PALETTE.len()],
+                points: {
+                    let mut p: Vec<(f64, f64)> = rows
+                        .iter()
+                        .filter(|r| &guidance_label(r) == v)
+                        .filter_map(|r| Some((num(r, "scale")?, num(r, key)?)))
+                        .collect();
+                    p.sort_by(|a, b| a.0.total_cmp(&b.0));
+                    p
+                },
             })
             .collect(),
         reference,

@@ -224,6 +224,13 @@ fn csv_round_trip_and_resume_keys() -> anyhow::Result<()> {
     assert!(!same_settings(&rows[0], &settings_columns(&r.config, 64)));
     assert!(!same_settings(&rows[1], &settings_columns(&EvalConfig { seed: 1, ..r.config.clone() }, 64)));
     assert!(!same_settings(&rows[1], &settings_columns(&r.config, 32)));
+    // guiding in an interval only is another setting; its cell (with a comma) round-trips
+    let late = EvalConfig { interval: Some(gen_diffusion::IntervalRange::parse("0.5,1")?), ..r.config.clone() };
+    assert!(!same_settings(&rows[1], &settings_columns(&late, 64)));
+    let late_report = EvalReport { config: late.clone(), ..report(7.5) };
+    let back = parse_csv(&format!("{}\n{}\n", csv_header(), csv_row(&late_report)), file)?;
+    assert_eq!(back[0]["interval"], "steps:0.5,1");
+    assert!(same_settings(&back[0], &settings_columns(&late, 64)));
     let e = parse_csv("a,b\n1,2\n", file).unwrap_err().to_string();
     assert!(e.contains("guidance.csv") && e.contains("columns differ"), "{e}");
     let e = parse_csv(&format!("{}\n1,2\n", csv_header()), file).unwrap_err().to_string();
@@ -290,11 +297,24 @@ fn samples_grid_and_chart() -> anyhow::Result<()> {
         }
         rows.push(r.columns().into_iter().map(|(k, v)| (k.to_string(), v)).collect());
     }
+    // a third variant, APG in the second half of the steps only, its rows out of scale order
+    for w in [7.5, 1.0] {
+        let mut r = report(w);
+        r.config.guidance = guidance_method("apg", w, &ApgOverrides { norm_threshold: Some(2.0), ..Default::default() })?;
+        r.config.interval = Some(gen_diffusion::IntervalRange::parse("0.5,1")?);
+        r.metrics.shape_accuracy = Some(if w == 1.0 { 0.75 } else { 1.0 });
+        rows.push(r.columns().into_iter().map(|(k, v)| (k.to_string(), v)).collect());
+    }
     let panels = guidance_panels(&rows);
     assert_eq!(panels.len(), 6);
-    assert_eq!(panels[0].series.len(), 2);
+    assert_eq!(panels[0].series.len(), 3);
+    assert_eq!(panels[0].series[0].name, "CFG");
+    assert_eq!(panels[0].series[1].name, "APG eta=0 r=15 beta=-0.5");
+    assert_eq!(panels[0].series[2].name, "APG eta=0 r=2 beta=-0.5 in steps:0.5,1");
     assert_eq!(panels[0].series[0].points, vec![(1.0, 0.5), (7.5, 0.5)]);
     assert_eq!(panels[0].series[1].points, vec![(1.0, 0.25), (7.5, 0.25)]);
+    assert_eq!(panels[0].series[2].points, vec![(1.0, 0.75), (7.5, 1.0)], "sorted by scale");
+    assert_ne!(panels[0].series[1].colour, panels[0].series[2].colour);
     assert_eq!(panels[3].reference, Some(1.25), "tiny-FID panel carries the real-vs-real baseline");
     let png = dir.join("guidance.png");
     gen_pretrain::plot::write_panels(&png, "test", &panels, 3)?;

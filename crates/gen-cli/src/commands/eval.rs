@@ -9,7 +9,8 @@ use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
 use gen_core::{write_atomic, DeviceChoice};
 use gen_pretrain::eval::{
-    csv_header, csv_row, guidance_method, guidance_panels, parse_csv, parse_scales, same_settings, samples_grid, settings_columns, sweep_configs, ApgOverrides,
+    csv_header, csv_row, guidance_label, guidance_method, guidance_panels, parse_csv, parse_scales, same_settings, samples_grid, settings_columns, sweep_configs,
+    ApgOverrides, RUN_COLUMNS,
     EvalConfig, EvalOutput, EvalReport, EvalSession,
 };
 use gen_sample::Sampler;
@@ -44,13 +45,17 @@ const GUIDANCE_HELP: &str = "\
 Runs `gen eval images` for every method × scale with the same prompts and seeds, appending one
 row per run to OUT/guidance.csv (every metric); rows already there with the same settings are
 reused, so an interrupted sweep resumes where it stopped. Then draws OUT/guidance.png (accuracy,
-tiny-FID, saturation excess and clipped fraction vs scale, one line per method) and prints the
-CFG-vs-APG table.
+tiny-FID, saturation excess and clipped fraction vs scale, one line per guidance variant) and
+prints the table. Chart and table show every row of OUT/guidance.csv with this run's model,
+prompts, sampler, steps and seed, so sweeps of further variants into the same OUT add lines to
+one chart.
 
 Examples:
   gen eval guidance --out out/guidance
   gen eval guidance --method cfg,apg --scales 1,3,5,7.5,10,15,20 --apg-r 2 --out out/guidance-r2
-  gen eval guidance --method apg --scales 5,10,20,30 --apg-eta 0.5 --prompts 64 --out out/apg-eta05";
+  gen eval guidance --method apg --scales 5,10,20,30 --apg-eta 0.5 --prompts 64 --out out/apg-eta05
+  # one more line in the same chart: APG in the last half of the steps only
+  gen eval guidance --method apg --apg-r 2 --guidance-interval 0.5,1 --out out/guidance-r2";
 
 /// Measure the model on the shapes world's test prompts.
 #[derive(Debug, Args)]
@@ -131,6 +136,10 @@ pub struct CommonArgs {
     /// APG: momentum beta (|beta| < 1; paper: -0.5; 0 disables).
     #[arg(long, allow_hyphen_values = true)]
     pub apg_momentum: Option<f64>,
+    /// Guide only in this interval: `a,b` = fractions of the steps (step floor(a·n) up to
+    /// floor(b·n)), `sigma:lo,hi` = noise levels in (lo, hi], `t:lo,hi` = timesteps in [lo, hi].
+    #[arg(long, value_parser = super::image::parse_interval)]
+    pub guidance_interval: Option<gen_diffusion::IntervalRange>,
     /// Seed of the prompts and of every image's noise.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -268,6 +277,7 @@ impl CommonArgs {
             sampler: self.scheduler,
             seed: self.seed,
             batch: self.batch,
+            interval: self.guidance_interval,
             ..EvalConfig::new(model)
         }
     }
@@ -320,12 +330,16 @@ fn run_images(a: ImagesArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// "CFG w=7.5" / "APG w=10 eta=0 r=15 beta=-0.5".
+/// "CFG w=7.5" / "APG w=10 eta=0 r=15 beta=-0.5", then " in steps:0.5,1" with an interval.
 fn describe(cfg: &EvalConfig) -> String {
-    match &cfg.guidance {
+    let method = match &cfg.guidance {
         gen_diffusion::GuidanceMethod::Apg(c) => format!("APG w={} eta={} r={} beta={}", c.scale, c.eta, c.norm_threshold, c.momentum),
         gen_diffusion::GuidanceMethod::Cfg { scale } => format!("CFG w={scale}"),
         gen_diffusion::GuidanceMethod::None => "no guidance".into(),
+    };
+    match cfg.interval {
+        Some(i) => format!("{method} in {i}"),
+        None => method,
     }
 }
 
@@ -413,10 +427,19 @@ fn run_guidance(a: GuidanceArgs) -> anyhow::Result<()> {
         existing.push(row.clone());
         sweep_rows.push(row);
     }
+    // every row of the file that saw the same prompts and noise: this sweep's and earlier ones'
+    let run = settings_columns(&base, size);
+    let same_run = |r: &BTreeMap<String, String>| run.iter().filter(|(k, _)| RUN_COLUMNS.contains(k)).all(|(k, v)| r.get(*k) == Some(v));
+    let mut rows: Vec<BTreeMap<String, String>> = existing.into_iter().filter(|r| same_run(r)).collect();
+    for r in sweep_rows {
+        if !rows.contains(&r) {
+            rows.push(r);
+        }
+    }
     let title = format!("guidance sweep: {} prompts x {}, {} {} steps, seed {}", c.prompts, c.per_prompt, c.scheduler, c.steps, c.seed);
     let png = c.out.join("guidance.png");
-    gen_pretrain::plot::write_panels(&png, &title, &guidance_panels(&sweep_rows), 3)?;
-    print_sweep(&sweep_rows);
+    gen_pretrain::plot::write_panels(&png, &title, &guidance_panels(&rows), 3)?;
+    print_sweep(&rows);
     println!("table: {}", csv_path.display());
     println!("chart: {}", png.display());
     Ok(())
@@ -424,14 +447,15 @@ fn run_guidance(a: GuidanceArgs) -> anyhow::Result<()> {
 
 fn print_sweep(rows: &[BTreeMap<String, String>]) {
     let get = |r: &BTreeMap<String, String>, k: &str| r.get(k).and_then(|v| v.parse::<f64>().ok());
+    let width = rows.iter().map(|r| guidance_label(r).len()).max().unwrap_or(0).max(8);
     println!(
-        "{:<6} {:>6} {:>7} {:>7} {:>7} {:>7} {:>9} {:>9} {:>8} {:>8} {:>7}",
-        "method", "scale", "shape", "colour", "tone", "backgr", "tiny-FID", "(real)", "sat.exc", "clipped", "s/img"
+        "{:<width$} {:>6} {:>7} {:>7} {:>7} {:>7} {:>9} {:>9} {:>8} {:>8} {:>7}",
+        "guidance", "scale", "shape", "colour", "tone", "backgr", "tiny-FID", "(real)", "sat.exc", "clipped", "s/img"
     );
     for r in rows {
         println!(
-            "{:<6} {:>6} {:>7} {:>7} {:>7} {:>7} {:>9} {:>9} {:>8} {:>8} {:>7}",
-            r.get("method").map(String::as_str).unwrap_or("?"),
+            "{:<width$} {:>6} {:>7} {:>7} {:>7} {:>7} {:>9} {:>9} {:>8} {:>8} {:>7}",
+            guidance_label(r),
             r.get("scale").map(String::as_str).unwrap_or("?"),
             pct(get(r, "shape_accuracy")),
             pct(get(r, "colour_accuracy")),

@@ -153,25 +153,8 @@ fn parse_size(s: &str) -> Result<(usize, usize), String> {
     }
 }
 
-fn parse_interval(s: &str) -> Result<IntervalRange, String> {
-    let (kind, rest) = match s.split_once(':') {
-        Some((k, r)) => (k.trim(), r),
-        None => ("steps", s),
-    };
-    let (a, b) = rest.split_once(',').ok_or_else(|| format!("`{s}`: expected a,b (or sigma:lo,hi, t:lo,hi)"))?;
-    let num = |p: &str| p.trim().parse::<f64>().map_err(|_| format!("`{p}` in `{s}` is not a number"));
-    let (a, b) = (num(a)?, num(b)?);
-    match kind {
-        "steps" => {
-            if !(0.0..=1.0).contains(&a) || !(0.0..=1.0).contains(&b) || a > b {
-                return Err(format!("`{s}`: step fractions need 0 <= a <= b <= 1"));
-            }
-            Ok(IntervalRange::StepFraction { start: a, stop: b })
-        }
-        "sigma" => Ok(IntervalRange::Sigma { lo: a, hi: b }),
-        "t" => Ok(IntervalRange::Timestep { lo: a, hi: b }),
-        _ => Err(format!("`{s}`: unknown interval kind `{kind}` (steps fractions a,b, sigma:lo,hi or t:lo,hi)")),
-    }
+pub(crate) fn parse_interval(s: &str) -> Result<IntervalRange, String> {
+    IntervalRange::parse(s).map_err(|e| e.to_string())
 }
 
 /// Shows a sampling event on a step progress bar (warnings above it).

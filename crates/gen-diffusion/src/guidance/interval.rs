@@ -33,6 +33,33 @@ impl IntervalRange {
         Ok(())
     }
 
+    /// Parses `a,b` (fractions of the steps, 0 <= a <= b <= 1; also `steps:a,b`),
+    /// `sigma:lo,hi` (noise levels in (lo, hi]) or `t:lo,hi` (timesteps in [lo, hi]). The
+    /// error quotes the text and says what was expected.
+    pub fn parse(s: &str) -> Result<Self> {
+        let bad = |msg: String| Error::invalid("guidance interval", msg);
+        let (kind, rest) = match s.split_once(':') {
+            Some((k, r)) => (k.trim(), r),
+            None => ("steps", s),
+        };
+        let (a, b) = rest.split_once(',').ok_or_else(|| bad(format!("`{s}`: expected a,b (or sigma:lo,hi, t:lo,hi)")))?;
+        let num = |p: &str| p.trim().parse::<f64>().map_err(|_| bad(format!("`{}` in `{s}` is not a number", p.trim())));
+        let (a, b) = (num(a)?, num(b)?);
+        let range = match kind {
+            "steps" => {
+                if !(0.0..=1.0).contains(&a) || !(0.0..=1.0).contains(&b) {
+                    return Err(bad(format!("`{s}`: step fractions need 0 <= a <= b <= 1")));
+                }
+                Self::StepFraction { start: a, stop: b }
+            }
+            "sigma" => Self::Sigma { lo: a, hi: b },
+            "t" => Self::Timestep { lo: a, hi: b },
+            _ => return Err(bad(format!("`{s}`: unknown interval kind `{kind}` (step fractions a,b, sigma:lo,hi or t:lo,hi)"))),
+        };
+        range.validate().map_err(|_| bad(format!("`{s}`: the range is empty or not ordered (need a <= b)")))?;
+        Ok(range)
+    }
+
     /// Whether guidance is on at `step`.
     pub fn contains(&self, step: &StepInfo) -> Result<bool> {
         Ok(match *self {
@@ -46,6 +73,17 @@ impl IntervalRange {
             Self::Sigma { lo, hi } => lo < step.sigma && step.sigma <= hi,
             Self::Timestep { lo, hi } => lo <= step.timestep && step.timestep <= hi,
         })
+    }
+}
+
+/// The form [`IntervalRange::parse`] reads: `steps:a,b`, `sigma:lo,hi` or `t:lo,hi`.
+impl std::fmt::Display for IntervalRange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match *self {
+            Self::StepFraction { start, stop } => write!(f, "steps:{start},{stop}"),
+            Self::Sigma { lo, hi } => write!(f, "sigma:{lo},{hi}"),
+            Self::Timestep { lo, hi } => write!(f, "t:{lo},{hi}"),
+        }
     }
 }
 
