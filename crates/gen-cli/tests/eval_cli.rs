@@ -93,6 +93,23 @@ fn eval_images_writes_report_csv_and_grid() {
         assert_eq!(csv[0][k], csv2[0][k], "{k} differs between identical runs");
     }
     assert_eq!(std::fs::read(out.join("samples.png")).unwrap(), std::fs::read(again.join("samples.png")).unwrap());
+
+    // Short prompts: "a red cube"; shape and colour scored, background and view not.
+    let short = dir.join("short");
+    let mut a3 = args.to_vec();
+    *a3.last_mut().unwrap() = short.to_str().unwrap();
+    a3.extend(["--prompt-form", "short"]);
+    ok(&gen(&a3));
+    let csv3 = rows(&short.join("metrics.csv"));
+    assert_eq!(csv3[0]["prompt_form"], "short");
+    assert!(csv3[0]["shape_accuracy"].parse::<f64>().is_ok());
+    assert_eq!(csv3[0]["background_accuracy"], "");
+    assert_eq!(csv3[0]["view_accuracy"], "");
+    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(short.join("report.json")).unwrap()).unwrap();
+    for p in report["prompts"].as_array().unwrap() {
+        let p = p.as_str().unwrap();
+        assert!(!p.contains("background") && !p.contains("view") && p.starts_with("a"), "{p}");
+    }
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
@@ -170,6 +187,7 @@ fn bad_input_fails_clearly_and_writes_nothing() {
         (vec!["eval", "guidance", "--model", &m, "--method", "cfg", "--apg-eta", "1", "--out", &o], "--apg-eta only apply to APG"),
         (vec!["eval", "guidance", "--model", &m, "--scales", "", "--out", &o], "empty"),
         (vec!["eval", "guidance", "--model", &m, "--guidance-interval", "0.8,0.2", "--out", &o], "guidance interval"),
+        (vec!["eval", "images", "--model", &m, "--prompt-form", "tiny", "--out", &o], "unknown form `tiny`"),
         (vec!["eval", "guidance", "--model", &m, "--scales", "1,-2", "--out", &o], "guidance scale"),
         (vec!["eval", "guidance", "--model", &m, "--method", "cfg,foo", "--out", &o], "unknown method `foo`"),
         (vec!["eval", "guidance", "--model", &missing, "--out", &o], "is not a folder"),

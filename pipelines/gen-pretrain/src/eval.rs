@@ -13,7 +13,8 @@
 //!   at small `G`; read tiny-FID against the baseline, never across different `G`);
 //! - saturation excess: mean HSV object saturation of the generated images minus that of the
 //!   real renders of the same prompts, both segmented by distance to the background colour the
-//!   prompt names ([`gen_world::metrics::saturation_excess`]);
+//!   prompt names — or, for a prompt that names none ([`PromptForm`]), the background the
+//!   evaluator sees in the image ([`gen_world::metrics::saturation_excess`]);
 //! - clipped fraction: channel values at 0 or 255 in the generated (and the real) images;
 //! - seconds per image of the generation (text encode + sampling + decode; no model loading).
 //!
@@ -21,7 +22,9 @@
 //! ([`prompt_indices`]); the real reference set for tiny-FID is test samples
 //! `start .. start + 2G` (it contains the prompts' own renders). Image `i` uses prompt
 //! `i mod prompts` and random stream `i` of `seed`, so two configs that differ only in the
-//! guidance see the same prompts and the same initial noise.
+//! guidance see the same prompts and the same initial noise. [`PromptForm`] can shorten the
+//! prompts (drop the background and/or view clause) to measure how the model follows the short
+//! prompts users write; the real references stay the full captions' renders.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -39,12 +42,59 @@ use gen_world::metrics::{
     alignment, clipped_fraction, frechet_distance, real_vs_real, saturation_excess, set_saturation, ClipThresholds, ImageU8, ObjectSelect,
     Predicted, Target, ViewJudge,
 };
-use gen_world::{Background, Colour, Hue, Shape, Split, Tone, View, World, WorldConfig};
+use gen_world::{parse_caption, Background, Colour, Hue, Shape, Split, Tone, View, World, WorldConfig};
 
 use crate::evaluator::{Evaluator, Prediction};
 
 /// Random stream of the seed that picks the first test index of the prompts.
 const PROMPT_STREAM: u64 = 0x70726f6d7074;
+
+/// Which parts of the test captions the prompts keep: shape and colour always.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PromptForm {
+    /// "a red cube on a grey background, front view" (the world's captions).
+    #[default]
+    Full,
+    /// "a red cube, front view".
+    NoBackground,
+    /// "a red cube on a grey background".
+    NoView,
+    /// "a red cube".
+    Short,
+}
+
+impl PromptForm {
+    pub const ALL: [PromptForm; 4] = [PromptForm::Full, PromptForm::NoBackground, PromptForm::NoView, PromptForm::Short];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            PromptForm::Full => "full",
+            PromptForm::NoBackground => "no-background",
+            PromptForm::NoView => "no-view",
+            PromptForm::Short => "short",
+        }
+    }
+
+    /// By name (`full`, `no-background`, `no-view`, `short`).
+    pub fn parse(s: &str) -> Result<Self> {
+        Self::ALL.into_iter().find(|f| f.name() == s.trim()).ok_or_else(|| {
+            Error::invalid("prompt form", format!("unknown form `{s}`; known: {}", Self::ALL.map(|f| f.name()).join(", ")))
+        })
+    }
+
+    /// `caption` with the clauses this form drops left out.
+    pub fn apply(self, caption: &str) -> Result<String> {
+        let mut parts = parse_caption(caption)?;
+        if matches!(self, PromptForm::NoBackground | PromptForm::Short) {
+            parts.background = None;
+        }
+        if matches!(self, PromptForm::NoView | PromptForm::Short) {
+            parts.view = None;
+        }
+        Ok(parts.to_string())
+    }
+}
 
 /// Settings of one evaluation.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -64,6 +114,8 @@ pub struct EvalConfig {
     pub guidance: GuidanceMethod,
     /// Guide only in this interval of the steps or noise levels (`None`: at every step).
     pub interval: Option<IntervalRange>,
+    /// The test captions as given, or shortened.
+    pub prompt_form: PromptForm,
     /// Picks the prompts and the noise of every image.
     pub seed: u64,
     /// Images denoised together (does not change the images, see `gen image`).
@@ -82,6 +134,7 @@ impl EvalConfig {
             sampler: Sampler::DpmPp2m,
             guidance: GuidanceMethod::Cfg { scale: 7.5 },
             interval: None,
+            prompt_form: PromptForm::Full,
             seed: 0,
             batch: 8,
         }
@@ -250,11 +303,19 @@ impl ScoredImages<'_> {
         Ok(self.images.iter().map(ImageU8::from_rgb_image).collect())
     }
 
+    /// Each image with its object selection: by distance to the background the prompt names,
+    /// else to the one the evaluator predicted for the image.
     fn segmented(&self) -> Result<Vec<(ImageU8<'_>, ObjectSelect<'static>)>> {
         self.images
             .iter()
             .zip(self.prompts)
-            .map(|(img, p)| Ok((ImageU8::from_rgb_image(img), ObjectSelect::for_prompt(p)?)))
+            .zip(self.predicted)
+            .map(|((img, p), pred)| {
+                let bg = parse_caption(p)?.background.or(pred.background).ok_or_else(|| {
+                    Error::invalid("prompt", format!("{p:?} names no background and the evaluator predicts none; cannot segment the object"))
+                })?;
+                Ok((ImageU8::from_rgb_image(img), ObjectSelect::for_background(bg)))
+            })
             .collect()
     }
 
@@ -544,7 +605,8 @@ impl EvalSession {
         let n = cfg.num_images();
         let size = self.image_size();
         let count = cfg.prompts.max(2 * n);
-        let prompts: Vec<String> = self.real(cfg.seed, count)?.captions[..cfg.prompts].to_vec();
+        let prompts: Vec<String> =
+            self.real(cfg.seed, count)?.captions[..cfg.prompts].iter().map(|c| cfg.prompt_form.apply(c)).collect::<Result<_>>()?;
         let test_indices = prompt_indices(cfg.seed, cfg.prompts);
         let sc = cfg.sample_config(prompts.clone(), size);
 
@@ -594,7 +656,7 @@ pub fn samples_grid(images: &[RgbImage], prompts: usize, per_prompt: usize) -> R
 // ---------------------------------------------------------------------------------------------
 
 /// Columns of the settings that make two rows "the same run" (for resuming a sweep).
-pub const SETTING_COLUMNS: [&str; 13] = [
+pub const SETTING_COLUMNS: [&str; 14] = [
     "model",
     "method",
     "scale",
@@ -602,6 +664,7 @@ pub const SETTING_COLUMNS: [&str; 13] = [
     "apg_r",
     "apg_momentum",
     "interval",
+    "prompt_form",
     "sampler",
     "steps",
     "prompts",
@@ -612,7 +675,7 @@ pub const SETTING_COLUMNS: [&str; 13] = [
 
 /// The setting columns that are not the guidance's: rows that agree on these saw the same
 /// prompts and noise and can share a chart.
-pub const RUN_COLUMNS: [&str; 7] = ["model", "sampler", "steps", "prompts", "per_prompt", "seed", "image_size"];
+pub const RUN_COLUMNS: [&str; 8] = ["model", "prompt_form", "sampler", "steps", "prompts", "per_prompt", "seed", "image_size"];
 
 /// Columns of the metrics, in [`EvalMetrics`] order.
 pub const METRIC_COLUMNS: [&str; 21] = [
@@ -765,6 +828,7 @@ pub fn settings_columns(cfg: &EvalConfig, image_size: usize) -> Vec<(&'static st
         r,
         beta,
         cfg.interval.map(|i| i.to_string()).unwrap_or_default(),
+        cfg.prompt_form.name().to_string(),
         cfg.sampler.name().to_string(),
         cfg.steps.to_string(),
         cfg.prompts.to_string(),

@@ -124,11 +124,59 @@ fn aggregate_rejects_inconsistent_inputs() {
     let short = ScoredImages { predicted: &p2[..1], ..set };
     let e = aggregate(&short, &set, &features(0..4), 1.0).unwrap_err().to_string();
     assert!(e.contains("2 images but 2 prompts, 1 predictions"), "{e}");
-    // a prompt that names no background cannot be segmented
+    // a prompt that names no background, with no predicted background, cannot be segmented
     let nobg: Vec<String> = vec!["a red cube".into(); 2];
-    let bad = ScoredImages { prompts: &nobg, ..set };
+    let unseen = vec![Predicted { background: None, ..p2[0] }; 2];
+    let bad = ScoredImages { prompts: &nobg, predicted: &unseen, ..set };
     let e = aggregate(&bad, &set, &features(0..4), 1.0).unwrap_err().to_string();
     assert!(e.contains("names no background"), "{e}");
+}
+
+/// Short prompts: the forms drop the clauses; prompts without a background are segmented by
+/// the background the evaluator predicts (the same numbers as naming it), and the background
+/// is not scored.
+#[test]
+fn prompt_forms_and_segmenting_without_a_named_background() -> anyhow::Result<()> {
+    use gen_pretrain::eval::PromptForm;
+    let c = "a light red cube on a blue background, overhead view";
+    assert_eq!(PromptForm::Full.apply(c)?, c);
+    assert_eq!(PromptForm::NoBackground.apply(c)?, "a light red cube, overhead view");
+    assert_eq!(PromptForm::NoView.apply(c)?, "a light red cube on a blue background");
+    assert_eq!(PromptForm::Short.apply(c)?, "a light red cube");
+    for f in PromptForm::ALL {
+        assert_eq!(PromptForm::parse(f.name())?, f);
+    }
+    let e = PromptForm::parse("tiny").unwrap_err().to_string();
+    assert!(e.contains("unknown form `tiny`") && e.contains("no-background"), "{e}");
+    assert!(PromptForm::Short.apply("a red pyramid").is_err());
+
+    let blue = Background::Blue.srgb8();
+    let imgs = vec![square(blue, [255, 0, 0]), square(blue, [200, 100, 100])];
+    let full: Vec<String> = vec!["a red cube on a blue background, front view".into(); 2];
+    let short: Vec<String> = full.iter().map(|p| PromptForm::Short.apply(p)).collect::<Result<_, _>>()?;
+    // the evaluator sees the blue background in the first image, a wrong (white) one in the second
+    let p2 = vec![pred(Shape::Cube, Hue::Red, Tone::Plain, Background::Blue), pred(Shape::Cube, Hue::Red, Tone::Plain, Background::White)];
+    let f = features(0..2);
+    let named = ScoredImages { images: &imgs, prompts: &full, predicted: &p2, features: &f, dim: D };
+    let unnamed = ScoredImages { prompts: &short, ..named };
+    let m_named = aggregate(&named, &named, &features(0..4), 1.0)?;
+    let m_short = aggregate(&unnamed, &named, &features(0..4), 1.0)?;
+    assert_eq!(m_named.background_accuracy, Some(0.5));
+    assert_eq!(m_short.background_accuracy, None, "no background named: not scored");
+    assert_eq!(m_short.view_accuracy, None);
+    assert_eq!(m_short.shape_accuracy, Some(1.0));
+    // image 1: segmented against blue either way; image 2 against white (its predicted
+    // background) when unnamed: everything is "object" there, so its saturation differs
+    assert_ne!(m_short.saturation_generated, m_named.saturation_generated);
+    let first = vec![imgs[0].clone(), imgs[0].clone()];
+    let p_first = vec![p2[0]; 2];
+    let one_named = ScoredImages { images: &first, predicted: &p_first, ..named };
+    let one_short = ScoredImages { prompts: &short, ..one_named };
+    let a = aggregate(&one_named, &one_named, &features(0..4), 1.0)?;
+    let b = aggregate(&one_short, &one_named, &features(0..4), 1.0)?;
+    assert_eq!(a.saturation_generated, b.saturation_generated);
+    assert_eq!(b.saturation_excess, Some(0.0));
+    Ok(())
 }
 
 #[test]

@@ -10,7 +10,7 @@ use clap::{Args, Subcommand};
 use gen_core::{write_atomic, DeviceChoice};
 use gen_pretrain::eval::{
     csv_header, csv_row, guidance_label, guidance_method, guidance_panels, parse_csv, parse_scales, same_settings, samples_grid, settings_columns, sweep_configs,
-    ApgOverrides, RUN_COLUMNS,
+    ApgOverrides, PromptForm, RUN_COLUMNS,
     EvalConfig, EvalOutput, EvalReport, EvalSession,
 };
 use gen_sample::Sampler;
@@ -24,13 +24,15 @@ Metrics (evaluator = the classifier in MODEL/evaluator, never trained on generat
     the real-vs-real baseline is the same distance between two disjoint real sets of that size.
     Small sets bias it upwards: compare only runs with the same --prompts × --per-prompt.
   saturation excess: mean HSV saturation of object pixels, generated minus real renders of the
-    same prompts (object = farther than 0.12 from the caption's background colour).
+    same prompts (object = farther than 0.12 from the caption's background colour, or from
+    the background the evaluator sees when --prompt-form drops it).
   clipped fraction: channel values at 0 or 255.   s/image: generation time per image.
 Prompts are captions of the world's TEST split picked by --seed; image i uses prompt i mod
 --prompts and noise stream i of --seed (as `gen image`), so runs that differ only in guidance
-see the same prompts and noise. APG starts from the paper preset (eta 0, r 15, momentum -0.5, x0
-space); r scales with the square root of the latent size (r 15 on SDXL's 128×128×4 latents is
-about 2 on the tiny model's 16×16×4).";
+see the same prompts and noise; --prompt-form shortens them (scored on what they still name).
+APG starts from the paper preset (eta 0, r 15, momentum -0.5, x0 space); r scales with the
+square root of the latent size (r 15 on SDXL's 128×128×4 latents is about 2 on the tiny
+model's 16×16×4).";
 
 const IMAGES_HELP: &str = "\
 Writes OUT/report.json (settings, prompts, every metric), OUT/metrics.csv (one row) and
@@ -39,7 +41,9 @@ OUT/samples.png (the generated images, one row per prompt when --per-prompt > 1)
 Examples:
   gen eval images --out out/eval-cfg
   gen eval images --guidance apg --scale 10 --apg-eta 0.3 --apg-r 2 --out out/eval-apg
-  gen eval images --model out/tiny-model --prompts 2 --per-prompt 1 --steps 4 --out out/smoke";
+  gen eval images --model out/tiny-model --prompts 2 --per-prompt 1 --steps 4 --out out/smoke
+  # the short prompts users write (\"a red cube\"), scored on shape and colour
+  gen eval images --prompt-form short --prompts 100 --per-prompt 2 --out out/eval-short";
 
 const GUIDANCE_HELP: &str = "\
 Runs `gen eval images` for every method × scale with the same prompts and seeds, appending one
@@ -140,6 +144,10 @@ pub struct CommonArgs {
     /// floor(b·n)), `sigma:lo,hi` = noise levels in (lo, hi], `t:lo,hi` = timesteps in [lo, hi].
     #[arg(long, value_parser = super::image::parse_interval)]
     pub guidance_interval: Option<gen_diffusion::IntervalRange>,
+    /// Prompts: the test captions in full, or without their background and/or view clause:
+    /// full, no-background, no-view, short ("a red cube").
+    #[arg(long, default_value = "full", value_parser = parse_prompt_form)]
+    pub prompt_form: PromptForm,
     /// Seed of the prompts and of every image's noise.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -176,6 +184,10 @@ pub struct GuidanceArgs {
     /// Guidance scales, comma-separated (each > 0).
     #[arg(long, default_value = "1,3,5,7.5,10,15,20", allow_hyphen_values = true)]
     pub scales: String,
+}
+
+fn parse_prompt_form(s: &str) -> Result<PromptForm, String> {
+    PromptForm::parse(s).map_err(|e| e.to_string())
 }
 
 fn parse_sampler(s: &str) -> Result<Sampler, String> {
@@ -278,6 +290,7 @@ impl CommonArgs {
             seed: self.seed,
             batch: self.batch,
             interval: self.guidance_interval,
+            prompt_form: self.prompt_form,
             ..EvalConfig::new(model)
         }
     }
@@ -316,7 +329,17 @@ fn run_images(a: ImagesArgs) -> anyhow::Result<()> {
     cfg.validate()?;
     let mut session = c.session(&model)?;
     create_out(&c.out)?;
-    eprintln!("{} prompts × {} image(s), {} {} steps, {}, seed {}, model {}", cfg.prompts, cfg.per_prompt, cfg.sampler, cfg.steps, describe(&cfg), cfg.seed, model.display());
+    eprintln!(
+        "{} {} prompts × {} image(s), {} {} steps, {}, seed {}, model {}",
+        cfg.prompts,
+        cfg.prompt_form.name(),
+        cfg.per_prompt,
+        cfg.sampler,
+        cfg.steps,
+        describe(&cfg),
+        cfg.seed,
+        model.display()
+    );
     let out = evaluate(&mut session, &cfg, describe(&cfg))?;
 
     write_atomic(c.out.join("report.json"), out.report.to_json()?.as_bytes())?;
@@ -436,7 +459,7 @@ fn run_guidance(a: GuidanceArgs) -> anyhow::Result<()> {
             rows.push(r);
         }
     }
-    let title = format!("guidance sweep: {} prompts x {}, {} {} steps, seed {}", c.prompts, c.per_prompt, c.scheduler, c.steps, c.seed);
+    let title = format!("guidance sweep: {} {} prompts x {}, {} {} steps, seed {}", c.prompts, c.prompt_form.name(), c.per_prompt, c.scheduler, c.steps, c.seed);
     let png = c.out.join("guidance.png");
     gen_pretrain::plot::write_panels(&png, &title, &guidance_panels(&rows), 3)?;
     print_sweep(&rows);
