@@ -257,22 +257,66 @@ impl OccupancyGrid {
     }
 }
 
-/// Renders `field` from `camera`. With `occupancy`, samples in empty cells are skipped; with
-/// `jitter`, sample positions are stratified-random within their bins (else bin centres).
-/// Outputs are differentiable w.r.t. whatever the field's outputs depend on.
-pub fn render_volume(
+/// A ray `o + z d` parameterised by camera depth `z` (`d` has unit camera-z component, as in
+/// [`render_volume`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Ray {
+    pub origin: [f64; 3],
+    pub dir: [f64; 3],
+}
+
+impl Ray {
+    /// The ray through the centre of pixel (row `i`, column `j`) of `camera`.
+    pub fn through_pixel(camera: &Camera, i: usize, j: usize) -> Self {
+        Self::through_camera_dir(camera, pixel_dir(camera, i, j))
+    }
+
+    /// The ray along camera-frame direction `dc`.
+    fn through_camera_dir(camera: &Camera, dc: glam::DVec3) -> Self {
+        Self {
+            origin: camera.position().to_array(),
+            dir: (camera.rotation.transpose() * dc).to_array(),
+        }
+    }
+}
+
+/// Camera-frame direction `((u − cx)/fx, (v − cy)/fy, 1)` through the centre of pixel `(i, j)`.
+fn pixel_dir(camera: &Camera, i: usize, j: usize) -> glam::DVec3 {
+    let k = &camera.intrinsics;
+    glam::DVec3::new(
+        (j as f64 + 0.5 - k.cx) / k.fx,
+        (i as f64 + 0.5 - k.cy) / k.fy,
+        1.0,
+    )
+}
+
+/// A batch of rays composited by [`march_rays`].
+pub(crate) struct MarchedRays {
+    /// `(R, 3)`: `Σ w_k c_k + T_K · bg`.
+    pub(crate) rgb: Tensor,
+    /// `(R)`: `1 − T_K`.
+    pub(crate) opacity: Tensor,
+    /// `(R, K)`: `w_k = T_k α_k`.
+    pub(crate) weights: Tensor,
+    /// `R · K` sample depths `z_k`, ray-major (0 for rays that miss the box).
+    pub(crate) depths: Vec<f64>,
+    pub(crate) samples_evaluated: usize,
+    pub(crate) samples_total: usize,
+}
+
+/// The quadrature of the module docs over `rays`, each with the world length of its direction
+/// (`δ_k = |d| · bin`): samples in the box beyond `cfg.near`, skipping empty `occupancy` cells,
+/// jittered with `jitter` (drawn ray by ray, bin by bin) or at bin centres, one field query for
+/// all of them. Shared by [`render_volume`] and [`crate::fit::field::render_rays`].
+pub(crate) fn march_rays(
     field: &dyn RadianceField,
-    camera: &Camera,
+    rays: &[(Ray, f64)],
     cfg: &VolumeConfig,
     occupancy: Option<&OccupancyGrid>,
     mut jitter: Option<&mut SeededRng>,
-) -> Result<VolumeOutput> {
+) -> Result<MarchedRays> {
     cfg.validate()?;
-    let (w, h, k) = (camera.width(), camera.height(), cfg.samples_per_ray);
-    let nrays = w * h;
-    let intr = &camera.intrinsics;
-    let rt = camera.rotation.transpose();
-    let o = camera.position().to_array();
+    let (nrays, k) = (rays.len(), cfg.samples_per_ray);
     let (dtype, device) = (field.dtype(), field.device());
     // Packed sample positions, and for every (ray, bin) the packed index or `pad` (= skipped).
     let mut pts: Vec<f64> = Vec::new();
@@ -280,41 +324,32 @@ pub fn render_volume(
     let mut delta = vec![0f64; nrays * k];
     let mut zs = vec![0f64; nrays * k];
     let mut total = 0usize;
-    for i in 0..h {
-        for j in 0..w {
-            let dc = glam::DVec3::new(
-                (j as f64 + 0.5 - intr.cx) / intr.fx,
-                (i as f64 + 0.5 - intr.cy) / intr.fy,
-                1.0,
-            );
-            let d = (rt * dc).to_array();
-            let Some((t0, t1)) = cfg.bounds.intersect(o, d) else {
-                continue;
+    for (r, (ray, dlen)) in rays.iter().enumerate() {
+        let (o, d) = (ray.origin, ray.dir);
+        let Some((t0, t1)) = cfg.bounds.intersect(o, d) else {
+            continue;
+        };
+        let t0 = t0.max(cfg.near);
+        if t1 <= t0 {
+            continue;
+        }
+        let bin = (t1 - t0) / k as f64;
+        for s in 0..k {
+            let xi = match jitter.as_deref_mut() {
+                Some(g) => g.uniform() as f64,
+                None => 0.5,
             };
-            let t0 = t0.max(cfg.near);
-            if t1 <= t0 {
+            let z = t0 + (s as f64 + xi) * bin;
+            let p = [o[0] + z * d[0], o[1] + z * d[1], o[2] + z * d[2]];
+            let e = r * k + s;
+            delta[e] = bin * dlen;
+            zs[e] = z;
+            total += 1;
+            if occupancy.is_some_and(|g| !g.is_occupied(p)) {
                 continue;
             }
-            let bin = (t1 - t0) / k as f64;
-            let dlen = dc.length();
-            let ray = i * w + j;
-            for s in 0..k {
-                let xi = match jitter.as_deref_mut() {
-                    Some(r) => r.uniform() as f64,
-                    None => 0.5,
-                };
-                let z = t0 + (s as f64 + xi) * bin;
-                let p = [o[0] + z * d[0], o[1] + z * d[1], o[2] + z * d[2]];
-                let e = ray * k + s;
-                delta[e] = bin * dlen;
-                zs[e] = z;
-                total += 1;
-                if occupancy.is_some_and(|g| !g.is_occupied(p)) {
-                    continue;
-                }
-                slot[e] = (pts.len() / 3) as u32;
-                pts.extend(p);
-            }
+            slot[e] = (pts.len() / 3) as u32;
+            pts.extend(p);
         }
     }
     let m = pts.len() / 3;
@@ -350,7 +385,6 @@ pub fn render_volume(
     let sigma = sigma_p.index_select(&idx, 0)?.reshape((nrays, k))?;
     let rgb = rgb_p.index_select(&idx, 0)?.reshape((nrays, k, 3))?;
     let delta = Tensor::from_vec(delta, (nrays, k), &device)?.to_dtype(dtype)?;
-    let zs = Tensor::from_vec(zs, (nrays, k), &device)?.to_dtype(dtype)?;
     let sd = (sigma * delta)?;
     let cum = sd.cumsum(1)?;
     let trans = (cum.sub(&sd)?.neg()?).exp()?;
@@ -365,13 +399,43 @@ pub fn render_volume(
         .broadcast_mul(&rgb)?
         .sum(1)?
         .add(&t_final.unsqueeze(1)?.broadcast_mul(&bg)?)?;
-    let opacity = (1.0 - &t_final)?;
-    let depth = (wts * zs)?.sum(1)?;
-    Ok(VolumeOutput {
-        rgb: color.reshape((h, w, 3))?,
-        opacity: opacity.reshape((h, w))?,
-        depth: depth.reshape((h, w))?,
+    Ok(MarchedRays {
+        rgb: color,
+        opacity: (1.0 - &t_final)?,
+        weights: wts,
+        depths: zs,
         samples_evaluated: m,
         samples_total: total,
+    })
+}
+
+/// Renders `field` from `camera`. With `occupancy`, samples in empty cells are skipped; with
+/// `jitter`, sample positions are stratified-random within their bins (else bin centres).
+/// Outputs are differentiable w.r.t. whatever the field's outputs depend on.
+pub fn render_volume(
+    field: &dyn RadianceField,
+    camera: &Camera,
+    cfg: &VolumeConfig,
+    occupancy: Option<&OccupancyGrid>,
+    jitter: Option<&mut SeededRng>,
+) -> Result<VolumeOutput> {
+    let (w, h) = (camera.width(), camera.height());
+    let mut rays = Vec::with_capacity(w * h);
+    for i in 0..h {
+        for j in 0..w {
+            let dc = pixel_dir(camera, i, j);
+            rays.push((Ray::through_camera_dir(camera, dc), dc.length()));
+        }
+    }
+    let out = march_rays(field, &rays, cfg, occupancy, jitter)?;
+    let zs = Tensor::from_vec(out.depths, (w * h, cfg.samples_per_ray), &field.device())?
+        .to_dtype(field.dtype())?;
+    let depth = (out.weights * zs)?.sum(1)?;
+    Ok(VolumeOutput {
+        rgb: out.rgb.reshape((h, w, 3))?,
+        opacity: out.opacity.reshape((h, w))?,
+        depth: depth.reshape((h, w))?,
+        samples_evaluated: out.samples_evaluated,
+        samples_total: out.samples_total,
     })
 }

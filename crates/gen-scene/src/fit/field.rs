@@ -28,6 +28,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::MutexGuard;
 
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::VarMap;
@@ -36,10 +37,14 @@ use gen_optim::{AdamW, AdamWConfig, NamedVar, Optim, Optimizer, ParamGroup};
 use image::RgbImage;
 use serde_json::json;
 
-use super::{psnr, to_rgb8, CheckpointFile, EvalReport, PosedImage, CKPT_SEED, CKPT_STEP};
+use super::{
+    checkpoint_map, log_linear, optimizer_state_bytes, psnr, run_fit, to_rgb8,
+    validate_training_views, CheckpointFile, EvalReport, FitLoop, PosedImage, RunEvent,
+    Schedule, CHECKPOINT_FILE,
+};
 use crate::camera::{Camera, Intrinsics};
-use crate::density::optimizer_state_map;
-use crate::field::volume::RadianceField;
+pub use crate::field::volume::Ray;
+use crate::field::volume::{march_rays, RadianceField};
 use crate::field::{render_volume, Aabb, CamField, FieldConfig, OccupancyGrid, VolumeConfig};
 use crate::mesh::{extract_mesh, Grid, MeshConfig, TriMesh};
 
@@ -163,12 +168,7 @@ impl FieldFitConfig {
 
     /// The learning rate before 0-based step `step`.
     pub fn lr_at(&self, step: u64) -> f64 {
-        let t = if self.steps <= 1 {
-            0.0
-        } else {
-            (step as f64 / (self.steps - 1) as f64).clamp(0.0, 1.0)
-        };
-        (self.lr.ln() * (1.0 - t) + self.lr_final.ln() * t).exp()
+        log_linear(self.lr, self.lr_final, step, self.steps)
     }
 
     /// The configuration as JSON (written next to the outputs).
@@ -206,30 +206,6 @@ impl FieldFitConfig {
     }
 }
 
-/// A ray `o + z d` parameterised by camera depth `z` (`d` has unit camera-z component, as in
-/// [`render_volume`]).
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Ray {
-    pub origin: [f64; 3],
-    pub dir: [f64; 3],
-}
-
-impl Ray {
-    /// The ray through the centre of pixel (row `i`, column `j`) of `camera`.
-    pub fn through_pixel(camera: &Camera, i: usize, j: usize) -> Self {
-        let k = &camera.intrinsics;
-        let dc = glam::DVec3::new(
-            (j as f64 + 0.5 - k.cx) / k.fx,
-            (i as f64 + 0.5 - k.cy) / k.fy,
-            1.0,
-        );
-        Self {
-            origin: camera.position().to_array(),
-            dir: (camera.rotation.transpose() * dc).to_array(),
-        }
-    }
-}
-
 /// Rendered rays.
 #[derive(Debug, Clone)]
 pub struct RaysOutput {
@@ -250,93 +226,21 @@ pub fn render_rays(
     rays: &[Ray],
     cfg: &VolumeConfig,
     occupancy: Option<&OccupancyGrid>,
-    mut jitter: Option<&mut SeededRng>,
+    jitter: Option<&mut SeededRng>,
 ) -> Result<RaysOutput> {
-    cfg.validate()?;
-    let (nrays, k) = (rays.len(), cfg.samples_per_ray);
-    let (dtype, device) = (field.dtype(), field.device());
-    let mut pts: Vec<f64> = Vec::new();
-    let mut slot = vec![u32::MAX; nrays * k];
-    let mut delta = vec![0f64; nrays * k];
-    let mut total = 0usize;
-    for (r, ray) in rays.iter().enumerate() {
-        let (o, d) = (ray.origin, ray.dir);
-        let Some((t0, t1)) = cfg.bounds.intersect(o, d) else {
-            continue;
-        };
-        let t0 = t0.max(cfg.near);
-        if t1 <= t0 {
-            continue;
-        }
-        let bin = (t1 - t0) / k as f64;
-        let dlen = (d[0] * d[0] + d[1] * d[1] + d[2] * d[2]).sqrt();
-        for s in 0..k {
-            let xi = match jitter.as_deref_mut() {
-                Some(g) => g.uniform() as f64,
-                None => 0.5,
-            };
-            let z = t0 + (s as f64 + xi) * bin;
-            let p = [o[0] + z * d[0], o[1] + z * d[1], o[2] + z * d[2]];
-            let e = r * k + s;
-            delta[e] = bin * dlen;
-            total += 1;
-            if occupancy.is_some_and(|g| !g.is_occupied(p)) {
-                continue;
-            }
-            slot[e] = (pts.len() / 3) as u32;
-            pts.extend(p);
-        }
-    }
-    let m = pts.len() / 3;
-    let slot: Vec<u32> = slot
-        .into_iter()
-        .map(|s| if s == u32::MAX { m as u32 } else { s })
+    let rays: Vec<(Ray, f64)> = rays
+        .iter()
+        .map(|r| {
+            let d = r.dir;
+            (*r, (d[0] * d[0] + d[1] * d[1] + d[2] * d[2]).sqrt())
+        })
         .collect();
-    let (sigma_p, rgb_p) = if m > 0 {
-        let t = Tensor::from_vec(pts, (m, 3), &device)?.to_dtype(dtype)?;
-        let (s, c) = field.query(&t)?;
-        if s.dims() != [m] || c.dims() != [m, 3] {
-            return Err(Error::invalid(
-                "radiance field",
-                format!(
-                    "query of {m} points returned σ {:?} and rgb {:?}",
-                    s.dims(),
-                    c.dims()
-                ),
-            ));
-        }
-        (
-            Tensor::cat(&[s, Tensor::zeros(1, dtype, &device)?], 0)?,
-            Tensor::cat(&[c, Tensor::zeros((1, 3), dtype, &device)?], 0)?,
-        )
-    } else {
-        (
-            Tensor::zeros(1, dtype, &device)?,
-            Tensor::zeros((1, 3), dtype, &device)?,
-        )
-    };
-    let idx = Tensor::from_vec(slot, nrays * k, &device)?;
-    let sigma = sigma_p.index_select(&idx, 0)?.reshape((nrays, k))?;
-    let rgb = rgb_p.index_select(&idx, 0)?.reshape((nrays, k, 3))?;
-    let delta = Tensor::from_vec(delta, (nrays, k), &device)?.to_dtype(dtype)?;
-    let sd = (sigma * delta)?;
-    let trans = (sd.cumsum(1)?.sub(&sd)?.neg()?).exp()?;
-    let alpha = (1.0 - sd.neg()?.exp()?)?;
-    let wts = (trans * alpha)?;
-    let t_final = sd.sum(1)?.neg()?.exp()?;
-    let bg = Tensor::new(&cfg.background, &device)?
-        .to_dtype(dtype)?
-        .unsqueeze(0)?;
-    let color = wts
-        .unsqueeze(2)?
-        .broadcast_mul(&rgb)?
-        .sum(1)?
-        .add(&t_final.unsqueeze(1)?.broadcast_mul(&bg)?)?;
+    let out = march_rays(field, &rays, cfg, occupancy, jitter)?;
     Ok(RaysOutput {
-        rgb: color,
-        opacity: (1.0 - &t_final)?,
-        samples_evaluated: m,
-        samples_total: total,
+        rgb: out.rgb,
+        opacity: out.opacity,
+        samples_evaluated: out.samples_evaluated,
+        samples_total: out.samples_total,
     })
 }
 
@@ -429,12 +333,9 @@ impl FieldTrainer {
     /// A trainer at step 0 with a freshly initialised field (generator stream 0 of the seed).
     pub fn new(cfg: FieldFitConfig, views: Vec<PosedImage>) -> Result<Self> {
         cfg.validate()?;
-        if views.is_empty() {
-            return Err(Error::invalid("fit views", "no training views"));
-        }
+        validate_training_views(&views)?;
         let mut pixels = Vec::with_capacity(views.len());
-        for (i, v) in views.iter().enumerate() {
-            v.validate(i)?;
+        for v in &views {
             pixels.push(ViewPixels {
                 rgb: v
                     .rgb
@@ -604,28 +505,15 @@ impl FieldTrainer {
     /// Writes the parameters, optimizer state, occupancy flags, step and seed to one
     /// safetensors file, atomically.
     pub fn save_checkpoint(&self, path: impl AsRef<Path>) -> Result<()> {
-        let mut map = HashMap::new();
-        for (k, t) in optimizer_state_map(&self.opt)? {
-            map.insert(format!("optim.{k}"), t);
+        let mut map = checkpoint_map(&self.opt, self.step, self.cfg.seed)?;
+        for (k, v) in lock_vars(&self.varmap)?.iter() {
+            map.insert(k.clone(), v.as_tensor().detach());
         }
-        {
-            let data = self
-                .varmap
-                .data()
-                .lock()
-                .map_err(|_| Error::invalid("field varmap", "lock poisoned"))?;
-            for (k, v) in data.iter() {
-                map.insert(k.clone(), v.as_tensor().detach());
-            }
-        }
-        let dev = Device::Cpu;
         let occ: Vec<u8> = self.occupancy.occupied.iter().map(|&b| b as u8).collect();
         map.insert(
             CKPT_OCC.into(),
-            Tensor::from_vec(occ, self.occupancy.occupied.len(), &dev)?,
+            Tensor::from_vec(occ, self.occupancy.occupied.len(), &Device::Cpu)?,
         );
-        map.insert(CKPT_STEP.into(), Tensor::new(self.step as i64, &dev)?);
-        map.insert(CKPT_SEED.into(), Tensor::new(self.cfg.seed as i64, &dev)?);
         gen_optim::save_safetensors_atomic(&map, path.as_ref())
     }
 
@@ -640,26 +528,19 @@ impl FieldTrainer {
         let (file, step) = (ck.file.clone(), ck.step);
         let get = |k: &str| ck.get(k);
         let mut t = Self::new(cfg, views)?;
-        {
-            let data = t
-                .varmap
-                .data()
-                .lock()
-                .map_err(|_| Error::invalid("field varmap", "lock poisoned"))?;
-            for (k, v) in data.iter() {
-                let saved = get(k)?;
-                if saved.dims() != v.dims() {
-                    return Err(Error::invalid(
-                        format!("checkpoint {file} `{k}`"),
-                        format!(
-                            "shape {:?}, the configured field has {:?}",
-                            saved.dims(),
-                            v.dims()
-                        ),
-                    ));
-                }
-                v.set(&saved.to_dtype(DType::F32)?)?;
+        for (k, v) in lock_vars(&t.varmap)?.iter() {
+            let saved = get(k)?;
+            if saved.dims() != v.dims() {
+                return Err(Error::invalid(
+                    format!("checkpoint {file} `{k}`"),
+                    format!(
+                        "shape {:?}, the configured field has {:?}",
+                        saved.dims(),
+                        v.dims()
+                    ),
+                ));
             }
+            v.set(&saved.to_dtype(DType::F32)?)?;
         }
         ck.load_optimizer(&mut t.opt)?;
         let occ = get(CKPT_OCC)?.to_dtype(DType::U8)?.to_vec1::<u8>()?;
@@ -682,13 +563,18 @@ impl FieldTrainer {
 
 /// Every variable of `varmap` as a named parameter, sorted by name (a stable order).
 fn named_vars(varmap: &VarMap) -> Result<Vec<NamedVar>> {
-    let data = varmap
-        .data()
-        .lock()
-        .map_err(|_| Error::invalid("field varmap", "lock poisoned"))?;
-    let mut v: Vec<(String, Var)> = data.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    let mut v: Vec<(String, Var)> = lock_vars(varmap)?
+        .iter().map(|(k, v)| (k.clone(), v.clone())).collect();
     v.sort_by(|a, b| a.0.cmp(&b.0));
     Ok(v.into_iter().map(|(k, v)| NamedVar::new(k, v)).collect())
+}
+
+/// The variables of `varmap`, locked.
+fn lock_vars(varmap: &VarMap) -> Result<MutexGuard<'_, HashMap<String, Var>>> {
+    varmap
+        .data()
+        .lock()
+        .map_err(|_| Error::invalid("field varmap", "lock poisoned"))
 }
 
 /// PSNR and silhouette IoU (`opacity > 0.5` vs `mask > 0.5`) of the field against `views`
@@ -783,7 +669,7 @@ impl FieldOutputs {
     }
 
     pub fn checkpoint_path(&self) -> PathBuf {
-        self.dir.join("checkpoint.safetensors")
+        self.dir.join(CHECKPOINT_FILE)
     }
 }
 
@@ -824,56 +710,59 @@ pub fn fit_field(
     on_event: &mut dyn FnMut(&FieldFitEvent),
 ) -> Result<FieldTrainer> {
     cfg.validate()?;
-    std::fs::create_dir_all(&out.dir).map_err(|e| Error::io(&out.dir, e))?;
-    let ckpt = out.checkpoint_path();
-    let resumed = out.resume && ckpt.is_file();
-    let mut trainer = if resumed {
-        FieldTrainer::resume(cfg.clone(), views, &ckpt)?
-    } else {
-        FieldTrainer::new(cfg.clone(), views)?
-    };
-    let text = serde_json::to_string_pretty(&cfg.to_json())
-        .map_err(|e| Error::msg(format!("config JSON: {e}")))?;
-    write_atomic(out.dir.join("config.json"), text.as_bytes())?;
-    on_event(&FieldFitEvent::Started {
-        step: trainer.step_count(),
-        steps: cfg.steps,
-        resumed,
-    });
-    while !trainer.is_done() {
-        let info = trainer.step()?;
-        let step = info.step;
-        on_event(&FieldFitEvent::Step(info));
-        if cfg.preview_every > 0 && step % cfg.preview_every == 0 {
-            let path = out.dir.join("previews").join(format!("step_{step:06}.png"));
-            let v = &trainer.views[0];
-            let (rgb, _) = trainer.render(&v.camera)?;
-            let pair = Tensor::cat(&[&v.rgb.to_dtype(DType::F32)?, &rgb], 1)?;
-            write_atomic(&path, &crate::turntable::png_bytes(&to_rgb8(&pair)?)?)?;
-            on_event(&FieldFitEvent::Preview { step, path });
-        }
-        if cfg.checkpoint_every > 0 && step % cfg.checkpoint_every == 0 {
-            trainer.save_checkpoint(&ckpt)?;
-            on_event(&FieldFitEvent::Checkpoint {
-                step,
-                path: ckpt.clone(),
-            });
-        }
-    }
-    trainer.save_checkpoint(&ckpt)?;
-    on_event(&FieldFitEvent::Checkpoint {
-        step: trainer.step_count(),
-        path: ckpt.clone(),
-    });
+    let trainer = run_fit::<FieldTrainer>(&cfg, views, &out.dir, out.resume, &mut |e| {
+        on_event(&match e {
+            RunEvent::Started { trainer, resumed } => FieldFitEvent::Started {
+                step: trainer.step,
+                steps: cfg.steps,
+                resumed,
+            },
+            RunEvent::Step(info) => FieldFitEvent::Step(info),
+            RunEvent::Preview { step, path } => FieldFitEvent::Preview { step, path },
+            RunEvent::Checkpoint { step, path } => FieldFitEvent::Checkpoint { step, path },
+        })
+    })?;
     for path in export_field(&trainer, out)? {
         on_event(&FieldFitEvent::Exported { path });
     }
     on_event(&FieldFitEvent::Finished {
         step: trainer.step_count(),
-        optimizer_state_bytes: trainer.opt.state_bytes().iter().sum::<usize>()
-            + trainer.opt.shared_state_bytes(),
+        optimizer_state_bytes: optimizer_state_bytes(&trainer.opt),
     });
     Ok(trainer)
+}
+
+impl FitLoop for FieldTrainer {
+    type Config = FieldFitConfig;
+    type Step = FieldStepInfo;
+    fn open(cfg: &FieldFitConfig, views: Vec<PosedImage>, ckpt: Option<&Path>) -> Result<Self> {
+        match ckpt {
+            Some(p) => Self::resume(cfg.clone(), views, p),
+            None => Self::new(cfg.clone(), views),
+        }
+    }
+    fn schedule(cfg: &FieldFitConfig) -> Schedule {
+        Schedule {
+            config: cfg.to_json(),
+            steps: cfg.steps,
+            preview_every: cfg.preview_every,
+            checkpoint_every: cfg.checkpoint_every,
+        }
+    }
+    fn steps_done(&self) -> u64 {
+        self.step
+    }
+    fn train_step(&mut self) -> Result<(u64, FieldStepInfo)> {
+        let info = self.step()?;
+        Ok((info.step, info))
+    }
+    fn preview(&self) -> Result<(&PosedImage, Tensor)> {
+        let v = &self.views[0];
+        Ok((v, self.render(&v.camera)?.0))
+    }
+    fn write_checkpoint(&self, path: &Path) -> Result<()> {
+        self.save_checkpoint(path)
+    }
 }
 
 /// Marching cubes of the field's density over its box (`resolution` samples along the longest

@@ -55,6 +55,17 @@ pub struct PosedImage {
     pub mask: Option<Tensor>,
 }
 
+/// Checks a trainer's views: at least one, each image and mask of its camera's size.
+pub(crate) fn validate_training_views(views: &[PosedImage]) -> Result<()> {
+    if views.is_empty() {
+        return Err(Error::invalid("fit views", "no training views"));
+    }
+    for (i, v) in views.iter().enumerate() {
+        v.validate(i)?;
+    }
+    Ok(())
+}
+
 impl PosedImage {
     fn validate(&self, i: usize) -> Result<()> {
         let (w, h) = (self.camera.intrinsics.width, self.camera.intrinsics.height);
@@ -110,13 +121,19 @@ impl Default for LearningRates {
 impl LearningRates {
     /// The means' rate before step `step` (0-based) of `total`: log-linear interpolation.
     pub fn means_at(&self, step: u64, total: u64) -> f64 {
-        let t = if total <= 1 {
-            0.0
-        } else {
-            (step as f64 / (total - 1) as f64).clamp(0.0, 1.0)
-        };
-        (self.means_init.ln() * (1.0 - t) + self.means_final.ln() * t).exp()
+        log_linear(self.means_init, self.means_final, step, total)
     }
+}
+
+/// The rate before 0-based step `step` of `total` decaying log-linearly from `init` (first step)
+/// to `last` (last step). Shared by the splat and field fitters.
+pub(crate) fn log_linear(init: f64, last: f64, step: u64, total: u64) -> f64 {
+    let t = if total <= 1 {
+        0.0
+    } else {
+        (step as f64 / (total - 1) as f64).clamp(0.0, 1.0)
+    };
+    (init.ln() * (1.0 - t) + last.ln() * t).exp()
 }
 
 /// Where the initial Gaussians are drawn.
@@ -383,8 +400,8 @@ pub struct Trainer {
     extent: f64,
 }
 
-pub(crate) const CKPT_STEP: &str = "meta.step";
-pub(crate) const CKPT_SEED: &str = "meta.seed";
+const CKPT_STEP: &str = "meta.step";
+const CKPT_SEED: &str = "meta.seed";
 
 fn adam_configs(lr: &LearningRates, means_lr: f64) -> [AdamWConfig; 5] {
     let c = |lr: f64| AdamWConfig {
@@ -413,12 +430,9 @@ impl Trainer {
     /// A trainer at step 0 starting from `splats` (f32).
     pub fn with_splats(cfg: FitConfig, views: Vec<PosedImage>, splats: &Splats) -> Result<Self> {
         cfg.validate()?;
-        if views.is_empty() {
-            return Err(Error::invalid("fit views", "no training views"));
-        }
+        validate_training_views(&views)?;
         let mut ssims = HashMap::new();
-        for (i, v) in views.iter().enumerate() {
-            v.validate(i)?;
+        for v in &views {
             let k = v.camera.intrinsics;
             if let std::collections::hash_map::Entry::Vacant(e) = ssims.entry((k.height, k.width)) {
                 e.insert(Ssim::new(k.height, k.width, DType::F32, &Device::Cpu)?);
@@ -571,10 +585,7 @@ impl Trainer {
     /// Writes splats, optimizer state, density statistics, step and seed to one safetensors
     /// file, atomically.
     pub fn save_checkpoint(&self, path: impl AsRef<Path>) -> Result<()> {
-        let mut map = HashMap::new();
-        for (k, t) in optimizer_state_map(&self.opt)? {
-            map.insert(format!("optim.{k}"), t);
-        }
+        let mut map = checkpoint_map(&self.opt, self.step, self.cfg.seed)?;
         let s = self.splats();
         for (k, t) in [
             ("means", s.means),
@@ -596,8 +607,6 @@ impl Trainer {
             "stats.max_radius".into(),
             Tensor::new(self.stats.max_radius.as_slice(), &dev)?,
         );
-        map.insert(CKPT_STEP.into(), Tensor::new(self.step as i64, &dev)?);
-        map.insert(CKPT_SEED.into(), Tensor::new(self.cfg.seed as i64, &dev)?);
         gen_optim::save_safetensors_atomic(&map, path.as_ref())
     }
 
@@ -667,6 +676,26 @@ pub struct EvalReport {
     pub iou: Option<f64>,
     pub per_view_psnr: Vec<f64>,
     pub per_view_iou: Vec<Option<f64>>,
+}
+
+/// The checkpoint's name in a fit's output folder.
+pub(crate) const CHECKPOINT_FILE: &str = "checkpoint.safetensors";
+
+/// The entries every fitting checkpoint holds: the optimizer state (`optim.*`), the step and
+/// the seed (read back by [`CheckpointFile`]).
+pub(crate) fn checkpoint_map(
+    opt: &Optim<AdamW>,
+    step: u64,
+    seed: u64,
+) -> Result<HashMap<String, Tensor>> {
+    let mut map = HashMap::new();
+    for (k, t) in optimizer_state_map(opt)? {
+        map.insert(format!("optim.{k}"), t);
+    }
+    let dev = Device::Cpu;
+    map.insert(CKPT_STEP.into(), Tensor::new(step as i64, &dev)?);
+    map.insert(CKPT_SEED.into(), Tensor::new(seed as i64, &dev)?);
+    Ok(map)
 }
 
 /// A fitting checkpoint read back: its tensors, checked against the run's seed, and its step.
@@ -855,7 +884,7 @@ impl FitOutputs {
     }
 
     pub fn checkpoint_path(&self) -> PathBuf {
-        self.dir.join("checkpoint.safetensors")
+        self.dir.join(CHECKPOINT_FILE)
     }
 }
 
@@ -914,48 +943,19 @@ pub fn fit(
     on_event: &mut dyn FnMut(&FitEvent),
 ) -> Result<Trainer> {
     cfg.validate()?;
-    std::fs::create_dir_all(&out.dir).map_err(|e| Error::io(&out.dir, e))?;
-    let ckpt = out.checkpoint_path();
-    let resumed = out.resume && ckpt.is_file();
-    let mut trainer = if resumed {
-        Trainer::resume(cfg.clone(), views, &ckpt)?
-    } else {
-        Trainer::new(cfg.clone(), views)?
-    };
-    let text = serde_json::to_string_pretty(&cfg.to_json())
-        .map_err(|e| Error::msg(format!("config JSON: {e}")))?;
-    write_atomic(out.dir.join("config.json"), text.as_bytes())?;
-    on_event(&FitEvent::Started {
-        step: trainer.step_count(),
-        steps: cfg.steps,
-        gaussians: trainer.splats().len(),
-        resumed,
-    });
-    while !trainer.is_done() {
-        let info = trainer.step()?;
-        let step = info.step;
-        on_event(&FitEvent::Step(info));
-        if cfg.preview_every > 0 && step % cfg.preview_every == 0 {
-            let path = out.dir.join("previews").join(format!("step_{step:06}.png"));
-            let v = &trainer.views[0];
-            let r = trainer.render(&v.camera)?;
-            let pair = Tensor::cat(&[&v.rgb, &r.rgb.to_dtype(DType::F32)?], 1)?;
-            write_png(&to_rgb8(&pair)?, &path)?;
-            on_event(&FitEvent::Preview { step, path });
-        }
-        if cfg.checkpoint_every > 0 && step % cfg.checkpoint_every == 0 {
-            trainer.save_checkpoint(&ckpt)?;
-            on_event(&FitEvent::Checkpoint {
-                step,
-                path: ckpt.clone(),
-            });
-        }
-    }
-    trainer.save_checkpoint(&ckpt)?;
-    on_event(&FitEvent::Checkpoint {
-        step: trainer.step_count(),
-        path: ckpt.clone(),
-    });
+    let trainer = run_fit::<Trainer>(&cfg, views, &out.dir, out.resume, &mut |e| {
+        on_event(&match e {
+            RunEvent::Started { trainer, resumed } => FitEvent::Started {
+                step: trainer.step,
+                steps: cfg.steps,
+                gaussians: trainer.splats().len(),
+                resumed,
+            },
+            RunEvent::Step(info) => FitEvent::Step(info),
+            RunEvent::Preview { step, path } => FitEvent::Preview { step, path },
+            RunEvent::Checkpoint { step, path } => FitEvent::Checkpoint { step, path },
+        })
+    })?;
     let splats = trainer.splats();
     for path in export(&splats, out, cfg.background)? {
         on_event(&FitEvent::Exported { path });
@@ -963,8 +963,131 @@ pub fn fit(
     on_event(&FitEvent::Finished {
         step: trainer.step_count(),
         gaussians: splats.len(),
-        optimizer_state_bytes: trainer.opt.state_bytes().iter().sum::<usize>()
-            + trainer.opt.shared_state_bytes(),
+        optimizer_state_bytes: optimizer_state_bytes(&trainer.opt),
+    });
+    Ok(trainer)
+}
+
+/// Bytes of optimizer state (gen-optim's accounting, all parameter groups).
+pub(crate) fn optimizer_state_bytes(opt: &Optim<AdamW>) -> usize {
+    opt.state_bytes().iter().sum::<usize>() + opt.shared_state_bytes()
+}
+
+/// What [`run_fit`] needs of a trainer (the splat [`Trainer`] and the [`field::FieldTrainer`]).
+pub(crate) trait FitLoop: Sized {
+    type Config;
+    /// What one step reports.
+    type Step;
+    /// A new trainer (`ckpt` `None`) or one resumed from the checkpoint `ckpt`.
+    fn open(cfg: &Self::Config, views: Vec<PosedImage>, ckpt: Option<&Path>) -> Result<Self>;
+    fn schedule(cfg: &Self::Config) -> Schedule;
+    /// Steps completed.
+    fn steps_done(&self) -> u64;
+    /// One optimisation step, and the step count after it.
+    fn train_step(&mut self) -> Result<(u64, Self::Step)>;
+    /// The first training view and the `(H, W, 3)` f32 render of its camera.
+    fn preview(&self) -> Result<(&PosedImage, Tensor)>;
+    fn write_checkpoint(&self, path: &Path) -> Result<()>;
+}
+
+impl FitLoop for Trainer {
+    type Config = FitConfig;
+    type Step = StepInfo;
+    fn open(cfg: &FitConfig, views: Vec<PosedImage>, ckpt: Option<&Path>) -> Result<Self> {
+        match ckpt {
+            Some(p) => Self::resume(cfg.clone(), views, p),
+            None => Self::new(cfg.clone(), views),
+        }
+    }
+    fn schedule(cfg: &FitConfig) -> Schedule {
+        Schedule {
+            config: cfg.to_json(),
+            steps: cfg.steps,
+            preview_every: cfg.preview_every,
+            checkpoint_every: cfg.checkpoint_every,
+        }
+    }
+    fn steps_done(&self) -> u64 {
+        self.step
+    }
+    fn train_step(&mut self) -> Result<(u64, StepInfo)> {
+        let info = self.step()?;
+        Ok((info.step, info))
+    }
+    fn preview(&self) -> Result<(&PosedImage, Tensor)> {
+        let v = &self.views[0];
+        Ok((v, self.render(&v.camera)?.rgb.to_dtype(DType::F32)?))
+    }
+    fn write_checkpoint(&self, path: &Path) -> Result<()> {
+        self.save_checkpoint(path)
+    }
+}
+
+/// What a fit writes besides its checkpoints (see [`FitLoop::schedule`]).
+pub(crate) struct Schedule {
+    /// Written to `config.json`.
+    pub(crate) config: serde_json::Value,
+    /// Steps of the whole fit.
+    pub(crate) steps: u64,
+    /// Preview every this many steps (0: never).
+    pub(crate) preview_every: u64,
+    /// Checkpoint every this many steps (0: only at the end).
+    pub(crate) checkpoint_every: u64,
+}
+
+/// Progress of [`run_fit`] (the callers map it onto their public event types).
+pub(crate) enum RunEvent<'a, T: FitLoop> {
+    Started { trainer: &'a T, resumed: bool },
+    Step(T::Step),
+    Preview { step: u64, path: PathBuf },
+    Checkpoint { step: u64, path: PathBuf },
+}
+
+/// The output-folder run shared by [`fit`] and [`field::fit_field`]: creates `dir`, opens the
+/// trainer (resumed from `dir/checkpoint.safetensors` when `resume` and it exists), writes
+/// `config.json`, steps to the end with previews (`previews/step_NNNNNN.png`: first view,
+/// target | render) and checkpoints on the config's schedule, and writes the final checkpoint.
+pub(crate) fn run_fit<T: FitLoop>(
+    cfg: &T::Config,
+    views: Vec<PosedImage>,
+    dir: &Path,
+    resume: bool,
+    on_event: &mut dyn FnMut(RunEvent<'_, T>),
+) -> Result<T> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let ckpt = &dir.join(CHECKPOINT_FILE);
+    let resumed = resume && ckpt.is_file();
+    let mut trainer = T::open(cfg, views, resumed.then_some(ckpt.as_path()))?;
+    let run = T::schedule(cfg);
+    let text = serde_json::to_string_pretty(&run.config)
+        .map_err(|e| Error::msg(format!("config JSON: {e}")))?;
+    write_atomic(dir.join("config.json"), text.as_bytes())?;
+    on_event(RunEvent::Started {
+        trainer: &trainer,
+        resumed,
+    });
+    while trainer.steps_done() < run.steps {
+        let (step, info) = trainer.train_step()?;
+        on_event(RunEvent::Step(info));
+        if run.preview_every > 0 && step % run.preview_every == 0 {
+            let path = dir.join("previews").join(format!("step_{step:06}.png"));
+            let (v, rgb) = trainer.preview()?;
+            let pair = Tensor::cat(&[&v.rgb.to_dtype(DType::F32)?, &rgb], 1)?;
+            write_png(&to_rgb8(&pair)?, &path)?;
+            on_event(RunEvent::Preview { step, path });
+        }
+        if run.checkpoint_every > 0 && step % run.checkpoint_every == 0 {
+            trainer.write_checkpoint(ckpt)?;
+            on_event(RunEvent::Checkpoint {
+                step,
+                path: ckpt.to_path_buf(),
+            });
+        }
+    }
+    trainer.write_checkpoint(ckpt)?;
+    on_event(RunEvent::Checkpoint {
+        step: trainer.steps_done(),
+        path: ckpt.to_path_buf(),
     });
     Ok(trainer)
 }
