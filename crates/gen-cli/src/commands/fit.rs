@@ -15,7 +15,7 @@ use gen_scene::fit::field::{
     FieldOutputs, PhotometricLoss,
 };
 use gen_scene::fit::{
-    evaluate, fit, ExportSet, FitConfig, FitEvent, FitOutputs, InitConfig, InitRegion,
+    evaluate, fit, EvalReport, ExportSet, FitConfig, FitEvent, FitOutputs, InitConfig, InitRegion,
     LearningRates, PosedImage,
 };
 use gen_scene::Intrinsics;
@@ -359,106 +359,186 @@ pub fn run(args: FitArgs) -> anyhow::Result<()> {
         args.steps,
         args.seed
     );
-    let bar = ProgressBar::new(args.steps);
-    bar.set_style(
-        ProgressStyle::with_template("{bar:40} {pos}/{len} steps ({elapsed}, eta {eta}) {msg}")
-            .expect("valid template"),
-    );
-    let (t0, c0) = (Instant::now(), cpu_seconds());
-    let mut psnr_avg = None::<f64>;
+    let mut progress = Progress::start(args.steps);
     let trainer = fit(cfg.clone(), views.train, &out, &mut |e| match e {
-        FitEvent::Started { step, .. } => bar.set_position(*step),
+        FitEvent::Started { step, .. } => progress.bar.set_position(*step),
         FitEvent::Step(s) => {
-            let p = psnr_avg.map_or(s.psnr, |a| 0.95 * a + 0.05 * s.psnr);
-            psnr_avg = Some(p);
-            bar.set_position(s.step);
-            bar.set_message(format!(
+            let p = progress.step(s.step, s.psnr);
+            progress.bar.set_message(format!(
                 "loss {:.4} PSNR {:.2} dB, {} Gaussians",
                 s.loss, p, s.gaussians
             ));
         }
-        FitEvent::Exported { path } => bar.println(format!("wrote {}", path.display())),
+        FitEvent::Exported { path } => progress.exported(path),
         FitEvent::Finished { optimizer_state_bytes, .. } => {
-            bar.println(format!("optimizer state {:.2} MB", *optimizer_state_bytes as f64 / 1e6))
+            progress.optimizer(*optimizer_state_bytes)
         }
         _ => {}
     })
     .with_context(|| format!("fitting into {}", args.out.display()))?;
-    bar.finish_and_clear();
-    let wall = t0.elapsed().as_secs_f64();
-    let cpu = match (c0, cpu_seconds()) {
-        (Some(a), Some(b)) => Some(b - a),
-        _ => None,
-    };
+    let times = progress.finish();
     let splats = trainer.splats();
-    let report = if views.heldout.is_empty() {
-        None
-    } else {
-        Some(evaluate(&splats, &views.heldout, views.background)?)
+    let summary = Summary::new(trainer.step_count(), times, &views.heldout, |h| {
+        evaluate(&splats, h, views.background)
+    })?;
+    let render_cfg = gen_scene::RenderConfig {
+        background: views.background,
     };
-    // Held-out targets above renders.
-    if !views.heldout.is_empty() {
-        let mut rows = Vec::new();
-        for v in &views.heldout {
-            let r = gen_scene::splat::render(
-                &splats,
-                &v.camera,
-                &gen_scene::RenderConfig {
-                    background: views.background,
-                },
-            )?;
-            rows.push(Tensor::cat(&[&v.rgb, &r.rgb], 0)?);
-        }
-        let sheet = Tensor::cat(&rows, 1)?;
-        let img = gen_scene::fit::to_rgb8(&sheet)?;
-        gen_core::write_atomic(
-            args.out.join("heldout.png"),
-            &gen_scene::turntable::png_bytes(&img)?,
-        )?;
-    }
-    let metrics = format!(
-        "{{\n  \"steps\": {},\n  \"gaussians\": {},\n  \"heldout_views\": {},\n  \"heldout_psnr_db\": {},\n  \"heldout_iou\": {},\n  \"per_view_psnr_db\": [{}],\n  \"per_view_iou\": [{}],\n  \"wall_seconds\": {:.3},\n  \"cpu_seconds\": {}\n}}\n",
-        trainer.step_count(),
-        splats.len(),
-        views.heldout.len(),
-        report.as_ref().map_or("null".into(), |r| format!("{:.4}", r.psnr)),
-        report
-            .as_ref()
-            .and_then(|r| r.iou)
-            .map_or("null".into(), |v| format!("{v:.5}")),
-        report.as_ref().map_or(String::new(), |r| r
-            .per_view_psnr
-            .iter()
-            .map(|v| format!("{v:.3}"))
-            .collect::<Vec<_>>()
-            .join(", ")),
-        report.as_ref().map_or(String::new(), |r| r
-            .per_view_iou
-            .iter()
-            .map(|v| v.map_or("null".into(), |x| format!("{x:.4}")))
-            .collect::<Vec<_>>()
-            .join(", ")),
-        wall,
-        cpu.map_or("null".into(), |c| format!("{c:.2}")),
-    );
-    gen_core::write_atomic(args.out.join("metrics.json"), metrics.as_bytes())?;
-    println!(
-        "done: {} steps, {} Gaussians, {:.1} s wall{}",
-        trainer.step_count(),
-        splats.len(),
-        wall,
-        cpu.map_or(String::new(), |c| format!(", {c:.1} s CPU"))
-    );
-    if let Some(r) = &report {
-        println!(
-            "held-out ({} views): PSNR {:.2} dB, silhouette IoU {}",
-            views.heldout.len(),
-            r.psnr,
-            r.iou.map_or("n/a (no masks)".into(), |v| format!("{v:.4}"))
-        );
-    }
-    println!("outputs in {}", args.out.display());
+    write_heldout_sheet(&args.out, &views.heldout, &|v| {
+        Ok(gen_scene::splat::render(&splats, &v.camera, &render_cfg)?.rgb)
+    })?;
+    let head = [
+        ("steps", trainer.step_count().to_string()),
+        ("gaussians", splats.len().to_string()),
+    ];
+    summary.write_metrics(&args.out, &head, &[])?;
+    summary.print(&args.out, &format!(", {} Gaussians", splats.len()));
     Ok(())
+}
+
+/// The progress bar, the clocks and the running PSNR of a fit.
+struct Progress {
+    bar: ProgressBar,
+    t0: Instant,
+    c0: Option<f64>,
+    psnr_avg: Option<f64>,
+}
+
+impl Progress {
+    fn start(steps: u64) -> Self {
+        let bar = ProgressBar::new(steps);
+        bar.set_style(
+            ProgressStyle::with_template("{bar:40} {pos}/{len} steps ({elapsed}, eta {eta}) {msg}")
+                .expect("valid template"),
+        );
+        Self {
+            bar,
+            t0: Instant::now(),
+            c0: cpu_seconds(),
+            psnr_avg: None,
+        }
+    }
+
+    /// Moves the bar to `step`; returns the running average of the steps' PSNR.
+    fn step(&mut self, step: u64, psnr: f64) -> f64 {
+        let p = self.psnr_avg.map_or(psnr, |a| 0.95 * a + 0.05 * psnr);
+        self.psnr_avg = Some(p);
+        self.bar.set_position(step);
+        p
+    }
+
+    fn exported(&self, path: &std::path::Path) {
+        self.bar.println(format!("wrote {}", path.display()))
+    }
+
+    fn optimizer(&self, state_bytes: usize) {
+        self.bar.println(format!("optimizer state {:.2} MB", state_bytes as f64 / 1e6))
+    }
+
+    /// Clears the bar; returns the wall and CPU seconds since [`Progress::start`].
+    fn finish(self) -> (f64, Option<f64>) {
+        self.bar.finish_and_clear();
+        let wall = self.t0.elapsed().as_secs_f64();
+        let cpu = match (self.c0, cpu_seconds()) {
+            (Some(a), Some(b)) => Some(b - a),
+            _ => None,
+        };
+        (wall, cpu)
+    }
+}
+
+/// What a finished fit reports: OUT/metrics.json and the closing lines.
+struct Summary {
+    steps: u64,
+    wall: f64,
+    cpu: Option<f64>,
+    heldout_views: usize,
+    report: Option<EvalReport>,
+}
+
+impl Summary {
+    /// `times`: wall and CPU seconds of the fit; `evaluate` scores the held-out views (not
+    /// called when there are none).
+    fn new(
+        steps: u64,
+        (wall, cpu): (f64, Option<f64>),
+        heldout: &[PosedImage],
+        evaluate: impl FnOnce(&[PosedImage]) -> gen_core::Result<EvalReport>,
+    ) -> anyhow::Result<Self> {
+        let report = if heldout.is_empty() {
+            None
+        } else {
+            Some(evaluate(heldout)?)
+        };
+        Ok(Self {
+            steps,
+            wall,
+            cpu,
+            heldout_views: heldout.len(),
+            report,
+        })
+    }
+
+    /// OUT/metrics.json: the `head` entries, the held-out metrics, the `tail` entries, the times.
+    fn write_metrics(
+        &self,
+        out: &std::path::Path,
+        head: &[(&str, String)],
+        tail: &[(&str, String)],
+    ) -> anyhow::Result<()> {
+        let r = self.report.as_ref();
+        let list = |v: Vec<String>| format!("[{}]", v.join(", "));
+        let mut entries = head.to_vec();
+        entries.extend([
+            ("heldout_views", self.heldout_views.to_string()),
+            ("heldout_psnr_db", r.map_or("null".into(), |r| format!("{:.4}", r.psnr))),
+            (
+                "heldout_iou",
+                r.and_then(|r| r.iou).map_or("null".into(), |v| format!("{v:.5}")),
+            ),
+            (
+                "per_view_psnr_db",
+                list(r.map_or(vec![], |r| {
+                    r.per_view_psnr.iter().map(|v| format!("{v:.3}")).collect()
+                })),
+            ),
+            (
+                "per_view_iou",
+                list(r.map_or(vec![], |r| {
+                    r.per_view_iou
+                        .iter()
+                        .map(|v| v.map_or("null".into(), |x| format!("{x:.4}")))
+                        .collect()
+                })),
+            ),
+        ]);
+        entries.extend_from_slice(tail);
+        entries.push(("wall_seconds", format!("{:.3}", self.wall)));
+        entries.push(("cpu_seconds", self.cpu.map_or("null".into(), |c| format!("{c:.2}"))));
+        let lines: Vec<String> = entries.iter().map(|(k, v)| format!("  \"{k}\": {v}")).collect();
+        let text = format!("{{\n{}\n}}\n", lines.join(",\n"));
+        gen_core::write_atomic(out.join("metrics.json"), text.as_bytes())?;
+        Ok(())
+    }
+
+    /// `done: N steps{extra}, wall and CPU time`, the held-out metrics and the output folder.
+    fn print(&self, out: &std::path::Path, extra: &str) {
+        println!(
+            "done: {} steps{extra}, {:.1} s wall{}",
+            self.steps,
+            self.wall,
+            self.cpu.map_or(String::new(), |c| format!(", {c:.1} s CPU"))
+        );
+        if let Some(r) = &self.report {
+            println!(
+                "held-out ({} views): PSNR {:.2} dB, silhouette IoU {}",
+                self.heldout_views,
+                r.psnr,
+                r.iou.map_or("n/a (no masks)".into(), |v| format!("{v:.4}"))
+            );
+        }
+        println!("outputs in {}", out.display());
+    }
 }
 
 /// Held-out targets above renders, written to OUT/heldout.png.
@@ -521,91 +601,39 @@ fn run_field(args: &FitArgs, views: Views, exports: FieldExportSet) -> anyhow::R
         args.samples_per_ray,
         args.seed
     );
-    let bar = ProgressBar::new(args.steps);
-    bar.set_style(
-        ProgressStyle::with_template("{bar:40} {pos}/{len} steps ({elapsed}, eta {eta}) {msg}")
-            .expect("valid template"),
-    );
-    let (t0, c0) = (Instant::now(), cpu_seconds());
-    let mut psnr_avg = None::<f64>;
+    let mut progress = Progress::start(args.steps);
     let trainer = fit_field(cfg.clone(), views.train, &out, &mut |e| match e {
-        FieldFitEvent::Started { step, .. } => bar.set_position(*step),
+        FieldFitEvent::Started { step, .. } => progress.bar.set_position(*step),
         FieldFitEvent::Step(s) => {
-            let p = psnr_avg.map_or(s.psnr, |a| 0.95 * a + 0.05 * s.psnr);
-            psnr_avg = Some(p);
-            bar.set_position(s.step);
-            bar.set_message(format!(
+            let p = progress.step(s.step, s.psnr);
+            progress.bar.set_message(format!(
                 "loss {:.5} PSNR {:.2} dB, {:.0}% of samples evaluated",
                 s.loss,
                 p,
                 100.0 * s.samples_evaluated as f64 / s.samples_total.max(1) as f64
             ));
         }
-        FieldFitEvent::Exported { path } => bar.println(format!("wrote {}", path.display())),
+        FieldFitEvent::Exported { path } => progress.exported(path),
         FieldFitEvent::Finished { optimizer_state_bytes, .. } => {
-            bar.println(format!("optimizer state {:.2} MB", *optimizer_state_bytes as f64 / 1e6))
+            progress.optimizer(*optimizer_state_bytes)
         }
         _ => {}
     })
     .with_context(|| format!("fitting into {}", args.out.display()))?;
-    bar.finish_and_clear();
-    let wall = t0.elapsed().as_secs_f64();
-    let cpu = match (c0, cpu_seconds()) {
-        (Some(a), Some(b)) => Some(b - a),
-        _ => None,
-    };
+    let times = progress.finish();
     let vcfg = cfg.volume_config();
-    let report = if views.heldout.is_empty() {
-        None
-    } else {
-        Some(evaluate_field(
-            trainer.field(),
-            &views.heldout,
-            &vcfg,
-            Some(trainer.occupancy()),
-        )?)
-    };
+    let summary = Summary::new(trainer.step_count(), times, &views.heldout, |h| {
+        evaluate_field(trainer.field(), h, &vcfg, Some(trainer.occupancy()))
+    })?;
     write_heldout_sheet(&args.out, &views.heldout, &|v| {
         Ok(trainer.render(&v.camera)?.0)
     })?;
-    let list = |v: Vec<String>| v.join(", ");
-    let metrics = format!(
-        "{{\n  \"representation\": \"field\",\n  \"steps\": {},\n  \"heldout_views\": {},\n  \"heldout_psnr_db\": {},\n  \"heldout_iou\": {},\n  \"per_view_psnr_db\": [{}],\n  \"per_view_iou\": [{}],\n  \"occupied_fraction\": {:.4},\n  \"wall_seconds\": {:.3},\n  \"cpu_seconds\": {}\n}}\n",
-        trainer.step_count(),
-        views.heldout.len(),
-        report.as_ref().map_or("null".into(), |r| format!("{:.4}", r.psnr)),
-        report
-            .as_ref()
-            .and_then(|r| r.iou)
-            .map_or("null".into(), |v| format!("{v:.5}")),
-        report.as_ref().map_or(String::new(), |r| list(
-            r.per_view_psnr.iter().map(|v| format!("{v:.3}")).collect()
-        )),
-        report.as_ref().map_or(String::new(), |r| list(
-            r.per_view_iou
-                .iter()
-                .map(|v| v.map_or("null".into(), |x| format!("{x:.4}")))
-                .collect()
-        )),
-        trainer.occupancy().occupied_fraction(),
-        wall,
-        cpu.map_or("null".into(), |c| format!("{c:.2}")),
-    );
-    gen_core::write_atomic(args.out.join("metrics.json"), metrics.as_bytes())?;
-    println!(
-        "done: {} steps, {:.1} s wall{}",
-        trainer.step_count(),
-        wall,
-        cpu.map_or(String::new(), |c| format!(", {c:.1} s CPU"))
-    );
-    if let Some(r) = &report {
-        println!(
-            "held-out ({} views): PSNR {:.2} dB, silhouette IoU {}",
-            views.heldout.len(),
-            r.psnr,
-            r.iou.map_or("n/a (no masks)".into(), |v| format!("{v:.4}"))
-        );
-    }
-    println!("outputs in {}", args.out.display());
+    let head = [
+        ("representation", "\"field\"".to_string()),
+        ("steps", trainer.step_count().to_string()),
+    ];
+    let occupied = format!("{:.4}", trainer.occupancy().occupied_fraction());
+    summary.write_metrics(&args.out, &head, &[("occupied_fraction", occupied)])?;
+    summary.print(&args.out, "");
     Ok(())
 }
