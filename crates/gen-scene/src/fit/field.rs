@@ -38,7 +38,7 @@ use image::RgbImage;
 use serde_json::json;
 
 use super::{
-    checkpoint_map, log_linear, optimizer_state_bytes, psnr, run_fit, to_rgb8,
+    checkpoint_map, log_linear, optimizer_state_bytes, parse_export_list, psnr, run_fit, to_rgb8,
     validate_training_views, CheckpointFile, EvalReport, FitLoop, PosedImage, RunEvent,
     Schedule, CHECKPOINT_FILE,
 };
@@ -603,18 +603,14 @@ impl FieldExportSet {
     /// Parses a comma list of `mesh`, `turntable` (or `all`, `none`); the splat-only formats
     /// `ply` and `glb` are errors.
     pub fn parse(list: &str) -> Result<Self> {
-        let mut s = Self::default();
-        for w in list.split(',').map(str::trim).filter(|w| !w.is_empty()) {
+        let all = Self {
+            mesh: true,
+            turntable: true,
+        };
+        parse_export_list(list, all, |s, w| {
             match w {
                 "mesh" => s.mesh = true,
                 "turntable" => s.turntable = true,
-                "all" => {
-                    s = Self {
-                        mesh: true,
-                        turntable: true,
-                    }
-                }
-                "none" => s = Self::default(),
                 "ply" | "glb" => {
                     return Err(Error::invalid(
                         "export",
@@ -631,8 +627,8 @@ impl FieldExportSet {
                     ))
                 }
             }
-        }
-        Ok(s)
+            Ok(())
+        })
     }
 }
 

@@ -828,22 +828,18 @@ pub struct ExportSet {
 impl ExportSet {
     /// Parses a comma list of `ply`, `glb`, `mesh`, `turntable` (or `all`, `none`).
     pub fn parse(list: &str) -> Result<Self> {
-        let mut s = Self::default();
-        for w in list.split(',').map(str::trim).filter(|w| !w.is_empty()) {
+        let all = Self {
+            ply: true,
+            glb: true,
+            mesh: true,
+            turntable: true,
+        };
+        parse_export_list(list, all, |s, w| {
             match w {
                 "ply" => s.ply = true,
                 "glb" => s.glb = true,
                 "mesh" => s.mesh = true,
                 "turntable" => s.turntable = true,
-                "all" => {
-                    s = Self {
-                        ply: true,
-                        glb: true,
-                        mesh: true,
-                        turntable: true,
-                    }
-                }
-                "none" => s = Self::default(),
                 _ => {
                     return Err(Error::invalid(
                         "export",
@@ -851,9 +847,27 @@ impl ExportSet {
                     ))
                 }
             }
-        }
-        Ok(s)
+            Ok(())
+        })
     }
+}
+
+/// Parses a comma list of export names into a set: `all` selects `all`, `none` clears the set,
+/// any other name goes to `select` (which errors on a name it does not know).
+pub(crate) fn parse_export_list<S: Default + Copy>(
+    list: &str,
+    all: S,
+    mut select: impl FnMut(&mut S, &str) -> Result<()>,
+) -> Result<S> {
+    let mut s = S::default();
+    for w in list.split(',').map(str::trim).filter(|w| !w.is_empty()) {
+        match w {
+            "all" => s = all,
+            "none" => s = S::default(),
+            _ => select(&mut s, w)?,
+        }
+    }
+    Ok(s)
 }
 
 /// Output options of [`fit`].
