@@ -347,11 +347,11 @@ fn running_stage_may_change_its_step_count() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The shipped model's final training config (weights/tiny-shapes/training/config-e.json, the
+/// The shipped model's final training config (weights/tiny-shapes/training/config-h.json, the
 /// run folder's config.json) is the real preset: `gen train --preset real` trains what ships.
 #[test]
 fn shipped_training_config_is_the_real_preset() -> anyhow::Result<()> {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../weights/tiny-shapes/training/config-e.json");
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../weights/tiny-shapes/training/config-h.json");
     assert_eq!(PretrainConfig::load(&p)?, PretrainConfig::real());
     Ok(())
 }

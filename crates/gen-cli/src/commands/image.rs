@@ -27,11 +27,13 @@ Guidance: scale w with D = u + w (c - u); w = 1 is no guidance. --apg switches C
 projected guidance (Sadat et al. 2024) with the preset's eta / norm threshold / momentum unless
 given.
 
-The embedded model (weights/tiny-shapes) was trained on full captions, \"a|an [light|dark] HUE
-SHAPE on a|an BACKGROUND background, VIEW view\"; leaving out the background or view clause
-often gives the wrong shape (its model card, \"Known problems\").
+The embedded model (weights/tiny-shapes) knows the words of its world's captions, \"a|an
+[light|dark] HUE SHAPE on a|an BACKGROUND background, VIEW view\"; the background and view
+clauses may be left out (it then picks them). Full captions follow the prompt most closely
+(its model card has the accuracy of each form).
 
 Examples:
+  gen image \"a red cube, front view\"
   gen image \"a red cube on a grey background, front view\" --steps 20 --seed 7 --out cube.png
   gen image \"a red cube on a white background, side view\" --apg --guidance-scale 10 --eta 0.3 --num-images 4 --out runs/apg
   gen image \"a green sphere on a blue background, back view\" --scheduler euler-a --guidance-rescale 0.7 --guidance-interval 0.2,0.8
