@@ -11,9 +11,9 @@
 //! # Checkpoint layout (in the stage folder)
 //! `ckpt-<step>/model.safetensors`, `ckpt-<step>/optimizer.safetensors`, `ckpt-<step>/state.json`,
 //! with a moving average of the weights `ckpt-<step>/ema.safetensors` when the stage keeps one
-//! (`StageConfig::ema_decay`), and `latest.json` naming the newest complete checkpoint. `latest.json` is replaced atomically
-//! only after the checkpoint's files are written, and older checkpoints are deleted only after
-//! that, so a kill at any moment leaves a loadable checkpoint.
+//! (`StageConfig::ema_decay`), and `latest.json` naming the newest complete checkpoint.
+//! `latest.json` is replaced atomically only after the checkpoint's files are written, and older
+//! checkpoints are deleted only after that, so a kill at any moment leaves a loadable checkpoint.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
