@@ -41,15 +41,18 @@ use gen_bench::{randomize, sd15_unet_config, time_it, tiny_unet_config};
 use gen_core::SeededRng;
 use gen_models::unet::{UNet2DConditionModel, UNetConfig};
 use gen_optim::{
-    make_projector, AdamW, AdamWConfig, DctCache, Frugal, FrugalConfig, GaLore, GaLoreConfig, NamedVar, Optim, Optimizer,
-    ParamGroup, ProjectionKind, Side, SignSgd, SignSgdConfig,
+    make_projector, AdamW, AdamWConfig, DctCache, Frugal, FrugalConfig, GaLore, GaLoreConfig,
+    NamedVar, Optim, Optimizer, ParamGroup, ProjectionKind, Side, SignSgd, SignSgdConfig,
 };
 
 // ---------------------------------------------------------------------------------------------
 // 1. Projection time
 
 fn bench_projection(reps: usize) -> Result<()> {
-    println!("## SVD vs DCT-selection projector time (f32, {} rayon threads)\n", rayon::current_num_threads());
+    println!(
+        "## SVD vs DCT-selection projector time (f32, {} rayon threads)\n",
+        rayon::current_num_threads()
+    );
     // (m, n, what): SD 1.5 weights (out, in).
     let shapes: [(usize, usize, &str); 6] = [
         (320, 320, "attn q/k/v/out, block 0"),
@@ -87,7 +90,9 @@ fn bench_projection(reps: usize) -> Result<()> {
             );
         }
     }
-    println!("\n(numpy anchor, f32, 2 cores: 320² 13.9 vs 0.76 ms = 18×; 1280² 499 vs 49 ms = 10×)\n");
+    println!(
+        "\n(numpy anchor, f32, 2 cores: 320² 13.9 vs 0.76 ms = 18×; 1280² 499 vs 49 ms = 10×)\n"
+    );
     Ok(())
 }
 
@@ -99,11 +104,23 @@ fn bench_projection(reps: usize) -> Result<()> {
 struct ShapeRecorder(Arc<Mutex<Vec<(String, Vec<usize>)>>>);
 
 impl SimpleBackend for ShapeRecorder {
-    fn get(&self, s: Shape, name: &str, _h: candle_nn::Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        _h: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
         self.0.lock().expect("recorder lock").push((name.to_string(), s.dims().to_vec()));
         Tensor::zeros((), dtype, dev)?.broadcast_as(s)
     }
-    fn get_unchecked(&self, name: &str, _dtype: DType, _dev: &Device) -> candle_core::Result<Tensor> {
+    fn get_unchecked(
+        &self,
+        name: &str,
+        _dtype: DType,
+        _dev: &Device,
+    ) -> candle_core::Result<Tensor> {
         Err(candle_core::Error::Msg(format!("shape recorder: `{name}` requested without a shape")))
     }
     fn contains_tensor(&self, _name: &str) -> bool {
@@ -113,7 +130,8 @@ impl SimpleBackend for ShapeRecorder {
 
 fn unet_shapes(cfg: &UNetConfig) -> Result<Vec<(String, Vec<usize>)>> {
     let rec = Arc::new(Mutex::new(Vec::new()));
-    let vb = VarBuilder::from_backend(Box::new(ShapeRecorder(rec.clone())), DType::F32, Device::Cpu);
+    let vb =
+        VarBuilder::from_backend(Box::new(ShapeRecorder(rec.clone())), DType::F32, Device::Cpu);
     UNet2DConditionModel::new(vb, cfg).context("building the SD 1.5 UNet on the shape recorder")?;
     let mut v = rec.lock().expect("recorder lock").clone();
     v.sort();
@@ -126,17 +144,35 @@ fn unet_shapes(cfg: &UNetConfig) -> Result<Vec<(String, Vec<usize>)>> {
 fn one_param_state(kind: &str, dims: &[usize]) -> Result<(usize, usize)> {
     let var = Var::zeros(dims, DType::F32, &Device::Cpu)?;
     let n = dims.iter().product::<usize>();
-    let pattern = Tensor::arange(0u32, n as u32, &Device::Cpu)?.to_dtype(DType::F32)?.affine(1e-3, 0.0)?.sin()?.reshape(dims)?;
+    let pattern = Tensor::arange(0u32, n as u32, &Device::Cpu)?
+        .to_dtype(DType::F32)?
+        .affine(1e-3, 0.0)?
+        .sin()?
+        .reshape(dims)?;
     let grads = (var.as_tensor() * &pattern)?.sum_all()?.backward()?;
     let params = vec![NamedVar::new("w", var.clone())];
     let galore = |k| GaLoreConfig { rank: 128, kind: k, ..Default::default() };
     let frugal = |k| FrugalConfig { density: 0.25, kind: k, ..Default::default() };
     let mut opt: Box<dyn Optimizer> = match kind {
-        "adamw" => Box::new(Optim::new(AdamW, vec![ParamGroup::new(params, AdamWConfig::default())])?),
-        "galore-dense" => Box::new(Optim::new(GaLore::default(), vec![ParamGroup::new(params, galore(ProjectionKind::RandomOrthogonal))])?),
-        "galore-dct" => Box::new(Optim::new(GaLore::default(), vec![ParamGroup::new(params, galore(ProjectionKind::Dct))])?),
-        "frugal-dense" => Box::new(Optim::new(Frugal::default(), vec![ParamGroup::new(params, frugal(ProjectionKind::RandomOrthogonal))])?),
-        "frugal-dct" => Box::new(Optim::new(Frugal::default(), vec![ParamGroup::new(params, frugal(ProjectionKind::Dct))])?),
+        "adamw" => {
+            Box::new(Optim::new(AdamW, vec![ParamGroup::new(params, AdamWConfig::default())])?)
+        }
+        "galore-dense" => Box::new(Optim::new(
+            GaLore::default(),
+            vec![ParamGroup::new(params, galore(ProjectionKind::RandomOrthogonal))],
+        )?),
+        "galore-dct" => Box::new(Optim::new(
+            GaLore::default(),
+            vec![ParamGroup::new(params, galore(ProjectionKind::Dct))],
+        )?),
+        "frugal-dense" => Box::new(Optim::new(
+            Frugal::default(),
+            vec![ParamGroup::new(params, frugal(ProjectionKind::RandomOrthogonal))],
+        )?),
+        "frugal-dct" => Box::new(Optim::new(
+            Frugal::default(),
+            vec![ParamGroup::new(params, frugal(ProjectionKind::Dct))],
+        )?),
         other => anyhow::bail!("unknown optimizer {other}"),
     };
     opt.step(&grads)?;
@@ -146,7 +182,10 @@ fn one_param_state(kind: &str, dims: &[usize]) -> Result<(usize, usize)> {
 fn bench_state() -> Result<()> {
     let shapes = unet_shapes(&sd15_unet_config()?)?;
     let total: usize = shapes.iter().map(|(_, d)| d.iter().product::<usize>()).sum();
-    println!("## Optimizer state on SD 1.5 UNet shapes ({} tensors, {total} parameters)\n", shapes.len());
+    println!(
+        "## Optimizer state on SD 1.5 UNet shapes ({} tensors, {total} parameters)\n",
+        shapes.len()
+    );
     let kinds = [
         ("adamw", "AdamW"),
         ("galore-dense", "GaLore r=128, dense basis (SVD-equivalent bytes)"),
@@ -161,7 +200,8 @@ fn bench_state() -> Result<()> {
         // Shared DCT bases, one per projected size d.
         let mut shared: BTreeMap<usize, usize> = BTreeMap::new();
         for (name, dims) in &shapes {
-            let (p, s) = one_param_state(key, dims).with_context(|| format!("{key}: `{name}` {dims:?}"))?;
+            let (p, s) =
+                one_param_state(key, dims).with_context(|| format!("{key}: `{name}` {dims:?}"))?;
             per_param += p;
             if s > 0 && dims.len() >= 2 {
                 let (m, n) = (dims[0], dims[1..].iter().product::<usize>());
@@ -179,9 +219,16 @@ fn bench_state() -> Result<()> {
     println!("|---|---|---|---|---|---|");
     for (label, p, s) in &rows {
         let t = p + s;
-        println!("| {label} | {p} | {s} | {t} | {:.3} | {:.3} |", t as f64 / (1u64 << 30) as f64, t as f64 / adamw);
+        println!(
+            "| {label} | {p} | {s} | {t} | {:.3} | {:.3} |",
+            t as f64 / (1u64 << 30) as f64,
+            t as f64 / adamw
+        );
     }
-    println!("\n(parameters themselves: {total} × 4 B = {:.3} GiB)\n", (total * 4) as f64 / (1u64 << 30) as f64);
+    println!(
+        "\n(parameters themselves: {total} × 4 B = {:.3} GiB)\n",
+        (total * 4) as f64 / (1u64 << 30) as f64
+    );
     Ok(())
 }
 
@@ -217,7 +264,12 @@ impl Task {
     }
 
     /// Denoising MSE on samples `idx` with noise and timesteps from `rng`.
-    fn loss(&self, unet: &UNet2DConditionModel, idx: &[u32], rng: &mut SeededRng) -> Result<Tensor> {
+    fn loss(
+        &self,
+        unet: &UNet2DConditionModel,
+        idx: &[u32],
+        rng: &mut SeededRng,
+    ) -> Result<Tensor> {
         let b = idx.len();
         let it = Tensor::new(idx, &Device::Cpu)?;
         let x0 = self.x0.index_select(&it, 0)?;
@@ -229,7 +281,8 @@ impl Task {
         let sa = Tensor::from_vec(sa, (b, 1, 1, 1), &Device::Cpu)?;
         let s1a = Tensor::from_vec(s1a, (b, 1, 1, 1), &Device::Cpu)?;
         let noisy = (x0.broadcast_mul(&sa)? + eps.broadcast_mul(&s1a)?)?;
-        let tt = Tensor::from_vec(ts.iter().map(|&t| t as f32).collect::<Vec<_>>(), b, &Device::Cpu)?;
+        let tt =
+            Tensor::from_vec(ts.iter().map(|&t| t as f32).collect::<Vec<_>>(), b, &Device::Cpu)?;
         let pred = unet.forward(&noisy, &tt, &cond)?;
         Ok((pred - eps)?.sqr()?.mean_all()?)
     }
@@ -242,15 +295,41 @@ impl Task {
 
 fn make_opt(kind: &str, params: Vec<NamedVar>) -> Result<Box<dyn Optimizer>> {
     let lr = 1e-3;
-    let galore = |k| GaLoreConfig { lr, rank: 16, update_gap: 50, scale: 1.0, kind: k, ..Default::default() };
-    let frugal = |k| FrugalConfig { lr, density: 0.25, update_gap: 50, kind: k, ..Default::default() };
+    let galore = |k| GaLoreConfig {
+        lr,
+        rank: 16,
+        update_gap: 50,
+        scale: 1.0,
+        kind: k,
+        ..Default::default()
+    };
+    let frugal =
+        |k| FrugalConfig { lr, density: 0.25, update_gap: 50, kind: k, ..Default::default() };
     Ok(match kind {
-        "AdamW" => Box::new(Optim::new(AdamW, vec![ParamGroup::new(params, AdamWConfig { lr, ..Default::default() })])?),
-        "GaLore (SVD)" => Box::new(Optim::new(GaLore::default(), vec![ParamGroup::new(params, galore(ProjectionKind::Svd))])?),
-        "GaLore (DCT)" => Box::new(Optim::new(GaLore::default(), vec![ParamGroup::new(params, galore(ProjectionKind::Dct))])?),
-        "FRUGAL (SVD)" => Box::new(Optim::new(Frugal::default(), vec![ParamGroup::new(params, frugal(ProjectionKind::Svd))])?),
-        "FRUGAL (DCT)" => Box::new(Optim::new(Frugal::default(), vec![ParamGroup::new(params, frugal(ProjectionKind::Dct))])?),
-        "signSGD" => Box::new(Optim::new(SignSgd, vec![ParamGroup::new(params, SignSgdConfig { lr, ..Default::default() })])?),
+        "AdamW" => Box::new(Optim::new(
+            AdamW,
+            vec![ParamGroup::new(params, AdamWConfig { lr, ..Default::default() })],
+        )?),
+        "GaLore (SVD)" => Box::new(Optim::new(
+            GaLore::default(),
+            vec![ParamGroup::new(params, galore(ProjectionKind::Svd))],
+        )?),
+        "GaLore (DCT)" => Box::new(Optim::new(
+            GaLore::default(),
+            vec![ParamGroup::new(params, galore(ProjectionKind::Dct))],
+        )?),
+        "FRUGAL (SVD)" => Box::new(Optim::new(
+            Frugal::default(),
+            vec![ParamGroup::new(params, frugal(ProjectionKind::Svd))],
+        )?),
+        "FRUGAL (DCT)" => Box::new(Optim::new(
+            Frugal::default(),
+            vec![ParamGroup::new(params, frugal(ProjectionKind::Dct))],
+        )?),
+        "signSGD" => Box::new(Optim::new(
+            SignSgd,
+            vec![ParamGroup::new(params, SignSgdConfig { lr, ..Default::default() })],
+        )?),
         other => anyhow::bail!("unknown optimizer {other}"),
     })
 }
@@ -258,7 +337,8 @@ fn make_opt(kind: &str, params: Vec<NamedVar>) -> Result<Box<dyn Optimizer>> {
 fn bench_train(steps: usize) -> Result<()> {
     let cfg = tiny_unet_config()?;
     let task = Task::new()?;
-    let kinds = ["AdamW", "GaLore (SVD)", "GaLore (DCT)", "FRUGAL (SVD)", "FRUGAL (DCT)", "signSGD"];
+    let kinds =
+        ["AdamW", "GaLore (SVD)", "GaLore (DCT)", "FRUGAL (SVD)", "FRUGAL (DCT)", "signSGD"];
     println!("## Tiny UNet denoising, {steps} steps, batch 4, lr 1e-3 (same init, data and noise for all)\n");
     let mut rows = Vec::new();
     for kind in kinds {
@@ -266,7 +346,13 @@ fn bench_train(steps: usize) -> Result<()> {
         let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
         let unet = UNet2DConditionModel::new(vb, &cfg)?;
         randomize(&varmap, 1)?;
-        let mut params: Vec<NamedVar> = varmap.data().lock().expect("varmap lock").iter().map(|(k, v)| NamedVar::new(k.clone(), v.clone())).collect();
+        let mut params: Vec<NamedVar> = varmap
+            .data()
+            .lock()
+            .expect("varmap lock")
+            .iter()
+            .map(|(k, v)| NamedVar::new(k.clone(), v.clone()))
+            .collect();
         params.sort_by(|a, b| a.name.cmp(&b.name));
         let n_params: usize = params.iter().map(|p| p.var.elem_count()).sum();
         let mut opt = make_opt(kind, params)?;
@@ -307,9 +393,12 @@ fn bench_train(steps: usize) -> Result<()> {
 
 fn main() -> Result<()> {
     gen_core::tune_allocator();
-    let parts = std::env::var("GEN_BENCH_OPTIM_PARTS").unwrap_or_else(|_| "proj,state,train".into());
-    let reps: usize = std::env::var("GEN_BENCH_REPS").ok().and_then(|s| s.parse().ok()).unwrap_or(3);
-    let steps: usize = std::env::var("GEN_BENCH_OPTIM_STEPS").ok().and_then(|s| s.parse().ok()).unwrap_or(100);
+    let parts =
+        std::env::var("GEN_BENCH_OPTIM_PARTS").unwrap_or_else(|_| "proj,state,train".into());
+    let reps: usize =
+        std::env::var("GEN_BENCH_REPS").ok().and_then(|s| s.parse().ok()).unwrap_or(3);
+    let steps: usize =
+        std::env::var("GEN_BENCH_OPTIM_STEPS").ok().and_then(|s| s.parse().ok()).unwrap_or(100);
     if let Ok(l) = std::fs::read_to_string("/proc/loadavg") {
         println!("load average at start: {}\n", l.trim());
     }
@@ -318,7 +407,9 @@ fn main() -> Result<()> {
             "proj" => bench_projection(reps)?,
             "state" => bench_state()?,
             "train" => bench_train(steps)?,
-            other => anyhow::bail!("GEN_BENCH_OPTIM_PARTS: unknown part `{other}` (proj, state, train)"),
+            other => {
+                anyhow::bail!("GEN_BENCH_OPTIM_PARTS: unknown part `{other}` (proj, state, train)")
+            }
         }
     }
     Ok(())

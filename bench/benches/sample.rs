@@ -34,10 +34,13 @@ fn main() -> Result<()> {
         _ => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../weights/tiny-shapes"),
     };
     let t0 = Instant::now();
-    let pipe = SdPipeline::load(&ModelSource::Local(model.clone()), &LoadOptions::default()).with_context(|| format!("loading {}", model.display()))?;
+    let pipe = SdPipeline::load(&ModelSource::Local(model.clone()), &LoadOptions::default())
+        .with_context(|| format!("loading {}", model.display()))?;
     let load_s = t0.elapsed().as_secs_f64();
     let world = gen_world::World::default();
-    let prompts = (0..8).map(|i| Ok(world.scene(gen_world::Split::Test, i)?.caption())).collect::<Result<Vec<String>>>()?;
+    let prompts = (0..8)
+        .map(|i| Ok(world.scene(gen_world::Split::Test, i)?.caption()))
+        .collect::<Result<Vec<String>>>()?;
     let size = SampleConfig::native_size(&pipe);
     println!(
         "gen image speed: {} ({size}x{size}), DPM++ 2M {steps} steps, CFG 7.5, f32, {} threads; model load {load_s:.2} s; {reps} timed run(s) per case after 1 warm-up",
@@ -47,9 +50,11 @@ fn main() -> Result<()> {
     println!();
     println!("| case | images per call | wall per call, median (s) | wall per image (s) | CPU per image (s) | <= 1 s/image |");
     println!("|---|---|---|---|---|---|");
-    let cases: [(&str, usize, bool); 3] = [("batch 1", 1, true), ("batch 8", 8, true), ("batch 8, whole batch", 8, false)];
+    let cases: [(&str, usize, bool); 3] =
+        [("batch 1", 1, true), ("batch 8", 8, true), ("batch 8, whole batch", 8, false)];
     for (name, n, invariant) in cases {
-        let mut cfg = SampleConfig::new(prompts[0].clone()).steps(steps).num_images(n).batch_size(n);
+        let mut cfg =
+            SampleConfig::new(prompts[0].clone()).steps(steps).num_images(n).batch_size(n);
         cfg.prompts = prompts[..n].to_vec();
         cfg.batch_invariant = invariant;
         let t = time_it(1, reps, || {

@@ -44,7 +44,10 @@ const CAM_Z: f64 = 4.0;
 
 fn env_list(name: &str, default: &[usize]) -> Result<Vec<usize>> {
     match std::env::var(name) {
-        Ok(s) => s.split(',').map(|x| x.trim().parse::<usize>().with_context(|| format!("{name}={s}"))).collect(),
+        Ok(s) => s
+            .split(',')
+            .map(|x| x.trim().parse::<usize>().with_context(|| format!("{name}={s}")))
+            .collect(),
         Err(_) => Ok(default.to_vec()),
     }
 }
@@ -104,7 +107,9 @@ struct Row {
 
 fn torch_row(doc: &Option<serde_json::Value>, n: usize, size: usize) -> Option<TorchRow> {
     let rows = doc.as_ref()?.get("results")?.as_array()?;
-    let r = rows.iter().find(|r| r["count"].as_u64() == Some(n as u64) && r["size"].as_u64() == Some(size as u64))?;
+    let r = rows.iter().find(|r| {
+        r["count"].as_u64() == Some(n as u64) && r["size"].as_u64() == Some(size as u64)
+    })?;
     let st = &r["stages"];
     let note = if let Some(s) = r["skipped"].as_str() {
         format!("skipped: {s}")
@@ -128,23 +133,31 @@ fn torch_row(doc: &Option<serde_json::Value>, n: usize, size: usize) -> Option<T
 
 fn main() -> Result<()> {
     gen_core::tune_allocator();
-    let dir = PathBuf::from(std::env::var("GEN_BENCH_SPLAT_DIR").unwrap_or_else(|_| {
-        concat!(env!("CARGO_MANIFEST_DIR"), "/../target/bench").to_string()
-    }));
-    let reps: usize = std::env::var("GEN_BENCH_REPS").ok().and_then(|s| s.parse().ok()).unwrap_or(5);
-    let limit: f64 = std::env::var("GEN_BENCH_SPLAT_LIMIT_S").ok().and_then(|s| s.parse().ok()).unwrap_or(30.0);
+    let dir =
+        PathBuf::from(std::env::var("GEN_BENCH_SPLAT_DIR").unwrap_or_else(|_| {
+            concat!(env!("CARGO_MANIFEST_DIR"), "/../target/bench").to_string()
+        }));
+    let reps: usize =
+        std::env::var("GEN_BENCH_REPS").ok().and_then(|s| s.parse().ok()).unwrap_or(5);
+    let limit: f64 =
+        std::env::var("GEN_BENCH_SPLAT_LIMIT_S").ok().and_then(|s| s.parse().ok()).unwrap_or(30.0);
     let counts = env_list("GEN_BENCH_SPLAT_COUNTS", &[1000, 10000, 100000])?;
     let sizes = env_list("GEN_BENCH_SPLAT_SIZES", &[64, 128, 256, 512])?;
     let scene_path = dir.join("splat_scenes.safetensors");
     let scenes = if scene_path.exists() {
-        Some(candle_core::safetensors::load(&scene_path, &Device::Cpu).with_context(|| format!("reading {}", scene_path.display()))?)
+        Some(
+            candle_core::safetensors::load(&scene_path, &Device::Cpu)
+                .with_context(|| format!("reading {}", scene_path.display()))?,
+        )
     } else {
         println!("{} not found: random scenes, no PyTorch ratios (run scripts/bench_splat_torch.py first)", scene_path.display());
         None
     };
     let json_path = dir.join("splat_torch.json");
     let torch: Option<serde_json::Value> = match std::fs::read_to_string(&json_path) {
-        Ok(s) if scenes.is_some() => Some(serde_json::from_str(&s).with_context(|| format!("parsing {}", json_path.display()))?),
+        Ok(s) if scenes.is_some() => Some(
+            serde_json::from_str(&s).with_context(|| format!("parsing {}", json_path.display()))?,
+        ),
         _ => None,
     };
     if let Some(doc) = &torch {
@@ -153,7 +166,9 @@ fn main() -> Result<()> {
     println!(
         "rayon threads: {}; {}",
         rayon::current_num_threads(),
-        std::fs::read_to_string("/proc/loadavg").map(|s| format!("load average {}", s.trim())).unwrap_or_default()
+        std::fs::read_to_string("/proc/loadavg")
+            .map(|s| format!("load average {}", s.trim()))
+            .unwrap_or_default()
     );
     let mut rows = Vec::new();
     let mut too_slow: Vec<(usize, usize)> = Vec::new(); // (size, count) over the limit
@@ -162,7 +177,9 @@ fn main() -> Result<()> {
             Some(map) => {
                 let get = |k: &str| -> Result<Tensor> {
                     let key = format!("n{n}/{k}");
-                    map.get(&key).cloned().with_context(|| format!("{}: no tensor `{key}`", scene_path.display()))
+                    map.get(&key)
+                        .cloned()
+                        .with_context(|| format!("{}: no tensor `{key}`", scene_path.display()))
                 };
                 Splats {
                     means: get("means")?,
@@ -186,12 +203,21 @@ fn main() -> Result<()> {
             let cam = camera(size)?;
             let cfg = RenderConfig::default();
             let vars = SplatVars::new(&splats)?;
-            let w = SeededRng::new((n + size) as u64).rand_uniform((size, size, 3), 0.0, 1.0, DType::F32, &Device::Cpu)?;
+            let w = SeededRng::new((n + size) as u64).rand_uniform(
+                (size, size, 3),
+                0.0,
+                1.0,
+                DType::F32,
+                &Device::Cpu,
+            )?;
             let mut alpha_mean = 0.0;
             let mut fwd_bwd = || -> Result<()> {
                 let out = render(&vars.splats(), &cam, &cfg)?;
                 let grads = (out.rgb * &w)?.sum_all()?.backward()?;
-                anyhow::ensure!(grads.get(vars.means.as_tensor()).is_some(), "no gradient for the means");
+                anyhow::ensure!(
+                    grads.get(vars.means.as_tensor()).is_some(),
+                    "no gradient for the means"
+                );
                 Ok(())
             };
             let c0 = cpu_time_s();
@@ -255,7 +281,13 @@ fn main() -> Result<()> {
     };
     for r in rows {
         let t = torch_row(&torch, r.n, r.size);
-        let t = t.unwrap_or(TorchRow { fwd: None, fwd_bwd: None, fwd_cpu: None, fwd_bwd_cpu: None, note: "not run".into() });
+        let t = t.unwrap_or(TorchRow {
+            fwd: None,
+            fwd_bwd: None,
+            fwd_cpu: None,
+            fwd_bwd_cpu: None,
+            note: "not run".into(),
+        });
         let wall = |v: Option<(f64, f64)>| v.map(|x| x.0);
         let cpu = |v: Option<(f64, f64)>| v.map(|x| x.1);
         println!(

@@ -38,7 +38,10 @@ use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use candle_transformers::models::stable_diffusion::unet_2d;
-use gen_bench::{candle_unet_config, detached_weights, num_params, prior_unet_config, randomize, sd15_unet_config, time_it, tiny_unet_config, Timing};
+use gen_bench::{
+    candle_unet_config, detached_weights, num_params, prior_unet_config, randomize,
+    sd15_unet_config, time_it, tiny_unet_config, Timing,
+};
 use gen_models::unet::{UNet2DConditionModel, UNetConfig};
 use gen_optim::{AdamW, AdamWConfig, NamedVar, Optim, Optimizer, ParamGroup};
 
@@ -86,7 +89,8 @@ fn run_case(case: &Case) -> Result<Row> {
     let varmap = VarMap::new();
     UNet2DConditionModel::new(VarBuilder::from_varmap(&varmap, DType::F32, &dev), cfg)?;
     randomize(&varmap, 1)?;
-    let mut row = Row { name: case.name.to_string(), params: num_params(&varmap), ..Default::default() };
+    let mut row =
+        Row { name: case.name.to_string(), params: num_params(&varmap), ..Default::default() };
 
     let mut rng = gen_core::SeededRng::new(2);
     let x = rng.randn((case.batch, cfg.in_channels, case.hw, case.hw), DType::F32, &dev)?;
@@ -97,9 +101,14 @@ fn run_case(case: &Case) -> Result<Row> {
 
     // Inference models read detached tensors that share storage with the VarMap.
     let ours_out = {
-        let ours = UNet2DConditionModel::new(VarBuilder::from_tensors(detached_weights(&varmap), DType::F32, &dev), cfg)?;
+        let ours = UNet2DConditionModel::new(
+            VarBuilder::from_tensors(detached_weights(&varmap), DType::F32, &dev),
+            cfg,
+        )?;
         eprintln!("== {}: gen-models forward", case.name);
-        row.ours_fwd = Some(time_it(case.warmup, case.reps, || ours.forward(&x, &ts, &ehs).map(|_| ()).map_err(Into::into))?);
+        row.ours_fwd = Some(time_it(case.warmup, case.reps, || {
+            ours.forward(&x, &ts, &ehs).map(|_| ()).map_err(Into::into)
+        })?);
         ours.forward(&x, &ts, &ehs)?
     };
     {
@@ -111,28 +120,39 @@ fn run_case(case: &Case) -> Result<Row> {
             candle_unet_config(cfg)?,
         )?;
         eprintln!("== {}: candle-transformers forward", case.name);
-        row.candle_fwd = Some(time_it(case.warmup, case.reps, || theirs.forward(&x, t as f64, &ehs).map(|_| ()).map_err(Into::into))?);
+        row.candle_fwd = Some(time_it(case.warmup, case.reps, || {
+            theirs.forward(&x, t as f64, &ehs).map(|_| ()).map_err(Into::into)
+        })?);
         row.agreement = rel_err(&ours_out, &theirs.forward(&x, t as f64, &ehs)?)?;
     }
 
     if case.backward {
-        let mut model = UNet2DConditionModel::new(VarBuilder::from_varmap(&varmap, DType::F32, &dev), cfg)?;
+        let mut model =
+            UNet2DConditionModel::new(VarBuilder::from_varmap(&varmap, DType::F32, &dev), cfg)?;
         // Training at SD resolution keeps the attention probabilities of every layer for the
         // backward pass unless queries are chunked (the fused op recomputes them per chunk).
         model.set_attention_chunk_size(case.train_attention_chunk);
-        let loss = || -> Result<Tensor> { Ok((model.forward(&x, &ts, &ehs)? - &target)?.sqr()?.mean_all()?) };
+        let loss = || -> Result<Tensor> {
+            Ok((model.forward(&x, &ts, &ehs)? - &target)?.sqr()?.mean_all()?)
+        };
         eprintln!("== {}: gen-models forward + backward", case.name);
-        row.ours_fwd_bwd = Some(time_it(case.warmup, case.reps, || loss()?.backward().map(|_| ()).map_err(Into::into))?);
+        row.ours_fwd_bwd = Some(time_it(case.warmup, case.reps, || {
+            loss()?.backward().map(|_| ()).map_err(Into::into)
+        })?);
         let params: Vec<NamedVar> = {
             let data = varmap.data().lock().expect("varmap lock");
-            let mut v: Vec<NamedVar> = data.iter().map(|(k, var)| NamedVar::new(k.clone(), var.clone())).collect();
+            let mut v: Vec<NamedVar> =
+                data.iter().map(|(k, var)| NamedVar::new(k.clone(), var.clone())).collect();
             v.sort_by(|a, b| a.name.cmp(&b.name));
             v
         };
         if !case.adamw {
             return Ok(row);
         }
-        let mut opt = Optim::new(AdamW, vec![ParamGroup::new(params, AdamWConfig { lr: 1e-4, ..Default::default() })])?;
+        let mut opt = Optim::new(
+            AdamW,
+            vec![ParamGroup::new(params, AdamWConfig { lr: 1e-4, ..Default::default() })],
+        )?;
         eprintln!("== {}: gen-models forward + backward + AdamW", case.name);
         row.ours_step = Some(time_it(case.warmup, case.reps, || {
             let grads = loss()?.backward()?;
@@ -144,9 +164,9 @@ fn run_case(case: &Case) -> Result<Row> {
 }
 
 fn diffusers_results() -> Option<serde_json::Value> {
-    let path = std::env::var("GEN_BENCH_DIFFUSERS_JSON")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/bench/diffusers_unet.json"));
+    let path = std::env::var("GEN_BENCH_DIFFUSERS_JSON").map(PathBuf::from).unwrap_or_else(|_| {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/bench/diffusers_unet.json")
+    });
     let text = std::fs::read_to_string(&path).ok()?;
     eprintln!("diffusers results: {}", path.display());
     serde_json::from_str(&text).ok()
@@ -168,10 +188,32 @@ fn main() -> Result<()> {
     let reps = env_usize("GEN_BENCH_REPS", 5);
     let mut cases = Vec::new();
     if env_usize("GEN_BENCH_TINY", 1) != 0 {
-        cases.push(Case { name: "tiny", cfg: tiny_unet_config()?, batch: 32, hw: 16, tokens: 77, reps, warmup: 1, backward: true, adamw: true, train_attention_chunk: None });
+        cases.push(Case {
+            name: "tiny",
+            cfg: tiny_unet_config()?,
+            batch: 32,
+            hw: 16,
+            tokens: 77,
+            reps,
+            warmup: 1,
+            backward: true,
+            adamw: true,
+            train_attention_chunk: None,
+        });
     }
     if env_usize("GEN_BENCH_PRIOR", 1) != 0 {
-        cases.push(Case { name: "prior", cfg: prior_unet_config()?, batch: 32, hw: 16, tokens: 16, reps, warmup: 1, backward: true, adamw: true, train_attention_chunk: None });
+        cases.push(Case {
+            name: "prior",
+            cfg: prior_unet_config()?,
+            batch: 32,
+            hw: 16,
+            tokens: 16,
+            reps,
+            warmup: 1,
+            backward: true,
+            adamw: true,
+            train_attention_chunk: None,
+        });
     }
     if env_usize("GEN_BENCH_SD15", 1) != 0 {
         cases.push(Case {
@@ -196,7 +238,12 @@ fn main() -> Result<()> {
             "{}: {} params, batch {}, {}x{}x{} latents, {} tokens; gen-models vs candle-transformers output rel max diff {:.2e}",
             row.name, row.params, case.batch, case.cfg.in_channels, case.hw, case.hw, case.tokens, row.agreement
         );
-        for (what, t) in [("gen fwd", row.ours_fwd), ("candle fwd", row.candle_fwd), ("gen fwd+bwd", row.ours_fwd_bwd), ("gen fwd+bwd+AdamW", row.ours_step)] {
+        for (what, t) in [
+            ("gen fwd", row.ours_fwd),
+            ("candle fwd", row.candle_fwd),
+            ("gen fwd+bwd", row.ours_fwd_bwd),
+            ("gen fwd+bwd+AdamW", row.ours_step),
+        ] {
             if let Some(t) = t {
                 println!("  {what:<18} {t}");
             }
@@ -205,13 +252,19 @@ fn main() -> Result<()> {
     }
 
     let py = diffusers_results();
-    let py_ms = |name: &str, key: &str| py.as_ref().and_then(|p| p.get(name)).and_then(|c| c.get(key)).and_then(|v| v.as_f64());
+    let py_ms = |name: &str, key: &str| {
+        py.as_ref().and_then(|p| p.get(name)).and_then(|c| c.get(key)).and_then(|v| v.as_f64())
+    };
     println!();
     println!("median ms | gen fwd | candle fwd | gen/candle | diffusers fwd | gen/diffusers | gen fwd+bwd | diffusers fwd+bwd | gen/diffusers | gen +AdamW | diffusers +AdamW | gen/diffusers");
     println!("---|---|---|---|---|---|---|---|---|---|---|---");
     for r in &rows {
         let g = |t: Option<Timing>| t.map(|t| t.median_ms);
-        let (df, db, ds) = (py_ms(&r.name, "fwd_ms"), py_ms(&r.name, "fwd_bwd_ms"), py_ms(&r.name, "fwd_bwd_adamw_ms"));
+        let (df, db, ds) = (
+            py_ms(&r.name, "fwd_ms"),
+            py_ms(&r.name, "fwd_bwd_ms"),
+            py_ms(&r.name, "fwd_bwd_adamw_ms"),
+        );
         let f = |v: Option<f64>| v.map(|v| format!("{v:.1}")).unwrap_or_else(|| "-".into());
         println!(
             "{} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {}",
@@ -233,8 +286,11 @@ fn main() -> Result<()> {
     println!("process CPU time (all threads), median ms | gen fwd | candle fwd | diffusers fwd | gen fwd+bwd | diffusers fwd+bwd | gen +AdamW | diffusers +AdamW");
     println!("---|---|---|---|---|---|---|---");
     for r in &rows {
-        let c = |t: Option<Timing>| t.map(|t| format!("{:.0}", t.cpu_median_ms)).unwrap_or_else(|| "-".into());
-        let p = |k: &str| py_ms(&r.name, k).map(|v| format!("{v:.0}")).unwrap_or_else(|| "-".into());
+        let c = |t: Option<Timing>| {
+            t.map(|t| format!("{:.0}", t.cpu_median_ms)).unwrap_or_else(|| "-".into())
+        };
+        let p =
+            |k: &str| py_ms(&r.name, k).map(|v| format!("{v:.0}")).unwrap_or_else(|| "-".into());
         println!(
             "{} | {} | {} | {} | {} | {} | {} | {}",
             r.name,
@@ -248,7 +304,9 @@ fn main() -> Result<()> {
         );
     }
     if py.is_none() {
-        println!("(no diffusers results: run scripts/bench_diffusers_unet.py first for those columns)");
+        println!(
+            "(no diffusers results: run scripts/bench_diffusers_unet.py first for those columns)"
+        );
     }
     Ok(())
 }

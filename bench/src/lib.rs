@@ -29,7 +29,10 @@ pub fn tiny_unet_config() -> Result<UNetConfig> {
 /// The UNet of the embedded prior (`gen train`'s real preset, exactly as trained and shipped).
 pub fn prior_unet_config() -> Result<UNetConfig> {
     let cfg = gen_pretrain::PretrainConfig::real();
-    Ok(UNetConfig::from_json(&gen_pretrain::stages::unet_config_json(&cfg), "gen-pretrain real preset unet.config")?)
+    Ok(UNetConfig::from_json(
+        &gen_pretrain::stages::unet_config_json(&cfg),
+        "gen-pretrain real preset unet.config",
+    )?)
 }
 
 /// Stable Diffusion 1.5's UNet (runwayml/stable-diffusion-v1-5 `unet/config.json`, 860 M
@@ -53,7 +56,10 @@ pub fn candle_unet_config(cfg: &UNetConfig) -> Result<unet_2d::UNet2DConditionMo
     let heads = cfg.num_attention_heads.clone().unwrap_or_else(|| cfg.attention_head_dim.clone());
     let heads = heads.expand(n).context("attention heads per block")?;
     let layers = cfg.layers_per_block.expand(n).context("layers_per_block")?;
-    ensure!(layers.iter().all(|&l| l == layers[0]), "candle-transformers needs one layers_per_block");
+    ensure!(
+        layers.iter().all(|&l| l == layers[0]),
+        "candle-transformers needs one layers_per_block"
+    );
     let blocks = (0..n)
         .map(|i| unet_2d::BlockConfig {
             out_channels: cfg.block_out_channels[i],
@@ -126,7 +132,11 @@ pub struct Timing {
 
 impl std::fmt::Display for Timing {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{:.1} ms (min {:.1}, n={}; cpu {:.1} ms)", self.median_ms, self.min_ms, self.reps, self.cpu_median_ms)
+        write!(
+            f,
+            "{:.1} ms (min {:.1}, n={}; cpu {:.1} ms)",
+            self.median_ms, self.min_ms, self.reps, self.cpu_median_ms
+        )
     }
 }
 
@@ -201,7 +211,12 @@ mod tests {
             b = process_cpu_seconds().expect("/proc/self/stat");
         }
         std::hint::black_box(x);
-        assert!(b - a >= 0.05, "cpu time advanced by {} s in {:.1} s", b - a, t0.elapsed().as_secs_f64());
+        assert!(
+            b - a >= 0.05,
+            "cpu time advanced by {} s in {:.1} s",
+            b - a,
+            t0.elapsed().as_secs_f64()
+        );
     }
 
     #[test]

@@ -15,7 +15,11 @@ fn main() -> anyhow::Result<()> {
 
     let pipe = SdPipeline::load(&ModelSource::parse(&model)?, &LoadOptions::default())?;
     // Paper settings: eta 0, norm threshold 15, momentum -0.5, in x0 space.
-    let cfg = SampleConfig::new(prompt).apg(ApgConfig::paper(7.5)).sampler(Sampler::DpmPp2m).steps(25).seed(1);
+    let cfg = SampleConfig::new(prompt)
+        .apg(ApgConfig::paper(7.5))
+        .sampler(Sampler::DpmPp2m)
+        .steps(25)
+        .seed(1);
     let images = generate(&pipe, &cfg, &mut |_| {})?;
     let saved = save_outputs(out.as_ref(), &images, &cfg.resolve(&pipe)?)?;
     println!("wrote {}", saved.images[0].display());

@@ -38,7 +38,8 @@ fn lora_dir() -> PathBuf {
 }
 
 fn load(path: &Path) -> Result<HashMap<String, Tensor>> {
-    candle_core::safetensors::load(path, &Device::Cpu).with_context(|| format!("loading {}", path.display()))
+    candle_core::safetensors::load(path, &Device::Cpu)
+        .with_context(|| format!("loading {}", path.display()))
 }
 
 struct Models {
@@ -49,25 +50,38 @@ struct Models {
 fn models() -> Result<Models> {
     let vb = |sub: &str| -> Result<candle_nn::VarBuilder<'static>> {
         let dir = fixtures().join("tiny-sd").join(sub);
-        Ok(weights_vb(&find_weight_files(&dir, &WeightVariant { variant: None })?, DType::F32, &Device::Cpu)?)
+        Ok(weights_vb(
+            &find_weight_files(&dir, &WeightVariant { variant: None })?,
+            DType::F32,
+            &Device::Cpu,
+        )?)
     };
     let dir = fixtures().join("tiny-sd");
     let ucfg = UNetConfig::from_file(dir.join("unet/config.json"))?;
     let tcfg = ClipTextConfig::from_file(dir.join("text_encoder/config.json"))?;
-    Ok(Models { unet: UNet2DConditionModel::new(vb("unet")?, &ucfg)?, te: ClipTextTransformer::new(vb("text_encoder")?, &tcfg)? })
+    Ok(Models {
+        unet: UNet2DConditionModel::new(vb("unet")?, &ucfg)?,
+        te: ClipTextTransformer::new(vb("text_encoder")?, &tcfg)?,
+    })
 }
 
 /// `(unet_out, te_last_hidden_state)` on the parity inputs.
 fn outputs(m: &Models) -> Result<(Tensor, Tensor)> {
     let u = load(&fixtures().join("parity/unet.safetensors"))?;
     let t = load(&fixtures().join("parity/text_encoder.safetensors"))?;
-    let unet_out = m.unet.forward(&u["sample"], &u["timesteps_mixed"], &u["encoder_hidden_states"])?;
+    let unet_out =
+        m.unet.forward(&u["sample"], &u["timesteps_mixed"], &u["encoder_hidden_states"])?;
     let te = m.te.forward(&t["input_ids"], &TextForwardOptions::default())?.last_hidden_state;
     Ok((unet_out, te))
 }
 
 fn rel_err(ours: &Tensor, reference: &Tensor) -> Result<f64> {
-    ensure!(ours.dims() == reference.dims(), "shape {:?} != reference {:?}", ours.dims(), reference.dims());
+    ensure!(
+        ours.dims() == reference.dims(),
+        "shape {:?} != reference {:?}",
+        ours.dims(),
+        reference.dims()
+    );
     let a = ours.to_dtype(DType::F64)?;
     let b = reference.to_dtype(DType::F64)?;
     let diff = (a - &b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f64>()?;
@@ -82,7 +96,13 @@ const TE_TARGETS: [&str; 6] = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", 
 /// Our deterministic LoRA: rank 4, alpha 8, Kaiming A, B ~ 0.3·N(0, 1).
 fn our_lora(m: &Models) -> Result<(LoraSet, LoraSet)> {
     let mut rng = SeededRng::new(2024);
-    let cfg = |t: &[&str]| LoraConfig { rank: 4, alpha: 8.0, dropout: 0.0, init: LoraInit::Kaiming, target_modules: t.iter().map(|s| s.to_string()).collect() };
+    let cfg = |t: &[&str]| LoraConfig {
+        rank: 4,
+        alpha: 8.0,
+        dropout: 0.0,
+        init: LoraInit::Kaiming,
+        target_modules: t.iter().map(|s| s.to_string()).collect(),
+    };
     let u = attach_lora(&m.unet.linears(), "unet", &cfg(&UNET_TARGETS), &mut rng)?;
     let t = attach_lora(&m.te.linears(), "text_encoder", &cfg(&TE_TARGETS), &mut rng)?;
     for set in [&u, &t] {
@@ -97,8 +117,22 @@ fn our_lora(m: &Models) -> Result<(LoraSet, LoraSet)> {
 fn our_files() -> [(&'static str, LoraSaveOptions); 3] {
     [
         ("ours_kohya", LoraSaveOptions { format: LoraFormat::Kohya, ..Default::default() }),
-        ("ours_peft", LoraSaveOptions { format: LoraFormat::Peft, peft_alpha: PeftAlpha::Bake, ..Default::default() }),
-        ("ours_peft_meta", LoraSaveOptions { format: LoraFormat::Peft, peft_alpha: PeftAlpha::Metadata, ..Default::default() }),
+        (
+            "ours_peft",
+            LoraSaveOptions {
+                format: LoraFormat::Peft,
+                peft_alpha: PeftAlpha::Bake,
+                ..Default::default()
+            },
+        ),
+        (
+            "ours_peft_meta",
+            LoraSaveOptions {
+                format: LoraFormat::Peft,
+                peft_alpha: PeftAlpha::Metadata,
+                ..Default::default()
+            },
+        ),
     ]
 }
 
@@ -106,13 +140,18 @@ fn our_files() -> [(&'static str, LoraSaveOptions); 3] {
 fn writer_output_matches_committed_files() -> Result<()> {
     let m = models()?;
     let (u, t) = our_lora(&m)?;
-    assert_eq!(u.len(), 60, "tiny UNet: 6 transformer blocks × (2 attentions × 4 + 2 feed-forward)");
+    assert_eq!(
+        u.len(),
+        60,
+        "tiny UNet: 6 transformer blocks × (2 attentions × 4 + 2 feed-forward)"
+    );
     assert_eq!(t.len(), m.te.linears().len(), "every text-encoder linear is a target");
     let regenerate = std::env::var("GEN_WRITE_LORA_FIXTURES").is_ok();
     let tmp = std::env::temp_dir().join(format!("gen-lora-writer-{}", std::process::id()));
     for (name, opts) in our_files() {
         let committed = lora_dir().join(format!("{name}.safetensors"));
-        let path = if regenerate { committed.clone() } else { tmp.join(format!("{name}.safetensors")) };
+        let path =
+            if regenerate { committed.clone() } else { tmp.join(format!("{name}.safetensors")) };
         save_lora(&[&u, &t], &path, &opts)?;
         if regenerate {
             continue;
@@ -125,7 +164,11 @@ fn writer_output_matches_committed_files() -> Result<()> {
         ensure!(ka == kb, "{name}: keys differ from the committed file");
         for k in ka {
             ensure!(a[k].dims() == b[k].dims(), "{name}: {k} shape differs");
-            let d = (a[k].to_dtype(DType::F64)? - b[k].to_dtype(DType::F64)?)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f64>()?;
+            let d = (a[k].to_dtype(DType::F64)? - b[k].to_dtype(DType::F64)?)?
+                .abs()?
+                .flatten_all()?
+                .max(0)?
+                .to_scalar::<f64>()?;
             ensure!(d == 0.0, "{name}: {k} differs by {d}");
         }
     }
@@ -158,7 +201,10 @@ fn parity(file: &str, reference: &str, mode: ApplyMode) -> Result<()> {
         u.set.detach();
         t.set.detach();
         let (bu, bt) = outputs(&m)?;
-        ensure!(rel_err(&bu, &base_u)? == 0.0 && rel_err(&bt, &base_t)? == 0.0, "unmerge + detach must restore the base model exactly");
+        ensure!(
+            rel_err(&bu, &base_u)? == 0.0 && rel_err(&bt, &base_t)? == 0.0,
+            "unmerge + detach must restore the base model exactly"
+        );
     }
     Ok(())
 }
@@ -205,7 +251,11 @@ fn file_for_another_model_is_rejected_with_shapes() -> Result<()> {
     // an error names a key and both shapes, or the unknown modules — never a panic.
     let dir = fixtures().join("tiny-sd/unet-sd2");
     let cfg = UNetConfig::from_file(dir.join("config.json"))?;
-    let vb = weights_vb(&find_weight_files(&dir, &WeightVariant { variant: None })?, DType::F32, &Device::Cpu)?;
+    let vb = weights_vb(
+        &find_weight_files(&dir, &WeightVariant { variant: None })?,
+        DType::F32,
+        &Device::Cpu,
+    )?;
     let unet = UNet2DConditionModel::new(vb, &cfg)?;
     let lf = read_lora_file(lora_dir().join("peft_plain.safetensors"), &Device::Cpu)?;
     match apply_lora(&lf, "unet", &unet.linears(), &ApplyOptions::default()) {
@@ -225,11 +275,16 @@ fn cli_style_lora_on_a_loaded_pipeline() -> Result<()> {
     // of the file to the loaded pipeline, merged. Scale 1 is checked against diffusers; scale 0.5
     // (no diffusers reference recorded) merged against the adapter path at multiplier 0.5.
     use gen_models::pipeline::{LoadOptions, ModelSource, SdPipeline};
-    let pipe = SdPipeline::load(&ModelSource::Local(fixtures().join("tiny-sd")), &LoadOptions::default())?;
+    let pipe =
+        SdPipeline::load(&ModelSource::Local(fixtures().join("tiny-sd")), &LoadOptions::default())?;
     let arg = format!("{}:1", lora_dir().join("ours_kohya.safetensors").display());
     let (path, scale) = parse_lora_arg(&arg)?;
     let parts = [("unet", pipe.unet.linears()), ("text_encoder", pipe.text_encoder.linears())];
-    let applied = apply_lora_file_to_parts(&path, &parts, &ApplyOptions { scale, mode: ApplyMode::Merge, ..Default::default() })?;
+    let applied = apply_lora_file_to_parts(
+        &path,
+        &parts,
+        &ApplyOptions { scale, mode: ApplyMode::Merge, ..Default::default() },
+    )?;
     assert_eq!(applied.len(), 2);
     let m = Models { unet: pipe.unet.clone(), te: pipe.text_encoder.clone() };
     let refs = load(&lora_dir().join("ref_ours_kohya.safetensors"))?;
@@ -254,12 +309,20 @@ fn lora_on_an_f16_unet() -> Result<()> {
     // weights (computed in f32, then cast). Bound: f16 rounding.
     let dir = fixtures().join("tiny-sd/unet");
     let cfg = UNetConfig::from_file(dir.join("config.json"))?;
-    let vb = weights_vb(&find_weight_files(&dir, &WeightVariant { variant: None })?, DType::F16, &Device::Cpu)?;
+    let vb = weights_vb(
+        &find_weight_files(&dir, &WeightVariant { variant: None })?,
+        DType::F16,
+        &Device::Cpu,
+    )?;
     let unet = UNet2DConditionModel::new(vb, &cfg)?;
     let u = load(&fixtures().join("parity/unet.safetensors"))?;
     let refs = load(&lora_dir().join("ref_ours_kohya.safetensors"))?;
     let run = || -> Result<Tensor> {
-        Ok(unet.forward(&u["sample"].to_dtype(DType::F16)?, &u["timesteps_mixed"], &u["encoder_hidden_states"].to_dtype(DType::F16)?)?)
+        Ok(unet.forward(
+            &u["sample"].to_dtype(DType::F16)?,
+            &u["timesteps_mixed"],
+            &u["encoder_hidden_states"].to_dtype(DType::F16)?,
+        )?)
     };
     let lf = read_lora_file(lora_dir().join("ours_kohya.safetensors"), &Device::Cpu)?;
     let a = apply_lora(&lf, "unet", &unet.linears(), &ApplyOptions::default())?;

@@ -34,12 +34,19 @@ fn inputs() -> Result<(Tensor, Tensor, Tensor)> {
 }
 
 fn lora_cfg() -> LoraConfig {
-    LoraConfig { rank: 2, alpha: 3.0, dropout: 0.0, init: LoraInit::Gaussian, target_modules: vec!["attn1.to_q".into(), "attn2.to_k".into(), "ff.net.2".into()] }
+    LoraConfig {
+        rank: 2,
+        alpha: 3.0,
+        dropout: 0.0,
+        init: LoraInit::Gaussian,
+        target_modules: vec!["attn1.to_q".into(), "attn2.to_k".into(), "ff.net.2".into()],
+    }
 }
 
 #[test]
 fn unet_lora_gradients_match_finite_differences() -> Result<()> {
-    let unet = UNet2DConditionModel::new(weights_vb(&files()?, DType::F64, &Device::Cpu)?, &cfg()?)?;
+    let unet =
+        UNet2DConditionModel::new(weights_vb(&files()?, DType::F64, &Device::Cpu)?, &cfg()?)?;
     let set = attach_lora(&unet.linears(), "unet", &lora_cfg(), &mut SeededRng::new(1))?;
     let mut rng = SeededRng::new(2);
     for e in set.entries() {
@@ -58,14 +65,22 @@ fn unet_lora_gradients_match_finite_differences() -> Result<()> {
     let vars = set.vars();
     let picks: Vec<&gen_optim::NamedVar> = vars
         .iter()
-        .filter(|v| v.name.contains("down_blocks.0.attentions.0") || v.name.contains("mid_block") && v.name.contains("attn2.to_k") || v.name.contains("up_blocks.1.attentions.2"))
+        .filter(|v| {
+            v.name.contains("down_blocks.0.attentions.0")
+                || v.name.contains("mid_block") && v.name.contains("attn2.to_k")
+                || v.name.contains("up_blocks.1.attentions.2")
+        })
         .collect();
     ensure!(picks.len() == 2 * (3 + 1 + 3), "picked {}", picks.len());
     let h = 1e-5;
     let (mut worst, mut checked) = (0f64, 0);
     for nv in picks {
         let v: &Var = &nv.var;
-        let g = grads.get(v.as_tensor()).ok_or_else(|| anyhow::anyhow!("no gradient for {}", nv.name))?.flatten_all()?.to_vec1::<f64>()?;
+        let g = grads
+            .get(v.as_tensor())
+            .ok_or_else(|| anyhow::anyhow!("no gradient for {}", nv.name))?
+            .flatten_all()?
+            .to_vec1::<f64>()?;
         let base = v.as_tensor().flatten_all()?.to_vec1::<f64>()?;
         let gscale = g.iter().fold(0f64, |m, x| m.max(x.abs()));
         ensure!(gscale > 1e-4, "{}: gradient nearly zero ({gscale})", nv.name);
@@ -88,7 +103,9 @@ fn unet_lora_gradients_match_finite_differences() -> Result<()> {
             checked += 1;
         }
     }
-    println!("UNet LoRA FD: {checked} entries, max error relative to the gradient scale {worst:.2e}");
+    println!(
+        "UNet LoRA FD: {checked} entries, max error relative to the gradient scale {worst:.2e}"
+    );
     ensure!(worst < 1e-6, "FD mismatch {worst}");
     Ok(())
 }
@@ -106,18 +123,31 @@ fn adamw_on_unet_lora_reduces_loss_base_vars_untouched() -> Result<()> {
             }
         }
     }
-    let unet = UNet2DConditionModel::new(VarBuilder::from_varmap(&vm, DType::F64, &Device::Cpu), &cfg()?)?;
+    let unet =
+        UNet2DConditionModel::new(VarBuilder::from_varmap(&vm, DType::F64, &Device::Cpu), &cfg()?)?;
     let before: Vec<(String, Vec<f64>)> = {
         let data = vm.data().lock().unwrap();
-        let mut v: Vec<_> = data.iter().map(|(k, v)| (k.clone(), v.as_tensor().flatten_all().unwrap().to_vec1::<f64>().unwrap())).collect();
+        let mut v: Vec<_> = data
+            .iter()
+            .map(|(k, v)| {
+                (k.clone(), v.as_tensor().flatten_all().unwrap().to_vec1::<f64>().unwrap())
+            })
+            .collect();
         v.sort_by(|a, b| a.0.cmp(&b.0));
         v
     };
     let set = attach_lora(&unet.linears(), "unet", &LoraConfig::default(), &mut SeededRng::new(5))?;
     let (x, t, ctx) = inputs()?;
     let target = SeededRng::new(6).randn((1, 4, 8, 8), DType::F64, &Device::Cpu)?;
-    let loss = || -> Result<Tensor> { Ok((unet.forward(&x, &t, &ctx)? - &target)?.sqr()?.mean_all()?) };
-    let mut opt = Optim::new(AdamW, vec![ParamGroup::new(set.vars(), AdamWConfig { lr: 1e-2, weight_decay: 0.0, ..Default::default() })])?;
+    let loss =
+        || -> Result<Tensor> { Ok((unet.forward(&x, &t, &ctx)? - &target)?.sqr()?.mean_all()?) };
+    let mut opt = Optim::new(
+        AdamW,
+        vec![ParamGroup::new(
+            set.vars(),
+            AdamWConfig { lr: 1e-2, weight_decay: 0.0, ..Default::default() },
+        )],
+    )?;
     let l0 = loss()?.to_scalar::<f64>()?;
     let start = std::time::Instant::now();
     for _ in 0..8 {
@@ -129,7 +159,12 @@ fn adamw_on_unet_lora_reduces_loss_base_vars_untouched() -> Result<()> {
     ensure!(l1 < 0.95 * l0, "loss {l0} -> {l1}");
     let after: Vec<(String, Vec<f64>)> = {
         let data = vm.data().lock().unwrap();
-        let mut v: Vec<_> = data.iter().map(|(k, v)| (k.clone(), v.as_tensor().flatten_all().unwrap().to_vec1::<f64>().unwrap())).collect();
+        let mut v: Vec<_> = data
+            .iter()
+            .map(|(k, v)| {
+                (k.clone(), v.as_tensor().flatten_all().unwrap().to_vec1::<f64>().unwrap())
+            })
+            .collect();
         v.sort_by(|a, b| a.0.cmp(&b.0));
         v
     };

@@ -32,7 +32,12 @@ fn get<'a>(refs: &'a HashMap<String, Tensor>, key: &str) -> Result<&'a Tensor> {
 }
 
 fn rel_err(ours: &Tensor, reference: &Tensor) -> Result<f64> {
-    ensure!(ours.dims() == reference.dims(), "shape {:?} != reference {:?}", ours.dims(), reference.dims());
+    ensure!(
+        ours.dims() == reference.dims(),
+        "shape {:?} != reference {:?}",
+        ours.dims(),
+        reference.dims()
+    );
     let a = ours.to_dtype(DType::F64)?;
     let b = reference.to_dtype(DType::F64)?;
     let diff = (a - &b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f64>()?;
@@ -67,7 +72,12 @@ fn vb(varmap: &VarMap) -> VarBuilder<'static> {
 
 /// Compares the gradient norm of every parameter, and the full gradient of the parameters the
 /// fixture records. Variables the model never read must have no reference gradient either.
-fn check_param_grads(what: &str, varmap: &VarMap, grads: &GradStore, refs: &HashMap<String, Tensor>) -> Result<()> {
+fn check_param_grads(
+    what: &str,
+    varmap: &VarMap,
+    grads: &GradStore,
+    refs: &HashMap<String, Tensor>,
+) -> Result<()> {
     let data = varmap.data().lock().unwrap();
     let mut names: Vec<&String> = data.keys().collect();
     names.sort();
@@ -102,12 +112,22 @@ fn check_param_grads(what: &str, varmap: &VarMap, grads: &GradStore, refs: &Hash
             bad.push(format!("{name}: |grad| {got:.6e} vs torch {want:.6e} (err {err:.3e})"));
         }
     }
-    eprintln!("grad parity {what}: {} parameter gradient norms, worst rel err {worst:.3e}", names.len());
-    ensure!(bad.is_empty(), "{what}: {} parameter gradients differ from PyTorch:\n{}", bad.len(), bad.join("\n"));
+    eprintln!(
+        "grad parity {what}: {} parameter gradient norms, worst rel err {worst:.3e}",
+        names.len()
+    );
+    ensure!(
+        bad.is_empty(),
+        "{what}: {} parameter gradients differ from PyTorch:\n{}",
+        bad.len(),
+        bad.join("\n")
+    );
     for (key, want) in refs.iter().filter(|(k, _)| k.starts_with("grad.")) {
         let name = &key["grad.".len()..];
         let var = data.get(name).with_context(|| format!("{what}: no parameter {name}"))?;
-        let got = grads.get(var.as_tensor()).with_context(|| format!("{what}: no gradient for {name}"))?;
+        let got = grads
+            .get(var.as_tensor())
+            .with_context(|| format!("{what}: no gradient for {name}"))?;
         check(&format!("{what} d/d {name}"), got, want)?;
     }
     Ok(())
@@ -119,13 +139,18 @@ fn unet_gradients_match_pytorch() -> Result<()> {
     let dir = fixtures().join("tiny-sd/unet");
     let varmap = trainable_weights(&dir.join("diffusion_pytorch_model.safetensors"))?;
     let n_vars = varmap.all_vars().len();
-    let unet = UNet2DConditionModel::new(vb(&varmap), &UNetConfig::from_file(dir.join("config.json"))?)?;
+    let unet =
+        UNet2DConditionModel::new(vb(&varmap), &UNetConfig::from_file(dir.join("config.json"))?)?;
     ensure!(varmap.all_vars().len() == n_vars, "the UNet asked for weights the checkpoint lacks");
     let x = Var::from_tensor(get(&refs, "sample")?)?;
     let c = Var::from_tensor(get(&refs, "encoder_hidden_states")?)?;
     let out = unet.forward(x.as_tensor(), get(&refs, "timesteps")?, c.as_tensor())?;
     let grads = (out * get(&refs, "w")?)?.sum_all()?.backward()?;
-    check("unet d/d sample", grads.get(x.as_tensor()).context("no gradient for the sample")?, get(&refs, "d_sample")?)?;
+    check(
+        "unet d/d sample",
+        grads.get(x.as_tensor()).context("no gradient for the sample")?,
+        get(&refs, "d_sample")?,
+    )?;
     check(
         "unet d/d encoder_hidden_states",
         grads.get(c.as_tensor()).context("no gradient for the text conditioning")?,
@@ -145,11 +170,20 @@ fn vae_gradients_match_pytorch() -> Result<()> {
     let img = Var::from_tensor(get(&refs, "image")?)?;
     let z = Var::from_tensor(get(&refs, "latent")?)?;
     let post = vae.encode(img.as_tensor())?;
-    let loss = ((post.mean * get(&refs, "w_mean")?)?.sum_all()? + (post.logvar * get(&refs, "w_logvar")?)?.sum_all()?)?;
+    let loss = ((post.mean * get(&refs, "w_mean")?)?.sum_all()?
+        + (post.logvar * get(&refs, "w_logvar")?)?.sum_all()?)?;
     let loss = (loss + (vae.decode(z.as_tensor())? * get(&refs, "w_dec")?)?.sum_all()?)?;
     let grads = loss.backward()?;
-    check("vae d/d image", grads.get(img.as_tensor()).context("no gradient for the image")?, get(&refs, "d_image")?)?;
-    check("vae d/d latent", grads.get(z.as_tensor()).context("no gradient for the latent")?, get(&refs, "d_latent")?)?;
+    check(
+        "vae d/d image",
+        grads.get(img.as_tensor()).context("no gradient for the image")?,
+        get(&refs, "d_image")?,
+    )?;
+    check(
+        "vae d/d latent",
+        grads.get(z.as_tensor()).context("no gradient for the latent")?,
+        get(&refs, "d_latent")?,
+    )?;
     check_param_grads("vae", &varmap, &grads, &refs)
 }
 
@@ -159,9 +193,16 @@ fn text_encoder_gradients_match_pytorch() -> Result<()> {
     let dir = fixtures().join("tiny-sd/text_encoder");
     let varmap = trainable_weights(&dir.join("model.safetensors"))?;
     let n_vars = varmap.all_vars().len();
-    let te = ClipTextTransformer::new(vb(&varmap), &ClipTextConfig::from_file(dir.join("config.json"))?)?;
-    ensure!(varmap.all_vars().len() == n_vars, "the text encoder asked for weights the checkpoint lacks");
+    let te = ClipTextTransformer::new(
+        vb(&varmap),
+        &ClipTextConfig::from_file(dir.join("config.json"))?,
+    )?;
+    ensure!(
+        varmap.all_vars().len() == n_vars,
+        "the text encoder asked for weights the checkpoint lacks"
+    );
     let out = te.forward(get(&refs, "input_ids")?, &TextForwardOptions::default())?;
-    let loss = ((out.last_hidden_state * get(&refs, "w_last")?)?.sum_all()? + (out.pooled * get(&refs, "w_pooled")?)?.sum_all()?)?;
+    let loss = ((out.last_hidden_state * get(&refs, "w_last")?)?.sum_all()?
+        + (out.pooled * get(&refs, "w_pooled")?)?.sum_all()?)?;
     check_param_grads("text_encoder", &varmap, &loss.backward()?, &refs)
 }

@@ -36,7 +36,8 @@ fn tiny(sub: &str) -> PathBuf {
 
 fn reference(name: &str) -> Result<HashMap<String, Tensor>> {
     let path = fixtures().join("parity").join(name);
-    candle_core::safetensors::load(&path, &Device::Cpu).with_context(|| format!("loading {}", path.display()))
+    candle_core::safetensors::load(&path, &Device::Cpu)
+        .with_context(|| format!("loading {}", path.display()))
 }
 
 fn get<'a>(refs: &'a HashMap<String, Tensor>, key: &str) -> Result<&'a Tensor> {
@@ -45,7 +46,12 @@ fn get<'a>(refs: &'a HashMap<String, Tensor>, key: &str) -> Result<&'a Tensor> {
 
 /// `max|a - b| / max|b|`, after checking that the shapes agree.
 fn rel_err(ours: &Tensor, reference: &Tensor) -> Result<f64> {
-    ensure!(ours.dims() == reference.dims(), "shape {:?} != reference {:?}", ours.dims(), reference.dims());
+    ensure!(
+        ours.dims() == reference.dims(),
+        "shape {:?} != reference {:?}",
+        ours.dims(),
+        reference.dims()
+    );
     let a = ours.to_dtype(DType::F64)?;
     let b = reference.to_dtype(DType::F64)?;
     let diff = (a - &b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f64>()?;
@@ -114,7 +120,8 @@ fn tokenizer_vocab_merges_matches_transformers() -> Result<()> {
     let fx = tok_fixture()?;
     let dir = tiny("tokenizer");
     let specials = SpecialTokens::from_folder(&dir)?;
-    let tok = Tokenizer::from_vocab_merges(dir.join("vocab.json"), dir.join("merges.txt"), &specials)?;
+    let tok =
+        Tokenizer::from_vocab_merges(dir.join("vocab.json"), dir.join("merges.txt"), &specials)?;
     for case in &fx.cases {
         let got = tok.encode(&case.text, fx.max_length)?;
         assert_eq!(got.ids, case.input_ids, "prompt {:?}", case.text);
@@ -133,13 +140,21 @@ fn text_encoder_parity(sub: &str, fixture: &str) -> Result<()> {
     let ids = get(&refs, "input_ids")?;
     let opts = TextForwardOptions { clip_skip: 1, ..Default::default() };
     let out = model.forward(ids, &opts)?;
-    check(&format!("{sub} last_hidden_state"), &out.last_hidden_state, get(&refs, "last_hidden_state")?)?;
+    check(
+        &format!("{sub} last_hidden_state"),
+        &out.last_hidden_state,
+        get(&refs, "last_hidden_state")?,
+    )?;
     check(&format!("{sub} penultimate"), &out.penultimate, get(&refs, "penultimate")?)?;
     check(&format!("{sub} clip_skip=1"), &out.selected, get(&refs, "penultimate_normed")?)?;
     check(&format!("{sub} pooled"), &out.pooled, get(&refs, "pooled")?)?;
     // u32 ids (what the tokenizer produces) give the same result as i64.
     let out32 = model.forward(&ids.to_dtype(DType::U32)?, &TextForwardOptions::default())?;
-    check(&format!("{sub} last_hidden_state (u32 ids)"), &out32.last_hidden_state, get(&refs, "last_hidden_state")?)?;
+    check(
+        &format!("{sub} last_hidden_state (u32 ids)"),
+        &out32.last_hidden_state,
+        get(&refs, "last_hidden_state")?,
+    )?;
     Ok(())
 }
 
@@ -166,7 +181,11 @@ fn tokenizer_and_text_encoder_end_to_end() -> Result<()> {
     let cfg = ClipTextConfig::from_file(dir.join("config.json"))?;
     let model = ClipTextTransformer::new(vb_for(&dir, None)?, &cfg)?;
     let out = model.forward(&ids, &TextForwardOptions::default())?;
-    check("tokenizer+text_encoder last_hidden_state", &out.last_hidden_state, get(&refs, "last_hidden_state")?)?;
+    check(
+        "tokenizer+text_encoder last_hidden_state",
+        &out.last_hidden_state,
+        get(&refs, "last_hidden_state")?,
+    )?;
     Ok(())
 }
 
@@ -285,9 +304,17 @@ fn randomize(varmap: &candle_nn::VarMap, seed: u64) -> Result<()> {
 /// [`randomize`]), compared at one timestep for the whole batch.
 fn candle_unet_same_weights(cfg_json: serde_json::Value, what: &str) -> Result<()> {
     let cfg = UNetConfig::from_json(&cfg_json, what)?;
-    let vb = random_weights(what, 7, |vb| UNet2DConditionModel::new(vb, &cfg).map(|_| ()).map_err(Into::into))?;
+    let vb = random_weights(what, 7, |vb| {
+        UNet2DConditionModel::new(vb, &cfg).map(|_| ()).map_err(Into::into)
+    })?;
     let ours = UNet2DConditionModel::new(vb.clone(), &cfg)?;
-    let theirs = unet_2d::UNet2DConditionModel::new(vb, cfg.in_channels, cfg.out_channels, false, candle_unet_config(&cfg)?)?;
+    let theirs = unet_2d::UNet2DConditionModel::new(
+        vb,
+        cfg.in_channels,
+        cfg.out_channels,
+        false,
+        candle_unet_config(&cfg)?,
+    )?;
     let mut rng = gen_core::SeededRng::new(8);
     let x = rng.randn((2, 4, 16, 16), DType::F32, &Device::Cpu)?;
     let ehs = rng.randn((2, 7, cfg.cross_attention_dim), DType::F32, &Device::Cpu)?;
@@ -310,8 +337,10 @@ fn random_weights(
     let varmap = candle_nn::VarMap::new();
     build(candle_nn::VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu))?;
     randomize(&varmap, seed)?;
-    let tag: String = what.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '_' }).collect();
-    let path = std::env::temp_dir().join(format!("gen-parity-{}-{tag}.safetensors", std::process::id()));
+    let tag: String =
+        what.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '_' }).collect();
+    let path =
+        std::env::temp_dir().join(format!("gen-parity-{}-{tag}.safetensors", std::process::id()));
     varmap.save(&path)?;
     let vb = weights_vb(std::slice::from_ref(&path), DType::F32, &Device::Cpu);
     let _ = std::fs::remove_file(&path);
@@ -396,7 +425,9 @@ fn candle_vae_config(cfg: &VaeConfig) -> candle_vae::AutoEncoderKLConfig {
 /// attention (a single head) gives wrong results on CPU in 0.11.1 (relative error ~0.3 against
 /// diffusers on the tiny-sd VAE; batch 1 matches to ~1e-6).
 fn candle_decode_per_sample(vae: &candle_vae::AutoEncoderKL, z: &Tensor) -> Result<Tensor> {
-    let parts = (0..z.dim(0)?).map(|i| vae.decode(&z.narrow(0, i, 1)?)).collect::<candle_core::Result<Vec<_>>>()?;
+    let parts = (0..z.dim(0)?)
+        .map(|i| vae.decode(&z.narrow(0, i, 1)?))
+        .collect::<candle_core::Result<Vec<_>>>()?;
     Ok(Tensor::cat(&parts, 0)?)
 }
 
@@ -408,7 +439,12 @@ fn vae_decode_matches_candle_transformers() -> Result<()> {
     let refs = reference("vae.safetensors")?;
     let dir = tiny("vae");
     let cfg = VaeConfig::from_file(dir.join("config.json"))?;
-    let theirs = candle_vae::AutoEncoderKL::new(vb_for(&dir, None)?, cfg.in_channels, cfg.out_channels, candle_vae_config(&cfg))?;
+    let theirs = candle_vae::AutoEncoderKL::new(
+        vb_for(&dir, None)?,
+        cfg.in_channels,
+        cfg.out_channels,
+        candle_vae_config(&cfg),
+    )?;
     let z = get(&refs, "latent")?;
     let c = candle_decode_per_sample(&theirs, z)?;
     check("candle-transformers vae decode vs diffusers", &c, get(&refs, "decoded")?)?;
@@ -422,11 +458,22 @@ fn vae_decode_matches_candle_transformers() -> Result<()> {
         }),
         "vae test config",
     )?;
-    let vb = random_weights("vae32", 9, |vb| AutoencoderKL::new(vb, &cfg).map(|_| ()).map_err(Into::into))?;
+    let vb = random_weights("vae32", 9, |vb| {
+        AutoencoderKL::new(vb, &cfg).map(|_| ()).map_err(Into::into)
+    })?;
     let ours = AutoencoderKL::new(vb.clone(), &cfg)?;
-    let theirs = candle_vae::AutoEncoderKL::new(vb, cfg.in_channels, cfg.out_channels, candle_vae_config(&cfg))?;
+    let theirs = candle_vae::AutoEncoderKL::new(
+        vb,
+        cfg.in_channels,
+        cfg.out_channels,
+        candle_vae_config(&cfg),
+    )?;
     let z = gen_core::SeededRng::new(10).randn((2, 4, 8, 8), DType::F32, &Device::Cpu)?;
-    check("gen-models vs candle-transformers vae decode (32 groups, random)", &ours.decode(&z)?, &candle_decode_per_sample(&theirs, &z)?)?;
+    check(
+        "gen-models vs candle-transformers vae decode (32 groups, random)",
+        &ours.decode(&z)?,
+        &candle_decode_per_sample(&theirs, &z)?,
+    )?;
     Ok(())
 }
 
@@ -437,7 +484,14 @@ fn load_pipeline(variant: Option<&str>) -> Result<gen_models::pipeline::SdPipeli
     use gen_models::pipeline::{HubOptions, LoadOptions, ModelSource, SdPipeline};
     let source = ModelSource::parse(tiny("").to_str().context("fixture path is not UTF-8")?)?;
     ensure!(matches!(source, ModelSource::Local(_)), "the fixture folder parsed as {source:?}");
-    let opts = LoadOptions { hub: HubOptions { offline: true, variant: variant.map(str::to_string), ..Default::default() }, ..Default::default() };
+    let opts = LoadOptions {
+        hub: HubOptions {
+            offline: true,
+            variant: variant.map(str::to_string),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
     Ok(SdPipeline::load(&source, &opts)?)
 }
 
@@ -450,7 +504,10 @@ fn pipeline_load_matches_diffusers() -> Result<()> {
     let fx = tok_fixture()?;
     let prompts: Vec<&str> = fx.cases.iter().take(3).map(|c| c.text.as_str()).collect();
     let (cond, enc) = pipe.encode_prompts(&prompts, &TextForwardOptions::default())?;
-    ensure!(enc.iter().zip(&fx.cases).all(|(e, c)| e.ids == c.input_ids), "pipeline token ids differ from transformers'");
+    ensure!(
+        enc.iter().zip(&fx.cases).all(|(e, c)| e.ids == c.input_ids),
+        "pipeline token ids differ from transformers'"
+    );
     check("pipeline encode_prompts", &cond, get(&te, "last_hidden_state")?)?;
     let un = reference("unet.safetensors")?;
     let out = pipe.unet.forward(get(&un, "sample")?, get(&un, "timesteps_mixed")?, &cond)?;
@@ -464,12 +521,20 @@ fn pipeline_load_matches_diffusers() -> Result<()> {
 fn pipeline_load_fp16_variant() -> Result<()> {
     let pipe = load_pipeline(Some("fp16"))?;
     ensure!(
-        pipe.files.unet.weights.iter().all(|p| p.to_string_lossy().ends_with("diffusion_pytorch_model.fp16.safetensors")),
+        pipe.files
+            .unet
+            .weights
+            .iter()
+            .all(|p| p.to_string_lossy().ends_with("diffusion_pytorch_model.fp16.safetensors")),
         "unet weights: {:?}",
         pipe.files.unet.weights
     );
     let un = reference("unet_fp16.safetensors")?;
-    let out = pipe.unet.forward(get(&un, "sample")?, get(&un, "timesteps_mixed")?, get(&un, "encoder_hidden_states")?)?;
+    let out = pipe.unet.forward(
+        get(&un, "sample")?,
+        get(&un, "timesteps_mixed")?,
+        get(&un, "encoder_hidden_states")?,
+    )?;
     check("pipeline (fp16 variant) unet", &out, get(&un, "out_mixed")?)?;
     Ok(())
 }

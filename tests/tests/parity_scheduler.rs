@@ -29,7 +29,12 @@ fn get<'a>(refs: &'a HashMap<String, Tensor>, key: &str) -> Result<&'a Tensor> {
 }
 
 fn rel_err(ours: &Tensor, reference: &Tensor) -> Result<f64> {
-    ensure!(ours.dims() == reference.dims(), "shape {:?} != reference {:?}", ours.dims(), reference.dims());
+    ensure!(
+        ours.dims() == reference.dims(),
+        "shape {:?} != reference {:?}",
+        ours.dims(),
+        reference.dims()
+    );
     let a = ours.to_dtype(DType::F64)?;
     let b = reference.to_dtype(DType::F64)?;
     let diff = (a - &b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f64>()?;
@@ -38,7 +43,8 @@ fn rel_err(ours: &Tensor, reference: &Tensor) -> Result<f64> {
 }
 
 fn scheduler(prediction_type: PredictionType) -> Result<Box<dyn Scheduler>> {
-    let mut cfg = SchedulerConfig::from_file(fixtures().join("tiny-sd/scheduler/scheduler_config.json"))?;
+    let mut cfg =
+        SchedulerConfig::from_file(fixtures().join("tiny-sd/scheduler/scheduler_config.json"))?;
     cfg.prediction_type = prediction_type;
     let mut s = cfg.build_as(SchedulerKind::Ddim)?;
     s.set_timesteps(10, None)?;
@@ -63,19 +69,30 @@ fn ddim_steps_match_diffusers_epsilon_and_v() -> Result<()> {
     let refs = reference()?;
     let sample = get(&refs, "sample")?;
     let model_output = get(&refs, "model_output")?;
-    for (name, pt) in [("epsilon", PredictionType::Epsilon), ("v_prediction", PredictionType::VPrediction)] {
+    for (name, pt) in
+        [("epsilon", PredictionType::Epsilon), ("v_prediction", PredictionType::VPrediction)]
+    {
         for t in [901, 501, 1] {
             let mut s = scheduler(pt)?;
             let out = s.step_with_noise(model_output, t as f64, sample, None)?;
-            for (field, ours) in [("prev_sample", &out.prev_sample), ("pred_original_sample", &out.pred_original_sample)] {
+            for (field, ours) in [
+                ("prev_sample", &out.prev_sample),
+                ("pred_original_sample", &out.pred_original_sample),
+            ] {
                 let e = rel_err(ours, get(&refs, &format!("{name}.t{t}.{field}"))?)?;
                 eprintln!("parity ddim {name} t={t} {field}: rel max err {e:.3e}");
-                ensure!(e < TOL, "ddim {name} t={t} {field}: relative max error {e:.3e} exceeds {TOL:e}");
+                ensure!(
+                    e < TOL,
+                    "ddim {name} t={t} {field}: relative max error {e:.3e} exceeds {TOL:e}"
+                );
             }
         }
     }
     // The two prediction types give different steps (the comparison above is not vacuous).
-    let e = rel_err(get(&refs, "v_prediction.t501.prev_sample")?, get(&refs, "epsilon.t501.prev_sample")?)?;
+    let e = rel_err(
+        get(&refs, "v_prediction.t501.prev_sample")?,
+        get(&refs, "epsilon.t501.prev_sample")?,
+    )?;
     ensure!(e > 1e-2, "epsilon and v-prediction steps differ by only {e:e}");
     Ok(())
 }

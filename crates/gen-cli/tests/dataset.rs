@@ -10,12 +10,29 @@ fn gen(args: &[&str]) -> std::process::Output {
 fn dataset_writes_images_metadata_and_contact_sheet() {
     let dir = std::env::temp_dir().join(format!("gen-cli-dataset-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    let out = gen(&["dataset", "--split", "validation", "--count", "3", "--start", "5", "--size", "16", "--out", dir.to_str().unwrap()]);
+    let out = gen(&[
+        "dataset",
+        "--split",
+        "validation",
+        "--count",
+        "3",
+        "--start",
+        "5",
+        "--size",
+        "16",
+        "--out",
+        dir.to_str().unwrap(),
+    ]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let meta = std::fs::read_to_string(dir.join("metadata.jsonl")).unwrap();
     assert_eq!(meta.lines().count(), 3);
     assert!(meta.lines().next().unwrap().contains("\"index\":5"));
-    for name in ["images/validation_00000005.png", "masks/validation_00000007.png", "contact_sheet.png", "world.json"] {
+    for name in [
+        "images/validation_00000005.png",
+        "masks/validation_00000007.png",
+        "contact_sheet.png",
+        "world.json",
+    ] {
         assert!(dir.join(name).is_file(), "{name} missing");
     }
     assert!(String::from_utf8_lossy(&out.stdout).contains("ms per render"));
@@ -45,5 +62,8 @@ fn help_shows_examples() {
     let out = gen(&["dataset", "--help"]);
     assert!(out.status.success());
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("Examples:") && text.contains("gen dataset --split test --count 64"), "{text}");
+    assert!(
+        text.contains("Examples:") && text.contains("gen dataset --split test --count 64"),
+        "{text}"
+    );
 }

@@ -12,7 +12,11 @@ fn model() -> String {
 }
 
 fn gen(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_gen")).args(args).env_remove("GEN_MODEL").output().expect("gen binary runs")
+    Command::new(env!("CARGO_BIN_EXE_gen"))
+        .args(args)
+        .env_remove("GEN_MODEL")
+        .output()
+        .expect("gen binary runs")
 }
 
 fn tmp(name: &str) -> PathBuf {
@@ -23,7 +27,12 @@ fn tmp(name: &str) -> PathBuf {
 }
 
 fn ok(r: &Output) {
-    assert!(r.status.success(), "stdout:\n{}\nstderr:\n{}", String::from_utf8_lossy(&r.stdout), String::from_utf8_lossy(&r.stderr));
+    assert!(
+        r.status.success(),
+        "stdout:\n{}\nstderr:\n{}",
+        String::from_utf8_lossy(&r.stdout),
+        String::from_utf8_lossy(&r.stderr)
+    );
 }
 
 fn rows(path: &Path) -> Vec<BTreeMap<String, String>> {
@@ -36,7 +45,16 @@ fn value(row: &BTreeMap<String, String>, k: &str) -> f64 {
 
 /// Every metric of a row in its range.
 fn check_ranges(row: &BTreeMap<String, String>, images: f64) {
-    for k in ["shape_accuracy", "colour_accuracy", "hue_accuracy", "tone_accuracy", "background_accuracy", "view_accuracy", "real_shape_accuracy", "real_colour_accuracy"] {
+    for k in [
+        "shape_accuracy",
+        "colour_accuracy",
+        "hue_accuracy",
+        "tone_accuracy",
+        "background_accuracy",
+        "view_accuracy",
+        "real_shape_accuracy",
+        "real_colour_accuracy",
+    ] {
         let v = value(row, k);
         assert!((0.0..=1.0).contains(&v), "{k} = {v}");
     }
@@ -48,7 +66,11 @@ fn check_ranges(row: &BTreeMap<String, String>, images: f64) {
         assert!((0.0..=1.0).contains(&v), "{k} = {v}");
     }
     if !row["saturation_excess"].is_empty() {
-        let (e, g, r) = (value(row, "saturation_excess"), value(row, "saturation_generated"), value(row, "saturation_real"));
+        let (e, g, r) = (
+            value(row, "saturation_excess"),
+            value(row, "saturation_generated"),
+            value(row, "saturation_real"),
+        );
         assert!((e - (g - r)).abs() < 1e-12 && (-1.0..=1.0).contains(&e), "{e} {g} {r}");
     }
     let (fid, base) = (value(row, "tiny_fid"), value(row, "tiny_fid_real_baseline"));
@@ -64,11 +86,33 @@ fn eval_images_writes_report_csv_and_grid() {
     let dir = tmp("images");
     let out = dir.join("run");
     let m = model();
-    let args = ["eval", "images", "--model", &m, "--prompts", "2", "--per-prompt", "1", "--steps", "4", "--device", "cpu", "--out", out.to_str().unwrap()];
+    let args = [
+        "eval",
+        "images",
+        "--model",
+        &m,
+        "--prompts",
+        "2",
+        "--per-prompt",
+        "1",
+        "--steps",
+        "4",
+        "--device",
+        "cpu",
+        "--out",
+        out.to_str().unwrap(),
+    ];
     let r = gen(&args);
     ok(&r);
     let stdout = String::from_utf8_lossy(&r.stdout);
-    for word in ["shape accuracy", "tiny-FID", "real vs real", "saturation excess", "clipped fraction", "seconds per image"] {
+    for word in [
+        "shape accuracy",
+        "tiny-FID",
+        "real vs real",
+        "saturation excess",
+        "clipped fraction",
+        "seconds per image",
+    ] {
         assert!(stdout.contains(word), "table lacks {word}:\n{stdout}");
     }
     let csv = rows(&out.join("metrics.csv"));
@@ -80,7 +124,8 @@ fn eval_images_writes_report_csv_and_grid() {
     for key in ["\"prompts\"", "\"test_indices\"", "\"metrics\"", "\"tiny_fid\"", " background, "] {
         assert!(report.contains(key), "report.json lacks {key}:\n{report}");
     }
-    let grid = gen_core::imageio::load_image(out.join("samples.png"), &candle_core::Device::Cpu).unwrap();
+    let grid =
+        gen_core::imageio::load_image(out.join("samples.png"), &candle_core::Device::Cpu).unwrap();
     assert_eq!(grid.dims(), &[3, 64, 2 * 64 + 2]);
 
     // Same command, same numbers (except the timing).
@@ -89,10 +134,15 @@ fn eval_images_writes_report_csv_and_grid() {
     *a2.last_mut().unwrap() = again.to_str().unwrap();
     ok(&gen(&a2));
     let csv2 = rows(&again.join("metrics.csv"));
-    for k in ["shape_accuracy", "colour_accuracy", "tiny_fid", "saturation_excess", "clipped_fraction"] {
+    for k in
+        ["shape_accuracy", "colour_accuracy", "tiny_fid", "saturation_excess", "clipped_fraction"]
+    {
         assert_eq!(csv[0][k], csv2[0][k], "{k} differs between identical runs");
     }
-    assert_eq!(std::fs::read(out.join("samples.png")).unwrap(), std::fs::read(again.join("samples.png")).unwrap());
+    assert_eq!(
+        std::fs::read(out.join("samples.png")).unwrap(),
+        std::fs::read(again.join("samples.png")).unwrap()
+    );
 
     // Short prompts: "a red cube"; shape and colour scored, background and view not.
     let short = dir.join("short");
@@ -105,7 +155,8 @@ fn eval_images_writes_report_csv_and_grid() {
     assert!(csv3[0]["shape_accuracy"].parse::<f64>().is_ok());
     assert_eq!(csv3[0]["background_accuracy"], "");
     assert_eq!(csv3[0]["view_accuracy"], "");
-    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(short.join("report.json")).unwrap()).unwrap();
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(short.join("report.json")).unwrap()).unwrap();
     for p in report["prompts"].as_array().unwrap() {
         let p = p.as_str().unwrap();
         assert!(!p.contains("background") && !p.contains("view") && p.starts_with("a"), "{p}");
@@ -119,7 +170,22 @@ fn eval_guidance_sweeps_and_resumes() {
     let out = dir.join("sweep");
     let m = model();
     let o = out.to_str().unwrap().to_string();
-    let base = ["eval", "guidance", "--model", &m, "--prompts", "2", "--steps", "2", "--apg-r", "2", "--device", "cpu", "--out", &o];
+    let base = [
+        "eval",
+        "guidance",
+        "--model",
+        &m,
+        "--prompts",
+        "2",
+        "--steps",
+        "2",
+        "--apg-r",
+        "2",
+        "--device",
+        "cpu",
+        "--out",
+        &o,
+    ];
     let mut args = base.to_vec();
     args.extend(["--method", "cfg,apg", "--scales", "1,5"]);
     let r = gen(&args);
@@ -129,13 +195,17 @@ fn eval_guidance_sweeps_and_resumes() {
     for row in &csv {
         check_ranges(row, 2.0);
     }
-    assert_eq!(csv.iter().map(|r| (r["method"].as_str(), r["scale"].as_str())).collect::<Vec<_>>(), [("cfg", "1"), ("cfg", "5"), ("apg", "1"), ("apg", "5")]);
+    assert_eq!(
+        csv.iter().map(|r| (r["method"].as_str(), r["scale"].as_str())).collect::<Vec<_>>(),
+        [("cfg", "1"), ("cfg", "5"), ("apg", "1"), ("apg", "5")]
+    );
     assert_eq!(csv[2]["apg_r"], "2");
     // w = 1: CFG and APG both reduce to the conditional prediction → the same images.
     for k in ["shape_accuracy", "tiny_fid", "clipped_fraction"] {
         assert_eq!(csv[0][k], csv[2][k], "{k}: CFG and APG at w = 1 differ");
     }
-    let png = gen_core::imageio::load_image(out.join("guidance.png"), &candle_core::Device::Cpu).unwrap();
+    let png =
+        gen_core::imageio::load_image(out.join("guidance.png"), &candle_core::Device::Cpu).unwrap();
     assert!(png.dim(2).unwrap() >= 600 && png.dim(1).unwrap() >= 400, "{:?}", png.dims());
     let stdout = String::from_utf8_lossy(&r.stdout);
     assert!(stdout.contains("guidance") && stdout.contains("APG eta=0 r=2 beta=-0.5"), "{stdout}");
@@ -163,7 +233,11 @@ fn eval_guidance_sweeps_and_resumes() {
     assert_eq!(csv3[6]["method"], "apg");
     assert!(csv3[..6].iter().all(|r| r["interval"].is_empty()));
     let stdout = String::from_utf8_lossy(&r.stdout);
-    assert_eq!(stdout.lines().filter(|l| l.starts_with("CFG") || l.starts_with("APG")).count(), 7, "{stdout}");
+    assert_eq!(
+        stdout.lines().filter(|l| l.starts_with("CFG") || l.starts_with("APG")).count(),
+        7,
+        "{stdout}"
+    );
     assert!(stdout.contains("APG eta=0 r=2 beta=-0.5 in steps:0.5,1"), "{stdout}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
@@ -176,20 +250,75 @@ fn bad_input_fails_clearly_and_writes_nothing() {
     let m = model();
     let missing = dir.join("no-such-model").display().to_string();
     let cases: Vec<(Vec<&str>, &str)> = vec![
-        (vec!["eval", "images", "--model", &missing, "--prompts", "2", "--out", &o], "is not a folder"),
-        (vec!["eval", "images", "--model", &m, "--guidance", "pag", "--out", &o], "unknown method `pag`; known: cfg, apg"),
+        (
+            vec!["eval", "images", "--model", &missing, "--prompts", "2", "--out", &o],
+            "is not a folder",
+        ),
+        (
+            vec!["eval", "images", "--model", &m, "--guidance", "pag", "--out", &o],
+            "unknown method `pag`; known: cfg, apg",
+        ),
         (vec!["eval", "images", "--model", &m, "--scale", "0", "--out", &o], "guidance scale"),
-        (vec!["eval", "images", "--model", &m, "--scale", "-3", "--out", &o], "must be a finite number > 0"),
-        (vec!["eval", "images", "--model", &m, "--prompts", "1", "--out", &o], "at least 2 generated images"),
-        (vec!["eval", "images", "--model", &m, "--guidance", "apg", "--apg-momentum", "1.5", "--out", &o], "momentum"),
+        (
+            vec!["eval", "images", "--model", &m, "--scale", "-3", "--out", &o],
+            "must be a finite number > 0",
+        ),
+        (
+            vec!["eval", "images", "--model", &m, "--prompts", "1", "--out", &o],
+            "at least 2 generated images",
+        ),
+        (
+            vec![
+                "eval",
+                "images",
+                "--model",
+                &m,
+                "--guidance",
+                "apg",
+                "--apg-momentum",
+                "1.5",
+                "--out",
+                &o,
+            ],
+            "momentum",
+        ),
         (vec!["eval", "images", "--model", &m, "--steps", "0", "--out", &o], "steps"),
-        (vec!["eval", "images", "--model", &m, "--apg-r", "2", "--out", &o], "--apg-r only apply to APG"),
-        (vec!["eval", "guidance", "--model", &m, "--method", "cfg", "--apg-eta", "1", "--out", &o], "--apg-eta only apply to APG"),
+        (
+            vec!["eval", "images", "--model", &m, "--apg-r", "2", "--out", &o],
+            "--apg-r only apply to APG",
+        ),
+        (
+            vec![
+                "eval",
+                "guidance",
+                "--model",
+                &m,
+                "--method",
+                "cfg",
+                "--apg-eta",
+                "1",
+                "--out",
+                &o,
+            ],
+            "--apg-eta only apply to APG",
+        ),
         (vec!["eval", "guidance", "--model", &m, "--scales", "", "--out", &o], "empty"),
-        (vec!["eval", "guidance", "--model", &m, "--guidance-interval", "0.8,0.2", "--out", &o], "guidance interval"),
-        (vec!["eval", "images", "--model", &m, "--prompt-form", "tiny", "--out", &o], "unknown form `tiny`"),
-        (vec!["eval", "guidance", "--model", &m, "--scales", "1,-2", "--out", &o], "guidance scale"),
-        (vec!["eval", "guidance", "--model", &m, "--method", "cfg,foo", "--out", &o], "unknown method `foo`"),
+        (
+            vec!["eval", "guidance", "--model", &m, "--guidance-interval", "0.8,0.2", "--out", &o],
+            "guidance interval",
+        ),
+        (
+            vec!["eval", "images", "--model", &m, "--prompt-form", "tiny", "--out", &o],
+            "unknown form `tiny`",
+        ),
+        (
+            vec!["eval", "guidance", "--model", &m, "--scales", "1,-2", "--out", &o],
+            "guidance scale",
+        ),
+        (
+            vec!["eval", "guidance", "--model", &m, "--method", "cfg,foo", "--out", &o],
+            "unknown method `foo`",
+        ),
         (vec!["eval", "guidance", "--model", &missing, "--out", &o], "is not a folder"),
     ];
     for (args, expect) in cases {
@@ -203,13 +332,22 @@ fn bad_input_fails_clearly_and_writes_nothing() {
     // An evaluator folder that is not there.
     let r = gen(&["eval", "images", "--model", &m, "--evaluator", &missing, "--out", &o]);
     assert!(!r.status.success());
-    assert!(String::from_utf8_lossy(&r.stderr).contains("no-such-model/config.json"), "{}", String::from_utf8_lossy(&r.stderr));
+    assert!(
+        String::from_utf8_lossy(&r.stderr).contains("no-such-model/config.json"),
+        "{}",
+        String::from_utf8_lossy(&r.stderr)
+    );
     // --help carries examples on both subcommands.
     for sub in ["images", "guidance"] {
         let r = gen(&["eval", sub, "--help"]);
         ok(&r);
         let help = String::from_utf8_lossy(&r.stdout);
-        assert!(help.contains("Examples:") && help.contains(&format!("gen eval {sub}")) && help.contains("real-vs-real"), "{help}");
+        assert!(
+            help.contains("Examples:")
+                && help.contains(&format!("gen eval {sub}"))
+                && help.contains("real-vs-real"),
+            "{help}"
+        );
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
@@ -218,9 +356,19 @@ fn bad_input_fails_clearly_and_writes_nothing() {
 #[test]
 fn eval_model_reports_vae_psnr_and_evaluator_accuracy() {
     let out = tmp("model");
-    let r = gen(&["eval", "model", "--model", &model(), "--images", "4", "--out", out.to_str().unwrap()]);
+    let r = gen(&[
+        "eval",
+        "model",
+        "--model",
+        &model(),
+        "--images",
+        "4",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
     ok(&r);
-    let doc: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("model.json")).unwrap()).unwrap();
+    let doc: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("model.json")).unwrap()).unwrap();
     let psnr = doc["vae_psnr_db"].as_f64().unwrap();
     assert!((5.0..80.0).contains(&psnr), "PSNR {psnr}");
     for k in ["shape", "hue", "tone", "colour", "view", "background"] {
@@ -233,6 +381,8 @@ fn eval_model_reports_vae_psnr_and_evaluator_accuracy() {
     let r = gen(&["eval", "model", "--model", &model(), "--images", "0"]);
     assert!(!r.status.success() && String::from_utf8_lossy(&r.stderr).contains("--images"));
     let r = gen(&["eval", "model", "--model", "/nonexistent/model"]);
-    assert!(!r.status.success() && String::from_utf8_lossy(&r.stderr).contains("/nonexistent/model"));
+    assert!(
+        !r.status.success() && String::from_utf8_lossy(&r.stderr).contains("/nonexistent/model")
+    );
     let _ = std::fs::remove_dir_all(&out);
 }

@@ -12,17 +12,41 @@ fn fit_writes_outputs_metrics_and_resumes() {
     let _ = std::fs::remove_dir_all(&dir);
     let d = dir.to_str().unwrap();
     let args = [
-        "fit", "--world", "a blue sphere on a grey background", "--views", "4", "--holdout", "2",
-        "--size", "16", "--steps", "30", "--gaussians", "200", "--preview-every", "15",
-        "--checkpoint-every", "10", "--export", "ply,glb", "--out", d,
+        "fit",
+        "--world",
+        "a blue sphere on a grey background",
+        "--views",
+        "4",
+        "--holdout",
+        "2",
+        "--size",
+        "16",
+        "--steps",
+        "30",
+        "--gaussians",
+        "200",
+        "--preview-every",
+        "15",
+        "--checkpoint-every",
+        "10",
+        "--export",
+        "ply,glb",
+        "--out",
+        d,
     ];
     let out = gen(&args);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("held-out (2 views): PSNR"), "{stdout}");
     for f in [
-        "config.json", "metrics.json", "checkpoint.safetensors", "previews/step_000015.png",
-        "previews/step_000030.png", "splats.ply", "splats.glb", "heldout.png",
+        "config.json",
+        "metrics.json",
+        "checkpoint.safetensors",
+        "previews/step_000015.png",
+        "previews/step_000030.png",
+        "splats.ply",
+        "splats.glb",
+        "heldout.png",
     ] {
         assert!(dir.join(f).is_file(), "{f} missing");
     }
@@ -33,7 +57,10 @@ fn fit_writes_outputs_metrics_and_resumes() {
         .and_then(|v| v.trim_end_matches(',').parse().ok())
         .unwrap_or_else(|| panic!("no PSNR in {metrics}"));
     assert!(psnr.is_finite() && psnr > 10.0, "{metrics}");
-    assert!(metrics.contains("\"heldout_iou\": 0.") || metrics.contains("\"heldout_iou\": 1."), "{metrics}");
+    assert!(
+        metrics.contains("\"heldout_iou\": 0.") || metrics.contains("\"heldout_iou\": 1."),
+        "{metrics}"
+    );
     // Resuming a finished run takes no more steps and reports the same numbers.
     let mut resumed: Vec<&str> = args.to_vec();
     resumed.push("--resume");

@@ -10,7 +10,11 @@ fn fixture() -> String {
 }
 
 fn gen(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_gen")).args(args).env_remove("GEN_MODEL").output().expect("gen binary runs")
+    Command::new(env!("CARGO_BIN_EXE_gen"))
+        .args(args)
+        .env_remove("GEN_MODEL")
+        .output()
+        .expect("gen binary runs")
 }
 
 fn tmp(name: &str) -> PathBuf {
@@ -22,7 +26,11 @@ fn tmp(name: &str) -> PathBuf {
 
 fn text_chunk(path: &Path, key: &str) -> String {
     let chunks = gen_sample::read_png_text(path).unwrap();
-    chunks.into_iter().find(|(k, _)| k == key).map(|(_, v)| v).unwrap_or_else(|| panic!("{}: no `{key}` chunk", path.display()))
+    chunks
+        .into_iter()
+        .find(|(k, _)| k == key)
+        .map(|(_, v)| v)
+        .unwrap_or_else(|| panic!("{}: no `{key}` chunk", path.display()))
 }
 
 #[test]
@@ -30,7 +38,23 @@ fn image_writes_png_with_metadata_and_is_deterministic() {
     let dir = tmp("ok");
     let model = fixture();
     let out = dir.join("cube.png");
-    let args = ["image", "a red cube", "--model", &model, "--size", "16x16", "--steps", "2", "--seed", "5", "--device", "cpu", "--apg", "--eta", "0.3"];
+    let args = [
+        "image",
+        "a red cube",
+        "--model",
+        &model,
+        "--size",
+        "16x16",
+        "--steps",
+        "2",
+        "--seed",
+        "5",
+        "--device",
+        "cpu",
+        "--apg",
+        "--eta",
+        "0.3",
+    ];
     let run = |o: &Path| {
         let mut a: Vec<&str> = args.to_vec();
         a.extend(["--out", o.to_str().unwrap()]);
@@ -48,11 +72,29 @@ fn image_writes_png_with_metadata_and_is_deterministic() {
     run(&again);
     let img = gen_core::imageio::load_image(&out, &candle_core::Device::Cpu).unwrap();
     assert_eq!(img.dims(), &[3, 16, 16]);
-    assert_eq!(std::fs::read(&out).unwrap(), std::fs::read(&again).unwrap(), "same command, different bytes");
+    assert_eq!(
+        std::fs::read(&out).unwrap(),
+        std::fs::read(&again).unwrap(),
+        "same command, different bytes"
+    );
 
     // A folder: images, grid and config.json.
     let folder = dir.join("run");
-    let r = gen(&["image", "a red cube", "a blue sphere", "--model", &model, "--size", "16", "--steps", "2", "--scheduler", "euler-a", "--out", folder.to_str().unwrap()]);
+    let r = gen(&[
+        "image",
+        "a red cube",
+        "a blue sphere",
+        "--model",
+        &model,
+        "--size",
+        "16",
+        "--steps",
+        "2",
+        "--scheduler",
+        "euler-a",
+        "--out",
+        folder.to_str().unwrap(),
+    ]);
     assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
     for f in ["image-000.png", "image-001.png", "grid.png", "config.json"] {
         assert!(folder.join(f).is_file(), "{f} missing");
@@ -98,7 +140,18 @@ fn bad_input_fails_clearly_and_writes_nothing() {
         assert!(err.contains(needle), "{extra:?}: expected `{needle}` in `{err}`");
         assert!(!out.exists(), "{extra:?} wrote an output");
     }
-    let r = gen(&["image", "a red cube", "--model", &model, "--size", "16", "--steps", "2", "--out", dir.join("x.jpg").to_str().unwrap()]);
+    let r = gen(&[
+        "image",
+        "a red cube",
+        "--model",
+        &model,
+        "--size",
+        "16",
+        "--steps",
+        "2",
+        "--out",
+        dir.join("x.jpg").to_str().unwrap(),
+    ]);
     assert!(!r.status.success() && String::from_utf8_lossy(&r.stderr).contains(".jpg"));
     let r = gen(&["image", "x", "--model", dir.join("nothing").to_str().unwrap(), "--out", &out_s]);
     assert!(!r.status.success() && String::from_utf8_lossy(&r.stderr).contains("nothing"));
@@ -113,8 +166,27 @@ fn help_lists_every_flag_with_examples() {
     assert!(r.status.success());
     let help = String::from_utf8_lossy(&r.stdout);
     for flag in [
-        "--negative-prompt", "--apg", "--eta", "--norm-threshold", "--momentum", "--guidance-scale", "--guidance-rescale", "--guidance-interval",
-        "--scheduler", "--steps", "--seed", "--size", "--num-images", "--model", "--offline", "--dtype", "--device", "--init-image", "--strength", "--lora", "--out",
+        "--negative-prompt",
+        "--apg",
+        "--eta",
+        "--norm-threshold",
+        "--momentum",
+        "--guidance-scale",
+        "--guidance-rescale",
+        "--guidance-interval",
+        "--scheduler",
+        "--steps",
+        "--seed",
+        "--size",
+        "--num-images",
+        "--model",
+        "--offline",
+        "--dtype",
+        "--device",
+        "--init-image",
+        "--strength",
+        "--lora",
+        "--out",
         "Examples:",
     ] {
         assert!(help.contains(flag), "--help lacks {flag}");
@@ -126,7 +198,16 @@ fn gen_model_environment_variable_names_the_default_model() {
     let dir = tmp("env");
     let out = dir.join("env.png");
     let r = Command::new(env!("CARGO_BIN_EXE_gen"))
-        .args(["image", "a red cube", "--size", "16", "--steps", "2", "--out", out.to_str().unwrap()])
+        .args([
+            "image",
+            "a red cube",
+            "--size",
+            "16",
+            "--steps",
+            "2",
+            "--out",
+            out.to_str().unwrap(),
+        ])
         .env("GEN_MODEL", fixture())
         .output()
         .unwrap();
@@ -150,11 +231,25 @@ fn gen_model_environment_variable_names_the_default_model() {
 fn lora_flag_changes_the_image_and_is_recorded() {
     let dir = tmp("lora");
     let model = fixture();
-    let lora = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/lora/ours_kohya.safetensors");
+    let lora = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures/lora/ours_kohya.safetensors");
     let lora = lora.to_str().unwrap().to_string();
     let run = |name: &str, extra: &[&str]| -> PathBuf {
         let out = dir.join(name);
-        let mut a = vec!["image", "a red cube", "--model", &model, "--size", "16x16", "--steps", "2", "--seed", "3", "--device", "cpu"];
+        let mut a = vec![
+            "image",
+            "a red cube",
+            "--model",
+            &model,
+            "--size",
+            "16x16",
+            "--steps",
+            "2",
+            "--seed",
+            "3",
+            "--device",
+            "cpu",
+        ];
         a.extend_from_slice(extra);
         a.extend(["--out", out.to_str().unwrap()]);
         let r = gen(&a);
@@ -174,15 +269,46 @@ fn lora_flag_changes_the_image_and_is_recorded() {
     assert!(params.contains("ours_kohya.safetensors") && params.contains("1.5"), "{params}");
 
     let missing = dir.join("missing.png");
-    let r = gen(&["image", "a red cube", "--model", &model, "--size", "16x16", "--steps", "2", "--lora", "/no/such/lora.safetensors", "--out", missing.to_str().unwrap()]);
+    let r = gen(&[
+        "image",
+        "a red cube",
+        "--model",
+        &model,
+        "--size",
+        "16x16",
+        "--steps",
+        "2",
+        "--lora",
+        "/no/such/lora.safetensors",
+        "--out",
+        missing.to_str().unwrap(),
+    ]);
     assert!(!r.status.success());
     assert!(String::from_utf8_lossy(&r.stderr).contains("/no/such/lora.safetensors"));
     assert!(!missing.exists());
     // A file that is not a LoRA for this model (the UNet weights themselves).
-    let wrong = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/tiny-sd/unet/diffusion_pytorch_model.safetensors");
-    let r = gen(&["image", "a red cube", "--model", &model, "--size", "16x16", "--steps", "2", "--lora", wrong.to_str().unwrap(), "--out", missing.to_str().unwrap()]);
+    let wrong = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures/tiny-sd/unet/diffusion_pytorch_model.safetensors");
+    let r = gen(&[
+        "image",
+        "a red cube",
+        "--model",
+        &model,
+        "--size",
+        "16x16",
+        "--steps",
+        "2",
+        "--lora",
+        wrong.to_str().unwrap(),
+        "--out",
+        missing.to_str().unwrap(),
+    ]);
     assert!(!r.status.success());
-    assert!(String::from_utf8_lossy(&r.stderr).contains("diffusion_pytorch_model.safetensors"), "{}", String::from_utf8_lossy(&r.stderr));
+    assert!(
+        String::from_utf8_lossy(&r.stderr).contains("diffusion_pytorch_model.safetensors"),
+        "{}",
+        String::from_utf8_lossy(&r.stderr)
+    );
     assert!(!missing.exists());
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -8,7 +8,15 @@ fn train_logs_plain_lines_without_a_terminal_and_resumes() {
     let out = std::env::temp_dir().join(format!("gen-train-cli-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&out);
     let run = |extra: &[&str]| {
-        let mut args = vec!["train", "--preset", "tiny", "--stages", "evaluator", "--out", out.to_str().unwrap()];
+        let mut args = vec![
+            "train",
+            "--preset",
+            "tiny",
+            "--stages",
+            "evaluator",
+            "--out",
+            out.to_str().unwrap(),
+        ];
         args.extend_from_slice(extra);
         let o = Command::new(env!("CARGO_BIN_EXE_gen")).args(&args).output().expect("gen runs");
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));

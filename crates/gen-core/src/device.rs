@@ -33,7 +33,10 @@ impl std::str::FromStr for DeviceChoice {
             "cpu" => Ok(DeviceChoice::Cpu),
             _ if s.starts_with("cuda") => Ok(DeviceChoice::Cuda(ordinal(&s[4..])?)),
             _ if s.starts_with("metal") => Ok(DeviceChoice::Metal(ordinal(&s[5..])?)),
-            _ => Err(Error::invalid("device", format!("`{s}` (expected auto, cpu, cuda[:N] or metal[:N])"))),
+            _ => Err(Error::invalid(
+                "device",
+                format!("`{s}` (expected auto, cpu, cuda[:N] or metal[:N])"),
+            )),
         }
     }
 }
@@ -42,8 +45,12 @@ impl std::str::FromStr for DeviceChoice {
 pub fn pick_device(choice: DeviceChoice) -> Result<Device> {
     match choice {
         DeviceChoice::Cpu => Ok(Device::Cpu),
-        DeviceChoice::Cuda(i) => Device::new_cuda(i).map_err(|e| Error::msg(format!("cannot open cuda:{i}: {e}"))),
-        DeviceChoice::Metal(i) => Device::new_metal(i).map_err(|e| Error::msg(format!("cannot open metal:{i}: {e}"))),
+        DeviceChoice::Cuda(i) => {
+            Device::new_cuda(i).map_err(|e| Error::msg(format!("cannot open cuda:{i}: {e}")))
+        }
+        DeviceChoice::Metal(i) => {
+            Device::new_metal(i).map_err(|e| Error::msg(format!("cannot open metal:{i}: {e}")))
+        }
         DeviceChoice::Auto => {
             if candle_core::utils::cuda_is_available() {
                 if let Ok(d) = Device::new_cuda(0) {

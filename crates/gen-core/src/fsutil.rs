@@ -27,7 +27,9 @@ impl AtomicFile {
         let target = path.as_ref().to_path_buf();
         let name = target
             .file_name()
-            .ok_or_else(|| Error::invalid("output path", format!("{} has no file name", target.display())))?
+            .ok_or_else(|| {
+                Error::invalid("output path", format!("{} has no file name", target.display()))
+            })?
             .to_string_lossy()
             .to_string();
         let dir = match target.parent() {

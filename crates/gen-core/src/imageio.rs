@@ -11,7 +11,8 @@ use crate::{Error, Result};
 /// Reads an image file into a `(3, H, W)` f32 tensor in [-1, 1].
 pub fn load_image(path: impl AsRef<Path>, device: &Device) -> Result<Tensor> {
     let path = path.as_ref();
-    let img = image::open(path).map_err(|e| Error::msg(format!("cannot read image {}: {e}", path.display())))?;
+    let img = image::open(path)
+        .map_err(|e| Error::msg(format!("cannot read image {}: {e}", path.display())))?;
     rgb_to_tensor(&img.to_rgb8(), device)
 }
 
@@ -19,7 +20,9 @@ pub fn load_image(path: impl AsRef<Path>, device: &Device) -> Result<Tensor> {
 pub fn rgb_to_tensor(img: &RgbImage, device: &Device) -> Result<Tensor> {
     let (w, h) = img.dimensions();
     let data: Vec<f32> = img.as_raw().iter().map(|&v| v as f32 / 127.5 - 1.0).collect();
-    let t = Tensor::from_vec(data, (h as usize, w as usize, 3), &Device::Cpu)?.permute((2, 0, 1))?.contiguous()?;
+    let t = Tensor::from_vec(data, (h as usize, w as usize, 3), &Device::Cpu)?
+        .permute((2, 0, 1))?
+        .contiguous()?;
     Ok(t.to_device(device)?)
 }
 
@@ -30,10 +33,12 @@ pub fn tensor_to_rgb(t: &Tensor) -> Result<RgbImage> {
         return Err(Error::msg(format!("tensor_to_rgb: expected shape (3, H, W), found {dims:?}")));
     }
     let (h, w) = (dims[1], dims[2]);
-    let t = ((t.to_dtype(DType::F32)?.to_device(&Device::Cpu)?.clamp(-1f32, 1f32)? + 1.0)? * 127.5)?;
+    let t =
+        ((t.to_dtype(DType::F32)?.to_device(&Device::Cpu)?.clamp(-1f32, 1f32)? + 1.0)? * 127.5)?;
     let t = t.permute((1, 2, 0))?.flatten_all()?.to_vec1::<f32>()?;
     let raw: Vec<u8> = t.iter().map(|v| v.round().clamp(0.0, 255.0) as u8).collect();
-    RgbImage::from_raw(w as u32, h as u32, raw).ok_or_else(|| Error::msg("tensor_to_rgb: buffer size mismatch"))
+    RgbImage::from_raw(w as u32, h as u32, raw)
+        .ok_or_else(|| Error::msg("tensor_to_rgb: buffer size mismatch"))
 }
 
 #[cfg(test)]

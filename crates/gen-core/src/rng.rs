@@ -28,7 +28,12 @@ impl SeededRng {
 
     /// Standard normal tensor of `shape`, generated on the CPU in f32, then moved to `device`
     /// and cast to `dtype` — so the values do not depend on the device.
-    pub fn randn(&mut self, shape: impl Into<Shape>, dtype: DType, device: &Device) -> Result<Tensor> {
+    pub fn randn(
+        &mut self,
+        shape: impl Into<Shape>,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Tensor> {
         let shape = shape.into();
         let n = shape.elem_count();
         let v: Vec<f32> = (0..n).map(|_| StandardNormal.sample(&mut self.inner)).collect();
@@ -36,7 +41,14 @@ impl SeededRng {
     }
 
     /// Uniform [lo, hi) tensor of `shape`.
-    pub fn rand_uniform(&mut self, shape: impl Into<Shape>, lo: f32, hi: f32, dtype: DType, device: &Device) -> Result<Tensor> {
+    pub fn rand_uniform(
+        &mut self,
+        shape: impl Into<Shape>,
+        lo: f32,
+        hi: f32,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Tensor> {
         let shape = shape.into();
         let n = shape.elem_count();
         let v: Vec<f32> = (0..n).map(|_| self.inner.random_range(lo..hi)).collect();
@@ -72,7 +84,11 @@ mod tests {
         let a = SeededRng::new(7).randn((2, 3), DType::F32, &Device::Cpu).unwrap();
         let b = SeededRng::new(7).randn((2, 3), DType::F32, &Device::Cpu).unwrap();
         let c = SeededRng::new(8).randn((2, 3), DType::F32, &Device::Cpu).unwrap();
-        let (a, b, c) = (a.flatten_all().unwrap().to_vec1::<f32>().unwrap(), b.flatten_all().unwrap().to_vec1::<f32>().unwrap(), c.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+        let (a, b, c) = (
+            a.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            b.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            c.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        );
         assert_eq!(a, b);
         assert_ne!(a, c);
     }

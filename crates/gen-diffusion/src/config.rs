@@ -14,7 +14,10 @@ use gen_core::{Error, Result};
 use crate::prediction::PredictionType;
 use crate::schedule::{BetaSchedule, TimestepSpacing};
 use crate::scheduler::Scheduler;
-use crate::schedulers::{DdimScheduler, DdpmScheduler, DpmSolverMultistepScheduler, EulerAncestralScheduler, EulerScheduler};
+use crate::schedulers::{
+    DdimScheduler, DdpmScheduler, DpmSolverMultistepScheduler, EulerAncestralScheduler,
+    EulerScheduler,
+};
 
 /// The schedulers this crate implements.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -29,7 +32,8 @@ pub enum SchedulerKind {
 }
 
 impl SchedulerKind {
-    pub const ALL: [SchedulerKind; 5] = [Self::Ddim, Self::Ddpm, Self::Euler, Self::EulerAncestral, Self::DpmSolverMultistep];
+    pub const ALL: [SchedulerKind; 5] =
+        [Self::Ddim, Self::Ddpm, Self::Euler, Self::EulerAncestral, Self::DpmSolverMultistep];
 
     /// diffusers' class name (`_class_name`).
     pub fn class_name(self) -> &'static str {
@@ -60,8 +64,12 @@ impl SchedulerKind {
                 return Ok(k);
             }
         }
-        let known: Vec<String> = Self::ALL.iter().map(|k| format!("{} ({})", k.class_name(), k.short_name())).collect();
-        Err(Error::invalid("scheduler", format!("unknown scheduler `{name}`; known: {}", known.join(", "))))
+        let known: Vec<String> =
+            Self::ALL.iter().map(|k| format!("{} ({})", k.class_name(), k.short_name())).collect();
+        Err(Error::invalid(
+            "scheduler",
+            format!("unknown scheduler `{name}`; known: {}", known.join(", ")),
+        ))
     }
 
     /// Default timestep spacing of this scheduler in diffusers.
@@ -148,7 +156,10 @@ pub struct SchedulerConfig {
     pub eta: f64,
 }
 
-fn ser_solver_type<S: serde::Serializer>(heun: &bool, s: S) -> std::result::Result<S::Ok, S::Error> {
+fn ser_solver_type<S: serde::Serializer>(
+    heun: &bool,
+    s: S,
+) -> std::result::Result<S::Ok, S::Error> {
     s.serialize_str(if *heun { "heun" } else { "midpoint" })
 }
 
@@ -209,8 +220,11 @@ impl SchedulerConfig {
     /// Parses the JSON text of a scheduler config; `file` names it in errors.
     pub fn from_json_str(text: &str, file: impl AsRef<Path>) -> Result<Self> {
         let file = file.as_ref().to_path_buf();
-        let value: Value = serde_json::from_str(text)
-            .map_err(|e| Error::Config { file: file.clone(), key: "<json>".into(), msg: e.to_string() })?;
+        let value: Value = serde_json::from_str(text).map_err(|e| Error::Config {
+            file: file.clone(),
+            key: "<json>".into(),
+            msg: e.to_string(),
+        })?;
         Self::from_json_value(&value, &file)
     }
 
@@ -230,7 +244,13 @@ impl SchedulerConfig {
             Some(name) => SchedulerKind::parse(name),
             None => {
                 let known: Vec<&str> = SchedulerKind::ALL.iter().map(|k| k.class_name()).collect();
-                Err(Error::invalid("scheduler", format!("the config names no scheduler (`_class_name`); known: {}", known.join(", "))))
+                Err(Error::invalid(
+                    "scheduler",
+                    format!(
+                        "the config names no scheduler (`_class_name`); known: {}",
+                        known.join(", ")
+                    ),
+                ))
             }
         }
     }
@@ -260,19 +280,35 @@ impl SchedulerConfig {
 
     /// Checks value ranges; `what` names the source in errors.
     pub fn validate(&self) -> Result<()> {
-        let bad = |key: &str, msg: String| Err(Error::invalid(format!("scheduler config field `{key}`"), msg));
+        let bad = |key: &str, msg: String| {
+            Err(Error::invalid(format!("scheduler config field `{key}`"), msg))
+        };
         if self.num_train_timesteps < 2 {
             return bad("num_train_timesteps", format!("{} (need >= 2)", self.num_train_timesteps));
         }
         if let Some(b) = &self.trained_betas {
             if b.len() != self.num_train_timesteps {
-                return bad("trained_betas", format!("{} values for num_train_timesteps {}", b.len(), self.num_train_timesteps));
+                return bad(
+                    "trained_betas",
+                    format!(
+                        "{} values for num_train_timesteps {}",
+                        b.len(),
+                        self.num_train_timesteps
+                    ),
+                );
             }
             if b.iter().any(|&x| !(x > 0.0 && x < 1.0)) {
                 return bad("trained_betas", "values must lie in (0, 1)".into());
             }
-        } else if !(self.beta_start > 0.0 && self.beta_end > 0.0 && self.beta_start < 1.0 && self.beta_end < 1.0) {
-            return bad("beta_start/beta_end", format!("{} / {} must lie in (0, 1)", self.beta_start, self.beta_end));
+        } else if !(self.beta_start > 0.0
+            && self.beta_end > 0.0
+            && self.beta_start < 1.0
+            && self.beta_end < 1.0)
+        {
+            return bad(
+                "beta_start/beta_end",
+                format!("{} / {} must lie in (0, 1)", self.beta_start, self.beta_end),
+            );
         }
         if !(self.solver_order == 1 || self.solver_order == 2) {
             return bad("solver_order", format!("{} (supported: 1, 2)", self.solver_order));
@@ -306,37 +342,57 @@ impl Reader<'_> {
     fn f64(&self, key: &str) -> Result<Option<f64>> {
         match self.get(key) {
             None => Ok(None),
-            Some(v) => v.as_f64().map(Some).ok_or_else(|| self.err(key, format!("expected a number, found {v}"))),
+            Some(v) => v
+                .as_f64()
+                .map(Some)
+                .ok_or_else(|| self.err(key, format!("expected a number, found {v}"))),
         }
     }
     fn usize(&self, key: &str) -> Result<Option<usize>> {
         match self.get(key) {
             None => Ok(None),
-            Some(v) => v.as_u64().map(|x| Some(x as usize)).ok_or_else(|| self.err(key, format!("expected a non-negative integer, found {v}"))),
+            Some(v) => v.as_u64().map(|x| Some(x as usize)).ok_or_else(|| {
+                self.err(key, format!("expected a non-negative integer, found {v}"))
+            }),
         }
     }
     fn bool(&self, key: &str) -> Result<Option<bool>> {
         match self.get(key) {
             None => Ok(None),
-            Some(v) => v.as_bool().map(Some).ok_or_else(|| self.err(key, format!("expected true or false, found {v}"))),
+            Some(v) => v
+                .as_bool()
+                .map(Some)
+                .ok_or_else(|| self.err(key, format!("expected true or false, found {v}"))),
         }
     }
     fn str(&self, key: &str) -> Result<Option<&str>> {
         match self.get(key) {
             None => Ok(None),
-            Some(v) => v.as_str().map(Some).ok_or_else(|| self.err(key, format!("expected a string, found {v}"))),
+            Some(v) => v
+                .as_str()
+                .map(Some)
+                .ok_or_else(|| self.err(key, format!("expected a string, found {v}"))),
         }
     }
-    fn choice<T>(&self, key: &str, names: &[&str], parse: impl Fn(&str) -> Option<T>) -> Result<Option<T>> {
+    fn choice<T>(
+        &self,
+        key: &str,
+        names: &[&str],
+        parse: impl Fn(&str) -> Option<T>,
+    ) -> Result<Option<T>> {
         match self.str(key)? {
             None => Ok(None),
-            Some(s) => parse(s).map(Some).ok_or_else(|| self.err(key, format!("unsupported value `{s}`; supported: {}", names.join(", ")))),
+            Some(s) => parse(s).map(Some).ok_or_else(|| {
+                self.err(key, format!("unsupported value `{s}`; supported: {}", names.join(", ")))
+            }),
         }
     }
     /// A field we do not model: accepted only when absent or equal to diffusers' default.
     fn unmodelled(&self, key: &str, is_default: impl Fn(&Value) -> bool, why: &str) -> Result<()> {
         match self.get(key) {
-            Some(v) if !is_default(v) => Err(self.err(key, format!("value {v} is not supported ({why})"))),
+            Some(v) if !is_default(v) => {
+                Err(self.err(key, format!("value {v} is not supported ({why})")))
+            }
             _ => Ok(()),
         }
     }
@@ -349,16 +405,25 @@ impl Reader<'_> {
             Some(Value::Array(a)) => Some(
                 a.iter()
                     .enumerate()
-                    .map(|(i, v)| v.as_f64().ok_or_else(|| self.err("trained_betas", format!("entry {i} is not a number: {v}"))))
+                    .map(|(i, v)| {
+                        v.as_f64().ok_or_else(|| {
+                            self.err("trained_betas", format!("entry {i} is not a number: {v}"))
+                        })
+                    })
                     .collect::<Result<Vec<_>>>()?,
             ),
-            Some(v) => return Err(self.err("trained_betas", format!("expected an array of numbers, found {v}"))),
+            Some(v) => {
+                return Err(
+                    self.err("trained_betas", format!("expected an array of numbers, found {v}"))
+                )
+            }
         };
-        let final_sigmas_type = self.choice("final_sigmas_type", &["zero", "sigma_min"], |s| match s {
-            "zero" => Some(FinalSigmas::Zero),
-            "sigma_min" => Some(FinalSigmas::SigmaMin),
-            _ => None,
-        })?;
+        let final_sigmas_type =
+            self.choice("final_sigmas_type", &["zero", "sigma_min"], |s| match s {
+                "zero" => Some(FinalSigmas::Zero),
+                "sigma_min" => Some(FinalSigmas::SigmaMin),
+                _ => None,
+            })?;
         let solver_type_heun = self.choice("solver_type", &["midpoint", "heun"], |s| match s {
             "midpoint" => Some(false),
             "heun" => Some(true),
@@ -370,18 +435,40 @@ impl Reader<'_> {
         self.unmodelled("use_beta_sigmas", is_false, "only Karras sigmas are implemented")?;
         self.unmodelled("use_lu_lambdas", is_false, "only Karras sigmas are implemented")?;
         self.unmodelled("use_flow_sigmas", is_false, "flow-matching sigmas are not implemented")?;
-        self.unmodelled("algorithm_type", |v| v.as_str() == Some("dpmsolver++"), "only dpmsolver++ is implemented")?;
-        self.unmodelled("interpolation_type", |v| v.as_str() == Some("linear"), "only linear sigma interpolation is implemented")?;
-        self.unmodelled("timestep_type", |v| v.as_str() == Some("discrete"), "only discrete timesteps are implemented")?;
+        self.unmodelled(
+            "algorithm_type",
+            |v| v.as_str() == Some("dpmsolver++"),
+            "only dpmsolver++ is implemented",
+        )?;
+        self.unmodelled(
+            "interpolation_type",
+            |v| v.as_str() == Some("linear"),
+            "only linear sigma interpolation is implemented",
+        )?;
+        self.unmodelled(
+            "timestep_type",
+            |v| v.as_str() == Some("discrete"),
+            "only discrete timesteps are implemented",
+        )?;
         let cfg = SchedulerConfig {
             class_name,
-            num_train_timesteps: self.usize("num_train_timesteps")?.unwrap_or(d.num_train_timesteps),
+            num_train_timesteps: self
+                .usize("num_train_timesteps")?
+                .unwrap_or(d.num_train_timesteps),
             beta_start: self.f64("beta_start")?.unwrap_or(d.beta_start),
             beta_end: self.f64("beta_end")?.unwrap_or(d.beta_end),
-            beta_schedule: self.choice("beta_schedule", &BetaSchedule::NAMES, BetaSchedule::parse)?.unwrap_or(d.beta_schedule),
+            beta_schedule: self
+                .choice("beta_schedule", &BetaSchedule::NAMES, BetaSchedule::parse)?
+                .unwrap_or(d.beta_schedule),
             trained_betas,
-            prediction_type: self.choice("prediction_type", &PredictionType::NAMES, PredictionType::parse)?.unwrap_or(d.prediction_type),
-            timestep_spacing: self.choice("timestep_spacing", &TimestepSpacing::NAMES, TimestepSpacing::parse)?,
+            prediction_type: self
+                .choice("prediction_type", &PredictionType::NAMES, PredictionType::parse)?
+                .unwrap_or(d.prediction_type),
+            timestep_spacing: self.choice(
+                "timestep_spacing",
+                &TimestepSpacing::NAMES,
+                TimestepSpacing::parse,
+            )?,
             steps_offset: self.usize("steps_offset")?.unwrap_or(d.steps_offset),
             set_alpha_to_one: self.bool("set_alpha_to_one")?.unwrap_or(d.set_alpha_to_one),
             clip_sample: self.bool("clip_sample")?,
@@ -389,8 +476,14 @@ impl Reader<'_> {
             use_karras_sigmas: self.bool("use_karras_sigmas")?.unwrap_or(d.use_karras_sigmas),
             sigma_min: self.f64("sigma_min")?,
             sigma_max: self.f64("sigma_max")?,
-            variance_type: self.choice("variance_type", &VarianceType::NAMES, VarianceType::parse)?,
-            rescale_betas_zero_snr: self.bool("rescale_betas_zero_snr")?.unwrap_or(d.rescale_betas_zero_snr),
+            variance_type: self.choice(
+                "variance_type",
+                &VarianceType::NAMES,
+                VarianceType::parse,
+            )?,
+            rescale_betas_zero_snr: self
+                .bool("rescale_betas_zero_snr")?
+                .unwrap_or(d.rescale_betas_zero_snr),
             final_sigmas_type: final_sigmas_type.unwrap_or(d.final_sigmas_type),
             solver_order: self.usize("solver_order")?.unwrap_or(d.solver_order),
             solver_type_heun: solver_type_heun.unwrap_or(d.solver_type_heun),

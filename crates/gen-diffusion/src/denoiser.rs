@@ -57,7 +57,11 @@ where
     if timesteps.len() != b || alpha_cumprod.len() != b {
         return Err(Error::invalid(
             "guided_prediction",
-            format!("batch {b} but {} timesteps and {} alphas", timesteps.len(), alpha_cumprod.len()),
+            format!(
+                "batch {b} but {} timesteps and {} alphas",
+                timesteps.len(),
+                alpha_cumprod.len()
+            ),
         ));
     }
     let branches = guidance.branches(step);
@@ -72,21 +76,36 @@ where
     }
     let outs = denoiser.predict(x_in, timesteps, &cond_refs)?;
     if outs.len() != branches.len() {
-        return Err(Error::msg(format!("denoiser returned {} predictions for {} branches", outs.len(), branches.len())));
+        return Err(Error::msg(format!(
+            "denoiser returned {} predictions for {} branches",
+            outs.len(),
+            branches.len()
+        )));
     }
     let mut cond = None;
     let mut uncond = None;
     for (br, out) in branches.iter().zip(outs) {
         if out.dims() != x_in.dims() {
-            return Err(Error::invalid("denoiser output", format!("shape {:?} for input {:?} (branch {br:?})", out.dims(), x_in.dims())));
+            return Err(Error::invalid(
+                "denoiser output",
+                format!("shape {:?} for input {:?} (branch {br:?})", out.dims(), x_in.dims()),
+            ));
         }
         match br {
             Branch::Cond => cond = Some(out),
             Branch::Uncond => uncond = Some(out),
         }
     }
-    let cond = cond.ok_or_else(|| Error::msg(format!("guidance `{}` did not ask for the conditional branch", guidance.name())))?;
-    let preds = Predictions { cond, uncond, x_t: x_in.clone(), alpha_cumprod: alpha_cumprod.to_vec(), prediction_type: denoiser.prediction_type() };
+    let cond = cond.ok_or_else(|| {
+        Error::msg(format!("guidance `{}` did not ask for the conditional branch", guidance.name()))
+    })?;
+    let preds = Predictions {
+        cond,
+        uncond,
+        x_t: x_in.clone(),
+        alpha_cumprod: alpha_cumprod.to_vec(),
+        prediction_type: denoiser.prediction_type(),
+    };
     let g = guidance.combine(&preds, step)?;
     let model_output = preds.to_space(&g.value, g.space, Space::ModelOutput)?;
     let x0 = preds.to_space(&g.value, g.space, Space::X0)?;

@@ -35,11 +35,14 @@ pub mod schedulers;
 pub use config::{FinalSigmas, SchedulerConfig, SchedulerKind, VarianceType};
 pub use denoiser::{guided_prediction, Conditions, Denoiser, GuidedPrediction};
 pub use guidance::{
-    Apg, ApgConfig, ApgFormulation, Branch, Cfg, Guidance, GuidanceConfig, GuidanceMethod, Guided, Interval, IntervalRange, NoGuidance, Predictions, Rescale,
-    Space, StepInfo,
+    Apg, ApgConfig, ApgFormulation, Branch, Cfg, Guidance, GuidanceConfig, GuidanceMethod, Guided,
+    Interval, IntervalRange, NoGuidance, Predictions, Rescale, Space, StepInfo,
 };
 pub use prediction::{convert, to_eps, to_v, to_x0, PredictionType};
 pub use sampling::{sample, start_from_noise, SampleEvent};
 pub use schedule::{BetaSchedule, TimestepSpacing};
 pub use scheduler::{Scheduler, StepOutput};
-pub use schedulers::{DdimScheduler, DdpmScheduler, DpmSolverMultistepScheduler, EulerAncestralScheduler, EulerScheduler};
+pub use schedulers::{
+    DdimScheduler, DdpmScheduler, DpmSolverMultistepScheduler, EulerAncestralScheduler,
+    EulerScheduler,
+};

@@ -53,7 +53,12 @@ pub fn per_sample(values: &[f64], like: &Tensor) -> Result<Tensor> {
     if values.len() != b {
         return Err(Error::invalid(
             "per-sample coefficients",
-            format!("{} values for a batch of {} (tensor shape {:?})", values.len(), b, like.dims()),
+            format!(
+                "{} values for a batch of {} (tensor shape {:?})",
+                values.len(),
+                b,
+                like.dims()
+            ),
         ));
     }
     let mut shape = vec![1usize; like.rank()];
@@ -64,7 +69,10 @@ pub fn per_sample(values: &[f64], like: &Tensor) -> Result<Tensor> {
 /// `p * x + q * y` with per-sample coefficients `p`, `q` (length B).
 fn lin2(x: &Tensor, p: &[f64], y: &Tensor, q: &[f64]) -> Result<Tensor> {
     if x.dims() != y.dims() {
-        return Err(Error::invalid("prediction conversion", format!("shapes {:?} and {:?} differ", x.dims(), y.dims())));
+        return Err(Error::invalid(
+            "prediction conversion",
+            format!("shapes {:?} and {:?} differ", x.dims(), y.dims()),
+        ));
     }
     // Coefficients in f64 when the data is f64, else in the data's dtype.
     let px = x.broadcast_mul(&per_sample(p, x)?)?;
@@ -82,7 +90,12 @@ fn check_alpha(alpha_cumprod: &[f64]) -> Result<()> {
 }
 
 /// Clean-sample estimate x0 from a model prediction `pred` of kind `kind` at noisy input `x_t`.
-pub fn to_x0(pred: &Tensor, x_t: &Tensor, alpha_cumprod: &[f64], kind: PredictionType) -> Result<Tensor> {
+pub fn to_x0(
+    pred: &Tensor,
+    x_t: &Tensor,
+    alpha_cumprod: &[f64],
+    kind: PredictionType,
+) -> Result<Tensor> {
     check_alpha(alpha_cumprod)?;
     let sa: Vec<f64> = alpha_cumprod.iter().map(|a| a.sqrt()).collect();
     let sb: Vec<f64> = alpha_cumprod.iter().map(|a| (1.0 - a).sqrt()).collect();
@@ -106,7 +119,12 @@ pub fn to_x0(pred: &Tensor, x_t: &Tensor, alpha_cumprod: &[f64], kind: Predictio
 }
 
 /// Noise estimate eps from a model prediction. Undefined where `a = 1` for `sample` predictions.
-pub fn to_eps(pred: &Tensor, x_t: &Tensor, alpha_cumprod: &[f64], kind: PredictionType) -> Result<Tensor> {
+pub fn to_eps(
+    pred: &Tensor,
+    x_t: &Tensor,
+    alpha_cumprod: &[f64],
+    kind: PredictionType,
+) -> Result<Tensor> {
     check_alpha(alpha_cumprod)?;
     let sa: Vec<f64> = alpha_cumprod.iter().map(|a| a.sqrt()).collect();
     let sb: Vec<f64> = alpha_cumprod.iter().map(|a| (1.0 - a).sqrt()).collect();
@@ -115,7 +133,10 @@ pub fn to_eps(pred: &Tensor, x_t: &Tensor, alpha_cumprod: &[f64], kind: Predicti
         // eps = (x_t - sqrt(a) x0) / sqrt(1-a)
         PredictionType::Sample => {
             if sb.contains(&0.0) {
-                return Err(Error::invalid("to_eps", "alpha_cumprod = 1: eps is undefined for a sample prediction"));
+                return Err(Error::invalid(
+                    "to_eps",
+                    "alpha_cumprod = 1: eps is undefined for a sample prediction",
+                ));
             }
             let p: Vec<f64> = sb.iter().map(|b| 1.0 / b).collect();
             let q: Vec<f64> = sa.iter().zip(&sb).map(|(s, b)| -s / b).collect();
@@ -127,7 +148,12 @@ pub fn to_eps(pred: &Tensor, x_t: &Tensor, alpha_cumprod: &[f64], kind: Predicti
 }
 
 /// Velocity v from a model prediction.
-pub fn to_v(pred: &Tensor, x_t: &Tensor, alpha_cumprod: &[f64], kind: PredictionType) -> Result<Tensor> {
+pub fn to_v(
+    pred: &Tensor,
+    x_t: &Tensor,
+    alpha_cumprod: &[f64],
+    kind: PredictionType,
+) -> Result<Tensor> {
     match kind {
         PredictionType::VPrediction => Ok(pred.clone()),
         _ => {
@@ -141,7 +167,13 @@ pub fn to_v(pred: &Tensor, x_t: &Tensor, alpha_cumprod: &[f64], kind: Prediction
 }
 
 /// Converts a prediction of kind `from` into kind `to`.
-pub fn convert(pred: &Tensor, x_t: &Tensor, alpha_cumprod: &[f64], from: PredictionType, to: PredictionType) -> Result<Tensor> {
+pub fn convert(
+    pred: &Tensor,
+    x_t: &Tensor,
+    alpha_cumprod: &[f64],
+    from: PredictionType,
+    to: PredictionType,
+) -> Result<Tensor> {
     if from == to {
         return Ok(pred.clone());
     }
@@ -169,8 +201,20 @@ mod tests {
         let a = [0.81f64, 0.36];
         // x_t = sqrt(a) x0 + sqrt(1-a) eps, by hand: sample 0: 0.9*x0 + sqrt(0.19)*eps
         let s19 = 0.19f64.sqrt();
-        let xt = Tensor::new(&[[0.9 * 0.3 + s19 * 1.1, 0.9 * -1.2 + s19 * 0.4], [0.6 * 2.0 + 0.8 * -0.7, 0.6 * 0.5 + 0.8 * 0.2]], &dev).unwrap();
-        let v_hand = [0.9 * 1.1 - s19 * 0.3, 0.9 * 0.4 - s19 * -1.2, 0.6 * -0.7 - 0.8 * 2.0, 0.6 * 0.2 - 0.8 * 0.5];
+        let xt = Tensor::new(
+            &[
+                [0.9 * 0.3 + s19 * 1.1, 0.9 * -1.2 + s19 * 0.4],
+                [0.6 * 2.0 + 0.8 * -0.7, 0.6 * 0.5 + 0.8 * 0.2],
+            ],
+            &dev,
+        )
+        .unwrap();
+        let v_hand = [
+            0.9 * 1.1 - s19 * 0.3,
+            0.9 * 0.4 - s19 * -1.2,
+            0.6 * -0.7 - 0.8 * 2.0,
+            0.6 * 0.2 - 0.8 * 0.5,
+        ];
         let v = to_v(&eps, &xt, &a, PredictionType::Epsilon).unwrap();
         for (g, e) in vals(&v).iter().zip(v_hand) {
             assert!((g - e).abs() < 1e-12);

@@ -59,7 +59,13 @@ where
         let step = StepInfo { step: Some((i, n)), timestep: t, sigma: ((1.0 - a) / a).sqrt() };
         let (ts, alphas) = (vec![t; b], vec![a; b]);
         let g = guided_prediction(denoiser, guidance, &x_in, &ts, &alphas, conds, &step)?;
-        let out = convert(&g.model_output, &x_in, &alphas, denoiser.prediction_type(), scheduler.prediction_type())?;
+        let out = convert(
+            &g.model_output,
+            &x_in,
+            &alphas,
+            denoiser.prediction_type(),
+            scheduler.prediction_type(),
+        )?;
         let s = scheduler.step(&out, t, &x, rng)?;
         x = s.prev_sample;
         progress(&SampleEvent { step: i, num_steps: n, timestep: t, sample: &x, pred_x0: &g.x0 });

@@ -82,7 +82,13 @@ pub fn linspace_f32(start: f64, end: f64, n: usize) -> Vec<f32> {
     let step = (e - s) / (n - 1) as f32;
     let half = n / 2;
     (0..n)
-        .map(|i| if i < half { step.mul_add(i as f32, s) } else { (-step).mul_add((n - i - 1) as f32, e) })
+        .map(|i| {
+            if i < half {
+                step.mul_add(i as f32, s)
+            } else {
+                (-step).mul_add((n - i - 1) as f32, e)
+            }
+        })
         .collect()
 }
 
@@ -115,13 +121,20 @@ pub fn betas_for_alpha_bar(num_train_timesteps: usize, max_beta: f64) -> Vec<f32
 }
 
 /// Betas of a schedule, in f32 as diffusers stores them.
-pub fn betas(schedule: BetaSchedule, beta_start: f64, beta_end: f64, num_train_timesteps: usize) -> Vec<f32> {
+pub fn betas(
+    schedule: BetaSchedule,
+    beta_start: f64,
+    beta_end: f64,
+    num_train_timesteps: usize,
+) -> Vec<f32> {
     match schedule {
         BetaSchedule::Linear => linspace_f32(beta_start, beta_end, num_train_timesteps),
-        BetaSchedule::ScaledLinear => linspace_f32(beta_start.sqrt(), beta_end.sqrt(), num_train_timesteps)
-            .into_iter()
-            .map(|b| b * b)
-            .collect(),
+        BetaSchedule::ScaledLinear => {
+            linspace_f32(beta_start.sqrt(), beta_end.sqrt(), num_train_timesteps)
+                .into_iter()
+                .map(|b| b * b)
+                .collect()
+        }
         BetaSchedule::SquaredcosCapV2 => betas_for_alpha_bar(num_train_timesteps, 0.999),
     }
 }
@@ -158,7 +171,12 @@ pub fn rescale_zero_terminal_snr(betas: &[f32]) -> Vec<f32> {
 }
 
 /// Integer inference timesteps of DDIM / DDPM (descending).
-pub fn discrete_timesteps(spacing: TimestepSpacing, num_train: usize, n: usize, steps_offset: usize) -> Vec<i64> {
+pub fn discrete_timesteps(
+    spacing: TimestepSpacing,
+    num_train: usize,
+    n: usize,
+    steps_offset: usize,
+) -> Vec<i64> {
     match spacing {
         TimestepSpacing::Linspace => linspace_f64(0.0, (num_train - 1) as f64, n)
             .into_iter()
@@ -169,7 +187,9 @@ pub fn discrete_timesteps(spacing: TimestepSpacing, num_train: usize, n: usize, 
             let ratio = num_train / n;
             (0..n).rev().map(|i| (i * ratio + steps_offset) as i64).collect()
         }
-        TimestepSpacing::Trailing => trailing(num_train as f64, num_train, n).into_iter().map(|t| t as i64).collect(),
+        TimestepSpacing::Trailing => {
+            trailing(num_train as f64, num_train, n).into_iter().map(|t| t as i64).collect()
+        }
     }
 }
 
@@ -183,11 +203,20 @@ pub(crate) fn trailing(last: f64, num_train: usize, n: usize) -> Vec<f64> {
 
 /// Float inference timesteps of the sigma-based schedulers (Euler, Euler ancestral), as f32
 /// values (diffusers keeps them in f32).
-pub fn float_timesteps(spacing: TimestepSpacing, num_train: usize, n: usize, steps_offset: usize) -> Vec<f64> {
+pub fn float_timesteps(
+    spacing: TimestepSpacing,
+    num_train: usize,
+    n: usize,
+    steps_offset: usize,
+) -> Vec<f64> {
     match spacing {
         TimestepSpacing::Linspace => {
             // np.linspace(0, T-1, n, dtype=float32): computed in f64, cast to f32.
-            linspace_f64(0.0, (num_train - 1) as f64, n).into_iter().rev().map(|t| t as f32 as f64).collect()
+            linspace_f64(0.0, (num_train - 1) as f64, n)
+                .into_iter()
+                .rev()
+                .map(|t| t as f32 as f64)
+                .collect()
         }
         TimestepSpacing::Leading => {
             let ratio = num_train / n;
@@ -239,7 +268,10 @@ pub fn interp_index(x: f64, fp: &[f64]) -> f64 {
 pub fn karras_sigmas(sigma_min: f64, sigma_max: f64, n: usize) -> Vec<f64> {
     let rho = 7.0;
     let (min_inv, max_inv) = (sigma_min.powf(1.0 / rho), sigma_max.powf(1.0 / rho));
-    linspace_f64(0.0, 1.0, n).into_iter().map(|r| (max_inv + r * (min_inv - max_inv)).powf(rho)).collect()
+    linspace_f64(0.0, 1.0, n)
+        .into_iter()
+        .map(|r| (max_inv + r * (min_inv - max_inv)).powf(rho))
+        .collect()
 }
 
 /// Fractional training timestep whose log-sigma matches `sigma` (diffusers' `_sigma_to_t`):
@@ -279,9 +311,18 @@ mod tests {
 
     #[test]
     fn spacings_match_hand_values() {
-        assert_eq!(discrete_timesteps(TimestepSpacing::Leading, 1000, 10, 1), vec![901, 801, 701, 601, 501, 401, 301, 201, 101, 1]);
-        assert_eq!(discrete_timesteps(TimestepSpacing::Trailing, 1000, 10, 0), vec![999, 899, 799, 699, 599, 499, 399, 299, 199, 99]);
-        assert_eq!(discrete_timesteps(TimestepSpacing::Linspace, 1000, 4, 0), vec![999, 666, 333, 0]);
+        assert_eq!(
+            discrete_timesteps(TimestepSpacing::Leading, 1000, 10, 1),
+            vec![901, 801, 701, 601, 501, 401, 301, 201, 101, 1]
+        );
+        assert_eq!(
+            discrete_timesteps(TimestepSpacing::Trailing, 1000, 10, 0),
+            vec![999, 899, 799, 699, 599, 499, 399, 299, 199, 99]
+        );
+        assert_eq!(
+            discrete_timesteps(TimestepSpacing::Linspace, 1000, 4, 0),
+            vec![999, 666, 333, 0]
+        );
         assert_eq!(round_half_even(2.5), 2.0);
         assert_eq!(round_half_even(3.5), 4.0);
         assert_eq!(round_half_even(-0.4), -0.0);

@@ -51,9 +51,21 @@ pub trait Scheduler: Send {
     fn needs_noise(&self, t: f64) -> bool;
     /// One step with explicitly given noise (`None` only when `needs_noise(t)` is false).
     /// `model_output` is of the configured prediction type, computed at `scale_model_input(sample, t)`.
-    fn step_with_noise(&mut self, model_output: &Tensor, t: f64, sample: &Tensor, noise: Option<&Tensor>) -> Result<StepOutput>;
+    fn step_with_noise(
+        &mut self,
+        model_output: &Tensor,
+        t: f64,
+        sample: &Tensor,
+        noise: Option<&Tensor>,
+    ) -> Result<StepOutput>;
     /// One step, drawing noise (when needed) from `rng` in the sample's shape.
-    fn step(&mut self, model_output: &Tensor, t: f64, sample: &Tensor, rng: &mut SeededRng) -> Result<StepOutput> {
+    fn step(
+        &mut self,
+        model_output: &Tensor,
+        t: f64,
+        sample: &Tensor,
+        rng: &mut SeededRng,
+    ) -> Result<StepOutput> {
         if self.needs_noise(t) {
             let noise = rng.randn(sample.shape(), sample.dtype(), sample.device())?;
             self.step_with_noise(model_output, t, sample, Some(&noise))
@@ -86,7 +98,12 @@ impl TrainSchedule {
         cfg.validate()?;
         let mut betas = match &cfg.trained_betas {
             Some(b) => b.iter().map(|&x| x as f32).collect(),
-            None => schedule::betas(cfg.beta_schedule, cfg.beta_start, cfg.beta_end, cfg.num_train_timesteps),
+            None => schedule::betas(
+                cfg.beta_schedule,
+                cfg.beta_start,
+                cfg.beta_end,
+                cfg.num_train_timesteps,
+            ),
         };
         if cfg.rescale_betas_zero_snr {
             betas = schedule::rescale_zero_terminal_snr(&betas);
@@ -110,7 +127,10 @@ impl TrainSchedule {
 /// Checks that `t` is an integer timestep in range.
 pub(crate) fn int_timestep(t: f64, num_train: usize) -> Result<usize> {
     if t.fract() != 0.0 || t < 0.0 || t >= num_train as f64 {
-        return Err(Error::invalid("timestep", format!("{t} is not an integer in [0, {num_train})")));
+        return Err(Error::invalid(
+            "timestep",
+            format!("{t} is not an integer in [0, {num_train})"),
+        ));
     }
     Ok(t as usize)
 }
@@ -122,7 +142,10 @@ pub(crate) fn strength_start(n: usize, strength: Option<f64>) -> Result<usize> {
         Some(s) if s > 0.0 && s <= 1.0 => {
             let init = ((n as f64 * s) as usize).min(n);
             if init == 0 {
-                return Err(Error::invalid("strength", format!("{s} with {n} steps leaves no step to run")));
+                return Err(Error::invalid(
+                    "strength",
+                    format!("{s} with {n} steps leaves no step to run"),
+                ));
             }
             Ok(n - init)
         }
@@ -132,7 +155,10 @@ pub(crate) fn strength_start(n: usize, strength: Option<f64>) -> Result<usize> {
 
 pub(crate) fn check_steps(n: usize, num_train: usize) -> Result<()> {
     if n == 0 || n > num_train {
-        return Err(Error::invalid("num_inference_steps", format!("{n} (must be in 1..={num_train})")));
+        return Err(Error::invalid(
+            "num_inference_steps",
+            format!("{n} (must be in 1..={num_train})"),
+        ));
     }
     Ok(())
 }
@@ -143,12 +169,19 @@ pub(crate) fn not_set() -> Error {
 
 pub(crate) fn check_same_shape(a: &Tensor, b: &Tensor, what: &str) -> Result<()> {
     if a.dims() != b.dims() {
-        return Err(Error::invalid(what, format!("shape {:?} differs from the sample's {:?}", a.dims(), b.dims())));
+        return Err(Error::invalid(
+            what,
+            format!("shape {:?} differs from the sample's {:?}", a.dims(), b.dims()),
+        ));
     }
     Ok(())
 }
 
-pub(crate) fn need_noise<'a>(noise: Option<&'a Tensor>, sample: &Tensor, who: &str) -> Result<&'a Tensor> {
+pub(crate) fn need_noise<'a>(
+    noise: Option<&'a Tensor>,
+    sample: &Tensor,
+    who: &str,
+) -> Result<&'a Tensor> {
     let n = noise.ok_or_else(|| Error::invalid(who, "this step needs noise but none was given"))?;
     check_same_shape(n, sample, "noise")?;
     Ok(n)
@@ -162,7 +195,8 @@ pub(crate) fn axpby(p: f64, x: &Tensor, q: f64, y: &Tensor) -> Result<Tensor> {
 /// diffusers' `index_for_timestep`: position of `t` in `schedule`; the second match when it
 /// occurs twice (so image-to-image does not skip a sigma).
 pub(crate) fn index_for_timestep(t: f64, schedule: &[f64]) -> Result<usize> {
-    let idx: Vec<usize> = schedule.iter().enumerate().filter(|(_, &s)| s == t).map(|(i, _)| i).collect();
+    let idx: Vec<usize> =
+        schedule.iter().enumerate().filter(|(_, &s)| s == t).map(|(i, _)| i).collect();
     match idx.len() {
         0 => Err(Error::invalid("timestep", format!("{t} is not in the scheduler's timesteps"))),
         1 => Ok(idx[0]),

@@ -4,7 +4,9 @@
 use anyhow::Result;
 use candle_core::{DType, Device};
 use gen_core::SeededRng;
-use gen_diffusion::{BetaSchedule, PredictionType, SchedulerConfig, SchedulerKind, TimestepSpacing};
+use gen_diffusion::{
+    BetaSchedule, PredictionType, SchedulerConfig, SchedulerKind, TimestepSpacing,
+};
 
 /// Stable Diffusion 1.5's scheduler/scheduler_config.json (a PNDM config).
 const SD15: &str = r#"{
@@ -37,7 +39,8 @@ const SD21: &str = r#"{
 }"#;
 
 fn tmp_file(name: &str, text: &str) -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("gen-diffusion-config-test-{}", std::process::id()));
+    let dir =
+        std::env::temp_dir().join(format!("gen-diffusion-config-test-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let p = dir.join(name);
     std::fs::write(&p, text).unwrap();
@@ -48,7 +51,10 @@ fn tmp_file(name: &str, text: &str) -> std::path::PathBuf {
 fn stable_diffusion_configs_parse() -> Result<()> {
     let c = SchedulerConfig::from_json_str(SD15, "sd15/scheduler_config.json")?;
     assert_eq!(c.class_name.as_deref(), Some("PNDMScheduler"));
-    assert_eq!((c.beta_schedule, c.steps_offset, c.set_alpha_to_one, c.clip_sample), (BetaSchedule::ScaledLinear, 1, false, Some(false)));
+    assert_eq!(
+        (c.beta_schedule, c.steps_offset, c.set_alpha_to_one, c.clip_sample),
+        (BetaSchedule::ScaledLinear, 1, false, Some(false))
+    );
     assert_eq!(c.prediction_type, PredictionType::Epsilon);
     // PNDM is not implemented: the error lists what is
     let err = c.build().err().unwrap().to_string();
@@ -80,7 +86,12 @@ fn errors_name_the_file_and_field() -> Result<()> {
 
     let p = tmp_file("bad_pred.json", r#"{"prediction_type": "flow"}"#);
     let e = SchedulerConfig::from_file(&p).unwrap_err().to_string();
-    assert!(e.contains("bad_pred.json") && e.contains("prediction_type") && e.contains("epsilon, v_prediction, sample"), "{e}");
+    assert!(
+        e.contains("bad_pred.json")
+            && e.contains("prediction_type")
+            && e.contains("epsilon, v_prediction, sample"),
+        "{e}"
+    );
 
     let p = tmp_file("bad_schedule.json", r#"{"beta_schedule": "sigmoid"}"#);
     let e = SchedulerConfig::from_file(&p).unwrap_err().to_string();
@@ -90,10 +101,14 @@ fn errors_name_the_file_and_field() -> Result<()> {
     let e = SchedulerConfig::from_file(&p).unwrap_err().to_string();
     assert!(e.contains("thresh.json") && e.contains("thresholding"), "{e}");
     // the diffusers default of an unmodelled field is fine
-    let p = tmp_file("thresh_off.json", r#"{"thresholding": false, "algorithm_type": "dpmsolver++"}"#);
+    let p =
+        tmp_file("thresh_off.json", r#"{"thresholding": false, "algorithm_type": "dpmsolver++"}"#);
     SchedulerConfig::from_file(&p)?;
 
-    let p = tmp_file("algo.json", r#"{"_class_name": "DPMSolverMultistepScheduler", "algorithm_type": "sde-dpmsolver++"}"#);
+    let p = tmp_file(
+        "algo.json",
+        r#"{"_class_name": "DPMSolverMultistepScheduler", "algorithm_type": "sde-dpmsolver++"}"#,
+    );
     let e = SchedulerConfig::from_file(&p).unwrap_err().to_string();
     assert!(e.contains("algorithm_type") && e.contains("sde-dpmsolver++"), "{e}");
 
@@ -114,9 +129,15 @@ fn errors_name_the_file_and_field() -> Result<()> {
     assert!(e.contains("gen-diffusion-no-such-dir"), "{e}");
 
     let e = SchedulerKind::parse("LMSDiscreteScheduler").unwrap_err().to_string();
-    assert!(e.contains("LMSDiscreteScheduler") && e.contains("DDIMScheduler") && e.contains("dpmpp_2m"), "{e}");
+    assert!(
+        e.contains("LMSDiscreteScheduler") && e.contains("DDIMScheduler") && e.contains("dpmpp_2m"),
+        "{e}"
+    );
     assert_eq!(SchedulerKind::parse("euler_a")?, SchedulerKind::EulerAncestral);
-    assert_eq!(SchedulerKind::parse("DPMSolverMultistepScheduler")?, SchedulerKind::DpmSolverMultistep);
+    assert_eq!(
+        SchedulerKind::parse("DPMSolverMultistepScheduler")?,
+        SchedulerKind::DpmSolverMultistep
+    );
     Ok(())
 }
 
@@ -129,7 +150,11 @@ fn config_round_trips_through_json_and_serde() -> Result<()> {
     c.prediction_type = PredictionType::VPrediction;
     c.eta = 0.25;
     let text = serde_json::to_string(&c)?;
-    assert!(text.contains(r#""solver_type":"heun""#) && text.contains(r#""_class_name":"DPMSolverMultistepScheduler""#), "{text}");
+    assert!(
+        text.contains(r#""solver_type":"heun""#)
+            && text.contains(r#""_class_name":"DPMSolverMultistepScheduler""#),
+        "{text}"
+    );
     let back = SchedulerConfig::from_json_str(&text, "roundtrip")?;
     assert_eq!(back, c);
     let via_serde: SchedulerConfig = serde_json::from_str(&text)?;

@@ -6,7 +6,8 @@ use candle_core::{DType, Device, Tensor, Var};
 use gen_core::SeededRng;
 use gen_diffusion::prediction::{to_eps, to_v, to_x0};
 use gen_diffusion::{
-    Apg, ApgConfig, ApgFormulation, Cfg, Guidance, Predictions, PredictionType, Rescale, Scheduler, SchedulerConfig, SchedulerKind, Space, StepInfo,
+    Apg, ApgConfig, ApgFormulation, Cfg, Guidance, PredictionType, Predictions, Rescale, Scheduler,
+    SchedulerConfig, SchedulerKind, Space, StepInfo,
 };
 
 const SHAPE: (usize, usize, usize, usize) = (2, 2, 2, 3);
@@ -19,11 +20,14 @@ fn fd_check(name: &str, inputs: &[Tensor], f: &dyn Fn(&[Tensor]) -> Result<Tenso
     let seed = SeededRng::new(99).randn(out.shape(), DType::F64, &Device::Cpu)?;
     let loss = (&out * &seed)?.sum_all()?;
     let grads = loss.backward()?;
-    let eval = |xs: &[Tensor]| -> Result<f64> { Ok((f(xs)? * &seed)?.sum_all()?.to_scalar::<f64>()?) };
+    let eval =
+        |xs: &[Tensor]| -> Result<f64> { Ok((f(xs)? * &seed)?.sum_all()?.to_scalar::<f64>()?) };
     let h = 1e-6;
     let mut worst = 0.0f64;
     for (k, v) in vars.iter().enumerate() {
-        let g = grads.get(v.as_tensor()).ok_or_else(|| anyhow::anyhow!("{name}: no gradient for input {k}"))?;
+        let g = grads
+            .get(v.as_tensor())
+            .ok_or_else(|| anyhow::anyhow!("{name}: no gradient for input {k}"))?;
         let g: Vec<f64> = g.flatten_all()?.to_vec1()?;
         let base: Vec<f64> = inputs[k].flatten_all()?.to_vec1()?;
         for i in 0..base.len() {
@@ -50,7 +54,13 @@ fn randn(seed: u64, scale: f64) -> Tensor {
 }
 
 fn preds(c: &Tensor, u: &Tensor, x: &Tensor, kind: PredictionType) -> Predictions {
-    Predictions { cond: c.clone(), uncond: Some(u.clone()), x_t: x.clone(), alpha_cumprod: vec![0.4, 0.8], prediction_type: kind }
+    Predictions {
+        cond: c.clone(),
+        uncond: Some(u.clone()),
+        x_t: x.clone(),
+        alpha_cumprod: vec![0.4, 0.8],
+        prediction_type: kind,
+    }
 }
 
 const STEP: StepInfo = StepInfo { step: Some((0, 1)), timestep: 500.0, sigma: 1.0 };
@@ -59,14 +69,27 @@ const STEP: StepInfo = StepInfo { step: Some((0, 1)), timestep: 500.0, sigma: 1.
 fn guidance_gradients_match_finite_differences() -> Result<()> {
     let c = randn(1, 1.0);
     // sample 0: large difference (norm threshold active), sample 1: small
-    let u = (&c - Tensor::cat(&[randn(2, 3.0).narrow(0, 0, 1)?, randn(3, 0.2).narrow(0, 1, 1)?], 0)?)?;
+    let u =
+        (&c - Tensor::cat(&[randn(2, 3.0).narrow(0, 0, 1)?, randn(3, 0.2).narrow(0, 1, 1)?], 0)?)?;
     let x = randn(4, 1.0);
-    fd_check("cfg", &[c.clone(), u.clone()], &|t| Ok(Cfg::new(5.0)?.combine(&preds(&t[0], &t[1], &x, PredictionType::Epsilon), &STEP)?.value))?;
-    let apg = |f: ApgFormulation, r: f64, space: Space| ApgConfig { scale: 6.0, eta: 0.3, norm_threshold: r, momentum: 0.0, formulation: f, space };
+    fd_check("cfg", &[c.clone(), u.clone()], &|t| {
+        Ok(Cfg::new(5.0)?.combine(&preds(&t[0], &t[1], &x, PredictionType::Epsilon), &STEP)?.value)
+    })?;
+    let apg = |f: ApgFormulation, r: f64, space: Space| ApgConfig {
+        scale: 6.0,
+        eta: 0.3,
+        norm_threshold: r,
+        momentum: 0.0,
+        formulation: f,
+        space,
+    };
     fd_check("apg paper r=2 (model output)", &[c.clone(), u.clone()], &|t| {
         Ok(Apg::new(apg(ApgFormulation::Paper, 2.0, Space::ModelOutput))?.guide(&t[0], &t[1])?)
     })?;
-    fd_check("apg diffusers r=2", &[c.clone(), u.clone()], &|t| Ok(Apg::new(apg(ApgFormulation::Diffusers, 2.0, Space::ModelOutput))?.guide(&t[0], &t[1])?))?;
+    fd_check("apg diffusers r=2", &[c.clone(), u.clone()], &|t| {
+        Ok(Apg::new(apg(ApgFormulation::Diffusers, 2.0, Space::ModelOutput))?
+            .guide(&t[0], &t[1])?)
+    })?;
     fd_check("apg paper x0 space, eps model", &[c.clone(), u.clone(), x.clone()], &|t| {
         let mut g = Apg::new(apg(ApgFormulation::Paper, 2.0, Space::X0))?;
         let p = preds(&t[0], &t[1], &t[2], PredictionType::Epsilon);
@@ -77,11 +100,18 @@ fn guidance_gradients_match_finite_differences() -> Result<()> {
     let c2 = randn(5, 1.0);
     let u2 = (&c2 - randn(6, 1.0))?;
     fd_check("apg momentum, 2 steps", &[c.clone(), u.clone(), c2.clone(), u2.clone()], &|t| {
-        let mut g = Apg::new(ApgConfig { momentum: -0.5, ..apg(ApgFormulation::Paper, 3.0, Space::ModelOutput) })?;
+        let mut g = Apg::new(ApgConfig {
+            momentum: -0.5,
+            ..apg(ApgFormulation::Paper, 3.0, Space::ModelOutput)
+        })?;
         g.guide(&t[0], &t[1])?;
         Ok(g.guide(&t[2], &t[3])?)
     })?;
-    fd_check("cfg-rescale 0.7", &[c.clone(), u.clone()], &|t| Ok(Rescale::cfg(4.0, 0.7)?.combine(&preds(&t[0], &t[1], &x, PredictionType::VPrediction), &STEP)?.value))?;
+    fd_check("cfg-rescale 0.7", &[c.clone(), u.clone()], &|t| {
+        Ok(Rescale::cfg(4.0, 0.7)?
+            .combine(&preds(&t[0], &t[1], &x, PredictionType::VPrediction), &STEP)?
+            .value)
+    })?;
     Ok(())
 }
 

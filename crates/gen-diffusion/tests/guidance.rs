@@ -5,7 +5,8 @@ use anyhow::Result;
 use candle_core::{Device, Tensor};
 use gen_diffusion::prediction::{to_eps, to_x0};
 use gen_diffusion::{
-    Apg, ApgConfig, ApgFormulation, Branch, Cfg, Guidance, Interval, IntervalRange, NoGuidance, Predictions, PredictionType, Rescale, Space, StepInfo,
+    Apg, ApgConfig, ApgFormulation, Branch, Cfg, Guidance, Interval, IntervalRange, NoGuidance,
+    PredictionType, Predictions, Rescale, Space, StepInfo,
 };
 
 fn t(rows: &[&[f64]]) -> Tensor {
@@ -27,22 +28,43 @@ fn close(a: &[f64], b: &[f64], tol: f64) {
 }
 
 fn step(k: usize, n: usize) -> StepInfo {
-    StepInfo { step: Some((k, n)), timestep: 900.0 - 100.0 * k as f64, sigma: 10.0 / (k + 1) as f64 }
+    StepInfo {
+        step: Some((k, n)),
+        timestep: 900.0 - 100.0 * k as f64,
+        sigma: 10.0 / (k + 1) as f64,
+    }
 }
 
 fn preds(c: Tensor, u: Option<Tensor>, kind: PredictionType) -> Predictions {
     let b = c.dim(0).unwrap();
-    Predictions { x_t: c.zeros_like().unwrap(), cond: c, uncond: u, alpha_cumprod: vec![0.5; b], prediction_type: kind }
+    Predictions {
+        x_t: c.zeros_like().unwrap(),
+        cond: c,
+        uncond: u,
+        alpha_cumprod: vec![0.5; b],
+        prediction_type: kind,
+    }
 }
 
 fn apg(scale: f64, eta: f64, r: f64, beta: f64, formulation: ApgFormulation) -> Apg {
-    Apg::new(ApgConfig { scale, eta, norm_threshold: r, momentum: beta, formulation, space: Space::ModelOutput }).unwrap()
+    Apg::new(ApgConfig {
+        scale,
+        eta,
+        norm_threshold: r,
+        momentum: beta,
+        formulation,
+        space: Space::ModelOutput,
+    })
+    .unwrap()
 }
 
 #[test]
 fn cfg_is_u_plus_w_c_minus_u_and_w1_skips_uncond() -> Result<()> {
     let mut g = Cfg::new(3.0)?;
-    let out = g.combine(&preds(t(&[&[1.0, 2.0]]), Some(t(&[&[0.5, -1.0]])), PredictionType::Epsilon), &step(0, 1))?;
+    let out = g.combine(
+        &preds(t(&[&[1.0, 2.0]]), Some(t(&[&[0.5, -1.0]])), PredictionType::Epsilon),
+        &step(0, 1),
+    )?;
     // 0.5 + 3*(0.5) = 2.0 ; -1 + 3*3 = 8
     close(&vals(&out.value), &[2.0, 8.0], 1e-12);
     assert_eq!(Cfg::new(1.0)?.branches(&step(0, 1)), vec![Branch::Cond]);
@@ -58,17 +80,37 @@ fn apg_projection_by_hand() -> Result<()> {
     let c = t(&[&[1.0, 0.0]]);
     let u = t(&[&[-2.0, -4.0]]);
     // paper, eta 0, w 2: c + 1 * (0, 4) = (1, 4)
-    close(&vals(&apg(2.0, 0.0, 0.0, 0.0, ApgFormulation::Paper).guide(&c, &u)?), &[1.0, 4.0], 1e-12);
+    close(
+        &vals(&apg(2.0, 0.0, 0.0, 0.0, ApgFormulation::Paper).guide(&c, &u)?),
+        &[1.0, 4.0],
+        1e-12,
+    );
     // eta 0.5: update (1.5, 4); paper w 3: c + 2*update = (4, 8)
-    close(&vals(&apg(3.0, 0.5, 0.0, 0.0, ApgFormulation::Paper).guide(&c, &u)?), &[4.0, 8.0], 1e-12);
+    close(
+        &vals(&apg(3.0, 0.5, 0.0, 0.0, ApgFormulation::Paper).guide(&c, &u)?),
+        &[4.0, 8.0],
+        1e-12,
+    );
     // diffusers: u + w update, eta 0, w 2: (-2, -4) + 2*(0, 4) = (-2, 4)
-    close(&vals(&apg(2.0, 0.0, 0.0, 0.0, ApgFormulation::Diffusers).guide(&c, &u)?), &[-2.0, 4.0], 1e-12);
+    close(
+        &vals(&apg(2.0, 0.0, 0.0, 0.0, ApgFormulation::Diffusers).guide(&c, &u)?),
+        &[-2.0, 4.0],
+        1e-12,
+    );
     // c + w update (diffusers original / ComfyUI), eta 1, w 2: (1,0) + 2*(3,4) = (7, 8)
-    close(&vals(&apg(2.0, 1.0, 0.0, 0.0, ApgFormulation::CondPlusW).guide(&c, &u)?), &[7.0, 8.0], 1e-12);
+    close(
+        &vals(&apg(2.0, 1.0, 0.0, 0.0, ApgFormulation::CondPlusW).guide(&c, &u)?),
+        &[7.0, 8.0],
+        1e-12,
+    );
     // projection is per sample: second sample c = (0, 2), delta = (3, 4): par = (0, 4), orth = (3, 0)
     let c2 = t(&[&[1.0, 0.0], &[0.0, 2.0]]);
     let u2 = t(&[&[-2.0, -4.0], &[-3.0, -2.0]]);
-    close(&vals(&apg(2.0, 0.0, 0.0, 0.0, ApgFormulation::Paper).guide(&c2, &u2)?), &[1.0, 4.0, 3.0, 2.0], 1e-12);
+    close(
+        &vals(&apg(2.0, 0.0, 0.0, 0.0, ApgFormulation::Paper).guide(&c2, &u2)?),
+        &[1.0, 4.0, 3.0, 2.0],
+        1e-12,
+    );
     Ok(())
 }
 
@@ -126,8 +168,21 @@ fn apg_eta1_r0_no_momentum_equals_cfg() -> Result<()> {
     // because the eps <-> x0 map is affine with weights summing to 1.
     let x_t = rng.randn((3, 4, 5, 5), candle_core::DType::F64, &dev)?;
     let a = vec![0.3, 0.7, 0.95];
-    let p = Predictions { cond: c.clone(), uncond: Some(u.clone()), x_t: x_t.clone(), alpha_cumprod: a.clone(), prediction_type: PredictionType::Epsilon };
-    let mut g = Apg::new(ApgConfig { scale: 5.0, eta: 1.0, norm_threshold: 0.0, momentum: 0.0, formulation: ApgFormulation::Paper, space: Space::X0 })?;
+    let p = Predictions {
+        cond: c.clone(),
+        uncond: Some(u.clone()),
+        x_t: x_t.clone(),
+        alpha_cumprod: a.clone(),
+        prediction_type: PredictionType::Epsilon,
+    };
+    let mut g = Apg::new(ApgConfig {
+        scale: 5.0,
+        eta: 1.0,
+        norm_threshold: 0.0,
+        momentum: 0.0,
+        formulation: ApgFormulation::Paper,
+        space: Space::X0,
+    })?;
     let out = g.combine(&p, &step(0, 1))?;
     assert_eq!(out.space, Space::X0);
     let eps = to_eps(&out.value, &x_t, &a, PredictionType::Sample)?;
@@ -146,7 +201,10 @@ fn apg_eta1_r0_no_momentum_equals_cfg() -> Result<()> {
 #[test]
 fn apg_default_is_paper_and_rejects_bad_values() {
     let d = ApgConfig::paper(7.0);
-    assert_eq!((d.eta, d.norm_threshold, d.momentum, d.formulation, d.space), (0.0, 15.0, -0.5, ApgFormulation::Paper, Space::X0));
+    assert_eq!(
+        (d.eta, d.norm_threshold, d.momentum, d.formulation, d.space),
+        (0.0, 15.0, -0.5, ApgFormulation::Paper, Space::X0)
+    );
     assert!(Apg::new(ApgConfig { momentum: 1.0, ..d.clone() }).is_err());
     assert!(Apg::new(ApgConfig { norm_threshold: -1.0, ..d.clone() }).is_err());
     // w = 1 (paper/diffusers) and w = 0 (c + w update) need no unconditional branch
@@ -160,12 +218,18 @@ fn cfg_rescale_by_hand() -> Result<()> {
     // c = (1, 3): std 1; u = (1, 1); w 2: x = (1, 5), std 2; x_r = (0.5, 2.5);
     // phi 0.7: 0.7 x_r + 0.3 x = (0.65, 3.25)
     let mut g = Rescale::cfg(2.0, 0.7)?;
-    let out = g.combine(&preds(t(&[&[1.0, 3.0]]), Some(t(&[&[1.0, 1.0]])), PredictionType::Epsilon), &step(0, 1))?;
+    let out = g.combine(
+        &preds(t(&[&[1.0, 3.0]]), Some(t(&[&[1.0, 1.0]])), PredictionType::Epsilon),
+        &step(0, 1),
+    )?;
     close(&vals(&out.value), &[0.65, 3.25], 1e-12);
     assert!(Rescale::cfg(2.0, 1.5).is_err());
     // phi = 0 is plain CFG
     let mut g0 = Rescale::cfg(2.0, 0.0)?;
-    let out0 = g0.combine(&preds(t(&[&[1.0, 3.0]]), Some(t(&[&[1.0, 1.0]])), PredictionType::Epsilon), &step(0, 1))?;
+    let out0 = g0.combine(
+        &preds(t(&[&[1.0, 3.0]]), Some(t(&[&[1.0, 1.0]])), PredictionType::Epsilon),
+        &step(0, 1),
+    )?;
     close(&vals(&out0.value), &[1.0, 5.0], 1e-12);
     Ok(())
 }
@@ -175,7 +239,8 @@ fn intervals_switch_guidance_on_and_off() -> Result<()> {
     let c = t(&[&[1.0, 2.0]]);
     let u = t(&[&[0.0, 0.0]]);
     // step fraction [0.25, 0.75) of 8 steps: steps 2..=5
-    let mut g = Interval::new(Cfg::new(3.0)?, IntervalRange::StepFraction { start: 0.25, stop: 0.75 })?;
+    let mut g =
+        Interval::new(Cfg::new(3.0)?, IntervalRange::StepFraction { start: 0.25, stop: 0.75 })?;
     for k in 0..8 {
         let on = (2..6).contains(&k);
         assert_eq!(g.branches(&step(k, 8)).len(), if on { 2 } else { 1 }, "step {k}");
@@ -195,8 +260,11 @@ fn intervals_switch_guidance_on_and_off() -> Result<()> {
     assert_eq!(g3.branches(&tt(100.0)).len(), 2);
     assert_eq!(g3.branches(&tt(601.0)).len(), 1);
     // a step-fraction interval without step index is an error, not a silent choice
-    let mut g4 = Interval::new(Cfg::new(3.0)?, IntervalRange::StepFraction { start: 0.0, stop: 0.5 })?;
-    assert!(g4.combine(&preds(c.clone(), Some(u.clone()), PredictionType::Epsilon), &tt(10.0)).is_err());
+    let mut g4 =
+        Interval::new(Cfg::new(3.0)?, IntervalRange::StepFraction { start: 0.0, stop: 0.5 })?;
+    assert!(g4
+        .combine(&preds(c.clone(), Some(u.clone()), PredictionType::Epsilon), &tt(10.0))
+        .is_err());
     assert!(Interval::new(Cfg::new(3.0)?, IntervalRange::Sigma { lo: 2.0, hi: 1.0 }).is_err());
     Ok(())
 }
@@ -207,9 +275,16 @@ fn guidance_config_builds_the_composition() -> Result<()> {
                    "formulation": "paper", "space": "x0", "rescale_phi": 0.7,
                    "interval": {"step_fraction": {"start": 0.0, "stop": 0.5}}}"#;
     let cfg: gen_diffusion::GuidanceConfig = serde_json::from_str(json)?;
-    assert_eq!(cfg.method, gen_diffusion::GuidanceMethod::Apg(ApgConfig { scale: 5.0, ..ApgConfig::paper(5.0) }));
+    assert_eq!(
+        cfg.method,
+        gen_diffusion::GuidanceMethod::Apg(ApgConfig { scale: 5.0, ..ApgConfig::paper(5.0) })
+    );
     let g = cfg.build()?;
-    assert!(g.name().starts_with("interval(") && g.name().contains("rescale(phi=0.7, apg("), "{}", g.name());
+    assert!(
+        g.name().starts_with("interval(") && g.name().contains("rescale(phi=0.7, apg("),
+        "{}",
+        g.name()
+    );
     assert_eq!(g.branches(&step(3, 4)), vec![Branch::Cond]);
     assert_eq!(g.branches(&step(1, 4)).len(), 2);
     let back: gen_diffusion::GuidanceConfig = serde_json::from_str(&serde_json::to_string(&cfg)?)?;
@@ -218,7 +293,8 @@ fn guidance_config_builds_the_composition() -> Result<()> {
     let mut a = gen_diffusion::GuidanceConfig::cfg(3.0).build()?;
     let p = preds(t(&[&[1.0, 2.0]]), Some(t(&[&[0.5, -1.0]])), PredictionType::Epsilon);
     close(&vals(&a.combine(&p, &step(0, 1))?.value), &[2.0, 8.0], 1e-12);
-    let bad: gen_diffusion::GuidanceConfig = serde_json::from_str(r#"{"method": "none", "rescale_phi": 0.5}"#)?;
+    let bad: gen_diffusion::GuidanceConfig =
+        serde_json::from_str(r#"{"method": "none", "rescale_phi": 0.5}"#)?;
     assert!(bad.build().is_err());
     Ok(())
 }

@@ -7,11 +7,18 @@ use std::path::Path;
 
 use anyhow::{anyhow, Result};
 use candle_core::{Device, Tensor};
-use gen_diffusion::{Apg, ApgConfig, ApgFormulation, Cfg, Guidance, Interval, IntervalRange, Predictions, PredictionType, Rescale, Space, StepInfo};
+use gen_diffusion::{
+    Apg, ApgConfig, ApgFormulation, Cfg, Guidance, Interval, IntervalRange, PredictionType,
+    Predictions, Rescale, Space, StepInfo,
+};
 use serde_json::Value;
 
 fn floats(v: &Value) -> Result<Vec<f64>> {
-    v.as_array().ok_or_else(|| anyhow!("not an array"))?.iter().map(|x| x.as_f64().ok_or_else(|| anyhow!("not a number"))).collect()
+    v.as_array()
+        .ok_or_else(|| anyhow!("not an array"))?
+        .iter()
+        .map(|x| x.as_f64().ok_or_else(|| anyhow!("not a number")))
+        .collect()
 }
 
 fn build(case: &Value) -> Result<Box<dyn Guidance>> {
@@ -24,7 +31,11 @@ fn build(case: &Value) -> Result<Box<dyn Guidance>> {
             eta: f("eta", 1.0),
             norm_threshold: f("adaptive_projected_guidance_rescale", 15.0),
             momentum: f("adaptive_projected_guidance_momentum", 0.0),
-            formulation: if kw.get("use_original_formulation").and_then(|v| v.as_bool()).unwrap_or(false) {
+            formulation: if kw
+                .get("use_original_formulation")
+                .and_then(|v| v.as_bool())
+                .unwrap_or(false)
+            {
                 ApgFormulation::CondPlusW
             } else {
                 ApgFormulation::Diffusers
@@ -39,7 +50,10 @@ fn build(case: &Value) -> Result<Box<dyn Guidance>> {
         g = Box::new(Rescale::new(g, phi)?);
     }
     if kw.get("start").is_some() || kw.get("stop").is_some() {
-        g = Box::new(Interval::new(g, IntervalRange::StepFraction { start: f("start", 0.0), stop: f("stop", 1.0) })?);
+        g = Box::new(Interval::new(
+            g,
+            IntervalRange::StepFraction { start: f("start", 0.0), stop: f("stop", 1.0) },
+        )?);
     }
     Ok(g)
 }
@@ -80,7 +94,8 @@ fn guiders_match_diffusers_over_trajectories() -> Result<()> {
             };
             let out = g.combine(&preds, &info)?;
             assert_eq!(out.space, Space::ModelOutput);
-            let got: Vec<f64> = out.value.flatten_all()?.to_dtype(candle_core::DType::F64)?.to_vec1()?;
+            let got: Vec<f64> =
+                out.value.flatten_all()?.to_dtype(candle_core::DType::F64)?.to_vec1()?;
             let scale = want.iter().fold(0.0f64, |m, x| m.max(x.abs()));
             let err = got.iter().zip(&want).fold(0.0f64, |m, (a, b)| m.max((a - b).abs())) / scale;
             assert!(err < 1e-5, "{name} step {k}: relative error {err:e}");

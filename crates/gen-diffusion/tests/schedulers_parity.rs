@@ -12,7 +12,11 @@ use serde_json::Value;
 const TOL: f64 = 1e-5;
 
 fn floats(v: &Value) -> Result<Vec<f64>> {
-    v.as_array().ok_or_else(|| anyhow!("not an array: {v}"))?.iter().map(|x| x.as_f64().ok_or_else(|| anyhow!("not a number"))).collect()
+    v.as_array()
+        .ok_or_else(|| anyhow!("not an array: {v}"))?
+        .iter()
+        .map(|x| x.as_f64().ok_or_else(|| anyhow!("not a number")))
+        .collect()
 }
 
 fn tensor(v: &Value, shape: &[usize]) -> Result<Tensor> {
@@ -52,19 +56,36 @@ fn run_case(case: &Value) -> Result<Report> {
     let ts = floats(&case["timesteps"])?;
     // Integer timesteps must match exactly; fractional ones (Karras Euler) within f32 rounding
     // (numpy's float32 log differs from libm's by an ulp here and there).
-    anyhow::ensure!(s.timesteps().len() == ts.len(), "{name}: {} timesteps vs diffusers {}", s.timesteps().len(), ts.len());
-    let ts_err = s.timesteps().iter().zip(&ts).fold(0.0f64, |m, (a, b)| m.max((a - b).abs() / b.abs().max(1.0)));
+    anyhow::ensure!(
+        s.timesteps().len() == ts.len(),
+        "{name}: {} timesteps vs diffusers {}",
+        s.timesteps().len(),
+        ts.len()
+    );
+    let ts_err = s
+        .timesteps()
+        .iter()
+        .zip(&ts)
+        .fold(0.0f64, |m, (a, b)| m.max((a - b).abs() / b.abs().max(1.0)));
     let ts_ok = if ts.iter().all(|t| t.fract() == 0.0) { ts_err == 0.0 } else { ts_err < 1e-6 };
     anyhow::ensure!(ts_ok, "{name}: timesteps {:?} vs diffusers {:?}", s.timesteps(), ts);
     let ts: Vec<f64> = s.timesteps().to_vec();
     let ac = floats(&case["alphas_cumprod"])?;
     let mut schedule_err = rel_err(s.alphas_cumprod(), &ac).max(ts_err);
-    let a_rel = s.alphas_cumprod().iter().zip(&ac).fold(0.0f64, |m, (x, y)| m.max(((x - y) / y.max(1e-30)).abs()));
+    let a_rel = s
+        .alphas_cumprod()
+        .iter()
+        .zip(&ac)
+        .fold(0.0f64, |m, (x, y)| m.max(((x - y) / y.max(1e-30)).abs()));
     anyhow::ensure!(a_rel < TOL, "{name}: alphas_cumprod elementwise relative error {a_rel:e}");
     if !case["sigmas"].is_null() {
         let sig_all = floats(&case["sigmas"])?;
         let begin = sig_all.len() - s.sigmas().len();
-        let e = s.sigmas().iter().zip(&sig_all[begin..]).fold(0.0f64, |m, (x, y)| m.max(((x - y) / y.max(1e-12)).abs()));
+        let e = s
+            .sigmas()
+            .iter()
+            .zip(&sig_all[begin..])
+            .fold(0.0f64, |m, (x, y)| m.max(((x - y) / y.max(1e-12)).abs()));
         schedule_err = schedule_err.max(e);
     }
     let ins = case["init_noise_sigma"].as_f64().unwrap();
@@ -80,7 +101,10 @@ fn run_case(case: &Value) -> Result<Report> {
     let pt = probe.timesteps().to_vec();
     let an_ts = vec![pt[1], pt[pt.len() / 2]];
     let an_ref = floats(&case["add_noise_timesteps"])?;
-    anyhow::ensure!(an_ts.iter().zip(&an_ref).all(|(a, b)| (a - b).abs() <= 1e-6 * b.abs().max(1.0)), "{name}: add_noise timesteps");
+    anyhow::ensure!(
+        an_ts.iter().zip(&an_ref).all(|(a, b)| (a - b).abs() <= 1e-6 * b.abs().max(1.0)),
+        "{name}: add_noise timesteps"
+    );
     let noisy = probe.add_noise(&x0, &noise0, &an_ts)?;
     let add_noise_err = rel_err(&tvals(&noisy)?, &floats(&case["add_noise"])?);
     anyhow::ensure!(add_noise_err < TOL, "{name}: add_noise error {add_noise_err:e}");
@@ -97,14 +121,22 @@ fn run_case(case: &Value) -> Result<Report> {
         steps_err = steps_err.max(rel_err(&tvals(&x_in)?, &floats(&st["model_input"])?));
         let mo = tensor(&st["model_output"], &shape)?;
         let noise = if st["noise"].is_null() { None } else { Some(tensor(&st["noise"], &shape)?) };
-        anyhow::ensure!(noise.is_some() == s.needs_noise(t), "{name} step {k}: needs_noise disagrees with diffusers");
-        let out = s.step_with_noise(&mo, t, &x, noise.as_ref()).with_context(|| format!("{name} step {k}"))?;
+        anyhow::ensure!(
+            noise.is_some() == s.needs_noise(t),
+            "{name} step {k}: needs_noise disagrees with diffusers"
+        );
+        let out = s
+            .step_with_noise(&mo, t, &x, noise.as_ref())
+            .with_context(|| format!("{name} step {k}"))?;
         let e = rel_err(&tvals(&out.prev_sample)?, &floats(&st["prev_sample"])?);
         let mut e2 = 0.0;
         if !st["pred_original_sample"].is_null() {
             e2 = rel_err(&tvals(&out.pred_original_sample)?, &floats(&st["pred_original_sample"])?);
         }
-        anyhow::ensure!(e < TOL && e2 < TOL, "{name} step {k} (t={t}): prev_sample error {e:e}, pred_original_sample error {e2:e}");
+        anyhow::ensure!(
+            e < TOL && e2 < TOL,
+            "{name} step {k} (t={t}): prev_sample error {e:e}, pred_original_sample error {e2:e}"
+        );
         steps_err = steps_err.max(e).max(e2);
         x = out.prev_sample;
     }
@@ -121,7 +153,10 @@ fn schedulers_match_diffusers() -> Result<()> {
     let mut failures = vec![];
     for case in cases {
         match run_case(case) {
-            Ok(r) => println!("{:40} schedule {:9.2e}  add_noise {:9.2e}  steps {:9.2e}", r.name, r.schedule, r.add_noise, r.steps),
+            Ok(r) => println!(
+                "{:40} schedule {:9.2e}  add_noise {:9.2e}  steps {:9.2e}",
+                r.name, r.schedule, r.add_noise, r.steps
+            ),
             Err(e) => failures.push(format!("{}: {e:#}", case["name"])),
         }
     }

@@ -63,9 +63,20 @@ impl Module for Conv2d {
 }
 
 /// A [`Conv2d`] loaded from `weight` and `bias` under `vb`.
-pub fn conv2d(vb: VarBuilder, cin: usize, cout: usize, kernel: usize, stride: usize, padding: usize) -> Result<Conv2d> {
+pub fn conv2d(
+    vb: VarBuilder,
+    cin: usize,
+    cout: usize,
+    kernel: usize,
+    stride: usize,
+    padding: usize,
+) -> Result<Conv2d> {
     let cfg = Conv2dConfig { padding, stride, ..Default::default() };
-    Ok(Conv2d { weight: vb.get((cout, cin, kernel, kernel), "weight")?, bias: vb.get(cout, "bias")?, cfg })
+    Ok(Conv2d {
+        weight: vb.get((cout, cin, kernel, kernel), "weight")?,
+        bias: vb.get(cout, "bias")?,
+        cfg,
+    })
 }
 
 /// Options of a [`ResnetBlock2D`].
@@ -101,7 +112,11 @@ impl ResnetBlock2D {
             Some(t) => Some(Linear::new(vb.pp("time_emb_proj"), t, cout, true)?),
             None => None,
         };
-        let conv_shortcut = if cin != cout { Some(conv2d(vb.pp("conv_shortcut"), cin, cout, 1, 1, 0)?) } else { None };
+        let conv_shortcut = if cin != cout {
+            Some(conv2d(vb.pp("conv_shortcut"), cin, cout, 1, 1, 0)?)
+        } else {
+            None
+        };
         Ok(Self {
             norm1: GroupNorm::new(vb.pp("norm1"), cfg.groups, cin, cfg.eps)?,
             conv1: conv2d(vb.pp("conv1"), cin, cout, 3, 1, 1)?,
@@ -231,7 +246,12 @@ impl Attention {
 
     /// `x`: `(B, L, query_dim)`, `context`: `(B, Lk, cross_attention_dim)` or `None` (attend to
     /// `x` itself) → `(B, L, query_dim)`.
-    pub fn forward(&self, x: &Tensor, context: Option<&Tensor>, attn: &AttentionConfig) -> Result<Tensor> {
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        context: Option<&Tensor>,
+        attn: &AttentionConfig,
+    ) -> Result<Tensor> {
         // Contiguous inputs: candle 0.11.1's batched matmul silently returns wrong values for a
         // transposed (B, L, C) input against a broadcast weight.
         let x = &x.contiguous()?;

@@ -60,7 +60,12 @@ impl Activation {
 
 fn parse_act(cfg: &JsonConfig, default: &str) -> Result<Activation> {
     let s = cfg.string("hidden_act", Some(default))?;
-    Activation::parse(&s).ok_or_else(|| cfg.invalid("hidden_act", format!("unsupported activation {s:?} (quick_gelu, gelu, gelu_new)")))
+    Activation::parse(&s).ok_or_else(|| {
+        cfg.invalid(
+            "hidden_act",
+            format!("unsupported activation {s:?} (quick_gelu, gelu, gelu_new)"),
+        )
+    })
 }
 
 /// `text_encoder/config.json` (transformers' `CLIPTextConfig`). Absent fields take
@@ -143,7 +148,10 @@ impl ClipTextConfig {
 
 fn check_dims(c: &JsonConfig, hidden: usize, heads: usize, layers: usize) -> Result<()> {
     if heads == 0 || hidden.checked_rem(heads) != Some(0) {
-        return Err(c.invalid("num_attention_heads", format!("{heads} heads do not divide hidden_size {hidden}")));
+        return Err(c.invalid(
+            "num_attention_heads",
+            format!("{heads} heads do not divide hidden_size {hidden}"),
+        ));
     }
     if layers == 0 {
         return Err(c.invalid("num_hidden_layers", "must be at least 1"));
@@ -190,7 +198,10 @@ impl ClipVisionConfig {
         };
         check_dims(c, cfg.hidden_size, cfg.num_attention_heads, cfg.num_hidden_layers)?;
         if cfg.image_size.checked_rem(cfg.patch_size) != Some(0) {
-            return Err(c.invalid("patch_size", format!("{} does not divide image_size {}", cfg.patch_size, cfg.image_size)));
+            return Err(c.invalid(
+                "patch_size",
+                format!("{} does not divide image_size {}", cfg.patch_size, cfg.image_size),
+            ));
         }
         Ok(cfg)
     }
@@ -249,8 +260,17 @@ pub struct ClipMlp {
 }
 
 impl ClipMlp {
-    pub fn new(vb: VarBuilder, hidden: usize, intermediate: usize, act: Activation) -> candle_core::Result<Self> {
-        Ok(Self { fc1: Linear::new(vb.pp("fc1"), hidden, intermediate, true)?, fc2: Linear::new(vb.pp("fc2"), intermediate, hidden, true)?, act })
+    pub fn new(
+        vb: VarBuilder,
+        hidden: usize,
+        intermediate: usize,
+        act: Activation,
+    ) -> candle_core::Result<Self> {
+        Ok(Self {
+            fc1: Linear::new(vb.pp("fc1"), hidden, intermediate, true)?,
+            fc2: Linear::new(vb.pp("fc2"), intermediate, hidden, true)?,
+            act,
+        })
     }
 
     /// `(…, D)` → `(…, D)`.
@@ -317,7 +337,8 @@ impl ClipEncoder {
             .iter()
             .flat_map(|l| {
                 let a = &l.self_attn;
-                [&a.q_proj, &a.k_proj, &a.v_proj, &a.out_proj, &l.mlp.fc1, &l.mlp.fc2].map(Linear::clone)
+                [&a.q_proj, &a.k_proj, &a.v_proj, &a.out_proj, &l.mlp.fc1, &l.mlp.fc2]
+                    .map(Linear::clone)
             })
             .collect()
     }
@@ -326,7 +347,9 @@ impl ClipEncoder {
     pub fn forward_all(&self, x: &Tensor, causal: bool) -> Result<Vec<Tensor>> {
         let mut hs = vec![x.clone()];
         for (i, layer) in self.layers.iter().enumerate() {
-            let h = layer.forward(hs.last().expect("non-empty"), causal).map_err(cerr(format!("encoder layer {i}")))?;
+            let h = layer
+                .forward(hs.last().expect("non-empty"), causal)
+                .map_err(cerr(format!("encoder layer {i}")))?;
             hs.push(h);
         }
         Ok(hs)
@@ -394,7 +417,9 @@ impl ClipTextTransformer {
         };
         Ok(Self {
             token_embedding: emb.pp("token_embedding").get((cfg.vocab_size, d), "weight")?,
-            position_embedding: emb.pp("position_embedding").get((cfg.max_position_embeddings, d), "weight")?,
+            position_embedding: emb
+                .pp("position_embedding")
+                .get((cfg.max_position_embeddings, d), "weight")?,
             encoder: ClipEncoder::new(vb.pp("encoder"), &dims)?,
             final_layer_norm: LayerNorm::new(vb.pp("final_layer_norm"), d, cfg.layer_norm_eps)?,
             config: cfg.clone(),
@@ -413,13 +438,19 @@ impl ClipTextTransformer {
         if l > self.config.max_position_embeddings {
             return Err(Error::invalid(
                 "input_ids",
-                format!("length {l} exceeds max_position_embeddings {}", self.config.max_position_embeddings),
+                format!(
+                    "length {l} exceeds max_position_embeddings {}",
+                    self.config.max_position_embeddings
+                ),
             ));
         }
         let ids = input_ids.to_dtype(DType::U32)?.flatten_all()?;
         let max = ids.max(0)?.to_scalar::<u32>()? as usize;
         if max >= self.config.vocab_size {
-            return Err(Error::invalid("input_ids", format!("token id {max} >= vocab_size {}", self.config.vocab_size)));
+            return Err(Error::invalid(
+                "input_ids",
+                format!("token id {max} >= vocab_size {}", self.config.vocab_size),
+            ));
         }
         let tok = self.token_embedding.index_select(&ids, 0)?.reshape((b, l, ()))?;
         let pos = self.position_embedding.narrow(0, 0, l)?;
@@ -438,7 +469,10 @@ impl ClipTextTransformer {
         let last = &hs[n];
         let last_hidden_state = self.final_layer_norm.forward(last)?;
         if opts.clip_skip > n {
-            return Err(Error::invalid("clip_skip", format!("{} exceeds the {n} layers of the text encoder", opts.clip_skip)));
+            return Err(Error::invalid(
+                "clip_skip",
+                format!("{} exceeds the {n} layers of the text encoder", opts.clip_skip),
+            ));
         }
         let selected = if opts.clip_skip == 0 {
             last_hidden_state.clone()
@@ -483,7 +517,12 @@ impl ClipTextTransformer {
 
     fn pool(&self, input_ids: &Tensor, h: &Tensor) -> Result<Tensor> {
         let (b, l, d) = h.dims3()?;
-        let idx: Vec<u32> = self.eos_positions(input_ids)?.iter().enumerate().map(|(i, &p)| (i * l + p) as u32).collect();
+        let idx: Vec<u32> = self
+            .eos_positions(input_ids)?
+            .iter()
+            .enumerate()
+            .map(|(i, &p)| (i * l + p) as u32)
+            .collect();
         let idx = Tensor::from_vec(idx, b, h.device())?;
         Ok(h.reshape((b * l, d))?.index_select(&idx, 0)?)
     }
@@ -502,12 +541,21 @@ impl ClipTextModelWithProjection {
     pub fn new(vb: VarBuilder, cfg: &ClipTextConfig) -> Result<Self> {
         Ok(Self {
             text_model: ClipTextTransformer::new(vb.clone(), cfg)?,
-            text_projection: Linear::new(vb.pp("text_projection"), cfg.hidden_size, cfg.projection_dim, false)?,
+            text_projection: Linear::new(
+                vb.pp("text_projection"),
+                cfg.hidden_size,
+                cfg.projection_dim,
+                false,
+            )?,
         })
     }
 
     /// `input_ids` `(B, L)` → (text output, `text_embeds` `(B, projection_dim)`, not normalised).
-    pub fn forward(&self, input_ids: &Tensor, opts: &TextForwardOptions) -> Result<(ClipTextOutput, Tensor)> {
+    pub fn forward(
+        &self,
+        input_ids: &Tensor,
+        opts: &TextForwardOptions,
+    ) -> Result<(ClipTextOutput, Tensor)> {
         let out = self.text_model.forward(input_ids, opts)?;
         let embeds = self.text_projection.forward(&out.pooled)?;
         Ok((out, embeds))
@@ -554,9 +602,13 @@ impl ClipVisionTransformer {
             act: cfg.hidden_act,
         };
         Ok(Self {
-            patch_embedding: emb.pp("patch_embedding").get((d, cfg.num_channels, p, p), "weight")?,
+            patch_embedding: emb
+                .pp("patch_embedding")
+                .get((d, cfg.num_channels, p, p), "weight")?,
             class_embedding: emb.get(d, "class_embedding")?,
-            position_embedding: emb.pp("position_embedding").get((cfg.num_positions(), d), "weight")?,
+            position_embedding: emb
+                .pp("position_embedding")
+                .get((cfg.num_positions(), d), "weight")?,
             pre_layrnorm: LayerNorm::new(vb.pp("pre_layrnorm"), d, cfg.layer_norm_eps)?,
             encoder: ClipEncoder::new(vb.pp("encoder"), &dims)?,
             post_layernorm: LayerNorm::new(vb.pp("post_layernorm"), d, cfg.layer_norm_eps)?,
@@ -571,11 +623,18 @@ impl ClipVisionTransformer {
     /// matmul, which has the same result and a simple, exact backward pass.
     pub fn embed(&self, pixel_values: &Tensor) -> Result<Tensor> {
         let cfg = &self.config;
-        let (b, c, h, w) = pixel_values.dims4().map_err(cerr("pixel_values must be (B, C, H, W)"))?;
+        let (b, c, h, w) =
+            pixel_values.dims4().map_err(cerr("pixel_values must be (B, C, H, W)"))?;
         if c != cfg.num_channels || h != cfg.image_size || w != cfg.image_size {
             return Err(Error::invalid(
                 "pixel_values",
-                format!("shape {:?}, the model takes (B, {}, {}, {})", pixel_values.dims(), cfg.num_channels, cfg.image_size, cfg.image_size),
+                format!(
+                    "shape {:?}, the model takes (B, {}, {}, {})",
+                    pixel_values.dims(),
+                    cfg.num_channels,
+                    cfg.image_size,
+                    cfg.image_size
+                ),
             ));
         }
         let p = cfg.patch_size;
@@ -634,7 +693,12 @@ impl ClipVisionModelWithProjection {
     pub fn new(vb: VarBuilder, cfg: &ClipVisionConfig) -> Result<Self> {
         Ok(Self {
             vision_model: ClipVisionTransformer::new(vb.clone(), cfg)?,
-            visual_projection: Linear::new(vb.pp("visual_projection"), cfg.hidden_size, cfg.projection_dim, false)?,
+            visual_projection: Linear::new(
+                vb.pp("visual_projection"),
+                cfg.hidden_size,
+                cfg.projection_dim,
+                false,
+            )?,
         })
     }
 
@@ -642,7 +706,11 @@ impl ClipVisionModelWithProjection {
     pub fn forward(&self, pixel_values: &Tensor) -> Result<ClipVisionProjOutput> {
         let out = self.vision_model.forward(pixel_values)?;
         let image_embeds = self.visual_projection.forward(&out.pooled)?;
-        Ok(ClipVisionProjOutput { last_hidden_state: out.last_hidden_state, pooled: out.pooled, image_embeds })
+        Ok(ClipVisionProjOutput {
+            last_hidden_state: out.last_hidden_state,
+            pooled: out.pooled,
+            image_embeds,
+        })
     }
 }
 
@@ -675,7 +743,8 @@ impl ClipConfig {
         let empty = || JsonConfig { path: cfg.path.clone(), value: serde_json::json!({}) };
         let projection_dim = cfg.usize("projection_dim", Some(512))?;
         let mut text = ClipTextConfig::from_json(&cfg.sub("text_config").unwrap_or_else(empty))?;
-        let mut vision = ClipVisionConfig::from_json(&cfg.sub("vision_config").unwrap_or_else(empty))?;
+        let mut vision =
+            ClipVisionConfig::from_json(&cfg.sub("vision_config").unwrap_or_else(empty))?;
         text.projection_dim = projection_dim;
         vision.projection_dim = projection_dim;
         Ok(Self { text, vision, projection_dim })

@@ -10,8 +10,8 @@
 //! - [`JsonConfig`]: reading `config.json` fields with defaults and errors naming file and key.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, Mutex};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Shape, Tensor};
@@ -54,7 +54,9 @@ fn dtype_size(dtype: &str) -> Option<usize> {
 /// tensor's dtype, shape and data offsets against the file size.
 pub fn read_safetensors_header(path: &Path) -> Result<HashMap<String, TensorInfo>> {
     use std::io::Read;
-    let bad = |msg: String| Error::msg(format!("{}: not a valid safetensors file: {msg}", path.display()));
+    let bad = |msg: String| {
+        Error::msg(format!("{}: not a valid safetensors file: {msg}", path.display()))
+    };
     let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
     let file_len = f.metadata().map_err(|e| Error::io(path, e))?.len();
     if file_len < 8 {
@@ -64,7 +66,9 @@ pub fn read_safetensors_header(path: &Path) -> Result<HashMap<String, TensorInfo
     f.read_exact(&mut len8).map_err(|e| Error::io(path, e))?;
     let n = u64::from_le_bytes(len8);
     if n > 100_000_000 || 8 + n > file_len {
-        return Err(bad(format!("header length {n} exceeds the file size {file_len} (truncated or corrupt)")));
+        return Err(bad(format!(
+            "header length {n} exceeds the file size {file_len} (truncated or corrupt)"
+        )));
     }
     let mut header = vec![0u8; n as usize];
     f.read_exact(&mut header).map_err(|e| Error::io(path, e))?;
@@ -77,11 +81,16 @@ pub fn read_safetensors_header(path: &Path) -> Result<HashMap<String, TensorInfo
         if key == "__metadata__" {
             continue;
         }
-        let field = |name: &str| v.get(name).ok_or_else(|| bad(format!("tensor `{key}` has no `{name}`")));
-        let dtype = field("dtype")?.as_str().ok_or_else(|| bad(format!("tensor `{key}`: dtype is not a string")))?;
+        let field =
+            |name: &str| v.get(name).ok_or_else(|| bad(format!("tensor `{key}` has no `{name}`")));
+        let dtype = field("dtype")?
+            .as_str()
+            .ok_or_else(|| bad(format!("tensor `{key}`: dtype is not a string")))?;
         let shape: Vec<usize> = field("shape")?
             .as_array()
-            .and_then(|a| a.iter().map(|d| d.as_u64().map(|d| d as usize)).collect::<Option<Vec<_>>>())
+            .and_then(|a| {
+                a.iter().map(|d| d.as_u64().map(|d| d as usize)).collect::<Option<Vec<_>>>()
+            })
             .ok_or_else(|| bad(format!("tensor `{key}`: shape is not a list of integers")))?;
         let offs: Vec<u64> = field("data_offsets")?
             .as_array()
@@ -123,11 +132,13 @@ struct WeightsInner {
     used: Mutex<HashSet<String>>,
 }
 
-
 impl std::fmt::Debug for SafetensorsWeights {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let files: Vec<_> = self.inner.files.iter().map(|(p, _)| p).collect();
-        f.debug_struct("SafetensorsWeights").field("files", &files).field("tensors", &self.inner.index.len()).finish()
+        f.debug_struct("SafetensorsWeights")
+            .field("files", &files)
+            .field("tensors", &self.inner.index.len())
+            .finish()
     }
 }
 
@@ -143,8 +154,9 @@ impl SafetensorsWeights {
             let header = read_safetensors_header(p)?;
             // SAFETY: memory-mapping a file; it must not be modified while the weights live,
             // which is the usual contract of model weight files.
-            let mm = unsafe { MmapedSafetensors::new(p) }
-                .map_err(|e| Error::msg(format!("{}: cannot open as safetensors: {e}", p.display())))?;
+            let mm = unsafe { MmapedSafetensors::new(p) }.map_err(|e| {
+                Error::msg(format!("{}: cannot open as safetensors: {e}", p.display()))
+            })?;
             for (k, info) in header {
                 if let Some((j, _)) = index.get(&k) {
                     return Err(Error::msg(format!(
@@ -157,7 +169,9 @@ impl SafetensorsWeights {
             }
             files.push((p.clone(), mm));
         }
-        Ok(Self { inner: Arc::new(WeightsInner { files, index, used: Mutex::new(HashSet::new()) }) })
+        Ok(Self {
+            inner: Arc::new(WeightsInner { files, index, used: Mutex::new(HashSet::new()) }),
+        })
     }
 
     /// A `VarBuilder` reading from these files (a handle: `self` keeps seeing the used keys).
@@ -169,7 +183,8 @@ impl SafetensorsWeights {
     /// checkpoint tensors the model does not use.
     pub fn unused_keys(&self) -> Vec<String> {
         let used = self.inner.used.lock().expect("used-keys lock");
-        let mut k: Vec<String> = self.inner.index.keys().filter(|k| !used.contains(*k)).cloned().collect();
+        let mut k: Vec<String> =
+            self.inner.index.keys().filter(|k| !used.contains(*k)).cloned().collect();
         k.sort();
         k
     }
@@ -206,7 +221,13 @@ impl SafetensorsWeights {
     }
 
     /// Loads `key` converted to `dtype`, checking the shape when `expected` is given.
-    pub fn load(&self, key: &str, expected: Option<&[usize]>, dtype: DType, device: &Device) -> Result<Tensor> {
+    pub fn load(
+        &self,
+        key: &str,
+        expected: Option<&[usize]>,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Tensor> {
         let Some((i, info)) = self.inner.index.get(key) else {
             return Err(Error::MissingTensor { file: self.files_label(), key: key.to_string() });
         };
@@ -215,7 +236,12 @@ impl SafetensorsWeights {
         self.inner.used.lock().expect("used-keys lock").insert(key.to_string());
         if let Some(exp) = expected {
             if exp != info.shape.as_slice() {
-                return Err(Error::Shape { file, key: key.to_string(), expected: exp.to_vec(), found: info.shape.clone() });
+                return Err(Error::Shape {
+                    file,
+                    key: key.to_string(),
+                    expected: exp.to_vec(),
+                    found: info.shape.clone(),
+                });
             }
         }
         if info.float_dtype().is_none() {
@@ -224,13 +250,23 @@ impl SafetensorsWeights {
                 info.dtype
             )));
         }
-        let t = mm.load(key, device).map_err(|e| Error::msg(format!("{file}: tensor `{key}`: {e}")))?;
-        t.to_dtype(dtype).map_err(|e| Error::msg(format!("{file}: tensor `{key}`: converting to {dtype:?}: {e}")))
+        let t =
+            mm.load(key, device).map_err(|e| Error::msg(format!("{file}: tensor `{key}`: {e}")))?;
+        t.to_dtype(dtype).map_err(|e| {
+            Error::msg(format!("{file}: tensor `{key}`: converting to {dtype:?}: {e}"))
+        })
     }
 }
 
 impl SimpleBackend for SafetensorsWeights {
-    fn get(&self, s: Shape, name: &str, _h: candle_nn::Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        _h: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
         self.load(name, Some(s.dims()), dtype, dev).map_err(candle_core::Error::wrap)
     }
 
@@ -286,8 +322,14 @@ pub fn select_weight_names(names: &[String], variant: &WeightVariant) -> WeightS
             for n in names {
                 // `model.fp16.safetensors` → variant `fp16`
                 for stem in WEIGHT_STEMS {
-                    if let Some(rest) = n.strip_prefix(&format!("{stem}.")).and_then(|r| r.strip_suffix(".safetensors")) {
-                        if !rest.is_empty() && !rest.contains('.') && !variants.contains(&Some(rest.to_string())) {
+                    if let Some(rest) = n
+                        .strip_prefix(&format!("{stem}."))
+                        .and_then(|r| r.strip_suffix(".safetensors"))
+                    {
+                        if !rest.is_empty()
+                            && !rest.contains('.')
+                            && !variants.contains(&Some(rest.to_string()))
+                        {
                             variants.push(Some(rest.to_string()));
                         }
                     }
@@ -302,7 +344,10 @@ pub fn select_weight_names(names: &[String], variant: &WeightVariant) -> WeightS
             if names.contains(&single) {
                 return WeightSelection::Single(single);
             }
-            for idx in [format!("{stem}.safetensors{mid}.index.json"), format!("{stem}{mid}.safetensors.index.json")] {
+            for idx in [
+                format!("{stem}.safetensors{mid}.index.json"),
+                format!("{stem}{mid}.safetensors.index.json"),
+            ] {
                 if names.contains(&idx) {
                     return WeightSelection::Index(idx);
                 }
@@ -320,14 +365,19 @@ pub fn select_weight_names(names: &[String], variant: &WeightVariant) -> WeightS
 /// `.bin`/`.ckpt`/`.pt` weights are there.
 pub fn find_weight_files(dir: &Path, variant: &WeightVariant) -> Result<Vec<PathBuf>> {
     let entries = std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))?;
-    let mut names: Vec<String> = entries.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+    let mut names: Vec<String> = entries
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
     names.sort();
     match select_weight_names(&names, variant) {
         WeightSelection::Single(n) => return Ok(vec![dir.join(n)]),
         WeightSelection::Index(n) => return sharded_files(&dir.join(n)),
         WeightSelection::None => {}
     }
-    let has_pickle = names.iter().any(|n| n.ends_with(".bin") || n.ends_with(".ckpt") || n.ends_with(".pt") || n.ends_with(".pth"));
+    let has_pickle = names.iter().any(|n| {
+        n.ends_with(".bin") || n.ends_with(".ckpt") || n.ends_with(".pt") || n.ends_with(".pth")
+    });
     let listing = if names.is_empty() { "(empty)".to_string() } else { names.join(", ") };
     let hint = if has_pickle {
         "; only PyTorch pickle weights (.bin/.ckpt/.pt) are there: safetensors is required (convert with diffusers' `save_pretrained(..., safe_serialization=True)`)"
@@ -343,21 +393,28 @@ pub fn find_weight_files(dir: &Path, variant: &WeightVariant) -> Result<Vec<Path
 /// The shard files listed in a `*.safetensors.index.json` (all must exist).
 pub fn sharded_files(index: &Path) -> Result<Vec<PathBuf>> {
     let text = std::fs::read_to_string(index).map_err(|e| Error::io(index, e))?;
-    let v: serde_json::Value = serde_json::from_str(&text)
-        .map_err(|e| Error::Config { file: index.to_path_buf(), key: "weight_map".into(), msg: e.to_string() })?;
+    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::Config {
+        file: index.to_path_buf(),
+        key: "weight_map".into(),
+        msg: e.to_string(),
+    })?;
     let map = v.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| Error::Config {
         file: index.to_path_buf(),
         key: "weight_map".into(),
         msg: "missing or not an object".into(),
     })?;
-    let mut files: Vec<String> = map.values().filter_map(|f| f.as_str().map(str::to_string)).collect();
+    let mut files: Vec<String> =
+        map.values().filter_map(|f| f.as_str().map(str::to_string)).collect();
     files.sort();
     files.dedup();
     let dir = index.parent().unwrap_or(Path::new("."));
     let paths: Vec<PathBuf> = files.iter().map(|f| dir.join(f)).collect();
     for p in &paths {
         if !p.exists() {
-            return Err(Error::MissingFile { path: p.clone(), hint: format!("listed in {}", index.display()) });
+            return Err(Error::MissingFile {
+                path: p.clone(),
+                hint: format!("listed in {}", index.display()),
+            });
         }
     }
     Ok(paths)
@@ -375,7 +432,9 @@ impl JsonConfig {
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
         let text = std::fs::read_to_string(path).map_err(|e| match e.kind() {
-            std::io::ErrorKind::NotFound => Error::MissingFile { path: path.to_path_buf(), hint: String::new() },
+            std::io::ErrorKind::NotFound => {
+                Error::MissingFile { path: path.to_path_buf(), hint: String::new() }
+            }
             _ => Error::io(path, e),
         })?;
         Self::from_str(path, &text)
@@ -384,17 +443,27 @@ impl JsonConfig {
     /// Parses `text` as if read from `path`.
     pub fn from_str(path: impl AsRef<Path>, text: &str) -> Result<Self> {
         let path = path.as_ref().to_path_buf();
-        let value: serde_json::Value = serde_json::from_str(text)
-            .map_err(|e| Error::Config { file: path.clone(), key: "(file)".into(), msg: format!("not valid JSON: {e}") })?;
+        let value: serde_json::Value = serde_json::from_str(text).map_err(|e| Error::Config {
+            file: path.clone(),
+            key: "(file)".into(),
+            msg: format!("not valid JSON: {e}"),
+        })?;
         if !value.is_object() {
-            return Err(Error::Config { file: path, key: "(file)".into(), msg: "not a JSON object".into() });
+            return Err(Error::Config {
+                file: path,
+                key: "(file)".into(),
+                msg: "not a JSON object".into(),
+            });
         }
         Ok(Self { path, value })
     }
 
     /// The sub-object `key` (e.g. `text_config` of a `CLIPModel` config) as a config of the same file.
     pub fn sub(&self, key: &str) -> Option<JsonConfig> {
-        self.value.get(key).filter(|v| v.is_object()).map(|v| JsonConfig { path: self.path.clone(), value: v.clone() })
+        self.value
+            .get(key)
+            .filter(|v| v.is_object())
+            .map(|v| JsonConfig { path: self.path.clone(), value: v.clone() })
     }
 
     fn err(&self, key: &str, msg: impl Into<String>) -> Error {
@@ -409,7 +478,9 @@ impl JsonConfig {
     pub fn usize(&self, key: &str, default: Option<usize>) -> Result<usize> {
         match self.raw(key) {
             None => default.ok_or_else(|| self.err(key, "missing")),
-            Some(v) => v.as_u64().map(|x| x as usize).ok_or_else(|| self.err(key, format!("expected a non-negative integer, found {v}"))),
+            Some(v) => v.as_u64().map(|x| x as usize).ok_or_else(|| {
+                self.err(key, format!("expected a non-negative integer, found {v}"))
+            }),
         }
     }
 
@@ -417,7 +488,9 @@ impl JsonConfig {
     pub fn f64(&self, key: &str, default: Option<f64>) -> Result<f64> {
         match self.raw(key) {
             None => default.ok_or_else(|| self.err(key, "missing")),
-            Some(v) => v.as_f64().ok_or_else(|| self.err(key, format!("expected a number, found {v}"))),
+            Some(v) => {
+                v.as_f64().ok_or_else(|| self.err(key, format!("expected a number, found {v}")))
+            }
         }
     }
 
@@ -425,7 +498,10 @@ impl JsonConfig {
     pub fn string(&self, key: &str, default: Option<&str>) -> Result<String> {
         match self.raw(key) {
             None => default.map(str::to_string).ok_or_else(|| self.err(key, "missing")),
-            Some(v) => v.as_str().map(str::to_string).ok_or_else(|| self.err(key, format!("expected a string, found {v}"))),
+            Some(v) => v
+                .as_str()
+                .map(str::to_string)
+                .ok_or_else(|| self.err(key, format!("expected a string, found {v}"))),
         }
     }
 
@@ -433,7 +509,9 @@ impl JsonConfig {
     pub fn bool(&self, key: &str, default: bool) -> Result<bool> {
         match self.raw(key) {
             None => Ok(default),
-            Some(v) => v.as_bool().ok_or_else(|| self.err(key, format!("expected true or false, found {v}"))),
+            Some(v) => v
+                .as_bool()
+                .ok_or_else(|| self.err(key, format!("expected true or false, found {v}"))),
         }
     }
 

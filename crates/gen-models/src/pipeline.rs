@@ -13,7 +13,9 @@ use candle_core::{DType, Device, Tensor};
 use gen_core::{Error, Result};
 
 use crate::clip::{ClipTextConfig, ClipTextTransformer, TextForwardOptions};
-use crate::loading::{find_weight_files, select_weight_names, SafetensorsWeights, WeightSelection, WeightVariant};
+use crate::loading::{
+    find_weight_files, select_weight_names, SafetensorsWeights, WeightSelection, WeightVariant,
+};
 use crate::tokenizer::{Encoded, Tokenizer};
 use crate::unet::{UNet2DConditionModel, UNetConfig};
 use crate::vae::{AutoencoderKL, VaeConfig};
@@ -44,7 +46,9 @@ impl ModelSource {
         }
         let (id, rev) = match s.split_once('@') {
             Some((id, rev)) if !rev.is_empty() => (id, Some(rev.to_string())),
-            Some(_) => return Err(Error::invalid("model", format!("{s:?}: empty revision after '@'"))),
+            Some(_) => {
+                return Err(Error::invalid("model", format!("{s:?}: empty revision after '@'")))
+            }
             None => (s, None),
         };
         let parts: Vec<&str> = id.split('/').collect();
@@ -144,7 +148,13 @@ fn must_exist(path: PathBuf, hint: &str) -> Result<PathBuf> {
     }
 }
 
-const TOKENIZER_FILES: [&str; 5] = ["tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json"];
+const TOKENIZER_FILES: [&str; 5] = [
+    "tokenizer.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+];
 
 impl PipelineFiles {
     /// Resolves a local folder or a hub repo (see the module docs).
@@ -152,7 +162,10 @@ impl PipelineFiles {
         match source {
             ModelSource::Local(dir) => Self::from_folder(dir, hub),
             ModelSource::Hub { repo, revision } => {
-                let rev = revision.clone().or_else(|| hub.revision.clone()).unwrap_or_else(|| "main".to_string());
+                let rev = revision
+                    .clone()
+                    .or_else(|| hub.revision.clone())
+                    .unwrap_or_else(|| "main".to_string());
                 Self::from_hub(repo, &rev, hub)
             }
         }
@@ -161,12 +174,20 @@ impl PipelineFiles {
     /// A local diffusers folder.
     pub fn from_folder(dir: &Path, hub: &HubOptions) -> Result<Self> {
         if !dir.is_dir() {
-            return Err(Error::MissingFile { path: dir.to_path_buf(), hint: "pipeline folder".into() });
+            return Err(Error::MissingFile {
+                path: dir.to_path_buf(),
+                hint: "pipeline folder".into(),
+            });
         }
-        let model_index = must_exist(dir.join("model_index.json"), "a diffusers pipeline folder has one")?;
+        let model_index =
+            must_exist(dir.join("model_index.json"), "a diffusers pipeline folder has one")?;
         let text = std::fs::read_to_string(&model_index).map_err(|e| Error::io(&model_index, e))?;
-        let model_index_json: serde_json::Value = serde_json::from_str(&text)
-            .map_err(|e| Error::Config { file: model_index.clone(), key: "(file)".into(), msg: format!("not valid JSON: {e}") })?;
+        let model_index_json: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| Error::Config {
+                file: model_index.clone(),
+                key: "(file)".into(),
+                msg: format!("not valid JSON: {e}"),
+            })?;
         let variant = WeightVariant { variant: hub.variant.clone() };
         let component = |name: &str| -> Result<ComponentFiles> {
             let d = must_exist(dir.join(name), "component folder")?;
@@ -180,7 +201,10 @@ impl PipelineFiles {
             tokenizer: must_exist(dir.join("tokenizer"), "tokenizer folder")?,
             unet: component("unet")?,
             vae: component("vae")?,
-            scheduler_config: must_exist(dir.join("scheduler").join("scheduler_config.json"), "scheduler config")?,
+            scheduler_config: must_exist(
+                dir.join("scheduler").join("scheduler_config.json"),
+                "scheduler config",
+            )?,
             model_index,
             model_index_json,
         })
@@ -197,7 +221,13 @@ impl PipelineFiles {
         by_ref.or_else(|| Some(folder.join("snapshots").join(revision)).filter(|p| p.is_dir()))
     }
 
-    fn from_cache(repo: &str, revision: &str, cache: &Path, hub: &HubOptions, why: &str) -> Result<Self> {
+    fn from_cache(
+        repo: &str,
+        revision: &str,
+        cache: &Path,
+        hub: &HubOptions,
+        why: &str,
+    ) -> Result<Self> {
         let Some(snap) = Self::cached_snapshot(cache, repo, revision) else {
             return Err(Error::msg(format!(
                 "repo {repo} (revision {revision}) file model_index.json is not in the hub cache at {}{why}",
@@ -215,18 +245,35 @@ impl PipelineFiles {
         if hub.offline || hub_offline_from_env() {
             return Self::from_cache(repo, revision, &cache, hub, " (offline mode: only the cache is read; download it once online or give a local folder)");
         }
-        let mut builder = hf_hub::api::sync::ApiBuilder::from_cache(hf_hub::Cache::new(cache.clone())).with_progress(false);
-        let endpoint = hub.endpoint.clone().or_else(|| std::env::var("HF_ENDPOINT").ok().filter(|e| !e.is_empty()));
+        let mut builder =
+            hf_hub::api::sync::ApiBuilder::from_cache(hf_hub::Cache::new(cache.clone()))
+                .with_progress(false);
+        let endpoint = hub
+            .endpoint
+            .clone()
+            .or_else(|| std::env::var("HF_ENDPOINT").ok().filter(|e| !e.is_empty()));
         if let Some(ep) = endpoint {
             builder = builder.with_endpoint(ep);
         }
-        let api = builder.build().map_err(|e| Error::msg(format!("cannot set up the hub client: {e}")))?;
-        let api_repo = api.repo(hf_hub::Repo::with_revision(repo.to_string(), hf_hub::RepoType::Model, revision.to_string()));
+        let api = builder
+            .build()
+            .map_err(|e| Error::msg(format!("cannot set up the hub client: {e}")))?;
+        let api_repo = api.repo(hf_hub::Repo::with_revision(
+            repo.to_string(),
+            hf_hub::RepoType::Model,
+            revision.to_string(),
+        ));
         let info = match api_repo.info() {
             Ok(info) => info,
             Err(net) => {
                 // Unreachable hub: fall back to the cache, naming both problems.
-                return Self::from_cache(repo, revision, &cache, hub, &format!(" and the hub is unreachable: {net}"));
+                return Self::from_cache(
+                    repo,
+                    revision,
+                    &cache,
+                    hub,
+                    &format!(" and the hub is unreachable: {net}"),
+                );
             }
         };
         let names: Vec<String> = info.siblings.iter().map(|s| s.rfilename.clone()).collect();
@@ -242,7 +289,12 @@ impl PipelineFiles {
         let variant = WeightVariant { variant: hub.variant.clone() };
         for comp in ["text_encoder", "unet", "vae"] {
             let prefix = format!("{comp}/");
-            let in_comp: Vec<String> = names.iter().filter_map(|n| n.strip_prefix(&prefix)).filter(|n| !n.contains('/')).map(str::to_string).collect();
+            let in_comp: Vec<String> = names
+                .iter()
+                .filter_map(|n| n.strip_prefix(&prefix))
+                .filter(|n| !n.contains('/'))
+                .map(str::to_string)
+                .collect();
             get(&format!("{comp}/config.json"))?;
             match select_weight_names(&in_comp, &variant) {
                 WeightSelection::Single(f) => {
@@ -352,7 +404,9 @@ impl SdPipeline {
         let w = load_weights(&files.text_encoder)?;
         // transformers stores `text_model.…`; some conversions drop the prefix
         let vb = w.var_builder(dtype, dev);
-        let text_encoder = if !w.contains("text_model.embeddings.token_embedding.weight") && w.contains("embeddings.token_embedding.weight") {
+        let text_encoder = if !w.contains("text_model.embeddings.token_embedding.weight")
+            && w.contains("embeddings.token_embedding.weight")
+        {
             ClipTextTransformer::new_unprefixed(vb, &text_config)?
         } else {
             ClipTextTransformer::new(vb, &text_config)?
@@ -367,8 +421,12 @@ impl SdPipeline {
         unused_keys.retain(|(_, k)| !k.is_empty());
         let sc = &files.scheduler_config;
         let text = std::fs::read_to_string(sc).map_err(|e| Error::io(sc, e))?;
-        let scheduler_config: serde_json::Value = serde_json::from_str(&text)
-            .map_err(|e| Error::Config { file: sc.clone(), key: "(file)".into(), msg: format!("not valid JSON: {e}") })?;
+        let scheduler_config: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| Error::Config {
+                file: sc.clone(),
+                key: "(file)".into(),
+                msg: format!("not valid JSON: {e}"),
+            })?;
         Ok(Self {
             files,
             tokenizer,
@@ -394,7 +452,11 @@ impl SdPipeline {
 
     /// Tokenizes and encodes prompts: `(B, L, D)` conditioning (the hidden state picked by
     /// `opts`, `last_hidden_state` by default) and the token ids (with truncation flags).
-    pub fn encode_prompts(&self, prompts: &[&str], opts: &TextForwardOptions) -> Result<(Tensor, Vec<Encoded>)> {
+    pub fn encode_prompts(
+        &self,
+        prompts: &[&str],
+        opts: &TextForwardOptions,
+    ) -> Result<(Tensor, Vec<Encoded>)> {
         let enc = self.tokenizer.encode_batch(prompts, self.max_text_len())?;
         let ids = Tokenizer::ids_tensor(&enc, &self.device)?;
         let out = self.text_encoder.forward(&ids, opts)?;

@@ -18,7 +18,8 @@ use candle_core::{Device, Tensor};
 use gen_core::{Error, Result};
 
 /// CLIP's pre-tokenization pattern (`'s`, `'t`, …, letter runs, single digits, other symbol runs).
-const CLIP_SPLIT: &str = r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+";
+const CLIP_SPLIT: &str =
+    r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+";
 
 /// Names of the special tokens. `None` fields fall back to CLIP's when those are in the vocabulary.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -42,12 +43,17 @@ impl SpecialTokens {
                 continue;
             }
             let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
-            let v: serde_json::Value = serde_json::from_str(&text)
-                .map_err(|e| Error::Config { file: path.clone(), key: "(file)".into(), msg: format!("not valid JSON: {e}") })?;
+            let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::Config {
+                file: path.clone(),
+                key: "(file)".into(),
+                msg: format!("not valid JSON: {e}"),
+            })?;
             let tok = |key: &str| -> Option<String> {
                 match v.get(key)? {
                     serde_json::Value::String(s) => Some(s.clone()),
-                    serde_json::Value::Object(o) => o.get("content").and_then(|c| c.as_str()).map(str::to_string),
+                    serde_json::Value::Object(o) => {
+                        o.get("content").and_then(|c| c.as_str()).map(str::to_string)
+                    }
                     _ => None,
                 }
             };
@@ -57,7 +63,11 @@ impl SpecialTokens {
             s.unk = s.unk.or_else(|| tok("unk_token"));
             if s.model_max_length.is_none() {
                 // transformers writes a huge number when unset
-                s.model_max_length = v.get("model_max_length").and_then(|m| m.as_u64()).filter(|&m| m < 1_000_000).map(|m| m as usize);
+                s.model_max_length = v
+                    .get("model_max_length")
+                    .and_then(|m| m.as_u64())
+                    .filter(|&m| m < 1_000_000)
+                    .map(|m| m as usize);
             }
         }
         Ok(s)
@@ -97,7 +107,10 @@ impl Tokenizer {
     pub fn from_folder(dir: impl AsRef<Path>) -> Result<Self> {
         let dir = dir.as_ref();
         if !dir.is_dir() {
-            return Err(Error::MissingFile { path: dir.to_path_buf(), hint: "tokenizer folder".into() });
+            return Err(Error::MissingFile {
+                path: dir.to_path_buf(),
+                hint: "tokenizer folder".into(),
+            });
         }
         let specials = SpecialTokens::from_folder(dir)?;
         let tj = dir.join("tokenizer.json");
@@ -116,7 +129,10 @@ impl Tokenizer {
         names.sort();
         Err(Error::MissingFile {
             path: tj,
-            hint: format!("and no vocab.json + merges.txt either; the folder holds: {}", names.join(", ")),
+            hint: format!(
+                "and no vocab.json + merges.txt either; the folder holds: {}",
+                names.join(", ")
+            ),
         })
     }
 
@@ -129,17 +145,24 @@ impl Tokenizer {
         if specials.unk.is_none() {
             let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
             let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| tok_err(path, e))?;
-            specials.unk = v.pointer("/model/unk_token").and_then(|u| u.as_str()).map(str::to_string);
+            specials.unk =
+                v.pointer("/model/unk_token").and_then(|u| u.as_str()).map(str::to_string);
         }
         Self::with_specials(inner, path, &specials)
     }
 
     /// From CLIP's `vocab.json` and `merges.txt` (the first line `#version: …` is skipped).
-    pub fn from_vocab_merges(vocab: impl AsRef<Path>, merges: impl AsRef<Path>, specials: &SpecialTokens) -> Result<Self> {
+    pub fn from_vocab_merges(
+        vocab: impl AsRef<Path>,
+        merges: impl AsRef<Path>,
+        specials: &SpecialTokens,
+    ) -> Result<Self> {
         let (vocab, merges) = (vocab.as_ref(), merges.as_ref());
         let vtext = std::fs::read_to_string(vocab).map_err(|e| Error::io(vocab, e))?;
-        let vjson: serde_json::Value = serde_json::from_str(&vtext).map_err(|e| tok_err(vocab, format!("not valid JSON: {e}")))?;
-        let vmap = vjson.as_object().ok_or_else(|| tok_err(vocab, "not a JSON object of token → id"))?;
+        let vjson: serde_json::Value = serde_json::from_str(&vtext)
+            .map_err(|e| tok_err(vocab, format!("not valid JSON: {e}")))?;
+        let vmap =
+            vjson.as_object().ok_or_else(|| tok_err(vocab, "not a JSON object of token → id"))?;
         let mtext = std::fs::read_to_string(merges).map_err(|e| Error::io(merges, e))?;
         let mut merge_list = Vec::new();
         for (i, line) in mtext.lines().enumerate() {
@@ -148,13 +171,19 @@ impl Tokenizer {
             }
             let parts: Vec<&str> = line.split(' ').collect();
             if parts.len() != 2 {
-                return Err(tok_err(merges, format!("line {}: expected two space-separated symbols, found {line:?}", i + 1)));
+                return Err(tok_err(
+                    merges,
+                    format!("line {}: expected two space-separated symbols, found {line:?}", i + 1),
+                ));
             }
             merge_list.push(serde_json::Value::String(line.to_string()));
         }
         let unk = specials.unk.clone().unwrap_or_else(|| "<|endoftext|>".to_string());
         let mut added = Vec::new();
-        for name in [specials.bos.as_deref().unwrap_or("<|startoftext|>"), specials.eos.as_deref().unwrap_or("<|endoftext|>")] {
+        for name in [
+            specials.bos.as_deref().unwrap_or("<|startoftext|>"),
+            specials.eos.as_deref().unwrap_or("<|endoftext|>"),
+        ] {
             if let Some(id) = vmap.get(name).and_then(|i| i.as_u64()) {
                 added.push(serde_json::json!({"id": id, "content": name, "single_word": false, "lstrip": false,
                     "rstrip": false, "normalized": true, "special": true}));
@@ -187,13 +216,16 @@ impl Tokenizer {
         Self::with_specials(inner, vocab, &sp)
     }
 
-    fn with_specials(inner: tokenizers::Tokenizer, source: &Path, s: &SpecialTokens) -> Result<Self> {
+    fn with_specials(
+        inner: tokenizers::Tokenizer,
+        source: &Path,
+        s: &SpecialTokens,
+    ) -> Result<Self> {
         let find = |name: Option<&str>, fallback: &str| -> Result<Option<u32>> {
             match name {
-                Some(n) => inner
-                    .token_to_id(n)
-                    .map(Some)
-                    .ok_or_else(|| tok_err(source, format!("special token {n:?} is not in the vocabulary"))),
+                Some(n) => inner.token_to_id(n).map(Some).ok_or_else(|| {
+                    tok_err(source, format!("special token {n:?} is not in the vocabulary"))
+                }),
                 None => Ok(inner.token_to_id(fallback)),
             }
         };
@@ -205,9 +237,19 @@ impl Tokenizer {
         };
         let pad = match find(s.pad.as_deref(), "<|endoftext|>")?.or(eos).or(unk) {
             Some(p) => p,
-            None => return Err(tok_err(source, "no pad token: set pad_token in tokenizer_config.json")),
+            None => {
+                return Err(tok_err(source, "no pad token: set pad_token in tokenizer_config.json"))
+            }
         };
-        Ok(Self { inner, source: source.to_path_buf(), bos, eos, pad, unk, model_max_length: s.model_max_length })
+        Ok(Self {
+            inner,
+            source: source.to_path_buf(),
+            bos,
+            eos,
+            pad,
+            unk,
+            model_max_length: s.model_max_length,
+        })
     }
 
     /// The file the tokenizer was read from.
@@ -248,7 +290,10 @@ impl Tokenizer {
 
     /// The prompt's token ids without bos/eos/padding.
     pub fn tokenize(&self, prompt: &str) -> Result<Vec<u32>> {
-        let enc = self.inner.encode(prompt, false).map_err(|e| tok_err(&self.source, format!("encoding {prompt:?}: {e}")))?;
+        let enc = self
+            .inner
+            .encode(prompt, false)
+            .map_err(|e| tok_err(&self.source, format!("encoding {prompt:?}: {e}")))?;
         Ok(enc.get_ids().to_vec())
     }
 
@@ -289,7 +334,10 @@ impl Tokenizer {
     /// as they appear in the prompt. Empty when the tokenizer has no unknown token.
     pub fn unknown_words(&self, prompt: &str) -> Result<Vec<String>> {
         let Some(unk) = self.unk else { return Ok(Vec::new()) };
-        let enc = self.inner.encode(prompt, false).map_err(|e| tok_err(&self.source, format!("encoding {prompt:?}: {e}")))?;
+        let enc = self
+            .inner
+            .encode(prompt, false)
+            .map_err(|e| tok_err(&self.source, format!("encoding {prompt:?}: {e}")))?;
         let mut out = Vec::new();
         for (id, &(a, b)) in enc.get_ids().iter().zip(enc.get_offsets()) {
             if *id == unk {
@@ -305,9 +353,14 @@ impl Tokenizer {
 
     /// The vocabulary without special tokens, sorted by id.
     pub fn known_words(&self) -> Vec<String> {
-        let special: Vec<u32> = [self.bos, self.eos, self.unk, Some(self.pad)].into_iter().flatten().collect();
+        let special: Vec<u32> =
+            [self.bos, self.eos, self.unk, Some(self.pad)].into_iter().flatten().collect();
         let vocab: HashMap<String, u32> = self.inner.get_vocab(true);
-        let mut words: Vec<(u32, String)> = vocab.into_iter().filter(|(_, id)| !special.contains(id)).map(|(w, id)| (id, w)).collect();
+        let mut words: Vec<(u32, String)> = vocab
+            .into_iter()
+            .filter(|(_, id)| !special.contains(id))
+            .map(|(w, id)| (id, w))
+            .collect();
         words.sort();
         words.into_iter().map(|(_, w)| w).collect()
     }

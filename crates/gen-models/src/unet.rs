@@ -24,7 +24,8 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use crate::blocks::{
-    conv2d, Activation, Attention, AttentionLayerConfig, Conv2d, Downsample2D, ResnetBlock2D, ResnetConfig, Upsample2D,
+    conv2d, Activation, Attention, AttentionLayerConfig, Conv2d, Downsample2D, ResnetBlock2D,
+    ResnetConfig, Upsample2D,
 };
 
 /// A config value that diffusers accepts either as one number for all blocks or as a list.
@@ -160,8 +161,14 @@ const FIXED_FIELDS: &[(&str, &[&str])] = &[
 ];
 
 /// Fields without a usable default.
-const REQUIRED_FIELDS: &[&str] =
-    &["in_channels", "out_channels", "block_out_channels", "down_block_types", "up_block_types", "cross_attention_dim"];
+const REQUIRED_FIELDS: &[&str] = &[
+    "in_channels",
+    "out_channels",
+    "block_out_channels",
+    "down_block_types",
+    "up_block_types",
+    "cross_attention_dim",
+];
 
 /// Parses a config object: checks `required` keys, rejects `fixed` fields with other values, then
 /// deserialises. Errors name `origin` (the file) and the key.
@@ -171,8 +178,10 @@ pub(crate) fn parse_config<T: for<'de> Deserialize<'de>>(
     required: &[&str],
     fixed: &[(&str, &[&str])],
 ) -> Result<T> {
-    let cfg_err = |key: &str, msg: String| Error::Config { file: origin.into(), key: key.into(), msg };
-    let obj = value.as_object().ok_or_else(|| cfg_err("<root>", "expected a JSON object".into()))?;
+    let cfg_err =
+        |key: &str, msg: String| Error::Config { file: origin.into(), key: key.into(), msg };
+    let obj =
+        value.as_object().ok_or_else(|| cfg_err("<root>", "expected a JSON object".into()))?;
     for key in required {
         if !obj.contains_key(*key) {
             return Err(cfg_err(key, "required field is missing".into()));
@@ -182,7 +191,10 @@ pub(crate) fn parse_config<T: for<'de> Deserialize<'de>>(
         if let Some(v) = obj.get(*key) {
             let s = v.to_string();
             if !allowed.contains(&s.as_str()) {
-                return Err(cfg_err(key, format!("value {s} is not supported (supported: {})", allowed.join(", "))));
+                return Err(cfg_err(
+                    key,
+                    format!("value {s} is not supported (supported: {})", allowed.join(", ")),
+                ));
             }
         }
     }
@@ -235,7 +247,9 @@ impl UNetConfig {
     }
 
     fn validate(&self, origin: &str) -> Result<()> {
-        let err = |key: &str, msg: String| Err(Error::Config { file: origin.into(), key: key.into(), msg });
+        let err = |key: &str, msg: String| {
+            Err(Error::Config { file: origin.into(), key: key.into(), msg })
+        };
         let n = self.block_out_channels.len();
         if n == 0 {
             return err("block_out_channels", "must not be empty".into());
@@ -247,7 +261,10 @@ impl UNetConfig {
             );
         }
         if self.up_block_types.len() != n {
-            return err("up_block_types", format!("{} entries for {n} block_out_channels", self.up_block_types.len()));
+            return err(
+                "up_block_types",
+                format!("{} entries for {n} block_out_channels", self.up_block_types.len()),
+            );
         }
         for t in &self.down_block_types {
             if t != "CrossAttnDownBlock2D" && t != "DownBlock2D" {
@@ -276,7 +293,10 @@ impl UNetConfig {
             return err("layers_per_block", format!("list length differs from {n} blocks"));
         }
         if self.transformer_layers_per_block.expand(n).is_none() {
-            return err("transformer_layers_per_block", format!("list length differs from {n} blocks"));
+            return err(
+                "transformer_layers_per_block",
+                format!("list length differs from {n} blocks"),
+            );
         }
         if self.only_cross_attention.expand(n).is_none() {
             return err("only_cross_attention", format!("list length differs from {n} blocks"));
@@ -336,7 +356,8 @@ pub fn timestep_embedding(
     let freqs = Tensor::from_vec(freqs, (1, half), dev)?;
     let args = t.to_dtype(DType::F32)?.unsqueeze(1)?.broadcast_mul(&freqs)?;
     let (sin, cos) = (args.sin()?, args.cos()?);
-    let mut emb = if flip_sin_to_cos { Tensor::cat(&[cos, sin], 1)? } else { Tensor::cat(&[sin, cos], 1)? };
+    let mut emb =
+        if flip_sin_to_cos { Tensor::cat(&[cos, sin], 1)? } else { Tensor::cat(&[sin, cos], 1)? };
     if dim % 2 == 1 {
         emb = emb.pad_with_zeros(1, 0, 1)?;
     }
@@ -413,7 +434,8 @@ impl BasicTransformerBlock {
             dim_head,
             qkv_bias: false,
         };
-        let cross_cfg = AttentionLayerConfig { cross_attention_dim: Some(cfg.cross_attention_dim), ..self_cfg };
+        let cross_cfg =
+            AttentionLayerConfig { cross_attention_dim: Some(cfg.cross_attention_dim), ..self_cfg };
         Ok(Self {
             norm1: LayerNorm::new(vb.pp("norm1"), dim, 1e-5)?,
             attn1: Attention::new(vb.pp("attn1"), &self_cfg)?,
@@ -426,7 +448,12 @@ impl BasicTransformerBlock {
     }
 
     /// `x`: `(B, L, dim)`, `ctx`: `(B, Lk, cross_attention_dim)` → `(B, L, dim)`.
-    fn forward(&self, x: &Tensor, ctx: &Tensor, attn: &AttentionConfig) -> candle_core::Result<Tensor> {
+    fn forward(
+        &self,
+        x: &Tensor,
+        ctx: &Tensor,
+        attn: &AttentionConfig,
+    ) -> candle_core::Result<Tensor> {
         let self_ctx = if self.only_cross_attention { Some(ctx) } else { None };
         let x = (self.attn1.forward(&self.norm1.forward(x)?, self_ctx, attn)? + x)?;
         let x = (self.attn2.forward(&self.norm2.forward(&x)?, Some(ctx), attn)? + &x)?;
@@ -473,7 +500,12 @@ impl Transformer2D {
     }
 
     /// `x`: `(B, C, H, W)`, `ctx`: `(B, Lk, cross_attention_dim)` → `(B, C, H, W)`.
-    fn forward(&self, x: &Tensor, ctx: &Tensor, attn: &AttentionConfig) -> candle_core::Result<Tensor> {
+    fn forward(
+        &self,
+        x: &Tensor,
+        ctx: &Tensor,
+        attn: &AttentionConfig,
+    ) -> candle_core::Result<Tensor> {
         let (b, c, h, w) = x.dims4()?;
         let to_seq = |t: &Tensor| t.permute((0, 2, 3, 1))?.reshape((b, h * w, c));
         let to_img = |t: &Tensor| t.reshape((b, h, w, c))?.permute((0, 3, 1, 2));
@@ -560,7 +592,9 @@ impl UpBlock {
     ) -> candle_core::Result<Tensor> {
         let mut x = x.clone();
         for (i, r) in self.resnets.iter().enumerate() {
-            let skip = skips.pop().ok_or_else(|| candle_core::Error::Msg("UNet: skip connections exhausted".into()))?;
+            let skip = skips.pop().ok_or_else(|| {
+                candle_core::Error::Msg("UNet: skip connections exhausted".into())
+            })?;
             x = r.forward(&Tensor::cat(&[&x, &skip], 1)?, Some(temb))?;
             if let Some(a) = self.attentions.get(i) {
                 x = a.forward(&x, ctx, attn)?;
@@ -581,7 +615,13 @@ struct MidBlock {
 }
 
 impl MidBlock {
-    fn forward(&self, x: &Tensor, temb: &Tensor, ctx: &Tensor, attn: &AttentionConfig) -> candle_core::Result<Tensor> {
+    fn forward(
+        &self,
+        x: &Tensor,
+        temb: &Tensor,
+        ctx: &Tensor,
+        attn: &AttentionConfig,
+    ) -> candle_core::Result<Tensor> {
         let mut x = self.resnets[0].forward(x, Some(temb))?;
         for (a, r) in self.attentions.iter().zip(&self.resnets[1..]) {
             x = a.forward(&x, ctx, attn)?;
@@ -618,13 +658,19 @@ impl UNet2DConditionModel {
     fn build(vb: VarBuilder, cfg: &UNetConfig) -> candle_core::Result<Self> {
         let n = cfg.block_out_channels.len();
         let bad = |key: &str| {
-            candle_core::Error::Msg(format!("UNet config: inconsistent `{key}` (use UNetConfig::from_json)"))
+            candle_core::Error::Msg(format!(
+                "UNet config: inconsistent `{key}` (use UNetConfig::from_json)"
+            ))
         };
         let boc = &cfg.block_out_channels;
         let layers = cfg.layers_per_block.expand(n).ok_or_else(|| bad("layers_per_block"))?;
-        let tlayers = cfg.transformer_layers_per_block.expand(n).ok_or_else(|| bad("transformer_layers_per_block"))?;
+        let tlayers = cfg
+            .transformer_layers_per_block
+            .expand(n)
+            .ok_or_else(|| bad("transformer_layers_per_block"))?;
         let heads = cfg.heads_field().1.expand(n).ok_or_else(|| bad("attention_head_dim"))?;
-        let only_cross = cfg.only_cross_attention.expand(n).ok_or_else(|| bad("only_cross_attention"))?;
+        let only_cross =
+            cfg.only_cross_attention.expand(n).ok_or_else(|| bad("only_cross_attention"))?;
         let groups = cfg.groups();
         let eps = cfg.norm_eps;
         let act = cfg.act();
@@ -632,7 +678,14 @@ impl UNet2DConditionModel {
         let resnet = |vb: VarBuilder, cin: usize, cout: usize| {
             ResnetBlock2D::new(
                 vb,
-                &ResnetConfig { in_channels: cin, out_channels: cout, temb_channels: Some(temb_dim), groups, eps, act },
+                &ResnetConfig {
+                    in_channels: cin,
+                    out_channels: cout,
+                    temb_channels: Some(temb_dim),
+                    groups,
+                    eps,
+                    act,
+                },
             )
         };
         let tcfg = |channels: usize, i: usize, layers: usize, only: bool| TransformerConfig {
@@ -647,7 +700,8 @@ impl UNet2DConditionModel {
 
         let conv_in = conv2d(vb.pp("conv_in"), cfg.in_channels, boc[0], 3, 1, 1)?;
         let time_linear_1 = Linear::new(vb.pp("time_embedding.linear_1"), boc[0], temb_dim, true)?;
-        let time_linear_2 = Linear::new(vb.pp("time_embedding.linear_2"), temb_dim, temb_dim, true)?;
+        let time_linear_2 =
+            Linear::new(vb.pp("time_embedding.linear_2"), temb_dim, temb_dim, true)?;
 
         let mut down_blocks = Vec::with_capacity(n);
         let mut cout = boc[0];
@@ -659,7 +713,11 @@ impl UNet2DConditionModel {
             let mut resnets = Vec::new();
             let mut attentions = Vec::new();
             for j in 0..layers[i] {
-                resnets.push(resnet(vb.pp(format!("resnets.{j}")), if j == 0 { cin } else { cout }, cout)?);
+                resnets.push(resnet(
+                    vb.pp(format!("resnets.{j}")),
+                    if j == 0 { cin } else { cout },
+                    cout,
+                )?);
                 if cross {
                     attentions.push(Transformer2D::new(
                         vb.pp(format!("attentions.{j}")),
@@ -678,8 +736,14 @@ impl UNet2DConditionModel {
         let cmid = boc[n - 1];
         let vbm = vb.pp("mid_block");
         let mid_block = MidBlock {
-            resnets: vec![resnet(vbm.pp("resnets.0"), cmid, cmid)?, resnet(vbm.pp("resnets.1"), cmid, cmid)?],
-            attentions: vec![Transformer2D::new(vbm.pp("attentions.0"), &tcfg(cmid, n - 1, tlayers[n - 1], false))?],
+            resnets: vec![
+                resnet(vbm.pp("resnets.0"), cmid, cmid)?,
+                resnet(vbm.pp("resnets.1"), cmid, cmid)?,
+            ],
+            attentions: vec![Transformer2D::new(
+                vbm.pp("attentions.0"),
+                &tcfg(cmid, n - 1, tlayers[n - 1], false),
+            )?],
         };
 
         let mut up_blocks = Vec::with_capacity(n);
@@ -706,7 +770,8 @@ impl UNet2DConditionModel {
                     )?);
                 }
             }
-            let upsampler = if i + 1 < n { Some(Upsample2D::new(vb.pp("upsamplers.0"), cout)?) } else { None };
+            let upsampler =
+                if i + 1 < n { Some(Upsample2D::new(vb.pp("upsamplers.0"), cout)?) } else { None };
             up_blocks.push(UpBlock { resnets, attentions, upsampler });
         }
 
@@ -744,8 +809,12 @@ impl UNet2DConditionModel {
     /// …). The handles share state with the model: adapters attached to them take effect.
     pub fn linears(&self) -> Vec<Linear> {
         let mut out = vec![self.time_linear_1.clone(), self.time_linear_2.clone()];
-        let tr = |ts: &[Transformer2D], out: &mut Vec<Linear>| ts.iter().for_each(|t| t.collect_linears(out));
-        let rs = |rs: &[ResnetBlock2D], out: &mut Vec<Linear>| rs.iter().for_each(|r| r.collect_linears(out));
+        let tr = |ts: &[Transformer2D], out: &mut Vec<Linear>| {
+            ts.iter().for_each(|t| t.collect_linears(out))
+        };
+        let rs = |rs: &[ResnetBlock2D], out: &mut Vec<Linear>| {
+            rs.iter().for_each(|r| r.collect_linears(out))
+        };
         for b in &self.down_blocks {
             rs(&b.resnets, &mut out);
             tr(&b.attentions, &mut out);
@@ -767,7 +836,12 @@ impl UNet2DConditionModel {
     /// - `encoder_hidden_states`: `(B, L, cross_attention_dim)`.
     ///
     /// Returns `(B, out_channels, H, W)` in the dtype of `sample`.
-    pub fn forward(&self, sample: &Tensor, timesteps: &Tensor, encoder_hidden_states: &Tensor) -> Result<Tensor> {
+    pub fn forward(
+        &self,
+        sample: &Tensor,
+        timesteps: &Tensor,
+        encoder_hidden_states: &Tensor,
+    ) -> Result<Tensor> {
         let (b, c, h, w) = sample.dims4().ctx("UNet: sample must be (B, C, H, W)")?;
         if c != self.cfg.in_channels {
             return Err(Error::invalid(
@@ -777,7 +851,10 @@ impl UNet2DConditionModel {
         }
         let f = 1usize << (self.cfg.block_out_channels.len() - 1);
         if h % f != 0 || w % f != 0 {
-            return Err(Error::invalid("UNet sample", format!("size {h}×{w} is not divisible by {f}")));
+            return Err(Error::invalid(
+                "UNet sample",
+                format!("size {h}×{w} is not divisible by {f}"),
+            ));
         }
         let ctx_dims = encoder_hidden_states.dims();
         if ctx_dims.len() != 3 || ctx_dims[0] != b || ctx_dims[2] != self.cfg.cross_attention_dim {
@@ -801,13 +878,21 @@ impl UNet2DConditionModel {
         self.forward_inner(sample, &t, &ctx).ctx("UNet2DConditionModel::forward")
     }
 
-    fn forward_inner(&self, sample: &Tensor, t: &Tensor, ctx: &Tensor) -> candle_core::Result<Tensor> {
+    fn forward_inner(
+        &self,
+        sample: &Tensor,
+        t: &Tensor,
+        ctx: &Tensor,
+    ) -> candle_core::Result<Tensor> {
         let dtype = sample.dtype();
         let boc0 = self.cfg.block_out_channels[0];
-        let t_emb = timestep_embedding(t, boc0, self.cfg.flip_sin_to_cos, self.cfg.freq_shift)?.to_dtype(dtype)?;
-        let temb = self.time_linear_2.forward(&self.act.apply(&self.time_linear_1.forward(&t_emb)?)?)?;
+        let t_emb = timestep_embedding(t, boc0, self.cfg.flip_sin_to_cos, self.cfg.freq_shift)?
+            .to_dtype(dtype)?;
+        let temb =
+            self.time_linear_2.forward(&self.act.apply(&self.time_linear_1.forward(&t_emb)?)?)?;
 
-        let sample = if self.cfg.center_input_sample { ((sample * 2.0)? - 1.0)? } else { sample.clone() };
+        let sample =
+            if self.cfg.center_input_sample { ((sample * 2.0)? - 1.0)? } else { sample.clone() };
         let mut x = self.conv_in.forward(&sample)?;
         let mut skips = vec![x.clone()];
         for blk in &self.down_blocks {

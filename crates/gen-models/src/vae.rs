@@ -19,8 +19,8 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use crate::blocks::{
-    conv2d, Activation, Attention, AttentionLayerConfig, Conv2d, Downsample2D, ResnetBlock2D, ResnetConfig, Upsample2D,
-    ATTENTION_KEYS, LEGACY_ATTENTION_KEYS,
+    conv2d, Activation, Attention, AttentionLayerConfig, Conv2d, Downsample2D, ResnetBlock2D,
+    ResnetConfig, Upsample2D, ATTENTION_KEYS, LEGACY_ATTENTION_KEYS,
 };
 use crate::unet::{parse_config, read_json};
 
@@ -104,18 +104,24 @@ impl VaeConfig {
     /// Parses a config object; `origin` names it in errors. Checks that the values are supported.
     pub fn from_json(value: &Value, origin: &str) -> Result<Self> {
         let cfg: Self = parse_config(value, origin, REQUIRED_FIELDS, FIXED_FIELDS)?;
-        let err = |key: &str, msg: String| Err(Error::Config { file: origin.into(), key: key.into(), msg });
+        let err = |key: &str, msg: String| {
+            Err(Error::Config { file: origin.into(), key: key.into(), msg })
+        };
         let n = cfg.block_out_channels.len();
         if n == 0 {
             return err("block_out_channels", "must not be empty".into());
         }
-        if cfg.down_block_types.len() != n || cfg.down_block_types.iter().any(|t| t != "DownEncoderBlock2D") {
+        if cfg.down_block_types.len() != n
+            || cfg.down_block_types.iter().any(|t| t != "DownEncoderBlock2D")
+        {
             return err(
                 "down_block_types",
                 format!("expected {n} × \"DownEncoderBlock2D\", found {:?}", cfg.down_block_types),
             );
         }
-        if cfg.up_block_types.len() != n || cfg.up_block_types.iter().any(|t| t != "UpDecoderBlock2D") {
+        if cfg.up_block_types.len() != n
+            || cfg.up_block_types.iter().any(|t| t != "UpDecoderBlock2D")
+        {
             return err(
                 "up_block_types",
                 format!("expected {n} × \"UpDecoderBlock2D\", found {:?}", cfg.up_block_types),
@@ -128,7 +134,10 @@ impl VaeConfig {
             return err("norm_num_groups", "must be positive".into());
         }
         if let Some(c) = cfg.block_out_channels.iter().find(|c| **c % cfg.norm_num_groups != 0) {
-            return err("norm_num_groups", format!("{} groups do not divide {c} channels", cfg.norm_num_groups));
+            return err(
+                "norm_num_groups",
+                format!("{} groups do not divide {c} channels", cfg.norm_num_groups),
+            );
         }
         if cfg.layers_per_block == 0 {
             return err("layers_per_block", "must be positive".into());
@@ -136,7 +145,10 @@ impl VaeConfig {
         for (key, v) in [("latents_mean", &cfg.latents_mean), ("latents_std", &cfg.latents_std)] {
             if let Some(v) = v {
                 if v.len() != cfg.latent_channels {
-                    return err(key, format!("{} values for {} latent channels", v.len(), cfg.latent_channels));
+                    return err(
+                        key,
+                        format!("{} values for {} latent channels", v.len(), cfg.latent_channels),
+                    );
                 }
             }
         }
@@ -176,7 +188,8 @@ impl VaeAttention {
     /// `(B, C, H, W)` → `(B, C, H, W)`.
     fn forward(&self, x: &Tensor, attn: &AttentionConfig) -> candle_core::Result<Tensor> {
         let (b, c, h, w) = x.dims4()?;
-        let s = self.group_norm.forward(x)?.reshape((b, c, h * w))?.transpose(1, 2)?.contiguous()?;
+        let s =
+            self.group_norm.forward(x)?.reshape((b, c, h * w))?.transpose(1, 2)?.contiguous()?;
         let y = self.attn.forward(&s, None, attn)?;
         y.transpose(1, 2)?.reshape((b, c, h, w))? + x
     }
@@ -205,7 +218,10 @@ impl VaeMidBlock {
             None
         };
         Ok(Self {
-            resnets: vec![ResnetBlock2D::new(vb.pp("resnets.0"), &rc)?, ResnetBlock2D::new(vb.pp("resnets.1"), &rc)?],
+            resnets: vec![
+                ResnetBlock2D::new(vb.pp("resnets.0"), &rc)?,
+                ResnetBlock2D::new(vb.pp("resnets.1"), &rc)?,
+            ],
             attention,
         })
     }
@@ -284,7 +300,11 @@ impl Encoder {
                     ResnetBlock2D::new(vb.pp(format!("resnets.{j}")), &rc)
                 })
                 .collect::<candle_core::Result<Vec<_>>>()?;
-            let downsampler = if i + 1 < n { Some(Downsample2D::new(vb.pp("downsamplers.0"), cout, 0)?) } else { None };
+            let downsampler = if i + 1 < n {
+                Some(Downsample2D::new(vb.pp("downsamplers.0"), cout, 0)?)
+            } else {
+                None
+            };
             down_blocks.push(CoderBlock { resnets, downsampler, upsampler: None });
         }
         Ok(Self {
@@ -344,7 +364,8 @@ impl Decoder {
                     ResnetBlock2D::new(vb.pp(format!("resnets.{j}")), &rc)
                 })
                 .collect::<candle_core::Result<Vec<_>>>()?;
-            let upsampler = if i + 1 < n { Some(Upsample2D::new(vb.pp("upsamplers.0"), cout)?) } else { None };
+            let upsampler =
+                if i + 1 < n { Some(Upsample2D::new(vb.pp("upsamplers.0"), cout)?) } else { None };
             up_blocks.push(CoderBlock { resnets, downsampler: None, upsampler });
         }
         Ok(Self {
@@ -415,10 +436,16 @@ impl AutoencoderKL {
 
     fn build(vb: VarBuilder, cfg: &VaeConfig) -> candle_core::Result<Self> {
         let l = cfg.latent_channels;
-        let quant_conv =
-            if cfg.use_quant_conv { Some(conv2d(vb.pp("quant_conv"), 2 * l, 2 * l, 1, 1, 0)?) } else { None };
-        let post_quant_conv =
-            if cfg.use_post_quant_conv { Some(conv2d(vb.pp("post_quant_conv"), l, l, 1, 1, 0)?) } else { None };
+        let quant_conv = if cfg.use_quant_conv {
+            Some(conv2d(vb.pp("quant_conv"), 2 * l, 2 * l, 1, 1, 0)?)
+        } else {
+            None
+        };
+        let post_quant_conv = if cfg.use_post_quant_conv {
+            Some(conv2d(vb.pp("post_quant_conv"), l, l, 1, 1, 0)?)
+        } else {
+            None
+        };
         Ok(Self {
             cfg: cfg.clone(),
             encoder: Encoder::new(vb.pp("encoder"), cfg)?,
@@ -459,7 +486,11 @@ impl AutoencoderKL {
         if c != self.cfg.in_channels || h % f != 0 || w % f != 0 {
             return Err(Error::invalid(
                 "VAE encode input",
-                format!("shape {:?}: needs {} channels and sides divisible by {f}", x.dims(), self.cfg.in_channels),
+                format!(
+                    "shape {:?}: needs {} channels and sides divisible by {f}",
+                    x.dims(),
+                    self.cfg.in_channels
+                ),
             ));
         }
         let run = || -> candle_core::Result<DiagonalGaussian> {

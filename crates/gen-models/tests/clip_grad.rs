@@ -5,8 +5,8 @@ use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
 use gen_core::SeededRng;
 use gen_models::clip::{
-    Activation, ClipTextConfig, ClipTextModelWithProjection, ClipVisionConfig, ClipVisionModelWithProjection,
-    TextForwardOptions,
+    Activation, ClipTextConfig, ClipTextModelWithProjection, ClipVisionConfig,
+    ClipVisionModelWithProjection, TextForwardOptions,
 };
 
 fn text_cfg(act: Activation) -> ClipTextConfig {
@@ -34,7 +34,8 @@ fn randomize(vm: &VarMap, seed: u64) -> anyhow::Result<()> {
     names.sort();
     for name in names {
         let v = &data[name];
-        let r = (rng.randn(v.shape().clone(), DType::F32, &Device::Cpu)?.to_dtype(DType::F64)? * 0.4)?;
+        let r =
+            (rng.randn(v.shape().clone(), DType::F32, &Device::Cpu)?.to_dtype(DType::F64)? * 0.4)?;
         let val = if name.contains("norm") && name.ends_with("weight") { (r + 1.0)? } else { r };
         v.set(&val)?;
     }
@@ -49,7 +50,13 @@ fn vars(vm: &VarMap) -> Vec<(String, Var)> {
 }
 
 /// Central-difference check of d loss / d var at a few flat indices.
-fn fd_check(name: &str, var: &Var, grad: &Tensor, indices: &[usize], loss: &dyn Fn() -> anyhow::Result<f64>) -> anyhow::Result<f64> {
+fn fd_check(
+    name: &str,
+    var: &Var,
+    grad: &Tensor,
+    indices: &[usize],
+    loss: &dyn Fn() -> anyhow::Result<f64>,
+) -> anyhow::Result<f64> {
     let eps = 1e-5;
     let shape = var.shape().clone();
     let base: Vec<f64> = var.flatten_all()?.to_vec1()?;
@@ -108,8 +115,19 @@ fn text_grad_case(act: Activation, clip_skip: usize) -> anyhow::Result<()> {
         }
         let n = g.sqr()?.sum_all()?.to_scalar::<f64>()?;
         assert!(n > 0.0, "zero gradient for {name}");
-        let check = ["q_proj.weight", "k_proj.weight", "v_proj.bias", "out_proj.weight", "layer_norm1", "layer_norm2",
-            "final_layer_norm", "position_embedding", "fc1.weight", "fc2.bias", "text_projection"];
+        let check = [
+            "q_proj.weight",
+            "k_proj.weight",
+            "v_proj.bias",
+            "out_proj.weight",
+            "layer_norm1",
+            "layer_norm2",
+            "final_layer_norm",
+            "position_embedding",
+            "fc1.weight",
+            "fc2.bias",
+            "text_projection",
+        ];
         if check.iter().any(|c| name.contains(c)) {
             worst = worst.max(fd_check(&name, &var, g, &[0, 7, 13, 29], &loss)?);
         }
@@ -133,14 +151,24 @@ fn text_attention_is_causal() -> anyhow::Result<()> {
     let dev = Device::Cpu;
     let cfg = text_cfg(Activation::QuickGelu);
     let vm = VarMap::new();
-    let model = ClipTextModelWithProjection::new(VarBuilder::from_varmap(&vm, DType::F64, &dev), &cfg)?;
+    let model =
+        ClipTextModelWithProjection::new(VarBuilder::from_varmap(&vm, DType::F64, &dev), &cfg)?;
     randomize(&vm, 1)?;
     let a = Tensor::new(&[[10u32, 3, 4, 11, 0]], &dev)?;
     let b = Tensor::new(&[[10u32, 3, 5, 6, 11]], &dev)?;
     let oa = model.text_model.forward(&a, &TextForwardOptions::default())?.last_hidden_state;
     let ob = model.text_model.forward(&b, &TextForwardOptions::default())?.last_hidden_state;
-    let d_first = (oa.narrow(1, 0, 2)? - ob.narrow(1, 0, 2)?)?.abs()?.max_keepdim(2)?.flatten_all()?.max(0)?.to_scalar::<f64>()?;
-    let d_later = (oa.narrow(1, 2, 1)? - ob.narrow(1, 2, 1)?)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f64>()?;
+    let d_first = (oa.narrow(1, 0, 2)? - ob.narrow(1, 0, 2)?)?
+        .abs()?
+        .max_keepdim(2)?
+        .flatten_all()?
+        .max(0)?
+        .to_scalar::<f64>()?;
+    let d_later = (oa.narrow(1, 2, 1)? - ob.narrow(1, 2, 1)?)?
+        .abs()?
+        .flatten_all()?
+        .max(0)?
+        .to_scalar::<f64>()?;
     assert!(d_first < 1e-12, "positions before the change moved by {d_first}");
     assert!(d_later > 1e-3, "changed position did not move ({d_later})");
     // pooled at the first eos (position 3 in a, 4 in b)
@@ -154,7 +182,8 @@ fn legacy_eos_id_2_pools_at_argmax() -> anyhow::Result<()> {
     let mut cfg = text_cfg(Activation::QuickGelu);
     cfg.eos_token_id = 2;
     let vm = VarMap::new();
-    let model = ClipTextModelWithProjection::new(VarBuilder::from_varmap(&vm, DType::F64, &dev), &cfg)?;
+    let model =
+        ClipTextModelWithProjection::new(VarBuilder::from_varmap(&vm, DType::F64, &dev), &cfg)?;
     let ids = Tensor::new(&[[0u32, 3, 11, 2, 2], [0, 11, 4, 11, 1]], &dev)?;
     assert_eq!(model.text_model.eos_positions(&ids)?, vec![2, 1]);
     Ok(())
@@ -176,7 +205,8 @@ fn vision_gradients_match_fd() -> anyhow::Result<()> {
         projection_dim: 5,
     };
     let vm = VarMap::new();
-    let model = ClipVisionModelWithProjection::new(VarBuilder::from_varmap(&vm, DType::F64, &dev), &cfg)?;
+    let model =
+        ClipVisionModelWithProjection::new(VarBuilder::from_varmap(&vm, DType::F64, &dev), &cfg)?;
     randomize(&vm, 11)?;
     let mut rng = SeededRng::new(5);
     let pix = Var::from_tensor(&rng.randn((2, 3, 8, 8), DType::F32, &dev)?.to_dtype(DType::F64)?)?;
@@ -194,9 +224,17 @@ fn vision_gradients_match_fd() -> anyhow::Result<()> {
         let g = grads.get(&var).unwrap_or_else(|| panic!("no gradient for {name}"));
         let n = g.sqr()?.sum_all()?.to_scalar::<f64>()?;
         assert!(n > 0.0, "zero gradient for {name}");
-        if ["patch_embedding", "class_embedding", "pre_layrnorm", "post_layernorm", "q_proj.weight", "k_proj.weight", "visual_projection"]
-            .iter()
-            .any(|c| name.contains(c))
+        if [
+            "patch_embedding",
+            "class_embedding",
+            "pre_layrnorm",
+            "post_layernorm",
+            "q_proj.weight",
+            "k_proj.weight",
+            "visual_projection",
+        ]
+        .iter()
+        .any(|c| name.contains(c))
         {
             worst = worst.max(fd_check(&name, &var, g, &[1, 6, 23], &loss)?);
         }
@@ -224,7 +262,8 @@ fn adapters_attach_through_linears() -> anyhow::Result<()> {
     let dev = Device::Cpu;
     let cfg = text_cfg(Activation::QuickGelu);
     let vm = VarMap::new();
-    let model = ClipTextModelWithProjection::new(VarBuilder::from_varmap(&vm, DType::F64, &dev), &cfg)?;
+    let model =
+        ClipTextModelWithProjection::new(VarBuilder::from_varmap(&vm, DType::F64, &dev), &cfg)?;
     randomize(&vm, 2)?;
     let ids = Tensor::new(&[[10u32, 3, 4, 11, 0]], &dev)?;
     let before = model.text_model.forward(&ids, &TextForwardOptions::default())?.last_hidden_state;
@@ -233,8 +272,12 @@ fn adapters_attach_through_linears() -> anyhow::Result<()> {
     let mut rng = SeededRng::new(9);
     let mut adapters = Vec::new();
     for l in &linears {
-        let a = Var::from_tensor(&(rng.randn((2, l.in_dim()), DType::F32, &dev)?.to_dtype(DType::F64)? * 0.1)?)?;
-        let b = Var::from_tensor(&(rng.randn((l.out_dim(), 2), DType::F32, &dev)?.to_dtype(DType::F64)? * 0.1)?)?;
+        let a = Var::from_tensor(
+            &(rng.randn((2, l.in_dim()), DType::F32, &dev)?.to_dtype(DType::F64)? * 0.1)?,
+        )?;
+        let b = Var::from_tensor(
+            &(rng.randn((l.out_dim(), 2), DType::F32, &dev)?.to_dtype(DType::F64)? * 0.1)?,
+        )?;
         let ad = std::sync::Arc::new(LowRank { a, b });
         l.add_adapter(ad.clone());
         adapters.push(ad);
@@ -271,13 +314,20 @@ fn clip_logits_gradient_wrt_pixels_matches_fd() -> anyhow::Result<()> {
         layer_norm_eps: 1e-5,
         projection_dim: 4,
     };
-    let cfg = gen_models::clip::ClipConfig { text: text_cfg(Activation::QuickGelu), vision, projection_dim: 4 };
+    let cfg = gen_models::clip::ClipConfig {
+        text: text_cfg(Activation::QuickGelu),
+        vision,
+        projection_dim: 4,
+    };
     let vm = VarMap::new();
-    let model = gen_models::clip::ClipModel::new(VarBuilder::from_varmap(&vm, DType::F64, &dev), &cfg)?;
+    let model =
+        gen_models::clip::ClipModel::new(VarBuilder::from_varmap(&vm, DType::F64, &dev), &cfg)?;
     randomize(&vm, 21)?;
     let ids = Tensor::new(&[[10u32, 3, 4, 11, 0], [10, 5, 11, 0, 0]], &dev)?;
     let mut rng = SeededRng::new(8);
-    let img = Var::from_tensor(&rng.rand_uniform((2, 3, 8, 8), 0.0, 1.0, DType::F32, &dev)?.to_dtype(DType::F64)?)?;
+    let img = Var::from_tensor(
+        &rng.rand_uniform((2, 3, 8, 8), 0.0, 1.0, DType::F32, &dev)?.to_dtype(DType::F64)?,
+    )?;
     let loss_t = || -> anyhow::Result<Tensor> {
         let x = gen_models::clip::clip_normalize(img.as_tensor())?;
         let l = model.logits_per_image(&ids, &x)?;

@@ -5,7 +5,8 @@ use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
 use gen_models::clip::{
-    ClipTextConfig, ClipTextModelWithProjection, ClipVisionConfig, ClipVisionModelWithProjection, TextForwardOptions,
+    ClipTextConfig, ClipTextModelWithProjection, ClipVisionConfig, ClipVisionModelWithProjection,
+    TextForwardOptions,
 };
 use gen_models::loading::weights_vb;
 
@@ -34,7 +35,8 @@ fn text_case(sub: &str) -> anyhow::Result<()> {
     let vb = weights_vb(&[dir(sub).join("model.safetensors")], DType::F64, &dev)?;
     let model = ClipTextModelWithProjection::new(vb, &cfg)?;
     let ids = &out["input_ids"];
-    let (o, embeds) = model.forward(ids, &TextForwardOptions { output_hidden_states: true, ..Default::default() })?;
+    let (o, embeds) = model
+        .forward(ids, &TextForwardOptions { output_hidden_states: true, ..Default::default() })?;
     let tol = 1e-9;
     let checks = [
         ("embeddings", &o.hidden_states[0]),
@@ -47,12 +49,19 @@ fn text_case(sub: &str) -> anyhow::Result<()> {
         println!("{sub} {name}: max |err| = {e:.3e}");
         assert!(e < tol, "{sub} {name}: {e}");
     }
-    let skip = model.text_model.forward(ids, &TextForwardOptions { clip_skip: 1, ..Default::default() })?;
+    let skip = model
+        .text_model
+        .forward(ids, &TextForwardOptions { clip_skip: 1, ..Default::default() })?;
     let e = max_abs(&skip.selected, &out["penultimate_ln"]);
     assert!(e < tol, "{sub} clip_skip=1: {e}");
-    let raw = model
-        .text_model
-        .forward(ids, &TextForwardOptions { clip_skip: 1, no_final_layer_norm_on_skip: true, ..Default::default() })?;
+    let raw = model.text_model.forward(
+        ids,
+        &TextForwardOptions {
+            clip_skip: 1,
+            no_final_layer_norm_on_skip: true,
+            ..Default::default()
+        },
+    )?;
     assert!(max_abs(&raw.selected, &out["penultimate"]) < tol);
     // f32 weights and compute stay close too
     let vb32 = weights_vb(&[dir(sub).join("model.safetensors")], DType::F32, &dev)?;
@@ -83,7 +92,11 @@ fn vision_matches_transformers() -> anyhow::Result<()> {
     let vb = weights_vb(&[dir(sub).join("model.safetensors")], DType::F64, &dev)?;
     let model = ClipVisionModelWithProjection::new(vb, &cfg)?;
     let o = model.forward(&out["pixel_values"])?;
-    for (name, t) in [("last_hidden_state", &o.last_hidden_state), ("pooled", &o.pooled), ("image_embeds", &o.image_embeds)] {
+    for (name, t) in [
+        ("last_hidden_state", &o.last_hidden_state),
+        ("pooled", &o.pooled),
+        ("image_embeds", &o.image_embeds),
+    ] {
         let e = max_abs(t, &out[name]);
         println!("vision {name}: max |err| = {e:.3e}");
         assert!(e < 1e-9, "vision {name}: {e}");
@@ -101,10 +114,17 @@ fn text_model_without_prefix_loads_the_same() -> anyhow::Result<()> {
         .into_iter()
         .filter_map(|(k, v)| k.strip_prefix("text_model.").map(|k| (k.to_string(), v)))
         .collect();
-    let tmp = std::env::temp_dir().join(format!("gen-models-unprefixed-{}.safetensors", std::process::id()));
+    let tmp = std::env::temp_dir()
+        .join(format!("gen-models-unprefixed-{}.safetensors", std::process::id()));
     candle_core::safetensors::save(&stripped, &tmp)?;
-    let a = gen_models::clip::ClipTextTransformer::new_unprefixed(weights_vb(std::slice::from_ref(&tmp), DType::F64, &dev)?, &cfg)?;
-    let b = gen_models::clip::ClipTextTransformer::new(weights_vb(&[dir(sub).join("model.safetensors")], DType::F64, &dev)?, &cfg)?;
+    let a = gen_models::clip::ClipTextTransformer::new_unprefixed(
+        weights_vb(std::slice::from_ref(&tmp), DType::F64, &dev)?,
+        &cfg,
+    )?;
+    let b = gen_models::clip::ClipTextTransformer::new(
+        weights_vb(&[dir(sub).join("model.safetensors")], DType::F64, &dev)?,
+        &cfg,
+    )?;
     let ids = Tensor::new(&[[98u32, 4, 5, 99, 1]], &dev)?;
     let oa = a.forward(&ids, &TextForwardOptions::default())?;
     let ob = b.forward(&ids, &TextForwardOptions::default())?;

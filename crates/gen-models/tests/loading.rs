@@ -6,7 +6,9 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use gen_models::clip::ClipTextConfig;
-use gen_models::loading::{find_weight_files, weights_vb, JsonConfig, SafetensorsWeights, WeightVariant};
+use gen_models::loading::{
+    find_weight_files, weights_vb, JsonConfig, SafetensorsWeights, WeightVariant,
+};
 
 fn tmp(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("gen-models-loading-{}-{name}", std::process::id()));
@@ -53,7 +55,10 @@ fn errors_name_file_and_key() -> anyhow::Result<()> {
     let fname = f.display().to_string();
     let vb = weights_vb(std::slice::from_ref(&f), DType::F32, &Device::Cpu)?;
     let e = vb.get((3, 2), "a.f32").unwrap_err().to_string();
-    assert!(e.contains(&fname) && e.contains("a.f32") && e.contains("[3, 2]") && e.contains("[2, 3]"), "{e}");
+    assert!(
+        e.contains(&fname) && e.contains("a.f32") && e.contains("[3, 2]") && e.contains("[2, 3]"),
+        "{e}"
+    );
     let e = vb.get(4, "nope.weight").unwrap_err().to_string();
     assert!(e.contains(&fname) && e.contains("nope.weight") && e.contains("missing"), "{e}");
     let e = vb.get(3, "ids").unwrap_err().to_string();
@@ -61,7 +66,10 @@ fn errors_name_file_and_key() -> anyhow::Result<()> {
     // errors through a model constructor keep the message
     let cfg = ClipTextConfig { num_hidden_layers: 1, ..ClipTextConfig::sd15() };
     let e = gen_models::clip::ClipTextTransformer::new(vb, &cfg).unwrap_err().to_string();
-    assert!(e.contains(&fname) && e.contains("text_model.embeddings.token_embedding.weight"), "{e}");
+    assert!(
+        e.contains(&fname) && e.contains("text_model.embeddings.token_embedding.weight"),
+        "{e}"
+    );
     Ok(())
 }
 
@@ -74,8 +82,24 @@ fn corrupt_and_truncated_files_are_rejected() -> anyhow::Result<()> {
     let cases: Vec<(&str, Vec<u8>, &str)> = vec![
         ("short.safetensors", bytes[..5].to_vec(), "8-byte"),
         ("truncated.safetensors", bytes[..bytes.len() - 7].to_vec(), "truncated"),
-        ("hugeheader.safetensors", { let mut b = bytes.clone(); b[..8].copy_from_slice(&(1u64 << 40).to_le_bytes()); b }, "header length"),
-        ("badjson.safetensors", { let mut b = bytes.clone(); b[8] = b'#'; b }, "JSON"),
+        (
+            "hugeheader.safetensors",
+            {
+                let mut b = bytes.clone();
+                b[..8].copy_from_slice(&(1u64 << 40).to_le_bytes());
+                b
+            },
+            "header length",
+        ),
+        (
+            "badjson.safetensors",
+            {
+                let mut b = bytes.clone();
+                b[8] = b'#';
+                b
+            },
+            "JSON",
+        ),
     ];
     for (name, data, expect) in cases {
         let p = d.join(name);
@@ -113,11 +137,17 @@ fn finds_weight_files() -> anyhow::Result<()> {
     // only a variant: found
     std::fs::write(d.join("diffusion_pytorch_model.fp16.safetensors"), b"x")?;
     std::fs::write(d.join("config.json"), b"{}")?;
-    assert_eq!(find_weight_files(&d, &none)?, vec![d.join("diffusion_pytorch_model.fp16.safetensors")]);
+    assert_eq!(
+        find_weight_files(&d, &none)?,
+        vec![d.join("diffusion_pytorch_model.fp16.safetensors")]
+    );
     // plain preferred by default, variant when asked
     std::fs::write(d.join("diffusion_pytorch_model.safetensors"), b"x")?;
     assert_eq!(find_weight_files(&d, &none)?, vec![d.join("diffusion_pytorch_model.safetensors")]);
-    assert_eq!(find_weight_files(&d, &fp16)?, vec![d.join("diffusion_pytorch_model.fp16.safetensors")]);
+    assert_eq!(
+        find_weight_files(&d, &fp16)?,
+        vec![d.join("diffusion_pytorch_model.fp16.safetensors")]
+    );
     // sharded
     let s = tmp("sharded");
     std::fs::write(s.join("model-00001-of-00002.safetensors"), b"x")?;
@@ -128,14 +158,22 @@ fn finds_weight_files() -> anyhow::Result<()> {
     )?;
     assert_eq!(
         find_weight_files(&s, &none)?,
-        vec![s.join("model-00001-of-00002.safetensors"), s.join("model-00002-of-00002.safetensors")]
+        vec![
+            s.join("model-00001-of-00002.safetensors"),
+            s.join("model-00002-of-00002.safetensors")
+        ]
     );
     // pickle only: the error says safetensors is required and lists the folder
     let p = tmp("pickle");
     std::fs::write(p.join("pytorch_model.bin"), b"x")?;
     std::fs::write(p.join("config.json"), b"{}")?;
     let e = find_weight_files(&p, &none).unwrap_err().to_string();
-    assert!(e.contains("safetensors is required") && e.contains("pytorch_model.bin") && e.contains("config.json"), "{e}");
+    assert!(
+        e.contains("safetensors is required")
+            && e.contains("pytorch_model.bin")
+            && e.contains("config.json"),
+        "{e}"
+    );
     let e = find_weight_files(&tmp("empty"), &none).unwrap_err().to_string();
     assert!(e.contains("(empty)") && !e.contains("required"), "{e}");
     Ok(())
@@ -147,7 +185,10 @@ fn config_errors_name_file_and_key() -> anyhow::Result<()> {
     let f = d.join("config.json");
     std::fs::write(&f, r#"{"hidden_size": "large", "num_attention_heads": 4}"#)?;
     let e = ClipTextConfig::from_file(&f).unwrap_err().to_string();
-    assert!(e.contains(&f.display().to_string()) && e.contains("hidden_size") && e.contains("integer"), "{e}");
+    assert!(
+        e.contains(&f.display().to_string()) && e.contains("hidden_size") && e.contains("integer"),
+        "{e}"
+    );
     std::fs::write(&f, r#"{"hidden_size": 30, "num_attention_heads": 4}"#)?;
     let e = ClipTextConfig::from_file(&f).unwrap_err().to_string();
     assert!(e.contains("num_attention_heads") && e.contains("30"), "{e}");
@@ -160,9 +201,15 @@ fn config_errors_name_file_and_key() -> anyhow::Result<()> {
     let e = ClipTextConfig::from_file(d.join("nothere.json")).unwrap_err().to_string();
     assert!(e.contains("nothere.json"), "{e}");
     // defaults of transformers for absent fields; a CLIPModel config's text_config is used
-    std::fs::write(&f, r#"{"text_config": {"hidden_size": 64, "num_attention_heads": 4}, "vision_config": {}}"#)?;
+    std::fs::write(
+        &f,
+        r#"{"text_config": {"hidden_size": 64, "num_attention_heads": 4}, "vision_config": {}}"#,
+    )?;
     let c = ClipTextConfig::from_file(&f)?;
-    assert_eq!((c.hidden_size, c.vocab_size, c.max_position_embeddings, c.eos_token_id), (64, 49408, 77, 49407));
+    assert_eq!(
+        (c.hidden_size, c.vocab_size, c.max_position_embeddings, c.eos_token_id),
+        (64, 49408, 77, 49407)
+    );
     let j = JsonConfig::from_str("x.json", r#"{"a": 1}"#)?;
     assert_eq!(j.usize("b", Some(3))?, 3);
     assert!(j.usize("b", None).unwrap_err().to_string().contains("x.json"));

@@ -37,7 +37,8 @@ fn text_encoder_case(sub: &str, parity: &str) -> anyhow::Result<()> {
     assert_eq!(w.unused_keys(), Vec::<String>::new(), "{sub}: keys the model does not read");
     let out = candle_core::safetensors::load(root().join("parity").join(parity), &dev)?;
     let o = model.forward(&out["input_ids"], &TextForwardOptions::default())?;
-    let skip = model.forward(&out["input_ids"], &TextForwardOptions { clip_skip: 1, ..Default::default() })?;
+    let skip = model
+        .forward(&out["input_ids"], &TextForwardOptions { clip_skip: 1, ..Default::default() })?;
     for (name, t) in [
         ("last_hidden_state", &o.last_hidden_state),
         ("penultimate", &o.penultimate),
@@ -64,17 +65,24 @@ fn tiny_sd_text_encoder_gelu_loads_every_key_and_matches() -> anyhow::Result<()>
 #[test]
 fn tiny_sd_tokenizer_matches_transformers() -> anyhow::Result<()> {
     let dir = root().join("tiny-sd/tokenizer");
-    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(root().join("parity/tokenizer_ids.json"))?)?;
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(root().join("parity/tokenizer_ids.json"))?)?;
     let max_len = v["max_length"].as_u64().unwrap() as usize;
     // both ways of reading the folder: tokenizer.json, and vocab.json + merges.txt
     let from_json = Tokenizer::from_folder(&dir)?;
     let specials = gen_models::tokenizer::SpecialTokens::from_folder(&dir)?;
-    let from_bpe = Tokenizer::from_vocab_merges(dir.join("vocab.json"), dir.join("merges.txt"), &specials)?;
+    let from_bpe =
+        Tokenizer::from_vocab_merges(dir.join("vocab.json"), dir.join("merges.txt"), &specials)?;
     let cases = v["cases"].as_array().unwrap();
     assert!(cases.len() >= 5);
     for case in cases {
         let text = case["text"].as_str().unwrap();
-        let want: Vec<u32> = case["input_ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect();
+        let want: Vec<u32> = case["input_ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as u32)
+            .collect();
         for (which, tok) in [("tokenizer.json", &from_json), ("vocab+merges", &from_bpe)] {
             let enc = tok.encode(text, max_len)?;
             assert_eq!(enc.ids, want, "{which}: {text:?}");

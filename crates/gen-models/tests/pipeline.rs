@@ -6,7 +6,9 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device};
 use gen_models::clip::TextForwardOptions;
-use gen_models::pipeline::{hub_offline_from_env, HubOptions, LoadOptions, ModelSource, PipelineFiles, SdPipeline};
+use gen_models::pipeline::{
+    hub_offline_from_env, HubOptions, LoadOptions, ModelSource, PipelineFiles, SdPipeline,
+};
 
 fn tiny_sd() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/tiny-sd")
@@ -60,10 +62,16 @@ fn offline(cache: &Path) -> HubOptions {
 
 #[test]
 fn parses_sources() -> anyhow::Result<()> {
-    assert_eq!(ModelSource::parse("org/name")?, ModelSource::Hub { repo: "org/name".into(), revision: None });
+    assert_eq!(
+        ModelSource::parse("org/name")?,
+        ModelSource::Hub { repo: "org/name".into(), revision: None }
+    );
     assert_eq!(
         ModelSource::parse("stabilityai/stable-diffusion-2-1@fp16")?,
-        ModelSource::Hub { repo: "stabilityai/stable-diffusion-2-1".into(), revision: Some("fp16".into()) }
+        ModelSource::Hub {
+            repo: "stabilityai/stable-diffusion-2-1".into(),
+            revision: Some("fp16".into())
+        }
     );
     let local = tiny_sd();
     assert_eq!(ModelSource::parse(local.to_str().unwrap())?, ModelSource::Local(local.clone()));
@@ -85,7 +93,10 @@ fn resolves_local_folder() -> anyhow::Result<()> {
     assert_eq!(f.model_index_json["_class_name"], "StableDiffusionPipeline");
     let fp16 = HubOptions { variant: Some("fp16".into()), ..Default::default() };
     let f = PipelineFiles::resolve(&ModelSource::Local(tiny_sd()), &fp16)?;
-    assert_eq!(f.unet.weights, vec![tiny_sd().join("unet/diffusion_pytorch_model.fp16.safetensors")]);
+    assert_eq!(
+        f.unet.weights,
+        vec![tiny_sd().join("unet/diffusion_pytorch_model.fp16.safetensors")]
+    );
     Ok(())
 }
 
@@ -96,11 +107,15 @@ fn local_folder_missing_unet_config_names_the_path() -> anyhow::Result<()> {
     fill_snapshot(&tiny_sd(), &repo_dir, Path::new(""));
     let root = repo_dir.join("snapshots").join(COMMIT);
     std::fs::remove_file(root.join("unet/config.json"))?;
-    let e = PipelineFiles::resolve(&ModelSource::Local(root.clone()), &HubOptions::default()).unwrap_err().to_string();
+    let e = PipelineFiles::resolve(&ModelSource::Local(root.clone()), &HubOptions::default())
+        .unwrap_err()
+        .to_string();
     println!("{e}");
     assert!(e.contains(&root.join("unet").join("config.json").display().to_string()), "{e}");
     std::fs::remove_file(root.join("model_index.json"))?;
-    let e = PipelineFiles::resolve(&ModelSource::Local(root.clone()), &HubOptions::default()).unwrap_err().to_string();
+    let e = PipelineFiles::resolve(&ModelSource::Local(root.clone()), &HubOptions::default())
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("model_index.json"), "{e}");
     Ok(())
 }
@@ -119,22 +134,37 @@ fn hub_offline_resolves_from_cache() -> anyhow::Result<()> {
     // a revision the cache lacks
     let other = ModelSource::Hub { repo: "org/tiny-sd".into(), revision: Some("v2".into()) };
     let e = PipelineFiles::resolve(&other, &offline(&cache)).unwrap_err().to_string();
-    assert!(e.contains("org/tiny-sd") && e.contains("v2") && e.contains(&cache.display().to_string()), "{e}");
+    assert!(
+        e.contains("org/tiny-sd") && e.contains("v2") && e.contains(&cache.display().to_string()),
+        "{e}"
+    );
     Ok(())
 }
 
 #[test]
 fn hub_offline_unknown_repo_names_repo_and_cache() -> anyhow::Result<()> {
     let cache = fake_cache("offline-unknown");
-    let e = PipelineFiles::resolve(&ModelSource::parse("someone/unknown-model")?, &offline(&cache)).unwrap_err().to_string();
+    let e = PipelineFiles::resolve(&ModelSource::parse("someone/unknown-model")?, &offline(&cache))
+        .unwrap_err()
+        .to_string();
     println!("{e}");
-    assert!(e.contains("someone/unknown-model") && e.contains(&cache.display().to_string()) && e.contains("offline"), "{e}");
+    assert!(
+        e.contains("someone/unknown-model")
+            && e.contains(&cache.display().to_string())
+            && e.contains("offline"),
+        "{e}"
+    );
     // an incomplete snapshot names the missing file
     let snap = cache.join("models--org--tiny-sd/snapshots").join(COMMIT);
     std::fs::remove_file(snap.join("unet/config.json"))?;
-    let e = PipelineFiles::resolve(&ModelSource::parse("org/tiny-sd")?, &offline(&cache)).unwrap_err().to_string();
+    let e = PipelineFiles::resolve(&ModelSource::parse("org/tiny-sd")?, &offline(&cache))
+        .unwrap_err()
+        .to_string();
     println!("{e}");
-    assert!(e.contains("org/tiny-sd") && e.contains("incomplete") && e.contains("unet/config.json"), "{e}");
+    assert!(
+        e.contains("org/tiny-sd") && e.contains("incomplete") && e.contains("unet/config.json"),
+        "{e}"
+    );
     Ok(())
 }
 
@@ -142,11 +172,22 @@ fn hub_offline_unknown_repo_names_repo_and_cache() -> anyhow::Result<()> {
 fn unreachable_hub_falls_back_to_cache_or_says_so() -> anyhow::Result<()> {
     let cache = fake_cache("unreachable");
     // nothing listens on port 9 of localhost: the connection is refused at once
-    let hub = HubOptions { cache_dir: Some(cache.clone()), endpoint: Some("http://127.0.0.1:9".into()), ..Default::default() };
+    let hub = HubOptions {
+        cache_dir: Some(cache.clone()),
+        endpoint: Some("http://127.0.0.1:9".into()),
+        ..Default::default()
+    };
     let f = PipelineFiles::resolve(&ModelSource::parse("org/tiny-sd")?, &hub)?;
     assert_eq!(f.root, cache.join("models--org--tiny-sd/snapshots").join(COMMIT));
-    let e = PipelineFiles::resolve(&ModelSource::parse("org/not-cached")?, &hub).unwrap_err().to_string();
-    assert!(e.contains("org/not-cached") && e.contains("model_index.json") && e.contains(&cache.display().to_string()), "{e}");
+    let e = PipelineFiles::resolve(&ModelSource::parse("org/not-cached")?, &hub)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("org/not-cached")
+            && e.contains("model_index.json")
+            && e.contains(&cache.display().to_string()),
+        "{e}"
+    );
     println!("{e}");
     if !hub_offline_from_env() {
         assert!(e.contains("unreachable"), "{e}");
@@ -164,14 +205,18 @@ fn loads_tiny_sd_pipeline_and_encodes_prompts() -> anyhow::Result<()> {
     assert!(p.unused_keys.is_empty(), "unused: {:?}", p.unused_keys);
     // conditioning of the parity prompts against transformers
     let parity = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/parity");
-    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(parity.join("tokenizer_ids.json"))?)?;
-    let out = candle_core::safetensors::load(parity.join("text_encoder.safetensors"), &Device::Cpu)?;
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(parity.join("tokenizer_ids.json"))?)?;
+    let out =
+        candle_core::safetensors::load(parity.join("text_encoder.safetensors"), &Device::Cpu)?;
     let n = out["input_ids"].dim(0)?;
-    let prompts: Vec<&str> = v["cases"].as_array().unwrap()[..n].iter().map(|c| c["text"].as_str().unwrap()).collect();
+    let prompts: Vec<&str> =
+        v["cases"].as_array().unwrap()[..n].iter().map(|c| c["text"].as_str().unwrap()).collect();
     let (cond, enc) = p.encode_prompts(&prompts, &TextForwardOptions::default())?;
     assert_eq!(cond.dims(), &[n, 77, 32]);
     assert!(enc.iter().all(|e| !e.truncated));
-    let err = (cond - &out["last_hidden_state"])?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+    let err =
+        (cond - &out["last_hidden_state"])?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
     println!("tiny-sd conditioning vs transformers: max |err| = {err:.3e}");
     assert!(err < 1e-4, "{err}");
     Ok(())

@@ -10,7 +10,8 @@ fn fixtures() -> PathBuf {
 }
 
 fn expected() -> serde_json::Value {
-    serde_json::from_str(&std::fs::read_to_string(fixtures().join("expected.json")).unwrap()).unwrap()
+    serde_json::from_str(&std::fs::read_to_string(fixtures().join("expected.json")).unwrap())
+        .unwrap()
 }
 
 fn ids(v: &serde_json::Value) -> Vec<u32> {
@@ -84,7 +85,12 @@ fn word_level_unknown_words() -> anyhow::Result<()> {
         let prompt = case["prompt"].as_str().unwrap();
         let tokens = ids(&case["tokens"]);
         assert_eq!(tok.tokenize(prompt)?, tokens, "{prompt:?}");
-        let unknown: Vec<String> = case["unknown"].as_array().unwrap().iter().map(|s| s.as_str().unwrap().to_string()).collect();
+        let unknown: Vec<String> = case["unknown"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s.as_str().unwrap().to_string())
+            .collect();
         assert_eq!(tok.unknown_words(prompt)?, unknown, "{prompt:?}");
         let enc = tok.encode(prompt, max_len)?;
         let mut want = vec![0u32];

@@ -143,21 +143,24 @@ fn fd_check(cfg: &UNetConfig, params: &[String]) -> Result<f64> {
     let grads = loss(&model, sample.as_tensor(), ctx.as_tensor(), &inp)?.backward()?;
     let h = 1e-5;
     let mut worst = 0f64;
-    let mut check = |name: &str, var: &Var, g: &Tensor, f: &mut dyn FnMut() -> Result<f64>| -> Result<()> {
-        let g = flat(g)?;
-        for i in probe_indices(&g) {
-            let n = fd(var, i, h, f)?;
-            let e = rel_err(g[i], n);
-            worst = worst.max(e);
-            if std::env::var("FD_VERBOSE").is_ok() {
-                eprintln!("{name}[{i}] {e:.2e}");
+    let mut check =
+        |name: &str, var: &Var, g: &Tensor, f: &mut dyn FnMut() -> Result<f64>| -> Result<()> {
+            let g = flat(g)?;
+            for i in probe_indices(&g) {
+                let n = fd(var, i, h, f)?;
+                let e = rel_err(g[i], n);
+                worst = worst.max(e);
+                if std::env::var("FD_VERBOSE").is_ok() {
+                    eprintln!("{name}[{i}] {e:.2e}");
+                }
+                assert!(e < 1e-6, "{name}[{i}]: analytic {} vs FD {n} (rel. err {e:.2e})", g[i]);
             }
-            assert!(e < 1e-6, "{name}[{i}]: analytic {} vs FD {n} (rel. err {e:.2e})", g[i]);
-        }
-        Ok(())
-    };
+            Ok(())
+        };
     // The loss reads the input Vars' current values, so one closure serves all checks.
-    let mut f = || -> Result<f64> { Ok(loss(&model, sample.as_tensor(), ctx.as_tensor(), &inp)?.to_scalar::<f64>()?) };
+    let mut f = || -> Result<f64> {
+        Ok(loss(&model, sample.as_tensor(), ctx.as_tensor(), &inp)?.to_scalar::<f64>()?)
+    };
     for p in params {
         let var = vars.get(p).unwrap_or_else(|| panic!("no parameter {p}"));
         let g = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("no gradient for {p}"));
@@ -230,7 +233,9 @@ fn unet_variant_gradients_match_finite_differences() -> Result<()> {
         "up_blocks.1.attentions.0.transformer_blocks.1.attn1.to_k.weight".into(),
     ];
     let worst = fd_check(&cfg, &params)?;
-    eprintln!("UNet FD (linear projections, 2 layers, only-cross): worst relative error {worst:.2e}");
+    eprintln!(
+        "UNet FD (linear projections, 2 layers, only-cross): worst relative error {worst:.2e}"
+    );
     Ok(())
 }
 
@@ -255,10 +260,15 @@ fn unet_every_parameter_gets_a_gradient() -> Result<()> {
         assert!(vars.len() > 50, "{label}: only {} parameters", vars.len());
         // Every linear layer is listed and named by its parameter path.
         let linears = model.linears();
-        let linear_vars = vars.keys().filter(|k| k.ends_with(".weight") && vars[*k].rank() == 2).count();
+        let linear_vars =
+            vars.keys().filter(|k| k.ends_with(".weight") && vars[*k].rank() == 2).count();
         assert_eq!(linears.len(), linear_vars, "{label}: linears() misses layers");
         for l in &linears {
-            assert!(vars.contains_key(&format!("{}.weight", l.name())), "{label}: bad linear name {}", l.name());
+            assert!(
+                vars.contains_key(&format!("{}.weight", l.name())),
+                "{label}: bad linear name {}",
+                l.name()
+            );
         }
     }
     Ok(())
@@ -280,13 +290,18 @@ fn unet_per_sample_timesteps_match_single_runs() -> Result<()> {
         assert!(d < 1e-12, "sample {i}: batched vs single differ by {d}");
     }
     // A single timestep (0-d, f32, or integer) is broadcast to the batch.
-    let same = model.forward(&inp.sample, &Tensor::new(&[500f64, 500.0], &Device::Cpu)?, &inp.ctx)?;
+    let same =
+        model.forward(&inp.sample, &Tensor::new(&[500f64, 500.0], &Device::Cpu)?, &inp.ctx)?;
     for t in [Tensor::new(500f32, &Device::Cpu)?, Tensor::new(&[500u32], &Device::Cpu)?] {
-        let d = (model.forward(&inp.sample, &t, &inp.ctx)? - &same)?.abs()?.max_all()?.to_scalar::<f64>()?;
+        let d = (model.forward(&inp.sample, &t, &inp.ctx)? - &same)?
+            .abs()?
+            .max_all()?
+            .to_scalar::<f64>()?;
         assert!(d < 1e-12, "broadcast timestep differs by {d}");
     }
     // Different timesteps give different outputs (the embedding is used).
-    let d = (both.narrow(0, 0, 1)? - same.narrow(0, 0, 1)?)?.abs()?.max_all()?.to_scalar::<f64>()?;
+    let d =
+        (both.narrow(0, 0, 1)? - same.narrow(0, 0, 1)?)?.abs()?.max_all()?.to_scalar::<f64>()?;
     assert!(d > 1e-6);
     // A timestep tensor of the wrong length is an error, not a panic.
     let bad = model.forward(&inp.sample, &Tensor::new(&[1f64, 2.0, 3.0], &Device::Cpu)?, &inp.ctx);
@@ -332,7 +347,11 @@ fn unet_config_errors_name_file_and_key() -> Result<()> {
             }),
             "cross_attention_dim",
         ),
-        ("sdxl.json", Box::new(|j| j["addition_embed_type"] = json!("text_time")), "addition_embed_type"),
+        (
+            "sdxl.json",
+            Box::new(|j| j["addition_embed_type"] = json!("text_time")),
+            "addition_embed_type",
+        ),
         ("badtype.json", Box::new(|j| j["norm_eps"] = json!("tiny")), "norm_eps"),
         ("badreq.json", Box::new(|j| j["in_channels"] = json!("four")), "in_channels"),
         (
@@ -341,14 +360,21 @@ fn unet_config_errors_name_file_and_key() -> Result<()> {
             "down_block_types",
         ),
         ("heads.json", Box::new(|j| j["attention_head_dim"] = json!(3)), "attention_head_dim"),
-        ("shift.json", Box::new(|j| j["resnet_time_scale_shift"] = json!("scale_shift")), "resnet_time_scale_shift"),
+        (
+            "shift.json",
+            Box::new(|j| j["resnet_time_scale_shift"] = json!("scale_shift")),
+            "resnet_time_scale_shift",
+        ),
     ];
     for (file, edit, key) in cases {
         let mut j = tiny_json();
         edit(&mut j);
         let p = write_tmp(file, &j)?;
         let msg = UNetConfig::from_file(&p).unwrap_err().to_string();
-        assert!(msg.contains(&p.display().to_string()) && msg.contains(&format!("`{key}`")), "{file}: {msg}");
+        assert!(
+            msg.contains(&p.display().to_string()) && msg.contains(&format!("`{key}`")),
+            "{file}: {msg}"
+        );
     }
     let msg = UNetConfig::from_file("/nonexistent/unet/config.json").unwrap_err().to_string();
     assert!(msg.contains("/nonexistent/unet/config.json"), "{msg}");
@@ -376,7 +402,8 @@ fn unet_checkpointed_chain_matches_full_backprop() -> Result<()> {
     let ts = [900f64, 500.0, 100.0];
     let step = |k: usize, x: &Tensor| -> candle_core::Result<Tensor> {
         let t = Tensor::new(&[ts[k]], &Device::Cpu)?;
-        let eps = model.forward(x, &t, &inp.ctx).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        let eps =
+            model.forward(x, &t, &inp.ctx).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
         x - (eps * 0.1)?
     };
     let loss = |y: &Tensor| (y * &inp.weight)?.sum_all();
@@ -406,11 +433,16 @@ fn unet_checkpointed_chain_matches_full_backprop() -> Result<()> {
     };
     for (name, var) in &vars {
         let a = full.get(var.as_tensor()).unwrap_or_else(|| panic!("{name}: no full gradient"));
-        let b = ck.grads.get(var.as_tensor()).unwrap_or_else(|| panic!("{name}: no checkpointed gradient"));
+        let b = ck
+            .grads
+            .get(var.as_tensor())
+            .unwrap_or_else(|| panic!("{name}: no checkpointed gradient"));
         compare(name, a, b)?;
     }
     compare("x0", full.get(x0.as_tensor()).expect("x0 grad"), &ck.input_grad)?;
-    eprintln!("checkpointed vs full backprop through 3 UNet calls: worst relative difference {worst:.2e}");
+    eprintln!(
+        "checkpointed vs full backprop through 3 UNet calls: worst relative difference {worst:.2e}"
+    );
     Ok(())
 }
 
@@ -459,7 +491,10 @@ fn unet_linear_adapters_take_effect_and_train() -> Result<()> {
     let before = model.forward(&inp.sample, &inp.t, &inp.ctx)?;
     let name = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_k";
     let lin = model.linears().into_iter().find(|l| l.name() == name).expect("to_k listed");
-    let a = Var::from_tensor(&(SeededRng::new(43).randn((lin.out_dim(), lin.in_dim()), DType::F64, &Device::Cpu)? * 0.1)?)?;
+    let a = Var::from_tensor(
+        &(SeededRng::new(43).randn((lin.out_dim(), lin.in_dim()), DType::F64, &Device::Cpu)?
+            * 0.1)?,
+    )?;
     lin.add_adapter(std::sync::Arc::new(DeltaAdapter { a: a.clone() }));
     let after = model.forward(&inp.sample, &inp.t, &inp.ctx)?;
     let d = (&after - &before)?.abs()?.max_all()?.to_scalar::<f64>()?;
@@ -467,7 +502,8 @@ fn unet_linear_adapters_take_effect_and_train() -> Result<()> {
 
     let grads = loss(&model, &inp.sample, &inp.ctx, &inp)?.backward()?;
     let g = flat(grads.get(a.as_tensor()).expect("adapter gets a gradient"))?;
-    let mut f = || -> Result<f64> { Ok(loss(&model, &inp.sample, &inp.ctx, &inp)?.to_scalar::<f64>()?) };
+    let mut f =
+        || -> Result<f64> { Ok(loss(&model, &inp.sample, &inp.ctx, &inp)?.to_scalar::<f64>()?) };
     for i in probe_indices(&g) {
         let n = fd(&a, i, 1e-5, &mut f)?;
         assert!(rel_err(g[i], n) < 1e-6, "adapter A[{i}]: analytic {} vs FD {n}", g[i]);

@@ -40,16 +40,21 @@ fn check(sub: &str, weights: &str, reference: &str) -> Result<()> {
     let wanted = requested_names(&cfg)?;
     let unused: Vec<_> = keys.difference(&wanted).collect();
     let missing: Vec<_> = wanted.difference(&keys).collect();
-    assert!(unused.is_empty() && missing.is_empty(), "{sub}/{weights}: unused keys {unused:?}, missing {missing:?}");
+    assert!(
+        unused.is_empty() && missing.is_empty(),
+        "{sub}/{weights}: unused keys {unused:?}, missing {missing:?}"
+    );
 
     let dev = Device::Cpu;
     let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[&wpath], DType::F32, &dev)? };
     let model = UNet2DConditionModel::new(vb, &cfg)?;
     let r = candle_core::safetensors::load(fixtures().join("parity").join(reference), &dev)?;
     let (x, ehs) = (&r["sample"], &r["encoder_hidden_states"]);
-    for (tkey, okey) in
-        [("timesteps_mixed", "out_mixed"), ("timesteps_mixed_i64", "out_mixed"), ("timesteps_uniform", "out_uniform")]
-    {
+    for (tkey, okey) in [
+        ("timesteps_mixed", "out_mixed"),
+        ("timesteps_mixed_i64", "out_mixed"),
+        ("timesteps_uniform", "out_uniform"),
+    ] {
         let out = model.forward(x, &r[tkey], ehs)?;
         let want = &r[okey];
         let err = max_abs(&(out - want)?)?;
@@ -83,7 +88,11 @@ fn tiny_sd_unet_f16_runs_close() -> Result<()> {
     let cfg = UNetConfig::from_file(dir.join("config.json"))?;
     let dev = Device::Cpu;
     let vb = unsafe {
-        VarBuilder::from_mmaped_safetensors(&[dir.join("diffusion_pytorch_model.safetensors")], DType::F16, &dev)?
+        VarBuilder::from_mmaped_safetensors(
+            &[dir.join("diffusion_pytorch_model.safetensors")],
+            DType::F16,
+            &dev,
+        )?
     };
     let model = UNet2DConditionModel::new(vb, &cfg)?;
     let r = candle_core::safetensors::load(fixtures().join("parity/unet.safetensors"), &dev)?;
@@ -122,10 +131,14 @@ fn unet_variant_keys_and_parity() -> Result<()> {
         let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[&wpath], dtype, &dev)? };
         let model = UNet2DConditionModel::new(vb, &cfg)?;
         let x = r["sample"].to_dtype(dtype)?;
-        let out = model.forward(&x, &r["timesteps"], &r["encoder_hidden_states"])?.to_dtype(DType::F32)?;
+        let out = model
+            .forward(&x, &r["timesteps"], &r["encoder_hidden_states"])?
+            .to_dtype(DType::F32)?;
         let err = max_abs(&(out - &r["out"])?)?;
         let scale = max_abs(&r["out"])?;
-        eprintln!("UNet variant parity ({dtype:?}): max abs err {err:.2e} (output scale {scale:.2})");
+        eprintln!(
+            "UNet variant parity ({dtype:?}): max abs err {err:.2e} (output scale {scale:.2})"
+        );
         assert!(err < 1e-5 * scale.max(1.0), "{dtype:?}: max abs err {err:e}");
     }
     Ok(())
@@ -134,7 +147,9 @@ fn unet_variant_keys_and_parity() -> Result<()> {
 /// A `VarBuilder` backend that records every requested name and shape and hands out stride-0
 /// zero tensors, so full-size models can be built without memory.
 #[derive(Clone, Default)]
-struct ShapeRecorder(std::sync::Arc<std::sync::Mutex<std::collections::BTreeMap<String, Vec<usize>>>>);
+struct ShapeRecorder(
+    std::sync::Arc<std::sync::Mutex<std::collections::BTreeMap<String, Vec<usize>>>>,
+);
 
 impl candle_nn::var_builder::SimpleBackend for ShapeRecorder {
     fn get(
@@ -161,23 +176,32 @@ impl candle_nn::var_builder::SimpleBackend for ShapeRecorder {
 /// `tests/unet_vae_sd_shapes.py`).
 #[test]
 fn sd_unet_parameter_names_and_shapes_match_diffusers() -> Result<()> {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/unet_vae_variant_fixtures/sd_shapes.json");
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/unet_vae_variant_fixtures/sd_shapes.json");
     let all: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path)?)?;
     for name in ["sd15_unet", "sd21_unet"] {
         let cfg = UNetConfig::from_json(&all[name]["config"], name)?;
-        let want: std::collections::BTreeMap<String, Vec<usize>> = serde_json::from_value(all[name]["params"].clone())?;
+        let want: std::collections::BTreeMap<String, Vec<usize>> =
+            serde_json::from_value(all[name]["params"].clone())?;
         let rec = ShapeRecorder::default();
         let vb = VarBuilder::from_backend(Box::new(rec.clone()), DType::F32, Device::Cpu);
         let model = UNet2DConditionModel::new(vb, &cfg)?;
         let got = rec.0.lock().unwrap().clone();
         let missing: Vec<_> = want.keys().filter(|k| !got.contains_key(*k)).collect();
         let extra: Vec<_> = got.keys().filter(|k| !want.contains_key(*k)).collect();
-        assert!(missing.is_empty() && extra.is_empty(), "{name}: missing {missing:?}, extra {extra:?}");
+        assert!(
+            missing.is_empty() && extra.is_empty(),
+            "{name}: missing {missing:?}, extra {extra:?}"
+        );
         for (k, s) in &want {
             assert_eq!(&got[k], s, "{name}: shape of {k}");
         }
         let n: usize = got.values().map(|s| s.iter().product::<usize>()).sum();
-        eprintln!("{name}: {} tensors, {n} parameters, {} linear layers", got.len(), model.linears().len());
+        eprintln!(
+            "{name}: {} tensors, {n} parameters, {} linear layers",
+            got.len(),
+            model.linears().len()
+        );
     }
     Ok(())
 }

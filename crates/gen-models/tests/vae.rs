@@ -106,7 +106,8 @@ fn check_fd(
 ) -> Result<f64> {
     let mut worst = 0f64;
     for (name, var) in vars {
-        let g = flat(grads.get(var.as_tensor()).unwrap_or_else(|| panic!("no gradient for {name}")))?;
+        let g =
+            flat(grads.get(var.as_tensor()).unwrap_or_else(|| panic!("no gradient for {name}")))?;
         for i in probe_indices(&g) {
             let n = fd(var, i, 1e-5, f)?;
             let e = rel_err(g[i], n);
@@ -124,12 +125,15 @@ fn vae_gradients_match_finite_differences() -> Result<()> {
     let dev = Device::Cpu;
     let x = Var::from_tensor(&rng.rand_uniform((2, 3, 8, 8), -1.0, 1.0, DType::F64, &dev)?)?;
     let z = Var::from_tensor(&rng.randn((2, 4, 4, 4), DType::F64, &dev)?)?;
-    let (wm, wl) = (rng.randn((2, 4, 4, 4), DType::F64, &dev)?, rng.randn((2, 4, 4, 4), DType::F64, &dev)?);
+    let (wm, wl) =
+        (rng.randn((2, 4, 4, 4), DType::F64, &dev)?, rng.randn((2, 4, 4, 4), DType::F64, &dev)?);
     let wd = rng.randn((2, 3, 8, 8), DType::F64, &dev)?;
     let named = |names: &[&str]| -> Vec<(String, Var)> {
         names
             .iter()
-            .map(|n| (n.to_string(), vars.get(*n).unwrap_or_else(|| panic!("no parameter {n}")).clone()))
+            .map(|n| {
+                (n.to_string(), vars.get(*n).unwrap_or_else(|| panic!("no parameter {n}")).clone())
+            })
             .collect()
     };
 
@@ -226,8 +230,13 @@ fn vae_legacy_attention_keys_load() -> Result<()> {
     let vb = VarBuilder::from_varmap(&varmap, DType::F64, &Device::Cpu);
     let model = AutoencoderKL::new(vb, &tiny_cfg())?;
     randomize(&varmap, 11)?;
-    let current: HashMap<String, Tensor> =
-        varmap.data().lock().unwrap().iter().map(|(k, v)| (k.clone(), v.as_tensor().copy().unwrap())).collect();
+    let current: HashMap<String, Tensor> = varmap
+        .data()
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_tensor().copy().unwrap()))
+        .collect();
     let rename = [("to_q", "query"), ("to_k", "key"), ("to_v", "value"), ("to_out.0", "proj_attn")];
     let legacy: HashMap<String, Tensor> = current
         .iter()
@@ -240,7 +249,10 @@ fn vae_legacy_attention_keys_load() -> Result<()> {
         })
         .collect();
     assert!(legacy.contains_key("decoder.mid_block.attentions.0.proj_attn.weight"));
-    let old = AutoencoderKL::new(VarBuilder::from_tensors(legacy, DType::F64, &Device::Cpu), &tiny_cfg())?;
+    let old = AutoencoderKL::new(
+        VarBuilder::from_tensors(legacy, DType::F64, &Device::Cpu),
+        &tiny_cfg(),
+    )?;
     let z = SeededRng::new(12).randn((1, 4, 4, 4), DType::F64, &Device::Cpu)?;
     let d = (model.decode(&z)? - old.decode(&z)?)?.abs()?.max_all()?.to_scalar::<f64>()?;
     assert!(d == 0.0, "legacy-named weights decode differently: {d}");
@@ -257,7 +269,13 @@ fn attention_block_handles_transposed_input() -> Result<()> {
     use gen_models::blocks::{Attention, AttentionLayerConfig};
     let varmap = VarMap::new();
     let vb = VarBuilder::from_varmap(&varmap, DType::F64, &Device::Cpu);
-    let cfg = AttentionLayerConfig { query_dim: 6, cross_attention_dim: None, heads: 2, dim_head: 3, qkv_bias: true };
+    let cfg = AttentionLayerConfig {
+        query_dim: 6,
+        cross_attention_dim: None,
+        heads: 2,
+        dim_head: 3,
+        qkv_bias: true,
+    };
     let attn = Attention::new(vb, &cfg)?;
     randomize(&varmap, 13)?;
     let x = SeededRng::new(14).randn((2, 6, 5), DType::F64, &Device::Cpu)?.transpose(1, 2)?;
@@ -276,7 +294,11 @@ fn vae_config_errors_name_file_and_key() -> Result<()> {
     std::fs::write(&ok, tiny_json().to_string())?;
     let cfg = VaeConfig::from_file(&ok)?;
     assert_eq!(cfg, tiny_cfg());
-    assert!((cfg.scaling_factor - 0.18215).abs() < 1e-12 && cfg.use_quant_conv && cfg.mid_block_add_attention);
+    assert!(
+        (cfg.scaling_factor - 0.18215).abs() < 1e-12
+            && cfg.use_quant_conv
+            && cfg.mid_block_add_attention
+    );
     let mut with_stats = tiny_json();
     with_stats["latents_mean"] = json!([0.1, 0.2, 0.3, 0.4]);
     with_stats["latents_std"] = json!([1.0, 2.0, 3.0, 4.0]);
@@ -294,7 +316,11 @@ fn vae_config_errors_name_file_and_key() -> Result<()> {
             "block_out_channels",
         ),
         ("badtype.json", Box::new(|j| j["scaling_factor"] = json!("big")), "scaling_factor"),
-        ("blocks.json", Box::new(|j| j["up_block_types"] = json!(["UpDecoderBlock2D"])), "up_block_types"),
+        (
+            "blocks.json",
+            Box::new(|j| j["up_block_types"] = json!(["UpDecoderBlock2D"])),
+            "up_block_types",
+        ),
         ("groups.json", Box::new(|j| j["norm_num_groups"] = json!(3)), "norm_num_groups"),
         ("latents.json", Box::new(|j| j["latents_mean"] = json!([0.1, 0.2])), "latents_mean"),
         ("force_upcast.json", Box::new(|j| j["force_upcast"] = json!(3)), "force_upcast"),
@@ -305,7 +331,10 @@ fn vae_config_errors_name_file_and_key() -> Result<()> {
         let p = dir.join(file);
         std::fs::write(&p, j.to_string())?;
         let msg = VaeConfig::from_file(&p).unwrap_err().to_string();
-        assert!(msg.contains(&p.display().to_string()) && msg.contains(&format!("`{key}`")), "{file}: {msg}");
+        assert!(
+            msg.contains(&p.display().to_string()) && msg.contains(&format!("`{key}`")),
+            "{file}: {msg}"
+        );
     }
     Ok(())
 }

@@ -97,7 +97,9 @@ fn vae_variant_keys_and_parity() -> Result<()> {
 
 /// Records requested names and shapes; hands out stride-0 zero tensors (no memory).
 #[derive(Clone, Default)]
-struct ShapeRecorder(std::sync::Arc<std::sync::Mutex<std::collections::BTreeMap<String, Vec<usize>>>>);
+struct ShapeRecorder(
+    std::sync::Arc<std::sync::Mutex<std::collections::BTreeMap<String, Vec<usize>>>>,
+);
 
 impl candle_nn::var_builder::SimpleBackend for ShapeRecorder {
     fn get(
@@ -124,14 +126,23 @@ impl candle_nn::var_builder::SimpleBackend for ShapeRecorder {
 /// `tests/unet_vae_sd_shapes.py`).
 #[test]
 fn sd_vae_parameter_names_and_shapes_match_diffusers() -> Result<()> {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/unet_vae_variant_fixtures/sd_shapes.json");
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/unet_vae_variant_fixtures/sd_shapes.json");
     let all: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path)?)?;
     let cfg = VaeConfig::from_json(&all["sd_vae"]["config"], "sd_vae")?;
-    let want: std::collections::BTreeMap<String, Vec<usize>> = serde_json::from_value(all["sd_vae"]["params"].clone())?;
+    let want: std::collections::BTreeMap<String, Vec<usize>> =
+        serde_json::from_value(all["sd_vae"]["params"].clone())?;
     let rec = ShapeRecorder::default();
-    AutoencoderKL::new(VarBuilder::from_backend(Box::new(rec.clone()), DType::F32, Device::Cpu), &cfg)?;
+    AutoencoderKL::new(
+        VarBuilder::from_backend(Box::new(rec.clone()), DType::F32, Device::Cpu),
+        &cfg,
+    )?;
     let got = rec.0.lock().unwrap().clone();
-    assert_eq!(got.keys().collect::<Vec<_>>(), want.keys().collect::<Vec<_>>(), "parameter names differ");
+    assert_eq!(
+        got.keys().collect::<Vec<_>>(),
+        want.keys().collect::<Vec<_>>(),
+        "parameter names differ"
+    );
     for (k, s) in &want {
         assert_eq!(&got[k], s, "shape of {k}");
     }

@@ -41,7 +41,12 @@ fn main() -> Result<()> {
     let q = rng.randn((2, 8, 1024, 40), DType::F32, &dev)?;
     let k = rng.randn((2, 8, 1024, 40), DType::F32, &dev)?;
     let cases: Vec<(&str, Op, Op, &Tensor)> = vec![
-        ("softmax (16,256,256)", Box::new(gen_ops::softmax_last_dim), Box::new(composite::softmax_last_dim), &logits),
+        (
+            "softmax (16,256,256)",
+            Box::new(gen_ops::softmax_last_dim),
+            Box::new(composite::softmax_last_dim),
+            &logits,
+        ),
         (
             "layer_norm (2,256,320)",
             Box::new(|x| gen_ops::layer_norm(x, Some(&w320), Some(&w320), 1e-5)),
@@ -62,7 +67,14 @@ fn main() -> Result<()> {
         ),
         (
             "attention (2,8,1024,40): chunk 256 vs none",
-            Box::new(|x| gen_ops::attention(x, &k, &k, &AttentionConfig { chunk_size: Some(256), ..Default::default() })),
+            Box::new(|x| {
+                gen_ops::attention(
+                    x,
+                    &k,
+                    &k,
+                    &AttentionConfig { chunk_size: Some(256), ..Default::default() },
+                )
+            }),
             Box::new(|x| gen_ops::attention(x, &k, &k, &AttentionConfig::default())),
             &q,
         ),
@@ -73,7 +85,10 @@ fn main() -> Result<()> {
             &q,
         ),
     ];
-    println!("{:<44} {:>12} {:>12} {:>12} {:>12}", "op", "fast fwd", "ref fwd", "fast f+b", "ref f+b");
+    println!(
+        "{:<44} {:>12} {:>12} {:>12} {:>12}",
+        "op", "fast fwd", "ref fwd", "fast f+b", "ref f+b"
+    );
     for (name, fast, slow, x) in cases {
         let (a, b) = time(&fast, x, reps)?;
         let (c, d) = time(&slow, x, reps)?;

@@ -87,7 +87,11 @@ impl Chain {
         F: FnMut(usize, &Tensor) -> Result<Tensor>,
     {
         if seed.dims() != self.output.dims() {
-            candle_core::bail!("checkpoint: seed shape {:?} != output shape {:?}", seed.dims(), self.output.dims())
+            candle_core::bail!(
+                "checkpoint: seed shape {:?} != output shape {:?}",
+                seed.dims(),
+                self.output.dims()
+            )
         }
         let mut total = GradStore::default();
         let mut seed = seed.detach();
@@ -95,7 +99,11 @@ impl Chain {
             let x = Var::from_tensor(&self.inputs[k])?;
             let y = f(k, x.as_tensor())?;
             if y.dims() != seed.dims() {
-                candle_core::bail!("checkpoint: call {k} gave shape {:?}, first run gave {:?}", y.dims(), seed.dims())
+                candle_core::bail!(
+                    "checkpoint: call {k} gave shape {:?}, first run gave {:?}",
+                    y.dims(),
+                    seed.dims()
+                )
             }
             let mut grads = (y * &seed)?.sum_all()?.backward()?;
             seed = match grads.remove(x.as_tensor()) {

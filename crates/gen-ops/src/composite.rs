@@ -20,7 +20,12 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
 
 /// Layer norm over the last dimension: `(x - mean) / sqrt(var + eps) * weight + bias`.
 /// `x`: `(..., N)`; `weight`, `bias`: `(N)`. Computed in f32 for f16/bf16 inputs.
-pub fn layer_norm(x: &Tensor, weight: Option<&Tensor>, bias: Option<&Tensor>, eps: f64) -> Result<Tensor> {
+pub fn layer_norm(
+    x: &Tensor,
+    weight: Option<&Tensor>,
+    bias: Option<&Tensor>,
+    eps: f64,
+) -> Result<Tensor> {
     let dtype = x.dtype();
     let cdt = if dtype == DType::F64 { DType::F64 } else { DType::F32 };
     let xf = x.to_dtype(cdt)?;
@@ -38,10 +43,19 @@ pub fn layer_norm(x: &Tensor, weight: Option<&Tensor>, bias: Option<&Tensor>, ep
 }
 
 /// Group norm. `x`: `(B, C, ...)` with `C` divisible by `num_groups`; `weight`, `bias`: `(C)`.
-pub fn group_norm(x: &Tensor, num_groups: usize, weight: Option<&Tensor>, bias: Option<&Tensor>, eps: f64) -> Result<Tensor> {
+pub fn group_norm(
+    x: &Tensor,
+    num_groups: usize,
+    weight: Option<&Tensor>,
+    bias: Option<&Tensor>,
+    eps: f64,
+) -> Result<Tensor> {
     let dims = x.dims().to_vec();
     if dims.len() < 2 || num_groups == 0 || dims[1] % num_groups != 0 {
-        candle_core::bail!("group_norm: {} groups do not divide the channels of shape {dims:?}", num_groups)
+        candle_core::bail!(
+            "group_norm: {} groups do not divide the channels of shape {dims:?}",
+            num_groups
+        )
     }
     let (b, c) = (dims[0], dims[1]);
     let dtype = x.dtype();
@@ -65,8 +79,9 @@ pub fn group_norm(x: &Tensor, num_groups: usize, weight: Option<&Tensor>, bias: 
 
 /// Additive causal mask `(lq, lk)`: `-inf` where key `j > offset + i`, else 0.
 pub(crate) fn causal_mask(lq: usize, lk: usize, offset: usize, like: &Tensor) -> Result<Tensor> {
-    let mask: Vec<f32> =
-        (0..lq).flat_map(|i| (0..lk).map(move |j| if j > i + offset { f32::NEG_INFINITY } else { 0.0 })).collect();
+    let mask: Vec<f32> = (0..lq)
+        .flat_map(|i| (0..lk).map(move |j| if j > i + offset { f32::NEG_INFINITY } else { 0.0 }))
+        .collect();
     Tensor::from_vec(mask, (lq, lk), like.device())?.to_dtype(like.dtype())
 }
 
@@ -108,14 +123,21 @@ pub(crate) fn attention_with(
 ) -> Result<Tensor> {
     let r = q.rank();
     if r < 2 || k.rank() != r || v.rank() != r {
-        candle_core::bail!("attention: q {:?}, k {:?}, v {:?} must have the same rank >= 2", q.dims(), k.dims(), v.dims())
+        candle_core::bail!(
+            "attention: q {:?}, k {:?}, v {:?} must have the same rank >= 2",
+            q.dims(),
+            k.dims(),
+            v.dims()
+        )
     }
     let d = q.dim(D::Minus1)?;
     let scale = cfg.scale.unwrap_or(1.0 / (d as f64).sqrt());
     let lq = q.dim(r - 2)?;
     let kt = k.t()?.contiguous()?;
     let v = v.contiguous()?;
-    let run = |q: &Tensor, offset: usize| -> Result<Tensor> { probs(q, &kt, scale, cfg.causal, offset, softmax)?.matmul(&v) };
+    let run = |q: &Tensor, offset: usize| -> Result<Tensor> {
+        probs(q, &kt, scale, cfg.causal, offset, softmax)?.matmul(&v)
+    };
     match cfg.chunk_size {
         Some(c) if c > 0 && c < lq => {
             let mut outs = Vec::new();

@@ -11,7 +11,9 @@
 //! when the batch can feed every thread; otherwise the GEMMs themselves run multi-threaded.
 
 use candle_core::backend::BackendStorage;
-use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
+use candle_core::{
+    bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor,
+};
 use gemm::{gemm, Parallelism};
 use rayon::prelude::*;
 
@@ -94,7 +96,8 @@ fn im2col<T: ConvFloat>(g: &ConvGeom, x: &[T], col: &mut [T]) {
                     let src = &xc[y as usize * g.w..(y as usize + 1) * g.w];
                     // output columns whose input column `ox·s + j − p` lies inside the row
                     let lo = (p.saturating_sub(j)).div_ceil(s).min(wo);
-                    let hi = if g.w + p > j { ((g.w + p - j - 1) / s + 1).min(wo) } else { 0 }.max(lo);
+                    let hi =
+                        if g.w + p > j { ((g.w + p - j - 1) / s + 1).min(wo) } else { 0 }.max(lo);
                     dst[..lo].fill(T::ZERO);
                     dst[hi..].fill(T::ZERO);
                     if s == 1 {
@@ -127,7 +130,8 @@ fn col2im<T: ConvFloat>(g: &ConvGeom, dcol: &[T], dx: &mut [T]) {
                     }
                     let dst = &mut dxc[y as usize * g.w..(y as usize + 1) * g.w];
                     let lo = (p.saturating_sub(j)).div_ceil(s).min(wo);
-                    let hi = if g.w + p > j { ((g.w + p - j - 1) / s + 1).min(wo) } else { 0 }.max(lo);
+                    let hi =
+                        if g.w + p > j { ((g.w + p - j - 1) / s + 1).min(wo) } else { 0 }.max(lo);
                     let src = &row[oy * wo + lo..oy * wo + hi];
                     if s == 1 {
                         let x0 = lo + j - p;
@@ -146,7 +150,18 @@ fn col2im<T: ConvFloat>(g: &ConvGeom, dcol: &[T], dx: &mut [T]) {
 /// Row-major `dst (m, n) = [dst +] a (m, k) · b (k, n)`, where `a`/`b` may be read transposed:
 /// `a_t` means `a` is stored `(k, m)`, `b_t` means `b` is stored `(n, k)`.
 #[allow(clippy::too_many_arguments)]
-fn matmul<T: ConvFloat>(m: usize, n: usize, k: usize, dst: &mut [T], accumulate: bool, a: &[T], a_t: bool, b: &[T], b_t: bool, par: Parallelism) {
+fn matmul<T: ConvFloat>(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [T],
+    accumulate: bool,
+    a: &[T],
+    a_t: bool,
+    b: &[T],
+    b_t: bool,
+    par: Parallelism,
+) {
     debug_assert!(dst.len() >= m * n && a.len() >= m * k && b.len() >= k * n);
     let (a_rs, a_cs) = if a_t { (1, m as isize) } else { (k as isize, 1) };
     let (b_rs, b_cs) = if b_t { (1, k as isize) } else { (n as isize, 1) };
@@ -180,9 +195,18 @@ fn matmul<T: ConvFloat>(m: usize, n: usize, k: usize, dst: &mut [T], accumulate:
 /// Runs `f(out_b, in_b, scratch)` for every sample `b` (chunks of `out_len` / `in_len`), in
 /// parallel over the batch when it can keep every thread busy, with one scratch buffer per
 /// worker.
-fn per_sample<T: ConvFloat>(g: &ConvGeom, out: &mut [T], out_len: usize, inp: &[T], in_len: usize, f: impl Fn(&mut [T], &[T], &mut Vec<T>) + Sync) {
+fn per_sample<T: ConvFloat>(
+    g: &ConvGeom,
+    out: &mut [T],
+    out_len: usize,
+    inp: &[T],
+    in_len: usize,
+    f: impl Fn(&mut [T], &[T], &mut Vec<T>) + Sync,
+) {
     if g.batch_parallel() {
-        out.par_chunks_mut(out_len).zip(inp.par_chunks(in_len)).for_each_init(Vec::new, |buf, (o, i)| f(o, i, buf));
+        out.par_chunks_mut(out_len)
+            .zip(inp.par_chunks(in_len))
+            .for_each_init(Vec::new, |buf, (o, i)| f(o, i, buf));
     } else {
         let mut buf = Vec::new();
         out.chunks_mut(out_len).zip(inp.chunks(in_len)).for_each(|(o, i)| f(o, i, &mut buf));
@@ -313,14 +337,32 @@ impl CustomOp2 for ConvGradOp {
         }
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let (name, g) = (self.name(), &self.geom);
         let out = match (s1, s2, self.mode) {
-            (CpuStorage::F32(a), CpuStorage::F32(b), Mode::GradInput) => CpuStorage::F32(grad_input(g, data(a, l1, name)?, data(b, l2, name)?)),
-            (CpuStorage::F64(a), CpuStorage::F64(b), Mode::GradInput) => CpuStorage::F64(grad_input(g, data(a, l1, name)?, data(b, l2, name)?)),
-            (CpuStorage::F32(a), CpuStorage::F32(b), Mode::GradKernel) => CpuStorage::F32(grad_kernel(g, data(a, l1, name)?, data(b, l2, name)?)),
-            (CpuStorage::F64(a), CpuStorage::F64(b), Mode::GradKernel) => CpuStorage::F64(grad_kernel(g, data(a, l1, name)?, data(b, l2, name)?)),
-            _ => bail!("{name}: f32 or f64 inputs of one dtype expected, got {:?} and {:?}", s1.dtype(), s2.dtype()),
+            (CpuStorage::F32(a), CpuStorage::F32(b), Mode::GradInput) => {
+                CpuStorage::F32(grad_input(g, data(a, l1, name)?, data(b, l2, name)?))
+            }
+            (CpuStorage::F64(a), CpuStorage::F64(b), Mode::GradInput) => {
+                CpuStorage::F64(grad_input(g, data(a, l1, name)?, data(b, l2, name)?))
+            }
+            (CpuStorage::F32(a), CpuStorage::F32(b), Mode::GradKernel) => {
+                CpuStorage::F32(grad_kernel(g, data(a, l1, name)?, data(b, l2, name)?))
+            }
+            (CpuStorage::F64(a), CpuStorage::F64(b), Mode::GradKernel) => {
+                CpuStorage::F64(grad_kernel(g, data(a, l1, name)?, data(b, l2, name)?))
+            }
+            _ => bail!(
+                "{name}: f32 or f64 inputs of one dtype expected, got {:?} and {:?}",
+                s1.dtype(),
+                s2.dtype()
+            ),
         };
         let shape = match self.mode {
             Mode::GradInput => Shape::from((g.b, g.c, g.h, g.w)),
@@ -359,17 +401,41 @@ impl CustomOp3 for ConvOp {
         "gen-conv2d"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let (name, g) = (self.name(), &self.0);
         let out = match (s1, s2, s3) {
-            (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(b)) => CpuStorage::F32(forward(g, data(x, l1, name)?, data(w, l2, name)?, data(b, l3, name)?)),
-            (CpuStorage::F64(x), CpuStorage::F64(w), CpuStorage::F64(b)) => CpuStorage::F64(forward(g, data(x, l1, name)?, data(w, l2, name)?, data(b, l3, name)?)),
-            _ => bail!("{name}: f32 or f64 inputs of one dtype expected, got {:?}, {:?} and {:?}", s1.dtype(), s2.dtype(), s3.dtype()),
+            (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(b)) => CpuStorage::F32(
+                forward(g, data(x, l1, name)?, data(w, l2, name)?, data(b, l3, name)?),
+            ),
+            (CpuStorage::F64(x), CpuStorage::F64(w), CpuStorage::F64(b)) => CpuStorage::F64(
+                forward(g, data(x, l1, name)?, data(w, l2, name)?, data(b, l3, name)?),
+            ),
+            _ => bail!(
+                "{name}: f32 or f64 inputs of one dtype expected, got {:?}, {:?} and {:?}",
+                s1.dtype(),
+                s2.dtype(),
+                s3.dtype()
+            ),
         };
         Ok((out, Shape::from((g.b, g.o, g.ho(), g.wo()))))
     }
 
-    fn bwd(&self, x: &Tensor, w: &Tensor, _b: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let grad = grad.contiguous()?;
         let geom = self.0;
         let dx = grad.apply_op2_no_bwd(w, &ConvGradOp { geom, mode: Mode::GradInput })?;
@@ -391,7 +457,13 @@ pub(crate) fn supported(x: &Tensor, kernel: &Tensor, groups: usize, dilation: us
 /// The im2col + GEMM convolution (see the module docs). `x`: `(B, C, H, W)`, `kernel`:
 /// `(O, C, kh, kw)`, `bias`: `(O)` (zeros when `None`) → `(B, O, Ho, Wo)`. Call only when
 /// [`supported`].
-pub(crate) fn conv2d_gemm(x: &Tensor, kernel: &Tensor, bias: Option<&Tensor>, padding: usize, stride: usize) -> Result<Tensor> {
+pub(crate) fn conv2d_gemm(
+    x: &Tensor,
+    kernel: &Tensor,
+    bias: Option<&Tensor>,
+    padding: usize,
+    stride: usize,
+) -> Result<Tensor> {
     let (b, c, h, w) = x.dims4()?;
     let (o, kc, kh, kw) = kernel.dims4()?;
     if kc != c {
@@ -401,7 +473,11 @@ pub(crate) fn conv2d_gemm(x: &Tensor, kernel: &Tensor, bias: Option<&Tensor>, pa
         bail!("conv2d: kernel {kh}x{kw} larger than padded input {h}x{w} + 2*{padding}")
     }
     let bias = match bias {
-        Some(t) if t.elem_count() != o => bail!("conv2d: bias has shape {:?}, expected ({o}) for kernel {:?}", t.dims(), kernel.dims()),
+        Some(t) if t.elem_count() != o => bail!(
+            "conv2d: bias has shape {:?}, expected ({o}) for kernel {:?}",
+            t.dims(),
+            kernel.dims()
+        ),
         Some(t) => t.to_dtype(x.dtype())?.flatten_all()?.contiguous()?,
         None => Tensor::zeros(o, x.dtype(), x.device())?,
     };

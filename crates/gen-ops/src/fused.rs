@@ -10,8 +10,11 @@
 //! The backward kernels are custom ops themselves, applied with `apply_op*` but without a `bwd`:
 //! differentiating a gradient a second time fails loudly instead of silently giving zero.
 
-use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType};
 use candle_core::backend::BackendStorage;
+use candle_core::{
+    bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor,
+    WithDType,
+};
 use rayon::prelude::*;
 
 /// Rows per block in the deterministic cross-row reductions.
@@ -137,18 +140,28 @@ impl CustomOp2 for SoftmaxBwd {
         "gen-softmax-last-dim-bwd"
     }
 
-    fn cpu_fwd(&self, sy: &CpuStorage, ly: &Layout, sg: &CpuStorage, lg: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        sy: &CpuStorage,
+        ly: &Layout,
+        sg: &CpuStorage,
+        lg: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let n = ly.dims().last().copied().unwrap_or(1);
         if ly.shape() != lg.shape() {
             bail!("{}: shapes {:?} and {:?} differ", self.name(), ly.shape(), lg.shape())
         }
         let out = match (sy, sg) {
-            (CpuStorage::F32(_), CpuStorage::F32(_)) => {
-                CpuStorage::F32(softmax_bwd_kernel(slice::<f32>(sy, ly, self.name())?, slice(sg, lg, self.name())?, n))
-            }
-            (CpuStorage::F64(_), CpuStorage::F64(_)) => {
-                CpuStorage::F64(softmax_bwd_kernel(slice::<f64>(sy, ly, self.name())?, slice(sg, lg, self.name())?, n))
-            }
+            (CpuStorage::F32(_), CpuStorage::F32(_)) => CpuStorage::F32(softmax_bwd_kernel(
+                slice::<f32>(sy, ly, self.name())?,
+                slice(sg, lg, self.name())?,
+                n,
+            )),
+            (CpuStorage::F64(_), CpuStorage::F64(_)) => CpuStorage::F64(softmax_bwd_kernel(
+                slice::<f64>(sy, ly, self.name())?,
+                slice(sg, lg, self.name())?,
+                n,
+            )),
             _ => bail!("{}: unsupported dtypes {:?}, {:?}", self.name(), sy.dtype(), sg.dtype()),
         };
         Ok((out, ly.shape().clone()))
@@ -204,7 +217,9 @@ fn norm_fwd<T: Real>(x: &[T], w: &[T], b: &[T], geo: &NormGeometry, eps: f64) ->
         .for_each(|(gi, (o, xg))| {
             let (mean, rstd) = stats(xg, eps);
             let c0 = (gi % geo.groups_per_row) * cpg;
-            for (ci, (oc, xc)) in o.chunks_mut(geo.per_channel).zip(xg.chunks(geo.per_channel)).enumerate() {
+            for (ci, (oc, xc)) in
+                o.chunks_mut(geo.per_channel).zip(xg.chunks(geo.per_channel)).enumerate()
+            {
                 // y = x * a + s with a = rstd·w, s = b − mean·rstd·w.
                 let wc = w[c0 + ci].to_f64();
                 let a = rstd * wc;
@@ -265,7 +280,9 @@ fn norm_bwd<T: Real>(x: &[T], w: &[T], g: &[T], geo: &NormGeometry, eps: f64) ->
                 for ci in 0..cpg {
                     let wc = w[c0 + ci].to_f64();
                     let r = ci * geo.per_channel..(ci + 1) * geo.per_channel;
-                    for ((d, &xi), &gi_) in dxg[r.clone()].iter_mut().zip(&xg[r.clone()]).zip(&gg[r]) {
+                    for ((d, &xi), &gi_) in
+                        dxg[r.clone()].iter_mut().zip(&xg[r.clone()]).zip(&gg[r])
+                    {
                         let xh = (xi.to_f64() - mean) * rstd;
                         *d = T::from_f64(rstd * (gi_.to_f64() * wc - m_gy - xh * m_gyx));
                     }
@@ -307,7 +324,11 @@ impl NormOp {
                     bail!("group_norm: {g} groups do not divide the channels of shape {dims:?}")
                 }
                 let spatial: usize = dims[2..].iter().product();
-                Ok(NormGeometry { len: dims[1] / g * spatial, per_channel: spatial, groups_per_row: g })
+                Ok(NormGeometry {
+                    len: dims[1] / g * spatial,
+                    per_channel: spatial,
+                    groups_per_row: g,
+                })
             }
         }
     }
@@ -338,25 +359,40 @@ impl CustomOp3 for NormOp {
         let geo = self.geometry(lx.dims())?;
         let c = if geo.len == 0 { 0 } else { geo.channels() };
         if lw.shape().elem_count() != c || lb.shape().elem_count() != c {
-            bail!("{}: weight {:?} / bias {:?} do not match {c} channels of input {:?}", self.name(), lw.shape(), lb.shape(), lx.shape())
+            bail!(
+                "{}: weight {:?} / bias {:?} do not match {c} channels of input {:?}",
+                self.name(),
+                lw.shape(),
+                lb.shape(),
+                lx.shape()
+            )
         }
         let name = self.name();
         let out = match (sx, sw, sb) {
-            (CpuStorage::F32(_), CpuStorage::F32(_), CpuStorage::F32(_)) => CpuStorage::F32(norm_fwd(
-                slice::<f32>(sx, lx, name)?,
-                slice(sw, lw, name)?,
-                slice(sb, lb, name)?,
-                &geo,
-                self.eps,
-            )),
-            (CpuStorage::F64(_), CpuStorage::F64(_), CpuStorage::F64(_)) => CpuStorage::F64(norm_fwd(
-                slice::<f64>(sx, lx, name)?,
-                slice(sw, lw, name)?,
-                slice(sb, lb, name)?,
-                &geo,
-                self.eps,
-            )),
-            _ => bail!("{name}: unsupported dtypes {:?}, {:?}, {:?}", sx.dtype(), sw.dtype(), sb.dtype()),
+            (CpuStorage::F32(_), CpuStorage::F32(_), CpuStorage::F32(_)) => {
+                CpuStorage::F32(norm_fwd(
+                    slice::<f32>(sx, lx, name)?,
+                    slice(sw, lw, name)?,
+                    slice(sb, lb, name)?,
+                    &geo,
+                    self.eps,
+                ))
+            }
+            (CpuStorage::F64(_), CpuStorage::F64(_), CpuStorage::F64(_)) => {
+                CpuStorage::F64(norm_fwd(
+                    slice::<f64>(sx, lx, name)?,
+                    slice(sw, lw, name)?,
+                    slice(sb, lb, name)?,
+                    &geo,
+                    self.eps,
+                ))
+            }
+            _ => bail!(
+                "{name}: unsupported dtypes {:?}, {:?}, {:?}",
+                sx.dtype(),
+                sw.dtype(),
+                sb.dtype()
+            ),
         };
         Ok((out, lx.shape().clone()))
     }
@@ -405,25 +441,40 @@ impl CustomOp3 for NormBwd {
         let geo = op.geometry(lx.dims())?;
         let c = if geo.len == 0 { 0 } else { geo.channels() };
         if lg.shape() != lx.shape() || lw.shape().elem_count() != c {
-            bail!("{}: inconsistent shapes x {:?}, w {:?}, g {:?}", self.name(), lx.shape(), lw.shape(), lg.shape())
+            bail!(
+                "{}: inconsistent shapes x {:?}, w {:?}, g {:?}",
+                self.name(),
+                lx.shape(),
+                lw.shape(),
+                lg.shape()
+            )
         }
         let name = self.name();
         let out = match (sx, sw, sg) {
-            (CpuStorage::F32(_), CpuStorage::F32(_), CpuStorage::F32(_)) => CpuStorage::F32(norm_bwd(
-                slice::<f32>(sx, lx, name)?,
-                slice(sw, lw, name)?,
-                slice(sg, lg, name)?,
-                &geo,
-                self.eps,
-            )),
-            (CpuStorage::F64(_), CpuStorage::F64(_), CpuStorage::F64(_)) => CpuStorage::F64(norm_bwd(
-                slice::<f64>(sx, lx, name)?,
-                slice(sw, lw, name)?,
-                slice(sg, lg, name)?,
-                &geo,
-                self.eps,
-            )),
-            _ => bail!("{name}: unsupported dtypes {:?}, {:?}, {:?}", sx.dtype(), sw.dtype(), sg.dtype()),
+            (CpuStorage::F32(_), CpuStorage::F32(_), CpuStorage::F32(_)) => {
+                CpuStorage::F32(norm_bwd(
+                    slice::<f32>(sx, lx, name)?,
+                    slice(sw, lw, name)?,
+                    slice(sg, lg, name)?,
+                    &geo,
+                    self.eps,
+                ))
+            }
+            (CpuStorage::F64(_), CpuStorage::F64(_), CpuStorage::F64(_)) => {
+                CpuStorage::F64(norm_bwd(
+                    slice::<f64>(sx, lx, name)?,
+                    slice(sw, lw, name)?,
+                    slice(sg, lg, name)?,
+                    &geo,
+                    self.eps,
+                ))
+            }
+            _ => bail!(
+                "{name}: unsupported dtypes {:?}, {:?}, {:?}",
+                sx.dtype(),
+                sw.dtype(),
+                sg.dtype()
+            ),
         };
         let len = lx.shape().elem_count() + 2 * c;
         Ok((out, Shape::from(len)))
@@ -445,15 +496,18 @@ fn upsample_kernel<T: WithDType>(x: &[T], w: usize, s: usize) -> Vec<T> {
         return out;
     }
     // One input row of W values → s output rows of sW values.
-    out.par_chunks_mut(out_row * s).zip(x.par_chunks(w)).with_min_len(min_rows(out_row * s)).for_each(|(o, xr)| {
-        let (first, rest) = o.split_at_mut(out_row);
-        for (j, &v) in xr.iter().enumerate() {
-            first[j * s..(j + 1) * s].fill(v);
-        }
-        for r in rest.chunks_mut(out_row) {
-            r.copy_from_slice(first);
-        }
-    });
+    out.par_chunks_mut(out_row * s)
+        .zip(x.par_chunks(w))
+        .with_min_len(min_rows(out_row * s))
+        .for_each(|(o, xr)| {
+            let (first, rest) = o.split_at_mut(out_row);
+            for (j, &v) in xr.iter().enumerate() {
+                first[j * s..(j + 1) * s].fill(v);
+            }
+            for r in rest.chunks_mut(out_row) {
+                r.copy_from_slice(first);
+            }
+        });
     out
 }
 
@@ -467,10 +521,18 @@ impl CustomOp1 for UpsampleNearest {
         let s = self.scale;
         let name = self.name();
         let out = match st {
-            CpuStorage::F32(_) => CpuStorage::F32(upsample_kernel(slice::<f32>(st, l, name)?, w, s)),
-            CpuStorage::F64(_) => CpuStorage::F64(upsample_kernel(slice::<f64>(st, l, name)?, w, s)),
-            CpuStorage::F16(_) => CpuStorage::F16(upsample_kernel(slice::<half::f16>(st, l, name)?, w, s)),
-            CpuStorage::BF16(_) => CpuStorage::BF16(upsample_kernel(slice::<half::bf16>(st, l, name)?, w, s)),
+            CpuStorage::F32(_) => {
+                CpuStorage::F32(upsample_kernel(slice::<f32>(st, l, name)?, w, s))
+            }
+            CpuStorage::F64(_) => {
+                CpuStorage::F64(upsample_kernel(slice::<f64>(st, l, name)?, w, s))
+            }
+            CpuStorage::F16(_) => {
+                CpuStorage::F16(upsample_kernel(slice::<half::f16>(st, l, name)?, w, s))
+            }
+            CpuStorage::BF16(_) => {
+                CpuStorage::BF16(upsample_kernel(slice::<half::bf16>(st, l, name)?, w, s))
+            }
             _ => bail!("{name}: unsupported dtype {:?}", st.dtype()),
         };
         Ok((out, Shape::from((b, c, h * s, w * s))))
@@ -498,15 +560,18 @@ fn upsample_bwd_kernel<T: WithDType>(g: &[T], w: usize, s: usize) -> Vec<T> {
     }
     let in_row = w * s;
     // s gradient rows of sW values → one row of W block sums, added in a fixed order.
-    out.par_chunks_mut(w).zip(g.par_chunks(in_row * s)).with_min_len(min_rows(in_row * s)).for_each(|(o, gr)| {
-        for r in gr.chunks(in_row) {
-            for (oj, blk) in o.iter_mut().zip(r.chunks(s)) {
-                for &v in blk {
-                    *oj += v;
+    out.par_chunks_mut(w)
+        .zip(g.par_chunks(in_row * s))
+        .with_min_len(min_rows(in_row * s))
+        .for_each(|(o, gr)| {
+            for r in gr.chunks(in_row) {
+                for (oj, blk) in o.iter_mut().zip(r.chunks(s)) {
+                    for &v in blk {
+                        *oj += v;
+                    }
                 }
             }
-        }
-    });
+        });
     out
 }
 
@@ -523,8 +588,12 @@ impl CustomOp1 for UpsampleNearestBwd {
         }
         let name = self.name();
         let out = match st {
-            CpuStorage::F32(_) => CpuStorage::F32(upsample_bwd_kernel(slice::<f32>(st, l, name)?, ws / s, s)),
-            CpuStorage::F64(_) => CpuStorage::F64(upsample_bwd_kernel(slice::<f64>(st, l, name)?, ws / s, s)),
+            CpuStorage::F32(_) => {
+                CpuStorage::F32(upsample_bwd_kernel(slice::<f32>(st, l, name)?, ws / s, s))
+            }
+            CpuStorage::F64(_) => {
+                CpuStorage::F64(upsample_bwd_kernel(slice::<f64>(st, l, name)?, ws / s, s))
+            }
             _ => bail!("{name}: unsupported dtype {:?}", st.dtype()),
         };
         Ok((out, Shape::from((b, c, hs / s, ws / s))))

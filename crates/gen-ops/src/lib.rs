@@ -20,4 +20,7 @@ mod fused;
 pub mod nn;
 pub mod ops;
 
-pub use ops::{attention, conv2d, conv2d_bias, group_norm, layer_norm, quick_gelu, softmax_last_dim, upsample_nearest, AttentionConfig};
+pub use ops::{
+    attention, conv2d, conv2d_bias, group_norm, layer_norm, quick_gelu, softmax_last_dim,
+    upsample_nearest, AttentionConfig,
+};

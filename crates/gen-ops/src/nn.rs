@@ -44,7 +44,10 @@ impl Linear {
         Self {
             name: name.into(),
             bias,
-            state: Arc::new(RwLock::new(LinearState { weight: Some(weight), adapters: Vec::new() })),
+            state: Arc::new(RwLock::new(LinearState {
+                weight: Some(weight),
+                adapters: Vec::new(),
+            })),
         }
     }
 
@@ -157,9 +160,17 @@ impl GroupNorm {
     /// divide `channels`.
     pub fn new(vb: VarBuilder, num_groups: usize, channels: usize, eps: f64) -> Result<Self> {
         if channels % num_groups != 0 {
-            candle_core::bail!("{}: {num_groups} groups do not divide {channels} channels", vb.prefix())
+            candle_core::bail!(
+                "{}: {num_groups} groups do not divide {channels} channels",
+                vb.prefix()
+            )
         }
-        Ok(Self { num_groups, weight: vb.get(channels, "weight")?, bias: vb.get(channels, "bias")?, eps })
+        Ok(Self {
+            num_groups,
+            weight: vb.get(channels, "weight")?,
+            bias: vb.get(channels, "bias")?,
+            eps,
+        })
     }
 }
 

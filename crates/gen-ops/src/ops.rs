@@ -3,7 +3,9 @@
 //! primitives whose backward passes are correct. Both paths give the same values and gradients
 //! (checked in `tests/`).
 
-use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType, D};
+use candle_core::{
+    bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType, D,
+};
 
 use candle_core::backend::BackendStorage;
 
@@ -11,9 +13,15 @@ use crate::composite;
 use crate::fused::{compute_dtype, NormOp, SoftmaxLastDim, UpsampleNearest};
 
 /// Runs `f` in the fused kernels' compute dtype (f32 for f16/bf16) and casts the result back.
-fn in_compute_dtype(x: &Tensor, what: &str, f: impl FnOnce(&Tensor, DType) -> Result<Tensor>) -> Result<Tensor> {
+fn in_compute_dtype(
+    x: &Tensor,
+    what: &str,
+    f: impl FnOnce(&Tensor, DType) -> Result<Tensor>,
+) -> Result<Tensor> {
     let dtype = x.dtype();
-    let Some(cdt) = compute_dtype(dtype) else { bail!("{what}: unsupported dtype {dtype:?} (floats only)") };
+    let Some(cdt) = compute_dtype(dtype) else {
+        bail!("{what}: unsupported dtype {dtype:?} (floats only)")
+    };
     if cdt == dtype {
         f(&x.contiguous()?, cdt)
     } else {
@@ -33,11 +41,22 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
 
 /// `t` converted to `dtype` and made contiguous, or `fill` of `n` values when `t` is `None`;
 /// checks that it has `n` elements.
-fn affine_param(t: Option<&Tensor>, n: usize, fill: f64, dtype: DType, like: &Tensor, what: &str) -> Result<Tensor> {
+fn affine_param(
+    t: Option<&Tensor>,
+    n: usize,
+    fill: f64,
+    dtype: DType,
+    like: &Tensor,
+    what: &str,
+) -> Result<Tensor> {
     match t {
         Some(t) => {
             if t.elem_count() != n {
-                bail!("{what} has shape {:?}, expected {n} elements for input {:?}", t.dims(), like.dims())
+                bail!(
+                    "{what} has shape {:?}, expected {n} elements for input {:?}",
+                    t.dims(),
+                    like.dims()
+                )
             }
             t.to_dtype(dtype)?.contiguous()
         }
@@ -48,7 +67,12 @@ fn affine_param(t: Option<&Tensor>, n: usize, fill: f64, dtype: DType, like: &Te
 /// Layer norm over the last dimension: `(x - mean) / sqrt(var + eps) * weight + bias`.
 /// `x`: `(..., N)`; `weight`, `bias`: `(N)` → `(..., N)`. Computed in f32 for f16/bf16 inputs
 /// (statistics in f64). Gradients reach `x`, `weight` and `bias`.
-pub fn layer_norm(x: &Tensor, weight: Option<&Tensor>, bias: Option<&Tensor>, eps: f64) -> Result<Tensor> {
+pub fn layer_norm(
+    x: &Tensor,
+    weight: Option<&Tensor>,
+    bias: Option<&Tensor>,
+    eps: f64,
+) -> Result<Tensor> {
     if !x.device().is_cpu() {
         return composite::layer_norm(x, weight, bias, eps);
     }
@@ -56,7 +80,8 @@ pub fn layer_norm(x: &Tensor, weight: Option<&Tensor>, bias: Option<&Tensor>, ep
     in_compute_dtype(x, "layer_norm", |xc, cdt| {
         let w = affine_param(weight, n, 1.0, cdt, x, "layer_norm weight")?;
         let b = affine_param(bias, n, 0.0, cdt, x, "layer_norm bias")?;
-        let op = NormOp { eps, groups: None, has_weight: weight.is_some(), has_bias: bias.is_some() };
+        let op =
+            NormOp { eps, groups: None, has_weight: weight.is_some(), has_bias: bias.is_some() };
         xc.apply_op3(&w, &b, op)
     })
 }
@@ -66,7 +91,13 @@ pub fn layer_norm(x: &Tensor, weight: Option<&Tensor>, bias: Option<&Tensor>, ep
 /// `x`: `(B, C, ...)` with `C` divisible by `num_groups`; `weight`, `bias`: `(C)` → same shape
 /// as `x`. Computed in f32 for f16/bf16 inputs (statistics in f64). Gradients reach `x`,
 /// `weight` and `bias`.
-pub fn group_norm(x: &Tensor, num_groups: usize, weight: Option<&Tensor>, bias: Option<&Tensor>, eps: f64) -> Result<Tensor> {
+pub fn group_norm(
+    x: &Tensor,
+    num_groups: usize,
+    weight: Option<&Tensor>,
+    bias: Option<&Tensor>,
+    eps: f64,
+) -> Result<Tensor> {
     let dims = x.dims();
     if dims.len() < 2 || num_groups == 0 || dims[1] % num_groups != 0 {
         bail!("group_norm: {num_groups} groups do not divide the channels of shape {dims:?}")
@@ -78,7 +109,12 @@ pub fn group_norm(x: &Tensor, num_groups: usize, weight: Option<&Tensor>, bias: 
     in_compute_dtype(x, "group_norm", |xc, cdt| {
         let w = affine_param(weight, c, 1.0, cdt, x, "group_norm weight")?;
         let b = affine_param(bias, c, 0.0, cdt, x, "group_norm bias")?;
-        let op = NormOp { eps, groups: Some(num_groups), has_weight: weight.is_some(), has_bias: bias.is_some() };
+        let op = NormOp {
+            eps,
+            groups: Some(num_groups),
+            has_weight: weight.is_some(),
+            has_bias: bias.is_some(),
+        };
         xc.apply_op3(&w, &b, op)
     })
 }
@@ -114,11 +150,20 @@ pub struct AttentionConfig {
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, cfg: &AttentionConfig) -> Result<Tensor> {
     let r = q.rank();
     if r < 2 || k.rank() != r || v.rank() != r {
-        bail!("attention: q {:?}, k {:?}, v {:?} must have the same rank >= 2", q.dims(), k.dims(), v.dims())
+        bail!(
+            "attention: q {:?}, k {:?}, v {:?} must have the same rank >= 2",
+            q.dims(),
+            k.dims(),
+            v.dims()
+        )
     }
     let (lq, d) = (q.dim(r - 2)?, q.dim(r - 1)?);
     let (lk, dk) = (k.dim(r - 2)?, k.dim(r - 1)?);
-    if dk != d || v.dim(r - 2)? != lk || q.dims()[..r - 2] != k.dims()[..r - 2] || k.dims()[..r - 2] != v.dims()[..r - 2] {
+    if dk != d
+        || v.dim(r - 2)? != lk
+        || q.dims()[..r - 2] != k.dims()[..r - 2]
+        || k.dims()[..r - 2] != v.dims()[..r - 2]
+    {
         bail!("attention: incompatible shapes q {:?}, k {:?}, v {:?}", q.dims(), k.dims(), v.dims())
     }
     let scale = cfg.scale.unwrap_or(1.0 / (d as f64).sqrt());
@@ -131,7 +176,8 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, cfg: &AttentionConfig) -> R
         }
         // candle's CPU backend has no bf16 matmul and a slow f16 one: compute in f32 there.
         _ if q.device().is_cpu() && matches!(q.dtype(), DType::F16 | DType::BF16) => {
-            let (q32, k32, v32) = (q.to_dtype(DType::F32)?, k.to_dtype(DType::F32)?, v.to_dtype(DType::F32)?);
+            let (q32, k32, v32) =
+                (q.to_dtype(DType::F32)?, k.to_dtype(DType::F32)?, v.to_dtype(DType::F32)?);
             composite::attention_with(&q32, &k32, &v32, cfg, softmax_last_dim)?.to_dtype(q.dtype())
         }
         _ => composite::attention_with(q, k, v, cfg, softmax_last_dim),
@@ -155,7 +201,11 @@ fn cpu_tensor<T: WithDType>(s: &CpuStorage, l: &Layout) -> Result<Tensor> {
 impl AttentionOp {
     /// Chunked forward on tensors that track no gradients.
     fn forward(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
-        let cfg = AttentionConfig { scale: Some(self.scale), chunk_size: Some(self.chunk), causal: self.causal };
+        let cfg = AttentionConfig {
+            scale: Some(self.scale),
+            chunk_size: Some(self.chunk),
+            causal: self.causal,
+        };
         composite::attention_with(q, k, v, &cfg, softmax_last_dim)
     }
 }
@@ -176,14 +226,28 @@ impl CustomOp3 for AttentionOp {
     ) -> Result<(CpuStorage, Shape)> {
         let out = match (sq, sk, sv) {
             (CpuStorage::F32(_), CpuStorage::F32(_), CpuStorage::F32(_)) => {
-                let o = self.forward(&cpu_tensor::<f32>(sq, lq)?, &cpu_tensor::<f32>(sk, lk)?, &cpu_tensor::<f32>(sv, lv)?)?;
+                let o = self.forward(
+                    &cpu_tensor::<f32>(sq, lq)?,
+                    &cpu_tensor::<f32>(sk, lk)?,
+                    &cpu_tensor::<f32>(sv, lv)?,
+                )?;
                 (CpuStorage::F32(o.flatten_all()?.to_vec1()?), o.shape().clone())
             }
             (CpuStorage::F64(_), CpuStorage::F64(_), CpuStorage::F64(_)) => {
-                let o = self.forward(&cpu_tensor::<f64>(sq, lq)?, &cpu_tensor::<f64>(sk, lk)?, &cpu_tensor::<f64>(sv, lv)?)?;
+                let o = self.forward(
+                    &cpu_tensor::<f64>(sq, lq)?,
+                    &cpu_tensor::<f64>(sk, lk)?,
+                    &cpu_tensor::<f64>(sv, lv)?,
+                )?;
                 (CpuStorage::F64(o.flatten_all()?.to_vec1()?), o.shape().clone())
             }
-            _ => bail!("{}: unsupported dtypes {:?}, {:?}, {:?}", self.name(), sq.dtype(), sk.dtype(), sv.dtype()),
+            _ => bail!(
+                "{}: unsupported dtypes {:?}, {:?}, {:?}",
+                self.name(),
+                sq.dtype(),
+                sk.dtype(),
+                sv.dtype()
+            ),
         };
         Ok(out)
     }
@@ -275,7 +339,12 @@ pub fn conv2d(x: &Tensor, kernel: &Tensor, cfg: &candle_nn::Conv2dConfig) -> Res
 
 /// [`conv2d`] plus a per-channel `bias` `(C_out)`, fused into the CPU GEMM path (the bias
 /// gradient is a contiguous sum there, instead of candle's strided reduction).
-pub fn conv2d_bias(x: &Tensor, kernel: &Tensor, bias: Option<&Tensor>, cfg: &candle_nn::Conv2dConfig) -> Result<Tensor> {
+pub fn conv2d_bias(
+    x: &Tensor,
+    kernel: &Tensor,
+    bias: Option<&Tensor>,
+    cfg: &candle_nn::Conv2dConfig,
+) -> Result<Tensor> {
     let (_, _, h, w) = x.dims4()?;
     let (_, _, kh, kw) = kernel.dims4()?;
     let (p, s, d) = (cfg.padding, cfg.stride.max(1), cfg.dilation.max(1));

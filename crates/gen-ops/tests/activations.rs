@@ -37,7 +37,12 @@ fn silu() -> Result<()> {
 #[test]
 fn quick_gelu() -> Result<()> {
     let x = x(4)?;
-    assert_fd("quick_gelu (gen_ops)", &|t: &[Tensor]| gen_ops::quick_gelu(&t[0]), std::slice::from_ref(&x), 1e-6)?;
+    assert_fd(
+        "quick_gelu (gen_ops)",
+        &|t: &[Tensor]| gen_ops::quick_gelu(&t[0]),
+        std::slice::from_ref(&x),
+        1e-6,
+    )?;
     // Values: x·σ(1.702x), written out independently.
     let v: Vec<f64> = x.flatten_all()?.to_vec1()?;
     let expected: Vec<f64> = v.iter().map(|a| a / (1.0 + (-1.702 * a).exp())).collect();
@@ -59,19 +64,34 @@ fn candle_conv2d_padding_and_stride() -> Result<()> {
     let mut rng = SeededRng::new(5);
     let k = randn(&mut rng, &[4, 3, 3, 3])?;
     let bias = randn(&mut rng, &[4])?;
-    for (shape, padding, stride) in
-        [([2, 3, 5, 6], 1, 1), ([2, 3, 5, 5], 1, 2), ([1, 3, 4, 4], 1, 2), ([1, 3, 6, 6], 0, 2), ([1, 3, 8, 5], 2, 3), ([1, 3, 5, 7], 0, 2)]
-    {
+    for (shape, padding, stride) in [
+        ([2, 3, 5, 6], 1, 1),
+        ([2, 3, 5, 5], 1, 2),
+        ([1, 3, 4, 4], 1, 2),
+        ([1, 3, 6, 6], 0, 2),
+        ([1, 3, 8, 5], 2, 3),
+        ([1, 3, 5, 7], 0, 2),
+    ] {
         let inp = randn(&mut rng, &shape)?;
         let f = move |t: &[Tensor]| -> candle_core::Result<Tensor> {
             t[0].conv2d(&t[1], padding, stride, 1, 1)?.broadcast_add(&t[2].reshape((1, 4, 1, 1))?)
         };
-        assert_fd(&format!("candle conv2d {shape:?} padding {padding} stride {stride}"), &f, &[inp, k.clone(), bias.clone()], 1e-6)?;
+        assert_fd(
+            &format!("candle conv2d {shape:?} padding {padding} stride {stride}"),
+            &f,
+            &[inp, k.clone(), bias.clone()],
+            1e-6,
+        )?;
     }
     // A 1×1 convolution (the UNet's shortcuts).
     let k1 = randn(&mut rng, &[2, 3, 1, 1])?;
     let inp = randn(&mut rng, &[2, 3, 3, 4])?;
-    assert_fd("candle conv2d 1x1", &|t: &[Tensor]| t[0].conv2d(&t[1], 0, 1, 1, 1), &[inp, k1], 1e-6)?;
+    assert_fd(
+        "candle conv2d 1x1",
+        &|t: &[Tensor]| t[0].conv2d(&t[1], 0, 1, 1, 1),
+        &[inp, k1],
+        1e-6,
+    )?;
     Ok(())
 }
 
@@ -82,7 +102,10 @@ fn candle_conv2d_backward_fails_on_mismatched_remainders() -> Result<()> {
     let x = Var::from_tensor(&randn(&mut rng, &[1, 2, 5, 6])?)?;
     let k = randn(&mut rng, &[2, 2, 3, 3])?;
     let y = x.conv2d(&k, 1, 2, 1, 1)?;
-    assert!(y.sum_all()?.backward().is_err(), "candle's conv2d backward now handles H, W remainders");
+    assert!(
+        y.sum_all()?.backward().is_err(),
+        "candle's conv2d backward now handles H, W remainders"
+    );
     Ok(())
 }
 
@@ -91,16 +114,29 @@ fn candle_conv2d_backward_fails_on_mismatched_remainders() -> Result<()> {
 fn gen_ops_conv2d_fd() -> Result<()> {
     let mut rng = SeededRng::new(8);
     let k = randn(&mut rng, &[4, 2, 3, 3])?;
-    for (shape, padding, stride, dilation) in
-        [([2, 2, 5, 6], 1, 2, 1), ([1, 2, 6, 5], 0, 2, 1), ([1, 2, 8, 6], 1, 3, 1), ([1, 2, 4, 4], 1, 2, 1), ([1, 2, 7, 8], 1, 2, 2), ([1, 2, 5, 5], 1, 1, 1)]
-    {
+    for (shape, padding, stride, dilation) in [
+        ([2, 2, 5, 6], 1, 2, 1),
+        ([1, 2, 6, 5], 0, 2, 1),
+        ([1, 2, 8, 6], 1, 3, 1),
+        ([1, 2, 4, 4], 1, 2, 1),
+        ([1, 2, 7, 8], 1, 2, 2),
+        ([1, 2, 5, 5], 1, 1, 1),
+    ] {
         let inp = randn(&mut rng, &shape)?;
         let cfg = candle_nn::Conv2dConfig { padding, stride, dilation, ..Default::default() };
         let f = move |t: &[Tensor]| gen_ops::conv2d(&t[0], &t[1], &cfg);
         // Values equal candle's forward.
-        let e = rel_err(&f(&[inp.clone(), k.clone()])?, &inp.conv2d(&k, padding, stride, dilation, 1)?)?;
+        let e = rel_err(
+            &f(&[inp.clone(), k.clone()])?,
+            &inp.conv2d(&k, padding, stride, dilation, 1)?,
+        )?;
         assert!(e < 1e-14, "{shape:?}: forward differs by {e:e}");
-        assert_fd(&format!("gen_ops::conv2d {shape:?} p{padding} s{stride} d{dilation}"), &f, &[inp, k.clone()], 1e-6)?;
+        assert_fd(
+            &format!("gen_ops::conv2d {shape:?} p{padding} s{stride} d{dilation}"),
+            &f,
+            &[inp, k.clone()],
+            1e-6,
+        )?;
     }
     // Grouped convolution.
     let kg = randn(&mut rng, &[4, 1, 3, 3])?;
@@ -130,10 +166,29 @@ fn gen_ops_conv2d_gemm_paths() -> Result<()> {
         let bias = randn(&mut rng, &[kshape[0]])?;
         let cfg = candle_nn::Conv2dConfig { padding, stride, ..Default::default() };
         let f = move |t: &[Tensor]| gen_ops::conv2d_bias(&t[0], &t[1], Some(&t[2]), &cfg);
-        let reference = move |t: &[Tensor]| t[0].conv2d(&t[1], padding, stride, 1, 1)?.broadcast_add(&t[2].reshape((1, (), 1, 1))?);
-        assert_fd(&format!("gemm conv2d {shape:?} k{kshape:?} p{padding} s{stride}"), &f, &[inp.clone(), k.clone(), bias.clone()], 1e-6)?;
-        let (x32, k32, b32) = (inp.to_dtype(DType::F32)?, k.to_dtype(DType::F32)?, bias.to_dtype(DType::F32)?);
-        assert_parity(&format!("gemm conv2d f32 {shape:?}"), &f, &reference, &[x32, k32, b32], 1e-5)?;
+        let reference = move |t: &[Tensor]| {
+            t[0].conv2d(&t[1], padding, stride, 1, 1)?.broadcast_add(&t[2].reshape((
+                1,
+                (),
+                1,
+                1,
+            ))?)
+        };
+        assert_fd(
+            &format!("gemm conv2d {shape:?} k{kshape:?} p{padding} s{stride}"),
+            &f,
+            &[inp.clone(), k.clone(), bias.clone()],
+            1e-6,
+        )?;
+        let (x32, k32, b32) =
+            (inp.to_dtype(DType::F32)?, k.to_dtype(DType::F32)?, bias.to_dtype(DType::F32)?);
+        assert_parity(
+            &format!("gemm conv2d f32 {shape:?}"),
+            &f,
+            &reference,
+            &[x32, k32, b32],
+            1e-5,
+        )?;
     }
     // A transposed (non-contiguous) input gives the result of its contiguous copy.
     let x = randn(&mut rng, &[2, 3, 5, 4])?.transpose(2, 3)?;
@@ -144,7 +199,8 @@ fn gen_ops_conv2d_gemm_paths() -> Result<()> {
     // A channel mismatch is an error naming both shapes, not a panic.
     let bad = gen_ops::conv2d(&randn(&mut rng, &[1, 2, 4, 4])?, &k, &cfg).unwrap_err().to_string();
     assert!(bad.contains("channels"), "{bad}");
-    let bad = gen_ops::conv2d_bias(&x, &k, Some(&randn(&mut rng, &[3])?), &cfg).unwrap_err().to_string();
+    let bad =
+        gen_ops::conv2d_bias(&x, &k, Some(&randn(&mut rng, &[3])?), &cfg).unwrap_err().to_string();
     assert!(bad.contains("bias"), "{bad}");
     Ok(())
 }
@@ -158,11 +214,17 @@ fn embedding_with_repeated_ids() -> Result<()> {
     assert_fd("embedding (repeated ids)", &f, std::slice::from_ref(&table), 1e-6)?;
     // Exact: the gradient of Σ emb is the count of each id.
     let v = Var::from_tensor(&table)?;
-    let g = candle_nn::Embedding::new(v.as_tensor().clone(), 3).forward(&ids)?.sum_all()?.backward()?;
+    let g =
+        candle_nn::Embedding::new(v.as_tensor().clone(), 3).forward(&ids)?.sum_all()?.backward()?;
     let counts = Tensor::new(&[[2.0f64; 3], [0.0; 3], [0.0; 3], [3.0; 3], [1.0; 3]], &Device::Cpu)?;
     assert_eq!(rel_err(g.get(&v).unwrap(), &counts)?, 0.0);
     let ids_flat = Tensor::new(&[1u32, 1, 2], &Device::Cpu)?;
-    assert_fd("index_select dim 1", &move |t: &[Tensor]| t[0].index_select(&ids_flat, 1), &[table], 1e-6)?;
+    assert_fd(
+        "index_select dim 1",
+        &move |t: &[Tensor]| t[0].index_select(&ids_flat, 1),
+        &[table],
+        1e-6,
+    )?;
     Ok(())
 }
 
@@ -175,7 +237,12 @@ fn linear_on_non_contiguous_input_matches_contiguous() {
     let w = Tensor::arange(0f32, 12.0, &dev).unwrap().reshape((3, 4)).unwrap();
     let b = Tensor::new(&[0.5f32, -1.0, 2.0], &dev).unwrap();
     let lin = gen_ops::nn::Linear::from_weights("probe", w, Some(b));
-    let x = Tensor::arange(0f32, 40.0, &dev).unwrap().reshape((2, 4, 5)).unwrap().to_dtype(DType::F32).unwrap();
+    let x = Tensor::arange(0f32, 40.0, &dev)
+        .unwrap()
+        .reshape((2, 4, 5))
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap();
     let xt = x.transpose(1, 2).unwrap(); // (2, 5, 4), non-contiguous
     assert!(!xt.is_contiguous());
     let y1 = lin.forward(&xt).unwrap();

@@ -19,7 +19,8 @@ struct Params {
 /// A small nonlinear step with parameters that mixes in the step index and uses a fused op:
 /// `f(k, x) = layer_norm(tanh(x W + (k+1) b)) + 0.5 x [+ extra, k = 1]`.
 fn step(p: &Params, k: usize, x: &Tensor) -> candle_core::Result<Tensor> {
-    let h = x.matmul(p.w.as_tensor())?.broadcast_add(&(p.b.as_tensor() * (k as f64 + 1.0))?)?.tanh()?;
+    let h =
+        x.matmul(p.w.as_tensor())?.broadcast_add(&(p.b.as_tensor() * (k as f64 + 1.0))?)?.tanh()?;
     let y = (gen_ops::layer_norm(&h, None, None, 1e-5)? + (x * 0.5)?)?;
     if k == 1 {
         y.broadcast_add(p.extra.as_tensor())
@@ -61,7 +62,10 @@ fn checkpointed_equals_full_backprop() -> Result<()> {
     assert!(rel_err(chain.output(), &x)? < 1e-15);
     let ck = chain.backward_loss(|y| loss(y, &target), f)?;
     for (name, v) in [("w", &p.w), ("b", &p.b), ("extra", &p.extra)] {
-        let a = ck.grads.get(v).ok_or_else(|| anyhow::anyhow!("no checkpointed gradient for {name}"))?;
+        let a = ck
+            .grads
+            .get(v)
+            .ok_or_else(|| anyhow::anyhow!("no checkpointed gradient for {name}"))?;
         let e = rel_err(a, full.get(v).unwrap())?;
         println!("checkpoint vs full backprop, {name}: {e:.2e}");
         assert!(e < 1e-12, "{name}: {e:e}");
@@ -117,7 +121,9 @@ fn seed_shape_is_checked() -> Result<()> {
     let (p, x0, _) = setup()?;
     let f = |k: usize, x: &Tensor| step(&p, k, x);
     let chain = Chain::forward(&x0, 2, f)?;
-    let err = chain.backward(&Tensor::zeros(5, candle_core::DType::F64, &candle_core::Device::Cpu)?, f).unwrap_err();
+    let err = chain
+        .backward(&Tensor::zeros(5, candle_core::DType::F64, &candle_core::Device::Cpu)?, f)
+        .unwrap_err();
     assert!(err.to_string().contains("seed shape"), "{err}");
     Ok(())
 }

@@ -55,7 +55,8 @@ fn layer_norm_fd_and_parity() -> Result<()> {
     let inputs = [x.clone(), w.clone(), b.clone()];
     assert_fd("layer_norm (x, weight, bias)", &fast, &inputs, FD_TOL)?;
     assert_parity("layer_norm f64", &fast, &slow, &inputs, 1e-12)?;
-    let in32: Vec<Tensor> = inputs.iter().map(|t| t.to_dtype(DType::F32)).collect::<candle_core::Result<_>>()?;
+    let in32: Vec<Tensor> =
+        inputs.iter().map(|t| t.to_dtype(DType::F32)).collect::<candle_core::Result<_>>()?;
     assert_parity("layer_norm f32", &fast, &slow, &in32, 1e-5)?;
     // Without affine parameters, weight only, and on a non-contiguous input.
     let plain = |t: &[Tensor]| gen_ops::layer_norm(&t[0], None, None, eps);
@@ -64,7 +65,12 @@ fn layer_norm_fd_and_parity() -> Result<()> {
     let wonly_ref = |t: &[Tensor]| composite::layer_norm(&t[0], Some(&t[1]), None, eps);
     assert_parity("layer_norm weight only", &wonly, &wonly_ref, &[x.clone(), w.clone()], 1e-12)?;
     let xt = randn(&mut rng, &[6, 4])?.t()?;
-    assert!(rel_err(&gen_ops::layer_norm(&xt, Some(&w), Some(&b), eps)?, &composite::layer_norm(&xt, Some(&w), Some(&b), eps)?)? < 1e-12);
+    assert!(
+        rel_err(
+            &gen_ops::layer_norm(&xt, Some(&w), Some(&b), eps)?,
+            &composite::layer_norm(&xt, Some(&w), Some(&b), eps)?
+        )? < 1e-12
+    );
     Ok(())
 }
 
@@ -74,7 +80,11 @@ fn layer_norm_module_gives_gradients_to_its_parameters() -> Result<()> {
     let x = randn(&mut rng, &[5, 8])?;
     let w = Var::from_tensor(&randn(&mut rng, &[8])?)?;
     let b = Var::from_tensor(&randn(&mut rng, &[8])?)?;
-    let ln = gen_ops::nn::LayerNorm { weight: Some(w.as_tensor().clone()), bias: Some(b.as_tensor().clone()), eps: 1e-5 };
+    let ln = gen_ops::nn::LayerNorm {
+        weight: Some(w.as_tensor().clone()),
+        bias: Some(b.as_tensor().clone()),
+        eps: 1e-5,
+    };
     let y = candle_core::Module::forward(&ln, &x)?;
     let r = randn(&mut rng, &[5, 8])?;
     let g = (y * &r)?.sum_all()?.backward()?;
@@ -96,14 +106,17 @@ fn group_norm_fd_and_parity() -> Result<()> {
     let inputs = [x.clone(), w.clone(), b.clone()];
     assert_fd("group_norm (x, weight, bias)", &fast, &inputs, FD_TOL)?;
     assert_parity("group_norm f64", &fast, &slow, &inputs, 1e-12)?;
-    let in32: Vec<Tensor> = inputs.iter().map(|t| t.to_dtype(DType::F32)).collect::<candle_core::Result<_>>()?;
+    let in32: Vec<Tensor> =
+        inputs.iter().map(|t| t.to_dtype(DType::F32)).collect::<candle_core::Result<_>>()?;
     assert_parity("group_norm f32", &fast, &slow, &in32, 1e-5)?;
     // One group per channel, a single group, (B, C) and (B, C, L) inputs.
     for (shape, groups) in [(vec![2, 4, 5], 4), (vec![3, 4], 1), (vec![1, 6, 2, 2], 3)] {
         let c = shape[1];
         let inputs = [randn(&mut rng, &shape)?, randn(&mut rng, &[c])?, randn(&mut rng, &[c])?];
-        let fast = move |t: &[Tensor]| gen_ops::group_norm(&t[0], groups, Some(&t[1]), Some(&t[2]), eps);
-        let slow = move |t: &[Tensor]| composite::group_norm(&t[0], groups, Some(&t[1]), Some(&t[2]), eps);
+        let fast =
+            move |t: &[Tensor]| gen_ops::group_norm(&t[0], groups, Some(&t[1]), Some(&t[2]), eps);
+        let slow =
+            move |t: &[Tensor]| composite::group_norm(&t[0], groups, Some(&t[1]), Some(&t[2]), eps);
         assert_parity(&format!("group_norm {shape:?}/{groups}"), &fast, &slow, &inputs, 1e-12)?;
     }
     let plain = |t: &[Tensor]| gen_ops::group_norm(&t[0], 2, None, None, eps);
@@ -111,7 +124,8 @@ fn group_norm_fd_and_parity() -> Result<()> {
     Ok(())
 }
 
-type GroupNormFn = fn(&Tensor, usize, Option<&Tensor>, Option<&Tensor>, f64) -> candle_core::Result<Tensor>;
+type GroupNormFn =
+    fn(&Tensor, usize, Option<&Tensor>, Option<&Tensor>, f64) -> candle_core::Result<Tensor>;
 
 #[test]
 fn group_norm_many_rows_is_deterministic_and_matches_reference() -> Result<()> {
@@ -130,7 +144,10 @@ fn group_norm_many_rows_is_deterministic_and_matches_reference() -> Result<()> {
     let a = run(gen_ops::group_norm)?;
     assert_eq!(a, run(gen_ops::group_norm)?);
     let c = run(composite::group_norm)?;
-    let e = rel_err(&Tensor::new(a.0.as_slice(), &Device::Cpu)?, &Tensor::new(c.0.as_slice(), &Device::Cpu)?)?;
+    let e = rel_err(
+        &Tensor::new(a.0.as_slice(), &Device::Cpu)?,
+        &Tensor::new(c.0.as_slice(), &Device::Cpu)?,
+    )?;
     assert!(e < 1e-4, "weight grad vs reference {e}");
     Ok(())
 }

@@ -63,6 +63,9 @@ fn candle_upsample_backward_drops_other_gradients() -> Result<()> {
     // d/dx = 4 (four copies) + 1 (direct use).
     let five = (x.ones_like()? * 5.0)?;
     assert_eq!(rel_err(ours.get(&x).unwrap(), &five)?, 0.0);
-    assert!(rel_err(theirs.get(&x).unwrap(), &five)? > 0.1, "candle's upsample backward now accumulates");
+    assert!(
+        rel_err(theirs.get(&x).unwrap(), &five)? > 0.1,
+        "candle's upsample backward now accumulates"
+    );
     Ok(())
 }

@@ -75,12 +75,7 @@ fn train(
         }
         last = l;
     }
-    let full = student
-        .forward(&x)?
-        .sub(&y)?
-        .sqr()?
-        .mean_all()?
-        .to_scalar::<f32>()?;
+    let full = student.forward(&x)?.sub(&y)?.sqr()?.mean_all()?.to_scalar::<f32>()?;
     println!(
         "{name:<42} loss {first:.5} -> {last:.5} (all data {full:.5})  state {:>8} B  {:.2} s",
         bytes(opt.as_ref()),
@@ -90,11 +85,7 @@ fn train(
 }
 
 fn main() -> Result<()> {
-    let steps: usize = std::env::args()
-        .nth(1)
-        .map(|s| s.parse())
-        .transpose()?
-        .unwrap_or(300);
+    let steps: usize = std::env::args().nth(1).map(|s| s.parse()).transpose()?.unwrap_or(300);
     println!("{steps} steps, MLP {D_IN}-{HIDDEN}-{D_OUT}, batch {BATCH}");
     let total = |o: &dyn Optimizer| o.state_bytes().iter().sum::<usize>() + o.shared_state_bytes();
     train(
@@ -104,22 +95,14 @@ fn main() -> Result<()> {
                 AdamW,
                 vec![ParamGroup::new(
                     p,
-                    AdamWConfig {
-                        lr: 3e-3,
-                        weight_decay: 0.0,
-                        ..Default::default()
-                    },
+                    AdamWConfig { lr: 3e-3, weight_decay: 0.0, ..Default::default() },
                 )],
             )?))
         },
         steps,
         &total,
     )?;
-    for kind in [
-        ProjectionKind::Svd,
-        ProjectionKind::Dct,
-        ProjectionKind::RandomOrthogonal,
-    ] {
+    for kind in [ProjectionKind::Svd, ProjectionKind::Dct, ProjectionKind::RandomOrthogonal] {
         train(
             &format!("GaLore {kind:?} r=16 T=50 scale 1"),
             &|p| {
@@ -131,20 +114,13 @@ fn main() -> Result<()> {
                     kind,
                     ..Default::default()
                 };
-                Ok(Box::new(Optim::new(
-                    GaLore::default(),
-                    vec![ParamGroup::new(p, cfg)],
-                )?))
+                Ok(Box::new(Optim::new(GaLore::default(), vec![ParamGroup::new(p, cfg)])?))
             },
             steps,
             &total,
         )?;
     }
-    for kind in [
-        ProjectionKind::Svd,
-        ProjectionKind::Dct,
-        ProjectionKind::RandomColumns,
-    ] {
+    for kind in [ProjectionKind::Svd, ProjectionKind::Dct, ProjectionKind::RandomColumns] {
         train(
             &format!("FRUGAL {kind:?} rho=0.25 T=50"),
             &|p| {
@@ -155,10 +131,7 @@ fn main() -> Result<()> {
                     kind,
                     ..Default::default()
                 };
-                Ok(Box::new(Optim::new(
-                    Frugal::default(),
-                    vec![ParamGroup::new(p, cfg)],
-                )?))
+                Ok(Box::new(Optim::new(Frugal::default(), vec![ParamGroup::new(p, cfg)])?))
             },
             steps,
             &total,
@@ -169,13 +142,7 @@ fn main() -> Result<()> {
         &|p| {
             Ok(Box::new(Optim::new(
                 SignSgd,
-                vec![ParamGroup::new(
-                    p,
-                    SignSgdConfig {
-                        lr: 3e-4,
-                        ..Default::default()
-                    },
-                )],
+                vec![ParamGroup::new(p, SignSgdConfig { lr: 3e-4, ..Default::default() })],
             )?))
         },
         steps,

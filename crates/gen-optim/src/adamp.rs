@@ -230,11 +230,7 @@ impl UpdateRule for Sgdp {
         let buf = state.slot_or_zeros("momentum", grad)?;
         let buf = (buf.affine(cfg.momentum, 0.0)? + grad.affine(1.0 - cfg.dampening, 0.0)?)?;
         state.set("momentum", buf.clone());
-        let mut d_p = if cfg.nesterov {
-            (grad + buf.affine(cfg.momentum, 0.0)?)?
-        } else {
-            buf
-        };
+        let mut d_p = if cfg.nesterov { (grad + buf.affine(cfg.momentum, 0.0)?)? } else { buf };
         let mut wd_ratio = 1.0;
         if param.rank() > 1 {
             let (u, which) = scale_invariant_projection(param, grad, &d_p, cfg.delta, cfg.eps)?;
@@ -249,10 +245,7 @@ impl UpdateRule for Sgdp {
             d_p = u;
         }
         let p = if cfg.weight_decay > 0.0 {
-            param.affine(
-                1.0 - cfg.lr * cfg.weight_decay * wd_ratio / (1.0 - cfg.momentum),
-                0.0,
-            )?
+            param.affine(1.0 - cfg.lr * cfg.weight_decay * wd_ratio / (1.0 - cfg.momentum), 0.0)?
         } else {
             param.clone()
         };

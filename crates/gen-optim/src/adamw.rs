@@ -18,21 +18,13 @@ pub struct AdamWConfig {
 
 impl Default for AdamWConfig {
     fn default() -> Self {
-        Self {
-            lr: 1e-3,
-            betas: (0.9, 0.999),
-            eps: 1e-8,
-            weight_decay: 1e-2,
-        }
+        Self { lr: 1e-3, betas: (0.9, 0.999), eps: 1e-8, weight_decay: 1e-2 }
     }
 }
 
 pub(crate) fn check_lr(lr: f64) -> Result<()> {
     if !(lr.is_finite() && lr >= 0.0) {
-        return Err(Error::invalid(
-            "lr",
-            format!("{lr} (must be finite and >= 0)"),
-        ));
+        return Err(Error::invalid("lr", format!("{lr} (must be finite and >= 0)")));
     }
     Ok(())
 }
@@ -48,10 +40,7 @@ pub(crate) fn check_betas(betas: (f64, f64)) -> Result<()> {
 
 pub(crate) fn check_nonneg(what: &str, v: f64) -> Result<()> {
     if !(v.is_finite() && v >= 0.0) {
-        return Err(Error::invalid(
-            what,
-            format!("{v} (must be finite and >= 0)"),
-        ));
+        return Err(Error::invalid(what, format!("{v} (must be finite and >= 0)")));
     }
     Ok(())
 }

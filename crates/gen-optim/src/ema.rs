@@ -29,7 +29,12 @@ impl Ema {
         }
         let average = params
             .iter()
-            .map(|p| Ok(NamedVar::new(p.name.clone(), Var::from_tensor(&p.var.as_tensor().detach().copy()?)?)))
+            .map(|p| {
+                Ok(NamedVar::new(
+                    p.name.clone(),
+                    Var::from_tensor(&p.var.as_tensor().detach().copy()?)?,
+                ))
+            })
             .collect::<Result<Vec<_>>>()?;
         Ok(Self { decay, updates: 0, average })
     }
@@ -48,14 +53,22 @@ impl Ema {
     /// Moves the average toward `params` (the same list, in the same order, as at creation).
     pub fn update(&mut self, params: &[NamedVar]) -> Result<()> {
         if params.len() != self.average.len() {
-            return Err(Error::msg(format!("EMA update: {} parameters, the average has {}", params.len(), self.average.len())));
+            return Err(Error::msg(format!(
+                "EMA update: {} parameters, the average has {}",
+                params.len(),
+                self.average.len()
+            )));
         }
         let d = self.current_decay();
         for (a, p) in self.average.iter().zip(params) {
             if a.name != p.name {
-                return Err(Error::msg(format!("EMA update: parameter `{}` where `{}` was expected", p.name, a.name)));
+                return Err(Error::msg(format!(
+                    "EMA update: parameter `{}` where `{}` was expected",
+                    p.name, a.name
+                )));
             }
-            let next = (a.var.as_tensor().affine(d, 0.0)? + p.var.as_tensor().detach().affine(1.0 - d, 0.0)?)?;
+            let next = (a.var.as_tensor().affine(d, 0.0)?
+                + p.var.as_tensor().detach().affine(1.0 - d, 0.0)?)?;
             a.var.set(&next).ctx(format!("EMA update of `{}`", a.name))?;
         }
         self.updates += 1;
@@ -82,17 +95,29 @@ impl Ema {
     /// every parameter must be there with its shape; errors name the file and key.
     pub fn load(&mut self, path: &Path, updates: u64) -> Result<()> {
         let file = path.display().to_string();
-        let map = candle_core::safetensors::load(path, &candle_core::Device::Cpu).ctx(format!("reading {file}"))?;
+        let map = candle_core::safetensors::load(path, &candle_core::Device::Cpu)
+            .ctx(format!("reading {file}"))?;
         for a in &self.average {
-            let t = map.get(&a.name).ok_or_else(|| Error::MissingTensor { file: file.clone(), key: a.name.clone() })?;
+            let t = map
+                .get(&a.name)
+                .ok_or_else(|| Error::MissingTensor { file: file.clone(), key: a.name.clone() })?;
             if t.dims() != a.var.dims() {
-                return Err(Error::Shape { file: file.clone(), key: a.name.clone(), expected: a.var.dims().to_vec(), found: t.dims().to_vec() });
+                return Err(Error::Shape {
+                    file: file.clone(),
+                    key: a.name.clone(),
+                    expected: a.var.dims().to_vec(),
+                    found: t.dims().to_vec(),
+                });
             }
-            a.var.set(&t.to_dtype(a.var.dtype())?.to_device(a.var.device())?).ctx(format!("{file}: setting `{}`", a.name))?;
+            a.var
+                .set(&t.to_dtype(a.var.dtype())?.to_device(a.var.device())?)
+                .ctx(format!("{file}: setting `{}`", a.name))?;
         }
         self.updates = updates;
         if let Some(extra) = map.keys().find(|k| !self.average.iter().any(|a| &a.name == *k)) {
-            return Err(Error::msg(format!("{file}: tensor `{extra}` belongs to no averaged parameter")));
+            return Err(Error::msg(format!(
+                "{file}: tensor `{extra}` belongs to no averaged parameter"
+            )));
         }
         Ok(())
     }

@@ -27,8 +27,9 @@ use crate::optimizer::NamedVar;
 #[path = "lora_file.rs"]
 pub mod file;
 pub use file::{
-    apply_lora, apply_lora_file, apply_lora_file_to_parts, kohya_prefix, parse_lora_arg, read_lora_file, save_lora, AppliedLora, ApplyMode, ApplyOptions, LoraFile, LoraFormat, LoraModule,
-    LoraSaveOptions, PeftAlpha, UnknownKeys,
+    apply_lora, apply_lora_file, apply_lora_file_to_parts, kohya_prefix, parse_lora_arg,
+    read_lora_file, save_lora, AppliedLora, ApplyMode, ApplyOptions, LoraFile, LoraFormat,
+    LoraModule, LoraSaveOptions, PeftAlpha, UnknownKeys,
 };
 
 /// How the down projection A is initialised (B always starts at zero).
@@ -68,7 +69,10 @@ impl Default for LoraConfig {
             alpha: 4.0,
             dropout: 0.0,
             init: LoraInit::Kaiming,
-            target_modules: ["to_q", "to_k", "to_v", "to_out.0"].iter().map(|s| s.to_string()).collect(),
+            target_modules: ["to_q", "to_k", "to_v", "to_out.0"]
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
         }
     }
 }
@@ -80,10 +84,16 @@ impl LoraConfig {
             return Err(Error::invalid("LoRA rank", "0 (must be at least 1)"));
         }
         if !self.alpha.is_finite() || self.alpha <= 0.0 {
-            return Err(Error::invalid("LoRA alpha", format!("{} (must be finite and > 0)", self.alpha)));
+            return Err(Error::invalid(
+                "LoRA alpha",
+                format!("{} (must be finite and > 0)", self.alpha),
+            ));
         }
         if !(0.0..1.0).contains(&self.dropout) {
-            return Err(Error::invalid("LoRA dropout", format!("{} (must be in [0, 1))", self.dropout)));
+            return Err(Error::invalid(
+                "LoRA dropout",
+                format!("{} (must be in [0, 1))", self.dropout),
+            ));
         }
         if self.target_modules.is_empty() {
             return Err(Error::invalid("LoRA target_modules", "empty list"));
@@ -113,7 +123,10 @@ pub fn pattern_matches(pattern: &str, name: &str) -> bool {
     if pattern.contains('*') || pattern.contains('?') {
         glob_match(pattern.as_bytes(), name.as_bytes())
     } else {
-        name == pattern || (name.len() > pattern.len() && name.ends_with(pattern) && name.as_bytes()[name.len() - pattern.len() - 1] == b'.')
+        name == pattern
+            || (name.len() > pattern.len()
+                && name.ends_with(pattern)
+                && name.as_bytes()[name.len() - pattern.len() - 1] == b'.')
     }
 }
 
@@ -216,8 +229,9 @@ impl LinearAdapter for LoraAdapter {
             let keep = 1.0 - self.dropout;
             let u = {
                 let mut rng = self.shared.rng.lock().expect("lora rng lock");
-                rng.rand_uniform(x.shape(), 0.0, 1.0, DType::F32, x.device())
-                    .map_err(|e| candle_core::Error::Msg(format!("{}: dropout mask: {e}", self.name)))?
+                rng.rand_uniform(x.shape(), 0.0, 1.0, DType::F32, x.device()).map_err(|e| {
+                    candle_core::Error::Msg(format!("{}: dropout mask: {e}", self.name))
+                })?
             };
             let mask = (u.lt(keep as f32)?.to_dtype(dt)? / keep)?;
             (x * mask)?
@@ -265,7 +279,10 @@ pub const KNOWN_PREFIXES: [&str; 3] = ["unet", "text_encoder", "text_encoder_2"]
 
 fn check_prefix(prefix: &str) -> Result<()> {
     if !KNOWN_PREFIXES.contains(&prefix) {
-        return Err(Error::invalid("LoRA component prefix", format!("{prefix:?} (expected one of {KNOWN_PREFIXES:?})")));
+        return Err(Error::invalid(
+            "LoRA component prefix",
+            format!("{prefix:?} (expected one of {KNOWN_PREFIXES:?})"),
+        ));
     }
     Ok(())
 }
@@ -276,11 +293,19 @@ fn check_prefix(prefix: &str) -> Result<()> {
 /// prefix in files and in the optimizer names of the Vars. A and B are f32 `Var`s on the device of
 /// each base weight (f64 for f64 weights); A is drawn from `rng` in layer order (same seed → same adapters), B is zero.
 /// Dropout masks are drawn from a generator forked from `rng`. Errors when no layer matches.
-pub fn attach_lora(linears: &[Linear], prefix: &str, cfg: &LoraConfig, rng: &mut SeededRng) -> Result<LoraSet> {
+pub fn attach_lora(
+    linears: &[Linear],
+    prefix: &str,
+    cfg: &LoraConfig,
+    rng: &mut SeededRng,
+) -> Result<LoraSet> {
     cfg.validate()?;
     check_prefix(prefix)?;
     let dropout_seed = rng.below(usize::MAX) as u64;
-    let shared = Arc::new(Shared { training: AtomicBool::new(false), rng: Mutex::new(SeededRng::new(dropout_seed)) });
+    let shared = Arc::new(Shared {
+        training: AtomicBool::new(false),
+        rng: Mutex::new(SeededRng::new(dropout_seed)),
+    });
     let mut entries = Vec::new();
     for lin in linears.iter().filter(|l| cfg.is_target(l.name())) {
         let w = lin.weight();
@@ -305,13 +330,24 @@ pub fn attach_lora(linears: &[Linear], prefix: &str, cfg: &LoraConfig, rng: &mut
         let sample: Vec<&str> = linears.iter().take(6).map(|l| l.name()).collect();
         return Err(Error::invalid(
             "LoRA target_modules",
-            format!("{:?} match none of the {} {prefix} layers (e.g. {sample:?})", cfg.target_modules, linears.len()),
+            format!(
+                "{:?} match none of the {} {prefix} layers (e.g. {sample:?})",
+                cfg.target_modules,
+                linears.len()
+            ),
         ));
     }
     Ok(LoraSet { prefix: prefix.to_string(), entries, shared })
 }
 
-fn new_adapter(name: &str, a: Tensor, b: Tensor, alpha: f64, dropout: f64, shared: &Arc<Shared>) -> Result<Arc<LoraAdapter>> {
+fn new_adapter(
+    name: &str,
+    a: Tensor,
+    b: Tensor,
+    alpha: f64,
+    dropout: f64,
+    shared: &Arc<Shared>,
+) -> Result<Arc<LoraAdapter>> {
     Ok(Arc::new(LoraAdapter {
         name: name.to_string(),
         a: Var::from_tensor(&a)?,
@@ -337,9 +373,16 @@ pub struct LoraWeights {
 impl LoraSet {
     /// A set from given weights, attached to `linears` (the caller has matched and shape-checked
     /// them; see [`file::apply_lora`]). The Vars are f32 (f64 for f64 layers) copies on each layer's device.
-    pub fn from_weights(prefix: &str, pairs: Vec<(Linear, LoraWeights)>, multiplier: f64) -> Result<Self> {
+    pub fn from_weights(
+        prefix: &str,
+        pairs: Vec<(Linear, LoraWeights)>,
+        multiplier: f64,
+    ) -> Result<Self> {
         check_prefix(prefix)?;
-        let shared = Arc::new(Shared { training: AtomicBool::new(false), rng: Mutex::new(SeededRng::new(0)) });
+        let shared = Arc::new(Shared {
+            training: AtomicBool::new(false),
+            rng: Mutex::new(SeededRng::new(0)),
+        });
         let mut entries = Vec::with_capacity(pairs.len());
         for (lin, w) in pairs {
             let base = lin.weight();
@@ -378,7 +421,10 @@ impl LoraSet {
             .iter()
             .flat_map(|e| {
                 let n = format!("{}.{}", self.prefix, e.linear.name());
-                [NamedVar::new(format!("{n}.lora_A"), e.adapter.a.clone()), NamedVar::new(format!("{n}.lora_B"), e.adapter.b.clone())]
+                [
+                    NamedVar::new(format!("{n}.lora_A"), e.adapter.a.clone()),
+                    NamedVar::new(format!("{n}.lora_B"), e.adapter.b.clone()),
+                ]
             })
             .collect()
     }
@@ -413,12 +459,18 @@ impl LoraSet {
     /// same layers must be unmerged in reverse order (each restores the weight it found).
     pub fn merge(&self, scale: f64) -> Result<()> {
         if let Some(e) = self.entries.iter().find(|e| e.is_merged()) {
-            return Err(Error::msg(format!("LoRA {}: {} is already merged", self.prefix, e.linear.name())));
+            return Err(Error::msg(format!(
+                "LoRA {}: {} is already merged",
+                self.prefix,
+                e.linear.name()
+            )));
         }
         for e in &self.entries {
             e.adapter.set_multiplier(scale);
             let w = e.linear.weight();
-            let merged = (w.to_dtype(work_dtype(w.dtype()))? + e.adapter.delta_weight(work_dtype(w.dtype()))?)?.to_dtype(w.dtype())?;
+            let merged = (w.to_dtype(work_dtype(w.dtype()))?
+                + e.adapter.delta_weight(work_dtype(w.dtype()))?)?
+            .to_dtype(w.dtype())?;
             e.linear.set_weight(merged).ctx(format!("merging LoRA into {}", e.linear.name()))?;
             *e.original.lock().expect("lora lock") = Some(w);
             self.detach_entry(e);
@@ -430,7 +482,11 @@ impl LoraSet {
     /// Errors if not merged.
     pub fn unmerge(&self) -> Result<()> {
         if let Some(e) = self.entries.iter().find(|e| !e.is_merged()) {
-            return Err(Error::msg(format!("LoRA {}: {} is not merged", self.prefix, e.linear.name())));
+            return Err(Error::msg(format!(
+                "LoRA {}: {} is not merged",
+                self.prefix,
+                e.linear.name()
+            )));
         }
         for e in &self.entries {
             let w = e.original.lock().expect("lora lock").take().expect("checked merged");
@@ -448,7 +504,8 @@ impl LoraSet {
 
     fn detach_entry(&self, e: &LoraEntry) {
         let me: Arc<dyn LinearAdapter> = e.adapter.clone();
-        let keep: Vec<_> = e.linear.adapters().into_iter().filter(|a| !Arc::ptr_eq(a, &me)).collect();
+        let keep: Vec<_> =
+            e.linear.adapters().into_iter().filter(|a| !Arc::ptr_eq(a, &me)).collect();
         e.linear.clear_adapters();
         keep.into_iter().for_each(|a| e.linear.add_adapter(a));
     }

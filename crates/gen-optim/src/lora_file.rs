@@ -97,7 +97,10 @@ pub fn save_lora(sets: &[&LoraSet], path: impl AsRef<Path>, opts: &LoraSaveOptio
     let (mut ranks, mut alphas) = (Vec::new(), Vec::new());
     for set in sets {
         if !seen.insert(set.prefix().to_string()) {
-            return Err(Error::invalid("LoRA sets", format!("component {:?} given twice", set.prefix())));
+            return Err(Error::invalid(
+                "LoRA sets",
+                format!("component {:?} given twice", set.prefix()),
+            ));
         }
         let comp = set.prefix();
         let mut first: Option<(usize, f64)> = None;
@@ -116,14 +119,21 @@ pub fn save_lora(sets: &[&LoraSet], path: impl AsRef<Path>, opts: &LoraSaveOptio
                     let base = format!("{}{}", kohya_prefix(comp)?, name.replace('.', "_"));
                     tensors.insert(format!("{base}.lora_down.weight"), a.to_dtype(opts.dtype)?);
                     tensors.insert(format!("{base}.lora_up.weight"), b.to_dtype(opts.dtype)?);
-                    tensors.insert(format!("{base}.alpha"), Tensor::new(alpha as f32, &Device::Cpu)?);
+                    tensors
+                        .insert(format!("{base}.alpha"), Tensor::new(alpha as f32, &Device::Cpu)?);
                 }
                 LoraFormat::Peft | LoraFormat::PeftLegacy => {
                     let b = match opts.peft_alpha {
-                        PeftAlpha::Bake if alpha != r as f64 => (b.to_dtype(DType::F64)? * (alpha / r as f64))?,
+                        PeftAlpha::Bake if alpha != r as f64 => {
+                            (b.to_dtype(DType::F64)? * (alpha / r as f64))?
+                        }
                         _ => b,
                     };
-                    let (dk, uk) = if opts.format == LoraFormat::Peft { ("lora_A.weight", "lora_B.weight") } else { ("lora.down.weight", "lora.up.weight") };
+                    let (dk, uk) = if opts.format == LoraFormat::Peft {
+                        ("lora_A.weight", "lora_B.weight")
+                    } else {
+                        ("lora.down.weight", "lora.up.weight")
+                    };
                     tensors.insert(format!("{comp}.{name}.{dk}"), a.to_dtype(opts.dtype)?);
                     tensors.insert(format!("{comp}.{name}.{uk}"), b.to_dtype(opts.dtype)?);
                     match first {
@@ -142,7 +152,8 @@ pub fn save_lora(sets: &[&LoraSet], path: impl AsRef<Path>, opts: &LoraSaveOptio
         }
         if opts.format != LoraFormat::Kohya && opts.peft_alpha == PeftAlpha::Metadata {
             if let Some((r0, a0)) = first {
-                let targets: Vec<serde_json::Value> = set.names().iter().map(|n| peft_target(comp, n).into()).collect();
+                let targets: Vec<serde_json::Value> =
+                    set.names().iter().map(|n| peft_target(comp, n).into()).collect();
                 peft_meta.insert(format!("{comp}.r"), r0.into());
                 peft_meta.insert(format!("{comp}.lora_alpha"), a0.into());
                 peft_meta.insert(format!("{comp}.target_modules"), targets.into());
@@ -152,18 +163,27 @@ pub fn save_lora(sets: &[&LoraSet], path: impl AsRef<Path>, opts: &LoraSaveOptio
         }
     }
     if tensors.is_empty() {
-        return Err(Error::invalid("LoRA save", format!("{}: no adapters to write", path.display())));
+        return Err(Error::invalid(
+            "LoRA save",
+            format!("{}: no adapters to write", path.display()),
+        ));
     }
     meta.insert("format".into(), "pt".into());
     meta.insert("gen.lora.format".into(), opts.format.as_str().into());
-    meta.insert("gen.lora.components".into(), sets.iter().map(|s| s.prefix()).collect::<Vec<_>>().join(","));
+    meta.insert(
+        "gen.lora.components".into(),
+        sets.iter().map(|s| s.prefix()).collect::<Vec<_>>().join(","),
+    );
     meta.insert("gen.lora.ranks".into(), summarise(&ranks));
     meta.insert("gen.lora.alphas".into(), summarise(&alphas));
     if opts.format != LoraFormat::Kohya {
         let baked = opts.peft_alpha == PeftAlpha::Bake;
         meta.insert("gen.lora.alpha_baked_into_B".into(), baked.to_string());
         if !baked {
-            meta.insert("lora_adapter_metadata".into(), serde_json::to_string(&peft_meta).expect("json"));
+            meta.insert(
+                "lora_adapter_metadata".into(),
+                serde_json::to_string(&peft_meta).expect("json"),
+            );
         }
     }
     if let (Some(r), Some(a)) = (ranks.first(), alphas.first()) {
@@ -171,7 +191,10 @@ pub fn save_lora(sets: &[&LoraSet], path: impl AsRef<Path>, opts: &LoraSaveOptio
         meta.insert("ss_network_dim".into(), r.to_string());
         meta.insert("ss_network_alpha".into(), a.to_string());
     }
-    let raws = tensors.iter().map(|(k, v)| Ok((k.as_str(), RawTensor::from_tensor(v)?))).collect::<Result<Vec<_>>>()?;
+    let raws = tensors
+        .iter()
+        .map(|(k, v)| Ok((k.as_str(), RawTensor::from_tensor(v)?)))
+        .collect::<Result<Vec<_>>>()?;
     let bytes = safetensors::serialize(raws, Some(meta))
         .map_err(|e| Error::msg(format!("{}: serialising LoRA: {e}", path.display())))?;
     gen_core::write_atomic(path, &bytes)
@@ -199,11 +222,28 @@ impl RawTensor {
     fn from_tensor(t: &Tensor) -> Result<Self> {
         let flat = t.to_device(&Device::Cpu)?.flatten_all()?;
         let (dtype, data): (safetensors::Dtype, Vec<u8>) = match t.dtype() {
-            DType::F32 => (safetensors::Dtype::F32, flat.to_vec1::<f32>()?.iter().flat_map(|x| x.to_le_bytes()).collect()),
-            DType::F64 => (safetensors::Dtype::F64, flat.to_vec1::<f64>()?.iter().flat_map(|x| x.to_le_bytes()).collect()),
-            DType::F16 => (safetensors::Dtype::F16, flat.to_vec1::<half::f16>()?.iter().flat_map(|x| x.to_le_bytes()).collect()),
-            DType::BF16 => (safetensors::Dtype::BF16, flat.to_vec1::<half::bf16>()?.iter().flat_map(|x| x.to_le_bytes()).collect()),
-            other => return Err(Error::invalid("LoRA save dtype", format!("{other:?} (use f32, f16, bf16 or f64)"))),
+            DType::F32 => (
+                safetensors::Dtype::F32,
+                flat.to_vec1::<f32>()?.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            ),
+            DType::F64 => (
+                safetensors::Dtype::F64,
+                flat.to_vec1::<f64>()?.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            ),
+            DType::F16 => (
+                safetensors::Dtype::F16,
+                flat.to_vec1::<half::f16>()?.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            ),
+            DType::BF16 => (
+                safetensors::Dtype::BF16,
+                flat.to_vec1::<half::bf16>()?.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            ),
+            other => {
+                return Err(Error::invalid(
+                    "LoRA save dtype",
+                    format!("{other:?} (use f32, f16, bf16 or f64)"),
+                ))
+            }
         };
         Ok(Self { dtype, shape: t.dims().to_vec(), data })
     }
@@ -226,7 +266,10 @@ impl safetensors::View for RawTensor {
 
 /// A candle tensor from a safetensors view (f32, f64, f16, bf16; integer scalars — diffusers'
 /// `convert_state_dict_to_kohya` stores alpha as an int64 0-d tensor — become f64).
-fn load_view(v: &safetensors::tensor::TensorView<'_>, device: &Device) -> candle_core::Result<Tensor> {
+fn load_view(
+    v: &safetensors::tensor::TensorView<'_>,
+    device: &Device,
+) -> candle_core::Result<Tensor> {
     use safetensors::Dtype as D;
     let int_scalar = |b: &[u8]| -> Option<f64> {
         Some(match (v.dtype(), b.len()) {
@@ -313,18 +356,27 @@ fn file_err(path: &Path, msg: impl std::fmt::Display) -> Error {
 pub fn read_lora_file(path: impl AsRef<Path>, device: &Device) -> Result<LoraFile> {
     let path = path.as_ref();
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| file_err(path, format!("not a readable safetensors file ({e}); truncated or corrupt?")))?;
-    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| file_err(path, e))?;
+    let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| {
+        file_err(path, format!("not a readable safetensors file ({e}); truncated or corrupt?"))
+    })?;
+    let (_, header) =
+        safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| file_err(path, e))?;
     let metadata = header.metadata().clone().unwrap_or_default();
     let mut tensors: HashMap<String, Tensor> = HashMap::new();
     for (name, view) in st.tensors() {
-        let t = load_view(&view, device).ctx(format!("LoRA file {}: tensor `{name}`", path.display()))?;
+        let t = load_view(&view, device)
+            .ctx(format!("LoRA file {}: tensor `{name}`", path.display()))?;
         tensors.insert(name, t);
     }
     if tensors.is_empty() {
         return Err(file_err(path, "holds no tensors"));
     }
-    let is_kohya = |k: &str| k.starts_with("lora_unet_") || k.starts_with("lora_te_") || k.starts_with("lora_te1_") || k.starts_with("lora_te2_");
+    let is_kohya = |k: &str| {
+        k.starts_with("lora_unet_")
+            || k.starts_with("lora_te_")
+            || k.starts_with("lora_te1_")
+            || k.starts_with("lora_te2_")
+    };
     let kohya = tensors.keys().filter(|k| is_kohya(k)).count();
     let format = if kohya == tensors.len() {
         LoraFormat::Kohya
@@ -348,7 +400,10 @@ pub fn read_lora_file(path: impl AsRef<Path>, device: &Device) -> Result<LoraFil
 
 fn scalar(path: &Path, key: &str, t: &Tensor) -> Result<f64> {
     if t.elem_count() != 1 {
-        return Err(file_err(path, format!("`{key}` should be a scalar, has shape {:?}", t.dims())));
+        return Err(file_err(
+            path,
+            format!("`{key}` should be a scalar, has shape {:?}", t.dims()),
+        ));
     }
     let v = t.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?[0];
     if !v.is_finite() || v <= 0.0 {
@@ -359,17 +414,33 @@ fn scalar(path: &Path, key: &str, t: &Tensor) -> Result<f64> {
 
 /// `Ok(None)` for a conv LoRA (4-D A and B: kohya's LoCon, or SD 1.x `proj_in`/`proj_out`
 /// 1×1 convs), which no `Linear` can take.
-fn make_weights(path: &Path, down_key: &str, up_key: &str, down: Tensor, up: Tensor, alpha: Option<f64>) -> Result<Option<LoraWeights>> {
+fn make_weights(
+    path: &Path,
+    down_key: &str,
+    up_key: &str,
+    down: Tensor,
+    up: Tensor,
+    alpha: Option<f64>,
+) -> Result<Option<LoraWeights>> {
     if down.rank() == 4 && up.rank() == 4 {
         return Ok(None);
     }
-    let (r, _) = down.dims2().map_err(|_| file_err(path, format!("`{down_key}` has shape {:?}; expected (rank, in)", down.dims())))?;
-    let (_, r2) = up.dims2().map_err(|_| file_err(path, format!("`{up_key}` has shape {:?}; expected (out, rank)", up.dims())))?;
+    let (r, _) = down.dims2().map_err(|_| {
+        file_err(path, format!("`{down_key}` has shape {:?}; expected (rank, in)", down.dims()))
+    })?;
+    let (_, r2) = up.dims2().map_err(|_| {
+        file_err(path, format!("`{up_key}` has shape {:?}; expected (out, rank)", up.dims()))
+    })?;
     if r == 0 {
         return Err(file_err(path, format!("`{down_key}` has rank 0")));
     }
     if r != r2 {
-        return Err(Error::Shape { file: path.display().to_string(), key: up_key.to_string(), expected: vec![up.dims()[0], r], found: up.dims().to_vec() });
+        return Err(Error::Shape {
+            file: path.display().to_string(),
+            key: up_key.to_string(),
+            expected: vec![up.dims()[0], r],
+            found: up.dims().to_vec(),
+        });
     }
     Ok(Some(LoraWeights { down, up, alpha: alpha.unwrap_or(r as f64) }))
 }
@@ -378,20 +449,32 @@ fn make_weights(path: &Path, down_key: &str, up_key: &str, down: Tensor, up: Ten
 type Parsed = (Vec<LoraModule>, Vec<(String, String)>);
 
 fn parse_kohya(path: &Path, mut tensors: HashMap<String, Tensor>) -> Result<Parsed> {
-    let mut bases: Vec<String> = tensors.keys().filter_map(|k| k.strip_suffix(".lora_down.weight").map(str::to_string)).collect();
+    let mut bases: Vec<String> = tensors
+        .keys()
+        .filter_map(|k| k.strip_suffix(".lora_down.weight").map(str::to_string))
+        .collect();
     bases.sort();
     let (mut modules, mut conv) = (Vec::new(), Vec::new());
     for base in bases {
-        let (dk, uk, ak) = (format!("{base}.lora_down.weight"), format!("{base}.lora_up.weight"), format!("{base}.alpha"));
+        let (dk, uk, ak) = (
+            format!("{base}.lora_down.weight"),
+            format!("{base}.lora_up.weight"),
+            format!("{base}.alpha"),
+        );
         let down = tensors.remove(&dk).expect("listed");
-        let up = tensors.remove(&uk).ok_or_else(|| Error::MissingTensor { file: path.display().to_string(), key: uk.clone() })?;
+        let up = tensors.remove(&uk).ok_or_else(|| Error::MissingTensor {
+            file: path.display().to_string(),
+            key: uk.clone(),
+        })?;
         let alpha = match tensors.remove(&ak) {
             Some(t) => Some(scalar(path, &ak, &t)?),
             None => None,
         };
         let (component, module) = if let Some(m) = base.strip_prefix("lora_unet_") {
             ("unet", m)
-        } else if let Some(m) = base.strip_prefix("lora_te_").or_else(|| base.strip_prefix("lora_te1_")) {
+        } else if let Some(m) =
+            base.strip_prefix("lora_te_").or_else(|| base.strip_prefix("lora_te1_"))
+        {
             ("text_encoder", m)
         } else if let Some(m) = base.strip_prefix("lora_te2_") {
             ("text_encoder_2", m)
@@ -399,7 +482,13 @@ fn parse_kohya(path: &Path, mut tensors: HashMap<String, Tensor>) -> Result<Pars
             unreachable!("kohya keys checked")
         };
         match make_weights(path, &dk, &uk, down, up, alpha)? {
-            Some(weights) => modules.push(LoraModule { component: component.into(), module: module.into(), down_key: dk, up_key: uk, weights }),
+            Some(weights) => modules.push(LoraModule {
+                component: component.into(),
+                module: module.into(),
+                down_key: dk,
+                up_key: uk,
+                weights,
+            }),
             None => conv.push((component.to_string(), dk)),
         }
     }
@@ -421,16 +510,26 @@ struct PeftMeta {
 fn peft_meta(path: &Path, metadata: &HashMap<String, String>) -> Result<HashMap<String, PeftMeta>> {
     let mut out: HashMap<String, PeftMeta> = HashMap::new();
     let Some(raw) = metadata.get("lora_adapter_metadata") else { return Ok(out) };
-    let v: serde_json::Value = serde_json::from_str(raw).map_err(|e| file_err(path, format!("lora_adapter_metadata is not JSON: {e}")))?;
-    let obj = v.as_object().ok_or_else(|| file_err(path, "lora_adapter_metadata is not a JSON object"))?;
+    let v: serde_json::Value = serde_json::from_str(raw)
+        .map_err(|e| file_err(path, format!("lora_adapter_metadata is not JSON: {e}")))?;
+    let obj = v
+        .as_object()
+        .ok_or_else(|| file_err(path, "lora_adapter_metadata is not a JSON object"))?;
     for (k, val) in obj {
-        let Some((comp, field)) = KNOWN_PREFIXES.iter().rev().find_map(|c| k.strip_prefix(&format!("{c}.")).map(|f| (c.to_string(), f))) else { continue };
+        let Some((comp, field)) = KNOWN_PREFIXES
+            .iter()
+            .rev()
+            .find_map(|c| k.strip_prefix(&format!("{c}.")).map(|f| (c.to_string(), f)))
+        else {
+            continue;
+        };
         let m = out.entry(comp).or_default();
         match field {
             "lora_alpha" => m.lora_alpha = val.as_f64(),
             "alpha_pattern" => {
                 if let Some(p) = val.as_object() {
-                    m.alpha_pattern = p.iter().filter_map(|(k, v)| v.as_f64().map(|a| (k.clone(), a))).collect();
+                    m.alpha_pattern =
+                        p.iter().filter_map(|(k, v)| v.as_f64().map(|a| (k.clone(), a))).collect();
                 }
             }
             _ => {}
@@ -460,7 +559,11 @@ fn processor_module(base: &str) -> String {
     }
 }
 
-fn parse_peft(path: &Path, mut tensors: HashMap<String, Tensor>, metadata: &HashMap<String, String>) -> Result<Parsed> {
+fn parse_peft(
+    path: &Path,
+    mut tensors: HashMap<String, Tensor>,
+    metadata: &HashMap<String, String>,
+) -> Result<Parsed> {
     let meta = peft_meta(path, metadata)?;
     let mut found: Vec<(String, &str, &str)> = Vec::new();
     for k in tensors.keys() {
@@ -473,8 +576,13 @@ fn parse_peft(path: &Path, mut tensors: HashMap<String, Tensor>, metadata: &Hash
     for (base, ds, us) in found {
         let (dk, uk, ak) = (format!("{base}{ds}"), format!("{base}{us}"), format!("{base}.alpha"));
         let down = tensors.remove(&dk).expect("listed");
-        let up = tensors.remove(&uk).ok_or_else(|| Error::MissingTensor { file: path.display().to_string(), key: uk.clone() })?;
-        let Some((component, module)) = KNOWN_PREFIXES.iter().rev().find_map(|c| base.strip_prefix(&format!("{c}.")).map(|m| (c.to_string(), m.to_string()))) else {
+        let up = tensors.remove(&uk).ok_or_else(|| Error::MissingTensor {
+            file: path.display().to_string(),
+            key: uk.clone(),
+        })?;
+        let Some((component, module)) = KNOWN_PREFIXES.iter().rev().find_map(|c| {
+            base.strip_prefix(&format!("{c}.")).map(|m| (c.to_string(), m.to_string()))
+        }) else {
             return Err(file_err(path, format!("`{dk}`: unknown component (expected a key starting with one of {KNOWN_PREFIXES:?})")));
         };
         let module = if ds.starts_with('_') { processor_module(&module) } else { module };
@@ -484,11 +592,18 @@ fn parse_peft(path: &Path, mut tensors: HashMap<String, Tensor>, metadata: &Hash
         };
         if alpha.is_none() {
             if let Some(m) = meta.get(&component) {
-                alpha = m.alpha_pattern.iter().find(|(p, _)| crate::lora::pattern_matches(p, &module)).map(|(_, a)| *a).or(m.lora_alpha);
+                alpha = m
+                    .alpha_pattern
+                    .iter()
+                    .find(|(p, _)| crate::lora::pattern_matches(p, &module))
+                    .map(|(_, a)| *a)
+                    .or(m.lora_alpha);
             }
         }
         match make_weights(path, &dk, &uk, down, up, alpha)? {
-            Some(weights) => modules.push(LoraModule { component, module, down_key: dk, up_key: uk, weights }),
+            Some(weights) => {
+                modules.push(LoraModule { component, module, down_key: dk, up_key: uk, weights })
+            }
             None => conv.push((component, dk)),
         }
     }
@@ -550,14 +665,25 @@ pub struct AppliedLora {
 /// ignored on both sides, as transformers ≥ 5 drops it); A must be `(r, in)` and B `(out, r)` for that
 /// layer. Errors name the file key, the expected and the found shape. Errors when the file holds
 /// nothing for `component` (check [`LoraFile::has_component`] first).
-pub fn apply_lora(file: &LoraFile, component: &str, linears: &[Linear], opts: &ApplyOptions) -> Result<AppliedLora> {
+pub fn apply_lora(
+    file: &LoraFile,
+    component: &str,
+    linears: &[Linear],
+    opts: &ApplyOptions,
+) -> Result<AppliedLora> {
     if !opts.scale.is_finite() {
         return Err(Error::invalid("LoRA scale", opts.scale.to_string()));
     }
     let path = &file.path;
     let mods: Vec<&LoraModule> = file.modules.iter().filter(|m| m.component == component).collect();
     if mods.is_empty() {
-        return Err(file_err(path, format!("has no {component} LoRA for linear layers (components: {:?})", file.components())));
+        return Err(file_err(
+            path,
+            format!(
+                "has no {component} LoRA for linear layers (components: {:?})",
+                file.components()
+            ),
+        ));
     }
     // Name index: exact for PEFT, '.'→'_' for kohya (with ambiguity detection).
     // Text encoders: files from transformers ≥ 5 name CLIP layers without the `text_model.`
@@ -586,7 +712,10 @@ pub fn apply_lora(file: &LoraFile, component: &str, linears: &[Linear], opts: &A
         };
         if cands.len() > 1 {
             let names: Vec<&str> = cands.iter().map(|l| l.name()).collect();
-            return Err(file_err(path, format!("`{}` is ambiguous: matches layers {names:?}", m.down_key)));
+            return Err(file_err(
+                path,
+                format!("`{}` is ambiguous: matches layers {names:?}", m.down_key),
+            ));
         }
         let lin = cands[0];
         if !used.insert(lin.name().to_string()) {
@@ -594,7 +723,12 @@ pub fn apply_lora(file: &LoraFile, component: &str, linears: &[Linear], opts: &A
         }
         let (out_dim, in_dim) = (lin.out_dim(), lin.in_dim());
         let r = m.weights.down.dims()[0];
-        let shape_err = |key: &str, expected: Vec<usize>, found: &[usize]| Error::Shape { file: path.display().to_string(), key: key.to_string(), expected, found: found.to_vec() };
+        let shape_err = |key: &str, expected: Vec<usize>, found: &[usize]| Error::Shape {
+            file: path.display().to_string(),
+            key: key.to_string(),
+            expected,
+            found: found.to_vec(),
+        };
         if m.weights.down.dims()[1] != in_dim {
             return Err(shape_err(&m.down_key, vec![r, in_dim], m.weights.down.dims()));
         }
@@ -603,7 +737,8 @@ pub fn apply_lora(file: &LoraFile, component: &str, linears: &[Linear], opts: &A
         }
         pairs.push((lin.clone(), m.weights.clone()));
     }
-    let conv: Vec<String> = file.conv.iter().filter(|(c, _)| c == component).map(|(_, k)| k.clone()).collect();
+    let conv: Vec<String> =
+        file.conv.iter().filter(|(c, _)| c == component).map(|(_, k)| k.clone()).collect();
     if !conv.is_empty() && opts.unknown == UnknownKeys::Error {
         return Err(file_err(
             path,
@@ -634,7 +769,12 @@ pub fn apply_lora(file: &LoraFile, component: &str, linears: &[Linear], opts: &A
 }
 
 /// Reads `path` and applies its `component` part to `linears` (see [`apply_lora`]).
-pub fn apply_lora_file(linears: &[Linear], component: &str, path: impl AsRef<Path>, opts: &ApplyOptions) -> Result<AppliedLora> {
+pub fn apply_lora_file(
+    linears: &[Linear],
+    component: &str,
+    path: impl AsRef<Path>,
+    opts: &ApplyOptions,
+) -> Result<AppliedLora> {
     let dev = linears.first().map(|l| l.weight().device().clone()).unwrap_or(Device::Cpu);
     let file = read_lora_file(path, &dev)?;
     apply_lora(&file, component, linears, opts)
@@ -665,14 +805,25 @@ pub fn parse_lora_arg(arg: &str) -> Result<(PathBuf, f64)> {
 /// `parts` = `[("unet", unet.linears()), ("text_encoder", text_encoder.linears())]`. Errors when the
 /// file holds a component that `parts` lacks (e.g. an SDXL `text_encoder_2` LoRA on an SD 1.x
 /// pipeline), or nothing for any of them.
-pub fn apply_lora_file_to_parts(path: impl AsRef<Path>, parts: &[(&str, Vec<Linear>)], opts: &ApplyOptions) -> Result<Vec<AppliedLora>> {
+pub fn apply_lora_file_to_parts(
+    path: impl AsRef<Path>,
+    parts: &[(&str, Vec<Linear>)],
+    opts: &ApplyOptions,
+) -> Result<Vec<AppliedLora>> {
     let path = path.as_ref();
-    let dev = parts.iter().find_map(|(_, l)| l.first()).map(|l| l.weight().device().clone()).unwrap_or(Device::Cpu);
+    let dev = parts
+        .iter()
+        .find_map(|(_, l)| l.first())
+        .map(|l| l.weight().device().clone())
+        .unwrap_or(Device::Cpu);
     let file = read_lora_file(path, &dev)?;
     let comps = file.components();
     if let Some(c) = comps.iter().find(|c| !parts.iter().any(|(p, _)| p == *c)) {
         let have: Vec<&str> = parts.iter().map(|(p, _)| *p).collect();
-        return Err(file_err(path, format!("has a {c} LoRA but the model has no such part (parts: {have:?})")));
+        return Err(file_err(
+            path,
+            format!("has a {c} LoRA but the model has no such part (parts: {have:?})"),
+        ));
     }
     let mut out = Vec::new();
     for (comp, linears) in parts {

@@ -48,10 +48,7 @@ fn stored_projector(
             None => return Ok(None),
         },
         ProjectionKind::RandomColumns => match state.get(SLOT_IDX) {
-            Some(i) => Basis::Columns {
-                indices: i.clone(),
-                dim: d,
-            },
+            Some(i) => Basis::Columns { indices: i.clone(), dim: d },
             None => return Ok(None),
         },
         ProjectionKind::Dct => match state.get(SLOT_IDX) {
@@ -79,10 +76,7 @@ fn store_projector(state: &mut ParamState, p: &Projector) {
 /// The seeded generator of projection number `refresh` of parameter `index`: the same
 /// projections on every run and after a resume, without saving generator state.
 fn projection_rng(seed: u64, index: usize, refresh: u64) -> SeededRng {
-    SeededRng::fork(
-        seed ^ (index as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
-        refresh,
-    )
+    SeededRng::fork(seed ^ (index as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15), refresh)
 }
 
 /// How a parameter's projector is built.
@@ -163,11 +157,7 @@ fn apply_adam(
     let upd = upd.reshape(param.shape())?.affine(lr * factor, 0.0)?;
     Ok(match form {
         AdamForm::Torch => {
-            let p = if wd != 0.0 {
-                param.affine(1.0 - lr * wd, 0.0)?
-            } else {
-                param.clone()
-            };
+            let p = if wd != 0.0 { param.affine(1.0 - lr * wd, 0.0)? } else { param.clone() };
             (p - upd)?
         }
         AdamForm::Transformers => {
@@ -302,12 +292,7 @@ impl UpdateRule for GaLore {
         let rank = cfg.rank.min(Side::for_shape(m, n).dim(m, n));
         let (proj, _) = projector_for_step(
             state,
-            ProjectionSpec {
-                kind: cfg.kind,
-                rank,
-                update_gap: cfg.update_gap,
-                seed: cfg.seed,
-            },
+            ProjectionSpec { kind: cfg.kind, rank, update_gap: cfg.update_gap, seed: cfg.seed },
             ctx,
             &g2,
             &mut self.dct,
@@ -316,14 +301,7 @@ impl UpdateRule for GaLore {
         let (dir, factor) =
             adam_direction(state, &r, cfg.betas, cfg.eps, state.step, cfg.adam_form)?;
         let upd = proj.project_back(&dir, m, n)?;
-        apply_adam(
-            param,
-            &upd,
-            cfg.lr,
-            factor * cfg.scale,
-            cfg.weight_decay,
-            cfg.adam_form,
-        )
+        apply_adam(param, &upd, cfg.lr, factor * cfg.scale, cfg.weight_decay, cfg.adam_form)
     }
     fn shared_bytes(&self) -> usize {
         self.dct.bytes()
@@ -394,10 +372,7 @@ impl GroupConfig for FrugalConfig {
         check_nonneg("state_free_lr_scale", self.state_free_lr_scale)?;
         check_gap(self.update_gap)?;
         if !(self.density > 0.0 && self.density <= 1.0) {
-            return Err(Error::invalid(
-                "density",
-                format!("{} (must be in (0, 1])", self.density),
-            ));
+            return Err(Error::invalid("density", format!("{} (must be in (0, 1])", self.density)));
         }
         Ok(())
     }
@@ -457,12 +432,7 @@ impl UpdateRule for Frugal {
         let rank = frugal_rank(cfg.density, d, cfg.kind);
         let (proj, fresh) = projector_for_step(
             state,
-            ProjectionSpec {
-                kind: cfg.kind,
-                rank,
-                update_gap: cfg.update_gap,
-                seed: cfg.seed,
-            },
+            ProjectionSpec { kind: cfg.kind, rank, update_gap: cfg.update_gap, seed: cfg.seed },
             ctx,
             &g2,
             &mut self.dct,
@@ -474,9 +444,7 @@ impl UpdateRule for Frugal {
         let sub_step = (state.step - 1) % cfg.update_gap + 1;
         let r = proj.project(&g2)?;
         let (mom, denom, inv_bc1) = adam_moments(state, "", &r, cfg.betas, cfg.eps, sub_step)?;
-        let mut upd = proj
-            .project_back(&(mom / denom)?, m, n)?
-            .affine(cfg.lr * inv_bc1, 0.0)?;
+        let mut upd = proj.project_back(&(mom / denom)?, m, n)?.affine(cfg.lr * inv_bc1, 0.0)?;
         let free_scale = cfg.lr * cfg.state_free_lr_scale;
         if cfg.state_free != StateFree::None && free_scale != 0.0 {
             let g_free = (&g2 - proj.project_back(&r, m, n)?)?;

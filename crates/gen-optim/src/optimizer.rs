@@ -33,10 +33,7 @@ pub struct NamedVar {
 
 impl NamedVar {
     pub fn new(name: impl Into<String>, var: Var) -> Self {
-        Self {
-            name: name.into(),
-            var,
-        }
+        Self { name: name.into(), var }
     }
 }
 
@@ -74,10 +71,7 @@ pub struct StepOptions {
 
 impl Default for StepOptions {
     fn default() -> Self {
-        Self {
-            max_grad_norm: None,
-            skip_nonfinite: true,
-        }
+        Self { max_grad_norm: None, skip_nonfinite: true }
     }
 }
 
@@ -147,10 +141,7 @@ impl ParamState {
         self.slots.insert(name.to_string(), t);
     }
     pub fn bytes(&self) -> usize {
-        self.slots
-            .values()
-            .map(|t| t.elem_count() * t.dtype().size_in_bytes())
-            .sum()
+        self.slots.values().map(|t| t.elem_count() * t.dtype().size_in_bytes()).sum()
     }
 }
 
@@ -248,17 +239,8 @@ impl<R: UpdateRule> Optim<R> {
                 }
             }
         }
-        let states = groups
-            .iter()
-            .map(|g| vec![ParamState::default(); g.params.len()])
-            .collect();
-        Ok(Self {
-            rule,
-            groups,
-            states,
-            options: StepOptions::default(),
-            steps: 0,
-        })
+        let states = groups.iter().map(|g| vec![ParamState::default(); g.params.len()]).collect();
+        Ok(Self { rule, groups, states, options: StepOptions::default(), steps: 0 })
     }
 
     pub fn with_options(mut self, options: StepOptions) -> Self {
@@ -305,11 +287,7 @@ pub fn global_grad_norm(grads: &[Tensor]) -> Result<f64> {
     if grads.is_empty() {
         return Ok(0.0);
     }
-    let acc = if grads[0].device().is_metal() {
-        DType::F32
-    } else {
-        DType::F64
-    };
+    let acc = if grads[0].device().is_metal() { DType::F32 } else { DType::F64 };
     let mut parts = Vec::with_capacity(grads.len());
     for g in grads {
         parts.push(g.to_dtype(acc)?.sqr()?.sum_all()?);
@@ -379,40 +357,23 @@ impl<R: UpdateRule> Optimizer for Optim<R> {
             flat_index[gi] = flat_index[gi - 1] + self.groups[gi - 1].params.len();
         }
         for (gi, pi, grad) in present {
-            let grad = if report.clipped {
-                grad.affine(coef, 0.0)?
-            } else {
-                grad
-            };
+            let grad = if report.clipped { grad.affine(coef, 0.0)? } else { grad };
             let group = &self.groups[gi];
             let p = &group.params[pi];
             let state = &mut self.states[gi][pi];
-            let param = p
-                .var
-                .as_tensor()
-                .detach()
-                .to_dtype(compute_dtype(p.var.dtype()))?;
+            let param = p.var.as_tensor().detach().to_dtype(compute_dtype(p.var.dtype()))?;
             state.step += 1;
-            let ctx = ParamCtx {
-                name: &p.name,
-                group: gi,
-                index: flat_index[gi] + pi,
-            };
-            let new = self
-                .rule
-                .update(ctx, &group.config, state, &param, &grad)
-                .map_err(|e| {
-                    Error::msg(format!(
-                        "{} group {gi}: parameter `{}` {:?}: {e}",
-                        self.rule.name(),
-                        p.name,
-                        p.var.dims()
-                    ))
-                })?;
+            let ctx = ParamCtx { name: &p.name, group: gi, index: flat_index[gi] + pi };
+            let new = self.rule.update(ctx, &group.config, state, &param, &grad).map_err(|e| {
+                Error::msg(format!(
+                    "{} group {gi}: parameter `{}` {:?}: {e}",
+                    self.rule.name(),
+                    p.name,
+                    p.var.dims()
+                ))
+            })?;
             let new = new.to_dtype(p.var.dtype())?;
-            p.var
-                .set(&new)
-                .ctx(format!("{}: updating `{}`", self.rule.name(), p.name))?;
+            p.var.set(&new).ctx(format!("{}: updating `{}`", self.rule.name(), p.name))?;
             report.updated += 1;
         }
         self.steps += 1;
@@ -440,10 +401,7 @@ impl<R: UpdateRule> Optimizer for Optim<R> {
 
     fn save_state(&self, path: &Path) -> Result<()> {
         let mut map: HashMap<String, Tensor> = HashMap::new();
-        map.insert(
-            GLOBAL_STEP_KEY.to_string(),
-            Tensor::new(self.steps as i64, &Device::Cpu)?,
-        );
+        map.insert(GLOBAL_STEP_KEY.to_string(), Tensor::new(self.steps as i64, &Device::Cpu)?);
         for (g, s) in self.groups.iter().zip(&self.states) {
             for (p, st) in g.params.iter().zip(s) {
                 map.insert(
@@ -463,10 +421,9 @@ impl<R: UpdateRule> Optimizer for Optim<R> {
         let map = candle_core::safetensors::load(path, &Device::Cpu)
             .ctx(format!("reading optimizer state {file}"))?;
         let scalar = |key: &str| -> Result<u64> {
-            let t = map.get(key).ok_or_else(|| Error::MissingTensor {
-                file: file.clone(),
-                key: key.to_string(),
-            })?;
+            let t = map
+                .get(key)
+                .ok_or_else(|| Error::MissingTensor { file: file.clone(), key: key.to_string() })?;
             let v = t
                 .to_dtype(DType::I64)
                 .and_then(|t| t.to_scalar::<i64>())
@@ -519,10 +476,7 @@ impl<R: UpdateRule> Optimizer for Optim<R> {
     }
 
     fn state_bytes(&self) -> Vec<usize> {
-        self.states
-            .iter()
-            .map(|s| s.iter().map(ParamState::bytes).sum())
-            .collect()
+        self.states.iter().map(|s| s.iter().map(ParamState::bytes).sum()).collect()
     }
 
     fn shared_state_bytes(&self) -> usize {
@@ -542,10 +496,8 @@ impl<R: UpdateRule> Optim<R> {
 /// returns the norm before clipping. For trainers that clip outside an optimizer; [`Optim`]
 /// does the same through [`StepOptions::max_grad_norm`].
 pub fn clip_grad_norm(grads: &mut GradStore, vars: &[&Var], max_norm: f64) -> Result<f64> {
-    let present: Vec<(&Var, Tensor)> = vars
-        .iter()
-        .filter_map(|v| grads.get(v.as_tensor()).map(|g| (*v, g.clone())))
-        .collect();
+    let present: Vec<(&Var, Tensor)> =
+        vars.iter().filter_map(|v| grads.get(v.as_tensor()).map(|g| (*v, g.clone()))).collect();
     let all: Vec<Tensor> = present.iter().map(|(_, g)| g.clone()).collect();
     let norm = global_grad_norm(&all)?;
     let coef = max_norm / (norm + 1e-6);
@@ -562,10 +514,7 @@ pub fn save_safetensors_atomic(tensors: &HashMap<String, Tensor>, path: &Path) -
     let name = path
         .file_name()
         .ok_or_else(|| {
-            Error::invalid(
-                "output path",
-                format!("{} has no file name", path.display()),
-            )
+            Error::invalid("output path", format!("{} has no file name", path.display()))
         })?
         .to_string_lossy()
         .to_string();
@@ -577,10 +526,7 @@ pub fn save_safetensors_atomic(tensors: &HashMap<String, Tensor>, path: &Path) -
     let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
     if let Err(e) = candle_core::safetensors::save(tensors, &tmp) {
         let _ = std::fs::remove_file(&tmp);
-        return Err(Error::Candle {
-            context: format!("writing {}", path.display()),
-            source: e,
-        });
+        return Err(Error::Candle { context: format!("writing {}", path.display()), source: e });
     }
     std::fs::rename(&tmp, path).map_err(|e| {
         let _ = std::fs::remove_file(&tmp);

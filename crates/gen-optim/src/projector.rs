@@ -154,20 +154,14 @@ pub fn dct2_basis(d: usize, dtype: DType, device: &Device) -> Result<Tensor> {
     let mut v = Vec::with_capacity(d * d);
     for i in 0..d {
         for k in 0..d {
-            let c = if k == 0 {
-                std::f64::consts::FRAC_1_SQRT_2
-            } else {
-                1.0
-            };
+            let c = if k == 0 { std::f64::consts::FRAC_1_SQRT_2 } else { 1.0 };
             v.push(
                 s * c
                     * (std::f64::consts::PI * (2 * i + 1) as f64 * k as f64 / (2 * d) as f64).cos(),
             );
         }
     }
-    Ok(Tensor::from_vec(v, (d, d), &Device::Cpu)?
-        .to_dtype(dtype)?
-        .to_device(device)?)
+    Ok(Tensor::from_vec(v, (d, d), &Device::Cpu)?.to_dtype(dtype)?.to_device(device)?)
 }
 
 /// DCT-II bases built once per (size, dtype), shared by all parameters of an optimizer.
@@ -189,21 +183,14 @@ impl DctCache {
     }
     /// Bytes held by the cached bases.
     pub fn bytes(&self) -> usize {
-        self.bases
-            .values()
-            .map(|t| t.elem_count() * t.dtype().size_in_bytes())
-            .sum()
+        self.bases.values().map(|t| t.elem_count() * t.dtype().size_in_bytes()).sum()
     }
 }
 
 /// Row-major f64 copy of a 2-D tensor.
 fn to_f64_rows(g: &Tensor) -> Result<(usize, usize, Vec<f64>)> {
     let (m, n) = g.dims2()?;
-    let v = g
-        .to_device(&Device::Cpu)?
-        .to_dtype(DType::F64)?
-        .flatten_all()?
-        .to_vec1::<f64>()?;
+    let v = g.to_device(&Device::Cpu)?.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
     Ok((m, n, v))
 }
 
@@ -329,31 +316,23 @@ pub fn make_projector(
     let basis = match kind {
         ProjectionKind::Svd => {
             let (d, q) = svd_basis(g, side, r)?;
-            Basis::Dense(
-                Tensor::from_vec(q, (d, r), &Device::Cpu)?
-                    .to_dtype(dt)?
-                    .to_device(dev)?,
-            )
+            Basis::Dense(Tensor::from_vec(q, (d, r), &Device::Cpu)?.to_dtype(dt)?.to_device(dev)?)
         }
         ProjectionKind::RandomOrthogonal => Basis::Dense(
             Tensor::from_vec(random_orthogonal(d, r, rng), (d, r), &Device::Cpu)?
                 .to_dtype(dt)?
                 .to_device(dev)?,
         ),
-        ProjectionKind::RandomColumns => Basis::Columns {
-            indices: Tensor::from_vec(random_indices(d, r, rng), r, dev)?,
-            dim: d,
-        },
+        ProjectionKind::RandomColumns => {
+            Basis::Columns { indices: Tensor::from_vec(random_indices(d, r, rng), r, dev)?, dim: d }
+        }
         ProjectionKind::Dct => {
             let basis = dct.get(d, dt, dev)?;
             let scores = match side {
                 Side::Right => g.matmul(&basis)?.abs()?.sum(0)?,
                 Side::Left => basis.t()?.matmul(g)?.abs()?.sum(1)?,
             };
-            let indices = scores
-                .arg_sort_last_dim(false)?
-                .narrow(0, 0, r)?
-                .contiguous()?;
+            let indices = scores.arg_sort_last_dim(false)?.narrow(0, 0, r)?.contiguous()?;
             Basis::DctColumns { indices, basis }
         }
     };

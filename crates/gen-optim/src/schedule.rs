@@ -87,12 +87,7 @@ pub struct LinearDecay {
 impl LinearDecay {
     pub fn new(lr: f64, warmup: u64, total_steps: u64, final_lr: f64) -> Result<Self> {
         check_span(warmup, total_steps)?;
-        Ok(Self {
-            lr,
-            warmup,
-            total_steps,
-            final_lr,
-        })
+        Ok(Self { lr, warmup, total_steps, final_lr })
     }
 }
 
@@ -137,12 +132,7 @@ pub struct Cosine {
 impl Cosine {
     pub fn new(lr: f64, warmup: u64, total_steps: u64, final_lr: f64) -> Result<Self> {
         check_span(warmup, total_steps)?;
-        Ok(Self {
-            lr,
-            warmup,
-            total_steps,
-            final_lr,
-        })
+        Ok(Self { lr, warmup, total_steps, final_lr })
     }
 }
 
@@ -185,10 +175,8 @@ impl Refined {
         if median_window == 0 {
             return Err(Error::invalid("median_window", "0 (must be >= 1)"));
         }
-        if let Some((i, g)) = grad_norms
-            .iter()
-            .enumerate()
-            .find(|(_, g)| !(g.is_finite() && **g > 0.0))
+        if let Some((i, g)) =
+            grad_norms.iter().enumerate().find(|(_, g)| !(g.is_finite() && **g > 0.0))
         {
             return Err(Error::invalid(
                 "gradient norm",
@@ -287,26 +275,16 @@ mod tests {
 
     #[test]
     fn median_filter_removes_spikes() {
-        assert_eq!(
-            median_filter(&[1.0, 100.0, 1.0, 1.0, 1.0], 3),
-            vec![50.5, 1.0, 1.0, 1.0, 1.0]
-        );
+        assert_eq!(median_filter(&[1.0, 100.0, 1.0, 1.0, 1.0], 3), vec![50.5, 1.0, 1.0, 1.0, 1.0]);
         assert_eq!(median_filter(&[3.0, 1.0, 2.0], 1), vec![3.0, 1.0, 2.0]);
-        assert_eq!(
-            median_filter(&[5.0, 1.0, 9.0, 2.0], 5),
-            vec![5.0, 3.5, 3.5, 2.0]
-        );
+        assert_eq!(median_filter(&[5.0, 1.0, 9.0, 2.0], 5), vec![5.0, 3.5, 3.5, 2.0]);
     }
 
     #[test]
     fn refinement_of_constant_norms_is_linear_decay() {
         let s = Refined::from_grad_norms(0.6, &[2.0; 4], 1).unwrap();
         let want = [0.6, 0.4, 0.2, 0.0];
-        assert!(
-            s.rates().iter().zip(want).all(|(a, b)| close(*a, b)),
-            "{:?}",
-            s.rates()
-        );
+        assert!(s.rates().iter().zip(want).all(|(a, b)| close(*a, b)), "{:?}", s.rates());
         assert_eq!(s.lr(10), 0.0);
     }
 
@@ -315,20 +293,12 @@ mod tests {
         // w = [1/4, 1, 1, 1]; raw = [3/4, 2, 1, 0]; max 2.
         let s = Refined::from_grad_norms(1.0, &[2.0, 1.0, 1.0, 1.0], 1).unwrap();
         let want = [0.375, 1.0, 0.5, 0.0];
-        assert!(
-            s.rates().iter().zip(want).all(|(a, b)| close(*a, b)),
-            "{:?}",
-            s.rates()
-        );
+        assert!(s.rates().iter().zip(want).all(|(a, b)| close(*a, b)), "{:?}", s.rates());
         // The median filter ignores a single spike: same schedule as constant norms.
         let spiky = Refined::from_grad_norms(1.0, &[1.0, 1.0, 50.0, 1.0, 1.0, 1.0], 3).unwrap();
         let flat = Refined::from_grad_norms(1.0, &[1.0; 6], 1).unwrap();
         assert!(
-            spiky
-                .rates()
-                .iter()
-                .zip(flat.rates())
-                .all(|(a, b)| close(*a, *b)),
+            spiky.rates().iter().zip(flat.rates()).all(|(a, b)| close(*a, *b)),
             "{:?}",
             spiky.rates()
         );

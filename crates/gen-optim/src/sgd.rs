@@ -21,13 +21,7 @@ pub struct SgdConfig {
 
 impl Default for SgdConfig {
     fn default() -> Self {
-        Self {
-            lr: 1e-2,
-            momentum: 0.0,
-            dampening: 0.0,
-            weight_decay: 0.0,
-            nesterov: false,
-        }
+        Self { lr: 1e-2, momentum: 0.0, dampening: 0.0, weight_decay: 0.0, nesterov: false }
     }
 }
 
@@ -83,11 +77,7 @@ impl UpdateRule for Sgd {
                 Some(b) => (b.affine(cfg.momentum, 0.0)? + g.affine(1.0 - cfg.dampening, 0.0)?)?,
             };
             state.set("momentum_buffer", buf.clone());
-            g = if cfg.nesterov {
-                (g + buf.affine(cfg.momentum, 0.0)?)?
-            } else {
-                buf
-            };
+            g = if cfg.nesterov { (g + buf.affine(cfg.momentum, 0.0)?)? } else { buf };
         }
         Ok((param - g.affine(cfg.lr, 0.0)?)?)
     }
@@ -105,11 +95,7 @@ pub struct SignSgdConfig {
 
 impl Default for SignSgdConfig {
     fn default() -> Self {
-        Self {
-            lr: 1e-4,
-            weight_decay: 0.0,
-            momentum: 0.0,
-        }
+        Self { lr: 1e-4, weight_decay: 0.0, momentum: 0.0 }
     }
 }
 

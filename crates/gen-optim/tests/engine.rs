@@ -8,18 +8,11 @@ use gen_core::SeededRng;
 use gen_optim::*;
 
 fn var(v: &[f64], shape: &[usize]) -> Result<Var> {
-    Ok(Var::from_tensor(&Tensor::from_vec(
-        v.to_vec(),
-        shape,
-        &Device::Cpu,
-    )?)?)
+    Ok(Var::from_tensor(&Tensor::from_vec(v.to_vec(), shape, &Device::Cpu)?)?)
 }
 
 fn vals(v: &Var) -> Result<Vec<f64>> {
-    Ok(v.as_tensor()
-        .to_dtype(DType::F64)?
-        .flatten_all()?
-        .to_vec1::<f64>()?)
+    Ok(v.as_tensor().to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?)
 }
 
 fn tmp_path(name: &str) -> std::path::PathBuf {
@@ -36,16 +29,10 @@ fn clipping_scales_like_torch_and_reports_pre_clip_norm() -> Result<()> {
         Sgd,
         vec![ParamGroup::new(
             vec![NamedVar::new("w", w.clone())],
-            SgdConfig {
-                lr: 1.0,
-                ..Default::default()
-            },
+            SgdConfig { lr: 1.0, ..Default::default() },
         )],
     )?
-    .with_options(StepOptions {
-        max_grad_norm: Some(1.0),
-        skip_nonfinite: true,
-    });
+    .with_options(StepOptions { max_grad_norm: Some(1.0), skip_nonfinite: true });
     let mut g = GradStore::default();
     g.insert(w.as_tensor(), Tensor::new(&[3.0f64, 4.0], &Device::Cpu)?);
     let r = opt.step(&g)?;
@@ -53,10 +40,7 @@ fn clipping_scales_like_torch_and_reports_pre_clip_norm() -> Result<()> {
     assert!(r.clipped && !r.skipped && r.updated == 1);
     let coef = 1.0 / (5.0 + 1e-6);
     let v = vals(&w)?;
-    assert!(
-        (v[0] + 3.0 * coef).abs() < 1e-12 && (v[1] + 4.0 * coef).abs() < 1e-12,
-        "{v:?}"
-    );
+    assert!((v[0] + 3.0 * coef).abs() < 1e-12 && (v[1] + 4.0 * coef).abs() < 1e-12, "{v:?}");
     // Below the threshold nothing is scaled.
     let mut g = GradStore::default();
     g.insert(w.as_tensor(), Tensor::new(&[0.3f64, 0.4], &Device::Cpu)?);
@@ -77,10 +61,7 @@ fn nonfinite_gradient_skips_the_step() -> Result<()> {
     g.insert(a.as_tensor(), Tensor::new(&[f64::NAN, 1.0], &Device::Cpu)?);
     g.insert(b.as_tensor(), Tensor::new(&[1.0f64], &Device::Cpu)?);
     let r = opt.step(&g)?;
-    assert!(
-        r.skipped && r.nonfinite && r.updated == 0 && r.grad_norm.is_nan(),
-        "{r:?}"
-    );
+    assert!(r.skipped && r.nonfinite && r.updated == 0 && r.grad_norm.is_nan(), "{r:?}");
     assert_eq!(vals(&a)?, vec![1.0, 2.0]);
     assert_eq!(vals(&b)?, vec![3.0]);
     assert_eq!(opt.step_count(), 0);
@@ -96,19 +77,12 @@ fn vars_without_gradient_are_untouched_and_keep_no_state() -> Result<()> {
     // A real backward pass: `unused` is not in the graph and gets no gradient.
     let used = var(&[1.0, -2.0, 0.5], &[3])?;
     let unused = var(&[7.0], &[1])?;
-    let params = vec![
-        NamedVar::new("used", used.clone()),
-        NamedVar::new("unused", unused.clone()),
-    ];
+    let params = vec![NamedVar::new("used", used.clone()), NamedVar::new("unused", unused.clone())];
     let mut opt = Optim::new(
         AdamW,
         vec![ParamGroup::new(
             params,
-            AdamWConfig {
-                lr: 0.1,
-                weight_decay: 0.1,
-                ..Default::default()
-            },
+            AdamWConfig { lr: 0.1, weight_decay: 0.1, ..Default::default() },
         )],
     )?;
     let mut losses = vec![];
@@ -118,15 +92,8 @@ fn vars_without_gradient_are_untouched_and_keep_no_state() -> Result<()> {
         let r = opt.step(&loss.backward()?)?;
         assert_eq!((r.updated, r.without_grad), (1, 1));
     }
-    assert!(
-        losses[19] < 0.5 * losses[0],
-        "loss did not decrease: {losses:?}"
-    );
-    assert_eq!(
-        vals(&unused)?,
-        vec![7.0],
-        "weight decay must not touch a var without gradient"
-    );
+    assert!(losses[19] < 0.5 * losses[0], "loss did not decrease: {losses:?}");
+    assert_eq!(vals(&unused)?, vec![7.0], "weight decay must not touch a var without gradient");
     assert!(opt.param_state("unused").unwrap().slots.is_empty());
     assert_eq!(opt.param_state("used").unwrap().step, 20);
     Ok(())
@@ -136,18 +103,11 @@ fn adamw_over(w: &Var, b: &Var) -> Result<Optim<AdamW>> {
     let groups = vec![
         ParamGroup::new(
             vec![NamedVar::new("layer.w", w.clone())],
-            AdamWConfig {
-                lr: 1e-2,
-                ..Default::default()
-            },
+            AdamWConfig { lr: 1e-2, ..Default::default() },
         ),
         ParamGroup::new(
             vec![NamedVar::new("layer.b", b.clone())],
-            AdamWConfig {
-                lr: 5e-3,
-                weight_decay: 0.0,
-                ..Default::default()
-            },
+            AdamWConfig { lr: 5e-3, weight_decay: 0.0, ..Default::default() },
         ),
     ];
     Ok(Optim::new(AdamW, groups)?)
@@ -165,10 +125,7 @@ fn grads_for(vars: &[Var], step: u64) -> Result<GradStore> {
     let mut rng = SeededRng::fork(99, step);
     let mut g = GradStore::default();
     for v in vars {
-        g.insert(
-            v.as_tensor(),
-            rng.randn(v.shape(), DType::F32, &Device::Cpu)?,
-        );
+        g.insert(v.as_tensor(), rng.randn(v.shape(), DType::F32, &Device::Cpu)?);
     }
     Ok(g)
 }
@@ -198,11 +155,7 @@ fn save_and_load_state_resumes_exactly() -> Result<()> {
         c.step(&grads_for(&vc, s)?)?;
     }
     for (x, y) in va.iter().zip(&vc) {
-        assert_eq!(
-            vals(x)?,
-            vals(y)?,
-            "resumed run differs from the continuous one"
-        );
+        assert_eq!(vals(x)?, vals(y)?, "resumed run differs from the continuous one");
     }
     // Without loading, the moments restart and the result differs: the check can fail.
     let vd: Vec<Var> = vb
@@ -227,16 +180,10 @@ fn load_state_rejects_foreign_files() -> Result<()> {
     let other = var(&[1.0], &[1])?;
     let mut o = Optim::new(
         AdamW,
-        vec![ParamGroup::new(
-            vec![NamedVar::new("other", other)],
-            AdamWConfig::default(),
-        )],
+        vec![ParamGroup::new(vec![NamedVar::new("other", other)], AdamWConfig::default())],
     )?;
     let err = o.load_state(&path).unwrap_err().to_string();
-    assert!(
-        err.contains("other.__step__") && err.contains("adamw_state_foreign"),
-        "{err}"
-    );
+    assert!(err.contains("other.__step__") && err.contains("adamw_state_foreign"), "{err}");
     // Same names, other shapes: the error names the slot and both shapes.
     let w = Var::from_tensor(&Tensor::zeros((2, 2), DType::F32, &Device::Cpu)?)?;
     let b = Var::from_tensor(&Tensor::zeros(3, DType::F32, &Device::Cpu)?)?;
@@ -246,10 +193,7 @@ fn load_state_rejects_foreign_files() -> Result<()> {
         err.contains("layer.w.exp_avg") && err.contains("[2, 2]") && err.contains("[4, 3]"),
         "{err}"
     );
-    let err = o
-        .load_state(&tmp_path("missing.safetensors"))
-        .unwrap_err()
-        .to_string();
+    let err = o.load_state(&tmp_path("missing.safetensors")).unwrap_err().to_string();
     assert!(err.contains("missing.safetensors"), "{err}");
     std::fs::remove_file(&path)?;
     Ok(())
@@ -265,22 +209,12 @@ fn state_bytes_per_group() -> Result<()> {
     let w = var(&[1.0; 6], &[2, 3])?;
     let mut s = Optim::new(
         SignSgd,
-        vec![ParamGroup::new(
-            vec![NamedVar::new("w", w.clone())],
-            SignSgdConfig::default(),
-        )],
+        vec![ParamGroup::new(vec![NamedVar::new("w", w.clone())], SignSgdConfig::default())],
     )?;
     let mut g = GradStore::default();
-    g.insert(
-        w.as_tensor(),
-        Tensor::ones((2, 3), DType::F64, &Device::Cpu)?,
-    );
+    g.insert(w.as_tensor(), Tensor::ones((2, 3), DType::F64, &Device::Cpu)?);
     s.step(&g)?;
-    assert_eq!(
-        s.state_bytes(),
-        vec![0],
-        "signSGD without momentum keeps no state"
-    );
+    assert_eq!(s.state_bytes(), vec![0], "signSGD without momentum keeps no state");
     Ok(())
 }
 
@@ -290,13 +224,7 @@ fn bad_configs_and_names_are_rejected() -> Result<()> {
     let nv = || vec![NamedVar::new("w", w.clone())];
     let e = Optim::new(
         AdamW,
-        vec![ParamGroup::new(
-            nv(),
-            AdamWConfig {
-                lr: -1.0,
-                ..Default::default()
-            },
-        )],
+        vec![ParamGroup::new(nv(), AdamWConfig { lr: -1.0, ..Default::default() })],
     )
     .err()
     .unwrap()
@@ -304,13 +232,7 @@ fn bad_configs_and_names_are_rejected() -> Result<()> {
     assert!(e.contains("lr") && e.contains("-1"), "{e}");
     let e = Optim::new(
         AdamW,
-        vec![ParamGroup::new(
-            nv(),
-            AdamWConfig {
-                betas: (1.0, 0.9),
-                ..Default::default()
-            },
-        )],
+        vec![ParamGroup::new(nv(), AdamWConfig { betas: (1.0, 0.9), ..Default::default() })],
     )
     .err()
     .unwrap()
@@ -318,13 +240,7 @@ fn bad_configs_and_names_are_rejected() -> Result<()> {
     assert!(e.contains("betas.0"), "{e}");
     let e = Optim::new(
         Sgd,
-        vec![ParamGroup::new(
-            nv(),
-            SgdConfig {
-                nesterov: true,
-                ..Default::default()
-            },
-        )],
+        vec![ParamGroup::new(nv(), SgdConfig { nesterov: true, ..Default::default() })],
     )
     .err()
     .unwrap()
@@ -332,13 +248,7 @@ fn bad_configs_and_names_are_rejected() -> Result<()> {
     assert!(e.contains("nesterov"), "{e}");
     let e = Optim::new(
         Sgdp,
-        vec![ParamGroup::new(
-            nv(),
-            SgdpConfig {
-                momentum: 1.0,
-                ..Default::default()
-            },
-        )],
+        vec![ParamGroup::new(nv(), SgdpConfig { momentum: 1.0, ..Default::default() })],
     )
     .err()
     .unwrap()
@@ -360,10 +270,7 @@ fn bad_configs_and_names_are_rejected() -> Result<()> {
     let mut g = GradStore::default();
     g.insert(w.as_tensor(), Tensor::zeros(2, DType::F64, &Device::Cpu)?);
     let e = opt.step(&g).unwrap_err().to_string();
-    assert!(
-        e.contains("`w`") && e.contains("[1]") && e.contains("[2]"),
-        "{e}"
-    );
+    assert!(e.contains("`w`") && e.contains("[1]") && e.contains("[2]"), "{e}");
     // set_lr reaches every group; a bad group index is an error.
     let mut opt = Optim::new(AdamW, vec![ParamGroup::new(nv(), AdamWConfig::default())])?;
     opt.set_lr(0.5);
@@ -375,20 +282,11 @@ fn bad_configs_and_names_are_rejected() -> Result<()> {
 #[test]
 fn signsgd_steps_by_sign() -> Result<()> {
     let w = var(&[1.0, 1.0, 1.0], &[3])?;
-    let cfg = SignSgdConfig {
-        lr: 0.1,
-        weight_decay: 0.5,
-        momentum: 0.0,
-    };
-    let mut opt = Optim::new(
-        SignSgd,
-        vec![ParamGroup::new(vec![NamedVar::new("w", w.clone())], cfg)],
-    )?;
+    let cfg = SignSgdConfig { lr: 0.1, weight_decay: 0.5, momentum: 0.0 };
+    let mut opt =
+        Optim::new(SignSgd, vec![ParamGroup::new(vec![NamedVar::new("w", w.clone())], cfg)])?;
     let mut g = GradStore::default();
-    g.insert(
-        w.as_tensor(),
-        Tensor::new(&[2.5f64, -1e-3, 0.0], &Device::Cpu)?,
-    );
+    g.insert(w.as_tensor(), Tensor::new(&[2.5f64, -1e-3, 0.0], &Device::Cpu)?);
     opt.step(&g)?;
     // p = p (1 - 0.1*0.5) - 0.1 sign(g)
     let want = [0.95 - 0.1, 0.95 + 0.1, 0.95];
@@ -397,15 +295,9 @@ fn signsgd_steps_by_sign() -> Result<()> {
     }
     // Signum: the sign of the running mean, not of the latest gradient.
     let w = var(&[0.0], &[1])?;
-    let cfg = SignSgdConfig {
-        lr: 1.0,
-        weight_decay: 0.0,
-        momentum: 0.9,
-    };
-    let mut opt = Optim::new(
-        SignSgd,
-        vec![ParamGroup::new(vec![NamedVar::new("w", w.clone())], cfg)],
-    )?;
+    let cfg = SignSgdConfig { lr: 1.0, weight_decay: 0.0, momentum: 0.9 };
+    let mut opt =
+        Optim::new(SignSgd, vec![ParamGroup::new(vec![NamedVar::new("w", w.clone())], cfg)])?;
     for gv in [1.0f64, -0.5] {
         let mut g = GradStore::default();
         g.insert(w.as_tensor(), Tensor::new(&[gv], &Device::Cpu)?);
@@ -423,28 +315,14 @@ fn half_precision_params_keep_f32_state() -> Result<()> {
         AdamW,
         vec![ParamGroup::new(
             vec![NamedVar::new("w", w.clone())],
-            AdamWConfig {
-                lr: 0.25,
-                weight_decay: 0.0,
-                ..Default::default()
-            },
+            AdamWConfig { lr: 0.25, weight_decay: 0.0, ..Default::default() },
         )],
     )?;
     let mut g = GradStore::default();
-    g.insert(
-        w.as_tensor(),
-        Tensor::new(&[1.0f32, -1.0], &Device::Cpu)?.to_dtype(DType::BF16)?,
-    );
+    g.insert(w.as_tensor(), Tensor::new(&[1.0f32, -1.0], &Device::Cpu)?.to_dtype(DType::BF16)?);
     opt.step(&g)?;
     assert_eq!(w.dtype(), DType::BF16);
-    assert_eq!(
-        opt.param_state("w")
-            .unwrap()
-            .get("exp_avg")
-            .unwrap()
-            .dtype(),
-        DType::F32
-    );
+    assert_eq!(opt.param_state("w").unwrap().get("exp_avg").unwrap().dtype(), DType::F32);
     // First Adam step moves by lr * sign(g) (up to eps): 1 - 0.25, -1 + 0.25, exact in bf16.
     assert_eq!(vals(&w)?, vec![0.75, -0.75]);
     Ok(())
@@ -458,9 +336,7 @@ fn schedule_drives_group_rates() -> Result<()> {
     let sched = LinearDecay::new(1.0, 0, 10, 0.0)?;
     apply_schedule(&mut opt, &base, &sched, 5)?;
     assert_eq!(opt.lrs(), vec![0.5e-2, 2.5e-3]);
-    let err = apply_schedule(&mut opt, &[1.0], &sched, 0)
-        .unwrap_err()
-        .to_string();
+    let err = apply_schedule(&mut opt, &[1.0], &sched, 0).unwrap_err().to_string();
     assert!(err.contains("1 rates for 2 parameter groups"), "{err}");
     Ok(())
 }

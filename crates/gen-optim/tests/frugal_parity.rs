@@ -17,10 +17,8 @@ use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var};
 use gen_optim::*;
 
-const FIXTURE: &str = concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/tests/fixtures/frugal_parity.safetensors"
-);
+const FIXTURE: &str =
+    concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/frugal_parity.safetensors");
 const TOL: f64 = 1e-6;
 
 struct Case {
@@ -38,15 +36,10 @@ impl Case {
             .filter_map(|(k, v)| k.strip_prefix(&prefix).map(|k| (k.to_string(), v)))
             .collect();
         ensure!(!t.is_empty(), "no fixture tensors for case {name}");
-        Ok(Self {
-            t,
-            name: name.to_string(),
-        })
+        Ok(Self { t, name: name.to_string() })
     }
     fn req(&self, key: &str) -> Result<&Tensor> {
-        self.t
-            .get(key)
-            .ok_or_else(|| anyhow!("{}: missing fixture tensor {key}", self.name))
+        self.t.get(key).ok_or_else(|| anyhow!("{}: missing fixture tensor {key}", self.name))
     }
     fn f(&self, key: &str) -> Result<f64> {
         Ok(self.req(key)?.to_dtype(DType::F64)?.to_scalar::<f64>()?)
@@ -62,9 +55,7 @@ impl Case {
             .t
             .keys()
             .filter_map(|k| {
-                k.strip_prefix("param/")
-                    .and_then(|k| k.strip_suffix("/init"))
-                    .map(str::to_string)
+                k.strip_prefix("param/").and_then(|k| k.strip_suffix("/init")).map(str::to_string)
             })
             .collect();
         v.sort();
@@ -105,14 +96,8 @@ impl Case {
                 Ok(NamedVar::new(n, Var::from_tensor(&init)?))
             })
             .collect::<Result<_>>()?;
-        let cfg = FrugalConfig {
-            seed,
-            ..self.config()?
-        };
-        let opt = Optim::new(
-            Frugal::default(),
-            vec![ParamGroup::new(vars.clone(), cfg)],
-        )?;
+        let cfg = FrugalConfig { seed, ..self.config()? };
+        let opt = Optim::new(Frugal::default(), vec![ParamGroup::new(vars.clone(), cfg)])?;
         Ok((opt, vars))
     }
     fn grads(&self, vars: &[NamedVar], k: usize) -> Result<GradStore> {
@@ -131,20 +116,13 @@ fn max_rel_err(a: &Tensor, b: &Tensor) -> Result<f64> {
     let b = b.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
     ensure!(a.len() == b.len(), "length {} vs {}", a.len(), b.len());
     let scale = b.iter().fold(0.0f64, |m, y| m.max(y.abs()));
-    let diff = a
-        .iter()
-        .zip(&b)
-        .fold(0.0f64, |m, (x, y)| m.max((x - y).abs()));
+    let diff = a.iter().zip(&b).fold(0.0f64, |m, (x, y)| m.max((x - y).abs()));
     Ok(diff / scale.max(1e-30))
 }
 
 fn check(case: &Case, step: usize, name: &str, got: &Tensor, want: &Tensor) -> Result<f64> {
     let err = max_rel_err(got, want)?;
-    ensure!(
-        err <= TOL,
-        "{}: step {step}: `{name}` relative error {err:e} > {TOL:e}",
-        case.name
-    );
+    ensure!(err <= TOL, "{}: step {step}: `{name}` relative error {err:e} > {TOL:e}", case.name);
     Ok(err)
 }
 
@@ -172,14 +150,8 @@ fn columns_case(name: &str, seed: u64) -> Result<(f64, Vec<usize>)> {
     let subsets: Vec<Vec<i64>> = case.req("subsets")?.to_vec2::<i64>()?;
     let traj = case.req("traj")?;
     let gap = case.config()?.update_gap as usize;
-    let w = vars
-        .iter()
-        .find(|p| p.name == "w")
-        .ok_or_else(|| anyhow!("{name}: no parameter w"))?;
-    let b = vars
-        .iter()
-        .find(|p| p.name == "b")
-        .ok_or_else(|| anyhow!("{name}: no parameter b"))?;
+    let w = vars.iter().find(|p| p.name == "w").ok_or_else(|| anyhow!("{name}: no parameter w"))?;
+    let b = vars.iter().find(|p| p.name == "b").ok_or_else(|| anyhow!("{name}: no parameter b"))?;
     let mut chosen = Vec::new();
     let mut worst: f64 = 0.0;
     for k in 0..case.steps()? {
@@ -247,10 +219,7 @@ fn frugal_random_columns_match_reference() -> Result<()> {
             worst = worst.max(err);
             seen.extend(chosen);
         }
-        ensure!(
-            seen.len() >= 2,
-            "{name}: the seeds only ever chose subsets {seen:?}"
-        );
+        ensure!(seen.len() >= 2, "{name}: the seeds only ever chose subsets {seen:?}");
     }
     println!("FRUGAL random-columns parity: max relative error {worst:e}");
     Ok(())

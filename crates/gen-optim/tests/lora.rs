@@ -40,11 +40,21 @@ fn run(m: &[Linear], x: &Tensor) -> Result<Tensor> {
 }
 
 fn cfg(rank: usize, alpha: f64) -> LoraConfig {
-    LoraConfig { rank, alpha, dropout: 0.0, init: LoraInit::Kaiming, target_modules: vec!["to_q".into(), "to_out.0".into()] }
+    LoraConfig {
+        rank,
+        alpha,
+        dropout: 0.0,
+        init: LoraInit::Kaiming,
+        target_modules: vec!["to_q".into(), "to_out.0".into()],
+    }
 }
 
 fn max_abs(a: &Tensor, b: &Tensor) -> Result<f64> {
-    Ok((a.to_dtype(DType::F64)? - b.to_dtype(DType::F64)?)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f64>()?)
+    Ok((a.to_dtype(DType::F64)? - b.to_dtype(DType::F64)?)?
+        .abs()?
+        .flatten_all()?
+        .max(0)?
+        .to_scalar::<f64>()?)
 }
 
 /// Gives every B random values so the adapters do something.
@@ -72,7 +82,8 @@ fn fresh_adapter_is_identity_and_delta_matches_formula() -> Result<()> {
     let l = &m[0];
     let e = &set.entries()[0];
     let (a, b) = (e.adapter.a().as_tensor(), e.adapter.b().as_tensor());
-    let expect = ((x.matmul(&l.weight().t()?)?.broadcast_add(l.bias().unwrap()))? + (x.matmul(&a.t()?)?.matmul(&b.t()?)? * 2.0)?)?;
+    let expect = ((x.matmul(&l.weight().t()?)?.broadcast_add(l.bias().unwrap()))?
+        + (x.matmul(&a.t()?)?.matmul(&b.t()?)? * 2.0)?)?;
     let got = l.forward(&x)?;
     assert!(max_abs(&got, &expect)? < 1e-5, "{}", max_abs(&got, &expect)?);
     // The multiplier scales the delta linearly.
@@ -90,9 +101,17 @@ fn init_is_seeded_and_has_the_right_scale() -> Result<()> {
     let w = Tensor::zeros((8, 400), DType::F32, &Device::Cpu)?;
     let lin = vec![Linear::from_weights("x.to_q", w, None)];
     let mut c = cfg(16, 16.0);
-    let a1 = attach_lora(&lin, "unet", &c, &mut SeededRng::new(9))?.entries()[0].adapter.a().as_tensor().clone();
+    let a1 = attach_lora(&lin, "unet", &c, &mut SeededRng::new(9))?.entries()[0]
+        .adapter
+        .a()
+        .as_tensor()
+        .clone();
     lin[0].clear_adapters();
-    let a2 = attach_lora(&lin, "unet", &c, &mut SeededRng::new(9))?.entries()[0].adapter.a().as_tensor().clone();
+    let a2 = attach_lora(&lin, "unet", &c, &mut SeededRng::new(9))?.entries()[0]
+        .adapter
+        .a()
+        .as_tensor()
+        .clone();
     lin[0].clear_adapters();
     assert_eq!(max_abs(&a1, &a2)?, 0.0, "same seed, same A");
     let bound = 1.0 / 400f64.sqrt();
@@ -100,9 +119,19 @@ fn init_is_seeded_and_has_the_right_scale() -> Result<()> {
     assert!(amax <= bound && amax > 0.9 * bound, "kaiming bound {bound}, max {amax}");
     c.init = LoraInit::Gaussian;
     let set = attach_lora(&lin, "unet", &c, &mut SeededRng::new(9))?;
-    let a = set.entries()[0].adapter.a().as_tensor().to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
+    let a = set.entries()[0]
+        .adapter
+        .a()
+        .as_tensor()
+        .to_dtype(DType::F64)?
+        .flatten_all()?
+        .to_vec1::<f64>()?;
     let std = (a.iter().map(|v| v * v).sum::<f64>() / a.len() as f64).sqrt();
-    assert!((std - 1.0 / 16.0).abs() < 0.05 / 16.0 * 4.0, "gaussian std {std}, expected {}", 1.0 / 16.0);
+    assert!(
+        (std - 1.0 / 16.0).abs() < 0.05 / 16.0 * 4.0,
+        "gaussian std {std}, expected {}",
+        1.0 / 16.0
+    );
     let b = set.entries()[0].adapter.b().as_tensor();
     assert_eq!(b.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?, 0.0, "B starts at zero");
     Ok(())
@@ -113,7 +142,8 @@ fn merge_matches_adapter_and_unmerge_restores_exactly() -> Result<()> {
     let m = model(DType::F32, 5)?;
     let x = SeededRng::new(6).randn((4, 6), DType::F32, &Device::Cpu)?;
     let base = run(&m, &x)?;
-    let w0: Vec<Vec<f32>> = m.iter().map(|l| l.weight().flatten_all().unwrap().to_vec1().unwrap()).collect();
+    let w0: Vec<Vec<f32>> =
+        m.iter().map(|l| l.weight().flatten_all().unwrap().to_vec1().unwrap()).collect();
     let set = attach_lora(&m, "unet", &cfg(2, 4.0), &mut SeededRng::new(7))?;
     randomise_b(&set, 8)?;
     set.set_multiplier(0.7);
@@ -126,7 +156,8 @@ fn merge_matches_adapter_and_unmerge_restores_exactly() -> Result<()> {
     assert!(err < 1e-5, "merged vs adapter {err}");
     assert!(set.merge(1.0).is_err(), "double merge must fail");
     set.unmerge()?;
-    let w1: Vec<Vec<f32>> = m.iter().map(|l| l.weight().flatten_all().unwrap().to_vec1().unwrap()).collect();
+    let w1: Vec<Vec<f32>> =
+        m.iter().map(|l| l.weight().flatten_all().unwrap().to_vec1().unwrap()).collect();
     assert_eq!(w0, w1, "unmerge restores the original weights bit for bit");
     assert!(set.entries().iter().all(|e| e.is_attached()));
     assert!(max_abs(&run(&m, &x)?, &adapted)? < 1e-6);
@@ -198,13 +229,17 @@ fn bad_configs_are_rejected() -> Result<()> {
     assert!(e.contains("rank") && e.contains('0'), "{e}");
     assert!(rank_from_i64(-3).unwrap_err().to_string().contains("-3"));
     assert_eq!(rank_from_i64(4)?, 4);
-    let e = attach_lora(&m, "unet", &cfg(2, f64::INFINITY), &mut SeededRng::new(1)).unwrap_err().to_string();
+    let e = attach_lora(&m, "unet", &cfg(2, f64::INFINITY), &mut SeededRng::new(1))
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("alpha"), "{e}");
     let mut c = cfg(2, 2.0);
     c.target_modules = vec!["to_nothing".into()];
     let e = attach_lora(&m, "unet", &c, &mut SeededRng::new(1)).unwrap_err().to_string();
     assert!(e.contains("to_nothing") && e.contains("blk.attn.to_q"), "{e}");
-    let e = attach_lora(&m, "vae_decoder", &cfg(2, 2.0), &mut SeededRng::new(1)).unwrap_err().to_string();
+    let e = attach_lora(&m, "vae_decoder", &cfg(2, 2.0), &mut SeededRng::new(1))
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("vae_decoder"), "{e}");
     Ok(())
 }
@@ -229,7 +264,11 @@ fn fd_gradients_of_a_and_b() -> Result<()> {
     let h = 1e-6;
     for nv in set.vars() {
         let v: &Var = &nv.var;
-        let g = grads.get(v.as_tensor()).unwrap_or_else(|| panic!("no gradient for {}", nv.name)).flatten_all()?.to_vec1::<f64>()?;
+        let g = grads
+            .get(v.as_tensor())
+            .unwrap_or_else(|| panic!("no gradient for {}", nv.name))
+            .flatten_all()?
+            .to_vec1::<f64>()?;
         let base = v.as_tensor().flatten_all()?.to_vec1::<f64>()?;
         let mut gmax: f64 = 0.0;
         for i in 0..base.len() {
@@ -255,12 +294,19 @@ fn fd_gradients_of_a_and_b() -> Result<()> {
 #[test]
 fn adamw_on_lora_vars_reduces_loss_and_leaves_base_alone() -> Result<()> {
     let m = model(DType::F64, 31)?;
-    let w0: Vec<Vec<f64>> = m.iter().map(|l| l.weight().flatten_all().unwrap().to_vec1().unwrap()).collect();
+    let w0: Vec<Vec<f64>> =
+        m.iter().map(|l| l.weight().flatten_all().unwrap().to_vec1().unwrap()).collect();
     let set = attach_lora(&m, "unet", &cfg(2, 2.0), &mut SeededRng::new(32))?;
     let x = SeededRng::new(33).randn((16, 6), DType::F64, &Device::Cpu)?;
     let target = SeededRng::new(34).randn((16, 4), DType::F64, &Device::Cpu)?.tanh()?;
     let loss = || -> Result<Tensor> { Ok((run(&m, &x)? - &target)?.sqr()?.mean_all()?) };
-    let mut opt = Optim::new(AdamW, vec![ParamGroup::new(set.vars(), AdamWConfig { lr: 2e-2, weight_decay: 0.0, ..Default::default() })])?;
+    let mut opt = Optim::new(
+        AdamW,
+        vec![ParamGroup::new(
+            set.vars(),
+            AdamWConfig { lr: 2e-2, weight_decay: 0.0, ..Default::default() },
+        )],
+    )?;
     let l0 = loss()?.to_scalar::<f64>()?;
     for _ in 0..30 {
         let g = loss()?.backward()?;
@@ -269,7 +315,8 @@ fn adamw_on_lora_vars_reduces_loss_and_leaves_base_alone() -> Result<()> {
     let l1 = loss()?.to_scalar::<f64>()?;
     println!("LoRA AdamW loss {l0:.4} -> {l1:.4}");
     assert!(l1 < 0.8 * l0, "loss {l0} -> {l1}");
-    let w1: Vec<Vec<f64>> = m.iter().map(|l| l.weight().flatten_all().unwrap().to_vec1().unwrap()).collect();
+    let w1: Vec<Vec<f64>> =
+        m.iter().map(|l| l.weight().flatten_all().unwrap().to_vec1().unwrap()).collect();
     assert_eq!(w0, w1);
     Ok(())
 }
@@ -292,7 +339,12 @@ fn roundtrip(opts: &LoraSaveOptions, name: &str, expect: LoraFormat, tol: f64) -
     let err = max_abs(&run(&m, &x)?, &want)?;
     assert!(err < tol, "{name}: adapter from file differs by {err}");
     applied.set.detach();
-    let merged = apply_lora(&file, "unet", &m, &ApplyOptions { mode: ApplyMode::Merge, ..Default::default() })?;
+    let merged = apply_lora(
+        &file,
+        "unet",
+        &m,
+        &ApplyOptions { mode: ApplyMode::Merge, ..Default::default() },
+    )?;
     let err = max_abs(&run(&m, &x)?, &want)?;
     assert!(err < tol, "{name}: merged from file differs by {err}");
     merged.set.unmerge()?;
@@ -302,11 +354,44 @@ fn roundtrip(opts: &LoraSaveOptions, name: &str, expect: LoraFormat, tol: f64) -
 
 #[test]
 fn file_roundtrips_in_every_format() -> Result<()> {
-    roundtrip(&LoraSaveOptions { format: LoraFormat::Kohya, ..Default::default() }, "k.safetensors", LoraFormat::Kohya, 1e-5)?;
-    roundtrip(&LoraSaveOptions { format: LoraFormat::Peft, peft_alpha: PeftAlpha::Bake, ..Default::default() }, "pb.safetensors", LoraFormat::Peft, 1e-5)?;
-    roundtrip(&LoraSaveOptions { format: LoraFormat::Peft, peft_alpha: PeftAlpha::Metadata, ..Default::default() }, "pm.safetensors", LoraFormat::Peft, 1e-5)?;
-    roundtrip(&LoraSaveOptions { format: LoraFormat::PeftLegacy, ..Default::default() }, "pl.safetensors", LoraFormat::PeftLegacy, 1e-5)?;
-    roundtrip(&LoraSaveOptions { format: LoraFormat::Kohya, dtype: DType::F16, ..Default::default() }, "k16.safetensors", LoraFormat::Kohya, 1e-2)?;
+    roundtrip(
+        &LoraSaveOptions { format: LoraFormat::Kohya, ..Default::default() },
+        "k.safetensors",
+        LoraFormat::Kohya,
+        1e-5,
+    )?;
+    roundtrip(
+        &LoraSaveOptions {
+            format: LoraFormat::Peft,
+            peft_alpha: PeftAlpha::Bake,
+            ..Default::default()
+        },
+        "pb.safetensors",
+        LoraFormat::Peft,
+        1e-5,
+    )?;
+    roundtrip(
+        &LoraSaveOptions {
+            format: LoraFormat::Peft,
+            peft_alpha: PeftAlpha::Metadata,
+            ..Default::default()
+        },
+        "pm.safetensors",
+        LoraFormat::Peft,
+        1e-5,
+    )?;
+    roundtrip(
+        &LoraSaveOptions { format: LoraFormat::PeftLegacy, ..Default::default() },
+        "pl.safetensors",
+        LoraFormat::PeftLegacy,
+        1e-5,
+    )?;
+    roundtrip(
+        &LoraSaveOptions { format: LoraFormat::Kohya, dtype: DType::F16, ..Default::default() },
+        "k16.safetensors",
+        LoraFormat::Kohya,
+        1e-2,
+    )?;
     Ok(())
 }
 
@@ -340,7 +425,8 @@ fn kohya_keys_and_alpha_are_written_as_documented() -> Result<()> {
 
 fn write_raw(name: &str, tensors: Vec<(&str, Tensor)>) -> Result<PathBuf> {
     let path = tmp(name);
-    let map: std::collections::HashMap<String, Tensor> = tensors.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+    let map: std::collections::HashMap<String, Tensor> =
+        tensors.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
     candle_core::safetensors::save(&map, &path)?;
     Ok(path)
 }
@@ -351,15 +437,43 @@ fn bad_files_give_clear_errors() -> Result<()> {
     let z = |s: &[usize]| Tensor::zeros(s, DType::F32, &Device::Cpu).unwrap();
     let opts = ApplyOptions::default();
     // Wrong input width for to_q (6 expected).
-    let p = write_raw("shape.safetensors", vec![("unet.blk.attn.to_q.lora_A.weight", z(&[2, 7])), ("unet.blk.attn.to_q.lora_B.weight", z(&[5, 2]))])?;
+    let p = write_raw(
+        "shape.safetensors",
+        vec![
+            ("unet.blk.attn.to_q.lora_A.weight", z(&[2, 7])),
+            ("unet.blk.attn.to_q.lora_B.weight", z(&[5, 2])),
+        ],
+    )?;
     let e = apply_lora_file(&m, "unet", &p, &opts).unwrap_err().to_string();
-    assert!(e.contains("unet.blk.attn.to_q.lora_A.weight") && e.contains("[2, 6]") && e.contains("[2, 7]"), "{e}");
+    assert!(
+        e.contains("unet.blk.attn.to_q.lora_A.weight")
+            && e.contains("[2, 6]")
+            && e.contains("[2, 7]"),
+        "{e}"
+    );
     // Wrong output height (kohya).
-    let p = write_raw("shape2.safetensors", vec![("lora_unet_blk_attn_to_q.lora_down.weight", z(&[2, 6])), ("lora_unet_blk_attn_to_q.lora_up.weight", z(&[9, 2]))])?;
+    let p = write_raw(
+        "shape2.safetensors",
+        vec![
+            ("lora_unet_blk_attn_to_q.lora_down.weight", z(&[2, 6])),
+            ("lora_unet_blk_attn_to_q.lora_up.weight", z(&[9, 2])),
+        ],
+    )?;
     let e = apply_lora_file(&m, "unet", &p, &opts).unwrap_err().to_string();
-    assert!(e.contains("lora_unet_blk_attn_to_q.lora_up.weight") && e.contains("[5, 2]") && e.contains("[9, 2]"), "{e}");
+    assert!(
+        e.contains("lora_unet_blk_attn_to_q.lora_up.weight")
+            && e.contains("[5, 2]")
+            && e.contains("[9, 2]"),
+        "{e}"
+    );
     // Rank mismatch between A and B.
-    let p = write_raw("rank.safetensors", vec![("lora_unet_blk_attn_to_q.lora_down.weight", z(&[2, 6])), ("lora_unet_blk_attn_to_q.lora_up.weight", z(&[5, 3]))])?;
+    let p = write_raw(
+        "rank.safetensors",
+        vec![
+            ("lora_unet_blk_attn_to_q.lora_down.weight", z(&[2, 6])),
+            ("lora_unet_blk_attn_to_q.lora_up.weight", z(&[5, 3])),
+        ],
+    )?;
     let e = apply_lora_file(&m, "unet", &p, &opts).unwrap_err().to_string();
     assert!(e.contains("lora_up.weight") && e.contains("[5, 3]"), "{e}");
     // Unknown module: error by default, skipped on request.
@@ -373,8 +487,16 @@ fn bad_files_give_clear_errors() -> Result<()> {
         ],
     )?;
     let e = apply_lora_file(&m, "unet", &p, &opts).unwrap_err().to_string();
-    assert!(e.contains("lora_unet_blk_attn_to_zz.lora_down.weight") && e.contains("match no layer"), "{e}");
-    let ok = apply_lora_file(&m, "unet", &p, &ApplyOptions { unknown: UnknownKeys::Skip, ..Default::default() })?;
+    assert!(
+        e.contains("lora_unet_blk_attn_to_zz.lora_down.weight") && e.contains("match no layer"),
+        "{e}"
+    );
+    let ok = apply_lora_file(
+        &m,
+        "unet",
+        &p,
+        &ApplyOptions { unknown: UnknownKeys::Skip, ..Default::default() },
+    )?;
     assert_eq!(ok.skipped, vec!["lora_unet_blk_attn_to_zz.lora_down.weight".to_string()]);
     assert_eq!(ok.set.len(), 1);
     ok.set.detach();
@@ -382,11 +504,20 @@ fn bad_files_give_clear_errors() -> Result<()> {
     let e = apply_lora_file(&m, "text_encoder", &p, &opts).unwrap_err().to_string();
     assert!(e.contains("no text_encoder LoRA"), "{e}");
     // Missing up weight.
-    let p = write_raw("noup.safetensors", vec![("lora_unet_blk_attn_to_q.lora_down.weight", z(&[2, 6]))])?;
+    let p = write_raw(
+        "noup.safetensors",
+        vec![("lora_unet_blk_attn_to_q.lora_down.weight", z(&[2, 6]))],
+    )?;
     let e = read_lora_file(&p, &Device::Cpu).unwrap_err().to_string();
     assert!(e.contains("lora_unet_blk_attn_to_q.lora_up.weight"), "{e}");
     // Rank 0.
-    let p = write_raw("rank0.safetensors", vec![("lora_unet_blk_attn_to_q.lora_down.weight", z(&[0, 6])), ("lora_unet_blk_attn_to_q.lora_up.weight", z(&[5, 0]))])?;
+    let p = write_raw(
+        "rank0.safetensors",
+        vec![
+            ("lora_unet_blk_attn_to_q.lora_down.weight", z(&[0, 6])),
+            ("lora_unet_blk_attn_to_q.lora_up.weight", z(&[5, 0])),
+        ],
+    )?;
     let e = read_lora_file(&p, &Device::Cpu).unwrap_err().to_string();
     assert!(e.contains("rank 0"), "{e}");
     // Bad alpha.
@@ -411,15 +542,33 @@ fn bad_files_give_clear_errors() -> Result<()> {
         ],
     )?;
     let e = apply_lora_file(&m, "unet", &p, &opts).unwrap_err().to_string();
-    assert!(e.contains("conv LoRA is not supported") && e.contains("lora_unet_blk_proj_in.lora_down.weight"), "{e}");
-    let ok = apply_lora_file(&m, "unet", &p, &ApplyOptions { unknown: UnknownKeys::Skip, ..Default::default() })?;
+    assert!(
+        e.contains("conv LoRA is not supported")
+            && e.contains("lora_unet_blk_proj_in.lora_down.weight"),
+        "{e}"
+    );
+    let ok = apply_lora_file(
+        &m,
+        "unet",
+        &p,
+        &ApplyOptions { unknown: UnknownKeys::Skip, ..Default::default() },
+    )?;
     assert_eq!(ok.skipped, vec!["lora_unet_blk_proj_in.lora_down.weight".to_string()]);
     assert_eq!(ok.set.names(), vec!["blk.attn.to_q"]);
     ok.set.detach();
     // Other ranks are errors.
-    let p = write_raw("rank3.safetensors", vec![("lora_unet_blk_attn_to_q.lora_down.weight", z(&[2, 6, 1])), ("lora_unet_blk_attn_to_q.lora_up.weight", z(&[5, 2]))])?;
+    let p = write_raw(
+        "rank3.safetensors",
+        vec![
+            ("lora_unet_blk_attn_to_q.lora_down.weight", z(&[2, 6, 1])),
+            ("lora_unet_blk_attn_to_q.lora_up.weight", z(&[5, 2])),
+        ],
+    )?;
     let e = read_lora_file(&p, &Device::Cpu).unwrap_err().to_string();
-    assert!(e.contains("lora_unet_blk_attn_to_q.lora_down.weight") && e.contains("[2, 6, 1]"), "{e}");
+    assert!(
+        e.contains("lora_unet_blk_attn_to_q.lora_down.weight") && e.contains("[2, 6, 1]"),
+        "{e}"
+    );
     // Not a LoRA file.
     let p = write_raw("model.safetensors", vec![("blk.attn.to_q.weight", z(&[5, 6]))])?;
     let e = read_lora_file(&p, &Device::Cpu).unwrap_err().to_string();
@@ -457,12 +606,28 @@ fn bad_files_give_clear_errors() -> Result<()> {
 fn kohya_names_resolve_through_the_model_and_ambiguity_is_an_error() -> Result<()> {
     let z = |o: usize, i: usize| Tensor::zeros((o, i), DType::F32, &Device::Cpu).unwrap();
     // `a.b_c` and `a_b.c` both become `a_b_c`.
-    let m = vec![Linear::from_weights("a.b_c", z(3, 3), None), Linear::from_weights("a_b.c", z(3, 3), None), Linear::from_weights("d.e_f.g", z(3, 3), None)];
-    let p = write_raw("amb.safetensors", vec![("lora_unet_d_e_f_g.lora_down.weight", z(1, 3)), ("lora_unet_d_e_f_g.lora_up.weight", z(3, 1))])?;
+    let m = vec![
+        Linear::from_weights("a.b_c", z(3, 3), None),
+        Linear::from_weights("a_b.c", z(3, 3), None),
+        Linear::from_weights("d.e_f.g", z(3, 3), None),
+    ];
+    let p = write_raw(
+        "amb.safetensors",
+        vec![
+            ("lora_unet_d_e_f_g.lora_down.weight", z(1, 3)),
+            ("lora_unet_d_e_f_g.lora_up.weight", z(3, 1)),
+        ],
+    )?;
     let ok = apply_lora_file(&m, "unet", &p, &ApplyOptions::default())?;
     assert_eq!(ok.set.names(), vec!["d.e_f.g"]);
     ok.set.detach();
-    let p = write_raw("amb2.safetensors", vec![("lora_unet_a_b_c.lora_down.weight", z(1, 3)), ("lora_unet_a_b_c.lora_up.weight", z(3, 1))])?;
+    let p = write_raw(
+        "amb2.safetensors",
+        vec![
+            ("lora_unet_a_b_c.lora_down.weight", z(1, 3)),
+            ("lora_unet_a_b_c.lora_up.weight", z(3, 1)),
+        ],
+    )?;
     let e = apply_lora_file(&m, "unet", &p, &ApplyOptions::default()).unwrap_err().to_string();
     assert!(e.contains("ambiguous") && e.contains("a.b_c") && e.contains("a_b.c"), "{e}");
     Ok(())
@@ -476,7 +641,9 @@ fn save_is_atomic_and_rejects_empty_sets() -> Result<()> {
     std::fs::create_dir_all(&dir)?;
     let path = dir.join("out.safetensors");
     save_lora(&[&set], &path, &LoraSaveOptions::default())?;
-    let names: Vec<String> = std::fs::read_dir(&dir)?.map(|e| e.unwrap().file_name().to_string_lossy().to_string()).collect();
+    let names: Vec<String> = std::fs::read_dir(&dir)?
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .collect();
     assert_eq!(names, vec!["out.safetensors"], "no temporary file left behind");
     let e = save_lora(&[&set, &set], &path, &LoraSaveOptions::default()).unwrap_err().to_string();
     assert!(e.contains("twice"), "{e}");
@@ -509,7 +676,8 @@ fn diffusers_legacy_key_styles_resolve() -> Result<()> {
     // alpha defaults to r: the delta is exactly B A x.
     let x = SeededRng::new(83).randn((2, 4), DType::F32, &Device::Cpu)?;
     let e = ok.set.entries().iter().find(|e| e.linear.name() == "blk.ff").unwrap();
-    let want = x.matmul(&e.adapter.a().as_tensor().t()?)?.matmul(&e.adapter.b().as_tensor().t()?)?;
+    let want =
+        x.matmul(&e.adapter.a().as_tensor().t()?)?.matmul(&e.adapter.b().as_tensor().t()?)?;
     assert!(max_abs(&e.adapter.forward(&x)?, &want)? < 1e-6);
     Ok(())
 }
@@ -531,11 +699,17 @@ fn lora_cli_arguments_and_multi_part_apply() -> Result<()> {
     save_lora(&[&su, &st], &path, &LoraSaveOptions::default())?;
     su.detach();
     st.detach();
-    let applied = apply_lora_file_to_parts(&path, &[("unet", unet.clone()), ("text_encoder", te.clone())], &ApplyOptions { scale: 0.5, ..Default::default() })?;
+    let applied = apply_lora_file_to_parts(
+        &path,
+        &[("unet", unet.clone()), ("text_encoder", te.clone())],
+        &ApplyOptions { scale: 0.5, ..Default::default() },
+    )?;
     assert_eq!(applied.len(), 2);
     assert!(applied.iter().all(|a| a.set.entries().iter().all(|e| e.adapter.multiplier() == 0.5)));
     applied.iter().for_each(|a| a.set.detach());
-    let e = apply_lora_file_to_parts(&path, &[("unet", unet)], &ApplyOptions::default()).unwrap_err().to_string();
+    let e = apply_lora_file_to_parts(&path, &[("unet", unet)], &ApplyOptions::default())
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("text_encoder"), "{e}");
     Ok(())
 }

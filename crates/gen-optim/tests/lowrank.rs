@@ -15,9 +15,7 @@ const KINDS: [ProjectionKind; 4] = [
 ];
 
 fn randn(rng: &mut SeededRng, shape: (usize, usize)) -> Result<Tensor> {
-    Ok(rng
-        .randn(shape, DType::F32, &Device::Cpu)?
-        .to_dtype(DType::F64)?)
+    Ok(rng.randn(shape, DType::F32, &Device::Cpu)?.to_dtype(DType::F64)?)
 }
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f64> {
@@ -32,16 +30,11 @@ fn frob(a: &Tensor) -> Result<f64> {
 fn dct_basis_is_orthonormal() -> Result<()> {
     for d in [1, 2, 5, 16, 33] {
         let q = dct2_basis(d, DType::F64, &Device::Cpu)?;
-        let err = max_abs_diff(
-            &q.t()?.matmul(&q)?,
-            &Tensor::eye(d, DType::F64, &Device::Cpu)?,
-        )?;
+        let err = max_abs_diff(&q.t()?.matmul(&q)?, &Tensor::eye(d, DType::F64, &Device::Cpu)?)?;
         assert!(err < 1e-12, "d={d}: |QᵀQ - I| = {err}");
         // Column 0 is the constant vector 1/sqrt(d).
         let c0 = q.narrow(1, 0, 1)?.flatten_all()?.to_vec1::<f64>()?;
-        assert!(c0
-            .iter()
-            .all(|v| (v - 1.0 / (d as f64).sqrt()).abs() < 1e-12));
+        assert!(c0.iter().all(|v| (v - 1.0 / (d as f64).sqrt()).abs() < 1e-12));
     }
     Ok(())
 }
@@ -59,39 +52,25 @@ fn projectors_are_orthonormal_and_round_trip() -> Result<()> {
             assert_eq!(p.side, if m >= n { Side::Right } else { Side::Left });
             let q = p.dense(DType::F64)?;
             assert_eq!(q.dims(), &[d, 3]);
-            let err = max_abs_diff(
-                &q.t()?.matmul(&q)?,
-                &Tensor::eye(3, DType::F64, &Device::Cpu)?,
-            )?;
+            let err =
+                max_abs_diff(&q.t()?.matmul(&q)?, &Tensor::eye(3, DType::F64, &Device::Cpu)?)?;
             assert!(err < 1e-10, "{kind:?} {m}×{n}: |QᵀQ - I| = {err}");
             let r = p.project(&g)?;
             let back = p.project_back(&r, m, n)?;
             assert_eq!(back.dims(), &[m, n]);
             let again = p.project(&back)?;
-            assert!(
-                max_abs_diff(&again, &r)? < 1e-10,
-                "{kind:?}: P(Pᵀ(P g)) != P g"
-            );
+            assert!(max_abs_diff(&again, &r)? < 1e-10, "{kind:?}: P(Pᵀ(P g)) != P g");
             // A rank-3 projection loses energy on a random matrix.
             assert!(frob(&back)? < frob(&g)? * 0.99);
             // Full rank: the round trip is the identity.
             let p = make_projector(kind, &g, d, &mut rng, &mut dct)?;
             let back = p.project_back(&p.project(&g)?, m, n)?;
             let err = max_abs_diff(&back, &g)?;
-            assert!(
-                err < 1e-10,
-                "{kind:?} {m}×{n} full rank round trip error {err}"
-            );
+            assert!(err < 1e-10, "{kind:?} {m}×{n} full rank round trip error {err}");
         }
     }
-    assert!(make_projector(
-        ProjectionKind::Svd,
-        &randn(&mut rng, (4, 3))?,
-        4,
-        &mut rng,
-        &mut dct
-    )
-    .is_err());
+    assert!(make_projector(ProjectionKind::Svd, &randn(&mut rng, (4, 3))?, 4, &mut rng, &mut dct)
+        .is_err());
     Ok(())
 }
 
@@ -106,10 +85,7 @@ fn svd_projector_recovers_a_low_rank_matrix() -> Result<()> {
     assert!(err < 1e-10, "rank-2 reconstruction error {err}");
     let p1 = make_projector(ProjectionKind::Svd, &g, 1, &mut rng, &mut dct)?;
     let err1 = max_abs_diff(&p1.project_back(&p1.project(&g)?, 10, 8)?, &g)?;
-    assert!(
-        err1 > 1e-3,
-        "a rank-1 projection cannot reconstruct a rank-2 matrix ({err1})"
-    );
+    assert!(err1 > 1e-3, "a rank-1 projection cannot reconstruct a rank-2 matrix ({err1})");
     // A random basis of the same rank keeps much less of it.
     let pr = make_projector(ProjectionKind::RandomOrthogonal, &g, 2, &mut rng, &mut dct)?;
     assert!(frob(&pr.project(&g)?)? < 0.9 * frob(&g)?);
@@ -136,13 +112,8 @@ fn dct_selects_the_columns_the_gradient_lives_in() -> Result<()> {
     let err = max_abs_diff(&p.project_back(&p.project(&g)?, 20, n)?, &g)?;
     assert!(err < 1e-10, "{err}");
     // The basis is built once per size.
-    let _ = make_projector(
-        ProjectionKind::Dct,
-        &randn(&mut rng, (30, 16))?,
-        3,
-        &mut rng,
-        &mut dct,
-    )?;
+    let _ =
+        make_projector(ProjectionKind::Dct, &randn(&mut rng, (30, 16))?, 3, &mut rng, &mut dct)?;
     assert_eq!(dct.bytes(), 16 * 16 * 8);
     Ok(())
 }
@@ -153,8 +124,7 @@ fn grads(vars: &[&Var], seed: u64, step: u64) -> Result<GradStore> {
     for v in vars {
         g.insert(
             v.as_tensor(),
-            rng.randn(v.shape(), DType::F32, &Device::Cpu)?
-                .to_dtype(v.dtype())?,
+            rng.randn(v.shape(), DType::F32, &Device::Cpu)?.to_dtype(v.dtype())?,
         );
     }
     Ok(g)
@@ -162,9 +132,7 @@ fn grads(vars: &[&Var], seed: u64, step: u64) -> Result<GradStore> {
 
 fn init(seed: u64, shape: &[usize]) -> Result<Var> {
     Ok(Var::from_tensor(
-        &SeededRng::new(seed)
-            .randn(shape, DType::F32, &Device::Cpu)?
-            .to_dtype(DType::F64)?,
+        &SeededRng::new(seed).randn(shape, DType::F32, &Device::Cpu)?.to_dtype(DType::F64)?,
     )?)
 }
 
@@ -181,11 +149,7 @@ fn full_rank_coordinate_galore_is_adam_up_to_the_scale() -> Result<()> {
         AdamW,
         vec![ParamGroup::new(
             vec![NamedVar::new("w", wa.clone())],
-            AdamWConfig {
-                lr: lr * scale,
-                weight_decay: 0.0,
-                ..Default::default()
-            },
+            AdamWConfig { lr: lr * scale, weight_decay: 0.0, ..Default::default() },
         )],
     )?;
     let cfg = GaLoreConfig {
@@ -236,10 +200,8 @@ fn galore_with_svd_reduces_a_least_squares_loss_and_resumes_exactly() -> Result<
     let w = Var::from_tensor(&Tensor::zeros((16, 12), DType::F64, &Device::Cpu)?)?;
     let mut opt = make(&w)?;
     let l0 = loss(&w)?.to_scalar::<f64>()?;
-    let path = std::env::temp_dir().join(format!(
-        "gen-optim-galore-{}.safetensors",
-        std::process::id()
-    ));
+    let path =
+        std::env::temp_dir().join(format!("gen-optim-galore-{}.safetensors", std::process::id()));
     let mut saved_w = None;
     for s in 0..15 {
         if s == 4 {
@@ -275,11 +237,7 @@ fn frugal_full_density_is_adam_and_residual_gets_sign_steps() -> Result<()> {
         AdamW,
         vec![ParamGroup::new(
             vec![NamedVar::new("w", wa.clone())],
-            AdamWConfig {
-                lr,
-                weight_decay: 0.0,
-                ..Default::default()
-            },
+            AdamWConfig { lr, weight_decay: 0.0, ..Default::default() },
         )],
     )?;
     let cfg = FrugalConfig {
@@ -318,12 +276,7 @@ fn frugal_full_density_is_adam_and_residual_gets_sign_steps() -> Result<()> {
     let g = grads(&[&w], 5, 0)?;
     let gt = g.get(w.as_tensor()).unwrap().clone();
     opt.step(&g)?;
-    let idx = opt
-        .param_state("w")
-        .unwrap()
-        .get("proj_idx")
-        .unwrap()
-        .to_vec1::<u32>()?;
+    let idx = opt.param_state("w").unwrap().get("proj_idx").unwrap().to_vec1::<u32>()?;
     assert_eq!(idx.len(), 2);
     let delta = (w.as_tensor() - &before)?;
     for row in 0..5u32 {
@@ -348,10 +301,7 @@ fn frugal_full_density_is_adam_and_residual_gets_sign_steps() -> Result<()> {
     let m = st.get("exp_avg").unwrap();
     // Reset moments: exp_avg = (1 - β1) * R of this step only.
     let want = g3t.index_select(idx3, 0)?.affine(0.1, 0.0)?;
-    assert!(
-        max_abs_diff(m, &want)? < 1e-12,
-        "moments were not reset on re-projection"
-    );
+    assert!(max_abs_diff(m, &want)? < 1e-12, "moments were not reset on re-projection");
     Ok(())
 }
 
@@ -373,17 +323,12 @@ fn galore_keeps_moments_across_reprojection() -> Result<()> {
     let r1 = {
         opt.step(&g1)?;
         let st = opt.param_state("w").unwrap();
-        g1.get(w.as_tensor())
-            .unwrap()
-            .index_select(st.get("proj_idx").unwrap(), 1)?
+        g1.get(w.as_tensor()).unwrap().index_select(st.get("proj_idx").unwrap(), 1)?
     };
     let g2 = grads(&[&w], 9, 1)?;
     opt.step(&g2)?;
     let st = opt.param_state("w").unwrap();
-    let r2 = g2
-        .get(w.as_tensor())
-        .unwrap()
-        .index_select(st.get("proj_idx").unwrap(), 1)?;
+    let r2 = g2.get(w.as_tensor()).unwrap().index_select(st.get("proj_idx").unwrap(), 1)?;
     // m2 = β1 (1-β1) R1 + (1-β1) R2, whatever the new projector.
     let want = (r1.affine(0.9 * 0.1, 0.0)? + r2.affine(0.1, 0.0)?)?;
     assert!(max_abs_diff(st.get("exp_avg").unwrap(), &want)? < 1e-12);
@@ -403,36 +348,23 @@ fn low_rank_state_bytes_against_adamw() -> Result<()> {
     let params =
         |w: &Var, b: &Var| vec![NamedVar::new("w", w.clone()), NamedVar::new("b", b.clone())];
     let (w, b) = make()?;
-    let mut adam = Optim::new(
-        AdamW,
-        vec![ParamGroup::new(params(&w, &b), AdamWConfig::default())],
-    )?;
+    let mut adam =
+        Optim::new(AdamW, vec![ParamGroup::new(params(&w, &b), AdamWConfig::default())])?;
     adam.step(&grads(&[&w, &b], 1, 0)?)?;
     let adam_bytes = adam.total_state_bytes();
     assert_eq!(adam_bytes, 2 * 4 * (64 * 32 + 32));
     let r = 8;
     for kind in KINDS {
         let (w, b) = make()?;
-        let cfg = GaLoreConfig {
-            rank: r,
-            kind,
-            ..Default::default()
-        };
-        let mut g = Optim::new(
-            GaLore::default(),
-            vec![ParamGroup::new(params(&w, &b), cfg)],
-        )?;
+        let cfg = GaLoreConfig { rank: r, kind, ..Default::default() };
+        let mut g = Optim::new(GaLore::default(), vec![ParamGroup::new(params(&w, &b), cfg)])?;
         g.step(&grads(&[&w, &b], 1, 0)?)?;
         // Moments of R (64×r), the projector (32×r dense or r u32 indices), full Adam on the bias.
         let proj = match kind {
             ProjectionKind::Svd | ProjectionKind::RandomOrthogonal => 4 * 32 * r,
             _ => 4 * r,
         };
-        let shared = if kind == ProjectionKind::Dct {
-            4 * 32 * 32
-        } else {
-            0
-        };
+        let shared = if kind == ProjectionKind::Dct { 4 * 32 * 32 } else { 0 };
         let want = 2 * 4 * 64 * r + proj + 2 * 4 * 32 + shared;
         assert_eq!(g.total_state_bytes(), want, "{kind:?}");
         println!(
@@ -445,31 +377,17 @@ fn low_rank_state_bytes_against_adamw() -> Result<()> {
         assert!(want - shared < adam_bytes / 3 && want < adam_bytes);
     }
     let (w, b) = make()?;
-    let cfg = FrugalConfig {
-        density: 0.25,
-        kind: ProjectionKind::Dct,
-        ..Default::default()
-    };
-    let mut f = Optim::new(
-        Frugal::default(),
-        vec![ParamGroup::new(params(&w, &b), cfg)],
-    )?;
+    let cfg = FrugalConfig { density: 0.25, kind: ProjectionKind::Dct, ..Default::default() };
+    let mut f = Optim::new(Frugal::default(), vec![ParamGroup::new(params(&w, &b), cfg)])?;
     f.step(&grads(&[&w, &b], 1, 0)?)?;
-    assert_eq!(
-        f.total_state_bytes(),
-        2 * 4 * 64 * 8 + 4 * 8 + 2 * 4 * 32 + 4 * 32 * 32
-    );
+    assert_eq!(f.total_state_bytes(), 2 * 4 * 64 * 8 + 4 * 8 + 2 * 4 * 32 + 4 * 32 * 32);
     Ok(())
 }
 
 #[test]
 fn conv_weights_are_viewed_as_matrices() -> Result<()> {
     let w = Var::from_tensor(&SeededRng::new(2).randn((8, 3, 3, 3), DType::F32, &Device::Cpu)?)?;
-    let cfg = GaLoreConfig {
-        rank: 4,
-        kind: ProjectionKind::Svd,
-        ..Default::default()
-    };
+    let cfg = GaLoreConfig { rank: 4, kind: ProjectionKind::Svd, ..Default::default() };
     let mut opt = Optim::new(
         GaLore::default(),
         vec![ParamGroup::new(vec![NamedVar::new("conv", w.clone())], cfg)],

@@ -8,10 +8,8 @@ use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var};
 use gen_optim::*;
 
-const FIXTURE: &str = concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/tests/fixtures/optim_parity.safetensors"
-);
+const FIXTURE: &str =
+    concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/optim_parity.safetensors");
 
 struct Case {
     t: HashMap<String, Tensor>,
@@ -27,17 +25,13 @@ impl Case {
             .filter_map(|(k, v)| k.strip_prefix(&prefix).map(|k| (k.to_string(), v)))
             .collect();
         anyhow::ensure!(!t.is_empty(), "no fixture tensors for case {name}");
-        Ok(Self {
-            t,
-            name: name.to_string(),
-        })
+        Ok(Self { t, name: name.to_string() })
     }
     fn get(&self, key: &str) -> Option<&Tensor> {
         self.t.get(key)
     }
     fn req(&self, key: &str) -> Result<&Tensor> {
-        self.get(key)
-            .ok_or_else(|| anyhow!("{}: missing fixture tensor {key}", self.name))
+        self.get(key).ok_or_else(|| anyhow!("{}: missing fixture tensor {key}", self.name))
     }
     fn f(&self, key: &str) -> Result<f64> {
         Ok(self.req(key)?.to_dtype(DType::F64)?.to_scalar::<f64>()?)
@@ -53,18 +47,14 @@ impl Case {
             .t
             .keys()
             .filter_map(|k| {
-                k.strip_prefix("param/")
-                    .and_then(|k| k.strip_suffix("/init"))
-                    .map(str::to_string)
+                k.strip_prefix("param/").and_then(|k| k.strip_suffix("/init")).map(str::to_string)
             })
             .collect();
         v.sort();
         v
     }
     fn n_groups(&self) -> usize {
-        (0..)
-            .take_while(|g| self.get(&format!("group{g}/lr")).is_some())
-            .count()
+        (0..).take_while(|g| self.get(&format!("group{g}/lr")).is_some()).count()
     }
     /// Parameter groups (as `Var`s initialised from the fixture) with configs made by `cfg`.
     fn groups<C: Clone>(&self, cfg: impl Fn(usize) -> Result<C>) -> Result<Vec<ParamGroup<C>>> {
@@ -99,10 +89,7 @@ fn max_rel_err(a: &Tensor, b: &Tensor) -> Result<f64> {
     let b = b.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
     anyhow::ensure!(a.len() == b.len(), "length {} vs {}", a.len(), b.len());
     let scale = b.iter().fold(0.0f64, |m, y| m.max(y.abs()));
-    let diff = a
-        .iter()
-        .zip(&b)
-        .fold(0.0f64, |m, (x, y)| m.max((x - y).abs()));
+    let diff = a.iter().zip(&b).fold(0.0f64, |m, (x, y)| m.max((x - y).abs()));
     Ok(diff / scale.max(1e-30))
 }
 
@@ -137,10 +124,7 @@ fn replay<O: Optimizer>(case: &Case, opt: &mut O, vars: &[NamedVar], tol: f64) -
 }
 
 fn all_vars<C>(groups: &[ParamGroup<C>]) -> Vec<NamedVar> {
-    groups
-        .iter()
-        .flat_map(|g| g.params.iter().cloned())
-        .collect()
+    groups.iter().flat_map(|g| g.params.iter().cloned()).collect()
 }
 
 fn tol_for(case: &Case) -> Result<f64> {
@@ -347,10 +331,7 @@ fn dct_projector_matches_ista_daslab() -> Result<()> {
             &dct2_basis(d, DType::F64, &Device::Cpu)?,
             case.req(&format!("basis{d}"))?,
         )?;
-        anyhow::ensure!(
-            basis_err < 1e-5,
-            "DCT basis {d}: relative error {basis_err:e}"
-        );
+        anyhow::ensure!(basis_err < 1e-5, "DCT basis {d}: relative error {basis_err:e}");
         let p = make_projector(ProjectionKind::Dct, g, 4, &mut rng, &mut dct)?;
         let Basis::DctColumns { indices, .. } = &p.basis else {
             anyhow::bail!("DCT projector without indices")
@@ -360,25 +341,12 @@ fn dct_projector_matches_ista_daslab() -> Result<()> {
         order.sort_by_key(|&k| ours[k]);
         let sorted: Vec<i64> = order.iter().map(|&k| ours[k] as i64).collect();
         let want: Vec<i64> = case.req(&format!("idx{i}"))?.to_vec1()?;
-        anyhow::ensure!(
-            sorted == want,
-            "g{i} ({m}×{n}): selected {sorted:?}, reference {want:?}"
-        );
+        anyhow::ensure!(sorted == want, "g{i} ({m}×{n}): selected {sorted:?}, reference {want:?}");
         let r = p.project(g)?;
-        let perm = Tensor::new(
-            order.iter().map(|&k| k as u32).collect::<Vec<_>>(),
-            &Device::Cpu,
-        )?;
-        let r = if m >= n {
-            r.index_select(&perm, 1)?
-        } else {
-            r.index_select(&perm, 0)?
-        };
+        let perm = Tensor::new(order.iter().map(|&k| k as u32).collect::<Vec<_>>(), &Device::Cpu)?;
+        let r = if m >= n { r.index_select(&perm, 1)? } else { r.index_select(&perm, 0)? };
         let err = max_rel_err(&r, case.req(&format!("r{i}"))?)?;
-        anyhow::ensure!(
-            err < 1e-5,
-            "g{i}: projected gradient relative error {err:e}"
-        );
+        anyhow::ensure!(err < 1e-5, "g{i}: projected gradient relative error {err:e}");
         println!(
             "dct g{i} {m}×{n}: indices {sorted:?}, basis err {basis_err:e}, projection err {err:e}"
         );

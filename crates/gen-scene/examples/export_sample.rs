@@ -26,11 +26,7 @@ fn ball(n: usize, sh_degree: usize, rng: &mut SeededRng) -> Result<Splats> {
     let k = (sh_degree + 1) * (sh_degree + 1);
     let (mut means, mut sh) = (Vec::new(), Vec::new());
     while means.len() < 3 * n {
-        let p = [
-            rng.uniform() - 0.5,
-            rng.uniform() - 0.5,
-            rng.uniform() - 0.5,
-        ];
+        let p = [rng.uniform() - 0.5, rng.uniform() - 0.5, rng.uniform() - 0.5];
         if p.iter().map(|v| v * v).sum::<f32>() > 0.25 {
             continue;
         }
@@ -46,9 +42,7 @@ fn ball(n: usize, sh_degree: usize, rng: &mut SeededRng) -> Result<Splats> {
         }
     }
     let dev = Device::Cpu;
-    let log_scales: Vec<f32> = (0..3 * n)
-        .map(|_| (0.04 + 0.02 * rng.uniform()).ln())
-        .collect();
+    let log_scales: Vec<f32> = (0..3 * n).map(|_| (0.04 + 0.02 * rng.uniform()).ln()).collect();
     let quats: Vec<f32> = (0..4 * n).map(|_| rng.normal()).collect();
     let logits: Vec<f32> = (0..n).map(|_| 1.5 + rng.uniform()).collect();
     Ok(Splats {
@@ -64,9 +58,7 @@ fn main() -> Result<()> {
     let mut args = std::env::args().skip(1);
     if std::env::args().nth(1).as_deref() == Some("--import") {
         // Reads a .ply with the library's importer and prints its values as JSON.
-        let path = std::env::args()
-            .nth(2)
-            .context("usage: export_sample --import FILE.ply")?;
+        let path = std::env::args().nth(2).context("usage: export_sample --import FILE.ply")?;
         let a = SplatArrays::from_splats(&read_ply(&path, &Device::Cpu)?)?;
         let json = serde_json::json!({
             "means": a.means, "log_scales": a.log_scales, "quats": a.quats,
@@ -75,10 +67,8 @@ fn main() -> Result<()> {
         println!("{json}");
         return Ok(());
     }
-    let out = std::path::PathBuf::from(
-        args.next()
-            .context("usage: export_sample OUT_DIR [GRID_RES]")?,
-    );
+    let out =
+        std::path::PathBuf::from(args.next().context("usage: export_sample OUT_DIR [GRID_RES]")?);
     let res: usize = args.next().map(|s| s.parse()).transpose()?.unwrap_or(96);
     std::fs::create_dir_all(&out)?;
     let mut rng = SeededRng::new(2024);
@@ -92,20 +82,12 @@ fn main() -> Result<()> {
 
     let t = Instant::now();
     let field = SplatDensity::new(&s0, SplatDensityConfig::default())?;
-    let (lo, hi) = field
-        .bounds()
-        .context("no Gaussian is opaque enough to mesh")?;
+    let (lo, hi) = field.bounds().context("no Gaussian is opaque enough to mesh")?;
     let grid = Grid::around(lo, hi, res, 0.02)?;
     let values = gen_scene::mesh::DensityField::sample_grid(&field, &grid)?;
     let t_density = t.elapsed();
     let t = Instant::now();
-    let mesh = extract_mesh(
-        &field,
-        &MeshConfig {
-            grid,
-            threshold: 1.0,
-        },
-    )?;
+    let mesh = extract_mesh(&field, &MeshConfig { grid, threshold: 1.0 })?;
     let t_mesh = t.elapsed();
     write_mesh(&mesh, out.join("mesh.glb"))?;
     write_mesh(&mesh, out.join("mesh.obj"))?;
@@ -122,23 +104,9 @@ fn main() -> Result<()> {
     );
 
     let t = Instant::now();
-    let cfg = TurntableConfig {
-        frames: 12,
-        width: 96,
-        height: 96,
-        ..Default::default()
-    };
-    write_turntable(
-        &s0,
-        &cfg,
-        out.join("turntable.gif"),
-        out.join("turntable.png"),
-    )?;
-    println!(
-        "turntable: {} frames of 96x96 in {:.3} s",
-        cfg.frames,
-        t.elapsed().as_secs_f64()
-    );
+    let cfg = TurntableConfig { frames: 12, width: 96, height: 96, ..Default::default() };
+    write_turntable(&s0, &cfg, out.join("turntable.gif"), out.join("turntable.png"))?;
+    println!("turntable: {} frames of 96x96 in {:.3} s", cfg.frames, t.elapsed().as_secs_f64());
     println!("wrote {}", out.display());
     Ok(())
 }

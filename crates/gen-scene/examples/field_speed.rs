@@ -27,17 +27,13 @@ fn main() -> Result<()> {
     let arg = |name: &str| -> Result<Option<usize>> {
         match args.iter().position(|a| a == name) {
             Some(i) => Ok(Some(
-                args.get(i + 1)
-                    .ok_or_else(|| anyhow::anyhow!("{name} needs a number"))?
-                    .parse()?,
+                args.get(i + 1).ok_or_else(|| anyhow::anyhow!("{name} needs a number"))?.parse()?,
             )),
             None => Ok(None),
         }
     };
     if let Some(n) = arg("--threads")? {
-        rayon::ThreadPoolBuilder::new()
-            .num_threads(n)
-            .build_global()?;
+        rayon::ThreadPoolBuilder::new().num_threads(n).build_global()?;
     }
     let reps = arg("--reps")?.unwrap_or(5);
     println!("threads: {}", rayon::current_num_threads());
@@ -86,18 +82,14 @@ fn main() -> Result<()> {
         let _ = encode(pts.as_tensor(), table.as_tensor(), &g)?;
         fwd.push(t.elapsed().as_secs_f64() * 1e3);
         let t = Instant::now();
-        let _ = encode(pts.as_tensor(), table.as_tensor(), &g)?
-            .sum_all()?
-            .backward()?;
+        let _ = encode(pts.as_tensor(), table.as_tensor(), &g)?.sum_all()?.backward()?;
         both.push(t.elapsed().as_secs_f64() * 1e3);
     }
     // The render case: constant points, gradient to the table only.
     let mut table_only = Vec::new();
     for _ in 0..reps {
         let t = Instant::now();
-        let _ = encode(&pts.as_tensor().detach(), table.as_tensor(), &g)?
-            .sum_all()?
-            .backward()?;
+        let _ = encode(&pts.as_tensor().detach(), table.as_tensor(), &g)?.sum_all()?.backward()?;
         table_only.push(t.elapsed().as_secs_f64() * 1e3);
     }
     let (t0, t1) = stats(table_only);

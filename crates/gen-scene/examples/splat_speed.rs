@@ -20,13 +20,9 @@ fn stats(mut v: Vec<f64>) -> (f64, f64) {
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().collect();
     if let Some(i) = args.iter().position(|a| a == "--threads") {
-        let n: usize = args
-            .get(i + 1)
-            .ok_or_else(|| anyhow::anyhow!("--threads needs a number"))?
-            .parse()?;
-        rayon::ThreadPoolBuilder::new()
-            .num_threads(n)
-            .build_global()?;
+        let n: usize =
+            args.get(i + 1).ok_or_else(|| anyhow::anyhow!("--threads needs a number"))?.parse()?;
+        rayon::ThreadPoolBuilder::new().num_threads(n).build_global()?;
     }
     println!("threads: {}", rayon::current_num_threads());
     println!(
@@ -36,9 +32,7 @@ fn main() -> Result<()> {
     let arg = |name: &str| -> Result<Option<usize>> {
         match args.iter().position(|a| a == name) {
             Some(i) => Ok(Some(
-                args.get(i + 1)
-                    .ok_or_else(|| anyhow::anyhow!("{name} needs a number"))?
-                    .parse()?,
+                args.get(i + 1).ok_or_else(|| anyhow::anyhow!("{name} needs a number"))?.parse()?,
             )),
             None => Ok(None),
         }
@@ -64,9 +58,7 @@ fn main() -> Result<()> {
                 DVec3::ZERO,
                 DVec3::new(0.0, -1.0, 0.0),
             )?;
-            let rc = RenderConfig {
-                background: [1.0; 3],
-            };
+            let rc = RenderConfig { background: [1.0; 3] };
             let vars = [
                 Var::from_tensor(&s.means)?,
                 Var::from_tensor(&s.log_scales)?,
@@ -89,12 +81,8 @@ fn main() -> Result<()> {
                 let out = render(&s, &cam, &rc)?;
                 let _ = out.rgb.sum_all()?.to_scalar::<f32>()?;
                 tf.push(t0.elapsed().as_secs_f64() * 1e3);
-                visible = out
-                    .radii()?
-                    .gt(0.0)?
-                    .to_dtype(DType::F32)?
-                    .sum_all()?
-                    .to_scalar::<f32>()?;
+                visible =
+                    out.radii()?.gt(0.0)?.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()?;
                 let t0 = Instant::now();
                 let out = render(&sp, &cam, &rc)?;
                 let loss =
@@ -102,14 +90,9 @@ fn main() -> Result<()> {
                 let tb0 = Instant::now();
                 let g = loss.backward()?;
                 if std::env::var("SPLAT_SPEED_VERBOSE").is_ok() {
-                    eprintln!(
-                        "  backward alone {:.2} ms",
-                        tb0.elapsed().as_secs_f64() * 1e3
-                    );
+                    eprintln!("  backward alone {:.2} ms", tb0.elapsed().as_secs_f64() * 1e3);
                 }
-                let _ = g
-                    .get(&vars[0])
-                    .map(|t| t.sum_all().and_then(|s| s.to_scalar::<f32>()));
+                let _ = g.get(&vars[0]).map(|t| t.sum_all().and_then(|s| s.to_scalar::<f32>()));
                 tb.push(t0.elapsed().as_secs_f64() * 1e3);
             }
             let ((f0, f1), (b0, b1)) = (stats(tf), stats(tb));

@@ -27,20 +27,11 @@ impl Intrinsics {
     /// principal point.
     pub fn from_fov_y(fov_y: f64, width: usize, height: usize) -> Result<Self> {
         if !(fov_y > 0.0 && fov_y < std::f64::consts::PI) {
-            return Err(Error::invalid(
-                "camera fov_y",
-                format!("{fov_y} rad is not in (0, pi)"),
-            ));
+            return Err(Error::invalid("camera fov_y", format!("{fov_y} rad is not in (0, pi)")));
         }
         let f = 0.5 * height as f64 / (0.5 * fov_y).tan();
-        let k = Self {
-            fx: f,
-            fy: f,
-            cx: 0.5 * width as f64,
-            cy: 0.5 * height as f64,
-            width,
-            height,
-        };
+        let k =
+            Self { fx: f, fy: f, cx: 0.5 * width as f64, cy: 0.5 * height as f64, width, height };
         k.validate()?;
         Ok(k)
     }
@@ -50,10 +41,7 @@ impl Intrinsics {
         if !(self.fx > 0.0 && self.fy > 0.0 && self.fx.is_finite() && self.fy.is_finite()) {
             return Err(Error::invalid(
                 "camera intrinsics",
-                format!(
-                    "focal lengths fx={} fy={} must be positive and finite",
-                    self.fx, self.fy
-                ),
+                format!("focal lengths fx={} fy={} must be positive and finite", self.fx, self.fy),
             ));
         }
         if !(self.cx.is_finite() && self.cy.is_finite()) {
@@ -108,11 +96,7 @@ impl Camera {
                 format!("{translation} is not finite"),
             ));
         }
-        Ok(Self {
-            intrinsics,
-            rotation,
-            translation,
-        })
+        Ok(Self { intrinsics, rotation, translation })
     }
 
     /// A camera at `eye` looking at `target`, with `up` the world direction that appears up in
@@ -196,11 +180,8 @@ mod tests {
         assert!(Camera::look_at(k, DVec3::ZERO, DVec3::Y, DVec3::Y).is_err());
         assert!(Intrinsics::from_fov_y(0.0, 8, 8).is_err());
         assert!(Intrinsics::from_fov_y(1.0, 0, 8).is_err());
-        assert!(Camera::new(
-            k,
-            DMat3::from_diagonal(DVec3::new(1.0, 1.0, 2.0)),
-            DVec3::ZERO
-        )
-        .is_err());
+        assert!(
+            Camera::new(k, DMat3::from_diagonal(DVec3::new(1.0, 1.0, 2.0)), DVec3::ZERO).is_err()
+        );
     }
 }

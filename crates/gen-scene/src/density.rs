@@ -108,10 +108,7 @@ impl DensityConfig {
             return bad("percent_dense", format!("{}", self.percent_dense));
         }
         if !(0.0..1.0).contains(&self.min_opacity) {
-            return bad(
-                "min_opacity",
-                format!("{} (must be in [0, 1))", self.min_opacity),
-            );
+            return bad("min_opacity", format!("{} (must be in [0, 1))", self.min_opacity));
         }
         if self.split_count < 1 {
             return bad("split_count", "0 (must be >= 1)".into());
@@ -120,10 +117,7 @@ impl DensityConfig {
             return bad("split_scale_div", format!("{}", self.split_scale_div));
         }
         if !(self.reset_opacity > 0.0 && self.reset_opacity < 1.0) {
-            return bad(
-                "reset_opacity",
-                format!("{} (must be in (0, 1))", self.reset_opacity),
-            );
+            return bad("reset_opacity", format!("{} (must be in (0, 1))", self.reset_opacity));
         }
         Ok(())
     }
@@ -159,11 +153,7 @@ pub struct DensityStats {
 
 impl DensityStats {
     pub fn new(n: usize) -> Self {
-        Self {
-            grad_accum: vec![0.0; n],
-            visible: vec![0; n],
-            max_radius: vec![0.0; n],
-        }
+        Self { grad_accum: vec![0.0; n], visible: vec![0; n], max_radius: vec![0.0; n] }
     }
 
     pub fn len(&self) -> usize {
@@ -196,10 +186,7 @@ impl DensityStats {
                 format!("shape {:?}, want ({n})", radii.dims()),
             ));
         }
-        let g = probe_grad
-            .narrow(1, 0, 2)?
-            .to_dtype(DType::F64)?
-            .to_vec2::<f64>()?;
+        let g = probe_grad.narrow(1, 0, 2)?.to_dtype(DType::F64)?.to_vec2::<f64>()?;
         let r = radii.to_dtype(DType::F64)?.to_vec1::<f64>()?;
         let (sx, sy) = (0.5 * width as f64, 0.5 * height as f64);
         for i in 0..n {
@@ -287,24 +274,13 @@ impl Host {
             log_scales: rows_of::<3>(&s.log_scales)?,
             quats: rows_of::<4>(&s.quats)?,
             logits: s.opacity_logits.to_dtype(DType::F64)?.to_vec1::<f64>()?,
-            sh: s
-                .sh
-                .reshape((n, k * 3))?
-                .to_dtype(DType::F64)?
-                .to_vec2::<f64>()?,
+            sh: s.sh.reshape((n, k * 3))?.to_dtype(DType::F64)?.to_vec2::<f64>()?,
             k,
         })
     }
 
     fn empty(k: usize) -> Self {
-        Self {
-            means: vec![],
-            log_scales: vec![],
-            quats: vec![],
-            logits: vec![],
-            sh: vec![],
-            k,
-        }
+        Self { means: vec![], log_scales: vec![], quats: vec![], logits: vec![], sh: vec![], k }
     }
 
     fn push_row(&mut self, src: &Host, i: usize) {
@@ -318,9 +294,7 @@ impl Host {
     fn to_splats(&self, dtype: DType, device: &Device) -> Result<Splats> {
         let n = self.means.len();
         let flat = |v: Vec<f64>, shape: &[usize]| -> Result<Tensor> {
-            Ok(Tensor::from_vec(v, shape, &Device::Cpu)?
-                .to_dtype(dtype)?
-                .to_device(device)?)
+            Ok(Tensor::from_vec(v, shape, &Device::Cpu)?.to_dtype(dtype)?.to_device(device)?)
         };
         Ok(Splats {
             means: flat(self.means.concat(), &[n, 3])?,
@@ -339,27 +313,12 @@ fn sigmoid(x: f64) -> f64 {
 /// Rotation matrix (rows) of the quaternion `(w, x, y, z)`, normalised (identity if zero).
 fn quat_matrix(q: [f64; 4]) -> [[f64; 3]; 3] {
     let n = (q[0] * q[0] + q[1] * q[1] + q[2] * q[2] + q[3] * q[3]).sqrt();
-    let [w, x, y, z] = if n > 0.0 {
-        [q[0] / n, q[1] / n, q[2] / n, q[3] / n]
-    } else {
-        [1.0, 0.0, 0.0, 0.0]
-    };
+    let [w, x, y, z] =
+        if n > 0.0 { [q[0] / n, q[1] / n, q[2] / n, q[3] / n] } else { [1.0, 0.0, 0.0, 0.0] };
     [
-        [
-            1.0 - 2.0 * (y * y + z * z),
-            2.0 * (x * y - w * z),
-            2.0 * (x * z + w * y),
-        ],
-        [
-            2.0 * (x * y + w * z),
-            1.0 - 2.0 * (x * x + z * z),
-            2.0 * (y * z - w * x),
-        ],
-        [
-            2.0 * (x * z - w * y),
-            2.0 * (y * z + w * x),
-            1.0 - 2.0 * (x * x + y * y),
-        ],
+        [1.0 - 2.0 * (y * y + z * z), 2.0 * (x * y - w * z), 2.0 * (x * z + w * y)],
+        [2.0 * (x * y + w * z), 1.0 - 2.0 * (x * x + z * z), 2.0 * (y * z - w * x)],
+        [2.0 * (x * z - w * y), 2.0 * (y * z + w * x), 1.0 - 2.0 * (x * x + y * y)],
     ]
 }
 
@@ -397,21 +356,14 @@ pub fn densify_and_prune(
     }
     let host = Host::from_splats(splats)?;
     let grads = stats.mean_grad();
-    let max_scale: Vec<f64> = host
-        .log_scales
-        .iter()
-        .map(|s| s.iter().fold(f64::MIN, |m, v| m.max(v.exp())))
-        .collect();
+    let max_scale: Vec<f64> =
+        host.log_scales.iter().map(|s| s.iter().fold(f64::MIN, |m, v| m.max(v.exp()))).collect();
     let dense_limit = cfg.percent_dense * extent;
     let pruned: Vec<bool> = (0..n)
         .map(|i| {
             sigmoid(host.logits[i]) < cfg.min_opacity
-                || cfg
-                    .max_screen_radius
-                    .is_some_and(|r| stats.max_radius[i] > r)
-                || cfg
-                    .max_world_scale
-                    .is_some_and(|f| max_scale[i] > f * extent)
+                || cfg.max_screen_radius.is_some_and(|r| stats.max_radius[i] > r)
+                || cfg.max_world_scale.is_some_and(|f| max_scale[i] > f * extent)
         })
         .collect();
     // Candidates for growth, largest gradient first when the cap binds.
@@ -479,11 +431,7 @@ pub fn densify_and_prune(
         let r = quat_matrix(host.quats[i]);
         let s = host.log_scales[i].map(f64::exp);
         for _ in 0..cfg.split_count {
-            let e = [
-                rng.normal() as f64,
-                rng.normal() as f64,
-                rng.normal() as f64,
-            ];
+            let e = [rng.normal() as f64, rng.normal() as f64, rng.normal() as f64];
             let local = [s[0] * e[0], s[1] * e[1], s[2] * e[2]];
             out.push_row(&host, i);
             let m = out.means.last_mut().expect("row pushed");
@@ -522,14 +470,8 @@ pub fn reset_opacity(splats: &Splats, reset_opacity: f64) -> Result<Splats> {
         ));
     }
     let cap = (reset_opacity / (1.0 - reset_opacity)).ln();
-    let logits = splats
-        .opacity_logits
-        .minimum(cap)?
-        .to_dtype(splats.opacity_logits.dtype())?;
-    Ok(Splats {
-        opacity_logits: logits,
-        ..splats.clone()
-    })
+    let logits = splats.opacity_logits.minimum(cap)?.to_dtype(splats.opacity_logits.dtype())?;
+    Ok(Splats { opacity_logits: logits, ..splats.clone() })
 }
 
 /// One optimizer group per splat field, in [`PARAM_NAMES`] order, with `configs[i]` for field i.
@@ -546,10 +488,7 @@ static TMP_COUNTER: AtomicU64 = AtomicU64::new(0);
 
 fn tmp_state_path(tag: &str) -> PathBuf {
     let k = TMP_COUNTER.fetch_add(1, Ordering::Relaxed);
-    std::env::temp_dir().join(format!(
-        "gen-scene-{tag}-{}-{k}.safetensors",
-        std::process::id()
-    ))
+    std::env::temp_dir().join(format!("gen-scene-{tag}-{}-{k}.safetensors", std::process::id()))
 }
 
 /// Re-indexes a per-Gaussian tensor along axis 0: row `j` of the result is row `rows[j]` of `t`
@@ -558,10 +497,7 @@ pub fn remap_rows(t: &Tensor, rows: &[Option<usize>]) -> Result<Tensor> {
     let dims = t.dims().to_vec();
     let n_old = dims.first().copied().unwrap_or(0);
     let row_len: usize = dims.iter().skip(1).product();
-    let flat = t
-        .to_dtype(DType::F64)?
-        .reshape((n_old, row_len))?
-        .to_vec2::<f64>()?;
+    let flat = t.to_dtype(DType::F64)?.reshape((n_old, row_len))?.to_vec2::<f64>()?;
     let mut v = Vec::with_capacity(rows.len() * row_len);
     for r in rows {
         match *r {
@@ -580,9 +516,7 @@ pub fn remap_rows(t: &Tensor, rows: &[Option<usize>]) -> Result<Tensor> {
         return Err(Error::invalid("row map", "a scalar has no rows"));
     }
     shape[0] = rows.len();
-    Ok(Tensor::from_vec(v, shape, &Device::Cpu)?
-        .to_dtype(t.dtype())?
-        .to_device(t.device())?)
+    Ok(Tensor::from_vec(v, shape, &Device::Cpu)?.to_dtype(t.dtype())?.to_device(t.device())?)
 }
 
 /// Reads an optimizer's state as a map (through a temporary file; see the module docs).
@@ -632,9 +566,8 @@ pub fn remap_optimizer<R: UpdateRule + Clone>(
     }
     let n_old = old_groups[0].params[0].var.dim(0)?;
     let configs: Vec<R::Config> = old_groups.iter().map(|g| g.config.clone()).collect();
-    let configs: [R::Config; 5] = configs
-        .try_into()
-        .map_err(|_| Error::msg("five groups expected"))?;
+    let configs: [R::Config; 5] =
+        configs.try_into().map_err(|_| Error::msg("five groups expected"))?;
     let mut map = optimizer_state_map(old)?;
     for (key, t) in map.iter_mut() {
         let Some((param, slot)) = key.split_once('.') else {
@@ -644,11 +577,7 @@ pub fn remap_optimizer<R: UpdateRule + Clone>(
             continue;
         }
         let remapped = remap_rows(t, rows)?;
-        *t = if zero.contains(&param) {
-            remapped.zeros_like()?
-        } else {
-            remapped
-        };
+        *t = if zero.contains(&param) { remapped.zeros_like()? } else { remapped };
     }
     let mut opt = Optim::new(old.rule().clone(), splat_param_groups(new_vars, configs))?
         .with_options(old.options().clone());

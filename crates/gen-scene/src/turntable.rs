@@ -51,9 +51,7 @@ impl Default for TurntableConfig {
             elevation_deg: 20.0,
             up: [0.0, 1.0, 0.0],
             framing: Framing::Auto { margin: 1.1 },
-            render: RenderConfig {
-                background: [1.0; 3],
-            },
+            render: RenderConfig { background: [1.0; 3] },
             gif: GifConfig::default(),
         }
     }
@@ -116,11 +114,8 @@ fn auto_frame(splats: &Splats, fov: f64, margin: f64) -> Result<(DVec3, f64)> {
         median(a.means.iter().map(|m| m[1] as f64).collect()),
         median(a.means.iter().map(|m| m[2] as f64).collect()),
     );
-    let mut d: Vec<f64> = a
-        .means
-        .iter()
-        .map(|m| (DVec3::from(m.map(|v| v as f64)) - center).length())
-        .collect();
+    let mut d: Vec<f64> =
+        a.means.iter().map(|m| (DVec3::from(m.map(|v| v as f64)) - center).length()).collect();
     d.sort_by(f64::total_cmp);
     let r95 = d[((d.len() - 1) as f64 * 0.95).round() as usize];
     let sigma = median(
@@ -150,13 +145,7 @@ pub fn render_turntable(splats: &Splats, cfg: &TurntableConfig) -> Result<Vec<Rg
                 .to_vec1::<f32>()?;
             let raw: Vec<u8> = rgb
                 .iter()
-                .map(|v| {
-                    if v.is_finite() {
-                        (v.clamp(0.0, 1.0) * 255.0).round() as u8
-                    } else {
-                        0
-                    }
-                })
+                .map(|v| if v.is_finite() { (v.clamp(0.0, 1.0) * 255.0).round() as u8 } else { 0 })
                 .collect();
             RgbImage::from_raw(cfg.width as u32, cfg.height as u32, raw)
                 .ok_or_else(|| Error::msg(format!("turntable view {i}: image size mismatch")))
@@ -166,9 +155,7 @@ pub fn render_turntable(splats: &Splats, cfg: &TurntableConfig) -> Result<Vec<Rg
 
 /// Tiles `frames` row by row into a near-square grid with a 2-pixel grey gap.
 pub fn contact_sheet(frames: &[RgbImage]) -> Result<RgbImage> {
-    let first = frames
-        .first()
-        .ok_or_else(|| Error::invalid("contact sheet", "no frames"))?;
+    let first = frames.first().ok_or_else(|| Error::invalid("contact sheet", "no frames"))?;
     let (w, h) = first.dimensions();
     if let Some(i) = frames.iter().position(|f| f.dimensions() != (w, h)) {
         return Err(Error::invalid(
@@ -180,11 +167,8 @@ pub fn contact_sheet(frames: &[RgbImage]) -> Result<RgbImage> {
     let cols = (n as f64).sqrt().ceil() as u32;
     let rows = n.div_ceil(cols);
     let gap = 2;
-    let mut sheet = RgbImage::from_pixel(
-        cols * (w + gap) + gap,
-        rows * (h + gap) + gap,
-        Rgb([128, 128, 128]),
-    );
+    let mut sheet =
+        RgbImage::from_pixel(cols * (w + gap) + gap, rows * (h + gap) + gap, Rgb([128, 128, 128]));
     for (i, f) in frames.iter().enumerate() {
         let (c, r) = (i as u32 % cols, i as u32 / cols);
         image::imageops::replace(
@@ -201,12 +185,7 @@ pub fn contact_sheet(frames: &[RgbImage]) -> Result<RgbImage> {
 pub fn png_bytes(img: &RgbImage) -> Result<Vec<u8>> {
     let mut buf = Vec::new();
     image::codecs::png::PngEncoder::new(&mut buf)
-        .write_image(
-            img.as_raw(),
-            img.width(),
-            img.height(),
-            image::ExtendedColorType::Rgb8,
-        )
+        .write_image(img.as_raw(), img.width(), img.height(), image::ExtendedColorType::Rgb8)
         .map_err(|e| Error::msg(format!("PNG encoding failed: {e}")))?;
     Ok(buf)
 }

@@ -20,13 +20,7 @@ fn logit(p: f64) -> f64 {
 fn case() -> Result<(Splats, DensityStats)> {
     let dev = Device::Cpu;
     let means = Tensor::new(
-        &[
-            [0.0f32, 0.0, 0.0],
-            [1.0, 0.0, 0.0],
-            [0.0, 1.0, 0.0],
-            [0.0, 0.0, 1.0],
-            [1.0, 1.0, 1.0],
-        ],
+        &[[0.0f32, 0.0, 0.0], [1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0], [1.0, 1.0, 1.0]],
         &dev,
     )?;
     let ls = |s: f64| (s.ln()) as f32;
@@ -63,13 +57,7 @@ fn case() -> Result<(Splats, DensityStats)> {
         &dev,
     )?;
     let sh = Tensor::arange(0f32, 15.0, &dev)?.reshape((5, 1, 3))?;
-    let splats = Splats {
-        means,
-        log_scales,
-        quats,
-        opacity_logits,
-        sh,
-    };
+    let splats = Splats { means, log_scales, quats, opacity_logits, sh };
     let mut stats = DensityStats::new(5);
     // Mean gradients: 1e-3, 2e-3, 5e-3 (transparent: pruned anyway), 1e-5, 1e-3.
     stats.grad_accum = vec![2e-3, 2e-3, 5e-3, 3e-5, 1e-3];
@@ -98,10 +86,7 @@ fn clone_split_prune_counts_and_values() -> Result<()> {
     let (splats, stats) = case()?;
     let d = densify_and_prune(&splats, &stats, &cfg(), 1.0, &mut SeededRng::new(3))?;
     let r = d.report;
-    assert_eq!(
-        (r.before, r.cloned, r.split, r.pruned, r.after),
-        (5, 1, 1, 2, 2 + 1 + 2)
-    );
+    assert_eq!((r.before, r.cloned, r.split, r.pruned, r.after), (5, 1, 1, 2, 2 + 1 + 2));
     // Survivors first (only Gaussian 0: 1 is split, 2 and 4 pruned, 3 kept), then the clone
     // of 0, then the two samples of 1.
     assert_eq!(d.rows, vec![Some(0), Some(3), None, None, None]);
@@ -128,11 +113,7 @@ fn clone_split_prune_counts_and_values() -> Result<()> {
     let spread =
         |a: usize| (means[3][a] - old_means[1][a]).abs() + (means[4][a] - old_means[1][a]).abs();
     assert!(spread(1) > spread(0), "long axis is y: {:?}", means);
-    assert!(
-        spread(1) < 0.5,
-        "samples stay near the original: {:?}",
-        means
-    );
+    assert!(spread(1) < 0.5, "samples stay near the original: {:?}", means);
     Ok(())
 }
 
@@ -152,10 +133,7 @@ fn densification_is_deterministic_with_a_seed() -> Result<()> {
 fn thresholds_switch_the_rules() -> Result<()> {
     let (splats, stats) = case()?;
     // A high threshold: no growth, only pruning.
-    let c = DensityConfig {
-        grad_threshold: 1.0,
-        ..cfg()
-    };
+    let c = DensityConfig { grad_threshold: 1.0, ..cfg() };
     let r = densify_and_prune(&splats, &stats, &c, 1.0, &mut SeededRng::new(0))?.report;
     assert_eq!((r.cloned, r.split, r.pruned, r.after), (0, 0, 2, 3));
     // Larger extent: Gaussian 1 (0.05) becomes "small" and is cloned; Gaussian 4 no longer too
@@ -163,19 +141,12 @@ fn thresholds_switch_the_rules() -> Result<()> {
     let r = densify_and_prune(&splats, &stats, &cfg(), 10.0, &mut SeededRng::new(0))?.report;
     assert_eq!((r.cloned, r.split, r.pruned, r.after), (2, 1, 1, 3 + 2 + 2));
     // Screen-size pruning removes radius 8 and 40 too.
-    let c = DensityConfig {
-        max_screen_radius: Some(5.0),
-        max_world_scale: None,
-        ..cfg()
-    };
+    let c = DensityConfig { max_screen_radius: Some(5.0), max_world_scale: None, ..cfg() };
     let r = densify_and_prune(&splats, &stats, &c, 1.0, &mut SeededRng::new(0))?.report;
     assert_eq!((r.cloned, r.split, r.pruned), (1, 0, 3));
     // A cap on the count keeps the largest gradients: 3 unpruned and a cap of 4 leave room
     // for one more Gaussian: the split of 1 (gradient 2e-3, adds one) wins over the clone of 0.
-    let c = DensityConfig {
-        max_gaussians: 4,
-        ..cfg()
-    };
+    let c = DensityConfig { max_gaussians: 4, ..cfg() };
     let r = densify_and_prune(&splats, &stats, &c, 1.0, &mut SeededRng::new(0))?.report;
     assert_eq!((r.cloned, r.split, r.after), (0, 1, 4));
     Ok(())
@@ -203,9 +174,7 @@ fn stats_accumulate_visible_gradients_in_ndc_units() -> Result<()> {
     assert_eq!(s.visible, vec![2, 0, 2]);
     assert_eq!(s.max_radius, vec![2.0, 0.0, 5.0]);
     // Wrong shapes are errors, not panics.
-    assert!(s
-        .accumulate(&grad.narrow(0, 0, 2)?, &radii, 20, 40)
-        .is_err());
+    assert!(s.accumulate(&grad.narrow(0, 0, 2)?, &radii, 20, 40).is_err());
     Ok(())
 }
 
@@ -214,11 +183,7 @@ fn optimizer_state_follows_the_gaussians() -> Result<()> {
     let (splats, stats) = case()?;
     let vars = SplatVars::new(&splats)?;
     let lrs = [1e-3, 5e-3, 1e-3, 5e-2, 1e-2];
-    let configs = lrs.map(|lr| AdamWConfig {
-        lr,
-        weight_decay: 0.0,
-        ..Default::default()
-    });
+    let configs = lrs.map(|lr| AdamWConfig { lr, weight_decay: 0.0, ..Default::default() });
     let mut opt = Optim::new(AdamW, splat_param_groups(&vars, configs))?;
     // Two steps with a gradient that differs per row.
     for _ in 0..2 {
@@ -252,10 +217,9 @@ fn optimizer_state_follows_the_gaussians() -> Result<()> {
                     Some(i) if name != "opacity_logits" => {
                         assert_eq!(n[j], o[*i], "{name}.{slot} row {j}")
                     }
-                    _ => assert!(
-                        n[j].iter().all(|&v| v == 0.0),
-                        "{name}.{slot} row {j} not zeroed"
-                    ),
+                    _ => {
+                        assert!(n[j].iter().all(|&v| v == 0.0), "{name}.{slot} row {j} not zeroed")
+                    }
                 }
                 if r.is_some() && name != "opacity_logits" {
                     assert!(o[r.unwrap()].iter().any(|&v| v != 0.0));

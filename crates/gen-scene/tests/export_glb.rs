@@ -40,10 +40,7 @@ fn open_glb(bytes: &[u8]) -> (Value, Vec<u8>) {
     assert_eq!(&bytes[o + 4..o + 8], b"BIN\0");
     assert_eq!(bl % 4, 0, "BIN chunk not padded");
     assert_eq!(o + 8 + bl, bytes.len());
-    assert_eq!(
-        doc["buffers"][0]["byteLength"].as_u64().unwrap() as usize,
-        bl
-    );
+    assert_eq!(doc["buffers"][0]["byteLength"].as_u64().unwrap() as usize, bl);
     (doc, bytes[o + 8..].to_vec())
 }
 
@@ -78,11 +75,7 @@ fn read_f32(doc: &Value, bin: &[u8], acc: usize) -> (Vec<f32>, usize, usize) {
 #[test]
 fn splat_glb_carries_the_extension_attributes() {
     let n = 23;
-    let cfg = RandomSplatsConfig {
-        count: n,
-        sh_degree: 2,
-        ..Default::default()
-    };
+    let cfg = RandomSplatsConfig { count: n, sh_degree: 2, ..Default::default() };
     let s = Splats::random(&cfg, &mut SeededRng::new(7), DType::F32, &Device::Cpu).unwrap();
     let dir = tmp_dir("glb-splat");
     let path = dir.join("s.glb");
@@ -112,16 +105,8 @@ fn splat_glb_carries_the_extension_attributes() {
     assert_eq!(pos, means);
     let a = &doc["accessors"][acc("POSITION")];
     for c in 0..3 {
-        let lo = means
-            .iter()
-            .skip(c)
-            .step_by(3)
-            .fold(f32::INFINITY, |m, &v| m.min(v));
-        let hi = means
-            .iter()
-            .skip(c)
-            .step_by(3)
-            .fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+        let lo = means.iter().skip(c).step_by(3).fold(f32::INFINITY, |m, &v| m.min(v));
+        let hi = means.iter().skip(c).step_by(3).fold(f32::NEG_INFINITY, |m, &v| m.max(v));
         assert_eq!(a["min"][c].as_f64().unwrap() as f32, lo);
         assert_eq!(a["max"][c].as_f64().unwrap() as f32, hi);
     }
@@ -169,19 +154,13 @@ fn splat_glb_carries_the_extension_attributes() {
 #[test]
 fn bad_splats_are_refused() {
     let dir = tmp_dir("glb-bad");
-    let cfg = RandomSplatsConfig {
-        count: 0,
-        ..Default::default()
-    };
+    let cfg = RandomSplatsConfig { count: 0, ..Default::default() };
     let empty = Splats::random(&cfg, &mut SeededRng::new(1), DType::F32, &Device::Cpu).unwrap();
     let e = splats_to_glb(&empty, dir.join("e.glb"), &SplatGlbConfig::default()).unwrap_err();
     assert!(e.to_string().contains("zero Gaussians"), "{e}");
     assert!(!dir.join("e.glb").exists());
 
-    let cfg = RandomSplatsConfig {
-        count: 3,
-        ..Default::default()
-    };
+    let cfg = RandomSplatsConfig { count: 3, ..Default::default() };
     let mut s = Splats::random(&cfg, &mut SeededRng::new(2), DType::F32, &Device::Cpu).unwrap();
     s.opacity_logits = Tensor::new(&[0.0f32, f32::NAN, 1.0], &Device::Cpu).unwrap();
     let e = splats_to_glb(&s, dir.join("n.glb"), &SplatGlbConfig::default()).unwrap_err();
@@ -193,12 +172,7 @@ fn bad_splats_are_refused() {
 }
 
 fn tetrahedron() -> TriMesh {
-    let p = [
-        [0.0f32, 0.0, 0.0],
-        [1.0, 0.0, 0.0],
-        [0.0, 2.0, 0.0],
-        [0.0, 0.0, 3.0],
-    ];
+    let p = [[0.0f32, 0.0, 0.0], [1.0, 0.0, 0.0], [0.0, 2.0, 0.0], [0.0, 0.0, 3.0]];
     let c = [0.25f32, 0.25, 0.25];
     TriMesh {
         positions: p.to_vec(),
@@ -210,12 +184,7 @@ fn tetrahedron() -> TriMesh {
                 [d[0] / l, d[1] / l, d[2] / l]
             })
             .collect(),
-        colors: vec![
-            [1.0, 0.0, 0.0],
-            [0.0, 1.0, 0.0],
-            [0.0, 0.0, 1.0],
-            [0.5, 0.5, 0.5],
-        ],
+        colors: vec![[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0], [0.5, 0.5, 0.5]],
         indices: vec![[0, 2, 1], [0, 1, 3], [0, 3, 2], [1, 2, 3]],
     }
 }
@@ -260,21 +229,15 @@ fn mesh_glb_has_indexed_triangles_with_normals_and_colours() {
     assert_eq!(idx, vec![0, 2, 1, 0, 1, 3, 0, 3, 2, 1, 2, 3]);
 
     // Empty and invalid meshes are errors naming the problem.
-    let e = mesh_to_glb(&TriMesh::default(), dir.join("e.glb"))
-        .unwrap_err()
-        .to_string();
+    let e = mesh_to_glb(&TriMesh::default(), dir.join("e.glb")).unwrap_err().to_string();
     assert!(e.contains("no triangles"), "{e}");
     let mut bad = tetrahedron();
     bad.indices[2][1] = 9;
-    let e = mesh_to_glb(&bad, dir.join("b.glb"))
-        .unwrap_err()
-        .to_string();
+    let e = mesh_to_glb(&bad, dir.join("b.glb")).unwrap_err().to_string();
     assert!(e.contains("triangle 2"), "{e}");
     let mut bad = tetrahedron();
     bad.positions[1][0] = f32::NAN;
-    let e = mesh_to_glb(&bad, dir.join("b.glb"))
-        .unwrap_err()
-        .to_string();
+    let e = mesh_to_glb(&bad, dir.join("b.glb")).unwrap_err().to_string();
     assert!(e.contains("vertex 1"), "{e}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
@@ -286,27 +249,14 @@ fn obj_lists_coloured_vertices_normals_and_faces() {
     gen_scene::export::obj::mesh_to_obj(&tetrahedron(), &path).unwrap();
     let text = std::fs::read_to_string(&path).unwrap();
     let lines: Vec<&str> = text.lines().collect();
-    let v: Vec<&str> = lines
-        .iter()
-        .copied()
-        .filter(|l| l.starts_with("v "))
-        .collect();
+    let v: Vec<&str> = lines.iter().copied().filter(|l| l.starts_with("v ")).collect();
     assert_eq!(v.len(), 4);
     assert_eq!(v[3], "v 0 0 3 0.5 0.5 0.5");
     assert_eq!(lines.iter().filter(|l| l.starts_with("vn ")).count(), 4);
-    let f: Vec<&str> = lines
-        .iter()
-        .copied()
-        .filter(|l| l.starts_with("f "))
-        .collect();
+    let f: Vec<&str> = lines.iter().copied().filter(|l| l.starts_with("f ")).collect();
     assert_eq!(
         f,
-        vec![
-            "f 1//1 3//3 2//2",
-            "f 1//1 2//2 4//4",
-            "f 1//1 4//4 3//3",
-            "f 2//2 3//3 4//4"
-        ]
+        vec!["f 1//1 3//3 2//2", "f 1//1 2//2 4//4", "f 1//1 4//4 3//3", "f 2//2 3//3 4//4"]
     );
     gen_scene::export::obj::mesh_to_obj(&TriMesh::default(), dir.join("e.obj")).unwrap();
     let e = std::fs::read_to_string(dir.join("e.obj")).unwrap();

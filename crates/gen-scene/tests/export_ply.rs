@@ -17,11 +17,7 @@ fn tmp_dir(name: &str) -> PathBuf {
 }
 
 fn random_splats(n: usize, degree: usize, seed: u64) -> Splats {
-    let cfg = RandomSplatsConfig {
-        count: n,
-        sh_degree: degree,
-        ..Default::default()
-    };
+    let cfg = RandomSplatsConfig { count: n, sh_degree: degree, ..Default::default() };
     Splats::random(&cfg, &mut SeededRng::new(seed), DType::F32, &Device::Cpu).unwrap()
 }
 
@@ -48,11 +44,7 @@ fn assert_same(a: &Splats, b: &Splats) {
 
 /// Splits a PLY into header lines and body bytes (independent of the library's parser).
 fn split_header(bytes: &[u8]) -> (Vec<String>, &[u8]) {
-    let end = bytes
-        .windows(11)
-        .position(|w| w == b"end_header\n")
-        .unwrap()
-        + 11;
+    let end = bytes.windows(11).position(|w| w == b"end_header\n").unwrap() + 11;
     let text = std::str::from_utf8(&bytes[..end]).unwrap();
     (text.lines().map(|s| s.to_string()).collect(), &bytes[end..])
 }
@@ -68,10 +60,7 @@ fn round_trip_is_exact_for_every_degree() {
         assert_same(&s, &back);
     }
     // No temporary files left behind by the atomic writer.
-    let left: Vec<_> = std::fs::read_dir(&dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name())
-        .collect();
+    let left: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name()).collect();
     assert_eq!(left.len(), 4, "{left:?}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
@@ -86,10 +75,7 @@ fn header_has_the_standard_property_order() {
     assert_eq!(lines[0], "ply");
     assert_eq!(lines[1], "format binary_little_endian 1.0");
     assert!(lines.contains(&"element vertex 5".to_string()));
-    let props: Vec<&str> = lines
-        .iter()
-        .filter_map(|l| l.strip_prefix("property float "))
-        .collect();
+    let props: Vec<&str> = lines.iter().filter_map(|l| l.strip_prefix("property float ")).collect();
     let want = [
         "x", "y", "z", "nx", "ny", "nz", "f_dc_0", "f_dc_1", "f_dc_2", "opacity", "scale_0",
         "scale_1", "scale_2", "rot_0", "rot_1", "rot_2", "rot_3",
@@ -103,10 +89,7 @@ fn header_has_the_standard_property_order() {
     write_ply(&random_splats(2, 3, 2), &path).unwrap();
     let bytes = std::fs::read(&path).unwrap();
     let (lines, body) = split_header(&bytes);
-    let props: Vec<&str> = lines
-        .iter()
-        .filter_map(|l| l.strip_prefix("property float "))
-        .collect();
+    let props: Vec<&str> = lines.iter().filter_map(|l| l.strip_prefix("property float ")).collect();
     assert_eq!(props.len(), 62);
     assert_eq!(props[9], "f_rest_0");
     assert_eq!(props[53], "f_rest_44");
@@ -135,10 +118,8 @@ fn body_layout_is_pre_activation_and_channel_major() {
     write_ply(&s, &path).unwrap();
     let bytes = std::fs::read(&path).unwrap();
     let (_, body) = split_header(&bytes);
-    let v: Vec<f32> = body
-        .chunks_exact(4)
-        .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
-        .collect();
+    let v: Vec<f32> =
+        body.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect();
     #[rustfmt::skip]
     let want = [
         1.0, 2.0, 3.0, 0.0, 0.0, 0.0, // position, zero normals
@@ -281,10 +262,7 @@ fn bad_files_are_clear_errors() {
     assert!(e.contains("unknown type `float32x`"), "{e}");
     let e = err_of(&edit("element vertex 3", "element vertex three"));
     assert!(e.contains("line 4") && e.contains("three"), "{e}");
-    let e = err_of(&edit(
-        "property float x",
-        "property float x\nproperty float x",
-    ));
+    let e = err_of(&edit("property float x", "property float x\nproperty float x"));
     assert!(e.contains("declared twice"), "{e}");
     let e = err_of(&edit("element vertex", "element points"));
     assert!(e.contains("no `vertex` element"), "{e}");
@@ -302,15 +280,10 @@ fn bad_files_are_clear_errors() {
 
     // Every truncation of a small file is an error, never a panic.
     for cut in 0..good.len() {
-        assert!(
-            parse_ply(&good[..cut], "cut.ply").is_err(),
-            "accepted a file cut at {cut}"
-        );
+        assert!(parse_ply(&good[..cut], "cut.ply").is_err(), "accepted a file cut at {cut}");
     }
     // Missing file: I/O error naming the path.
-    let e = read_ply(dir.join("missing.ply"), &Device::Cpu)
-        .unwrap_err()
-        .to_string();
+    let e = read_ply(dir.join("missing.ply"), &Device::Cpu).unwrap_err().to_string();
     assert!(e.contains("missing.ply"), "{e}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
@@ -324,10 +297,7 @@ fn non_finite_splats_are_refused_on_export() {
     s.log_scales = Tensor::from_vec(m, (4, 3), &Device::Cpu).unwrap();
     let path = dir.join("nan.ply");
     let e = write_ply(&s, &path).unwrap_err().to_string();
-    assert!(
-        e.contains("log_scales") && e.contains("Gaussian 2") && e.contains("nan.ply"),
-        "{e}"
-    );
+    assert!(e.contains("log_scales") && e.contains("Gaussian 2") && e.contains("nan.ply"), "{e}");
     assert!(!path.exists());
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -25,34 +25,16 @@ fn activations_values_and_gradients() -> Result<()> {
     let sp = softplus(x.as_tensor())?;
     let te = trunc_exp(x.as_tensor())?;
     let xs = x.as_tensor().to_vec1::<f64>()?;
-    for (i, (a, b)) in sp
-        .to_vec1::<f64>()?
-        .iter()
-        .zip(te.to_vec1::<f64>()?)
-        .enumerate()
-    {
+    for (i, (a, b)) in sp.to_vec1::<f64>()?.iter().zip(te.to_vec1::<f64>()?).enumerate() {
         let v = xs[i];
         assert!((a - (1.0 + v.exp()).ln()).abs() < 1e-12);
         assert!((b - v.exp()).abs() <= 1e-12 * v.exp());
     }
-    let gs = sp
-        .sum_all()?
-        .backward()?
-        .get(&x)
-        .unwrap()
-        .to_vec1::<f64>()?;
-    let gt = te
-        .sum_all()?
-        .backward()?
-        .get(&x)
-        .unwrap()
-        .to_vec1::<f64>()?;
+    let gs = sp.sum_all()?.backward()?.get(&x).unwrap().to_vec1::<f64>()?;
+    let gt = te.sum_all()?.backward()?.get(&x).unwrap().to_vec1::<f64>()?;
     for i in 0..5 {
         let v = xs[i];
-        assert!(
-            (gs[i] - 1.0 / (1.0 + (-v).exp())).abs() < 1e-12,
-            "softplus' at {v}"
-        );
+        assert!((gs[i] - 1.0 / (1.0 + (-v).exp())).abs() < 1e-12, "softplus' at {v}");
         assert!(
             (gt[i] - v.min(15.0).exp()).abs() <= 1e-12 * v.exp(),
             "trunc_exp' at {v}: {}",
@@ -68,14 +50,7 @@ fn tiny_field(act: DensityActivation, seed: u64) -> Result<(CamField, VarMap)> {
     cfg.density_activation = act;
     cfg.density_bias = 0.5;
     cfg.bounds = Aabb::cube(0.5);
-    let f = CamField::new(
-        cfg,
-        &vm,
-        "field",
-        &mut SeededRng::new(seed),
-        DType::F64,
-        &Device::Cpu,
-    )?;
+    let f = CamField::new(cfg, &vm, "field", &mut SeededRng::new(seed), DType::F64, &Device::Cpu)?;
     // Make the grid matter: the default table (±1e-4) gives almost no modulation.
     let t = SeededRng::new(seed + 1).rand_uniform(
         cfg.grid.table_shape(),
@@ -95,10 +70,7 @@ fn varmap_layout() -> Result<()> {
     let c = f.cfg;
     let h = c.hidden;
     let want: Vec<(String, Vec<usize>)> = vec![
-        (
-            "field.grid.table".into(),
-            vec![c.grid.levels * c.grid.table_size(), c.grid.features],
-        ),
+        ("field.grid.table".into(), vec![c.grid.levels * c.grid.table_size(), c.grid.features]),
         ("field.mod.weight".into(), vec![2 * 2 * h, c.grid.out_dim()]),
         ("field.mod.bias".into(), vec![4 * h]),
         ("field.layer0.weight".into(), vec![h, 3]),
@@ -113,15 +85,8 @@ fn varmap_layout() -> Result<()> {
     assert_eq!(data.len(), f.vars().len());
     drop(data);
     // A second field under the same prefix is refused.
-    let e = CamField::new(
-        f.cfg,
-        &vm,
-        "field",
-        &mut SeededRng::new(2),
-        DType::F64,
-        &Device::Cpu,
-    )
-    .unwrap_err();
+    let e = CamField::new(f.cfg, &vm, "field", &mut SeededRng::new(2), DType::F64, &Device::Cpu)
+        .unwrap_err();
     assert!(e.to_string().contains("already exists"), "{e}");
     Ok(())
 }
@@ -181,11 +146,7 @@ fn render_gradients_match_finite_differences() -> Result<()> {
                 var.set(&Tensor::from_vec(base.clone(), var.shape(), &Device::Cpu)?)?;
                 let err = (fd - g[i]).abs() / (1e-3 + fd.abs().max(g[i].abs()));
                 worst = worst.max(err);
-                assert!(
-                    err < 1e-5,
-                    "{act:?} {name}[{i}]: analytic {} vs FD {fd}",
-                    g[i]
-                );
+                assert!(err < 1e-5, "{act:?} {name}[{i}]: analytic {} vs FD {fd}", g[i]);
             }
         }
         println!("{act:?}: worst FD relative error over 33 parameter entries {worst:.2e}");
@@ -207,10 +168,7 @@ impl RadianceField for Ball {
             c.extend([(0.5 + q[0]) as f32, (0.5 + q[1]) as f32, 0.8]);
         }
         let n = s.len();
-        Ok((
-            Tensor::from_vec(s, n, &Device::Cpu)?,
-            Tensor::from_vec(c, (n, 3), &Device::Cpu)?,
-        ))
+        Ok((Tensor::from_vec(s, n, &Device::Cpu)?, Tensor::from_vec(c, (n, 3), &Device::Cpu)?))
     }
     fn dtype(&self) -> DType {
         DType::F32
@@ -248,21 +206,11 @@ fn fitting_renders_of_a_ball_reduces_the_loss() -> Result<()> {
         bounds,
         ..FieldConfig::small()
     };
-    let field = CamField::new(
-        fcfg,
-        &vm,
-        "field",
-        &mut SeededRng::new(7),
-        DType::F32,
-        &Device::Cpu,
-    )?;
+    let field =
+        CamField::new(fcfg, &vm, "field", &mut SeededRng::new(7), DType::F32, &Device::Cpu)?;
     let mut opt = AdamW::new(
         field.vars(),
-        ParamsAdamW {
-            lr: 0.03,
-            weight_decay: 0.0,
-            ..Default::default()
-        },
+        ParamsAdamW { lr: 0.03, weight_decay: 0.0, ..Default::default() },
     )?;
     let mut losses = Vec::new();
     let mut jitter = SeededRng::new(11);
@@ -284,10 +232,7 @@ fn fitting_renders_of_a_ball_reduces_the_loss() -> Result<()> {
     }
     let first = losses[0];
     let last = losses[losses.len() - 3..].iter().sum::<f32>() / 3.0;
-    println!(
-        "fit: loss {first:.4} -> {last:.4} in 40 steps ({:.2} s)",
-        t0.elapsed().as_secs_f64()
-    );
+    println!("fit: loss {first:.4} -> {last:.4} in 40 steps ({:.2} s)", t0.elapsed().as_secs_f64());
     assert!(last < 0.25 * first, "loss {first} -> {last}: {losses:?}");
 
     // The fitted field meshes through DensityField; sample_grid agrees with density().
@@ -302,17 +247,8 @@ fn fitting_renders_of_a_ball_reduces_the_loss() -> Result<()> {
     }
     let centre = vals[grid.index(8, 8, 8)];
     let corner = vals[grid.index(0, 0, 0)];
-    assert!(
-        centre > 5.0 * corner.max(0.1),
-        "centre density {centre} vs corner {corner}"
-    );
-    let mesh = extract_mesh(
-        &field,
-        &MeshConfig {
-            grid,
-            threshold: (centre as f64) * 0.3,
-        },
-    )?;
+    assert!(centre > 5.0 * corner.max(0.1), "centre density {centre} vs corner {corner}");
+    let mesh = extract_mesh(&field, &MeshConfig { grid, threshold: (centre as f64) * 0.3 })?;
     assert!(!mesh.indices.is_empty());
     mesh.validate()?;
     let mean_r = mesh
@@ -325,10 +261,7 @@ fn fitting_renders_of_a_ball_reduces_the_loss() -> Result<()> {
         "mesh: {} triangles, mean vertex radius {mean_r:.3} (ball radius 0.3)",
         mesh.indices.len()
     );
-    assert!(
-        mean_r > 0.15 && mean_r < 0.45,
-        "mean vertex radius {mean_r}"
-    );
+    assert!(mean_r > 0.15 && mean_r < 0.45, "mean vertex radius {mean_r}");
     Ok(())
 }
 
@@ -354,17 +287,10 @@ fn density_gradient_matches_finite_differences() -> Result<()> {
             let fd = (at(eps)? - at(-eps)?) / (2.0 * eps);
             let err = (fd - g[i][a]).abs() / (1e-3 + fd.abs());
             worst = worst.max(err);
-            assert!(
-                err < 1e-5,
-                "point {i} axis {a}: analytic {} vs FD {fd}",
-                g[i][a]
-            );
+            assert!(err < 1e-5, "point {i} axis {a}: analytic {} vs FD {fd}", g[i][a]);
         }
     }
-    assert!(
-        g.iter().flatten().any(|v| v.abs() > 1e-3),
-        "gradient is trivially zero"
-    );
+    assert!(g.iter().flatten().any(|v| v.abs() > 1e-3), "gradient is trivially zero");
     println!("density gradient: worst FD relative error {worst:.2e}");
     Ok(())
 }

@@ -44,10 +44,7 @@ fn reference(points: &Tensor, table: &Tensor, c: &HashGridConfig) -> Result<Tens
             })
             .collect();
         let base = Tensor::from_vec(
-            cells
-                .iter()
-                .flat_map(|c| c.map(|v| v as f64))
-                .collect::<Vec<_>>(),
+            cells.iter().flat_map(|c| c.map(|v| v as f64)).collect::<Vec<_>>(),
             (n, 3),
             points.device(),
         )?
@@ -58,11 +55,7 @@ fn reference(points: &Tensor, table: &Tensor, c: &HashGridConfig) -> Result<Tens
             let mut w: Option<Tensor> = None;
             for a in 0..3 {
                 let fa = frac.narrow(1, a, 1)?;
-                let term = if (corner >> a) & 1 == 1 {
-                    fa
-                } else {
-                    (1.0 - fa)?
-                };
+                let term = if (corner >> a) & 1 == 1 { fa } else { (1.0 - fa)? };
                 w = Some(match w {
                     None => term,
                     Some(w) => (w * term)?,
@@ -99,12 +92,7 @@ fn setup(dtype: DType, n: usize, seed: u64) -> Result<(Var, Var, Tensor)> {
 }
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f64> {
-    Ok((a - b)?
-        .abs()?
-        .flatten_all()?
-        .max(0)?
-        .to_dtype(DType::F64)?
-        .to_scalar::<f64>()?)
+    Ok((a - b)?.abs()?.flatten_all()?.max(0)?.to_dtype(DType::F64)?.to_scalar::<f64>()?)
 }
 
 #[test]
@@ -137,18 +125,10 @@ fn values_and_gradients_match_reference() -> Result<()> {
     let g2 = (refo * &weights)?.sum_all()?.backward()?;
     let dt = max_abs_diff(g1.get(&table).unwrap(), g2.get(&table).unwrap())?;
     let dp = max_abs_diff(g1.get(&points).unwrap(), g2.get(&points).unwrap())?;
-    let scale = g2
-        .get(&points)
-        .unwrap()
-        .abs()?
-        .max_all()?
-        .to_scalar::<f64>()?;
+    let scale = g2.get(&points).unwrap().abs()?.max_all()?.to_scalar::<f64>()?;
     println!("reference parity: values {dv:.2e}, table grad {dt:.2e}, point grad {dp:.2e} (scale {scale:.2})");
     assert!(dt < 1e-12, "table gradients differ by {dt:e}");
-    assert!(
-        dp < 1e-9 * scale.max(1.0),
-        "point gradients differ by {dp:e}"
-    );
+    assert!(dp < 1e-9 * scale.max(1.0), "point gradients differ by {dp:e}");
     Ok(())
 }
 
@@ -157,19 +137,12 @@ fn gradients_match_finite_differences() -> Result<()> {
     let c = cfg();
     let (points, table, weights) = setup(DType::F64, 40, 2)?;
     let loss = |p: &Tensor, t: &Tensor| -> Result<f64> {
-        Ok((encode(p, t, &c)? * &weights)?
-            .sum_all()?
-            .to_scalar::<f64>()?)
+        Ok((encode(p, t, &c)? * &weights)?.sum_all()?.to_scalar::<f64>()?)
     };
-    let grads = (encode(points.as_tensor(), table.as_tensor(), &c)? * &weights)?
-        .sum_all()?
-        .backward()?;
+    let grads =
+        (encode(points.as_tensor(), table.as_tensor(), &c)? * &weights)?.sum_all()?.backward()?;
     let gt = grads.get(&table).unwrap().flatten_all()?.to_vec1::<f64>()?;
-    let gp = grads
-        .get(&points)
-        .unwrap()
-        .flatten_all()?
-        .to_vec1::<f64>()?;
+    let gp = grads.get(&points).unwrap().flatten_all()?.to_vec1::<f64>()?;
     let eps = 1e-6;
     let fd = |var: &Var, i: usize| -> Result<f64> {
         let base = var.as_tensor().flatten_all()?.to_vec1::<f64>()?;
@@ -200,11 +173,7 @@ fn gradients_match_finite_differences() -> Result<()> {
         let f = fd(&points, i)?;
         let err = (f - gp[i]).abs() / (1.0 + gp[i].abs());
         worst_p = worst_p.max(err);
-        assert!(
-            err < 1e-6,
-            "point coordinate {i}: analytic {} vs FD {f}",
-            gp[i]
-        );
+        assert!(err < 1e-6, "point coordinate {i}: analytic {} vs FD {f}", gp[i]);
     }
     println!("FD relative error: table {worst_t:.2e}, points {worst_p:.2e}");
     Ok(())
@@ -215,9 +184,7 @@ fn backward_is_independent_of_thread_count() -> Result<()> {
     let c = cfg();
     let (points, table, weights) = setup(DType::F32, 3000, 3)?;
     let run = |threads: usize| -> Result<(Vec<f32>, Vec<f32>)> {
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .build()?;
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build()?;
         pool.install(|| {
             let g = (encode(points.as_tensor(), table.as_tensor(), &c)? * &weights)?
                 .sum_all()?
@@ -229,10 +196,7 @@ fn backward_is_independent_of_thread_count() -> Result<()> {
         })
     };
     let (a, b) = (run(1)?, run(3)?);
-    assert!(
-        a.0 == b.0 && a.1 == b.1,
-        "gradients depend on the thread count"
-    );
+    assert!(a.0 == b.0 && a.1 == b.1, "gradients depend on the thread count");
     Ok(())
 }
 
@@ -257,13 +221,8 @@ fn dense_level_interpolates_linear_functions_exactly() -> Result<()> {
         }
     }
     let table = Tensor::from_vec(t, c.table_shape(), &Device::Cpu)?;
-    let pts = [
-        [0.1, 0.2, 0.3],
-        [0.0, 0.0, 0.0],
-        [1.0, 1.0, 1.0],
-        [0.77, 0.5, 0.01],
-        [1.5, -0.2, 0.5],
-    ];
+    let pts =
+        [[0.1, 0.2, 0.3], [0.0, 0.0, 0.0], [1.0, 1.0, 1.0], [0.77, 0.5, 0.01], [1.5, -0.2, 0.5]];
     let p = Tensor::from_vec(
         pts.iter().flatten().copied().collect::<Vec<f64>>(),
         (5, 3),
@@ -283,12 +242,8 @@ fn f32_matches_f64() -> Result<()> {
     let c = cfg();
     let (points, table, _) = setup(DType::F64, 100, 4)?;
     let a = encode(points.as_tensor(), table.as_tensor(), &c)?;
-    let b = encode(
-        &points.to_dtype(DType::F32)?,
-        &table.to_dtype(DType::F32)?,
-        &c,
-    )?
-    .to_dtype(DType::F64)?;
+    let b = encode(&points.to_dtype(DType::F32)?, &table.to_dtype(DType::F32)?, &c)?
+        .to_dtype(DType::F64)?;
     assert!(max_abs_diff(&a, &b)? < 1e-5);
     Ok(())
 }
@@ -298,9 +253,7 @@ fn bad_inputs_are_errors() -> Result<()> {
     let c = cfg();
     let dev = Device::Cpu;
     let table = Tensor::zeros(c.table_shape(), DType::F32, &dev)?;
-    let e = encode(&Tensor::zeros((4, 2), DType::F32, &dev)?, &table, &c)
-        .unwrap_err()
-        .to_string();
+    let e = encode(&Tensor::zeros((4, 2), DType::F32, &dev)?, &table, &c).unwrap_err().to_string();
     assert!(e.contains("(N, 3)"), "{e}");
     let e = encode(
         &Tensor::zeros((4, 3), DType::F32, &dev)?,
@@ -310,9 +263,7 @@ fn bad_inputs_are_errors() -> Result<()> {
     .unwrap_err()
     .to_string();
     assert!(e.contains("table has shape"), "{e}");
-    let e = encode(&Tensor::zeros((4, 3), DType::F64, &dev)?, &table, &c)
-        .unwrap_err()
-        .to_string();
+    let e = encode(&Tensor::zeros((4, 3), DType::F64, &dev)?, &table, &c).unwrap_err().to_string();
     assert!(e.contains("f32 or both f64"), "{e}");
     let bad = HashGridConfig { levels: 0, ..c };
     assert!(bad.validate().is_err());
@@ -328,20 +279,14 @@ fn clamped_coordinates_have_zero_position_gradient() -> Result<()> {
     // x outside [0, 1] on the low and high side; y, z inside.
     let pts = Var::new(&[[-0.3f64, 0.41, 0.77], [1.2, 0.13, 0.52]], &dev)?;
     let w = rng.randn((2, c.out_dim()), DType::F64, &dev)?;
-    let g = (encode(pts.as_tensor(), &table, &c)? * &w)?
-        .sum_all()?
-        .backward()?;
+    let g = (encode(pts.as_tensor(), &table, &c)? * &w)?.sum_all()?.backward()?;
     let gp = g.get(&pts).unwrap().to_vec2::<f64>()?;
     assert_eq!(gp[0][0], 0.0);
     assert_eq!(gp[1][0], 0.0);
     assert!(gp[0][1] != 0.0 && gp[1][2] != 0.0);
     // Clamping: the encoding equals the one of the projected point.
     let a = encode(pts.as_tensor(), &table, &c)?;
-    let b = encode(
-        &Tensor::new(&[[0.0f64, 0.41, 0.77], [1.0, 0.13, 0.52]], &dev)?,
-        &table,
-        &c,
-    )?;
+    let b = encode(&Tensor::new(&[[0.0f64, 0.41, 0.77], [1.0, 0.13, 0.52]], &dev)?, &table, &c)?;
     assert!(max_abs_diff(&a, &b)? == 0.0);
     Ok(())
 }

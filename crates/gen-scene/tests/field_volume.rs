@@ -42,11 +42,7 @@ fn camera(w: usize, h: usize, eye: [f64; 3]) -> Result<Camera> {
 /// `[-1/2, 1/2]³` in camera depth — computed here independently of the renderer.
 fn chord(cam: &Camera, i: usize, j: usize) -> Option<(DVec3, f64, f64)> {
     let k = &cam.intrinsics;
-    let dc = DVec3::new(
-        (j as f64 + 0.5 - k.cx) / k.fx,
-        (i as f64 + 0.5 - k.cy) / k.fy,
-        1.0,
-    );
+    let dc = DVec3::new((j as f64 + 0.5 - k.cx) / k.fx, (i as f64 + 0.5 - k.cy) / k.fy, 1.0);
     let d = cam.rotation.transpose() * dc;
     let o = cam.position();
     let (mut lo, mut hi) = (f64::MIN, f64::MAX);
@@ -87,10 +83,7 @@ fn constant_cube_matches_beer_lambert() -> Result<()> {
             worst_t = worst_t.max((op[i][j] - (1.0 - t)).abs());
             for ch in 0..3 {
                 let want = (1.0 - t) * col[ch] + t * bg[ch];
-                assert!(
-                    (rgb[i][j][ch] - want).abs() < 1e-12,
-                    "pixel ({i},{j}) channel {ch}"
-                );
+                assert!((rgb[i][j][ch] - want).abs() < 1e-12, "pixel ({i},{j}) channel {ch}");
             }
             // ∫ a e^{-a s} (z0 + s) ds over [0, len].
             let want_d = z0 * (1.0 - t) + 1.0 / a - t * (len + 1.0 / a);
@@ -100,18 +93,9 @@ fn constant_cube_matches_beer_lambert() -> Result<()> {
     println!(
         "constant cube: {hits} rays, |opacity error| {worst_t:.1e}, depth rel. error {worst_d:.1e}"
     );
-    assert!(
-        hits > 15 && hits < 120,
-        "{hits} rays hit: both hits and misses are needed"
-    );
-    assert!(
-        worst_t < 1e-12,
-        "piecewise-constant quadrature of a constant density must be exact"
-    );
-    assert!(
-        worst_d < 2e-3,
-        "depth error {worst_d} exceeds the midpoint-rule bound"
-    );
+    assert!(hits > 15 && hits < 120, "{hits} rays hit: both hits and misses are needed");
+    assert!(worst_t < 1e-12, "piecewise-constant quadrature of a constant density must be exact");
+    assert!(worst_d < 2e-3, "depth error {worst_d} exceeds the midpoint-rule bound");
     Ok(())
 }
 
@@ -120,13 +104,7 @@ fn linear_density_ramp_matches_closed_form() -> Result<()> {
     // σ(p) = 2 + 1.5 x: the midpoint rule integrates it exactly, so opacity is exact.
     let field = Analytic(|p: [f64; 3]| (2.0 + 1.5 * p[0], [1.0, 1.0, 1.0]));
     let cam = camera(9, 9, [2.0, -0.4, -1.5])?;
-    let out = render_volume(
-        &field,
-        &cam,
-        &VolumeConfig::new(16, Aabb::cube(0.5)),
-        None,
-        None,
-    )?;
+    let out = render_volume(&field, &cam, &VolumeConfig::new(16, Aabb::cube(0.5)), None, None)?;
     let op = out.opacity.to_vec2::<f64>()?;
     let o = cam.position();
     let mut worst = 0f64;
@@ -171,10 +149,7 @@ fn occupancy_skipping_keeps_the_image() -> Result<()> {
             for i in 0..40 {
                 let p = [i, j, k].map(|v| -0.5 + (v as f64 + 0.5) / 40.0);
                 if (field.0)(p).0 > 0.0 {
-                    assert!(
-                        grid.is_occupied(p),
-                        "{p:?} has density but its cell is empty"
-                    );
+                    assert!(grid.is_occupied(p), "{p:?} has density but its cell is empty");
                 }
             }
         }
@@ -204,10 +179,7 @@ fn occupancy_skipping_keeps_the_image() -> Result<()> {
         "skipping changed the image: {dc:e} {dop:e} {dd:e}"
     );
     let opmax = full.opacity.flatten_all()?.max(0)?.to_scalar::<f64>()?;
-    assert!(
-        opmax > 0.9,
-        "the ball must be visible (max opacity {opmax})"
-    );
+    assert!(opmax > 0.9, "the ball must be visible (max opacity {opmax})");
 
     // A grid that misses part of the ball changes the image (the comparison above can fail).
     let mut partial = grid.clone();
@@ -216,13 +188,7 @@ fn occupancy_skipping_keeps_the_image() -> Result<()> {
             *o = false;
         }
     }
-    let cut = render_volume(
-        &field,
-        &cam,
-        &cfg,
-        Some(&partial),
-        Some(&mut SeededRng::new(5)),
-    )?;
+    let cut = render_volume(&field, &cam, &cfg, Some(&partial), Some(&mut SeededRng::new(5)))?;
     assert!(diff(&full.rgb, &cut.rgb)? > 0.1);
     Ok(())
 }
@@ -232,25 +198,15 @@ fn rays_missing_the_box_show_the_background() -> Result<()> {
     let field = Analytic(|_| (5.0, [1.0, 0.0, 0.0]));
     // Camera looking away from the box.
     let k = Intrinsics::from_fov_y(0.5, 4, 4)?;
-    let cam = Camera::look_at(
-        k,
-        DVec3::new(0.0, 0.0, -3.0),
-        DVec3::new(0.0, 0.0, -6.0),
-        DVec3::Y,
-    )?;
+    let cam = Camera::look_at(k, DVec3::new(0.0, 0.0, -3.0), DVec3::new(0.0, 0.0, -6.0), DVec3::Y)?;
     let mut cfg = VolumeConfig::new(8, Aabb::cube(0.5));
     cfg.background = [0.1, 0.2, 0.3];
     let out = render_volume(&field, &cam, &cfg, None, None)?;
     assert_eq!(out.samples_total, 0);
     let rgb = out.rgb.to_vec3::<f64>()?;
     assert!(rgb.iter().flatten().all(|c| c == &vec![0.1, 0.2, 0.3]));
-    assert!(render_volume(
-        &field,
-        &cam,
-        &VolumeConfig::new(0, Aabb::cube(0.5)),
-        None,
-        None
-    )
-    .is_err());
+    assert!(
+        render_volume(&field, &cam, &VolumeConfig::new(0, Aabb::cube(0.5)), None, None).is_err()
+    );
     Ok(())
 }

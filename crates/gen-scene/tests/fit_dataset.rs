@@ -20,11 +20,7 @@ fn tmp_dir(name: &str) -> PathBuf {
 fn write_rgba(path: &Path) {
     let mut img = image::RgbaImage::new(4, 3);
     for (x, _y, p) in img.enumerate_pixels_mut() {
-        *p = if x == 0 {
-            image::Rgba([0, 255, 0, 0])
-        } else {
-            image::Rgba([255, 0, 0, 255])
-        };
+        *p = if x == 0 { image::Rgba([0, 255, 0, 0]) } else { image::Rgba([255, 0, 0, 255]) };
     }
     img.put_pixel(1, 0, image::Rgba([255, 0, 0, 128]));
     img.save(path).unwrap();
@@ -45,11 +41,7 @@ fn gl_c2w(eye: [f64; 3]) -> Vec<Vec<f64>> {
 }
 
 fn write_json(dir: &Path, v: &serde_json::Value) {
-    std::fs::write(
-        dir.join("transforms.json"),
-        serde_json::to_string_pretty(v).unwrap(),
-    )
-    .unwrap();
+    std::fs::write(dir.join("transforms.json"), serde_json::to_string_pretty(v).unwrap()).unwrap();
 }
 
 #[test]
@@ -81,35 +73,22 @@ fn loads_cameras_and_composites_alpha() -> Result<()> {
     let cam = views[0].camera;
     let to_cam = |p: DVec3| cam.rotation * p + cam.translation;
     let o = to_cam(DVec3::ZERO);
-    assert!(
-        o.x.abs() < 1e-12 && o.y.abs() < 1e-12 && (o.z - 4.0).abs() < 1e-12,
-        "{o}"
-    );
+    assert!(o.x.abs() < 1e-12 && o.y.abs() < 1e-12 && (o.z - 4.0).abs() < 1e-12, "{o}");
     let up = to_cam(DVec3::Z);
-    assert!(
-        up.y < -0.9,
-        "world up must map to image up (OpenCV y down): {up}"
-    );
+    assert!(up.y < -0.9, "world up must map to image up (OpenCV y down): {up}");
     let right = to_cam(DVec3::Y);
     assert!(right.x > 0.9, "{right}");
     // Camera 1: centre at (0, 3, 1).
     let c1 = &views[1].camera;
     let centre = -(c1.rotation.transpose() * c1.translation);
-    assert!(
-        (centre - DVec3::new(0.0, 3.0, 1.0)).length() < 1e-9,
-        "{centre}"
-    );
+    assert!((centre - DVec3::new(0.0, 3.0, 1.0)).length() < 1e-9, "{centre}");
     // Pixels: transparent → background (blue), opaque → red, half → mix; mask = alpha.
     let rgb = views[0].rgb.to_vec3::<f32>()?;
     assert_eq!(rgb[0][0], vec![0.0, 0.0, 1.0]);
     assert_eq!(rgb[2][3], vec![1.0, 0.0, 0.0]);
     let a = 128.0 / 255.0;
     assert!((rgb[0][1][0] - a).abs() < 1e-6 && (rgb[0][1][2] - (1.0 - a)).abs() < 1e-6);
-    let mask = views[0]
-        .mask
-        .as_ref()
-        .expect("alpha gives a mask")
-        .to_vec2::<f32>()?;
+    let mask = views[0].mask.as_ref().expect("alpha gives a mask").to_vec2::<f32>()?;
     assert_eq!(mask[1][0], 0.0);
     assert_eq!(mask[1][1], 1.0);
     Ok(())
@@ -152,19 +131,13 @@ fn clear_errors() {
         json!({"camera_angle_x": 0.8, "frames": [{"file_path": "train/nope", "transform_matrix": good}]}),
         true,
     );
-    assert!(
-        e.contains("frame 0") && e.contains("nope.png") && e.contains("not found"),
-        "{e}"
-    );
+    assert!(e.contains("frame 0") && e.contains("nope.png") && e.contains("not found"), "{e}");
     let e = load_err(
         "short-matrix",
         json!({"camera_angle_x": 0.8, "frames": [{"file_path": "train/r_0", "transform_matrix": [[1, 0, 0, 0]]}]}),
         true,
     );
-    assert!(
-        e.contains("transform_matrix") && e.contains("1 rows"),
-        "{e}"
-    );
+    assert!(e.contains("transform_matrix") && e.contains("1 rows"), "{e}");
     let e = load_err(
         "scaled-matrix",
         json!({"camera_angle_x": 0.8, "frames": [{"file_path": "train/r_0",
@@ -219,9 +192,7 @@ fn written_renders_round_trip_through_transforms_json() -> Result<()> {
     )?;
     let dir = tmp_dir("roundtrip");
     let k = Intrinsics::from_fov_y(0.8, 20, 16)?;
-    let black = RenderConfig {
-        background: [0.0; 3],
-    };
+    let black = RenderConfig { background: [0.0; 3] };
     let mut frames = Vec::new();
     let mut cams = Vec::new();
     for i in 0..3 {
@@ -269,10 +240,7 @@ fn written_renders_round_trip_through_transforms_json() -> Result<()> {
         let d = (again.rgb - &v.rgb)?.abs()?.max_all()?.to_scalar::<f32>()?;
         // 8-bit quantisation of colour and alpha.
         assert!(d < 2.5 / 255.0, "render vs loaded image: max diff {d}");
-        let m = (again.alpha - v.mask.as_ref().unwrap())?
-            .abs()?
-            .max_all()?
-            .to_scalar::<f32>()?;
+        let m = (again.alpha - v.mask.as_ref().unwrap())?.abs()?.max_all()?.to_scalar::<f32>()?;
         assert!(m <= 0.5 / 255.0 + 1e-6, "{m}");
     }
     Ok(())

@@ -40,11 +40,7 @@ fn views(n: usize, size: usize, phase: f64) -> Result<Vec<PosedImage>> {
         let eye = DVec3::new(3.0 * a.cos(), 3.0 * a.sin(), 1.0 + 0.5 * (i % 2) as f64);
         let cam = Camera::look_at(k, eye, DVec3::ZERO, DVec3::Z)?;
         let r = render(&target, &cam, &RenderConfig { background: BG })?;
-        out.push(PosedImage {
-            camera: cam,
-            rgb: r.rgb,
-            mask: Some(r.alpha),
-        });
+        out.push(PosedImage { camera: cam, rgb: r.rgb, mask: Some(r.alpha) });
     }
     Ok(out)
 }
@@ -69,11 +65,7 @@ fn cfg(steps: u64) -> FieldFitConfig {
 }
 
 fn params(t: &FieldTrainer) -> Result<Vec<Vec<f32>>> {
-    t.field()
-        .vars()
-        .iter()
-        .map(|v| Ok(v.as_tensor().flatten_all()?.to_vec1::<f32>()?))
-        .collect()
+    t.field().vars().iter().map(|v| Ok(v.as_tensor().flatten_all()?.to_vec1::<f32>()?)).collect()
 }
 
 #[test]
@@ -92,12 +84,8 @@ fn ray_batches_match_the_image_renderer() -> Result<()> {
     let b = out.rgb.flatten_all()?.to_vec1::<f32>()?;
     let oa = img.opacity.flatten_all()?.to_vec1::<f32>()?;
     let ob = out.opacity.flatten_all()?.to_vec1::<f32>()?;
-    let err = a
-        .iter()
-        .zip(&b)
-        .chain(oa.iter().zip(&ob))
-        .map(|(x, y)| (x - y).abs())
-        .fold(0f32, f32::max);
+    let err =
+        a.iter().zip(&b).chain(oa.iter().zip(&ob)).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
     assert!(err < 1e-5, "max difference {err}");
     // The untrained field is semi-transparent everywhere: some opacity, not saturated.
     assert!(oa.iter().any(|&o| o > 0.05 && o < 0.999), "{oa:?}");
@@ -130,12 +118,7 @@ fn fitting_lowers_the_loss_and_raises_psnr() -> Result<()> {
         t.occupancy().occupied_fraction()
     );
     assert!(last < 0.6 * first, "loss {first} -> {last}");
-    assert!(
-        after.psnr > before.psnr + 3.0,
-        "{} -> {}",
-        before.psnr,
-        after.psnr
-    );
+    assert!(after.psnr > before.psnr + 3.0, "{} -> {}", before.psnr, after.psnr);
     assert!(after.iou.unwrap() > before.iou.unwrap());
     Ok(())
 }
@@ -168,22 +151,13 @@ fn resume_is_bit_identical() -> Result<()> {
     assert_eq!(params(&b)?, params(&full)?);
     assert_eq!(b.occupancy(), full.occupancy());
     // A different seed or field size is refused with a clear message.
-    let err = FieldTrainer::resume(
-        FieldFitConfig {
-            seed: 4,
-            ..c.clone()
-        },
-        v.clone(),
-        &ckpt,
-    )
-    .err()
-    .expect("seed mismatch");
+    let err = FieldTrainer::resume(FieldFitConfig { seed: 4, ..c.clone() }, v.clone(), &ckpt)
+        .err()
+        .expect("seed mismatch");
     assert!(err.to_string().contains("seed"), "{err}");
     let mut bigger = c.clone();
     bigger.field.hidden = 16;
-    let err = FieldTrainer::resume(bigger, v, &ckpt)
-        .err()
-        .expect("shape mismatch");
+    let err = FieldTrainer::resume(bigger, v, &ckpt).err().expect("shape mismatch");
     assert!(err.to_string().contains("shape"), "{err}");
     std::fs::remove_dir_all(&dir)?;
     Ok(())
@@ -200,11 +174,7 @@ fn fit_field_writes_outputs_and_events() -> Result<()> {
     out.mesh_threshold = 2.0;
     out.turntable_frames = 3;
     out.turntable_size = 12;
-    let c = FieldFitConfig {
-        checkpoint_every: 20,
-        preview_every: 20,
-        ..cfg(60)
-    };
+    let c = FieldFitConfig { checkpoint_every: 20, preview_every: 20, ..cfg(60) };
     let mut events = Vec::new();
     let t = fit_field(c.clone(), v.clone(), &out, &mut |e| events.push(e.clone()))?;
     assert_eq!(t.step_count(), 60);
@@ -219,10 +189,7 @@ fn fit_field_writes_outputs_and_events() -> Result<()> {
         "turntable.png",
     ] {
         let p = dir.join(f);
-        assert!(
-            p.is_file() && std::fs::metadata(&p)?.len() > 0,
-            "{f} missing"
-        );
+        assert!(p.is_file() && std::fs::metadata(&p)?.len() > 0, "{f} missing");
     }
     let obj = std::fs::read_to_string(dir.join("mesh.obj"))?;
     assert!(obj.lines().filter(|l| l.starts_with("f ")).count() > 10);
@@ -230,21 +197,9 @@ fn fit_field_writes_outputs_and_events() -> Result<()> {
         serde_json::from_slice(&std::fs::read(dir.join("config.json"))?)?;
     assert_eq!(cfg_json["representation"], "field");
     assert_eq!(cfg_json["rays_per_batch"], 256);
-    assert!(matches!(
-        events.first(),
-        Some(FieldFitEvent::Started { step: 0, .. })
-    ));
-    assert!(matches!(
-        events.last(),
-        Some(FieldFitEvent::Finished { step: 60, .. })
-    ));
-    assert_eq!(
-        events
-            .iter()
-            .filter(|e| matches!(e, FieldFitEvent::Step(_)))
-            .count(),
-        60
-    );
+    assert!(matches!(events.first(), Some(FieldFitEvent::Started { step: 0, .. })));
+    assert!(matches!(events.last(), Some(FieldFitEvent::Finished { step: 60, .. })));
+    assert_eq!(events.iter().filter(|e| matches!(e, FieldFitEvent::Step(_))).count(), 60);
     // Resume at the end does no further steps and reloads the same parameters.
     out.resume = true;
     out.exports = FieldExportSet::default();
@@ -253,9 +208,7 @@ fn fit_field_writes_outputs_and_events() -> Result<()> {
     // An unreachable iso-level is a clear error, splat formats are refused.
     out.exports = FieldExportSet::parse("mesh")?;
     out.mesh_threshold = 1e9;
-    let err = fit_field(c, v, &out, &mut |_| {})
-        .err()
-        .expect("empty mesh");
+    let err = fit_field(c, v, &out, &mut |_| {}).err().expect("empty mesh");
     assert!(err.to_string().contains("iso-level"), "{err}");
     let err = FieldExportSet::parse("ply").expect_err("splat format");
     assert!(err.to_string().contains("splat format"), "{err}");

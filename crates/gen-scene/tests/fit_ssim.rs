@@ -28,13 +28,7 @@ fn ssim_loops(a: &[f64], b: &[f64], h: usize, w: usize, c: usize) -> f64 {
         let mut acc = 0.0;
         for (dy, gy) in g.iter().enumerate() {
             for (dx, gx) in g.iter().enumerate() {
-                acc += gy
-                    * gx
-                    * f(
-                        y as isize + dy as isize - 5,
-                        x as isize + dx as isize - 5,
-                        ch,
-                    );
+                acc += gy * gx * f(y as isize + dy as isize - 5, x as isize + dx as isize - 5, ch);
             }
         }
         acc
@@ -112,11 +106,7 @@ fn ssim_gradient_matches_finite_differences() -> Result<()> {
     let eps = 1e-6;
     let mut worst: f64 = 0.0;
     for (var, base) in [(&va, &a), (&vb, &b)] {
-        let g = grads
-            .get(var)
-            .expect("gradient")
-            .flatten_all()?
-            .to_vec1::<f64>()?;
+        let g = grads.get(var).expect("gradient").flatten_all()?.to_vec1::<f64>()?;
         let flat = base.flatten_all()?.to_vec1::<f64>()?;
         let gmax = g.iter().fold(0f64, |m, v| m.max(v.abs()));
         for i in (0..flat.len()).step_by(7) {
@@ -124,11 +114,7 @@ fn ssim_gradient_matches_finite_differences() -> Result<()> {
                 let mut v = flat.clone();
                 v[i] += d;
                 let t = Tensor::from_vec(v, (h, w, 3), &Device::Cpu)?;
-                let (x, y) = if std::ptr::eq(var, &va) {
-                    (t, b.clone())
-                } else {
-                    (a.clone(), t)
-                };
+                let (x, y) = if std::ptr::eq(var, &va) { (t, b.clone()) } else { (a.clone(), t) };
                 Ok(op.ssim(&x, &y)?.to_scalar::<f64>()?)
             };
             let fd = (shifted(eps)? - shifted(-eps)?) / (2.0 * eps);

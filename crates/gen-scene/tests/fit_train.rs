@@ -38,11 +38,7 @@ fn views(n: usize, size: usize) -> Result<Vec<PosedImage>> {
         let eye = DVec3::new(3.5 * a.cos(), 3.5 * a.sin(), 1.0);
         let cam = Camera::look_at(k, eye, DVec3::ZERO, DVec3::Z)?;
         let r = render(&target, &cam, &RenderConfig { background: BG })?;
-        out.push(PosedImage {
-            camera: cam,
-            rgb: r.rgb,
-            mask: Some(r.alpha),
-        });
+        out.push(PosedImage { camera: cam, rgb: r.rgb, mask: Some(r.alpha) });
     }
     Ok(out)
 }
@@ -53,10 +49,7 @@ fn cfg(steps: u64) -> FitConfig {
         background: BG,
         init: InitConfig {
             count: 60,
-            region: InitRegion::Box {
-                min: [-0.8; 3],
-                max: [0.8; 3],
-            },
+            region: InitRegion::Box { min: [-0.8; 3], max: [0.8; 3] },
             scale: 0.1,
             opacity: 0.1,
         },
@@ -143,10 +136,7 @@ fn resume_is_bit_identical() -> Result<()> {
     }
     // A checkpoint from another seed is refused.
     let other = FitConfig { seed: 6, ..c };
-    let e = Trainer::resume(other, v, &ckpt)
-        .err()
-        .expect("seed mismatch")
-        .to_string();
+    let e = Trainer::resume(other, v, &ckpt).err().expect("seed mismatch").to_string();
     assert!(e.contains("seed"), "{e}");
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
@@ -161,11 +151,7 @@ fn fit_writes_outputs_and_events() -> Result<()> {
     out.exports = ExportSet::parse("ply,glb,mesh")?;
     out.mesh_resolution = 12;
     out.mesh_threshold = 0.3;
-    let mut c = FitConfig {
-        checkpoint_every: 4,
-        preview_every: 5,
-        ..cfg(10)
-    };
+    let mut c = FitConfig { checkpoint_every: 4, preview_every: 5, ..cfg(10) };
     // Opaque enough from the start for the density to cross the mesh iso-level.
     c.init.opacity = 0.7;
     let mut events = Vec::new();
@@ -186,25 +172,20 @@ fn fit_writes_outputs_and_events() -> Result<()> {
         serde_json::from_str(&std::fs::read_to_string(dir.join("config.json"))?)?;
     assert_eq!(cfg_json["steps"], 10);
     assert_eq!(cfg_json["ssim_weight"], 0.2);
-    let steps = events
-        .iter()
-        .filter(|e| matches!(e, FitEvent::Step(_)))
-        .count();
+    let steps = events.iter().filter(|e| matches!(e, FitEvent::Step(_))).count();
     assert_eq!(steps, 10);
-    assert!(matches!(
-        events.last(),
-        Some(FitEvent::Finished { step: 10, .. })
-    ));
+    assert!(matches!(events.last(), Some(FitEvent::Finished { step: 10, .. })));
     // AdamW keeps two moments per parameter of the final splats.
     if let Some(FitEvent::Finished { gaussians, optimizer_state_bytes, .. }) = events.last() {
-        assert!(*optimizer_state_bytes > 0 && optimizer_state_bytes % gaussians == 0, "{optimizer_state_bytes} bytes for {gaussians} Gaussians");
+        assert!(
+            *optimizer_state_bytes > 0 && optimizer_state_bytes % gaussians == 0,
+            "{optimizer_state_bytes} bytes for {gaussians} Gaussians"
+        );
     }
     // Resuming a finished run does no more steps.
     out.resume = true;
     let mut n = 0;
-    fit(c, v, &out, &mut |e| {
-        n += matches!(e, FitEvent::Step(_)) as usize
-    })?;
+    fit(c, v, &out, &mut |e| n += matches!(e, FitEvent::Step(_)) as usize)?;
     assert_eq!(n, 0);
     assert!(ExportSet::parse("ply,stl").is_err());
     let _ = std::fs::remove_dir_all(&dir);

@@ -50,24 +50,14 @@ impl DensityField for Union {
 fn closed_euler(m: &TriMesh) -> i64 {
     let mut directed: HashMap<(u32, u32), usize> = HashMap::new();
     for t in &m.indices {
-        assert!(
-            t[0] != t[1] && t[1] != t[2] && t[0] != t[2],
-            "repeated index in {t:?}"
-        );
+        assert!(t[0] != t[1] && t[1] != t[2] && t[0] != t[2], "repeated index in {t:?}");
         for e in 0..3 {
             *directed.entry((t[e], t[(e + 1) % 3])).or_default() += 1;
         }
     }
     for (&(a, b), &n) in &directed {
-        assert_eq!(
-            n, 1,
-            "directed edge ({a},{b}) used {n} times (inconsistent orientation)"
-        );
-        assert_eq!(
-            directed.get(&(b, a)),
-            Some(&1),
-            "edge ({a},{b}) is a boundary edge"
-        );
+        assert_eq!(n, 1, "directed edge ({a},{b}) used {n} times (inconsistent orientation)");
+        assert_eq!(directed.get(&(b, a)), Some(&1), "edge ({a},{b}) is a boundary edge");
     }
     let e = directed.len() / 2;
     m.positions.len() as i64 - e as i64 + m.indices.len() as i64
@@ -100,16 +90,9 @@ fn sphere_is_closed_round_and_faces_outward() {
         let (a, b, cc) = (p(t[0]), p(t[1]), p(t[2]));
         let u = [b[0] - a[0], b[1] - a[1], b[2] - a[2]];
         let v = [cc[0] - a[0], cc[1] - a[1], cc[2] - a[2]];
-        let n = [
-            u[1] * v[2] - u[2] * v[1],
-            u[2] * v[0] - u[0] * v[2],
-            u[0] * v[1] - u[1] * v[0],
-        ];
+        let n = [u[1] * v[2] - u[2] * v[1], u[2] * v[0] - u[0] * v[2], u[0] * v[1] - u[1] * v[0]];
         let out = [a[0] - c[0], a[1] - c[1], a[2] - c[2]];
-        assert!(
-            n[0] * out[0] + n[1] * out[1] + n[2] * out[2] >= 0.0,
-            "inward triangle {t:?}"
-        );
+        assert!(n[0] * out[0] + n[1] * out[1] + n[2] * out[2] >= 0.0, "inward triangle {t:?}");
     }
     let area = m.area();
     let want = 4.0 * std::f64::consts::PI * r * r;
@@ -118,65 +101,26 @@ fn sphere_is_closed_round_and_faces_outward() {
 
 #[test]
 fn torus_and_two_spheres_have_the_right_topology() {
-    let t = mesh_of(
-        &Torus {
-            big: 0.6,
-            small: 0.25,
-        },
-        Grid::cube(-1.0, 1.0, 41),
-    );
+    let t = mesh_of(&Torus { big: 0.6, small: 0.25 }, Grid::cube(-1.0, 1.0, 41));
     assert_eq!(closed_euler(&t), 0);
-    let two = Union(
-        Sphere {
-            c: [-0.5, 0.0, 0.0],
-            r: 0.3,
-        },
-        Sphere {
-            c: [0.5, 0.0, 0.0],
-            r: 0.3,
-        },
-    );
-    let m = mesh_of(
-        &two,
-        Grid {
-            min: [-1.0, -0.5, -0.5],
-            max: [1.0, 0.5, 0.5],
-            dims: [41, 21, 21],
-        },
-    );
+    let two = Union(Sphere { c: [-0.5, 0.0, 0.0], r: 0.3 }, Sphere { c: [0.5, 0.0, 0.0], r: 0.3 });
+    let m =
+        mesh_of(&two, Grid { min: [-1.0, -0.5, -0.5], max: [1.0, 0.5, 0.5], dims: [41, 21, 21] });
     assert_eq!(closed_euler(&m), 4);
     // No surface: empty mesh, not an error.
-    let none = mesh_of(
-        &Sphere {
-            c: [5.0, 5.0, 5.0],
-            r: 0.1,
-        },
-        Grid::cube(-1.0, 1.0, 9),
-    );
+    let none = mesh_of(&Sphere { c: [5.0, 5.0, 5.0], r: 0.1 }, Grid::cube(-1.0, 1.0, 9));
     assert!(none.indices.is_empty() && none.positions.is_empty());
 }
 
 #[test]
 fn bad_grids_are_errors() {
     assert!(marching_cubes(&[0.0; 8], &Grid::cube(0.0, 1.0, 2), 0.5).is_ok());
-    let e = marching_cubes(&[0.0; 7], &Grid::cube(0.0, 1.0, 2), 0.5)
-        .unwrap_err()
-        .to_string();
+    let e = marching_cubes(&[0.0; 7], &Grid::cube(0.0, 1.0, 2), 0.5).unwrap_err().to_string();
     assert!(e.contains("7 values"), "{e}");
     assert!(marching_cubes(&[0.0; 1], &Grid::cube(0.0, 1.0, 1), 0.5).is_err());
     assert!(marching_cubes(&[0.0; 8], &Grid::cube(1.0, 0.0, 2), 0.5).is_err());
-    let cfg = MeshConfig {
-        grid: Grid::cube(-1.0, 1.0, 5),
-        threshold: f64::NAN,
-    };
-    assert!(extract_mesh(
-        &Sphere {
-            c: [0.0; 3],
-            r: 0.5
-        },
-        &cfg
-    )
-    .is_err());
+    let cfg = MeshConfig { grid: Grid::cube(-1.0, 1.0, 5), threshold: f64::NAN };
+    assert!(extract_mesh(&Sphere { c: [0.0; 3], r: 0.5 }, &cfg).is_err());
 }
 
 /// (mean, scales, quaternion (w, x, y, z), opacity).
@@ -185,50 +129,18 @@ type Gauss = ([f64; 3], [f64; 3], [f64; 4], f64);
 /// Three Gaussians with known parameters; density recomputed here from the definition.
 fn three() -> (Splats, Vec<Gauss>) {
     let g: Vec<Gauss> = vec![
-        (
-            [0.0, 0.0, 0.0],
-            [0.2, 0.1, 0.05],
-            [0.9, 0.1, -0.3, 0.2],
-            0.8,
-        ),
-        (
-            [0.15, 0.05, 0.0],
-            [0.08, 0.08, 0.08],
-            [1.0, 0.0, 0.0, 0.0],
-            0.6,
-        ),
-        (
-            [-0.1, 0.2, 0.1],
-            [0.05, 0.15, 0.1],
-            [0.3, 0.5, 0.1, -0.7],
-            0.95,
-        ),
+        ([0.0, 0.0, 0.0], [0.2, 0.1, 0.05], [0.9, 0.1, -0.3, 0.2], 0.8),
+        ([0.15, 0.05, 0.0], [0.08, 0.08, 0.08], [1.0, 0.0, 0.0, 0.0], 0.6),
+        ([-0.1, 0.2, 0.1], [0.05, 0.15, 0.1], [0.3, 0.5, 0.1, -0.7], 0.95),
     ];
     let dev = Device::Cpu;
     let f = |v: Vec<f32>, s: &[usize]| Tensor::from_vec(v, s, &dev).unwrap();
     let splats = Splats {
-        means: f(
-            g.iter().flat_map(|x| x.0.map(|v| v as f32)).collect(),
-            &[3, 3],
-        ),
-        log_scales: f(
-            g.iter()
-                .flat_map(|x| x.1.map(|v| (v as f32).ln()))
-                .collect(),
-            &[3, 3],
-        ),
-        quats: f(
-            g.iter().flat_map(|x| x.2.map(|v| v as f32)).collect(),
-            &[3, 4],
-        ),
-        opacity_logits: f(
-            g.iter().map(|x| (x.3 / (1.0 - x.3)).ln() as f32).collect(),
-            &[3],
-        ),
-        sh: f(
-            vec![0.5, -0.5, 1.0, 1.0, 0.0, -1.0, 0.0, 0.0, 0.0],
-            &[3, 1, 3],
-        ),
+        means: f(g.iter().flat_map(|x| x.0.map(|v| v as f32)).collect(), &[3, 3]),
+        log_scales: f(g.iter().flat_map(|x| x.1.map(|v| (v as f32).ln())).collect(), &[3, 3]),
+        quats: f(g.iter().flat_map(|x| x.2.map(|v| v as f32)).collect(), &[3, 4]),
+        opacity_logits: f(g.iter().map(|x| (x.3 / (1.0 - x.3)).ln() as f32).collect(), &[3]),
+        sh: f(vec![0.5, -0.5, 1.0, 1.0, 0.0, -1.0, 0.0, 0.0, 0.0], &[3, 1, 3]),
     };
     (splats, g)
 }
@@ -238,21 +150,9 @@ fn rotation(q: &[f64; 4]) -> [[f64; 3]; 3] {
     let n = (q[0] * q[0] + q[1] * q[1] + q[2] * q[2] + q[3] * q[3]).sqrt();
     let (w, x, y, z) = (q[0] / n, q[1] / n, q[2] / n, q[3] / n);
     [
-        [
-            1.0 - 2.0 * (y * y + z * z),
-            2.0 * (x * y - w * z),
-            2.0 * (x * z + w * y),
-        ],
-        [
-            2.0 * (x * y + w * z),
-            1.0 - 2.0 * (x * x + z * z),
-            2.0 * (y * z - w * x),
-        ],
-        [
-            2.0 * (x * z - w * y),
-            2.0 * (y * z + w * x),
-            1.0 - 2.0 * (x * x + y * y),
-        ],
+        [1.0 - 2.0 * (y * y + z * z), 2.0 * (x * y - w * z), 2.0 * (x * z + w * y)],
+        [2.0 * (x * y + w * z), 1.0 - 2.0 * (x * x + z * z), 2.0 * (y * z - w * x)],
+        [2.0 * (x * z - w * y), 2.0 * (y * z + w * x), 1.0 - 2.0 * (x * x + y * y)],
     ]
 }
 
@@ -277,17 +177,9 @@ fn reference_density(g: &[Gauss], p: [f64; 3]) -> f64 {
 fn splat_density_matches_the_definition() {
     let (splats, g) = three();
     // A cut-off far out so the reference (no cut-off) applies everywhere.
-    let cfg = SplatDensityConfig {
-        cutoff_sigmas: 12.0,
-        min_opacity: 0.0,
-        block: 4,
-    };
+    let cfg = SplatDensityConfig { cutoff_sigmas: 12.0, min_opacity: 0.0, block: 4 };
     let field = SplatDensity::new(&splats, cfg).unwrap();
-    let grid = Grid {
-        min: [-0.5, -0.4, -0.3],
-        max: [0.5, 0.6, 0.4],
-        dims: [11, 9, 7],
-    };
+    let grid = Grid { min: [-0.5, -0.4, -0.3], max: [0.5, 0.6, 0.4], dims: [11, 9, 7] };
     let sampled = field.sample_grid(&grid).unwrap();
     let mut worst = 0f64;
     for k in 0..7 {
@@ -302,14 +194,8 @@ fn splat_density_matches_the_definition() {
     }
     assert!(worst < 1e-5, "max density error {worst}");
     // With the 3σ cut-off, the error is bounded by Σ o·exp(-4.5).
-    let cut = SplatDensity::new(
-        &splats,
-        SplatDensityConfig {
-            block: 3,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let cut =
+        SplatDensity::new(&splats, SplatDensityConfig { block: 3, ..Default::default() }).unwrap();
     let s3 = cut.sample_grid(&grid).unwrap();
     let bound = 2.35 * (-4.5f64).exp();
     for (a, b) in s3.iter().zip(&sampled) {
@@ -332,14 +218,7 @@ fn meshing_one_gaussian_gives_its_iso_sphere_in_its_colour() {
     let splats = arrays.to_splats(&dev).unwrap();
     let field = SplatDensity::new(&splats, SplatDensityConfig::default()).unwrap();
     let grid = Grid::cube(-0.7, 0.7, 36);
-    let m = extract_mesh(
-        &field,
-        &MeshConfig {
-            grid,
-            threshold: thr,
-        },
-    )
-    .unwrap();
+    let m = extract_mesh(&field, &MeshConfig { grid, threshold: thr }).unwrap();
     assert_eq!(closed_euler(&m), 2);
     // o exp(-r²/2σ²) = thr  ⇒  r = σ sqrt(2 ln(o/thr)).
     let r = sigma * (2.0 * (opacity / thr).ln()).sqrt();
@@ -381,22 +260,12 @@ fn grid_around_the_splats_holds_the_whole_object() {
     let grid = Grid::around(lo, hi, 40, 0.05).unwrap();
     let step = grid.step();
     for a in 0..3 {
-        assert!(
-            (step[a] - step[0]).abs() < 1e-12,
-            "cells are not cubic: {step:?}"
-        );
+        assert!((step[a] - step[0]).abs() < 1e-12, "cells are not cubic: {step:?}");
         assert!(grid.min[a] < lo[a] && grid.max[a] > hi[a]);
     }
     assert_eq!(grid.dims.iter().max(), Some(&40));
     // Density is (nearly) zero on the border, so the mesh is closed.
-    let m = extract_mesh(
-        &field,
-        &MeshConfig {
-            grid,
-            threshold: 0.3,
-        },
-    )
-    .unwrap();
+    let m = extract_mesh(&field, &MeshConfig { grid, threshold: 0.3 }).unwrap();
     assert!(!m.indices.is_empty());
     assert_eq!(closed_euler(&m) % 2, 0);
     assert!(Grid::around(lo, lo, 10, 0.1).is_err());

@@ -47,12 +47,7 @@ fn lzw_decode(data: &[u8]) -> Vec<u8> {
             table[code].clone()
         } else {
             let p = prev.clone().expect("KwK code right after a clear");
-            assert_eq!(
-                code,
-                table.len(),
-                "code {code} past the table ({})",
-                table.len()
-            );
+            assert_eq!(code, table.len(), "code {code} past the table ({})", table.len());
             let mut e = p.clone();
             e.push(p[0]);
             e
@@ -136,9 +131,7 @@ fn lzw_round_trips_short_long_and_repetitive_data() {
         vec![7],
         vec![0; 10_000],
         (0..20_000).map(|_| rng.below(256) as u8).collect(), // forces several table resets
-        (0..30_000)
-            .map(|i| ((i / 7) % 5) as u8 * 40 + rng.below(3) as u8)
-            .collect(),
+        (0..30_000).map(|i| ((i / 7) % 5) as u8 * 40 + rng.below(3) as u8).collect(),
     ];
     for (i, c) in cases.iter().enumerate() {
         assert_eq!(&lzw_decode(&lzw_encode(c)), c, "case {i}");
@@ -162,21 +155,12 @@ fn gif_pixels_are_the_nearest_palette_colours() {
         }
     });
     let frames = vec![img.clone(), RgbImage::from_pixel(40, 24, Rgb([255, 0, 0]))];
-    let cfg = GifConfig {
-        delay_cs: 5,
-        repeat: 0,
-        dither: false,
-    };
+    let cfg = GifConfig { delay_cs: 5, repeat: 0, dither: false };
     let bytes = encode_gif(&frames, &cfg).unwrap();
     let (w, h, pal, loops, dec) = decode_gif(&bytes);
     assert_eq!((w, h, loops, dec.len()), (40, 24, Some(0), 2));
     assert_eq!(pal.len(), 768);
-    assert_eq!(
-        pal.chunks(3)
-            .map(|c| [c[0], c[1], c[2]])
-            .collect::<Vec<_>>(),
-        palette()
-    );
+    assert_eq!(pal.chunks(3).map(|c| [c[0], c[1], c[2]]).collect::<Vec<_>>(), palette());
     for (delay, idx) in &dec {
         assert_eq!(*delay, 5);
         assert_eq!(idx.len(), 40 * 24);
@@ -186,18 +170,10 @@ fn gif_pixels_are_the_nearest_palette_colours() {
         for c in 0..3 {
             let err = (pal[3 * k + c] as i32 - p.0[c] as i32).abs();
             // Colour cube step 51 → nearest within 26; grey ramp step ~6.5.
-            assert!(
-                err <= 26,
-                "pixel {i} channel {c}: {} vs {}",
-                pal[3 * k + c],
-                p.0[c]
-            );
+            assert!(err <= 26, "pixel {i} channel {c}: {} vs {}", pal[3 * k + c], p.0[c]);
         }
     }
-    assert!(dec[1]
-        .1
-        .iter()
-        .all(|&k| pal[3 * k as usize..3 * k as usize + 3] == [255, 0, 0]));
+    assert!(dec[1].1.iter().all(|&k| pal[3 * k as usize..3 * k as usize + 3] == [255, 0, 0]));
     assert!(encode_gif(&[], &cfg).is_err());
     assert!(encode_gif(&[img, RgbImage::new(3, 3)], &cfg)
         .unwrap_err()
@@ -208,10 +184,7 @@ fn gif_pixels_are_the_nearest_palette_colours() {
 #[test]
 fn orbit_cameras_circle_the_centre_at_constant_distance() {
     let s = Splats::random(
-        &RandomSplatsConfig {
-            count: 10,
-            ..Default::default()
-        },
+        &RandomSplatsConfig { count: 10, ..Default::default() },
         &mut SeededRng::new(1),
         DType::F32,
         &Device::Cpu,
@@ -222,10 +195,7 @@ fn orbit_cameras_circle_the_centre_at_constant_distance() {
         width: 40,
         height: 30,
         elevation_deg: 30.0,
-        framing: Framing::Manual {
-            center: [0.5, -0.2, 0.1],
-            distance: 4.0,
-        },
+        framing: Framing::Manual { center: [0.5, -0.2, 0.1], distance: 4.0 },
         ..Default::default()
     };
     let cams = orbit_cameras(&s, &cfg).unwrap();
@@ -250,14 +220,7 @@ fn orbit_cameras_circle_the_centre_at_constant_distance() {
     assert!((p(0).dot(p(4)) + 1.0).abs() < 1e-9);
     assert!((p(0).dot(p(1)) - std::f64::consts::FRAC_1_SQRT_2).abs() < 1e-9);
     assert!(orbit_cameras(&s, &TurntableConfig { frames: 0, ..cfg }).is_err());
-    assert!(orbit_cameras(
-        &s,
-        &TurntableConfig {
-            up: [0.0; 3],
-            ..cfg
-        }
-    )
-    .is_err());
+    assert!(orbit_cameras(&s, &TurntableConfig { up: [0.0; 3], ..cfg }).is_err());
 }
 
 #[test]
@@ -275,12 +238,7 @@ fn turntable_writes_a_looping_gif_and_a_contact_sheet() {
         &Device::Cpu,
     )
     .unwrap();
-    let cfg = TurntableConfig {
-        frames: 5,
-        width: 32,
-        height: 24,
-        ..Default::default()
-    };
+    let cfg = TurntableConfig { frames: 5, width: 32, height: 24, ..Default::default() };
     let dir = tmp_dir("turntable");
     let (gif, png) = (dir.join("t.gif"), dir.join("t.png"));
     let frames = write_turntable(&s, &cfg, &gif, &png).unwrap();
@@ -290,11 +248,7 @@ fn turntable_writes_a_looping_gif_and_a_contact_sheet() {
     for f in &frames {
         let centre = f.get_pixel(16, 12);
         assert_ne!(centre, &Rgb([255, 255, 255]));
-        assert_eq!(
-            f.get_pixel(0, 0),
-            &Rgb([255, 255, 255]),
-            "object touches the corner"
-        );
+        assert_eq!(f.get_pixel(0, 0), &Rgb([255, 255, 255]), "object touches the corner");
     }
     assert_ne!(frames[0], frames[2]);
     let (w, h, _, loops, dec) = decode_gif(&std::fs::read(&gif).unwrap());
@@ -302,15 +256,9 @@ fn turntable_writes_a_looping_gif_and_a_contact_sheet() {
     let sheet = image::open(&png).unwrap().to_rgb8();
     // 5 frames → 3 columns × 2 rows with 2-pixel gaps.
     assert_eq!(sheet.dimensions(), (3 * 34 + 2, 2 * 26 + 2));
-    assert_eq!(
-        sheet.get_pixel(2 + 34 + 5, 2 + 26 + 7),
-        frames[4].get_pixel(5, 7)
-    );
+    assert_eq!(sheet.get_pixel(2 + 34 + 5, 2 + 26 + 7), frames[4].get_pixel(5, 7));
     assert_eq!(contact_sheet(&frames).unwrap(), sheet);
-    let names: Vec<_> = std::fs::read_dir(&dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name())
-        .collect();
+    let names: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name()).collect();
     assert_eq!(names.len(), 2, "{names:?}");
     std::fs::remove_dir_all(&dir).unwrap();
 }

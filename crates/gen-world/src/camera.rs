@@ -65,14 +65,24 @@ impl OrbitCamera {
     pub fn world_to_camera(&self) -> Mat4 {
         let r = self.rotation();
         let t = -(r * self.position());
-        Mat4::from_cols(r.x_axis.extend(0.0), r.y_axis.extend(0.0), r.z_axis.extend(0.0), t.extend(1.0))
+        Mat4::from_cols(
+            r.x_axis.extend(0.0),
+            r.y_axis.extend(0.0),
+            r.z_axis.extend(0.0),
+            t.extend(1.0),
+        )
     }
 
     /// The inverse of [`OrbitCamera::world_to_camera`] (camera pose in the world).
     pub fn camera_to_world(&self) -> Mat4 {
         let rt = self.rotation().transpose();
         let c = self.position();
-        Mat4::from_cols(rt.x_axis.extend(0.0), rt.y_axis.extend(0.0), rt.z_axis.extend(0.0), c.extend(1.0))
+        Mat4::from_cols(
+            rt.x_axis.extend(0.0),
+            rt.y_axis.extend(0.0),
+            rt.z_axis.extend(0.0),
+            c.extend(1.0),
+        )
     }
 
     /// Focal length in pixels (`fx = fy`).
@@ -137,7 +147,14 @@ mod tests {
     use super::*;
 
     fn cam(az: f32, el: f32) -> OrbitCamera {
-        OrbitCamera { azimuth_deg: az, elevation_deg: el, distance: 4.0, fov_y_deg: 40.0, width: 64, height: 48 }
+        OrbitCamera {
+            azimuth_deg: az,
+            elevation_deg: el,
+            distance: 4.0,
+            fov_y_deg: 40.0,
+            width: 64,
+            height: 48,
+        }
     }
 
     #[test]

@@ -109,13 +109,17 @@ fn article(next: &str) -> &'static str {
 
 /// The full caption of a scene: "a light blue torus on a grey background, side view".
 pub fn caption(shape: Shape, colour: Colour, background: Background, view: View) -> String {
-    CaptionParts { shape, colour: Some(colour), background: Some(background), view: Some(view) }.to_string()
+    CaptionParts { shape, colour: Some(colour), background: Some(background), view: Some(view) }
+        .to_string()
 }
 
 /// Every token captions use, sorted: words plus the "," punctuation token. A word-level
 /// tokenizer built from this list can encode every caption the world produces.
 pub fn vocabulary() -> Vec<String> {
-    let mut words: Vec<String> = ["a", "an", "on", "background", "view", ",", "light", "dark"].iter().map(|s| s.to_string()).collect();
+    let mut words: Vec<String> = ["a", "an", "on", "background", "view", ",", "light", "dark"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
     words.extend(Hue::ALL.iter().map(|h| h.name().to_string()));
     words.extend(Shape::ALL.iter().map(|s| s.name().to_string()));
     words.extend(Background::ALL.iter().map(|b| b.name().to_string()));
@@ -141,10 +145,14 @@ pub fn parse_caption(text: &str) -> Result<CaptionParts> {
     if let Some(bad) = tokens.iter().find(|t| !vocab.contains(t)) {
         return Err(Error::invalid(
             "caption",
-            format!("unknown word {bad:?} in {text:?}; the world knows these words: {}", vocab.join(" ")),
+            format!(
+                "unknown word {bad:?} in {text:?}; the world knows these words: {}",
+                vocab.join(" ")
+            ),
         ));
     }
-    let grammar = "expected \"a|an [light|dark] [COLOUR] SHAPE [on a BACKGROUND background] [, VIEW view]\"";
+    let grammar =
+        "expected \"a|an [light|dark] [COLOUR] SHAPE [on a BACKGROUND background] [, VIEW view]\"";
     let fail = |why: &str| Error::invalid("caption", format!("{text:?}: {why}; {grammar}"));
     let mut i = 0;
     let peek = |i: usize| tokens.get(i).map(String::as_str);
@@ -168,7 +176,11 @@ pub fn parse_caption(text: &str) -> Result<CaptionParts> {
         if !matches!(peek(i + 1), Some("a" | "an")) || peek(i + 3) != Some("background") {
             return Err(fail("bad background phrase"));
         }
-        background = Some(peek(i + 2).and_then(Background::from_name).ok_or_else(|| fail("unknown background colour"))?);
+        background = Some(
+            peek(i + 2)
+                .and_then(Background::from_name)
+                .ok_or_else(|| fail("unknown background colour"))?,
+        );
         i += 4;
     }
     if peek(i) == Some(",") {
@@ -196,10 +208,23 @@ mod tests {
     #[test]
     fn caption_examples_by_hand() {
         assert_eq!(
-            caption(Shape::Torus, Colour::new(Hue::Blue, Tone::Light), Background::Grey, View::Side),
+            caption(
+                Shape::Torus,
+                Colour::new(Hue::Blue, Tone::Light),
+                Background::Grey,
+                View::Side
+            ),
             "a light blue torus on a grey background, side view"
         );
-        assert_eq!(caption(Shape::Cube, Colour::new(Hue::Orange, Tone::Plain), Background::Black, View::Front), "an orange cube on a black background, front view");
+        assert_eq!(
+            caption(
+                Shape::Cube,
+                Colour::new(Hue::Orange, Tone::Plain),
+                Background::Black,
+                View::Front
+            ),
+            "an orange cube on a black background, front view"
+        );
     }
 
     #[test]
@@ -212,7 +237,16 @@ mod tests {
                         let c = caption(shape, colour, bg, view);
                         assert!(tokenize(&c).iter().all(|t| vocab.contains(t)), "{c}");
                         let p = parse_caption(&c).unwrap();
-                        assert_eq!(p, CaptionParts { shape, colour: Some(colour), background: Some(bg), view: Some(view) }, "{c}");
+                        assert_eq!(
+                            p,
+                            CaptionParts {
+                                shape,
+                                colour: Some(colour),
+                                background: Some(bg),
+                                view: Some(view)
+                            },
+                            "{c}"
+                        );
                     }
                 }
             }

@@ -111,7 +111,10 @@ fn png_bytes(img: image::DynamicImage, what: &Path) -> Result<Vec<u8>> {
 /// Creates `dir` (and parents) and checks that files can be written in it.
 fn prepare_dir(dir: &Path) -> Result<()> {
     if dir.exists() && !dir.is_dir() {
-        return Err(Error::invalid("output folder", format!("{} exists and is not a folder", dir.display())));
+        return Err(Error::invalid(
+            "output folder",
+            format!("{} exists and is not a folder", dir.display()),
+        ));
     }
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let probe = dir.join(format!(".gen-write-probe-{}", std::process::id()));
@@ -124,29 +127,53 @@ pub fn contact_sheet(images: &[image::RgbImage]) -> Result<image::RgbImage> {
     let first = images.first().ok_or_else(|| Error::invalid("contact sheet", "no images"))?;
     let (w, h) = first.dimensions();
     if let Some(bad) = images.iter().find(|i| i.dimensions() != (w, h)) {
-        return Err(Error::invalid("contact sheet", format!("images differ in size: {:?} vs {:?}", (w, h), bad.dimensions())));
+        return Err(Error::invalid(
+            "contact sheet",
+            format!("images differ in size: {:?} vs {:?}", (w, h), bad.dimensions()),
+        ));
     }
     let n = images.len() as u32;
     let cols = (n as f64).sqrt().ceil() as u32;
     let rows = n.div_ceil(cols);
     let gap = 2;
-    let mut sheet = image::RgbImage::from_pixel(cols * (w + gap) + gap, rows * (h + gap) + gap, image::Rgb([16, 16, 16]));
+    let mut sheet = image::RgbImage::from_pixel(
+        cols * (w + gap) + gap,
+        rows * (h + gap) + gap,
+        image::Rgb([16, 16, 16]),
+    );
     for (k, img) in images.iter().enumerate() {
         let (c, r) = (k as u32 % cols, k as u32 / cols);
-        image::imageops::replace(&mut sheet, img, (gap + c * (w + gap)) as i64, (gap + r * (h + gap)) as i64);
+        image::imageops::replace(
+            &mut sheet,
+            img,
+            (gap + c * (w + gap)) as i64,
+            (gap + r * (h + gap)) as i64,
+        );
     }
     Ok(sheet)
 }
 
 /// Renders and writes `spec`'s samples to `out` (layout in the module docs). `progress` is
 /// called with the number of samples finished so far (from worker threads).
-pub fn write_dataset(world: &World, spec: &DatasetSpec, out: &Path, progress: &(dyn Fn(u64) + Sync)) -> Result<DatasetSummary> {
+pub fn write_dataset(
+    world: &World,
+    spec: &DatasetSpec,
+    out: &Path,
+    progress: &(dyn Fn(u64) + Sync),
+) -> Result<DatasetSummary> {
     if spec.count == 0 {
         return Err(Error::invalid("count", "0 (must be at least 1)"));
     }
-    let end = spec.start.checked_add(spec.count).filter(|&e| e <= crate::world::SPLIT_SIZE).ok_or_else(|| {
-        Error::invalid("sample range", format!("start {} + count {} exceeds the split size 2^40", spec.start, spec.count))
-    })?;
+    let end = spec
+        .start
+        .checked_add(spec.count)
+        .filter(|&e| e <= crate::world::SPLIT_SIZE)
+        .ok_or_else(|| {
+            Error::invalid(
+                "sample range",
+                format!("start {} + count {} exceeds the split size 2^40", spec.start, spec.count),
+            )
+        })?;
     let wall = Instant::now();
     prepare_dir(out)?;
     prepare_dir(&out.join("images"))?;
@@ -177,7 +204,9 @@ pub fn write_dataset(world: &World, spec: &DatasetSpec, out: &Path, progress: &(
     let mut render_seconds = 0.0;
     let mut records = Vec::with_capacity(results.len());
     for (rec, secs, thumb) in results {
-        jsonl.push_str(&serde_json::to_string(&rec).map_err(|e| Error::msg(format!("metadata: {e}")))?);
+        jsonl.push_str(
+            &serde_json::to_string(&rec).map_err(|e| Error::msg(format!("metadata: {e}")))?,
+        );
         jsonl.push('\n');
         render_seconds += secs;
         thumbs.extend(thumb);
@@ -192,10 +221,17 @@ pub fn write_dataset(world: &World, spec: &DatasetSpec, out: &Path, progress: &(
         world: &'a WorldConfig,
         dataset: &'a DatasetSpec,
     }
-    let info = serde_json::to_string_pretty(&RunInfo { world: world.config(), dataset: spec }).map_err(|e| Error::msg(format!("world.json: {e}")))?;
+    let info = serde_json::to_string_pretty(&RunInfo { world: world.config(), dataset: spec })
+        .map_err(|e| Error::msg(format!("world.json: {e}")))?;
     write_atomic(out.join("world.json"), info.as_bytes())?;
     let mut vocab = crate::caption::vocabulary().join("\n");
     vocab.push('\n');
     write_atomic(out.join("vocabulary.txt"), vocab.as_bytes())?;
-    Ok(DatasetSummary { records, metadata, contact_sheet: contact, render_seconds, wall_seconds: wall.elapsed().as_secs_f64() })
+    Ok(DatasetSummary {
+        records,
+        metadata,
+        contact_sheet: contact,
+        render_seconds,
+        wall_seconds: wall.elapsed().as_secs_f64(),
+    })
 }

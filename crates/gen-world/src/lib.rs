@@ -25,8 +25,9 @@ pub use camera::{OrbitCamera, Ray, RayGen};
 pub use caption::{caption, parse_caption, tokenize, vocabulary, CaptionParts, View};
 pub use dataset::{contact_sheet, write_dataset, DatasetSpec, DatasetSummary, Record};
 pub use metrics::{
-    alignment, clipped_fraction, colourfulness, frechet_distance, frechet_distance_stats, mean_saturation, real_vs_real,
-    saturation_excess, AlignmentReport, ClipThresholds, GaussianStats, ImageU8, ObjectSelect, Predicted, Target, ViewJudge,
+    alignment, clipped_fraction, colourfulness, frechet_distance, frechet_distance_stats,
+    mean_saturation, real_vs_real, saturation_excess, AlignmentReport, ClipThresholds,
+    GaussianStats, ImageU8, ObjectSelect, Predicted, Target, ViewJudge,
 };
 pub use palette::{Background, Colour, Hue, Tone};
 pub use render::{render, Lighting, RenderInput, Rendered};

@@ -41,7 +41,14 @@ impl<'a> ImageU8<'a> {
     /// Checks that `rgb` holds `height * width * 3` bytes.
     pub fn new(width: usize, height: usize, rgb: &'a [u8]) -> Result<Self> {
         if width == 0 || height == 0 || rgb.len() != width * height * 3 {
-            return Err(Error::invalid("image", format!("{width}×{height} RGB needs {} bytes, got {}", width * height * 3, rgb.len())));
+            return Err(Error::invalid(
+                "image",
+                format!(
+                    "{width}×{height} RGB needs {} bytes, got {}",
+                    width * height * 3,
+                    rgb.len()
+                ),
+            ));
         }
         Ok(Self { width, height, rgb })
     }
@@ -91,16 +98,23 @@ impl ObjectSelect<'static> {
     /// prompt does not parse or names no background.
     pub fn for_prompt(prompt: &str) -> Result<Self> {
         let parts = parse_caption(prompt)?;
-        let bg = parts
-            .background
-            .ok_or_else(|| Error::invalid("prompt", format!("{prompt:?} names no background colour; cannot segment the object")))?;
+        let bg = parts.background.ok_or_else(|| {
+            Error::invalid(
+                "prompt",
+                format!("{prompt:?} names no background colour; cannot segment the object"),
+            )
+        })?;
         Ok(Self::for_background(bg))
     }
 
     /// Background-distance selection for a known background, [`DEFAULT_BACKGROUND_THRESHOLD`]
     /// and [`DEFAULT_ERODE`].
     pub fn for_background(bg: Background) -> Self {
-        ObjectSelect::Background { srgb8: bg.srgb8(), threshold: DEFAULT_BACKGROUND_THRESHOLD, erode: DEFAULT_ERODE }
+        ObjectSelect::Background {
+            srgb8: bg.srgb8(),
+            threshold: DEFAULT_BACKGROUND_THRESHOLD,
+            erode: DEFAULT_ERODE,
+        }
     }
 }
 
@@ -119,20 +133,30 @@ pub fn object_pixels(img: ImageU8<'_>, select: ObjectSelect<'_>) -> Result<Vec<b
             if coverage.len() != img.pixels() {
                 return Err(Error::invalid(
                     "object mask",
-                    format!("{} values for a {}×{} image (expected {})", coverage.len(), img.width, img.height, img.pixels()),
+                    format!(
+                        "{} values for a {}×{} image (expected {})",
+                        coverage.len(),
+                        img.width,
+                        img.height,
+                        img.pixels()
+                    ),
                 ));
             }
             Ok(coverage.iter().map(|&c| c >= min_coverage).collect())
         }
         ObjectSelect::Background { srgb8, threshold, erode } => {
             if !threshold.is_finite() || threshold < 0.0 {
-                return Err(Error::invalid("background threshold", format!("{threshold} (must be finite and >= 0)")));
+                return Err(Error::invalid(
+                    "background threshold",
+                    format!("{threshold} (must be finite and >= 0)"),
+                ));
             }
             let t2 = (threshold as f64) * (threshold as f64);
             let mut sel: Vec<bool> = (0..img.pixels())
                 .map(|i| {
                     let p = img.pixel(i);
-                    let d2: f64 = (0..3).map(|c| ((p[c] as f64 - srgb8[c] as f64) / 255.0).powi(2)).sum();
+                    let d2: f64 =
+                        (0..3).map(|c| ((p[c] as f64 - srgb8[c] as f64) / 255.0).powi(2)).sum();
                     d2 > t2
                 })
                 .collect();
@@ -149,7 +173,11 @@ fn erode4(sel: &[bool], w: usize, h: usize) -> Vec<bool> {
     (0..h * w)
         .map(|i| {
             let (y, x) = (i / w, i % w);
-            sel[i] && (x == 0 || sel[i - 1]) && (x + 1 == w || sel[i + 1]) && (y == 0 || sel[i - w]) && (y + 1 == h || sel[i + w])
+            sel[i]
+                && (x == 0 || sel[i - 1])
+                && (x + 1 == w || sel[i + 1])
+                && (y == 0 || sel[i - w])
+                && (y + 1 == h || sel[i + w])
         })
         .collect()
 }
@@ -173,8 +201,11 @@ pub fn hsv_saturation(p: [u8; 3]) -> f64 {
 /// Mean HSV saturation over the object pixels of one image; `None` when no pixel is selected.
 pub fn mean_saturation(img: ImageU8<'_>, select: ObjectSelect<'_>) -> Result<Option<f64>> {
     let obj = object_pixels(img, select)?;
-    let (sum, n) =
-        obj.iter().enumerate().filter(|(_, &o)| o).fold((0.0f64, 0usize), |(s, n), (i, _)| (s + hsv_saturation(img.pixel(i)), n + 1));
+    let (sum, n) = obj
+        .iter()
+        .enumerate()
+        .filter(|(_, &o)| o)
+        .fold((0.0f64, 0usize), |(s, n), (i, _)| (s + hsv_saturation(img.pixel(i)), n + 1));
     Ok((n > 0).then(|| sum / n as f64))
 }
 
@@ -194,7 +225,9 @@ pub fn set_saturation<'a>(images: &[(ImageU8<'a>, ObjectSelect<'a>)]) -> Result<
     let per_image = images
         .iter()
         .enumerate()
-        .map(|(k, (img, sel))| mean_saturation(*img, *sel).map_err(|e| Error::msg(format!("image {k}: {e}"))))
+        .map(|(k, (img, sel))| {
+            mean_saturation(*img, *sel).map_err(|e| Error::msg(format!("image {k}: {e}")))
+        })
         .collect::<Result<Vec<_>>>()?;
     let present: Vec<f64> = per_image.iter().flatten().copied().collect();
     let mean = (!present.is_empty()).then(|| present.iter().sum::<f64>() / present.len() as f64);
@@ -259,7 +292,8 @@ pub fn colourfulness(img: ImageU8<'_>, select: Option<ObjectSelect<'_>>) -> Resu
         return Ok(None);
     }
     let n = vals.len() as f64;
-    let (mrg, myb) = (vals.iter().map(|v| v.0).sum::<f64>() / n, vals.iter().map(|v| v.1).sum::<f64>() / n);
+    let (mrg, myb) =
+        (vals.iter().map(|v| v.0).sum::<f64>() / n, vals.iter().map(|v| v.1).sum::<f64>() / n);
     let vrg = vals.iter().map(|v| (v.0 - mrg).powi(2)).sum::<f64>() / n;
     let vyb = vals.iter().map(|v| (v.1 - myb).powi(2)).sum::<f64>() / n;
     Ok(Some((vrg + vyb).sqrt() + 0.3 * (mrg * mrg + myb * myb).sqrt()))
@@ -303,17 +337,24 @@ pub struct ClippedReport {
 }
 
 /// Fraction of channel values (H·W·3 per image) at or beyond the clip thresholds.
-pub fn clipped_fraction(images: &[ImageU8<'_>], thresholds: ClipThresholds) -> Result<ClippedReport> {
+pub fn clipped_fraction(
+    images: &[ImageU8<'_>],
+    thresholds: ClipThresholds,
+) -> Result<ClippedReport> {
     if images.is_empty() {
         return Err(Error::invalid("clipped fraction", "no images"));
     }
     if thresholds.low >= thresholds.high {
-        return Err(Error::invalid("clip thresholds", format!("low {} must be below high {}", thresholds.low, thresholds.high)));
+        return Err(Error::invalid(
+            "clip thresholds",
+            format!("low {} must be below high {}", thresholds.low, thresholds.high),
+        ));
     }
     let (mut clipped, mut total) = (0usize, 0usize);
     let mut per_image = Vec::with_capacity(images.len());
     for (k, img) in images.iter().enumerate() {
-        ImageU8::new(img.width, img.height, img.rgb).map_err(|e| Error::msg(format!("image {k}: {e}")))?;
+        ImageU8::new(img.width, img.height, img.rgb)
+            .map_err(|e| Error::msg(format!("image {k}: {e}")))?;
         let c = img.rgb.iter().filter(|&&v| v <= thresholds.low || v >= thresholds.high).count();
         per_image.push(c as f64 / img.rgb.len() as f64);
         clipped += c;
@@ -342,14 +383,23 @@ impl GaussianStats {
     /// Statistics of `features`, N×D row-major (`features.len() == n * d`), N ≥ 2.
     pub fn from_features(features: &[f64], d: usize) -> Result<Self> {
         if d == 0 || !features.len().is_multiple_of(d) {
-            return Err(Error::invalid("features", format!("{} values do not form rows of dimension {d}", features.len())));
+            return Err(Error::invalid(
+                "features",
+                format!("{} values do not form rows of dimension {d}", features.len()),
+            ));
         }
         let n = features.len() / d;
         if n < 2 {
-            return Err(Error::invalid("features", format!("{n} samples; a covariance needs at least 2")));
+            return Err(Error::invalid(
+                "features",
+                format!("{n} samples; a covariance needs at least 2"),
+            ));
         }
         if let Some(i) = features.iter().position(|v| !v.is_finite()) {
-            return Err(Error::invalid("features", format!("non-finite value {} at row {}, column {}", features[i], i / d, i % d)));
+            return Err(Error::invalid(
+                "features",
+                format!("non-finite value {} at row {}, column {}", features[i], i / d, i % d),
+            ));
         }
         let mut mean = vec![0.0; d];
         for row in features.chunks_exact(d) {
@@ -390,9 +440,9 @@ impl GaussianStats {
 /// as columns of a row-major D×D matrix). The input is symmetrised first.
 fn symmetric_eigen(a: &[f64], d: usize, what: &str) -> Result<(Vec<f64>, Vec<f64>)> {
     let m = faer::Mat::<f64>::from_fn(d, d, |i, j| 0.5 * (a[i * d + j] + a[j * d + i]));
-    let evd = m
-        .self_adjoint_eigen(faer::Side::Lower)
-        .map_err(|e| Error::msg(format!("eigen-decomposition of the {d}×{d} {what} failed: {e:?}")))?;
+    let evd = m.self_adjoint_eigen(faer::Side::Lower).map_err(|e| {
+        Error::msg(format!("eigen-decomposition of the {d}×{d} {what} failed: {e:?}"))
+    })?;
     let s = evd.S().column_vector();
     let u = evd.U();
     let values = (0..d).map(|i| s[i]).collect();
@@ -436,12 +486,18 @@ fn psd_sqrt(a: &[f64], d: usize, what: &str) -> Result<Vec<f64>> {
 /// root is involved, so singular covariances (N ≤ D) need no `eps·I` offset.
 pub fn trace_sqrt_product(cov1: &[f64], cov2: &[f64], d: usize) -> Result<f64> {
     if cov1.len() != d * d || cov2.len() != d * d {
-        return Err(Error::invalid("covariances", format!("expected {d}×{d} = {} values, got {} and {}", d * d, cov1.len(), cov2.len())));
+        return Err(Error::invalid(
+            "covariances",
+            format!("expected {d}×{d} = {} values, got {} and {}", d * d, cov1.len(), cov2.len()),
+        ));
     }
     let s1 = psd_sqrt(cov1, d, "first covariance")?;
     let s2 = psd_sqrt(cov2, d, "second covariance")?;
-    let b = faer::Mat::<f64>::from_fn(d, d, |i, j| (0..d).map(|k| s1[i * d + k] * s2[k * d + j]).sum());
-    let sv = b.singular_values().map_err(|e| Error::msg(format!("SVD of sqrt(Σ1) sqrt(Σ2) ({d}×{d}) failed: {e:?}")))?;
+    let b =
+        faer::Mat::<f64>::from_fn(d, d, |i, j| (0..d).map(|k| s1[i * d + k] * s2[k * d + j]).sum());
+    let sv = b
+        .singular_values()
+        .map_err(|e| Error::msg(format!("SVD of sqrt(Σ1) sqrt(Σ2) ({d}×{d}) failed: {e:?}")))?;
     Ok(sv.iter().sum())
 }
 
@@ -450,7 +506,10 @@ pub fn trace_sqrt_product(cov1: &[f64], cov2: &[f64], d: usize) -> Result<f64> {
 pub fn frechet_distance_stats(a: &GaussianStats, b: &GaussianStats) -> Result<f64> {
     let d = a.dim();
     if b.dim() != d {
-        return Err(Error::invalid("Fréchet distance", format!("feature dimensions differ: {d} vs {}", b.dim())));
+        return Err(Error::invalid(
+            "Fréchet distance",
+            format!("feature dimensions differ: {d} vs {}", b.dim()),
+        ));
     }
     let mean_term: f64 = a.mean.iter().zip(&b.mean).map(|(x, y)| (x - y) * (x - y)).sum();
     let tr1: f64 = (0..d).map(|i| a.cov[i * d + i]).sum();
@@ -461,8 +520,10 @@ pub fn frechet_distance_stats(a: &GaussianStats, b: &GaussianStats) -> Result<f6
 
 /// Fréchet distance between two feature sets, N1×D and N2×D row-major (the FID formula).
 pub fn frechet_distance(a: &[f64], b: &[f64], d: usize) -> Result<f64> {
-    let sa = GaussianStats::from_features(a, d).map_err(|e| Error::msg(format!("first feature set: {e}")))?;
-    let sb = GaussianStats::from_features(b, d).map_err(|e| Error::msg(format!("second feature set: {e}")))?;
+    let sa = GaussianStats::from_features(a, d)
+        .map_err(|e| Error::msg(format!("first feature set: {e}")))?;
+    let sb = GaussianStats::from_features(b, d)
+        .map_err(|e| Error::msg(format!("second feature set: {e}")))?;
     frechet_distance_stats(&sa, &sb)
 }
 
@@ -481,14 +542,22 @@ pub struct RealVsReal {
 /// N, so compare it with a generated set of the same `size`. Needs `2 * size <= N`, `size >= 2`.
 pub fn real_vs_real(features: &[f64], d: usize, size: usize) -> Result<RealVsReal> {
     if d == 0 || !features.len().is_multiple_of(d) {
-        return Err(Error::invalid("real features", format!("{} values do not form rows of dimension {d}", features.len())));
+        return Err(Error::invalid(
+            "real features",
+            format!("{} values do not form rows of dimension {d}", features.len()),
+        ));
     }
     let n = features.len() / d;
     if size < 2 || 2 * size > n {
-        return Err(Error::invalid("real-vs-real size", format!("{size} per half needs 2 × {size} <= {n} real samples and size >= 2")));
+        return Err(Error::invalid(
+            "real-vs-real size",
+            format!("{size} per half needs 2 × {size} <= {n} real samples and size >= 2"),
+        ));
     }
     let half = |parity: usize| -> Vec<f64> {
-        (0..size).flat_map(|k| features[(2 * k + parity) * d..(2 * k + parity + 1) * d].iter().copied()).collect()
+        (0..size)
+            .flat_map(|k| features[(2 * k + parity) * d..(2 * k + parity + 1) * d].iter().copied())
+            .collect()
     };
     Ok(RealVsReal { fd: frechet_distance(&half(0), &half(1), d)?, size })
 }
@@ -584,7 +653,12 @@ pub const DEFAULT_VIEW_TOLERANCE_DEG: f32 = 10.0;
 /// `(azimuth_deg, elevation_deg)`. The view buckets are axis-aligned in (azimuth, elevation) and
 /// wider than `2 tol_deg`, so the words reachable are those at the corners and edge midpoints of
 /// the tolerance rectangle.
-pub fn view_within_tolerance(predicted: View, azimuth_deg: f32, elevation_deg: f32, tol_deg: f32) -> Result<bool> {
+pub fn view_within_tolerance(
+    predicted: View,
+    azimuth_deg: f32,
+    elevation_deg: f32,
+    tol_deg: f32,
+) -> Result<bool> {
     if !(0.0..45.0).contains(&tol_deg) {
         return Err(Error::invalid("view tolerance", format!("{tol_deg}° (must be in [0, 45))")));
     }
@@ -623,9 +697,16 @@ pub struct AlignmentReport {
 }
 
 /// Compares predictions with targets (one each per image, same order).
-pub fn alignment(predicted: &[Predicted], targets: &[Target], judge: ViewJudge) -> Result<AlignmentReport> {
+pub fn alignment(
+    predicted: &[Predicted],
+    targets: &[Target],
+    judge: ViewJudge,
+) -> Result<AlignmentReport> {
     if predicted.len() != targets.len() {
-        return Err(Error::invalid("alignment", format!("{} predictions for {} targets", predicted.len(), targets.len())));
+        return Err(Error::invalid(
+            "alignment",
+            format!("{} predictions for {} targets", predicted.len(), targets.len()),
+        ));
     }
     if let ViewJudge::AngleTolerance { deg } = judge {
         view_within_tolerance(View::Front, 0.0, 0.0, deg)?;
@@ -642,11 +723,16 @@ pub fn alignment(predicted: &[Predicted], targets: &[Target], judge: ViewJudge) 
         view_exact: Accuracy::default(),
         view: Accuracy::default(),
         view_judge: judge,
-        shape_confusion: ConfusionTable::new(Shape::ALL.iter().map(|s| s.name().to_string()).collect()),
+        shape_confusion: ConfusionTable::new(
+            Shape::ALL.iter().map(|s| s.name().to_string()).collect(),
+        ),
         colour_confusion: ConfusionTable::new(colours.iter().map(|c| c.name()).collect()),
-        view_confusion: ConfusionTable::new(View::ALL.iter().map(|v| v.name().to_string()).collect()),
+        view_confusion: ConfusionTable::new(
+            View::ALL.iter().map(|v| v.name().to_string()).collect(),
+        ),
     };
-    let idx = |all: &[Shape], s: Shape| all.iter().position(|&x| x == s).expect("every shape is in ALL");
+    let idx =
+        |all: &[Shape], s: Shape| all.iter().position(|&x| x == s).expect("every shape is in ALL");
     for (p, t) in predicted.iter().zip(targets) {
         let truth = &t.parts;
         r.shape.add(p.shape == truth.shape);
@@ -656,7 +742,9 @@ pub fn alignment(predicted: &[Predicted], targets: &[Target], judge: ViewJudge) 
             r.hue.add(p.colour.hue == c.hue);
             r.tone.add(p.colour.tone == c.tone);
             r.shape_and_colour.add(p.colour == c && p.shape == truth.shape);
-            let ci = |x: Colour| colours.iter().position(|&y| y == x).expect("every colour is in Colour::all");
+            let ci = |x: Colour| {
+                colours.iter().position(|&y| y == x).expect("every colour is in Colour::all")
+            };
             r.colour_confusion.counts[ci(c)][ci(p.colour)] += 1;
         }
         if let (Some(b), Some(pb)) = (truth.background, p.background) {
@@ -664,10 +752,13 @@ pub fn alignment(predicted: &[Predicted], targets: &[Target], judge: ViewJudge) 
         }
         if let (Some(v), Some(pv)) = (truth.view, p.view) {
             r.view_exact.add(pv == v);
-            let vi = |x: View| View::ALL.iter().position(|&y| y == x).expect("every view is in ALL");
+            let vi =
+                |x: View| View::ALL.iter().position(|&y| y == x).expect("every view is in ALL");
             r.view_confusion.counts[vi(v)][vi(pv)] += 1;
             let ok = match (judge, t.angles) {
-                (ViewJudge::AngleTolerance { deg }, Some((az, el))) => view_within_tolerance(pv, az, el, deg)?,
+                (ViewJudge::AngleTolerance { deg }, Some((az, el))) => {
+                    view_within_tolerance(pv, az, el, deg)?
+                }
                 _ => pv == v,
             };
             r.view.add(ok);

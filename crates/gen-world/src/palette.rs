@@ -52,7 +52,16 @@ pub enum Background {
 
 impl Hue {
     /// All hues in a fixed order.
-    pub const ALL: [Hue; 8] = [Hue::Red, Hue::Orange, Hue::Yellow, Hue::Green, Hue::Cyan, Hue::Blue, Hue::Purple, Hue::Pink];
+    pub const ALL: [Hue; 8] = [
+        Hue::Red,
+        Hue::Orange,
+        Hue::Yellow,
+        Hue::Green,
+        Hue::Cyan,
+        Hue::Blue,
+        Hue::Purple,
+        Hue::Pink,
+    ];
 
     /// The caption word.
     pub fn name(self) -> &'static str {
@@ -98,14 +107,14 @@ impl Tone {
 
 /// sRGB albedos, `[plain, light, dark]` per hue in [`Hue::ALL`] order.
 const ALBEDOS: [[[u8; 3]; 3]; 8] = [
-    [[210, 35, 35], [235, 156, 156], [105, 18, 18]],   // red
-    [[235, 130, 25], [246, 199, 152], [118, 65, 13]],  // orange
+    [[210, 35, 35], [235, 156, 156], [105, 18, 18]], // red
+    [[235, 130, 25], [246, 199, 152], [118, 65, 13]], // orange
     [[230, 200, 30], [244, 230, 154], [115, 100, 15]], // yellow
-    [[40, 170, 55], [158, 217, 165], [20, 85, 28]],    // green
-    [[30, 185, 195], [154, 224, 228], [15, 93, 98]],   // cyan
-    [[40, 80, 215], [158, 176, 237], [20, 40, 108]],   // blue
-    [[135, 45, 200], [201, 161, 230], [68, 23, 100]],  // purple
-    [[225, 50, 150], [242, 163, 208], [113, 25, 75]],  // pink
+    [[40, 170, 55], [158, 217, 165], [20, 85, 28]],  // green
+    [[30, 185, 195], [154, 224, 228], [15, 93, 98]], // cyan
+    [[40, 80, 215], [158, 176, 237], [20, 40, 108]], // blue
+    [[135, 45, 200], [201, 161, 230], [68, 23, 100]], // purple
+    [[225, 50, 150], [242, 163, 208], [113, 25, 75]], // pink
 ];
 
 impl Colour {
@@ -144,7 +153,8 @@ impl Colour {
 
 impl Background {
     /// All backgrounds in a fixed order.
-    pub const ALL: [Background; 4] = [Background::Grey, Background::White, Background::Black, Background::Blue];
+    pub const ALL: [Background; 4] =
+        [Background::Grey, Background::White, Background::Black, Background::Blue];
 
     /// The caption word.
     pub fn name(self) -> &'static str {
@@ -232,7 +242,10 @@ mod tests {
     fn tones_keep_hue_and_order_saturation_and_value() {
         for h in Hue::ALL {
             let [p, l, d] = Tone::ALL.map(|t| rgb_to_hsv(Colour::new(h, t).srgb()));
-            assert!(hue_distance(p[0], l[0]) < 3.0 && hue_distance(p[0], d[0]) < 3.0, "{h:?}: {p:?} {l:?} {d:?}");
+            assert!(
+                hue_distance(p[0], l[0]) < 3.0 && hue_distance(p[0], d[0]) < 3.0,
+                "{h:?}: {p:?} {l:?} {d:?}"
+            );
             assert!(l[1] < 0.6 * p[1], "{h:?}: light must be much less saturated");
             assert!(d[2] < 0.6 * p[2], "{h:?}: dark must be much darker");
             assert!(p[1] > 0.75, "{h:?}: plain colours are saturated");
@@ -241,10 +254,16 @@ mod tests {
 
     #[test]
     fn hues_are_distinct() {
-        let hues: Vec<f32> = Hue::ALL.iter().map(|&h| rgb_to_hsv(Colour::new(h, Tone::Plain).srgb())[0]).collect();
+        let hues: Vec<f32> =
+            Hue::ALL.iter().map(|&h| rgb_to_hsv(Colour::new(h, Tone::Plain).srgb())[0]).collect();
         for i in 0..hues.len() {
             for j in i + 1..hues.len() {
-                assert!(hue_distance(hues[i], hues[j]) >= 14.0, "{:?} vs {:?}", Hue::ALL[i], Hue::ALL[j]);
+                assert!(
+                    hue_distance(hues[i], hues[j]) >= 14.0,
+                    "{:?} vs {:?}",
+                    Hue::ALL[i],
+                    Hue::ALL[j]
+                );
             }
         }
     }
@@ -267,7 +286,11 @@ mod tests {
         }
         assert!((srgb_to_linear(0.5) - 0.21404).abs() < 1e-4);
         let hsv = rgb_to_hsv([0.0, 0.5, 1.0]);
-        assert!((hsv[0] - 210.0).abs() < 1e-4 && (hsv[1] - 1.0).abs() < 1e-6 && (hsv[2] - 1.0).abs() < 1e-6);
+        assert!(
+            (hsv[0] - 210.0).abs() < 1e-4
+                && (hsv[1] - 1.0).abs() < 1e-6
+                && (hsv[2] - 1.0).abs() < 1e-6
+        );
         assert_eq!(hue_distance(350.0, 10.0), 20.0);
     }
 }

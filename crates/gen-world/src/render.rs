@@ -86,7 +86,9 @@ impl Rendered {
     pub fn to_tensor(&self, device: &candle_core::Device) -> gen_core::Result<candle_core::Tensor> {
         let (h, w) = (self.height as usize, self.width as usize);
         let data: Vec<f32> = self.rgb.iter().map(|&v| 2.0 * v - 1.0).collect();
-        let t = candle_core::Tensor::from_vec(data, (h, w, 3), &candle_core::Device::Cpu)?.permute((2, 0, 1))?.contiguous()?;
+        let t = candle_core::Tensor::from_vec(data, (h, w, 3), &candle_core::Device::Cpu)?
+            .permute((2, 0, 1))?
+            .contiguous()?;
         Ok(t.to_device(device)?)
     }
 }
@@ -119,7 +121,8 @@ pub fn render(input: &RenderInput) -> Rendered {
                         let c = match input.shape.intersect(&ray) {
                             Some(hit) => {
                                 hits += 1;
-                                let shade = ambient + (1.0 - ambient) * hit.normal.dot(light).max(0.0);
+                                let shade =
+                                    ambient + (1.0 - ambient) * hit.normal.dot(light).max(0.0);
                                 albedo.map(|a| a * shade)
                             }
                             None => bg,

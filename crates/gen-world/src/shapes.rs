@@ -51,7 +51,8 @@ pub struct Hit {
 
 impl Shape {
     /// All shapes, in a fixed order (the order sampling uses).
-    pub const ALL: [Shape; 5] = [Shape::Sphere, Shape::Cube, Shape::Cylinder, Shape::Cone, Shape::Torus];
+    pub const ALL: [Shape; 5] =
+        [Shape::Sphere, Shape::Cube, Shape::Cylinder, Shape::Cone, Shape::Torus];
 
     /// The caption word.
     pub fn name(self) -> &'static str {
@@ -76,7 +77,8 @@ impl Shape {
             Shape::Sphere => p.length_squared() <= SPHERE_RADIUS * SPHERE_RADIUS,
             Shape::Cube => p.abs().max_element() <= CUBE_HALF,
             Shape::Cylinder => {
-                p.z.abs() <= CYLINDER_HALF_HEIGHT && p.x * p.x + p.y * p.y <= CYLINDER_RADIUS * CYLINDER_RADIUS
+                p.z.abs() <= CYLINDER_HALF_HEIGHT
+                    && p.x * p.x + p.y * p.y <= CYLINDER_RADIUS * CYLINDER_RADIUS
             }
             Shape::Cone => {
                 if p.z < CONE_BASE_Z || p.z > CONE_APEX_Z {
@@ -171,14 +173,19 @@ fn disk(ray: &Ray, z: f32, r: f32, nz: f32) -> Option<Hit> {
     }
     let t = (z - ray.origin.z) / ray.dir.z;
     let p = ray.origin + t * ray.dir;
-    (t > T_MIN && p.x * p.x + p.y * p.y <= r * r).then_some(Hit { t, normal: Vec3::new(0.0, 0.0, nz) })
+    (t > T_MIN && p.x * p.x + p.y * p.y <= r * r)
+        .then_some(Hit { t, normal: Vec3::new(0.0, 0.0, nz) })
 }
 
 fn cylinder(ray: &Ray) -> Option<Hit> {
     let (o, d) = (ray.origin, ray.dir);
     let (r, h) = (CYLINDER_RADIUS, CYLINDER_HALF_HEIGHT);
     let mut side = None;
-    if let Some((t0, t1)) = quadratic(d.x * d.x + d.y * d.y, 2.0 * (o.x * d.x + o.y * d.y), o.x * o.x + o.y * o.y - r * r) {
+    if let Some((t0, t1)) = quadratic(
+        d.x * d.x + d.y * d.y,
+        2.0 * (o.x * d.x + o.y * d.y),
+        o.x * o.x + o.y * o.y - r * r,
+    ) {
         for t in [t0, t1] {
             let p = o + t * d;
             if t > T_MIN && p.z.abs() <= h {
@@ -281,7 +288,8 @@ mod tests {
                 let az = rng.uniform() * std::f32::consts::TAU;
                 let el = (rng.uniform() * 2.0 - 1.0) * 1.2;
                 let origin = 4.0 * Vec3::new(el.cos() * az.cos(), el.cos() * az.sin(), el.sin());
-                let target = Vec3::new(rng.uniform() - 0.5, rng.uniform() - 0.5, rng.uniform() - 0.5) * 2.0;
+                let target =
+                    Vec3::new(rng.uniform() - 0.5, rng.uniform() - 0.5, rng.uniform() - 0.5) * 2.0;
                 Ray { origin, dir: (target - origin).normalize() }
             })
             .collect()
@@ -297,7 +305,11 @@ mod tests {
                 let a = shape.intersect(ray);
                 let b = brute_force(shape, ray, step);
                 match (a, b) {
-                    (Some(h), Some(t)) => assert!((h.t - t).abs() < 2.0 * step, "{shape:?}: analytic {} vs marched {t}", h.t),
+                    (Some(h), Some(t)) => assert!(
+                        (h.t - t).abs() < 2.0 * step,
+                        "{shape:?}: analytic {} vs marched {t}",
+                        h.t
+                    ),
                     (None, None) => {}
                     _ => disagree += 1, // only grazing rays may disagree
                 }
@@ -315,8 +327,14 @@ mod tests {
                 if let Some(h) = shape.intersect(&ray) {
                     let p = ray.origin + h.t * ray.dir;
                     assert!((h.normal.length() - 1.0).abs() < 1e-4, "{shape:?}");
-                    assert!(!shape.contains(p + 2e-3 * h.normal), "{shape:?}: outside of normal is inside at {p}");
-                    assert!(shape.contains(p - 2e-3 * h.normal), "{shape:?}: inside of normal is outside at {p}");
+                    assert!(
+                        !shape.contains(p + 2e-3 * h.normal),
+                        "{shape:?}: outside of normal is inside at {p}"
+                    );
+                    assert!(
+                        shape.contains(p - 2e-3 * h.normal),
+                        "{shape:?}: inside of normal is outside at {p}"
+                    );
                     assert!(h.normal.dot(ray.dir) <= 1e-4, "{shape:?}: back-facing hit");
                 }
             }

@@ -49,7 +49,10 @@ impl Split {
     /// The seed of sample `index` of this split; an error when `index >= SPLIT_SIZE`.
     pub fn seed(self, index: u64) -> Result<u64> {
         if index >= SPLIT_SIZE {
-            return Err(Error::invalid("sample index", format!("{index} is out of range for split {self} (must be < 2^40)")));
+            return Err(Error::invalid(
+                "sample index",
+                format!("{index} is out of range for split {self} (must be < 2^40)"),
+            ));
         }
         Ok(self.seed_base() + index)
     }
@@ -64,7 +67,12 @@ impl fmt::Display for Split {
 impl FromStr for Split {
     type Err = Error;
     fn from_str(s: &str) -> Result<Split> {
-        Split::ALL.into_iter().find(|x| x.name() == s).ok_or_else(|| Error::invalid("split", format!("unknown split {s:?}; expected one of: train, validation, test")))
+        Split::ALL.into_iter().find(|x| x.name() == s).ok_or_else(|| {
+            Error::invalid(
+                "split",
+                format!("unknown split {s:?}; expected one of: train, validation, test"),
+            )
+        })
     }
 }
 
@@ -143,7 +151,8 @@ pub struct World {
 impl World {
     /// A world with `cfg`; errors name the bad field.
     pub fn new(cfg: WorldConfig) -> Result<Self> {
-        let bad = |what: &str, msg: String| Err(Error::invalid(format!("world config `{what}`"), msg));
+        let bad =
+            |what: &str, msg: String| Err(Error::invalid(format!("world config `{what}`"), msg));
         if !(8..=1024).contains(&cfg.image_size) {
             return bad("image_size", format!("{} (must be in 8..=1024)", cfg.image_size));
         }
@@ -151,16 +160,31 @@ impl World {
             return bad("supersample", format!("{} (must be in 1..=8)", cfg.supersample));
         }
         if !cfg.camera_distance.is_finite() || cfg.camera_distance <= 1.5 {
-            return bad("camera_distance", format!("{} (must exceed 1.5: the object has radius ~1)", cfg.camera_distance));
+            return bad(
+                "camera_distance",
+                format!("{} (must exceed 1.5: the object has radius ~1)", cfg.camera_distance),
+            );
         }
         if !(cfg.fov_y_deg.is_finite() && cfg.fov_y_deg > 1.0 && cfg.fov_y_deg < 170.0) {
             return bad("fov_y_deg", format!("{} (must be in (1, 170))", cfg.fov_y_deg));
         }
-        if !(cfg.elevation_min_deg <= cfg.elevation_max_deg && cfg.elevation_min_deg > -85.0 && cfg.elevation_max_deg < 85.0) {
-            return bad("elevation range", format!("[{}, {}] (must be ordered, within (-85, 85))", cfg.elevation_min_deg, cfg.elevation_max_deg));
+        if !(cfg.elevation_min_deg <= cfg.elevation_max_deg
+            && cfg.elevation_min_deg > -85.0
+            && cfg.elevation_max_deg < 85.0)
+        {
+            return bad(
+                "elevation range",
+                format!(
+                    "[{}, {}] (must be ordered, within (-85, 85))",
+                    cfg.elevation_min_deg, cfg.elevation_max_deg
+                ),
+            );
         }
         if !(0.0..1.0).contains(&cfg.lighting.ambient) {
-            return bad("lighting.ambient", format!("{} (must be in [0, 1))", cfg.lighting.ambient));
+            return bad(
+                "lighting.ambient",
+                format!("{} (must be in [0, 1))", cfg.lighting.ambient),
+            );
         }
         Ok(Self { cfg })
     }
@@ -191,7 +215,8 @@ impl World {
         let tone = Tone::ALL[rng.below(Tone::ALL.len())];
         let background = Background::ALL[rng.below(Background::ALL.len())];
         let azimuth_deg = 360.0 * rng.uniform();
-        let elevation_deg = self.cfg.elevation_min_deg + (self.cfg.elevation_max_deg - self.cfg.elevation_min_deg) * rng.uniform();
+        let elevation_deg = self.cfg.elevation_min_deg
+            + (self.cfg.elevation_max_deg - self.cfg.elevation_min_deg) * rng.uniform();
         Ok(Scene { shape, colour: Colour::new(hue, tone), background, azimuth_deg, elevation_deg })
     }
 

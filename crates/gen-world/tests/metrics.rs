@@ -7,13 +7,14 @@ use std::collections::HashMap;
 use anyhow::Result;
 use candle_core::{Device, Tensor};
 use gen_world::metrics::{
-    hsv_saturation, object_pixels, set_saturation, trace_sqrt_product, view_within_tolerance, Accuracy, DEFAULT_BACKGROUND_THRESHOLD,
-    DEFAULT_VIEW_TOLERANCE_DEG,
+    hsv_saturation, object_pixels, set_saturation, trace_sqrt_product, view_within_tolerance,
+    Accuracy, DEFAULT_BACKGROUND_THRESHOLD, DEFAULT_VIEW_TOLERANCE_DEG,
 };
 use gen_world::{
-    alignment, clipped_fraction, colourfulness, frechet_distance, mean_saturation, parse_caption, real_vs_real, saturation_excess,
-    Background, ClipThresholds, Colour, GaussianStats, Hue, ImageU8, ObjectSelect, Predicted, Shape, Split, Target, Tone, View, ViewJudge,
-    World, WorldConfig,
+    alignment, clipped_fraction, colourfulness, frechet_distance, mean_saturation, parse_caption,
+    real_vs_real, saturation_excess, Background, ClipThresholds, Colour, GaussianStats, Hue,
+    ImageU8, ObjectSelect, Predicted, Shape, Split, Target, Tone, View, ViewJudge, World,
+    WorldConfig,
 };
 
 fn fixtures() -> Result<HashMap<String, Tensor>> {
@@ -42,7 +43,8 @@ fn frechet_distance_matches_scipy_and_mpmath() -> Result<()> {
         let a = a.flatten_all()?.to_vec1::<f64>()?;
         let b = get(&f, &format!("fd/{case}/b")).flatten_all()?.to_vec1::<f64>()?;
         let fd = frechet_distance(&a, &b, d)?;
-        let (scipy, mp) = (scalar(&f, &format!("fd/{case}/scipy")), scalar(&f, &format!("fd/{case}/mpmath")));
+        let (scipy, mp) =
+            (scalar(&f, &format!("fd/{case}/scipy")), scalar(&f, &format!("fd/{case}/mpmath")));
         let (rs, rm) = (rel(fd, scipy), rel(fd, mp));
         eprintln!("fd/{case}: rust {fd:.15} scipy {scipy:.15} (rel {rs:.2e}) mpmath {mp:.15} (rel {rm:.2e})");
         assert!(rs < 1e-6, "{case}: rust {fd} vs scipy {scipy}: rel {rs:e}");
@@ -101,7 +103,9 @@ fn frechet_distance_bad_input_errors() {
     assert!(e.contains("first feature set") && e.contains("at least 2"), "{e}");
     let e = frechet_distance(&[1.0, 2.0, 3.0], &[1.0, 2.0, 3.0, 4.0], 2).unwrap_err().to_string();
     assert!(e.contains("dimension 2"), "{e}");
-    let e = frechet_distance(&[1.0, 2.0, 3.0, 4.0], &[1.0, f64::NAN, 3.0, 4.0], 2).unwrap_err().to_string();
+    let e = frechet_distance(&[1.0, 2.0, 3.0, 4.0], &[1.0, f64::NAN, 3.0, 4.0], 2)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("second feature set") && e.contains("row 0, column 1"), "{e}");
     let a = GaussianStats::from_features(&[1.0, 2.0, 3.0, 5.0], 2).unwrap();
     let b = GaussianStats::from_features(&[1.0, 2.0, 3.0], 3).unwrap_err();
@@ -117,7 +121,8 @@ fn real_vs_real_uses_disjoint_interleaved_halves() -> Result<()> {
     let feats = lcg(7, 30 * d);
     let r = real_vs_real(&feats, d, 12)?;
     let even: Vec<f64> = (0..12).flat_map(|k| feats[2 * k * d..(2 * k + 1) * d].to_vec()).collect();
-    let odd: Vec<f64> = (0..12).flat_map(|k| feats[(2 * k + 1) * d..(2 * k + 2) * d].to_vec()).collect();
+    let odd: Vec<f64> =
+        (0..12).flat_map(|k| feats[(2 * k + 1) * d..(2 * k + 2) * d].to_vec()).collect();
     assert_eq!(r.size, 12);
     assert_eq!(r.fd, frechet_distance(&even, &odd, d)?);
     assert!(r.fd > 0.0);
@@ -139,7 +144,10 @@ fn saturation_colourfulness_and_clipping_match_python() -> Result<()> {
         let all = vec![1.0f32; h * w];
         let check = |name: &str, got: f64| {
             let want = scalar(&f, &format!("img/{k}/{name}"));
-            assert!(rel(got, want) < 1e-12 || (got - want).abs() < 1e-15, "img {k} {name}: {got} vs {want}");
+            assert!(
+                rel(got, want) < 1e-12 || (got - want).abs() < 1e-15,
+                "img {k} {name}: {got} vs {want}"
+            );
         };
         check("sat_all", mean_saturation(img, ObjectSelect::interior(&all))?.unwrap());
         check("sat_mask", mean_saturation(img, ObjectSelect::interior(&mask))?.unwrap());
@@ -149,7 +157,12 @@ fn saturation_colourfulness_and_clipping_match_python() -> Result<()> {
             threshold: scalar(&f, &format!("img/{k}/bg_threshold")) as f32,
             erode: 0,
         };
-        let want: Vec<bool> = get(&f, &format!("img/{k}/bg_select")).flatten_all()?.to_vec1::<u8>()?.iter().map(|&v| v == 1).collect();
+        let want: Vec<bool> = get(&f, &format!("img/{k}/bg_select"))
+            .flatten_all()?
+            .to_vec1::<u8>()?
+            .iter()
+            .map(|&v| v == 1)
+            .collect();
         assert_eq!(object_pixels(img, sel)?, want, "img {k}: background-distance selection");
         check("sat_bg", mean_saturation(img, sel)?.unwrap());
         check("colourfulness", colourfulness(img, None)?.unwrap());
@@ -191,7 +204,8 @@ fn clipped_fraction_counts_and_thresholds() -> Result<()> {
     let loose = clipped_fraction(&imgs, ClipThresholds::LOOSE)?;
     assert_eq!(loose.per_image, vec![4.0 / 6.0, 0.0]);
     assert!(clipped_fraction(&[], ClipThresholds::EXACT).is_err());
-    let e = clipped_fraction(&imgs, ClipThresholds { low: 200, high: 100 }).unwrap_err().to_string();
+    let e =
+        clipped_fraction(&imgs, ClipThresholds { low: 200, high: 100 }).unwrap_err().to_string();
     assert!(e.contains("low 200"), "{e}");
     Ok(())
 }
@@ -222,7 +236,9 @@ fn scale_chroma(rgb: &[u8], factor: f64) -> Vec<u8> {
     rgb.chunks_exact(3)
         .flat_map(|p| {
             let m = p.iter().map(|&v| v as f64).sum::<f64>() / 3.0;
-            p.iter().map(move |&v| (m + factor * (v as f64 - m)).round().clamp(0.0, 255.0) as u8).collect::<Vec<_>>()
+            p.iter()
+                .map(move |&v| (m + factor * (v as f64 - m)).round().clamp(0.0, 255.0) as u8)
+                .collect::<Vec<_>>()
         })
         .collect()
 }
@@ -230,15 +246,24 @@ fn scale_chroma(rgb: &[u8], factor: f64) -> Vec<u8> {
 #[test]
 fn world_renders_segment_and_saturation_excess_has_the_right_sign() -> Result<()> {
     let world = World::new(WorldConfig { image_size: 32, ..WorldConfig::default() })?;
-    let samples: Vec<_> = (0..12).map(|i| world.sample(Split::Test, i)).collect::<gen_core::Result<_>>()?;
+    let samples: Vec<_> =
+        (0..12).map(|i| world.sample(Split::Test, i)).collect::<gen_core::Result<_>>()?;
     let rgbs: Vec<Vec<u8>> = samples.iter().map(|s| s.image.to_rgb8().into_raw()).collect();
-    let imgs: Vec<ImageU8> = rgbs.iter().map(|r| ImageU8::new(32, 32, r)).collect::<gen_core::Result<_>>()?;
+    let imgs: Vec<ImageU8> =
+        rgbs.iter().map(|r| ImageU8::new(32, 32, r)).collect::<gen_core::Result<_>>()?;
     // Background-distance segmentation (no erosion) agrees with the true mask (edges excepted);
     // with the default erosion it keeps only fully covered pixels.
     let (mut agree, mut total, mut eroded, mut eroded_inside) = (0usize, 0usize, 0usize, 0usize);
     for (s, img) in samples.iter().zip(&imgs) {
         let bg = parse_caption(&s.caption)?.background.unwrap().srgb8();
-        let raw = object_pixels(*img, ObjectSelect::Background { srgb8: bg, threshold: DEFAULT_BACKGROUND_THRESHOLD, erode: 0 })?;
+        let raw = object_pixels(
+            *img,
+            ObjectSelect::Background {
+                srgb8: bg,
+                threshold: DEFAULT_BACKGROUND_THRESHOLD,
+                erode: 0,
+            },
+        )?;
         for (o, &m) in raw.iter().zip(&s.image.mask) {
             if m == 0.0 || m == 1.0 {
                 total += 1;
@@ -261,16 +286,30 @@ fn world_renders_segment_and_saturation_excess_has_the_right_sign() -> Result<()
     assert!(agreement > 0.97, "{agreement}");
     assert!(inside > 0.99, "{inside}");
     // Mean saturation: background-distance selection vs the true mask's interior, same images.
-    let real_mask: Vec<_> = samples.iter().zip(&imgs).map(|(s, i)| (*i, ObjectSelect::interior(&s.image.mask))).collect();
-    let real: Vec<_> =
-        samples.iter().zip(&imgs).map(|(s, i)| Ok((*i, ObjectSelect::for_prompt(&s.caption)?))).collect::<gen_core::Result<_>>()?;
+    let real_mask: Vec<_> = samples
+        .iter()
+        .zip(&imgs)
+        .map(|(s, i)| (*i, ObjectSelect::interior(&s.image.mask)))
+        .collect();
+    let real: Vec<_> = samples
+        .iter()
+        .zip(&imgs)
+        .map(|(s, i)| Ok((*i, ObjectSelect::for_prompt(&s.caption)?)))
+        .collect::<gen_core::Result<_>>()?;
     let x0 = saturation_excess(&real, &real_mask)?;
     let rim = saturation_excess(
         &samples
             .iter()
             .zip(&imgs)
             .map(|(s, i)| {
-                (*i, ObjectSelect::Background { srgb8: s.scene.background.srgb8(), threshold: DEFAULT_BACKGROUND_THRESHOLD, erode: 0 })
+                (
+                    *i,
+                    ObjectSelect::Background {
+                        srgb8: s.scene.background.srgb8(),
+                        threshold: DEFAULT_BACKGROUND_THRESHOLD,
+                        erode: 0,
+                    },
+                )
             })
             .collect::<Vec<_>>(),
         &real_mask,
@@ -279,8 +318,16 @@ fn world_renders_segment_and_saturation_excess_has_the_right_sign() -> Result<()
     let over_rgb: Vec<Vec<u8>> = rgbs.iter().map(|r| scale_chroma(r, 1.6)).collect();
     let under_rgb: Vec<Vec<u8>> = rgbs.iter().map(|r| scale_chroma(r, 0.6)).collect();
     let (over_imgs, under_imgs) = (pick(&over_rgb), pick(&under_rgb));
-    let over: Vec<_> = samples.iter().zip(&over_imgs).map(|(s, i)| (*i, ObjectSelect::for_prompt(&s.caption).unwrap())).collect();
-    let under: Vec<_> = samples.iter().zip(&under_imgs).map(|(s, i)| (*i, ObjectSelect::for_prompt(&s.caption).unwrap())).collect();
+    let over: Vec<_> = samples
+        .iter()
+        .zip(&over_imgs)
+        .map(|(s, i)| (*i, ObjectSelect::for_prompt(&s.caption).unwrap()))
+        .collect();
+    let under: Vec<_> = samples
+        .iter()
+        .zip(&under_imgs)
+        .map(|(s, i)| (*i, ObjectSelect::for_prompt(&s.caption).unwrap()))
+        .collect();
     let (xo, xu) = (saturation_excess(&over, &real)?, saturation_excess(&under, &real)?);
     eprintln!(
         "real object saturation (mask interior) {:.4}; background selection minus mask: {:+.4} eroded, {:+.4} not eroded; \
@@ -297,7 +344,11 @@ fn world_renders_segment_and_saturation_excess_has_the_right_sign() -> Result<()
     // Clipping: the palette and backgrounds stay inside (1, 254); the over-saturated copies clip.
     let c_real = clipped_fraction(&imgs, ClipThresholds::EXACT)?;
     let c_over = clipped_fraction(&over_imgs, ClipThresholds::EXACT)?;
-    eprintln!("clipped: real {:.4}%, chroma ×1.6 {:.4}%", 100.0 * c_real.overall, 100.0 * c_over.overall);
+    eprintln!(
+        "clipped: real {:.4}%, chroma ×1.6 {:.4}%",
+        100.0 * c_real.overall,
+        100.0 * c_over.overall
+    );
     assert!(c_over.overall > c_real.overall);
     // A set with no object pixels at all is an error, naming the set.
     let blank = vec![128u8; 32 * 32 * 3];
@@ -350,7 +401,11 @@ fn alignment_counts_confusions_and_tolerant_views() -> Result<()> {
     assert_eq!(r.shape_confusion.counts.iter().flatten().sum::<usize>(), 4);
     assert_eq!(r.shape_confusion.accuracy(), Some(0.75));
     let ci = |c: Colour| Colour::all().iter().position(|&x| x == c).unwrap();
-    assert_eq!(r.colour_confusion.counts[ci(Colour::new(Hue::Blue, Tone::Light))][ci(Colour::new(Hue::Blue, Tone::Plain))], 1);
+    assert_eq!(
+        r.colour_confusion.counts[ci(Colour::new(Hue::Blue, Tone::Light))]
+            [ci(Colour::new(Hue::Blue, Tone::Plain))],
+        1
+    );
     assert_eq!(r.colour_confusion.labels[ci(Colour::new(Hue::Blue, Tone::Light))], "light blue");
     let vi = |v: View| View::ALL.iter().position(|&x| x == v).unwrap();
     assert_eq!(r.view_confusion.counts[vi(View::Side)][vi(View::Front)], 1);
@@ -358,7 +413,10 @@ fn alignment_counts_confusions_and_tolerant_views() -> Result<()> {
     let r = alignment(&p, &targets, ViewJudge::Exact)?;
     assert_eq!(r.view, r.view_exact);
     // Errors.
-    assert!(alignment(&p[..2], &targets, ViewJudge::Exact).unwrap_err().to_string().contains("2 predictions for 4 targets"));
+    assert!(alignment(&p[..2], &targets, ViewJudge::Exact)
+        .unwrap_err()
+        .to_string()
+        .contains("2 predictions for 4 targets"));
     assert!(alignment(&p, &targets, ViewJudge::AngleTolerance { deg: 45.0 }).is_err());
     Ok(())
 }

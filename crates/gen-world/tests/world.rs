@@ -2,14 +2,23 @@
 //! lighting and colours, dataset writing.
 
 use gen_world::palette::{hue_distance, rgb_to_hsv};
-use gen_world::{parse_caption, write_dataset, Background, Colour, DatasetSpec, Hue, Rendered, Scene, Shape, Split, Tone, View, World, WorldConfig};
+use gen_world::{
+    parse_caption, write_dataset, Background, Colour, DatasetSpec, Hue, Rendered, Scene, Shape,
+    Split, Tone, View, World, WorldConfig,
+};
 
 fn small_world(size: u32) -> World {
     World::new(WorldConfig { image_size: size, ..WorldConfig::default() }).unwrap()
 }
 
 fn scene(shape: Shape, az: f32, el: f32) -> Scene {
-    Scene { shape, colour: Colour::new(Hue::Red, Tone::Plain), background: Background::Grey, azimuth_deg: az, elevation_deg: el }
+    Scene {
+        shape,
+        colour: Colour::new(Hue::Red, Tone::Plain),
+        background: Background::Grey,
+        azimuth_deg: az,
+        elevation_deg: el,
+    }
 }
 
 /// Soft intersection over union of two coverage masks.
@@ -38,7 +47,10 @@ fn same_index_gives_identical_bytes_other_index_differs() {
 fn splits_have_disjoint_seeds_and_different_scenes() {
     for (i, a) in Split::ALL.iter().enumerate() {
         for b in &Split::ALL[i + 1..] {
-            let (ra, rb) = (a.seed_base()..a.seed_base() + gen_world::SPLIT_SIZE, b.seed_base()..b.seed_base() + gen_world::SPLIT_SIZE);
+            let (ra, rb) = (
+                a.seed_base()..a.seed_base() + gen_world::SPLIT_SIZE,
+                b.seed_base()..b.seed_base() + gen_world::SPLIT_SIZE,
+            );
             assert!(ra.end <= rb.start || rb.end <= ra.start, "{a} and {b} overlap");
         }
     }
@@ -65,11 +77,16 @@ fn sampled_parameters_cover_their_ranges() {
         assert!((300..=500).contains(&n), "{s:?}: {n} of 2000");
     }
     assert_eq!(scenes.iter().map(|x| x.colour).collect::<std::collections::HashSet<_>>().len(), 24);
-    assert_eq!(scenes.iter().map(|x| x.background).collect::<std::collections::HashSet<_>>().len(), 4);
+    assert_eq!(
+        scenes.iter().map(|x| x.background).collect::<std::collections::HashSet<_>>().len(),
+        4
+    );
     for v in View::ALL {
         assert!(scenes.iter().filter(|x| x.view() == v).count() > 150, "{v:?} is rare");
     }
-    assert!(scenes.iter().all(|x| (0.0..360.0).contains(&x.azimuth_deg) && (-10.0..=60.0).contains(&x.elevation_deg)));
+    assert!(scenes.iter().all(
+        |x| (0.0..360.0).contains(&x.azimuth_deg) && (-10.0..=60.0).contains(&x.elevation_deg)
+    ));
 }
 
 #[test]
@@ -83,7 +100,12 @@ fn captions_match_ground_truth_and_parse_back() {
         assert_eq!(p.colour, Some(sc.colour), "{cap}");
         assert_eq!(p.background, Some(sc.background), "{cap}");
         assert_eq!(p.view, Some(View::from_angles(sc.azimuth_deg, sc.elevation_deg)), "{cap}");
-        assert!(cap.contains(&format!(" {} ", sc.shape.name())) && cap.contains(&sc.colour.name()) && cap.ends_with(" view"), "{cap}");
+        assert!(
+            cap.contains(&format!(" {} ", sc.shape.name()))
+                && cap.contains(&sc.colour.name())
+                && cap.ends_with(" view"),
+            "{cap}"
+        );
     }
     let s = w.sample(Split::Validation, 3).unwrap();
     assert_eq!(s.caption, s.scene.caption());
@@ -92,16 +114,26 @@ fn captions_match_ground_truth_and_parse_back() {
 #[test]
 fn silhouettes_of_shapes_are_distinct() {
     let w = small_world(48);
-    let cams = [(20.0, 30.0), (110.0, 5.0), (250.0, 50.0), (0.0, -10.0), (45.0, 60.0), (160.0, 20.0)];
+    let cams =
+        [(20.0, 30.0), (110.0, 5.0), (250.0, 50.0), (0.0, -10.0), (45.0, 60.0), (160.0, 20.0)];
     let mut worst = 0f32;
     for (az, el) in cams {
         let r: Vec<Rendered> = Shape::ALL.iter().map(|&s| w.render(&scene(s, az, el))).collect();
         for i in 0..r.len() {
             for j in i + 1..r.len() {
                 let v = iou(&r[i], &r[j]);
-                eprintln!("az {az} el {el}: {:?} vs {:?}: IoU {v:.3}", Shape::ALL[i], Shape::ALL[j]);
+                eprintln!(
+                    "az {az} el {el}: {:?} vs {:?}: IoU {v:.3}",
+                    Shape::ALL[i],
+                    Shape::ALL[j]
+                );
                 worst = worst.max(v);
-                assert!(v < 0.8, "az {az} el {el}: {:?} vs {:?} IoU {v}", Shape::ALL[i], Shape::ALL[j]);
+                assert!(
+                    v < 0.8,
+                    "az {az} el {el}: {:?} vs {:?} IoU {v}",
+                    Shape::ALL[i],
+                    Shape::ALL[j]
+                );
             }
         }
     }
@@ -134,7 +166,10 @@ fn mask_coverage_is_sane_and_matches_the_analytic_sphere_area() {
     let rho = cam.focal_px() * rad / (cfg.camera_distance.powi(2) - rad * rad).sqrt();
     let expected = std::f32::consts::PI * rho * rho;
     let got = r.coverage();
-    assert!((got - expected).abs() / expected < 0.01, "sphere area {got} px vs analytic {expected}");
+    assert!(
+        (got - expected).abs() / expected < 0.01,
+        "sphere area {got} px vs analytic {expected}"
+    );
 
     for i in 0..40 {
         let s = w.sample(Split::Train, i).unwrap();
@@ -196,7 +231,10 @@ fn light_is_fixed_in_the_world_frame() {
         let (mut sum, mut n) = (0.0, 0.0);
         for (k, &m) in r.mask.iter().enumerate() {
             if m == 1.0 {
-                sum += r.rgb[3 * k..3 * k + 3].iter().map(|&v| gen_world::palette::srgb_to_linear(v)).sum::<f32>();
+                sum += r.rgb[3 * k..3 * k + 3]
+                    .iter()
+                    .map(|&v| gen_world::palette::srgb_to_linear(v))
+                    .sum::<f32>();
                 n += 3.0;
             }
         }
@@ -204,7 +242,9 @@ fn light_is_fixed_in_the_world_frame() {
     };
     let lit = object_mean(&w.render(&scene(Shape::Sphere, 35.0, 0.0)));
     let unlit = object_mean(&w.render(&scene(Shape::Sphere, 215.0, 0.0)));
-    eprintln!("mean linear object value: seen from the light side {lit}, from the opposite side {unlit}");
+    eprintln!(
+        "mean linear object value: seen from the light side {lit}, from the opposite side {unlit}"
+    );
     assert!(lit > 1.5 * unlit, "{lit} vs {unlit}");
 }
 
@@ -213,7 +253,13 @@ fn brightest_object_pixels_have_the_named_albedo() {
     let w = small_world(32);
     for colour in Colour::all() {
         // A sphere seen from the light's direction: its brightest pixels face the light.
-        let sc = Scene { shape: Shape::Sphere, colour, background: Background::Grey, azimuth_deg: 35.0, elevation_deg: 50.0 };
+        let sc = Scene {
+            shape: Shape::Sphere,
+            colour,
+            background: Background::Grey,
+            azimuth_deg: 35.0,
+            elevation_deg: 50.0,
+        };
         let r = w.render(&sc);
         let mut px: Vec<[f32; 3]> = (0..r.height)
             .flat_map(|y| (0..r.width).map(move |x| (x, y)))
@@ -225,9 +271,19 @@ fn brightest_object_pixels_have_the_named_albedo() {
         let mean = [0, 1, 2].map(|k| top.iter().map(|p| p[k]).sum::<f32>() / top.len() as f32);
         let albedo = colour.srgb();
         let (h_px, h_al) = (rgb_to_hsv(mean), rgb_to_hsv(albedo));
-        assert!(hue_distance(h_px[0], h_al[0]) < 4.0, "{}: hue {} vs {}", colour.name(), h_px[0], h_al[0]);
+        assert!(
+            hue_distance(h_px[0], h_al[0]) < 4.0,
+            "{}: hue {} vs {}",
+            colour.name(),
+            h_px[0],
+            h_al[0]
+        );
         for k in 0..3 {
-            assert!((mean[k] - albedo[k]).abs() < 0.03, "{}: brightest {mean:?} vs albedo {albedo:?}", colour.name());
+            assert!(
+                (mean[k] - albedo[k]).abs() < 0.03,
+                "{}: brightest {mean:?} vs albedo {albedo:?}",
+                colour.name()
+            );
         }
         // Nothing is brighter than the albedo (no clipping/over-exposure by the shading).
         assert!(px.iter().all(|p| (0..3).all(|k| p[k] <= albedo[k] + 1e-3)), "{}", colour.name());
@@ -236,9 +292,13 @@ fn brightest_object_pixels_have_the_named_albedo() {
 
 #[test]
 fn bad_config_and_ranges_give_clear_errors() {
-    let e = World::new(WorldConfig { image_size: 0, ..WorldConfig::default() }).unwrap_err().to_string();
+    let e = World::new(WorldConfig { image_size: 0, ..WorldConfig::default() })
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("image_size"), "{e}");
-    let e = World::new(WorldConfig { supersample: 0, ..WorldConfig::default() }).unwrap_err().to_string();
+    let e = World::new(WorldConfig { supersample: 0, ..WorldConfig::default() })
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("supersample"), "{e}");
     let e = World::default().sample(Split::Train, u64::MAX).unwrap_err().to_string();
     assert!(e.contains("out of range"), "{e}");
@@ -266,8 +326,11 @@ fn dataset_folder_is_complete_and_bad_outputs_fail_clearly() {
     })
     .unwrap();
     assert_eq!(seen.into_inner(), 5);
-    let lines: Vec<gen_world::Record> =
-        std::fs::read_to_string(dir.join("metadata.jsonl")).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let lines: Vec<gen_world::Record> = std::fs::read_to_string(dir.join("metadata.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     assert_eq!(lines.len(), 5);
     assert_eq!(lines, sum.records);
     for (k, rec) in lines.iter().enumerate() {
@@ -295,7 +358,9 @@ fn dataset_folder_is_complete_and_bad_outputs_fail_clearly() {
         }
     }
 
-    let e = write_dataset(&w, &DatasetSpec { count: 0, ..spec }, &dir, &|_| {}).unwrap_err().to_string();
+    let e = write_dataset(&w, &DatasetSpec { count: 0, ..spec }, &dir, &|_| {})
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("count"), "{e}");
     let file = dir.join("metadata.jsonl");
     let e = write_dataset(&w, &spec, &file, &|_| {}).unwrap_err().to_string();

@@ -16,7 +16,9 @@ use candle_core::{DType, Device};
 use gen_models::pipeline::{LoadOptions, ModelSource, SdPipeline};
 use gen_pretrain::data::WorldData;
 use gen_pretrain::evaluator::Evaluator;
-use gen_pretrain::metrics::{evaluator_accuracy, generation_accuracy, image_grid, vae_psnr, GenerationSettings};
+use gen_pretrain::metrics::{
+    evaluator_accuracy, generation_accuracy, image_grid, vae_psnr, GenerationSettings,
+};
 use gen_pretrain::{PretrainConfig, RunControl, Stage, TrainEvent, Trainer};
 
 fn arg(args: &[String], name: &str) -> Option<String> {
@@ -96,7 +98,8 @@ fn measure(args: &[String]) -> Result<()> {
     println!("VAE PSNR on {n_test} test images: {psnr:.2} dB");
     let acc = evaluator_accuracy(&eval, &mut data, n_test)?;
     println!("evaluator on {n_test} real test images: {}", serde_json::to_string(&acc)?);
-    let settings = GenerationSettings { prompts: n_prompts, steps, guidance_scale: w, seed: 0, batch: 16 };
+    let settings =
+        GenerationSettings { prompts: n_prompts, steps, guidance_scale: w, seed: 0, batch: 16 };
     let (gacc, report, imgs) = generation_accuracy(&pipe, &eval, &mut data, &settings)?;
     println!("generated ({} prompts = captions of test samples 0..{n_prompts}, DDIM {steps} steps, CFG {w}, seed 0): {}", n_prompts, serde_json::to_string(&gacc)?);
     println!("generated: {}", serde_json::to_string(&report)?);
@@ -104,7 +107,10 @@ fn measure(args: &[String]) -> Result<()> {
         image_grid(&imgs, 8)?.save(&p)?;
         println!("grid: {p}");
     }
-    println!("{}", serde_json::json!({"vae_psnr_db": psnr, "evaluator_test": acc, "generation": gacc, "generation_report": report, "settings": settings}));
+    println!(
+        "{}",
+        serde_json::json!({"vae_psnr_db": psnr, "evaluator_test": acc, "generation": gacc, "generation_report": report, "settings": settings})
+    );
     println!("measured in {:.1} s", t0.elapsed().as_secs_f64());
     Ok(())
 }

@@ -155,7 +155,11 @@ impl PretrainConfig {
                 caption_part_dropout: 0.0,
                 scaling_samples: 16,
             },
-            evaluator: EvaluatorStage { train: stage(30, 16, 1e-2, 10), channels: vec![8, 16], norm_groups: 4 },
+            evaluator: EvaluatorStage {
+                train: stage(30, 16, 1e-2, 10),
+                channels: vec![8, 16],
+                norm_groups: 4,
+            },
         }
     }
 
@@ -194,7 +198,11 @@ impl PretrainConfig {
                 kl_weight: 1e-5,
             },
             unet: UnetStage {
-                train: StageConfig { warmup_steps: 100, ema_decay: 0.999, ..stage(10000, 32, 1.5e-3, 100) },
+                train: StageConfig {
+                    warmup_steps: 100,
+                    ema_decay: 0.999,
+                    ..stage(10000, 32, 1.5e-3, 100)
+                },
                 config: json!({"in_channels": 4, "out_channels": 4, "block_out_channels": [32, 64, 64],
                     "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
                     "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
@@ -204,7 +212,11 @@ impl PretrainConfig {
                 caption_part_dropout: 0.3,
                 scaling_samples: 256,
             },
-            evaluator: EvaluatorStage { train: stage(400, 32, 2e-3, 100), channels: vec![32, 64, 64, 128], norm_groups: 8 },
+            evaluator: EvaluatorStage {
+                train: stage(400, 32, 2e-3, 100),
+                channels: vec![32, 64, 64, 128],
+                norm_groups: 8,
+            },
         }
     }
 
@@ -220,46 +232,85 @@ impl PretrainConfig {
     /// Reads a config saved by [`PretrainConfig::save`].
     pub fn load(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        let cfg: Self = serde_json::from_str(&text)
-            .map_err(|e| Error::Config { file: path.to_path_buf(), key: "(file)".into(), msg: e.to_string() })?;
+        let cfg: Self = serde_json::from_str(&text).map_err(|e| Error::Config {
+            file: path.to_path_buf(),
+            key: "(file)".into(),
+            msg: e.to_string(),
+        })?;
         cfg.validate()?;
         Ok(cfg)
     }
 
     /// Writes the config as pretty JSON, atomically.
     pub fn save(&self, path: &Path) -> Result<()> {
-        let text = serde_json::to_string_pretty(self).map_err(|e| Error::msg(format!("serialising the config: {e}")))?;
+        let text = serde_json::to_string_pretty(self)
+            .map_err(|e| Error::msg(format!("serialising the config: {e}")))?;
         gen_core::write_atomic(path, text.as_bytes())
     }
 
     /// Checks the values that the model configs do not check themselves.
     pub fn validate(&self) -> Result<()> {
-        let bad = |what: &str, msg: String| Err(Error::invalid(format!("pretrain config `{what}`"), msg));
+        let bad =
+            |what: &str, msg: String| Err(Error::invalid(format!("pretrain config `{what}`"), msg));
         if self.pool_size == 0 {
             return bad("pool_size", "must be positive".into());
         }
-        for (name, s) in [("clip", &self.clip.train), ("vae", &self.vae.train), ("unet", &self.unet.train), ("evaluator", &self.evaluator.train)] {
+        for (name, s) in [
+            ("clip", &self.clip.train),
+            ("vae", &self.vae.train),
+            ("unet", &self.unet.train),
+            ("evaluator", &self.evaluator.train),
+        ] {
             if s.steps == 0 || s.batch_size == 0 || s.checkpoint_every == 0 {
-                return bad(&format!("{name}.train"), format!("steps {}, batch_size {} and checkpoint_every {} must be positive", s.steps, s.batch_size, s.checkpoint_every));
+                return bad(
+                    &format!("{name}.train"),
+                    format!(
+                        "steps {}, batch_size {} and checkpoint_every {} must be positive",
+                        s.steps, s.batch_size, s.checkpoint_every
+                    ),
+                );
             }
             if s.batch_size > self.pool_size {
-                return bad(&format!("{name}.train.batch_size"), format!("{} exceeds pool_size {}", s.batch_size, self.pool_size));
+                return bad(
+                    &format!("{name}.train.batch_size"),
+                    format!("{} exceeds pool_size {}", s.batch_size, self.pool_size),
+                );
             }
             if !(0.0..1.0).contains(&s.ema_decay) {
-                return bad(&format!("{name}.train.ema_decay"), format!("{} (must be in [0, 1); 0 = no moving average)", s.ema_decay));
+                return bad(
+                    &format!("{name}.train.ema_decay"),
+                    format!("{} (must be in [0, 1); 0 = no moving average)", s.ema_decay),
+                );
             }
             if s.warmup_steps > s.steps {
-                return bad(&format!("{name}.train.warmup_steps"), format!("{} exceeds steps {}", s.warmup_steps, s.steps));
+                return bad(
+                    &format!("{name}.train.warmup_steps"),
+                    format!("{} exceeds steps {}", s.warmup_steps, s.steps),
+                );
             }
         }
         if !(0.0..1.0).contains(&self.unet.caption_dropout) {
-            return bad("unet.caption_dropout", format!("{} (must be in [0, 1))", self.unet.caption_dropout));
+            return bad(
+                "unet.caption_dropout",
+                format!("{} (must be in [0, 1))", self.unet.caption_dropout),
+            );
         }
         if !(0.0..=1.0).contains(&self.unet.caption_part_dropout) {
-            return bad("unet.caption_part_dropout", format!("{} (must be in [0, 1])", self.unet.caption_part_dropout));
+            return bad(
+                "unet.caption_part_dropout",
+                format!("{} (must be in [0, 1])", self.unet.caption_part_dropout),
+            );
         }
-        if self.evaluator.channels.is_empty() || self.evaluator.channels.iter().any(|c| c % self.evaluator.norm_groups != 0) {
-            return bad("evaluator.channels", format!("{:?} must be non-empty multiples of norm_groups {}", self.evaluator.channels, self.evaluator.norm_groups));
+        if self.evaluator.channels.is_empty()
+            || self.evaluator.channels.iter().any(|c| c % self.evaluator.norm_groups != 0)
+        {
+            return bad(
+                "evaluator.channels",
+                format!(
+                    "{:?} must be non-empty multiples of norm_groups {}",
+                    self.evaluator.channels, self.evaluator.norm_groups
+                ),
+            );
         }
         Ok(())
     }

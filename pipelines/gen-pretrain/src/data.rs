@@ -61,7 +61,12 @@ pub struct WorldData {
 }
 
 impl WorldData {
-    pub fn new(image_size: u32, supersample: u32, pool_size: usize, device: &Device) -> Result<Self> {
+    pub fn new(
+        image_size: u32,
+        supersample: u32,
+        pool_size: usize,
+        device: &Device,
+    ) -> Result<Self> {
         let world = World::new(WorldConfig { image_size, supersample, ..WorldConfig::default() })?;
         Ok(Self { world, pool_size, cache: HashMap::new(), device: device.clone() })
     }

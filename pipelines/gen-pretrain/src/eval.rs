@@ -39,10 +39,12 @@ use gen_diffusion::{ApgConfig, GuidanceConfig, GuidanceMethod, IntervalRange};
 use gen_models::pipeline::{LoadOptions, ModelSource, SdPipeline};
 use gen_sample::{generate, Progress, SampleConfig, Sampler};
 use gen_world::metrics::{
-    alignment, clipped_fraction, frechet_distance, real_vs_real, saturation_excess, set_saturation, ClipThresholds, ImageU8, ObjectSelect,
-    Predicted, Target, ViewJudge,
+    alignment, clipped_fraction, frechet_distance, real_vs_real, saturation_excess, set_saturation,
+    ClipThresholds, ImageU8, ObjectSelect, Predicted, Target, ViewJudge,
 };
-use gen_world::{parse_caption, Background, Colour, Hue, Shape, Split, Tone, View, World, WorldConfig};
+use gen_world::{
+    parse_caption, Background, Colour, Hue, Shape, Split, Tone, View, World, WorldConfig,
+};
 
 use crate::evaluator::{Evaluator, Prediction};
 
@@ -65,7 +67,8 @@ pub enum PromptForm {
 }
 
 impl PromptForm {
-    pub const ALL: [PromptForm; 4] = [PromptForm::Full, PromptForm::NoBackground, PromptForm::NoView, PromptForm::Short];
+    pub const ALL: [PromptForm; 4] =
+        [PromptForm::Full, PromptForm::NoBackground, PromptForm::NoView, PromptForm::Short];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -79,7 +82,10 @@ impl PromptForm {
     /// By name (`full`, `no-background`, `no-view`, `short`).
     pub fn parse(s: &str) -> Result<Self> {
         Self::ALL.into_iter().find(|f| f.name() == s.trim()).ok_or_else(|| {
-            Error::invalid("prompt form", format!("unknown form `{s}`; known: {}", Self::ALL.map(|f| f.name()).join(", ")))
+            Error::invalid(
+                "prompt form",
+                format!("unknown form `{s}`; known: {}", Self::ALL.map(|f| f.name()).join(", ")),
+            )
         })
     }
 
@@ -161,7 +167,12 @@ impl EvalConfig {
         if self.num_images() < 2 {
             return Err(Error::invalid(
                 "number of images",
-                format!("{} prompt(s) × {} image(s) = {}; tiny-FID needs at least 2 generated images", self.prompts, self.per_prompt, self.num_images()),
+                format!(
+                    "{} prompt(s) × {} image(s) = {}; tiny-FID needs at least 2 generated images",
+                    self.prompts,
+                    self.per_prompt,
+                    self.num_images()
+                ),
             ));
         }
         if self.steps == 0 {
@@ -218,7 +229,10 @@ pub fn guidance_kind(m: &GuidanceMethod) -> &'static str {
 
 fn check_guidance_scale(w: f64) -> Result<()> {
     if !(w.is_finite() && w > 0.0) {
-        return Err(Error::invalid("guidance scale", format!("{w} (must be a finite number > 0; 1 = no guidance)")));
+        return Err(Error::invalid(
+            "guidance scale",
+            format!("{w} (must be a finite number > 0; 1 = no guidance)"),
+        ));
     }
     Ok(())
 }
@@ -250,7 +264,12 @@ pub fn guidance_method(kind: &str, w: f64, apg: &ApgOverrides) -> Result<Guidanc
             }
             GuidanceMethod::Apg(c)
         }
-        other => return Err(Error::invalid("guidance", format!("unknown method `{other}`; known: cfg, apg"))),
+        other => {
+            return Err(Error::invalid(
+                "guidance",
+                format!("unknown method `{other}`; known: cfg, apg"),
+            ))
+        }
     };
     GuidanceConfig { method: m.clone(), rescale_phi: 0.0, interval: None }.build()?;
     Ok(m)
@@ -284,7 +303,10 @@ impl ScoredImages<'_> {
         if n == 0 {
             return Err(Error::invalid(what, "no images"));
         }
-        if self.prompts.len() != n || self.predicted.len() != n || self.features.len() != n * self.dim {
+        if self.prompts.len() != n
+            || self.predicted.len() != n
+            || self.features.len() != n * self.dim
+        {
             return Err(Error::invalid(
                 what,
                 format!(
@@ -320,7 +342,11 @@ impl ScoredImages<'_> {
     }
 
     fn alignment(&self) -> Result<gen_world::metrics::AlignmentReport> {
-        let targets = self.prompts.iter().map(|p| Target::from_prompt(p, None)).collect::<Result<Vec<_>>>()?;
+        let targets = self
+            .prompts
+            .iter()
+            .map(|p| Target::from_prompt(p, None))
+            .collect::<Result<Vec<_>>>()?;
         alignment(self.predicted, &targets, ViewJudge::Exact)
     }
 }
@@ -366,36 +392,49 @@ pub struct EvalMetrics {
 /// The metrics of `generated` against `real` (the real renders of the same prompts, in any
 /// number) and `reference` (real features, at least `2 × generated` rows: tiny-FID uses its
 /// even rows, the baseline its even vs its odd rows).
-pub fn aggregate(generated: &ScoredImages, real: &ScoredImages, reference: &[f64], generation_seconds: f64) -> Result<EvalMetrics> {
+pub fn aggregate(
+    generated: &ScoredImages,
+    real: &ScoredImages,
+    reference: &[f64],
+    generation_seconds: f64,
+) -> Result<EvalMetrics> {
     generated.check("generated images")?;
     real.check("real images")?;
     let (g, d) = (generated.images.len(), generated.dim);
     if real.dim != d {
-        return Err(Error::invalid("features", format!("generated features have dimension {d}, real ones {}", real.dim)));
+        return Err(Error::invalid(
+            "features",
+            format!("generated features have dimension {d}, real ones {}", real.dim),
+        ));
     }
     if d == 0 || reference.len() < 2 * g * d || !reference.len().is_multiple_of(d) {
         return Err(Error::invalid(
             "reference features",
-            format!("{} values; tiny-FID of {g} images needs at least 2 × {g} rows of dimension {d}", reference.len()),
+            format!(
+                "{} values; tiny-FID of {g} images needs at least 2 × {g} rows of dimension {d}",
+                reference.len()
+            ),
         ));
     }
     let gen_align = generated.alignment()?;
     let real_align = real.alignment()?;
-    let even: Vec<f64> = (0..g).flat_map(|k| reference[2 * k * d..(2 * k + 1) * d].iter().copied()).collect();
+    let even: Vec<f64> =
+        (0..g).flat_map(|k| reference[2 * k * d..(2 * k + 1) * d].iter().copied()).collect();
     let tiny_fid = frechet_distance(generated.features, &even, d)?;
     let baseline = real_vs_real(reference, d, g)?;
 
     let gen_sets = generated.segmented()?;
     let real_sets = real.segmented()?;
-    let (saturation_generated, saturation_real, saturation_excess_v, images_without_object) = match saturation_excess(&gen_sets, &real_sets) {
-        Ok(s) => (s.generated.mean, s.real.mean, Some(s.excess), s.generated.empty),
-        Err(_) => {
-            // One set has no object pixel at all: report what there is.
-            let gs = set_saturation(&gen_sets)?;
-            let rs = set_saturation(&real_sets)?;
-            (gs.mean, rs.mean, None, gs.empty)
-        }
-    };
+    let (saturation_generated, saturation_real, saturation_excess_v, images_without_object) =
+        match saturation_excess(&gen_sets, &real_sets) {
+            Ok(s) => (s.generated.mean, s.real.mean, Some(s.excess), s.generated.empty),
+            Err(_) => {
+                // One set has no object pixel at all: report what there is.
+                let gs = set_saturation(&gen_sets)?;
+                let rs = set_saturation(&real_sets)?;
+                (gs.mean, rs.mean, None, gs.empty)
+            }
+        };
     let clipped = clipped_fraction(&generated.u8_images()?, ClipThresholds::EXACT)?;
     let clipped_real = clipped_fraction(&real.u8_images()?, ClipThresholds::EXACT)?;
     Ok(EvalMetrics {
@@ -440,10 +479,22 @@ impl LabelMap {
     /// From the evaluator config's `labels` (class names per head); when it has none, the world's
     /// `ALL` orders (checked against the head sizes).
     pub fn new(cfg: &crate::evaluator::EvaluatorConfig, file: &Path) -> Result<Self> {
-        fn head<T: Copy>(cfg_labels: &serde_json::Value, key: &str, size: usize, all: &[T], name: impl Fn(T) -> String, file: &Path) -> Result<Vec<T>> {
-            let bad = |msg: String| Error::Config { file: file.to_path_buf(), key: format!("labels.{key}"), msg };
+        fn head<T: Copy>(
+            cfg_labels: &serde_json::Value,
+            key: &str,
+            size: usize,
+            all: &[T],
+            name: impl Fn(T) -> String,
+            file: &Path,
+        ) -> Result<Vec<T>> {
+            let bad = |msg: String| Error::Config {
+                file: file.to_path_buf(),
+                key: format!("labels.{key}"),
+                msg,
+            };
             let names: Vec<String> = match cfg_labels.get(key) {
-                Some(v) => serde_json::from_value(v.clone()).map_err(|e| bad(format!("expected a list of names: {e}")))?,
+                Some(v) => serde_json::from_value(v.clone())
+                    .map_err(|e| bad(format!("expected a list of names: {e}")))?,
                 None => all.iter().map(|&x| name(x)).collect(),
             };
             if names.len() != size {
@@ -453,19 +504,30 @@ impl LabelMap {
                 .iter()
                 .map(|n| {
                     all.iter().copied().find(|&x| name(x) == *n).ok_or_else(|| {
-                        bad(format!("unknown class `{n}`; the world knows {}", all.iter().map(|&x| name(x)).collect::<Vec<_>>().join(", ")))
+                        bad(format!(
+                            "unknown class `{n}`; the world knows {}",
+                            all.iter().map(|&x| name(x)).collect::<Vec<_>>().join(", ")
+                        ))
                     })
                 })
                 .collect()
         }
         let l = &cfg.labels;
-        let tone_name = |t: Tone| if t == Tone::Plain { "plain".to_string() } else { t.name().to_string() };
+        let tone_name =
+            |t: Tone| if t == Tone::Plain { "plain".to_string() } else { t.name().to_string() };
         Ok(Self {
             shapes: head(l, "shape", cfg.num_shapes, &Shape::ALL, |s| s.name().to_string(), file)?,
             hues: head(l, "hue", cfg.num_hues, &Hue::ALL, |s| s.name().to_string(), file)?,
             tones: head(l, "tone", cfg.num_tones, &Tone::ALL, tone_name, file)?,
             views: head(l, "view", cfg.num_views, &View::ALL, |s| s.name().to_string(), file)?,
-            backgrounds: head(l, "background", cfg.num_backgrounds, &Background::ALL, |s| s.name().to_string(), file)?,
+            backgrounds: head(
+                l,
+                "background",
+                cfg.num_backgrounds,
+                &Background::ALL,
+                |s| s.name().to_string(),
+                file,
+            )?,
         })
     }
 
@@ -487,7 +549,10 @@ pub fn images_to_tensor(images: &[RgbImage], device: &Device) -> Result<Tensor> 
     let mut v = Vec::with_capacity(images.len() * 3 * h * w);
     for (k, img) in images.iter().enumerate() {
         if (img.width() as usize, img.height() as usize) != (w, h) {
-            return Err(Error::invalid("images", format!("image {k} is {}×{}, image 0 {w}×{h}", img.width(), img.height())));
+            return Err(Error::invalid(
+                "images",
+                format!("image {k} is {}×{}, image 0 {w}×{h}", img.width(), img.height()),
+            ));
         }
         let raw = img.as_raw();
         for c in 0..3 {
@@ -555,11 +620,18 @@ impl EvalSession {
                 hint: "the evaluator folder (config.json, model.safetensors) of a tiny-shapes model; pass --evaluator DIR".into(),
             });
         }
-        let pipe = SdPipeline::load(&ModelSource::Local(model.to_path_buf()), &LoadOptions { device: device.clone(), ..LoadOptions::default() })
-            .map_err(|e| Error::msg(format!("loading model {}: {e}", model.display())))?;
-        let evaluator = Evaluator::load(&eval_dir, device).map_err(|e| Error::msg(format!("loading evaluator {}: {e}", eval_dir.display())))?;
+        let pipe = SdPipeline::load(
+            &ModelSource::Local(model.to_path_buf()),
+            &LoadOptions { device: device.clone(), ..LoadOptions::default() },
+        )
+        .map_err(|e| Error::msg(format!("loading model {}: {e}", model.display())))?;
+        let evaluator = Evaluator::load(&eval_dir, device)
+            .map_err(|e| Error::msg(format!("loading evaluator {}: {e}", eval_dir.display())))?;
         let labels = LabelMap::new(evaluator.config(), &eval_dir.join("config.json"))?;
-        let world = World::new(WorldConfig { image_size: evaluator.config().image_size as u32, ..WorldConfig::default() })?;
+        let world = World::new(WorldConfig {
+            image_size: evaluator.config().image_size as u32,
+            ..WorldConfig::default()
+        })?;
         Ok(Self { model: model.to_path_buf(), pipe, evaluator, labels, world, real: None })
     }
 
@@ -600,13 +672,19 @@ impl EvalSession {
     }
 
     /// Generates and measures (see the module docs). `progress` gets `gen image`'s events.
-    pub fn evaluate(&mut self, cfg: &EvalConfig, progress: &mut dyn FnMut(&Progress)) -> Result<EvalOutput> {
+    pub fn evaluate(
+        &mut self,
+        cfg: &EvalConfig,
+        progress: &mut dyn FnMut(&Progress),
+    ) -> Result<EvalOutput> {
         cfg.validate()?;
         let n = cfg.num_images();
         let size = self.image_size();
         let count = cfg.prompts.max(2 * n);
-        let prompts: Vec<String> =
-            self.real(cfg.seed, count)?.captions[..cfg.prompts].iter().map(|c| cfg.prompt_form.apply(c)).collect::<Result<_>>()?;
+        let prompts: Vec<String> = self.real(cfg.seed, count)?.captions[..cfg.prompts]
+            .iter()
+            .map(|c| cfg.prompt_form.apply(c))
+            .collect::<Result<_>>()?;
         let test_indices = prompt_indices(cfg.seed, cfg.prompts);
         let sc = cfg.sample_config(prompts.clone(), size);
 
@@ -619,12 +697,34 @@ impl EvalSession {
 
         let (gp, gf, d) = self.score(&images)?;
         let real = self.real.as_ref().expect("filled above");
-        let image_prompts: Vec<String> = (0..n).map(|i| prompts[i % prompts.len()].clone()).collect();
-        let generated = ScoredImages { images: &images, prompts: &image_prompts, predicted: &gp, features: &gf, dim: d };
+        let image_prompts: Vec<String> =
+            (0..n).map(|i| prompts[i % prompts.len()].clone()).collect();
+        let generated = ScoredImages {
+            images: &images,
+            prompts: &image_prompts,
+            predicted: &gp,
+            features: &gf,
+            dim: d,
+        };
         let p = cfg.prompts;
-        let real_set = ScoredImages { images: &real.images[..p], prompts: &real.captions[..p], predicted: &real.predicted[..p], features: &real.features[..p * d], dim: d };
+        let real_set = ScoredImages {
+            images: &real.images[..p],
+            prompts: &real.captions[..p],
+            predicted: &real.predicted[..p],
+            features: &real.features[..p * d],
+            dim: d,
+        };
         let metrics = aggregate(&generated, &real_set, &real.features[..2 * n * d], seconds)?;
-        Ok(EvalOutput { report: EvalReport { config: cfg.clone(), prompts, test_indices, image_size: size, metrics }, images })
+        Ok(EvalOutput {
+            report: EvalReport {
+                config: cfg.clone(),
+                prompts,
+                test_indices,
+                image_size: size,
+                metrics,
+            },
+            images,
+        })
     }
 }
 
@@ -634,19 +734,37 @@ pub fn samples_grid(images: &[RgbImage], prompts: usize, per_prompt: usize) -> R
     let first = images.first().ok_or_else(|| Error::invalid("samples grid", "no images"))?;
     let (w, h) = first.dimensions();
     if images.len() != prompts * per_prompt || images.iter().any(|i| i.dimensions() != (w, h)) {
-        return Err(Error::invalid("samples grid", format!("{} images for {prompts} prompts × {per_prompt}, or of different sizes", images.len())));
+        return Err(Error::invalid(
+            "samples grid",
+            format!(
+                "{} images for {prompts} prompts × {per_prompt}, or of different sizes",
+                images.len()
+            ),
+        ));
     }
     let (cols, order): (usize, Vec<usize>) = if per_prompt > 1 {
-        (per_prompt, (0..prompts).flat_map(|p| (0..per_prompt).map(move |k| k * prompts + p)).collect())
+        (
+            per_prompt,
+            (0..prompts).flat_map(|p| (0..per_prompt).map(move |k| k * prompts + p)).collect(),
+        )
     } else {
         (images.len().min(8), (0..images.len()).collect())
     };
     let rows = order.len().div_ceil(cols);
     const GAP: u32 = 2;
-    let mut grid = RgbImage::from_pixel(cols as u32 * (w + GAP) - GAP, rows as u32 * (h + GAP) - GAP, image::Rgb([0, 0, 0]));
+    let mut grid = RgbImage::from_pixel(
+        cols as u32 * (w + GAP) - GAP,
+        rows as u32 * (h + GAP) - GAP,
+        image::Rgb([0, 0, 0]),
+    );
     for (slot, &i) in order.iter().enumerate() {
         let (c, r) = ((slot % cols) as u32, (slot / cols) as u32);
-        image::imageops::replace(&mut grid, &images[i], (c * (w + GAP)) as i64, (r * (h + GAP)) as i64);
+        image::imageops::replace(
+            &mut grid,
+            &images[i],
+            (c * (w + GAP)) as i64,
+            (r * (h + GAP)) as i64,
+        );
     }
     Ok(grid)
 }
@@ -675,7 +793,8 @@ pub const SETTING_COLUMNS: [&str; 14] = [
 
 /// The setting columns that are not the guidance's: rows that agree on these saw the same
 /// prompts and noise and can share a chart.
-pub const RUN_COLUMNS: [&str; 8] = ["model", "prompt_form", "sampler", "steps", "prompts", "per_prompt", "seed", "image_size"];
+pub const RUN_COLUMNS: [&str; 8] =
+    ["model", "prompt_form", "sampler", "steps", "prompts", "per_prompt", "seed", "image_size"];
 
 /// Columns of the metrics, in [`EvalMetrics`] order.
 pub const METRIC_COLUMNS: [&str; 21] = [
@@ -717,7 +836,9 @@ fn csv_field(s: &str) -> String {
 impl EvalReport {
     /// Pretty JSON (with a final newline).
     pub fn to_json(&self) -> Result<String> {
-        Ok(serde_json::to_string_pretty(self).map_err(|e| Error::msg(format!("report to JSON: {e}")))? + "\n")
+        Ok(serde_json::to_string_pretty(self)
+            .map_err(|e| Error::msg(format!("report to JSON: {e}")))?
+            + "\n")
     }
 
     /// `(column, value)` pairs: [`SETTING_COLUMNS`] then [`METRIC_COLUMNS`] (empty = none).
@@ -792,7 +913,10 @@ pub fn parse_csv(text: &str, file: &Path) -> Result<Vec<BTreeMap<String, String>
         return Err(Error::Config {
             file: file.to_path_buf(),
             key: "(header)".into(),
-            msg: format!("columns differ from this version's ({}); move the file away or use another --out", csv_header()),
+            msg: format!(
+                "columns differ from this version's ({}); move the file away or use another --out",
+                csv_header()
+            ),
         });
     }
     let cols = split_csv_line(header.trim());
@@ -801,7 +925,11 @@ pub fn parse_csv(text: &str, file: &Path) -> Result<Vec<BTreeMap<String, String>
         .map(|(i, l)| {
             let vals = split_csv_line(l);
             if vals.len() != cols.len() {
-                return Err(Error::Config { file: file.to_path_buf(), key: format!("line {}", i + 2), msg: format!("{} fields, expected {}", vals.len(), cols.len()) });
+                return Err(Error::Config {
+                    file: file.to_path_buf(),
+                    key: format!("line {}", i + 2),
+                    msg: format!("{} fields, expected {}", vals.len(), cols.len()),
+                });
             }
             Ok(cols.iter().cloned().zip(vals).collect())
         })
@@ -811,13 +939,18 @@ pub fn parse_csv(text: &str, file: &Path) -> Result<Vec<BTreeMap<String, String>
 /// Whether a parsed CSV row has the same [`SETTING_COLUMNS`] as `report_settings` (from
 /// [`EvalReport::columns`] or [`settings_columns`]).
 pub fn same_settings(row: &BTreeMap<String, String>, settings: &[(&'static str, String)]) -> bool {
-    settings.iter().filter(|(k, _)| SETTING_COLUMNS.contains(k)).all(|(k, v)| row.get(*k) == Some(v))
+    settings
+        .iter()
+        .filter(|(k, _)| SETTING_COLUMNS.contains(k))
+        .all(|(k, v)| row.get(*k) == Some(v))
 }
 
 /// The [`SETTING_COLUMNS`] values a config will produce (without running it).
 pub fn settings_columns(cfg: &EvalConfig, image_size: usize) -> Vec<(&'static str, String)> {
     let (eta, r, beta) = match &cfg.guidance {
-        GuidanceMethod::Apg(a) => (a.eta.to_string(), a.norm_threshold.to_string(), a.momentum.to_string()),
+        GuidanceMethod::Apg(a) => {
+            (a.eta.to_string(), a.norm_threshold.to_string(), a.momentum.to_string())
+        }
         _ => Default::default(),
     };
     let vals = [
@@ -848,12 +981,17 @@ pub fn settings_columns(cfg: &EvalConfig, image_size: usize) -> Vec<(&'static st
 pub fn parse_scales(list: &str) -> Result<Vec<f64>> {
     let parts: Vec<&str> = list.split(',').map(str::trim).filter(|s| !s.is_empty()).collect();
     if parts.is_empty() {
-        return Err(Error::invalid("scales", format!("{list:?} is empty; give comma-separated guidance scales such as 1,3,5,7.5")));
+        return Err(Error::invalid(
+            "scales",
+            format!("{list:?} is empty; give comma-separated guidance scales such as 1,3,5,7.5"),
+        ));
     }
     parts
         .iter()
         .map(|p| {
-            let w: f64 = p.parse().map_err(|_| Error::invalid("scales", format!("`{p}` in {list:?} is not a number")))?;
+            let w: f64 = p.parse().map_err(|_| {
+                Error::invalid("scales", format!("`{p}` in {list:?} is not a number"))
+            })?;
             check_guidance_scale(w)?;
             Ok(w)
         })
@@ -862,7 +1000,12 @@ pub fn parse_scales(list: &str) -> Result<Vec<f64>> {
 
 /// One config per method × scale (methods outer), each `base` with that guidance: the same
 /// prompts and noise for all. Errors on an empty list, an unknown method or a scale ≤ 0.
-pub fn sweep_configs(base: &EvalConfig, methods: &[String], scales: &[f64], apg: &ApgOverrides) -> Result<Vec<EvalConfig>> {
+pub fn sweep_configs(
+    base: &EvalConfig,
+    methods: &[String],
+    scales: &[f64],
+    apg: &ApgOverrides,
+) -> Result<Vec<EvalConfig>> {
     if methods.iter().all(|m| m.trim().is_empty()) {
         return Err(Error::invalid("method", "no guidance method given (cfg, apg or cfg,apg)"));
     }
@@ -879,8 +1022,16 @@ pub fn sweep_configs(base: &EvalConfig, methods: &[String], scales: &[f64], apg:
 }
 
 /// Line colours of the chart's series, in order of first appearance.
-const PALETTE: [[u8; 3]; 8] =
-    [[30, 80, 220], [230, 110, 20], [40, 160, 60], [200, 40, 40], [140, 80, 200], [120, 80, 40], [220, 90, 180], [110, 110, 110]];
+const PALETTE: [[u8; 3]; 8] = [
+    [30, 80, 220],
+    [230, 110, 20],
+    [40, 160, 60],
+    [200, 40, 40],
+    [140, 80, 200],
+    [120, 80, 40],
+    [220, 90, 180],
+    [110, 110, 110],
+];
 
 /// The guidance variant of a CSV row ([`parse_csv`]) as a chart/table label: `CFG`,
 /// `APG eta=0 r=2 beta=-0.5`, followed by ` in steps:0.5,1` when guided in an interval only.
@@ -914,34 +1065,40 @@ pub fn guidance_panels(rows: &[BTreeMap<String, String>]) -> Vec<crate::plot::Pa
         let v: Vec<f64> = rows.iter().filter_map(|r| num(r, k)).collect();
         (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64)
     };
-    let panel = |title: &str, key: &str, reference: Option<f64>, y_range: Option<(f64, f64)>| Panel {
-        title: title.to_string(),
-        series: variants
-            .iter()
-            .enumerate()
-            .map(|(i, v)| Series {
-                name: v.clone(),
-                colour: PALETTE[i % PALETTE.len()],
-                points: {
-                    let mut p: Vec<(f64, f64)> = rows
-                        .iter()
-                        .filter(|r| &guidance_label(r) == v)
-                        .filter_map(|r| Some((num(r, "scale")?, num(r, key)?)))
-                        .collect();
-                    p.sort_by(|a, b| a.0.total_cmp(&b.0));
-                    p
-                },
-            })
-            .collect(),
-        reference,
-        y_range,
-    };
+    let panel =
+        |title: &str, key: &str, reference: Option<f64>, y_range: Option<(f64, f64)>| Panel {
+            title: title.to_string(),
+            series: variants
+                .iter()
+                .enumerate()
+                .map(|(i, v)| Series {
+                    name: v.clone(),
+                    colour: PALETTE[i % PALETTE.len()],
+                    points: {
+                        let mut p: Vec<(f64, f64)> = rows
+                            .iter()
+                            .filter(|r| &guidance_label(r) == v)
+                            .filter_map(|r| Some((num(r, "scale")?, num(r, key)?)))
+                            .collect();
+                        p.sort_by(|a, b| a.0.total_cmp(&b.0));
+                        p
+                    },
+                })
+                .collect(),
+            reference,
+            y_range,
+        };
     vec![
         panel("shape accuracy", "shape_accuracy", None, Some((0.0, 1.0))),
         panel("colour accuracy (hue+tone)", "colour_accuracy", None, Some((0.0, 1.0))),
         panel("background accuracy", "background_accuracy", None, Some((0.0, 1.0))),
         panel("tiny-FID (- - real vs real)", "tiny_fid", mean_of("tiny_fid_real_baseline"), None),
         panel("saturation excess (- - 0)", "saturation_excess", Some(0.0), None),
-        panel("clipped fraction (- - real)", "clipped_fraction", mean_of("clipped_fraction_real"), None),
+        panel(
+            "clipped fraction (- - real)",
+            "clipped_fraction",
+            mean_of("clipped_fraction_real"),
+            None,
+        ),
     ]
 }

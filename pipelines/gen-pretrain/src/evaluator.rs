@@ -56,7 +56,11 @@ impl EvaluatorConfig {
 
     pub fn from_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        serde_json::from_str(&text).map_err(|e| Error::Config { file: path.to_path_buf(), key: "(file)".into(), msg: e.to_string() })
+        serde_json::from_str(&text).map_err(|e| Error::Config {
+            file: path.to_path_buf(),
+            key: "(file)".into(),
+            msg: e.to_string(),
+        })
     }
 
     /// Total number of logits.
@@ -66,7 +70,8 @@ impl EvaluatorConfig {
 
     /// `(offset, size)` of each head in the logits: shape, hue, tone, view, background.
     pub fn heads(&self) -> [(usize, usize); 5] {
-        let sizes = [self.num_shapes, self.num_hues, self.num_tones, self.num_views, self.num_backgrounds];
+        let sizes =
+            [self.num_shapes, self.num_hues, self.num_tones, self.num_views, self.num_backgrounds];
         let mut out = [(0, 0); 5];
         let mut o = 0;
         for (i, s) in sizes.iter().enumerate() {
@@ -123,7 +128,11 @@ impl Evaluator {
         let m = Self::new(w.var_builder(DType::F32, device), &cfg)?;
         let unused = w.unused_keys();
         if !unused.is_empty() {
-            return Err(Error::msg(format!("{}: tensors the evaluator does not use: {}", dir.display(), unused.join(", "))));
+            return Err(Error::msg(format!(
+                "{}: tensors the evaluator does not use: {}",
+                dir.display(),
+                unused.join(", ")
+            )));
         }
         Ok(m)
     }
@@ -143,10 +152,18 @@ impl Evaluator {
     pub fn features(&self, images: &Tensor) -> Result<Tensor> {
         let (_, c, h, w) = images.dims4().ctx("evaluator input must be (B, 3, H, W)")?;
         if c != 3 || h != self.cfg.image_size || w != self.cfg.image_size {
-            return Err(Error::invalid("evaluator input", format!("shape {:?}, expected (B, 3, {s}, {s})", images.dims(), s = self.cfg.image_size)));
+            return Err(Error::invalid(
+                "evaluator input",
+                format!(
+                    "shape {:?}, expected (B, 3, {s}, {s})",
+                    images.dims(),
+                    s = self.cfg.image_size
+                ),
+            ));
         }
         let mut x = ((images * 2.0)? - 1.0)?;
-        let conv = Conv2dConfig { padding: 1, stride: 2, dilation: 1, groups: 1, cudnn_fwd_algo: None };
+        let conv =
+            Conv2dConfig { padding: 1, stride: 2, dilation: 1, groups: 1, cudnn_fwd_algo: None };
         for ((w, b), (g, bb)) in self.convs.iter().zip(&self.norms) {
             x = gen_ops::conv2d_bias(&x, w, Some(b), &conv)?;
             x = gen_ops::group_norm(&x, self.cfg.norm_groups, Some(g), Some(bb), 1e-5)?;

@@ -22,7 +22,10 @@ use gen_core::{write_atomic, Error, Result, ResultExt};
 
 use crate::config::PretrainConfig;
 use crate::runner::latest_weights;
-use crate::stages::{clip_config_json, scheduler_config_json, text_encoder_config_json, unet_config_json, vae_config_json};
+use crate::stages::{
+    clip_config_json, scheduler_config_json, text_encoder_config_json, unet_config_json,
+    vae_config_json,
+};
 
 /// What [`export`] wrote.
 #[derive(Debug, Clone, PartialEq)]
@@ -34,7 +37,8 @@ pub struct ExportReport {
 }
 
 fn write_json(path: &Path, v: &Value) -> Result<()> {
-    let text = serde_json::to_string_pretty(v).map_err(|e| Error::msg(format!("serialising {}: {e}", path.display())))?;
+    let text = serde_json::to_string_pretty(v)
+        .map_err(|e| Error::msg(format!("serialising {}: {e}", path.display())))?;
     write_atomic(path, text.as_bytes())
 }
 
@@ -64,8 +68,11 @@ pub fn export(run: &Path, dest: &Path, dtype: DType) -> Result<ExportReport> {
     let cfg = PretrainConfig::load(&run.join("config.json"))?;
     let scaling_path = run.join("unet").join("scaling.json");
     let text = std::fs::read_to_string(&scaling_path).map_err(|e| Error::io(&scaling_path, e))?;
-    let sv: Value = serde_json::from_str(&text)
-        .map_err(|e| Error::Config { file: scaling_path.clone(), key: "(file)".into(), msg: e.to_string() })?;
+    let sv: Value = serde_json::from_str(&text).map_err(|e| Error::Config {
+        file: scaling_path.clone(),
+        key: "(file)".into(),
+        msg: e.to_string(),
+    })?;
     let scaling_factor = sv["scaling_factor"].as_f64().ok_or_else(|| Error::Config {
         file: scaling_path.clone(),
         key: "scaling_factor".into(),
@@ -103,30 +110,56 @@ pub fn export(run: &Path, dest: &Path, dtype: DType) -> Result<ExportReport> {
     let dt = clip_config_json(&cfg);
     std::fs::create_dir_all(dest.join("clip")).map_err(|e| Error::io(dest.join("clip"), e))?;
     write_json(&dest.join("clip").join("config.json"), &dt)?;
-    files.push(("clip".into(), save_map(clip.clone(), dtype, &dest.join("clip").join("model.safetensors"))?));
-    let text_only: HashMap<String, Tensor> = clip.into_iter().filter(|(k, _)| k.starts_with("text_model.")).collect();
-    std::fs::create_dir_all(dest.join("text_encoder")).map_err(|e| Error::io(dest.join("text_encoder"), e))?;
+    files.push((
+        "clip".into(),
+        save_map(clip.clone(), dtype, &dest.join("clip").join("model.safetensors"))?,
+    ));
+    let text_only: HashMap<String, Tensor> =
+        clip.into_iter().filter(|(k, _)| k.starts_with("text_model.")).collect();
+    std::fs::create_dir_all(dest.join("text_encoder"))
+        .map_err(|e| Error::io(dest.join("text_encoder"), e))?;
     let tc = text_encoder_config_json(&cfg);
     write_json(&dest.join("text_encoder").join("config.json"), &tc)?;
-    files.push(("text_encoder".into(), save_map(text_only, dtype, &dest.join("text_encoder").join("model.safetensors"))?));
+    files.push((
+        "text_encoder".into(),
+        save_map(text_only, dtype, &dest.join("text_encoder").join("model.safetensors"))?,
+    ));
 
     std::fs::create_dir_all(dest.join("vae")).map_err(|e| Error::io(dest.join("vae"), e))?;
     write_json(&dest.join("vae").join("config.json"), &vae_config_json(&cfg, scaling_factor))?;
-    files.push(("vae".into(), save_map(load_map(&vae_w)?, dtype, &dest.join("vae").join("diffusion_pytorch_model.safetensors"))?));
+    files.push((
+        "vae".into(),
+        save_map(
+            load_map(&vae_w)?,
+            dtype,
+            &dest.join("vae").join("diffusion_pytorch_model.safetensors"),
+        )?,
+    ));
 
     std::fs::create_dir_all(dest.join("unet")).map_err(|e| Error::io(dest.join("unet"), e))?;
     write_json(&dest.join("unet").join("config.json"), &unet_config_json(&cfg))?;
-    files.push(("unet".into(), save_map(load_map(&unet_w)?, dtype, &dest.join("unet").join("diffusion_pytorch_model.safetensors"))?));
+    files.push((
+        "unet".into(),
+        save_map(
+            load_map(&unet_w)?,
+            dtype,
+            &dest.join("unet").join("diffusion_pytorch_model.safetensors"),
+        )?,
+    ));
 
     let eval_dir = run.join("evaluator");
     let evaluator = match latest_weights(&eval_dir) {
         Ok(w) => {
             let ed = dest.join("evaluator");
             std::fs::create_dir_all(&ed).map_err(|e| Error::io(&ed, e))?;
-            let c = std::fs::read(eval_dir.join("config.json")).map_err(|e| Error::io(eval_dir.join("config.json"), e))?;
+            let c = std::fs::read(eval_dir.join("config.json"))
+                .map_err(|e| Error::io(eval_dir.join("config.json"), e))?;
             write_atomic(ed.join("config.json"), &c)?;
             // the evaluator is small: kept in f32
-            files.push(("evaluator".into(), save_map(load_map(&w)?, DType::F32, &ed.join("model.safetensors"))?));
+            files.push((
+                "evaluator".into(),
+                save_map(load_map(&w)?, DType::F32, &ed.join("model.safetensors"))?,
+            ));
             true
         }
         Err(_) => false,

@@ -13,7 +13,10 @@ use candle_core::{DType, Device, Tensor};
 use serde::Serialize;
 
 use gen_core::{Result, SeededRng};
-use gen_diffusion::{sample, start_from_noise, Cfg, Conditions, Denoiser, PredictionType, SchedulerConfig, SchedulerKind};
+use gen_diffusion::{
+    sample, start_from_noise, Cfg, Conditions, Denoiser, PredictionType, SchedulerConfig,
+    SchedulerKind,
+};
 use gen_models::clip::TextForwardOptions;
 use gen_models::pipeline::SdPipeline;
 use gen_models::unet::UNet2DConditionModel;
@@ -33,7 +36,12 @@ pub fn vae_psnr(vae: &AutoencoderKL, data: &mut WorldData, n: usize) -> Result<f
         let x = ((&b.images * 2.0)? - 1.0)?;
         let rec = vae.decode(&vae.encode(&x)?.mode())?;
         let rec01 = ((rec + 1.0)? * 0.5)?.clamp(0f32, 1f32)?;
-        let mse = (rec01 - &b.images)?.sqr()?.flatten_from(1)?.mean(1)?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+        let mse = (rec01 - &b.images)?
+            .sqr()?
+            .flatten_from(1)?
+            .mean(1)?
+            .to_dtype(DType::F64)?
+            .to_vec1::<f64>()?;
         total += mse.iter().map(|m| 10.0 * (1.0 / m.max(1e-12)).log10()).sum::<f64>();
     }
     Ok(total / n as f64)
@@ -74,7 +82,11 @@ fn finish(mut a: HeadAccuracy) -> HeadAccuracy {
 }
 
 /// Accuracy of the evaluator on test samples `0..n`.
-pub fn evaluator_accuracy(eval: &Evaluator, data: &mut WorldData, n: usize) -> Result<HeadAccuracy> {
+pub fn evaluator_accuracy(
+    eval: &Evaluator,
+    data: &mut WorldData,
+    n: usize,
+) -> Result<HeadAccuracy> {
     let mut acc = HeadAccuracy::default();
     let idx: Vec<u64> = (0..n as u64).collect();
     for chunk in idx.chunks(32) {
@@ -150,7 +162,10 @@ pub struct GenerationReport {
 pub fn frechet_distance(a: &[Vec<f64>], b: &[Vec<f64>]) -> Result<f64> {
     let d = a.first().map_or(0, Vec::len);
     if a.iter().chain(b).any(|r| r.len() != d) {
-        return Err(gen_core::Error::invalid("frechet_distance", "feature rows of different widths"));
+        return Err(gen_core::Error::invalid(
+            "frechet_distance",
+            "feature rows of different widths",
+        ));
     }
     gen_world::metrics::frechet_distance(&a.concat(), &b.concat(), d)
 }
@@ -161,7 +176,10 @@ pub fn tensor_to_images(images: &Tensor) -> Result<Vec<image::RgbImage>> {
     let v = images.permute((0, 2, 3, 1))?.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
     Ok((0..n)
         .map(|k| {
-            let raw = v[k * h * w * 3..(k + 1) * h * w * 3].iter().map(|x| (x * 255.0).round().clamp(0.0, 255.0) as u8).collect();
+            let raw = v[k * h * w * 3..(k + 1) * h * w * 3]
+                .iter()
+                .map(|x| (x * 255.0).round().clamp(0.0, 255.0) as u8)
+                .collect();
             image::RgbImage::from_raw(w as u32, h as u32, raw).expect("buffer is H*W*3")
         })
         .collect())
@@ -174,8 +192,14 @@ fn rows(t: &Tensor) -> Result<Vec<Vec<f64>>> {
 /// Generates one image per test caption with the pipeline (DDIM from `scheduler/`, CFG) and
 /// scores it with the evaluator against the caption's shape, hue and tone. Returns the
 /// accuracies, the other measurements and the generated images `(N, 3, H, W)` in [0, 1].
-pub fn generation_accuracy(pipe: &SdPipeline, eval: &Evaluator, data: &mut WorldData, s: &GenerationSettings) -> Result<(HeadAccuracy, GenerationReport, Tensor)> {
-    let sc = SchedulerConfig::from_json_value(&pipe.scheduler_config, &pipe.files.scheduler_config)?;
+pub fn generation_accuracy(
+    pipe: &SdPipeline,
+    eval: &Evaluator,
+    data: &mut WorldData,
+    s: &GenerationSettings,
+) -> Result<(HeadAccuracy, GenerationReport, Tensor)> {
+    let sc =
+        SchedulerConfig::from_json_value(&pipe.scheduler_config, &pipe.files.scheduler_config)?;
     let mut acc = HeadAccuracy::default();
     let mut images = Vec::new();
     let idx: Vec<u64> = (0..s.prompts as u64).collect();
@@ -196,10 +220,19 @@ pub fn generation_accuracy(pipe: &SdPipeline, eval: &Evaluator, data: &mut World
         let mut sched = sc.build_as(SchedulerKind::Ddim)?;
         sched.set_timesteps(s.steps, None)?;
         let mut rng = SeededRng::fork(s.seed, ci as u64);
-        let noise = rng.randn((prompts.len(), pipe.unet_config.in_channels, side, side), DType::F32, &dev)?;
+        let noise =
+            rng.randn((prompts.len(), pipe.unet_config.in_channels, side, side), DType::F32, &dev)?;
         let x = start_from_noise(sched.as_ref(), &noise)?;
         let mut g = Cfg::new(s.guidance_scale)?;
-        let lat = sample(&den, sched.as_mut(), &mut g, &x, &Conditions { cond, uncond: Some(uncond) }, &mut rng, &mut |_| {})?;
+        let lat = sample(
+            &den,
+            sched.as_mut(),
+            &mut g,
+            &x,
+            &Conditions { cond, uncond: Some(uncond) },
+            &mut rng,
+            &mut |_| {},
+        )?;
         let raw = ((pipe.vae.decode(&(lat / scaling)?)? + 1.0)? * 0.5)?;
         let img = raw.clamp(0f32, 1f32)?;
         for (p, l) in eval.predict(&img)?.iter().zip(&b.labels) {
@@ -217,12 +250,16 @@ pub fn generation_accuracy(pipe: &SdPipeline, eval: &Evaluator, data: &mut World
     let reals = Tensor::cat(&reals, 0)?;
     let gen8 = tensor_to_images(&images)?;
     let real8 = tensor_to_images(&reals)?;
-    let (gen_sel, real_sel) = (by_background(&gen8, &backgrounds), by_background(&real8, &backgrounds));
+    let (gen_sel, real_sel) =
+        (by_background(&gen8, &backgrounds), by_background(&real8, &backgrounds));
     let saturation_generated = set_saturation(&gen_sel)?.mean;
     let saturation_real = set_saturation(&real_sel)?
         .mean
         .ok_or_else(|| gen_core::Error::msg("no object pixels found in the real test renders (world and background colours disagree?)"))?;
-    let clipped = clipped_fraction(&gen8.iter().map(ImageU8::from_rgb_image).collect::<Vec<_>>(), ClipThresholds::EXACT)?;
+    let clipped = clipped_fraction(
+        &gen8.iter().map(ImageU8::from_rgb_image).collect::<Vec<_>>(),
+        ClipThresholds::EXACT,
+    )?;
     let report = GenerationReport {
         tiny_fid: frechet_distance(&gen_feats, &real_feats)?,
         saturation_generated,
@@ -234,8 +271,15 @@ pub fn generation_accuracy(pipe: &SdPipeline, eval: &Evaluator, data: &mut World
 }
 
 /// Each image with the background-distance object selection of its background.
-fn by_background<'a>(images: &'a [image::RgbImage], backgrounds: &[gen_world::Background]) -> Vec<(ImageU8<'a>, ObjectSelect<'static>)> {
-    images.iter().zip(backgrounds).map(|(i, b)| (ImageU8::from_rgb_image(i), ObjectSelect::for_background(*b))).collect()
+fn by_background<'a>(
+    images: &'a [image::RgbImage],
+    backgrounds: &[gen_world::Background],
+) -> Vec<(ImageU8<'a>, ObjectSelect<'static>)> {
+    images
+        .iter()
+        .zip(backgrounds)
+        .map(|(i, b)| (ImageU8::from_rgb_image(i), ObjectSelect::for_background(*b)))
+        .collect()
 }
 
 /// A grid PNG of `(N, 3, H, W)` images in [0, 1], `cols` per row.

@@ -13,7 +13,8 @@ use gen_optim::NamedVar;
 /// The variables of `vm`, sorted by name.
 pub fn sorted_vars(vm: &VarMap) -> Vec<NamedVar> {
     let data = vm.data().lock().expect("varmap lock");
-    let mut v: Vec<NamedVar> = data.iter().map(|(k, var)| NamedVar::new(k.clone(), var.clone())).collect();
+    let mut v: Vec<NamedVar> =
+        data.iter().map(|(k, var)| NamedVar::new(k.clone(), var.clone())).collect();
     v.sort_by(|a, b| a.name.cmp(&b.name));
     v
 }
@@ -41,7 +42,9 @@ pub fn init_params(vm: &VarMap, seed: u64, zero_suffixes: &[&str]) -> Result<()>
             Tensor::zeros(dims.as_slice(), DType::F32, &dev)?
         } else if name == "logit_scale" {
             Tensor::full((1.0f32 / 0.07).ln(), dims.as_slice(), &dev)?
-        } else if name.ends_with("class_embedding") || (name.contains("embedding") && dims.len() >= 2) {
+        } else if name.ends_with("class_embedding")
+            || (name.contains("embedding") && dims.len() >= 2)
+        {
             (rng.randn(dims.as_slice(), DType::F32, &dev)? * 0.02)?
         } else if dims.len() <= 1 {
             let v = if name.ends_with(".weight") { 1.0f32 } else { 0.0 };
@@ -75,14 +78,25 @@ pub fn load_vars(vars: &[NamedVar], path: &Path) -> Result<()> {
     let file = path.display().to_string();
     let map = candle_core::safetensors::load(path, &Device::Cpu).ctx(format!("reading {file}"))?;
     for v in vars {
-        let t = map.get(&v.name).ok_or_else(|| Error::MissingTensor { file: file.clone(), key: v.name.clone() })?;
+        let t = map
+            .get(&v.name)
+            .ok_or_else(|| Error::MissingTensor { file: file.clone(), key: v.name.clone() })?;
         if t.dims() != v.var.dims() {
-            return Err(Error::Shape { file: file.clone(), key: v.name.clone(), expected: v.var.dims().to_vec(), found: t.dims().to_vec() });
+            return Err(Error::Shape {
+                file: file.clone(),
+                key: v.name.clone(),
+                expected: v.var.dims().to_vec(),
+                found: t.dims().to_vec(),
+            });
         }
-        v.var.set(&t.to_dtype(v.var.dtype())?.to_device(v.var.device())?).ctx(format!("{file}: setting `{}`", v.name))?;
+        v.var
+            .set(&t.to_dtype(v.var.dtype())?.to_device(v.var.device())?)
+            .ctx(format!("{file}: setting `{}`", v.name))?;
     }
     if let Some(extra) = map.keys().find(|k| !vars.iter().any(|v| &v.name == *k)) {
-        return Err(Error::msg(format!("{file}: tensor `{extra}` belongs to no parameter of this model")));
+        return Err(Error::msg(format!(
+            "{file}: tensor `{extra}` belongs to no parameter of this model"
+        )));
     }
     Ok(())
 }
@@ -97,8 +111,20 @@ pub fn bitwise_equal(a: &HashMap<String, Tensor>, b: &HashMap<String, Tensor>) -
         if ta.dims() != tb.dims() {
             return Ok(false);
         }
-        let va: Vec<u32> = ta.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?.iter().map(|x| x.to_bits()).collect();
-        let vb: Vec<u32> = tb.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?.iter().map(|x| x.to_bits()).collect();
+        let va: Vec<u32> = ta
+            .flatten_all()?
+            .to_dtype(DType::F32)?
+            .to_vec1::<f32>()?
+            .iter()
+            .map(|x| x.to_bits())
+            .collect();
+        let vb: Vec<u32> = tb
+            .flatten_all()?
+            .to_dtype(DType::F32)?
+            .to_vec1::<f32>()?
+            .iter()
+            .map(|x| x.to_bits())
+            .collect();
         if va != vb {
             return Ok(false);
         }

@@ -18,7 +18,8 @@ const MARGIN: u32 = 20;
 /// Writes the curve of `(step, loss)` points to `path` (atomically). Non-positive or non-finite
 /// losses are skipped. `_title` is kept for callers' readability (no font is drawn).
 pub fn write_loss_curve(path: &Path, _title: &str, points: &[(u64, f64)]) -> Result<()> {
-    let pts: Vec<(u64, f64)> = points.iter().copied().filter(|(_, l)| l.is_finite() && *l > 0.0).collect();
+    let pts: Vec<(u64, f64)> =
+        points.iter().copied().filter(|(_, l)| l.is_finite() && *l > 0.0).collect();
     let mut img = RgbImage::from_pixel(W, H, Rgb([255, 255, 255]));
     if pts.len() >= 2 {
         let (s0, s1) = (pts[0].0 as f64, pts[pts.len() - 1].0 as f64);
@@ -181,8 +182,14 @@ pub fn format_value(v: f64) -> String {
 fn draw_panel(img: &mut RgbImage, ox: i64, oy: i64, p: &Panel) {
     let black = Rgb([0, 0, 0]);
     text(img, ox + 10, oy + 6, &p.title, black, 1);
-    let (left, right, top, bottom) = (ox + 58, ox + PANEL_W as i64 - 14, oy + 24, oy + PANEL_H as i64 - 34);
-    let pts: Vec<(f64, f64)> = p.series.iter().flat_map(|s| s.points.iter().copied()).filter(|(x, y)| x.is_finite() && y.is_finite()).collect();
+    let (left, right, top, bottom) =
+        (ox + 58, ox + PANEL_W as i64 - 14, oy + 24, oy + PANEL_H as i64 - 34);
+    let pts: Vec<(f64, f64)> = p
+        .series
+        .iter()
+        .flat_map(|s| s.points.iter().copied())
+        .filter(|(x, y)| x.is_finite() && y.is_finite())
+        .collect();
     let xs: Vec<f64> = {
         let mut v: Vec<f64> = pts.iter().map(|p| p.0).collect();
         v.sort_by(f64::total_cmp);
@@ -255,7 +262,8 @@ fn draw_panel(img: &mut RgbImage, ox: i64, oy: i64, p: &Panel) {
     }
     for s in &p.series {
         let c = Rgb(s.colour);
-        let mut sp: Vec<(f64, f64)> = s.points.iter().copied().filter(|(x, y)| x.is_finite() && y.is_finite()).collect();
+        let mut sp: Vec<(f64, f64)> =
+            s.points.iter().copied().filter(|(x, y)| x.is_finite() && y.is_finite()).collect();
         sp.sort_by(|a, b| a.0.total_cmp(&b.0));
         let mut prev: Option<(i64, i64)> = None;
         for &(x, y) in &sp {

@@ -20,7 +20,10 @@ use std::time::Instant;
 
 use candle_core::Tensor;
 use gen_core::{write_atomic, Error, Result, SeededRng};
-use gen_optim::{AdamW, AdamWConfig, Cosine, Ema, LrSchedule, NamedVar, Optim, Optimizer, ParamGroup, StepOptions};
+use gen_optim::{
+    AdamW, AdamWConfig, Cosine, Ema, LrSchedule, NamedVar, Optim, Optimizer, ParamGroup,
+    StepOptions,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::config::StageConfig;
@@ -48,7 +51,15 @@ pub enum TrainEvent {
     /// A stage begins (at `start_step`, > 0 when resumed).
     StageStart { stage: String, start_step: u64, total_steps: u64, params: usize },
     /// After each optimizer step.
-    Step { stage: String, step: u64, total_steps: u64, loss: f64, lr: f64, grad_norm: f64, seconds: f64 },
+    Step {
+        stage: String,
+        step: u64,
+        total_steps: u64,
+        loss: f64,
+        lr: f64,
+        grad_norm: f64,
+        seconds: f64,
+    },
     /// A checkpoint was written.
     Checkpoint { stage: String, step: u64, path: PathBuf },
     /// The stage ran to its last step (or stopped at `stop_after`). `optimizer_state_bytes`:
@@ -104,8 +115,11 @@ pub fn latest_checkpoint(dir: &Path) -> Result<Option<(PathBuf, CheckpointState)
         return Ok(None);
     }
     let text = std::fs::read_to_string(&latest).map_err(|e| Error::io(&latest, e))?;
-    let v: serde_json::Value = serde_json::from_str(&text)
-        .map_err(|e| Error::Config { file: latest.clone(), key: "(file)".into(), msg: e.to_string() })?;
+    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::Config {
+        file: latest.clone(),
+        key: "(file)".into(),
+        msg: e.to_string(),
+    })?;
     let name = v.get("checkpoint").and_then(|c| c.as_str()).ok_or_else(|| Error::Config {
         file: latest.clone(),
         key: "checkpoint".into(),
@@ -114,8 +128,11 @@ pub fn latest_checkpoint(dir: &Path) -> Result<Option<(PathBuf, CheckpointState)
     let ck = dir.join(name);
     let sp = ck.join("state.json");
     let text = std::fs::read_to_string(&sp).map_err(|e| Error::io(&sp, e))?;
-    let st: CheckpointState =
-        serde_json::from_str(&text).map_err(|e| Error::Config { file: sp.clone(), key: "(file)".into(), msg: e.to_string() })?;
+    let st: CheckpointState = serde_json::from_str(&text).map_err(|e| Error::Config {
+        file: sp.clone(),
+        key: "(file)".into(),
+        msg: e.to_string(),
+    })?;
     Ok(Some((ck, st)))
 }
 
@@ -125,7 +142,10 @@ pub fn latest_weights(dir: &Path) -> Result<PathBuf> {
     match latest_checkpoint(dir)? {
         Some((ck, st)) if st.ema_updates.is_some() => Ok(ck.join(EMA_FILE)),
         Some((ck, _)) => Ok(ck.join("model.safetensors")),
-        None => Err(Error::MissingFile { path: dir.join("latest.json"), hint: "the stage has no checkpoint yet: train it first".into() }),
+        None => Err(Error::MissingFile {
+            path: dir.join("latest.json"),
+            hint: "the stage has no checkpoint yet: train it first".into(),
+        }),
     }
 }
 
@@ -143,7 +163,8 @@ impl Csv {
         if path.exists() && upto > 0 {
             let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
             for line in text.lines().skip(1) {
-                let step: u64 = line.split(',').next().and_then(|s| s.parse().ok()).unwrap_or(u64::MAX);
+                let step: u64 =
+                    line.split(',').next().and_then(|s| s.parse().ok()).unwrap_or(u64::MAX);
                 if step <= upto {
                     rows.push(line.to_string());
                 }
@@ -174,7 +195,13 @@ impl Csv {
     }
 }
 
-fn write_checkpoint(dir: &Path, vars: &[NamedVar], opt: &dyn Optimizer, ema: Option<&Ema>, state: &CheckpointState) -> Result<PathBuf> {
+fn write_checkpoint(
+    dir: &Path,
+    vars: &[NamedVar],
+    opt: &dyn Optimizer,
+    ema: Option<&Ema>,
+    state: &CheckpointState,
+) -> Result<PathBuf> {
     let name = format!("ckpt-{:08}", state.step);
     let ck = dir.join(&name);
     std::fs::create_dir_all(&ck).map_err(|e| Error::io(&ck, e))?;
@@ -183,9 +210,13 @@ fn write_checkpoint(dir: &Path, vars: &[NamedVar], opt: &dyn Optimizer, ema: Opt
     if let Some(ema) = ema {
         ema.save(&ck.join(EMA_FILE))?;
     }
-    let st = serde_json::to_string_pretty(state).map_err(|e| Error::msg(format!("serialising checkpoint state: {e}")))?;
+    let st = serde_json::to_string_pretty(state)
+        .map_err(|e| Error::msg(format!("serialising checkpoint state: {e}")))?;
     write_atomic(ck.join("state.json"), st.as_bytes())?;
-    write_atomic(dir.join("latest.json"), serde_json::json!({ "checkpoint": name, "step": state.step }).to_string().as_bytes())?;
+    write_atomic(
+        dir.join("latest.json"),
+        serde_json::json!({ "checkpoint": name, "step": state.step }).to_string().as_bytes(),
+    )?;
     // Older checkpoints go only once the new one is complete and named in latest.json.
     for e in std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))?.flatten() {
         let n = e.file_name().to_string_lossy().into_owned();
@@ -224,7 +255,8 @@ pub fn run_stage(
     );
     let mut opt = Optim::new(AdamW, vec![group])?
         .with_options(StepOptions { max_grad_norm: cfg.max_grad_norm, skip_nonfinite: true });
-    let schedule = Cosine::new(cfg.lr, cfg.warmup_steps, cfg.steps, cfg.lr * cfg.final_lr_fraction)?;
+    let schedule =
+        Cosine::new(cfg.lr, cfg.warmup_steps, cfg.steps, cfg.lr * cfg.final_lr_fraction)?;
     let (mut step, mut seconds_before) = (0u64, 0.0);
     // the saved moving average to continue: (file, updates)
     let mut saved_ema = None;
@@ -275,7 +307,12 @@ pub fn run_stage(
         None
     };
     let params: usize = vars.iter().map(|v| v.var.elem_count()).sum();
-    events(&TrainEvent::StageStart { stage: stage.into(), start_step: step, total_steps: cfg.steps, params });
+    events(&TrainEvent::StageStart {
+        stage: stage.into(),
+        start_step: step,
+        total_steps: cfg.steps,
+        params,
+    });
     let mut header = "step,loss".to_string();
     for p in objective.part_names() {
         header.push(',');
@@ -307,14 +344,24 @@ pub fn run_stage(
         }
         row.push_str(&format!(",{lr:.3e},{:.4},{secs:.3}", report.grad_norm));
         csv.rows.push(row);
-        events(&TrainEvent::Step { stage: stage.into(), step, total_steps: cfg.steps, loss, lr, grad_norm: report.grad_norm, seconds: secs });
+        events(&TrainEvent::Step {
+            stage: stage.into(),
+            step,
+            total_steps: cfg.steps,
+            loss,
+            lr,
+            grad_norm: report.grad_norm,
+            seconds: secs,
+        });
         if step % cfg.checkpoint_every == 0 || step == cfg.steps {
-            let recent: Vec<f64> = losses.iter().rev().take(cfg.checkpoint_every as usize).copied().collect();
+            let recent: Vec<f64> =
+                losses.iter().rev().take(cfg.checkpoint_every as usize).copied().collect();
             let state = CheckpointState {
                 step,
                 total_steps: cfg.steps,
                 seed,
-                rng: "per step: SeededRng::fork(seed, step) (ChaCha8); no other generator state".into(),
+                rng: "per step: SeededRng::fork(seed, step) (ChaCha8); no other generator state"
+                    .into(),
                 recent_loss: recent.iter().sum::<f64>() / recent.len().max(1) as f64,
                 seconds: seconds_before + start.elapsed().as_secs_f64(),
                 ema_updates: ema.as_ref().map(|e| e.updates()),
@@ -329,6 +376,11 @@ pub fn run_stage(
     csv.flush()?;
     write_loss_curve(&dir.join("loss.png"), stage, &csv.curve())?;
     let seconds = seconds_before + start.elapsed().as_secs_f64();
-    events(&TrainEvent::StageEnd { stage: stage.into(), step, seconds, optimizer_state_bytes: opt.state_bytes() });
+    events(&TrainEvent::StageEnd {
+        stage: stage.into(),
+        step,
+        seconds,
+        optimizer_state_bytes: opt.state_bytes(),
+    });
     Ok(StageOutcome { step, finished: step >= cfg.steps, seconds, losses })
 }

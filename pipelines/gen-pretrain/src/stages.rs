@@ -19,7 +19,10 @@ use candle_nn::{VarBuilder, VarMap};
 use serde_json::{json, Value};
 
 use gen_core::{write_atomic, Error, Result, SeededRng};
-use gen_models::clip::{clip_normalize, ClipConfig, ClipModel, ClipTextConfig, ClipTextTransformer, ClipVisionConfig, TextForwardOptions};
+use gen_models::clip::{
+    clip_normalize, ClipConfig, ClipModel, ClipTextConfig, ClipTextTransformer, ClipVisionConfig,
+    TextForwardOptions,
+};
 use gen_models::loading::{JsonConfig, SafetensorsWeights};
 use gen_models::tokenizer::Tokenizer;
 use gen_models::unet::{UNet2DConditionModel, UNetConfig};
@@ -30,7 +33,9 @@ use crate::config::PretrainConfig;
 use crate::data::{one_hot, WorldData};
 use crate::evaluator::{cross_entropy, Evaluator, EvaluatorConfig};
 use crate::params::{init_params, sorted_vars};
-use crate::runner::{latest_weights, run_stage, Objective, RunControl, StageOutcome, StageSpec, StepLoss, TrainEvent};
+use crate::runner::{
+    latest_weights, run_stage, Objective, RunControl, StageOutcome, StageSpec, StepLoss, TrainEvent,
+};
 
 /// A training stage.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -55,10 +60,9 @@ impl Stage {
     }
 
     pub fn parse(s: &str) -> Result<Self> {
-        Stage::ALL
-            .into_iter()
-            .find(|x| x.name() == s)
-            .ok_or_else(|| Error::invalid("stage", format!("{s:?}; expected one of clip, vae, unet, evaluator")))
+        Stage::ALL.into_iter().find(|x| x.name() == s).ok_or_else(|| {
+            Error::invalid("stage", format!("{s:?}; expected one of clip, vae, unet, evaluator"))
+        })
     }
 
     /// Seed offset of the stage, so stages draw different streams from one run seed.
@@ -77,11 +81,17 @@ impl Stage {
 pub fn clip_config_json(cfg: &PretrainConfig) -> Value {
     let mut text = cfg.clip.text_config.clone();
     let vocab = crate::tokenizer::vocab().len();
-    merge(&mut text, json!({"vocab_size": vocab, "bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 1,
-        "projection_dim": cfg.clip.projection_dim, "layer_norm_eps": 1e-5, "model_type": "clip_text_model"}));
+    merge(
+        &mut text,
+        json!({"vocab_size": vocab, "bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 1,
+        "projection_dim": cfg.clip.projection_dim, "layer_norm_eps": 1e-5, "model_type": "clip_text_model"}),
+    );
     let mut vision = cfg.clip.vision_config.clone();
-    merge(&mut vision, json!({"num_channels": 3, "projection_dim": cfg.clip.projection_dim, "layer_norm_eps": 1e-5,
-        "model_type": "clip_vision_model"}));
+    merge(
+        &mut vision,
+        json!({"num_channels": 3, "projection_dim": cfg.clip.projection_dim, "layer_norm_eps": 1e-5,
+        "model_type": "clip_vision_model"}),
+    );
     json!({"architectures": ["CLIPModel"], "model_type": "clip", "projection_dim": cfg.clip.projection_dim,
         "logit_scale_init_value": (1.0f64 / 0.07).ln(), "text_config": text, "vision_config": vision,
         "torch_dtype": "float32"})
@@ -97,16 +107,22 @@ pub fn text_encoder_config_json(cfg: &PretrainConfig) -> Value {
 /// `vae/config.json` with the given scaling factor.
 pub fn vae_config_json(cfg: &PretrainConfig, scaling_factor: f64) -> Value {
     let mut v = cfg.vae.config.clone();
-    merge(&mut v, json!({"_class_name": "AutoencoderKL", "_diffusers_version": "0.42.1", "in_channels": 3, "out_channels": 3,
-        "act_fn": "silu", "scaling_factor": scaling_factor, "force_upcast": false}));
+    merge(
+        &mut v,
+        json!({"_class_name": "AutoencoderKL", "_diffusers_version": "0.42.1", "in_channels": 3, "out_channels": 3,
+        "act_fn": "silu", "scaling_factor": scaling_factor, "force_upcast": false}),
+    );
     v
 }
 
 /// `unet/config.json`.
 pub fn unet_config_json(cfg: &PretrainConfig) -> Value {
     let mut v = cfg.unet.config.clone();
-    merge(&mut v, json!({"_class_name": "UNet2DConditionModel", "_diffusers_version": "0.42.1", "act_fn": "silu",
-        "flip_sin_to_cos": true, "freq_shift": 0, "center_input_sample": false}));
+    merge(
+        &mut v,
+        json!({"_class_name": "UNet2DConditionModel", "_diffusers_version": "0.42.1", "act_fn": "silu",
+        "flip_sin_to_cos": true, "freq_shift": 0, "center_input_sample": false}),
+    );
     v
 }
 
@@ -134,14 +150,25 @@ fn json_cfg(origin: &str, v: &Value) -> JsonConfig {
 /// The `ClipConfig` of a run.
 pub fn clip_config(cfg: &PretrainConfig) -> Result<ClipConfig> {
     let j = clip_config_json(cfg);
-    let text = ClipTextConfig::from_json(&json_cfg("pretrain config clip.text_config", &j["text_config"]))?;
-    let vision = ClipVisionConfig::from_json(&json_cfg("pretrain config clip.vision_config", &j["vision_config"]))?;
+    let text = ClipTextConfig::from_json(&json_cfg(
+        "pretrain config clip.text_config",
+        &j["text_config"],
+    ))?;
+    let vision = ClipVisionConfig::from_json(&json_cfg(
+        "pretrain config clip.vision_config",
+        &j["vision_config"],
+    ))?;
     Ok(ClipConfig { text, vision, projection_dim: cfg.clip.projection_dim })
 }
 
 /// The SD training schedule's cumulative alphas (scaled_linear 0.00085..0.012, 1000 steps).
 pub fn sd_alphas_cumprod() -> Vec<f64> {
-    let betas = gen_diffusion::schedule::betas(gen_diffusion::BetaSchedule::ScaledLinear, 0.00085, 0.012, 1000);
+    let betas = gen_diffusion::schedule::betas(
+        gen_diffusion::BetaSchedule::ScaledLinear,
+        0.00085,
+        0.012,
+        1000,
+    );
     gen_diffusion::schedule::alphas_cumprod(&betas)
 }
 
@@ -198,7 +225,12 @@ impl Trainer {
 
     /// Runs `stages` in the given order, each to its configured step count (resuming from its
     /// latest checkpoint).
-    pub fn run(&mut self, stages: &[Stage], control: &RunControl, events: &mut dyn FnMut(&TrainEvent)) -> Result<Vec<(Stage, StageOutcome)>> {
+    pub fn run(
+        &mut self,
+        stages: &[Stage],
+        control: &RunControl,
+        events: &mut dyn FnMut(&TrainEvent),
+    ) -> Result<Vec<(Stage, StageOutcome)>> {
         let mut out = Vec::new();
         for &s in stages {
             let o = self.train(s, control, events)?;
@@ -208,7 +240,12 @@ impl Trainer {
     }
 
     /// Trains (or resumes) one stage.
-    pub fn train(&mut self, stage: Stage, control: &RunControl, events: &mut dyn FnMut(&TrainEvent)) -> Result<StageOutcome> {
+    pub fn train(
+        &mut self,
+        stage: Stage,
+        control: &RunControl,
+        events: &mut dyn FnMut(&TrainEvent),
+    ) -> Result<StageOutcome> {
         match stage {
             Stage::Clip => self.train_clip(control, events),
             Stage::Vae => self.train_vae(control, events),
@@ -224,30 +261,77 @@ impl Trainer {
         (vm, vb)
     }
 
-    fn train_clip(&mut self, control: &RunControl, events: &mut dyn FnMut(&TrainEvent)) -> Result<StageOutcome> {
+    fn train_clip(
+        &mut self,
+        control: &RunControl,
+        events: &mut dyn FnMut(&TrainEvent),
+    ) -> Result<StageOutcome> {
         let stage = Stage::Clip;
         let (vm, vb) = self.fresh();
         let model = ClipModel::new(vb, &clip_config(&self.cfg)?)?;
         init_params(&vm, stage.seed(self.cfg.seed), &[])?;
         let vars = sorted_vars(&vm);
-        let mut obj = ClipObjective { model, data: &mut self.data, tokenizer: &self.tokenizer, max_len: self.cfg.max_text_len, batch: self.cfg.clip.train.batch_size };
+        let mut obj = ClipObjective {
+            model,
+            data: &mut self.data,
+            tokenizer: &self.tokenizer,
+            max_len: self.cfg.max_text_len,
+            batch: self.cfg.clip.train.batch_size,
+        };
         let dir = self.out.join(stage.name());
-        run_stage(StageSpec { name: stage.name(), dir: &dir, cfg: &self.cfg.clip.train, seed: stage.seed(self.cfg.seed) }, &vars, &mut obj, control, events)
+        run_stage(
+            StageSpec {
+                name: stage.name(),
+                dir: &dir,
+                cfg: &self.cfg.clip.train,
+                seed: stage.seed(self.cfg.seed),
+            },
+            &vars,
+            &mut obj,
+            control,
+            events,
+        )
     }
 
-    fn train_vae(&mut self, control: &RunControl, events: &mut dyn FnMut(&TrainEvent)) -> Result<StageOutcome> {
+    fn train_vae(
+        &mut self,
+        control: &RunControl,
+        events: &mut dyn FnMut(&TrainEvent),
+    ) -> Result<StageOutcome> {
         let stage = Stage::Vae;
         let (vm, vb) = self.fresh();
-        let vcfg = VaeConfig::from_json(&vae_config_json(&self.cfg, 1.0), "pretrain config vae.config")?;
+        let vcfg =
+            VaeConfig::from_json(&vae_config_json(&self.cfg, 1.0), "pretrain config vae.config")?;
         let model = AutoencoderKL::new(vb, &vcfg)?;
         init_params(&vm, stage.seed(self.cfg.seed), &[])?;
         let vars = sorted_vars(&vm);
-        let mut obj = VaeObjective { model, data: &mut self.data, batch: self.cfg.vae.train.batch_size, mse_weight: self.cfg.vae.mse_weight, kl_weight: self.cfg.vae.kl_weight };
+        let mut obj = VaeObjective {
+            model,
+            data: &mut self.data,
+            batch: self.cfg.vae.train.batch_size,
+            mse_weight: self.cfg.vae.mse_weight,
+            kl_weight: self.cfg.vae.kl_weight,
+        };
         let dir = self.out.join(stage.name());
-        run_stage(StageSpec { name: stage.name(), dir: &dir, cfg: &self.cfg.vae.train, seed: stage.seed(self.cfg.seed) }, &vars, &mut obj, control, events)
+        run_stage(
+            StageSpec {
+                name: stage.name(),
+                dir: &dir,
+                cfg: &self.cfg.vae.train,
+                seed: stage.seed(self.cfg.seed),
+            },
+            &vars,
+            &mut obj,
+            control,
+            events,
+        )
     }
 
-    fn train_evaluator(&mut self, control: &RunControl, events: &mut dyn FnMut(&TrainEvent)) -> Result<StageOutcome> {
+    fn train_evaluator(
+        &mut self,
+        control: &RunControl,
+        events: &mut dyn FnMut(&TrainEvent),
+    ) -> Result<StageOutcome> {
         let stage = Stage::Evaluator;
         let (vm, vb) = self.fresh();
         let ecfg = self.evaluator_config();
@@ -258,25 +342,48 @@ impl Trainer {
         std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
         let text = serde_json::to_string_pretty(&ecfg).map_err(|e| Error::msg(e.to_string()))?;
         write_atomic(dir.join("config.json"), text.as_bytes())?;
-        let mut obj = EvaluatorObjective { model, data: &mut self.data, batch: self.cfg.evaluator.train.batch_size };
-        run_stage(StageSpec { name: stage.name(), dir: &dir, cfg: &self.cfg.evaluator.train, seed: stage.seed(self.cfg.seed) }, &vars, &mut obj, control, events)
+        let mut obj = EvaluatorObjective {
+            model,
+            data: &mut self.data,
+            batch: self.cfg.evaluator.train.batch_size,
+        };
+        run_stage(
+            StageSpec {
+                name: stage.name(),
+                dir: &dir,
+                cfg: &self.cfg.evaluator.train,
+                seed: stage.seed(self.cfg.seed),
+            },
+            &vars,
+            &mut obj,
+            control,
+            events,
+        )
     }
 
     /// The evaluator's config for this run.
     pub fn evaluator_config(&self) -> EvaluatorConfig {
-        EvaluatorConfig::new(self.cfg.image_size as usize, self.cfg.evaluator.channels.clone(), self.cfg.evaluator.norm_groups)
+        EvaluatorConfig::new(
+            self.cfg.image_size as usize,
+            self.cfg.evaluator.channels.clone(),
+            self.cfg.evaluator.norm_groups,
+        )
     }
 
     /// The frozen text encoder of the CLIP stage's latest checkpoint.
     pub fn load_text_encoder(&self) -> Result<ClipTextTransformer> {
         let w = SafetensorsWeights::open(&[latest_weights(&self.out.join("clip"))?])?;
-        ClipTextTransformer::new(w.var_builder(DType::F32, &self.device), &clip_config(&self.cfg)?.text)
+        ClipTextTransformer::new(
+            w.var_builder(DType::F32, &self.device),
+            &clip_config(&self.cfg)?.text,
+        )
     }
 
     /// The frozen VAE of the VAE stage's latest checkpoint (scaling factor 1 in its config).
     pub fn load_vae(&self) -> Result<AutoencoderKL> {
         let w = SafetensorsWeights::open(&[latest_weights(&self.out.join("vae"))?])?;
-        let vcfg = VaeConfig::from_json(&vae_config_json(&self.cfg, 1.0), "pretrain config vae.config")?;
+        let vcfg =
+            VaeConfig::from_json(&vae_config_json(&self.cfg, 1.0), "pretrain config vae.config")?;
         AutoencoderKL::new(w.var_builder(DType::F32, &self.device), &vcfg)
     }
 
@@ -286,8 +393,16 @@ impl Trainer {
         let path = self.out.join("unet").join("scaling.json");
         if path.exists() {
             let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
-            let v: Value = serde_json::from_str(&text).map_err(|e| Error::Config { file: path.clone(), key: "(file)".into(), msg: e.to_string() })?;
-            return v["scaling_factor"].as_f64().ok_or_else(|| Error::Config { file: path.clone(), key: "scaling_factor".into(), msg: "missing".into() });
+            let v: Value = serde_json::from_str(&text).map_err(|e| Error::Config {
+                file: path.clone(),
+                key: "(file)".into(),
+                msg: e.to_string(),
+            })?;
+            return v["scaling_factor"].as_f64().ok_or_else(|| Error::Config {
+                file: path.clone(),
+                key: "scaling_factor".into(),
+                msg: "missing".into(),
+            });
         }
         let n = self.cfg.unet.scaling_samples.min(self.cfg.pool_size).max(1);
         let mut means = Vec::new();
@@ -304,16 +419,24 @@ impl Trainer {
         Ok(s)
     }
 
-    fn train_unet(&mut self, control: &RunControl, events: &mut dyn FnMut(&TrainEvent)) -> Result<StageOutcome> {
+    fn train_unet(
+        &mut self,
+        control: &RunControl,
+        events: &mut dyn FnMut(&TrainEvent),
+    ) -> Result<StageOutcome> {
         let stage = Stage::Unet;
         let text = self.load_text_encoder()?;
         let vae = self.load_vae()?;
         let dir = self.out.join(stage.name());
         std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
         let scaling = self.scaling_factor(&vae)?;
-        events(&TrainEvent::Note { stage: stage.name().into(), message: format!("VAE scaling factor {scaling:.5}") });
+        events(&TrainEvent::Note {
+            stage: stage.name().into(),
+            message: format!("VAE scaling factor {scaling:.5}"),
+        });
         let (vm, vb) = self.fresh();
-        let ucfg = UNetConfig::from_json(&unet_config_json(&self.cfg), "pretrain config unet.config")?;
+        let ucfg =
+            UNetConfig::from_json(&unet_config_json(&self.cfg), "pretrain config unet.config")?;
         let model = UNet2DConditionModel::new(vb, &ucfg)?;
         init_params(&vm, stage.seed(self.cfg.seed), &["conv_out.weight"])?;
         let vars = sorted_vars(&vm);
@@ -332,7 +455,18 @@ impl Trainer {
             latents: HashMap::new(),
             texts: HashMap::new(),
         };
-        run_stage(StageSpec { name: stage.name(), dir: &dir, cfg: &self.cfg.unet.train, seed: stage.seed(self.cfg.seed) }, &vars, &mut obj, control, events)
+        run_stage(
+            StageSpec {
+                name: stage.name(),
+                dir: &dir,
+                cfg: &self.cfg.unet.train,
+                seed: stage.seed(self.cfg.seed),
+            },
+            &vars,
+            &mut obj,
+            control,
+            events,
+        )
     }
 }
 
@@ -343,7 +477,8 @@ impl Trainer {
 /// weight-average decay (`train.ema_decay`), and a started UNet its caption-part dropout (the
 /// caption mix it trains on). Otherwise the error says what differs.
 fn check_compatible(old: &PretrainConfig, new: &PretrainConfig, out: &Path) -> Result<()> {
-    let shared = |c: &PretrainConfig| (c.seed, c.image_size, c.supersample, c.pool_size, c.max_text_len);
+    let shared =
+        |c: &PretrainConfig| (c.seed, c.image_size, c.supersample, c.pool_size, c.max_text_len);
     let refuse = |what: &str| {
         Err(Error::msg(format!(
             "{} holds a different training config ({what}); resume with that config or use another output folder",
@@ -356,7 +491,11 @@ fn check_compatible(old: &PretrainConfig, new: &PretrainConfig, out: &Path) -> R
     // `train.steps` may change under a checkpoint (to shorten or extend a running stage), as
     // may `train.ema_decay` (a moving average started then starts from the current weights) and
     // the UNet's caption-part dropout; anything else in a started stage may not.
-    fn other_than_steps<T: Clone>(a: &T, b: &T, train: impl Fn(&mut T) -> &mut crate::config::StageConfig) -> T {
+    fn other_than_steps<T: Clone>(
+        a: &T,
+        b: &T,
+        train: impl Fn(&mut T) -> &mut crate::config::StageConfig,
+    ) -> T {
         let mut a = a.clone();
         let mut b = b.clone();
         train(&mut a).steps = train(&mut b).steps;
@@ -364,24 +503,45 @@ fn check_compatible(old: &PretrainConfig, new: &PretrainConfig, out: &Path) -> R
         a
     }
     let changed = [
-        (Stage::Clip, old.clip != new.clip, other_than_steps(&old.clip, &new.clip, |c| &mut c.train) != new.clip),
-        (Stage::Vae, old.vae != new.vae, other_than_steps(&old.vae, &new.vae, |c| &mut c.train) != new.vae),
+        (
+            Stage::Clip,
+            old.clip != new.clip,
+            other_than_steps(&old.clip, &new.clip, |c| &mut c.train) != new.clip,
+        ),
+        (
+            Stage::Vae,
+            old.vae != new.vae,
+            other_than_steps(&old.vae, &new.vae, |c| &mut c.train) != new.vae,
+        ),
         (Stage::Unet, old.unet != new.unet, {
             // the caption mix (part dropout) is data, not model: it may change too
             let mut u = other_than_steps(&old.unet, &new.unet, |c| &mut c.train);
             u.caption_part_dropout = new.unet.caption_part_dropout;
             u != new.unet
         }),
-        (Stage::Evaluator, old.evaluator != new.evaluator, other_than_steps(&old.evaluator, &new.evaluator, |c| &mut c.train) != new.evaluator),
+        (
+            Stage::Evaluator,
+            old.evaluator != new.evaluator,
+            other_than_steps(&old.evaluator, &new.evaluator, |c| &mut c.train) != new.evaluator,
+        ),
     ];
     for (stage, _, differs_beyond_steps) in &changed {
-        if *differs_beyond_steps && crate::runner::latest_checkpoint(&out.join(stage.name()))?.is_some() {
-            return refuse(&format!("stage `{}` changed (beyond its step count) but already has a checkpoint", stage.name()));
+        if *differs_beyond_steps
+            && crate::runner::latest_checkpoint(&out.join(stage.name()))?.is_some()
+        {
+            return refuse(&format!(
+                "stage `{}` changed (beyond its step count) but already has a checkpoint",
+                stage.name()
+            ));
         }
     }
     // the UNet depends on the CLIP text encoder and the VAE
-    if (changed[0].1 || changed[1].1) && crate::runner::latest_checkpoint(&out.join("unet"))?.is_some() {
-        return refuse("the CLIP or VAE stage changed but the UNet, trained on them, has a checkpoint");
+    if (changed[0].1 || changed[1].1)
+        && crate::runner::latest_checkpoint(&out.join("unet"))?.is_some()
+    {
+        return refuse(
+            "the CLIP or VAE stage changed but the UNet, trained on them, has a checkpoint",
+        );
     }
     Ok(())
 }
@@ -390,7 +550,11 @@ fn check_compatible(old: &PretrainConfig, new: &PretrainConfig, out: &Path) -> R
 /// each (two independent draws), without its background clause and/or its view clause
 /// ("a red cube, front view", "a red cube on a grey background", "a red cube"). With
 /// `part_dropout` 0 it draws nothing, so runs without part dropout are unchanged.
-pub fn training_caption(scene: &gen_world::Scene, part_dropout: f64, rng: &mut SeededRng) -> String {
+pub fn training_caption(
+    scene: &gen_world::Scene,
+    part_dropout: f64,
+    rng: &mut SeededRng,
+) -> String {
     let (mut background, mut view) = (Some(scene.background), Some(scene.view()));
     if part_dropout > 0.0 {
         if (rng.uniform() as f64) < part_dropout {
@@ -400,11 +564,18 @@ pub fn training_caption(scene: &gen_world::Scene, part_dropout: f64, rng: &mut S
             view = None;
         }
     }
-    gen_world::CaptionParts { shape: scene.shape, colour: Some(scene.colour), background, view }.to_string()
+    gen_world::CaptionParts { shape: scene.shape, colour: Some(scene.colour), background, view }
+        .to_string()
 }
 
 /// Encodes prompts to `(B, L, D)` last hidden states.
-pub fn encode_text(text: &ClipTextTransformer, tokenizer: &Tokenizer, prompts: &[&str], max_len: usize, device: &Device) -> Result<Tensor> {
+pub fn encode_text(
+    text: &ClipTextTransformer,
+    tokenizer: &Tokenizer,
+    prompts: &[&str],
+    max_len: usize,
+    device: &Device,
+) -> Result<Tensor> {
     let enc = tokenizer.encode_batch(prompts, max_len)?;
     let ids = Tokenizer::ids_tensor(&enc, device)?;
     Ok(text.forward(&ids, &TextForwardOptions::default())?.last_hidden_state)
@@ -426,7 +597,10 @@ impl Objective for ClipObjective<'_> {
     fn loss(&mut self, _step: u64, rng: &mut SeededRng) -> Result<StepLoss> {
         let b = self.data.train_batch(rng, self.batch)?;
         let prompts: Vec<&str> = b.captions.iter().map(String::as_str).collect();
-        let ids = Tokenizer::ids_tensor(&self.tokenizer.encode_batch(&prompts, self.max_len)?, b.images.device())?;
+        let ids = Tokenizer::ids_tensor(
+            &self.tokenizer.encode_batch(&prompts, self.max_len)?,
+            b.images.device(),
+        )?;
         let logits = self.model.logits_per_image(&ids, &clip_normalize(&b.images)?)?;
         let n = prompts.len();
         // targets: every text with the same caption as the image is a positive
@@ -438,11 +612,22 @@ impl Objective for ClipObjective<'_> {
             }
         }
         let targets = Tensor::from_vec(t, (n, n), b.images.device())?;
-        let loss = ((cross_entropy(&logits, &targets)? + cross_entropy(&logits.t()?, &targets.t()?)?)? * 0.5)?;
+        let loss = ((cross_entropy(&logits, &targets)?
+            + cross_entropy(&logits.t()?, &targets.t()?)?)?
+            * 0.5)?;
         let pred = logits.argmax(D::Minus1)?.to_vec1::<u32>()?;
-        let acc = pred.iter().enumerate().filter(|(i, &j)| b.captions[*i] == b.captions[j as usize]).count() as f64 / n as f64;
-        let scale = self.model.logit_scale.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?[0];
-        Ok(StepLoss { loss, parts: vec![("image_to_text_acc".into(), acc), ("logit_scale".into(), scale)] })
+        let acc = pred
+            .iter()
+            .enumerate()
+            .filter(|(i, &j)| b.captions[*i] == b.captions[j as usize])
+            .count() as f64
+            / n as f64;
+        let scale =
+            self.model.logit_scale.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?[0];
+        Ok(StepLoss {
+            loss,
+            parts: vec![("image_to_text_acc".into(), acc), ("logit_scale".into(), scale)],
+        })
     }
 }
 
@@ -468,7 +653,10 @@ impl Objective for VaeObjective<'_> {
         let diff = (&rec - &x)?;
         let l1 = diff.abs()?.mean_all()?;
         let mse = diff.sqr()?.mean_all()?;
-        let kl = ((post.mean.sqr()? + post.logvar.exp()?)? - 1.0)?.sub(&post.logvar)?.mean_all()?.affine(0.5, 0.0)?;
+        let kl = ((post.mean.sqr()? + post.logvar.exp()?)? - 1.0)?
+            .sub(&post.logvar)?
+            .mean_all()?
+            .affine(0.5, 0.0)?;
         let loss = ((&l1 + (&mse * self.mse_weight)?)? + (&kl * self.kl_weight)?)?;
         let mse_v = mse.to_scalar::<f32>()? as f64;
         // PSNR of [0, 1] images: their MSE is a quarter of the [-1, 1] one
@@ -493,7 +681,13 @@ struct EvaluatorObjective<'a> {
 
 impl Objective for EvaluatorObjective<'_> {
     fn part_names(&self) -> Vec<String> {
-        vec!["shape_acc".into(), "hue_acc".into(), "tone_acc".into(), "view_acc".into(), "background_acc".into()]
+        vec![
+            "shape_acc".into(),
+            "hue_acc".into(),
+            "tone_acc".into(),
+            "view_acc".into(),
+            "background_acc".into(),
+        ]
     }
 
     fn loss(&mut self, _step: u64, rng: &mut SeededRng) -> Result<StepLoss> {
@@ -519,7 +713,8 @@ impl Objective for EvaluatorObjective<'_> {
                 Some(l) => (l + ce)?,
             });
             let pred = lg.argmax(D::Minus1)?.to_vec1::<u32>()?;
-            let acc = pred.iter().zip(cls).filter(|(p, c)| **p as usize == **c).count() as f64 / cls.len() as f64;
+            let acc = pred.iter().zip(cls).filter(|(p, c)| **p as usize == **c).count() as f64
+                / cls.len() as f64;
             parts.push((names[h].clone(), acc));
         }
         Ok(StepLoss { loss: loss.expect("five heads"), parts })
@@ -547,7 +742,8 @@ struct UnetObjective<'a> {
 
 impl UnetObjective<'_> {
     fn ensure_latents(&mut self, idx: &[u64]) -> Result<()> {
-        let mut missing: Vec<u64> = idx.iter().copied().filter(|i| !self.latents.contains_key(i)).collect();
+        let mut missing: Vec<u64> =
+            idx.iter().copied().filter(|i| !self.latents.contains_key(i)).collect();
         missing.sort();
         missing.dedup();
         for chunk in missing.chunks(16) {
@@ -563,7 +759,8 @@ impl UnetObjective<'_> {
     }
 
     fn ensure_texts(&mut self, prompts: &[String]) -> Result<()> {
-        let mut missing: Vec<&str> = prompts.iter().map(String::as_str).filter(|p| !self.texts.contains_key(*p)).collect();
+        let mut missing: Vec<&str> =
+            prompts.iter().map(String::as_str).filter(|p| !self.texts.contains_key(*p)).collect();
         missing.sort();
         missing.dedup();
         if missing.is_empty() {
@@ -617,7 +814,8 @@ impl Objective for UnetObjective<'_> {
         let sa = Tensor::from_vec(sa, (b, 1, 1, 1), &dev)?;
         let sb = Tensor::from_vec(sb, (b, 1, 1, 1), &dev)?;
         let xt = (x0.broadcast_mul(&sa)? + noise.broadcast_mul(&sb)?)?;
-        let ctx = Tensor::stack(&prompts.iter().map(|p| self.texts[p].clone()).collect::<Vec<_>>(), 0)?;
+        let ctx =
+            Tensor::stack(&prompts.iter().map(|p| self.texts[p].clone()).collect::<Vec<_>>(), 0)?;
         let t = Tensor::from_vec(ts.iter().map(|&t| t as f32).collect::<Vec<_>>(), b, &dev)?;
         let pred = self.model.forward(&xt, &t, &ctx)?;
         let loss = (pred - noise)?.sqr()?.mean_all()?;

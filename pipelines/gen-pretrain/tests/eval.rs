@@ -8,8 +8,9 @@ use std::path::Path;
 
 use gen_diffusion::GuidanceMethod;
 use gen_pretrain::eval::{
-    aggregate, csv_header, csv_row, guidance_method, guidance_panels, parse_csv, parse_scales, prompt_indices, same_settings, samples_grid,
-    settings_columns, sweep_configs, ApgOverrides, EvalConfig, EvalMetrics, EvalReport, LabelMap, ScoredImages,
+    aggregate, csv_header, csv_row, guidance_method, guidance_panels, parse_csv, parse_scales,
+    prompt_indices, same_settings, samples_grid, settings_columns, sweep_configs, ApgOverrides,
+    EvalConfig, EvalMetrics, EvalReport, LabelMap, ScoredImages,
 };
 use gen_pretrain::evaluator::{EvaluatorConfig, Prediction};
 use gen_world::metrics::Predicted;
@@ -19,11 +20,22 @@ use image::{Rgb, RgbImage};
 /// An 8×8 image of `bg` with a 4×4 square of `obj` in the middle (after the background
 /// segmentation's one erosion, its 2×2 centre counts as object).
 fn square(bg: [u8; 3], obj: [u8; 3]) -> RgbImage {
-    RgbImage::from_fn(8, 8, |x, y| if (2..6).contains(&x) && (2..6).contains(&y) { Rgb(obj) } else { Rgb(bg) })
+    RgbImage::from_fn(8, 8, |x, y| {
+        if (2..6).contains(&x) && (2..6).contains(&y) {
+            Rgb(obj)
+        } else {
+            Rgb(bg)
+        }
+    })
 }
 
 fn pred(shape: Shape, hue: Hue, tone: Tone, bg: Background) -> Predicted {
-    Predicted { shape, colour: Colour::new(hue, tone), view: Some(View::Front), background: Some(bg) }
+    Predicted {
+        shape,
+        colour: Colour::new(hue, tone),
+        view: Some(View::Front),
+        background: Some(bg),
+    }
 }
 
 const D: usize = 3;
@@ -42,7 +54,8 @@ fn identical_sets_give_zero_excess_zero_fid_and_known_accuracy() -> anyhow::Resu
         "a light blue cone on a grey background, front view".into(),
         "a dark green torus on a grey background, front view".into(),
     ];
-    let images: Vec<RgbImage> = (0..4).map(|k| square(grey, [200, 40 + 20 * k as u8, 30])).collect();
+    let images: Vec<RgbImage> =
+        (0..4).map(|k| square(grey, [200, 40 + 20 * k as u8, 30])).collect();
     // Known confusion: shapes 3/4 right (sphere → cube), colours 2/4 (blue light → blue plain,
     // green dark → red dark: hue wrong, tone right), backgrounds 3/4.
     let predicted = vec![
@@ -53,8 +66,15 @@ fn identical_sets_give_zero_excess_zero_fid_and_known_accuracy() -> anyhow::Resu
     ];
     // Reference: 8 rows; its even rows are rows 0, 2, 4, 6. Generated features = those rows.
     let reference = features(0..8);
-    let even: Vec<f64> = (0..4).flat_map(|k| reference[2 * k * D..(2 * k + 1) * D].to_vec()).collect();
-    let generated = ScoredImages { images: &images, prompts: &prompts, predicted: &predicted, features: &even, dim: D };
+    let even: Vec<f64> =
+        (0..4).flat_map(|k| reference[2 * k * D..(2 * k + 1) * D].to_vec()).collect();
+    let generated = ScoredImages {
+        images: &images,
+        prompts: &prompts,
+        predicted: &predicted,
+        features: &even,
+        dim: D,
+    };
     let real = generated;
     let m = aggregate(&generated, &real, &reference, 2.0)?;
     assert_eq!(m.images, 4);
@@ -80,7 +100,8 @@ fn identical_sets_give_zero_excess_zero_fid_and_known_accuracy() -> anyhow::Resu
 #[test]
 fn known_saturation_clipping_and_shifted_features() -> anyhow::Result<()> {
     let grey = Background::Grey.srgb8();
-    let prompts: Vec<String> = vec!["a red cube on a grey background".into(), "a red cube on a grey background".into()];
+    let prompts: Vec<String> =
+        vec!["a red cube on a grey background".into(), "a red cube on a grey background".into()];
     // Generated: pure red objects (saturation 1; 2 of 3 channels at 0 and 1 at 255 on 16 of
     // 64 pixels: 48 of 192 channel values clipped). Real: (255, 128, 128), saturation 127/255.
     let gen_imgs = vec![square(grey, [255, 0, 0]), square(grey, [255, 0, 0])];
@@ -89,10 +110,25 @@ fn known_saturation_clipping_and_shifted_features() -> anyhow::Result<()> {
     // Generated features = the reference's even rows + (1, -2, 0.5): FD = 1 + 4 + 0.25 exactly.
     let reference = features(10..14);
     let shift = [1.0, -2.0, 0.5];
-    let shifted: Vec<f64> = (0..2).flat_map(|k| (0..D).map(move |j| (k, j))).map(|(k, j)| reference[2 * k * D + j] + shift[j]).collect();
-    let generated = ScoredImages { images: &gen_imgs, prompts: &prompts, predicted: &p2, features: &shifted, dim: D };
+    let shifted: Vec<f64> = (0..2)
+        .flat_map(|k| (0..D).map(move |j| (k, j)))
+        .map(|(k, j)| reference[2 * k * D + j] + shift[j])
+        .collect();
+    let generated = ScoredImages {
+        images: &gen_imgs,
+        prompts: &prompts,
+        predicted: &p2,
+        features: &shifted,
+        dim: D,
+    };
     let real_feats = features(10..12);
-    let real = ScoredImages { images: &real_imgs, prompts: &prompts, predicted: &p2, features: &real_feats, dim: D };
+    let real = ScoredImages {
+        images: &real_imgs,
+        prompts: &prompts,
+        predicted: &p2,
+        features: &real_feats,
+        dim: D,
+    };
     let m = aggregate(&generated, &real, &reference, 1.0)?;
     assert!((m.saturation_generated.unwrap() - 1.0).abs() < 1e-12, "{m:?}");
     let real_sat = (254.0 - 128.0) / 254.0;
@@ -106,7 +142,10 @@ fn known_saturation_clipping_and_shifted_features() -> anyhow::Result<()> {
     let blank = vec![square(grey, grey), square(grey, grey)];
     let g2 = ScoredImages { images: &blank, ..generated };
     let m2 = aggregate(&g2, &real, &reference, 1.0)?;
-    assert_eq!((m2.saturation_generated, m2.saturation_excess, m2.images_without_object), (None, None, 2));
+    assert_eq!(
+        (m2.saturation_generated, m2.saturation_excess, m2.images_without_object),
+        (None, None, 2)
+    );
     Ok(())
 }
 
@@ -117,7 +156,8 @@ fn aggregate_rejects_inconsistent_inputs() {
     let prompts: Vec<String> = vec!["a red cube on a grey background".into(); 2];
     let p2 = vec![pred(Shape::Cube, Hue::Red, Tone::Plain, Background::Grey); 2];
     let f = features(0..2);
-    let set = ScoredImages { images: &imgs, prompts: &prompts, predicted: &p2, features: &f, dim: D };
+    let set =
+        ScoredImages { images: &imgs, prompts: &prompts, predicted: &p2, features: &f, dim: D };
     // reference needs 2 × 2 rows
     let e = aggregate(&set, &set, &features(0..3), 1.0).unwrap_err().to_string();
     assert!(e.contains("reference features") && e.contains("2 × 2"), "{e}");
@@ -153,11 +193,16 @@ fn prompt_forms_and_segmenting_without_a_named_background() -> anyhow::Result<()
     let blue = Background::Blue.srgb8();
     let imgs = vec![square(blue, [255, 0, 0]), square(blue, [200, 100, 100])];
     let full: Vec<String> = vec!["a red cube on a blue background, front view".into(); 2];
-    let short: Vec<String> = full.iter().map(|p| PromptForm::Short.apply(p)).collect::<Result<_, _>>()?;
+    let short: Vec<String> =
+        full.iter().map(|p| PromptForm::Short.apply(p)).collect::<Result<_, _>>()?;
     // the evaluator sees the blue background in the first image, a wrong (white) one in the second
-    let p2 = vec![pred(Shape::Cube, Hue::Red, Tone::Plain, Background::Blue), pred(Shape::Cube, Hue::Red, Tone::Plain, Background::White)];
+    let p2 = vec![
+        pred(Shape::Cube, Hue::Red, Tone::Plain, Background::Blue),
+        pred(Shape::Cube, Hue::Red, Tone::Plain, Background::White),
+    ];
     let f = features(0..2);
-    let named = ScoredImages { images: &imgs, prompts: &full, predicted: &p2, features: &f, dim: D };
+    let named =
+        ScoredImages { images: &imgs, prompts: &full, predicted: &p2, features: &f, dim: D };
     let unnamed = ScoredImages { prompts: &short, ..named };
     let m_named = aggregate(&named, &named, &features(0..4), 1.0)?;
     let m_short = aggregate(&unnamed, &named, &features(0..4), 1.0)?;
@@ -183,7 +228,12 @@ fn prompt_forms_and_segmenting_without_a_named_background() -> anyhow::Result<()
 fn guidance_and_scale_parsing() -> anyhow::Result<()> {
     let none = ApgOverrides::default();
     assert_eq!(guidance_method("cfg", 7.5, &none)?, GuidanceMethod::Cfg { scale: 7.5 });
-    let GuidanceMethod::Apg(a) = guidance_method("APG", 10.0, &ApgOverrides { eta: Some(0.3), norm_threshold: Some(2.0), momentum: None })? else {
+    let GuidanceMethod::Apg(a) = guidance_method(
+        "APG",
+        10.0,
+        &ApgOverrides { eta: Some(0.3), norm_threshold: Some(2.0), momentum: None },
+    )?
+    else {
         panic!("not APG")
     };
     assert_eq!((a.scale, a.eta, a.norm_threshold, a.momentum), (10.0, 0.3, 2.0, -0.5));
@@ -193,7 +243,9 @@ fn guidance_and_scale_parsing() -> anyhow::Result<()> {
         let e = guidance_method("cfg", w, &none).unwrap_err().to_string();
         assert!(e.contains("guidance scale") && e.contains("> 0"), "{e}");
     }
-    let e = guidance_method("apg", 5.0, &ApgOverrides { momentum: Some(1.5), ..none }).unwrap_err().to_string();
+    let e = guidance_method("apg", 5.0, &ApgOverrides { momentum: Some(1.5), ..none })
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("momentum"), "{e}");
 
     assert_eq!(parse_scales(" 1, 3,7.5 ")?, vec![1.0, 3.0, 7.5]);
@@ -215,7 +267,9 @@ fn guidance_and_scale_parsing() -> anyhow::Result<()> {
     let e = EvalConfig { prompts: 1, ..base.clone() }.validate().unwrap_err().to_string();
     assert!(e.contains("at least 2 generated images"), "{e}");
     assert!(EvalConfig { steps: 0, ..base.clone() }.validate().is_err());
-    assert!(EvalConfig { guidance: GuidanceMethod::Cfg { scale: 0.0 }, ..base.clone() }.validate().is_err());
+    assert!(EvalConfig { guidance: GuidanceMethod::Cfg { scale: 0.0 }, ..base.clone() }
+        .validate()
+        .is_err());
 
     // prompts: fixed by the seed
     assert_eq!(prompt_indices(3, 4), prompt_indices(3, 4));
@@ -226,7 +280,11 @@ fn guidance_and_scale_parsing() -> anyhow::Result<()> {
 }
 
 fn report(scale: f64) -> EvalReport {
-    let cfg = EvalConfig { model: "weights/a,b".into(), guidance: GuidanceMethod::Cfg { scale }, ..EvalConfig::new("x") };
+    let cfg = EvalConfig {
+        model: "weights/a,b".into(),
+        guidance: GuidanceMethod::Cfg { scale },
+        ..EvalConfig::new("x")
+    };
     EvalReport {
         config: cfg,
         prompts: vec!["a red cube".into()],
@@ -270,10 +328,16 @@ fn csv_round_trip_and_resume_keys() -> anyhow::Result<()> {
     let r = report(7.5);
     assert!(same_settings(&rows[1], &settings_columns(&r.config, 64)));
     assert!(!same_settings(&rows[0], &settings_columns(&r.config, 64)));
-    assert!(!same_settings(&rows[1], &settings_columns(&EvalConfig { seed: 1, ..r.config.clone() }, 64)));
+    assert!(!same_settings(
+        &rows[1],
+        &settings_columns(&EvalConfig { seed: 1, ..r.config.clone() }, 64)
+    ));
     assert!(!same_settings(&rows[1], &settings_columns(&r.config, 32)));
     // guiding in an interval only is another setting; its cell (with a comma) round-trips
-    let late = EvalConfig { interval: Some(gen_diffusion::IntervalRange::parse("0.5,1")?), ..r.config.clone() };
+    let late = EvalConfig {
+        interval: Some(gen_diffusion::IntervalRange::parse("0.5,1")?),
+        ..r.config.clone()
+    };
     assert!(!same_settings(&rows[1], &settings_columns(&late, 64)));
     let late_report = EvalReport { config: late.clone(), ..report(7.5) };
     let back = parse_csv(&format!("{}\n{}\n", csv_header(), csv_row(&late_report)), file)?;
@@ -286,7 +350,10 @@ fn csv_round_trip_and_resume_keys() -> anyhow::Result<()> {
     assert!(parse_csv("", file)?.is_empty());
     // The JSON report carries the settings and the metrics.
     let json = r.to_json()?;
-    assert!(json.contains("\"tiny_fid_real_baseline\": 1.25") && json.contains("\"method\": \"cfg\""), "{json}");
+    assert!(
+        json.contains("\"tiny_fid_real_baseline\": 1.25") && json.contains("\"method\": \"cfg\""),
+        "{json}"
+    );
     Ok(())
 }
 
@@ -304,7 +371,13 @@ fn label_map_follows_the_evaluator_config() -> anyhow::Result<()> {
     let mut rev = cfg.clone();
     let mut names: Vec<String> = Shape::ALL.iter().rev().map(|s| s.name().to_string()).collect();
     rev.labels["shape"] = serde_json::json!(names.clone());
-    let p = LabelMap::new(&rev, file)?.predicted(&Prediction { shape: 0, hue: 0, tone: 0, view: 0, background: 0 });
+    let p = LabelMap::new(&rev, file)?.predicted(&Prediction {
+        shape: 0,
+        hue: 0,
+        tone: 0,
+        view: 0,
+        background: 0,
+    });
     assert_eq!(p.shape, *Shape::ALL.last().unwrap());
     assert_eq!(p.colour.tone, Tone::Plain);
     // Unknown names and wrong counts are errors naming the key.
@@ -322,7 +395,8 @@ fn label_map_follows_the_evaluator_config() -> anyhow::Result<()> {
 #[test]
 fn samples_grid_and_chart() -> anyhow::Result<()> {
     // 2 prompts × 3 images: image i of prompt i mod 2; one row per prompt.
-    let imgs: Vec<RgbImage> = (0..6).map(|i| RgbImage::from_pixel(4, 4, Rgb([i as u8 * 40, 0, 0]))).collect();
+    let imgs: Vec<RgbImage> =
+        (0..6).map(|i| RgbImage::from_pixel(4, 4, Rgb([i as u8 * 40, 0, 0]))).collect();
     let g = samples_grid(&imgs, 2, 3)?;
     assert_eq!(g.dimensions(), (3 * 4 + 2 * 2, 2 * 4 + 2));
     // row 0: images 0, 2, 4 (prompt 0); row 1: images 1, 3, 5
@@ -348,7 +422,11 @@ fn samples_grid_and_chart() -> anyhow::Result<()> {
     // a third variant, APG in the second half of the steps only, its rows out of scale order
     for w in [7.5, 1.0] {
         let mut r = report(w);
-        r.config.guidance = guidance_method("apg", w, &ApgOverrides { norm_threshold: Some(2.0), ..Default::default() })?;
+        r.config.guidance = guidance_method(
+            "apg",
+            w,
+            &ApgOverrides { norm_threshold: Some(2.0), ..Default::default() },
+        )?;
         r.config.interval = Some(gen_diffusion::IntervalRange::parse("0.5,1")?);
         r.metrics.shape_accuracy = Some(if w == 1.0 { 0.75 } else { 1.0 });
         rows.push(r.columns().into_iter().map(|(k, v)| (k.to_string(), v)).collect());

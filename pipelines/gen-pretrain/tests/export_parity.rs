@@ -13,7 +13,10 @@ use candle_core::{DType, Device, Tensor};
 use gen_models::clip::{clip_normalize, ClipConfig, ClipModel, TextForwardOptions};
 use gen_models::loading::SafetensorsWeights;
 use gen_models::pipeline::{LoadOptions, ModelSource, SdPipeline};
-use gen_pretrain::stages::{clip_config_json, scheduler_config_json, text_encoder_config_json, unet_config_json, vae_config_json};
+use gen_pretrain::stages::{
+    clip_config_json, scheduler_config_json, text_encoder_config_json, unet_config_json,
+    vae_config_json,
+};
 use gen_pretrain::PretrainConfig;
 
 fn fixtures() -> PathBuf {
@@ -26,7 +29,16 @@ fn json(p: PathBuf) -> serde_json::Value {
 
 fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
     assert_eq!(a.dims(), b.dims());
-    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
 }
 
 #[test]
@@ -52,11 +64,15 @@ fn exporter_writes_the_fixture_format() -> anyhow::Result<()> {
 #[test]
 fn gen_models_reads_the_export_as_diffusers_does() -> anyhow::Result<()> {
     let dir = fixtures().join("tiny-export");
-    let exp = candle_core::safetensors::load(fixtures().join("tiny-export-expected.safetensors"), &Device::Cpu)?;
+    let exp = candle_core::safetensors::load(
+        fixtures().join("tiny-export-expected.safetensors"),
+        &Device::Cpu,
+    )?;
     let pipe = SdPipeline::load(&ModelSource::Local(dir.clone()), &LoadOptions::default())?;
     assert!(pipe.unused_keys.is_empty(), "{:?}", pipe.unused_keys);
     // the prompts of scripts/fixtures_pretrain_export.py
-    let prompts = ["a red cube", "A light blue torus on a grey background, side view", "", "a shiny cone"];
+    let prompts =
+        ["a red cube", "A light blue torus on a grey background, side view", "", "a shiny cone"];
     let (hidden, enc) = pipe.encode_prompts(&prompts, &TextForwardOptions::default())?;
     let want_ids: Vec<Vec<i64>> = exp["ids"].to_vec2()?;
     for (e, w) in enc.iter().zip(&want_ids) {
@@ -79,8 +95,15 @@ fn gen_models_reads_the_export_as_diffusers_does() -> anyhow::Result<()> {
     assert!(d < 1e-5, "vae decode: {d}");
     // the full CLIP (scorer) folder
     let w = SafetensorsWeights::open(&[dir.join("clip/model.safetensors")])?;
-    let clip = ClipModel::new(w.var_builder(DType::F32, &Device::Cpu), &ClipConfig::from_file(dir.join("clip/config.json"))?)?;
-    let ids = Tensor::from_vec(want_ids.concat().iter().map(|&i| i as u32).collect::<Vec<_>>(), (4, want_ids[0].len()), &Device::Cpu)?;
+    let clip = ClipModel::new(
+        w.var_builder(DType::F32, &Device::Cpu),
+        &ClipConfig::from_file(dir.join("clip/config.json"))?,
+    )?;
+    let ids = Tensor::from_vec(
+        want_ids.concat().iter().map(|&i| i as u32).collect::<Vec<_>>(),
+        (4, want_ids[0].len()),
+        &Device::Cpu,
+    )?;
     let logits = clip.logits_per_image(&ids, &clip_normalize(&exp["pixels"])?)?;
     let d = max_diff(&logits, &exp["clip_logits"]);
     assert!(d < 1e-4, "clip logits: {d}");

@@ -9,7 +9,9 @@ use candle_core::{DType, Device, Tensor};
 use gen_models::pipeline::{LoadOptions, ModelSource, SdPipeline};
 use gen_pretrain::data::WorldData;
 use gen_pretrain::evaluator::Evaluator;
-use gen_pretrain::metrics::{evaluator_accuracy, generation_accuracy, vae_psnr, GenerationSettings};
+use gen_pretrain::metrics::{
+    evaluator_accuracy, generation_accuracy, vae_psnr, GenerationSettings,
+};
 use gen_pretrain::params::bitwise_equal;
 use gen_pretrain::runner::latest_weights;
 use gen_pretrain::{PretrainConfig, RunControl, Stage, TrainEvent, Trainer};
@@ -35,7 +37,8 @@ fn tiny_run_losses_fall_and_export_loads() -> anyhow::Result<()> {
     let cfg = PretrainConfig::tiny();
     let mut trainer = Trainer::new(cfg.clone(), &out, &dev)?;
     let mut events = Vec::new();
-    let results = trainer.run(&Stage::ALL, &RunControl::default(), &mut |e| events.push(e.clone()))?;
+    let results =
+        trainer.run(&Stage::ALL, &RunControl::default(), &mut |e| events.push(e.clone()))?;
     let mut drops = Vec::new();
     for (stage, o) in &results {
         assert!(o.finished, "{stage:?}");
@@ -53,7 +56,9 @@ fn tiny_run_losses_fall_and_export_loads() -> anyhow::Result<()> {
         // a working stage lowers its loss clearly within its 30 tiny steps
         assert!(last < 0.9 * first, "{stage:?}: loss {first} -> {last}");
     }
-    assert!(events.iter().any(|e| matches!(e, TrainEvent::Checkpoint { stage, step: 30, .. } if stage == "unet")));
+    assert!(events
+        .iter()
+        .any(|e| matches!(e, TrainEvent::Checkpoint { stage, step: 30, .. } if stage == "unet")));
     assert!(events.iter().filter(|e| matches!(e, TrainEvent::Step { .. })).count() == 4 * 30);
     // optimizer-state accounting: AdamW keeps two f32 moments per trained parameter
     let params: std::collections::HashMap<String, usize> = events
@@ -66,7 +71,11 @@ fn tiny_run_losses_fall_and_export_loads() -> anyhow::Result<()> {
     let mut ends = 0;
     for e in &events {
         if let TrainEvent::StageEnd { stage, optimizer_state_bytes, .. } = e {
-            assert_eq!(optimizer_state_bytes.iter().sum::<usize>(), 2 * 4 * params[stage], "{stage}: AdamW state bytes");
+            assert_eq!(
+                optimizer_state_bytes.iter().sum::<usize>(),
+                2 * 4 * params[stage],
+                "{stage}: AdamW state bytes"
+            );
             ends += 1;
         }
     }
@@ -90,7 +99,8 @@ fn tiny_run_losses_fall_and_export_loads() -> anyhow::Result<()> {
     let ctx = Tensor::randn(0f32, 1.0, (1, cfg.max_text_len, 16), &Device::Cpu)?;
     let t = Tensor::new(&[500f32], &Device::Cpu)?;
     let direct = {
-        let w = gen_models::loading::SafetensorsWeights::open(&[latest_weights(&out.join("unet"))?])?;
+        let w =
+            gen_models::loading::SafetensorsWeights::open(&[latest_weights(&out.join("unet"))?])?;
         let ucfg = gen_models::unet::UNetConfig::from_file(dest.join("unet/config.json"))?;
         gen_models::unet::UNet2DConditionModel::new(w.var_builder(DType::F32, &Device::Cpu), &ucfg)?
     };
@@ -120,10 +130,14 @@ fn tiny_run_losses_fall_and_export_loads() -> anyhow::Result<()> {
     assert!(psnr.is_finite() && psnr > 5.0, "{psnr}");
     let acc = evaluator_accuracy(&eval, &mut data, 8)?;
     assert_eq!(acc.n, 8);
-    let settings = GenerationSettings { prompts: 2, steps: 2, guidance_scale: 3.0, seed: 1, batch: 2 };
+    let settings =
+        GenerationSettings { prompts: 2, steps: 2, guidance_scale: 3.0, seed: 1, batch: 2 };
     let (gacc, report, imgs) = generation_accuracy(&pipe, &eval, &mut data, &settings)?;
     assert_eq!(gacc.n, 2);
-    assert!(report.tiny_fid.is_finite() && (0.0..=1.0).contains(&report.clipped_fraction), "{report:?}");
+    assert!(
+        report.tiny_fid.is_finite() && (0.0..=1.0).contains(&report.clipped_fraction),
+        "{report:?}"
+    );
     assert!(report.saturation_real > 0.0 && report.saturation_real <= 1.0, "{report:?}");
     assert_eq!(imgs.dims(), &[2, 3, 16, 16]);
     std::fs::remove_dir_all(&out)?;
@@ -145,7 +159,9 @@ fn run_tiny(out: &Path, stage: Stage, stop: Option<u64>) -> anyhow::Result<()> {
 /// average of its weights.
 fn tiny8() -> PretrainConfig {
     let mut cfg = PretrainConfig::tiny();
-    for s in [&mut cfg.vae.train, &mut cfg.unet.train, &mut cfg.clip.train, &mut cfg.evaluator.train] {
+    for s in
+        [&mut cfg.vae.train, &mut cfg.unet.train, &mut cfg.clip.train, &mut cfg.evaluator.train]
+    {
         s.steps = 8;
         s.checkpoint_every = 4;
         s.warmup_steps = 2;
@@ -240,7 +256,8 @@ fn final_state(out: &Path, stage: Stage) -> anyhow::Result<FinalState> {
     }
     let csv = std::fs::read_to_string(out.join(stage.name()).join("metrics.csv"))?;
     // losses without the timing column
-    let losses: Vec<String> = csv.lines().map(|l| l.split(',').take(2).collect::<Vec<_>>().join(",")).collect();
+    let losses: Vec<String> =
+        csv.lines().map(|l| l.split(',').take(2).collect::<Vec<_>>().join(",")).collect();
     Ok((weights, load(&ck.join("optimizer.safetensors")), losses.join("\n")))
 }
 
@@ -331,7 +348,11 @@ fn running_stage_may_change_its_step_count() -> anyhow::Result<()> {
     assert!(o.finished && o.step == longer.evaluator.train.steps, "{o:?}");
     assert!(notes.iter().any(|m| m.contains("resuming at step 20")), "{notes:?}");
     let csv = std::fs::read_to_string(out.join("evaluator").join("metrics.csv"))?;
-    assert_eq!(csv.lines().count() as u64, 1 + longer.evaluator.train.steps, "one row per step, none repeated");
+    assert_eq!(
+        csv.lines().count() as u64,
+        1 + longer.evaluator.train.steps,
+        "one row per step, none repeated"
+    );
     // fewer steps than already run: refused when training
     let mut shorter = longer.clone();
     shorter.evaluator.train.steps = 10;
@@ -351,7 +372,8 @@ fn running_stage_may_change_its_step_count() -> anyhow::Result<()> {
 /// run folder's config.json) is the real preset: `gen train --preset real` trains what ships.
 #[test]
 fn shipped_training_config_is_the_real_preset() -> anyhow::Result<()> {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../weights/tiny-shapes/training/config-h.json");
+    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../weights/tiny-shapes/training/config-h.json");
     assert_eq!(PretrainConfig::load(&p)?, PretrainConfig::real());
     Ok(())
 }
@@ -364,7 +386,8 @@ fn frechet_distance_by_hand() -> anyhow::Result<()> {
     let fd = frechet_distance(&[vec![0.0], vec![2.0]], &[vec![1.0], vec![5.0]])?;
     assert!((fd - 6.0).abs() < 1e-9, "{fd}");
     // identical sets: 0; a shifted copy: the squared shift
-    let a: Vec<Vec<f64>> = (0..6).map(|i| vec![i as f64, (i * i) as f64 * 0.5, (i % 3) as f64]).collect();
+    let a: Vec<Vec<f64>> =
+        (0..6).map(|i| vec![i as f64, (i * i) as f64 * 0.5, (i % 3) as f64]).collect();
     assert!(frechet_distance(&a, &a)?.abs() < 1e-9);
     let b: Vec<Vec<f64>> = a.iter().map(|r| vec![r[0] + 1.0, r[1], r[2] - 2.0]).collect();
     assert!((frechet_distance(&a, &b)? - 5.0).abs() < 1e-9);

@@ -32,7 +32,9 @@ use anyhow::Result;
 use candle_core::{DType, Device};
 use candle_nn::{VarBuilder, VarMap};
 use gen_core::SeededRng;
-use gen_diffusion::{ApgConfig, Guidance, GuidanceConfig, GuidanceMethod, Predictions, PredictionType, StepInfo};
+use gen_diffusion::{
+    ApgConfig, Guidance, GuidanceConfig, GuidanceMethod, PredictionType, Predictions, StepInfo,
+};
 use gen_models::pipeline::{LoadOptions, ModelSource, SdPipeline};
 use gen_models::unet::{UNet2DConditionModel, UNetConfig};
 use gen_sample::{generate, Progress, SampleConfig, Sampler};
@@ -40,7 +42,12 @@ use gen_sample::{generate, Progress, SampleConfig, Sampler};
 /// Resident memory of this process in GB (Linux; 0 elsewhere).
 fn rss_gb() -> f64 {
     let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)).and_then(|k| k.parse::<f64>().ok()).unwrap_or(0.0) / 1e6
+    s.lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|k| k.parse::<f64>().ok())
+        .unwrap_or(0.0)
+        / 1e6
 }
 
 fn median(v: &mut [f64]) -> f64 {
@@ -49,7 +56,11 @@ fn median(v: &mut [f64]) -> f64 {
 }
 
 fn apg() -> GuidanceConfig {
-    GuidanceConfig { method: GuidanceMethod::Apg(ApgConfig::paper(7.5)), rescale_phi: 0.0, interval: None }
+    GuidanceConfig {
+        method: GuidanceMethod::Apg(ApgConfig::paper(7.5)),
+        rescale_phi: 0.0,
+        interval: None,
+    }
 }
 
 /// CPU seconds (user + system) used by this process so far (Linux; 0 elsewhere). On a shared
@@ -162,24 +173,40 @@ fn main() -> Result<()> {
         return sd15(&pipe, cfg_g);
     }
     let (c_cfg, c_apg) = (combine_time(&cfg_g, 200)?, combine_time(&apg(), 200)?);
-    println!("guidance combine on 1x4x64x64: CFG {:.3} ms, APG {:.3} ms, APG/CFG {:.2}", c_cfg * 1e3, c_apg * 1e3, c_apg / c_cfg);
+    println!(
+        "guidance combine on 1x4x64x64: CFG {:.3} ms, APG {:.3} ms, APG/CFG {:.2}",
+        c_cfg * 1e3,
+        c_apg * 1e3,
+        c_apg / c_cfg
+    );
 
-    let base = SampleConfig::new("a red cube on a blue floor").size(64, 64).steps(10).seed(1).sampler(Sampler::DpmPp2m);
-    let methods = [("CFG", base.clone().guidance(cfg_g.clone())), ("APG", base.clone().guidance(apg()))];
+    let base = SampleConfig::new("a red cube on a blue floor")
+        .size(64, 64)
+        .steps(10)
+        .seed(1)
+        .sampler(Sampler::DpmPp2m);
+    let methods =
+        [("CFG", base.clone().guidance(cfg_g.clone())), ("APG", base.clone().guidance(apg()))];
     timed_generate(&pipe, &methods[0].1)?; // warm-up
-    // CFG and APG runs alternate, so a change of machine load hits both alike.
+                                           // CFG and APG runs alternate, so a change of machine load hits both alike.
     let mut samples: Vec<Vec<Timing>> = vec![Vec::new(), Vec::new()];
     for _ in 0..3 {
         for (m, (_, cfg)) in methods.iter().enumerate() {
             samples[m].push(timed_generate(&pipe, cfg)?);
         }
     }
-    let med = |v: &[Timing], f: fn(&Timing) -> f64| median(&mut v.iter().map(f).collect::<Vec<_>>());
+    let med =
+        |v: &[Timing], f: fn(&Timing) -> f64| median(&mut v.iter().map(f).collect::<Vec<_>>());
     let rows: Vec<(&str, Timing)> = methods
         .iter()
         .zip(&samples)
         .map(|((n, _), v)| {
-            let t = Timing { step_wall: med(v, |t| t.step_wall), step_cpu: med(v, |t| t.step_cpu), total_wall: med(v, |t| t.total_wall), total_cpu: med(v, |t| t.total_cpu) };
+            let t = Timing {
+                step_wall: med(v, |t| t.step_wall),
+                step_cpu: med(v, |t| t.step_cpu),
+                total_wall: med(v, |t| t.total_wall),
+                total_cpu: med(v, |t| t.total_cpu),
+            };
             (*n, t)
         })
         .collect();
@@ -210,18 +237,35 @@ fn sd15(pipe: &SdPipeline, cfg_g: GuidanceConfig) -> Result<()> {
     randomize(&varmap, 0)?;
     // Inference reads detached copies of the variables (same storage): a model built on the
     // `Var`s themselves would record every activation for backprop and keep them all alive.
-    let weights: std::collections::HashMap<String, candle_core::Tensor> =
-        varmap.data().lock().expect("varmap lock").iter().map(|(k, v)| (k.clone(), v.as_tensor().detach())).collect();
-    let unet = UNet2DConditionModel::new(VarBuilder::from_tensors(weights, DType::F32, &Device::Cpu), &ucfg)?;
+    let weights: std::collections::HashMap<String, candle_core::Tensor> = varmap
+        .data()
+        .lock()
+        .expect("varmap lock")
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_tensor().detach()))
+        .collect();
+    let unet = UNet2DConditionModel::new(
+        VarBuilder::from_tensors(weights, DType::F32, &Device::Cpu),
+        &ucfg,
+    )?;
     let params: usize = varmap.all_vars().iter().map(|v| v.elem_count()).sum();
-    println!("SD-1.5-sized UNet: {:.0} M parameters, built in {:.1} s, RSS {:.1} GB", params as f64 / 1e6, t0.elapsed().as_secs_f64(), rss_gb());
+    println!(
+        "SD-1.5-sized UNet: {:.0} M parameters, built in {:.1} s, RSS {:.1} GB",
+        params as f64 / 1e6,
+        t0.elapsed().as_secs_f64(),
+        rss_gb()
+    );
     let mut big = pipe.clone();
     big.unet = unet;
     // Queries in chunks of 1024 rows: the 4096×4096 attention logits of the first block
     // would otherwise take ~1 GB per tensor.
     big.unet.set_attention_chunk_size(Some(1024));
     big.unet_config = ucfg;
-    let base = SampleConfig::new("a red cube on a blue floor").size(128, 128).steps(steps).seed(1).sampler(Sampler::DpmPp2m);
+    let base = SampleConfig::new("a red cube on a blue floor")
+        .size(128, 128)
+        .steps(steps)
+        .seed(1)
+        .sampler(Sampler::DpmPp2m);
     let mut rows = Vec::new();
     for (name, g) in [("CFG", cfg_g), ("APG", apg())] {
         let t = timed_generate(&big, &base.clone().guidance(g))?;

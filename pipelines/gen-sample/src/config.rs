@@ -33,7 +33,14 @@ pub enum Sampler {
 }
 
 impl Sampler {
-    pub const ALL: [Sampler; 6] = [Self::Ddim, Self::Ddpm, Self::Euler, Self::EulerAncestral, Self::DpmPp2m, Self::DpmPp2mKarras];
+    pub const ALL: [Sampler; 6] = [
+        Self::Ddim,
+        Self::Ddpm,
+        Self::Euler,
+        Self::EulerAncestral,
+        Self::DpmPp2m,
+        Self::DpmPp2mKarras,
+    ];
 
     /// The command-line name.
     pub fn name(self) -> &'static str {
@@ -55,13 +62,21 @@ impl Sampler {
     /// Parses a command-line name (also `euler_a`, `dpmpp_2m`, `dpmpp_2m_karras`, any case);
     /// the error lists the known names.
     pub fn parse(s: &str) -> Result<Self> {
-        let norm = s.trim().to_ascii_lowercase().replace('_', "-").replace("dpmpp-", "dpm++").replace("dpmpp", "dpm++");
+        let norm = s
+            .trim()
+            .to_ascii_lowercase()
+            .replace('_', "-")
+            .replace("dpmpp-", "dpm++")
+            .replace("dpmpp", "dpm++");
         for k in Self::ALL {
             if norm == k.name() {
                 return Ok(k);
             }
         }
-        Err(Error::invalid("scheduler", format!("unknown scheduler `{s}`; known: {}", Self::known_names())))
+        Err(Error::invalid(
+            "scheduler",
+            format!("unknown scheduler `{s}`; known: {}", Self::known_names()),
+        ))
     }
 
     /// The scheduler implementation in `gen-diffusion`.
@@ -167,7 +182,8 @@ pub struct InitImage {
 impl InitImage {
     /// The image's (width, height), read from its header; the error names the file.
     pub fn dimensions(&self) -> Result<(u32, u32)> {
-        image::image_dimensions(&self.path).map_err(|e| Error::msg(format!("cannot read init image {}: {e}", self.path.display())))
+        image::image_dimensions(&self.path)
+            .map_err(|e| Error::msg(format!("cannot read init image {}: {e}", self.path.display())))
     }
 }
 
@@ -256,7 +272,11 @@ impl SampleConfig {
     }
     /// APG with these settings (e.g. `ApgConfig::paper(w)`), no rescale, no interval.
     pub fn apg(self, apg: ApgConfig) -> Self {
-        self.guidance(GuidanceConfig { method: GuidanceMethod::Apg(apg), rescale_phi: 0.0, interval: None })
+        self.guidance(GuidanceConfig {
+            method: GuidanceMethod::Apg(apg),
+            rescale_phi: 0.0,
+            interval: None,
+        })
     }
     pub fn sampler(mut self, s: Sampler) -> Self {
         self.sampler = s;
@@ -289,14 +309,21 @@ impl SampleConfig {
     }
 
     /// [`gen_models::pipeline::LoadOptions`] with this config's precision.
-    pub fn load_options(&self, device: candle_core::Device, hub: gen_models::pipeline::HubOptions) -> gen_models::pipeline::LoadOptions {
+    pub fn load_options(
+        &self,
+        device: candle_core::Device,
+        hub: gen_models::pipeline::HubOptions,
+    ) -> gen_models::pipeline::LoadOptions {
         gen_models::pipeline::LoadOptions { dtype: self.dtype.dtype(), device, hub }
     }
 
     /// Checks the fields that do not need the model.
     pub fn validate(&self) -> Result<()> {
         if self.prompts.is_empty() {
-            return Err(Error::invalid("prompts", "no prompt given (use \"\" for an unconditional image)"));
+            return Err(Error::invalid(
+                "prompts",
+                "no prompt given (use \"\" for an unconditional image)",
+            ));
         }
         if self.steps == 0 {
             return Err(Error::invalid("steps", "0 (need at least 1 inference step)"));
@@ -316,11 +343,17 @@ impl SampleConfig {
             return Err(Error::invalid("ddim_eta", format!("{} (must be >= 0)", self.ddim_eta)));
         }
         if self.ddim_eta != 0.0 && self.sampler != Sampler::Ddim {
-            return Err(Error::invalid("ddim_eta", format!("{} applies to the ddim sampler only, not {}", self.ddim_eta, self.sampler)));
+            return Err(Error::invalid(
+                "ddim_eta",
+                format!("{} applies to the ddim sampler only, not {}", self.ddim_eta, self.sampler),
+            ));
         }
         if let Some(ii) = &self.init_image {
             if !(0.0..=1.0).contains(&ii.strength) {
-                return Err(Error::invalid("strength", format!("{} is outside [0, 1]", ii.strength)));
+                return Err(Error::invalid(
+                    "strength",
+                    format!("{} is outside [0, 1]", ii.strength),
+                ));
             }
             let kept = (self.steps as f64 * ii.strength) as usize;
             if ii.strength > 0.0 && kept == 0 {
@@ -399,13 +432,16 @@ impl SampleConfig {
     pub fn resolved_size(&self) -> Result<(usize, usize)> {
         match (self.width, self.height) {
             (Some(w), Some(h)) => Ok((w, h)),
-            _ => Err(Error::msg("sample config: size not resolved; call SampleConfig::resolve first")),
+            _ => Err(Error::msg(
+                "sample config: size not resolved; call SampleConfig::resolve first",
+            )),
         }
     }
 
     /// The config as pretty JSON.
     pub fn to_json(&self) -> Result<String> {
-        serde_json::to_string_pretty(self).map_err(|e| Error::msg(format!("sample config to JSON: {e}")))
+        serde_json::to_string_pretty(self)
+            .map_err(|e| Error::msg(format!("sample config to JSON: {e}")))
     }
 
     /// Reads a config saved by [`SampleConfig::to_json`]; unknown fields are errors.
@@ -426,7 +462,10 @@ mod tests {
         assert_eq!(Sampler::parse("EULER_A").unwrap(), Sampler::EulerAncestral);
         assert_eq!(Sampler::parse("dpmpp_2m_karras").unwrap(), Sampler::DpmPp2mKarras);
         let e = Sampler::parse("pndm").unwrap_err().to_string();
-        assert!(e.contains("pndm") && e.contains("ddim, ddpm, euler, euler-a, dpm++2m, dpm++2m-karras"), "{e}");
+        assert!(
+            e.contains("pndm") && e.contains("ddim, ddpm, euler, euler-a, dpm++2m, dpm++2m-karras"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -452,7 +491,11 @@ mod tests {
 
     #[test]
     fn json_round_trip_and_unknown_field() {
-        let cfg = SampleConfig::new("a blue sphere").apg(ApgConfig::paper(5.0)).sampler(Sampler::EulerAncestral).size(32, 16).seed(9);
+        let cfg = SampleConfig::new("a blue sphere")
+            .apg(ApgConfig::paper(5.0))
+            .sampler(Sampler::EulerAncestral)
+            .size(32, 16)
+            .seed(9);
         let back = SampleConfig::from_json(&cfg.to_json().unwrap()).unwrap();
         assert_eq!(back, cfg);
         let text = cfg.to_json().unwrap();

@@ -30,14 +30,18 @@ impl Denoiser for UNetDenoiser<'_> {
     fn predict(&self, x: &Tensor, timesteps: &[f64], conds: &[&Tensor]) -> Result<Vec<Tensor>> {
         let b = x.dim(0)?;
         if timesteps.len() != b {
-            return Err(Error::invalid("UNet denoiser", format!("{} timesteps for a batch of {b}", timesteps.len())));
+            return Err(Error::invalid(
+                "UNet denoiser",
+                format!("{} timesteps for a batch of {b}", timesteps.len()),
+            ));
         }
         if !self.per_sample || b == 1 {
             return self.predict_batched(x, timesteps, conds);
         }
         let mut per_branch: Vec<Vec<Tensor>> = vec![Vec::with_capacity(b); conds.len()];
         for j in 0..b {
-            let cj = conds.iter().map(|c| c.narrow(0, j, 1)).collect::<candle_core::Result<Vec<_>>>()?;
+            let cj =
+                conds.iter().map(|c| c.narrow(0, j, 1)).collect::<candle_core::Result<Vec<_>>>()?;
             let refs: Vec<&Tensor> = cj.iter().collect();
             let outs = self.predict_batched(&x.narrow(0, j, 1)?, &timesteps[j..j + 1], &refs)?;
             for (k, o) in outs.into_iter().enumerate() {
@@ -49,18 +53,29 @@ impl Denoiser for UNetDenoiser<'_> {
 }
 
 impl UNetDenoiser<'_> {
-    fn predict_batched(&self, x: &Tensor, timesteps: &[f64], conds: &[&Tensor]) -> Result<Vec<Tensor>> {
+    fn predict_batched(
+        &self,
+        x: &Tensor,
+        timesteps: &[f64],
+        conds: &[&Tensor],
+    ) -> Result<Vec<Tensor>> {
         let b = x.dim(0)?;
         let k = conds.len();
         if k == 0 {
             return Err(Error::invalid("UNet denoiser", "no branch to evaluate"));
         }
         if timesteps.len() != b {
-            return Err(Error::invalid("UNet denoiser", format!("{} timesteps for a batch of {b}", timesteps.len())));
+            return Err(Error::invalid(
+                "UNet denoiser",
+                format!("{} timesteps for a batch of {b}", timesteps.len()),
+            ));
         }
         for c in conds {
             if c.dim(0)? != b {
-                return Err(Error::invalid("UNet denoiser condition", format!("shape {:?} for a batch of {b}", c.dims())));
+                return Err(Error::invalid(
+                    "UNet denoiser condition",
+                    format!("shape {:?} for a batch of {b}", c.dims()),
+                ));
             }
         }
         let ts: Vec<f32> = (0..k).flat_map(|_| timesteps.iter().map(|&t| t as f32)).collect();

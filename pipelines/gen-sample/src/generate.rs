@@ -7,7 +7,7 @@ use gen_models::clip::TextForwardOptions;
 use gen_models::pipeline::SdPipeline;
 use image::RgbImage;
 
-use crate::config::{InitImage, Sampler, SampleConfig};
+use crate::config::{InitImage, SampleConfig, Sampler};
 use crate::denoiser::UNetDenoiser;
 
 /// What [`generate`] reports while it runs.
@@ -26,7 +26,8 @@ pub enum Progress {
 
 /// The scheduler config of `pipe` adjusted for `cfg.sampler` (Karras sigmas, DDIM eta).
 pub fn scheduler_config(pipe: &SdPipeline, cfg: &SampleConfig) -> Result<SchedulerConfig> {
-    let mut sc = SchedulerConfig::from_json_value(&pipe.scheduler_config, &pipe.files.scheduler_config)?;
+    let mut sc =
+        SchedulerConfig::from_json_value(&pipe.scheduler_config, &pipe.files.scheduler_config)?;
     sc.use_karras_sigmas = cfg.sampler.karras();
     sc.eta = if cfg.sampler == Sampler::Ddim { cfg.ddim_eta } else { 0.0 };
     Ok(sc)
@@ -57,7 +58,9 @@ pub fn prompt_warnings(pipe: &SdPipeline, prompt: &str, what: &str) -> Result<Ve
     let max_len = pipe.max_text_len();
     let enc = pipe.tokenizer.encode(prompt, max_len)?;
     if enc.truncated {
-        let room = max_len - pipe.tokenizer.bos_id().is_some() as usize - pipe.tokenizer.eos_id().is_some() as usize;
+        let room = max_len
+            - pipe.tokenizer.bos_id().is_some() as usize
+            - pipe.tokenizer.eos_id().is_some() as usize;
         out.push(format!(
             "{what} {prompt:?} has {} tokens but the text encoder takes {max_len} ({room} without start/end tokens); the last {} tokens were dropped",
             enc.num_tokens,
@@ -69,8 +72,16 @@ pub fn prompt_warnings(pipe: &SdPipeline, prompt: &str, what: &str) -> Result<Ve
 
 /// The init image as a `(1, 3, H, W)` tensor in [-1, 1] at `width`×`height` (resized with a
 /// Catmull-Rom filter when its size differs, with a warning).
-fn load_init_image(pipe: &SdPipeline, ii: &InitImage, width: usize, height: usize, progress: &mut dyn FnMut(&Progress)) -> Result<Tensor> {
-    let img = image::open(&ii.path).map_err(|e| Error::msg(format!("cannot read init image {}: {e}", ii.path.display())))?.to_rgb8();
+fn load_init_image(
+    pipe: &SdPipeline,
+    ii: &InitImage,
+    width: usize,
+    height: usize,
+    progress: &mut dyn FnMut(&Progress),
+) -> Result<Tensor> {
+    let img = image::open(&ii.path)
+        .map_err(|e| Error::msg(format!("cannot read init image {}: {e}", ii.path.display())))?
+        .to_rgb8();
     let img = if img.dimensions() != (width as u32, height as u32) {
         progress(&Progress::Warning(format!(
             "init image {} is {}×{}; resized to {width}×{height}",
@@ -78,7 +89,12 @@ fn load_init_image(pipe: &SdPipeline, ii: &InitImage, width: usize, height: usiz
             img.width(),
             img.height()
         )));
-        image::imageops::resize(&img, width as u32, height as u32, image::imageops::FilterType::CatmullRom)
+        image::imageops::resize(
+            &img,
+            width as u32,
+            height as u32,
+            image::imageops::FilterType::CatmullRom,
+        )
     } else {
         img
     };
@@ -115,9 +131,15 @@ fn to_images(decoded: &Tensor) -> Result<Vec<RgbImage>> {
 }
 
 /// One standard normal `(1, C, h, w)` draw per image stream, concatenated to `(B, C, h, w)`.
-fn per_image_noise(rngs: &mut [SeededRng], shape: (usize, usize, usize), dtype: DType, dev: &candle_core::Device) -> Result<Tensor> {
+fn per_image_noise(
+    rngs: &mut [SeededRng],
+    shape: (usize, usize, usize),
+    dtype: DType,
+    dev: &candle_core::Device,
+) -> Result<Tensor> {
     let (c, h, w) = shape;
-    let parts = rngs.iter_mut().map(|r| r.randn((1, c, h, w), dtype, dev)).collect::<Result<Vec<_>>>()?;
+    let parts =
+        rngs.iter_mut().map(|r| r.randn((1, c, h, w), dtype, dev)).collect::<Result<Vec<_>>>()?;
     Ok(Tensor::cat(&parts, 0)?)
 }
 
@@ -131,12 +153,20 @@ fn per_image_noise(rngs: &mut [SeededRng], shape: (usize, usize, usize), dtype: 
 /// size, and the same seed gives the same bytes on the CPU. The step loop is
 /// `gen_diffusion::sample`'s, except that stochastic schedulers get their step noise from
 /// each image's own stream (`sample` draws it for the whole batch from one generator).
-pub fn generate(pipe: &SdPipeline, cfg: &SampleConfig, progress: &mut dyn FnMut(&Progress)) -> Result<Vec<RgbImage>> {
+pub fn generate(
+    pipe: &SdPipeline,
+    cfg: &SampleConfig,
+    progress: &mut dyn FnMut(&Progress),
+) -> Result<Vec<RgbImage>> {
     let cfg = cfg.resolve(pipe)?;
     let (width, height) = cfg.resolved_size()?;
     let (dev, dtype) = (&pipe.device, pipe.dtype);
     let proto = build_scheduler(pipe, &cfg)?;
-    let denoiser = UNetDenoiser { unet: &pipe.unet, prediction_type: proto.prediction_type(), per_sample: cfg.batch_invariant };
+    let denoiser = UNetDenoiser {
+        unet: &pipe.unet,
+        prediction_type: proto.prediction_type(),
+        per_sample: cfg.batch_invariant,
+    };
 
     // Text: each distinct prompt once, then the negative prompt.
     let mut distinct: Vec<&str> = Vec::new();
@@ -155,7 +185,9 @@ pub fn generate(pipe: &SdPipeline, cfg: &SampleConfig, progress: &mut dyn FnMut(
         progress(&Progress::Warning(w));
     }
     // One prompt per text-encoder call, so an embedding does not depend on the other prompts.
-    let encode = |p: &str| -> Result<Tensor> { Ok(pipe.encode_prompts(&[p], &TextForwardOptions::default())?.0.to_dtype(dtype)?) };
+    let encode = |p: &str| -> Result<Tensor> {
+        Ok(pipe.encode_prompts(&[p], &TextForwardOptions::default())?.0.to_dtype(dtype)?)
+    };
     let emb = Tensor::cat(&distinct.iter().map(|p| encode(p)).collect::<Result<Vec<_>>>()?, 0)?;
     let neg = encode(&cfg.negative_prompt)?;
 
@@ -165,7 +197,10 @@ pub fn generate(pipe: &SdPipeline, cfg: &SampleConfig, progress: &mut dyn FnMut(
 
     // Image-to-image start latents.
     let init = match &cfg.init_image {
-        Some(ii) => Some((encode_latents(pipe, &load_init_image(pipe, ii, width, height, progress)?)?, ii.strength)),
+        Some(ii) => Some((
+            encode_latents(pipe, &load_init_image(pipe, ii, width, height, progress)?)?,
+            ii.strength,
+        )),
         None => None,
     };
     if let Some((x0, 0.0)) = &init {
@@ -190,8 +225,12 @@ pub fn generate(pipe: &SdPipeline, cfg: &SampleConfig, progress: &mut dyn FnMut(
         let first = batch * cfg.batch_size;
         let idx: Vec<usize> = (first..(first + cfg.batch_size).min(cfg.num_images)).collect();
         let b = idx.len();
-        let mut rngs: Vec<SeededRng> = idx.iter().map(|&i| SeededRng::fork(cfg.seed, i as u64)).collect();
-        let rows: Vec<u32> = idx.iter().map(|&i| distinct.iter().position(|p| *p == cfg.prompt_for(i)).unwrap_or(0) as u32).collect();
+        let mut rngs: Vec<SeededRng> =
+            idx.iter().map(|&i| SeededRng::fork(cfg.seed, i as u64)).collect();
+        let rows: Vec<u32> = idx
+            .iter()
+            .map(|&i| distinct.iter().position(|p| *p == cfg.prompt_for(i)).unwrap_or(0) as u32)
+            .collect();
         let cond = emb.index_select(&Tensor::new(rows.as_slice(), dev)?, 0)?;
         let uncond = neg.repeat((b, 1, 1))?;
         let conds = Conditions { cond, uncond: Some(uncond) };
@@ -202,7 +241,9 @@ pub fn generate(pipe: &SdPipeline, cfg: &SampleConfig, progress: &mut dyn FnMut(
         let noise = per_image_noise(&mut rngs, (c, lh, lw), dtype, dev)?;
         let mut x = match &init {
             None => (noise * scheduler.init_noise_sigma())?,
-            Some((x0, _)) => scheduler.add_noise(&x0.repeat((b, 1, 1, 1))?, &noise, &vec![timesteps[0]; b])?,
+            Some((x0, _)) => {
+                scheduler.add_noise(&x0.repeat((b, 1, 1, 1))?, &noise, &vec![timesteps[0]; b])?
+            }
         };
         let mut guidance = cfg.guidance.build()?;
         guidance.reset();
@@ -210,16 +251,37 @@ pub fn generate(pipe: &SdPipeline, cfg: &SampleConfig, progress: &mut dyn FnMut(
         for (step, &t) in timesteps.iter().enumerate() {
             let x_in = scheduler.scale_model_input(&x, t)?;
             let a = scheduler.model_alpha_cumprod(t)?;
-            let info = StepInfo { step: Some((step, n)), timestep: t, sigma: ((1.0 - a) / a).sqrt() };
+            let info =
+                StepInfo { step: Some((step, n)), timestep: t, sigma: ((1.0 - a) / a).sqrt() };
             let (ts, alphas) = (vec![t; b], vec![a; b]);
-            let g = guided_prediction(&denoiser, guidance.as_mut(), &x_in, &ts, &alphas, &conds, &info)?;
-            let out = convert(&g.model_output, &x_in, &alphas, denoiser.prediction_type, scheduler.prediction_type())?;
-            let step_noise = if scheduler.needs_noise(t) { Some(per_image_noise(&mut rngs, (c, lh, lw), dtype, dev)?) } else { None };
+            let g = guided_prediction(
+                &denoiser,
+                guidance.as_mut(),
+                &x_in,
+                &ts,
+                &alphas,
+                &conds,
+                &info,
+            )?;
+            let out = convert(
+                &g.model_output,
+                &x_in,
+                &alphas,
+                denoiser.prediction_type,
+                scheduler.prediction_type(),
+            )?;
+            let step_noise = if scheduler.needs_noise(t) {
+                Some(per_image_noise(&mut rngs, (c, lh, lw), dtype, dev)?)
+            } else {
+                None
+            };
             x = scheduler.step_with_noise(&out, t, &x, step_noise.as_ref())?.prev_sample;
             done += 1;
             progress(&Progress::Step { batch, step, done, total_steps });
         }
-        let decode = |z: &Tensor| decode_latents(pipe, z).map_err(|e| Error::msg(format!("decoding batch {batch}: {e}")));
+        let decode = |z: &Tensor| {
+            decode_latents(pipe, z).map_err(|e| Error::msg(format!("decoding batch {batch}: {e}")))
+        };
         if cfg.batch_invariant {
             for j in 0..b {
                 images.extend(to_images(&decode(&x.narrow(0, j, 1)?)?)?);

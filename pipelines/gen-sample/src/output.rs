@@ -29,7 +29,11 @@ pub fn encode_png(img: &RgbImage, text: &[(String, String)]) -> Result<Vec<u8>> 
         enc.set_depth(png::BitDepth::Eight);
         for (k, v) in text {
             let latin1 = v.chars().all(|c| (c as u32) < 256) && k.chars().all(|c| (c as u32) < 256);
-            let r = if latin1 { enc.add_text_chunk(k.clone(), v.clone()) } else { enc.add_itxt_chunk(k.clone(), v.clone()) };
+            let r = if latin1 {
+                enc.add_text_chunk(k.clone(), v.clone())
+            } else {
+                enc.add_itxt_chunk(k.clone(), v.clone())
+            };
             r.map_err(|e| Error::msg(format!("PNG text chunk `{k}`: {e}")))?;
         }
         let mut w = enc.write_header().map_err(|e| Error::msg(format!("PNG header: {e}")))?;
@@ -51,14 +55,27 @@ pub fn save_png(path: &Path, img: &RgbImage, text: &[(String, String)]) -> Resul
 pub fn read_png_text(path: &Path) -> Result<Vec<(String, String)>> {
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
     let dec = png::Decoder::new(std::io::Cursor::new(bytes));
-    let reader = dec.read_info().map_err(|e| Error::msg(format!("{}: not a readable PNG: {e}", path.display())))?;
+    let reader = dec
+        .read_info()
+        .map_err(|e| Error::msg(format!("{}: not a readable PNG: {e}", path.display())))?;
     let info = reader.info();
-    let mut out: Vec<(String, String)> = info.uncompressed_latin1_text.iter().map(|c| (c.keyword.clone(), c.text.clone())).collect();
+    let mut out: Vec<(String, String)> =
+        info.uncompressed_latin1_text.iter().map(|c| (c.keyword.clone(), c.text.clone())).collect();
     for c in &info.compressed_latin1_text {
-        out.push((c.keyword.clone(), c.get_text().map_err(|e| Error::msg(format!("{}: zTXt `{}`: {e}", path.display(), c.keyword)))?));
+        out.push((
+            c.keyword.clone(),
+            c.get_text().map_err(|e| {
+                Error::msg(format!("{}: zTXt `{}`: {e}", path.display(), c.keyword))
+            })?,
+        ));
     }
     for c in &info.utf8_text {
-        out.push((c.keyword.clone(), c.get_text().map_err(|e| Error::msg(format!("{}: iTXt `{}`: {e}", path.display(), c.keyword)))?));
+        out.push((
+            c.keyword.clone(),
+            c.get_text().map_err(|e| {
+                Error::msg(format!("{}: iTXt `{}`: {e}", path.display(), c.keyword))
+            })?,
+        ));
     }
     Ok(out)
 }
@@ -84,7 +101,8 @@ pub fn image_grid(images: &[RgbImage]) -> Result<RgbImage> {
 
 /// The text chunks of image `index` (`None`: the grid).
 pub fn png_metadata(cfg: &SampleConfig, index: Option<usize>) -> Result<Vec<(String, String)>> {
-    let guidance = serde_json::to_string(&cfg.guidance).map_err(|e| Error::msg(format!("guidance to JSON: {e}")))?;
+    let guidance = serde_json::to_string(&cfg.guidance)
+        .map_err(|e| Error::msg(format!("guidance to JSON: {e}")))?;
     let (w, h) = cfg.resolved_size()?;
     let prompt = match index {
         Some(i) => cfg.prompt_for(i).to_string(),
@@ -105,7 +123,10 @@ pub fn png_metadata(cfg: &SampleConfig, index: Option<usize>) -> Result<Vec<(Str
         ("guidance".to_string(), guidance),
         ("size".to_string(), format!("{w}x{h}")),
         ("model".to_string(), cfg.model.clone().unwrap_or_default()),
-        ("parameters".to_string(), serde_json::to_string(cfg).map_err(|e| Error::msg(format!("config to JSON: {e}")))?),
+        (
+            "parameters".to_string(),
+            serde_json::to_string(cfg).map_err(|e| Error::msg(format!("config to JSON: {e}")))?,
+        ),
         ("Software".to_string(), format!("gen-sample {}", env!("CARGO_PKG_VERSION"))),
     ]);
     Ok(t)
@@ -129,7 +150,11 @@ pub fn plan_outputs(out: &Path, n: usize) -> Result<SavedOutputs> {
     match ext.as_deref() {
         Some("png") if !out.is_dir() => {
             if n == 1 {
-                return Ok(SavedOutputs { images: vec![out.to_path_buf()], grid: None, config: None });
+                return Ok(SavedOutputs {
+                    images: vec![out.to_path_buf()],
+                    grid: None,
+                    config: None,
+                });
             }
             let stem = out.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_default();
             let dir = out.parent().unwrap_or(Path::new(""));
@@ -138,7 +163,10 @@ pub fn plan_outputs(out: &Path, n: usize) -> Result<SavedOutputs> {
         }
         Some(e) if !out.is_dir() => Err(Error::invalid(
             "output path",
-            format!("{}: unsupported extension `.{e}` (give a .png file or a folder)", out.display()),
+            format!(
+                "{}: unsupported extension `.{e}` (give a .png file or a folder)",
+                out.display()
+            ),
         )),
         _ => {
             let images = (0..n).map(|i| out.join(format!("image-{i:03}.png"))).collect();
@@ -174,7 +202,10 @@ mod tests {
     fn text_chunks_round_trip_latin1_and_utf8() {
         let dir = std::env::temp_dir().join(format!("gen-sample-png-{}", std::process::id()));
         let img = RgbImage::from_fn(3, 2, |x, y| image::Rgb([x as u8 * 80, y as u8 * 100, 7]));
-        let text = vec![("prompt".to_string(), "a red cube".to_string()), ("note".to_string(), "ein Würfel → 立方体".to_string())];
+        let text = vec![
+            ("prompt".to_string(), "a red cube".to_string()),
+            ("note".to_string(), "ein Würfel → 立方体".to_string()),
+        ];
         let path = dir.join("t.png");
         save_png(&path, &img, &text).unwrap();
         assert_eq!(read_png_text(&path).unwrap(), text);
@@ -197,7 +228,8 @@ mod tests {
 
     #[test]
     fn grid_places_images() {
-        let imgs: Vec<RgbImage> = (0..3).map(|i| RgbImage::from_pixel(2, 2, image::Rgb([i * 100, 0, 0]))).collect();
+        let imgs: Vec<RgbImage> =
+            (0..3).map(|i| RgbImage::from_pixel(2, 2, image::Rgb([i * 100, 0, 0]))).collect();
         let g = image_grid(&imgs).unwrap();
         assert_eq!(g.dimensions(), (6, 6));
         assert_eq!(g.get_pixel(4, 0)[0], 100);

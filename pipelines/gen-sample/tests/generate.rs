@@ -4,7 +4,9 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::Result;
-use gen_diffusion::{ApgConfig, ApgFormulation, GuidanceConfig, GuidanceMethod, IntervalRange, Space};
+use gen_diffusion::{
+    ApgConfig, ApgFormulation, GuidanceConfig, GuidanceMethod, IntervalRange, Space,
+};
 use gen_models::pipeline::{LoadOptions, ModelSource, SdPipeline};
 use gen_sample::{generate, read_png_text, save_outputs, Progress, SampleConfig, Sampler};
 use image::RgbImage;
@@ -24,7 +26,11 @@ fn tmp(name: &str) -> PathBuf {
 }
 
 fn base() -> SampleConfig {
-    SampleConfig::new("a red cube on a blue floor").size(16, 16).steps(3).seed(42).sampler(Sampler::Ddim)
+    SampleConfig::new("a red cube on a blue floor")
+        .size(16, 16)
+        .steps(3)
+        .seed(42)
+        .sampler(Sampler::Ddim)
 }
 
 /// Mean and max absolute pixel difference.
@@ -54,14 +60,25 @@ fn cfg_and_apg_generate_images_and_differ() -> Result<()> {
     // 3 steps, each reported, then one decode.
     let steps = events.iter().filter(|e| matches!(e, Progress::Step { .. })).count();
     assert_eq!(steps, 3);
-    assert!(events.contains(&Progress::Start { num_batches: 1, steps_per_batch: 3, total_steps: 3 }));
+    assert!(events.contains(&Progress::Start {
+        num_batches: 1,
+        steps_per_batch: 3,
+        total_steps: 3
+    }));
     assert!(events.contains(&Progress::Decoded { images_done: 1, num_images: 1 }));
     // not a constant image
     let first = cfg_imgs[0].get_pixel(0, 0);
     assert!(cfg_imgs[0].pixels().any(|p| p != first));
 
     let (apg_imgs, _) = run(&pipe, &base().apg(ApgConfig::paper(7.5)))?;
-    let (none_imgs, _) = run(&pipe, &base().guidance(GuidanceConfig { method: GuidanceMethod::None, rescale_phi: 0.0, interval: None }))?;
+    let (none_imgs, _) = run(
+        &pipe,
+        &base().guidance(GuidanceConfig {
+            method: GuidanceMethod::None,
+            rescale_phi: 0.0,
+            interval: None,
+        }),
+    )?;
     let (m_apg, _) = diff(&apg_imgs[0], &cfg_imgs[0]);
     let (m_none, _) = diff(&none_imgs[0], &cfg_imgs[0]);
     assert!(m_apg > 0.0, "APG (eta 0, r 15, beta -0.5) should differ from CFG");
@@ -69,13 +86,24 @@ fn cfg_and_apg_generate_images_and_differ() -> Result<()> {
 
     // APG with eta 1, no norm threshold and no momentum (paper form) is CFG, up to the f64
     // projection's rounding.
-    let plain = ApgConfig { scale: 7.5, eta: 1.0, norm_threshold: 0.0, momentum: 0.0, formulation: ApgFormulation::Paper, space: Space::X0 };
+    let plain = ApgConfig {
+        scale: 7.5,
+        eta: 1.0,
+        norm_threshold: 0.0,
+        momentum: 0.0,
+        formulation: ApgFormulation::Paper,
+        space: Space::X0,
+    };
     let (apg_as_cfg, _) = run(&pipe, &base().apg(plain))?;
     let (_, max) = diff(&apg_as_cfg[0], &cfg_imgs[0]);
     assert!(max <= 1, "APG(eta=1, r=0, beta=0) vs CFG: max pixel difference {max}");
 
     // rescale and interval run through the same loop
-    let g = GuidanceConfig { method: GuidanceMethod::Cfg { scale: 7.5 }, rescale_phi: 0.7, interval: Some(IntervalRange::StepFraction { start: 0.0, stop: 0.5 }) };
+    let g = GuidanceConfig {
+        method: GuidanceMethod::Cfg { scale: 7.5 },
+        rescale_phi: 0.7,
+        interval: Some(IntervalRange::StepFraction { start: 0.0, stop: 0.5 }),
+    };
     let (r, _) = run(&pipe, &base().guidance(g))?;
     assert_ne!(r[0], cfg_imgs[0]);
     Ok(())
@@ -93,13 +121,22 @@ fn same_seed_same_bytes_across_runs_and_batch_sizes() -> Result<()> {
         let (d, _) = run(&pipe, &cfg.clone().batch_size(2))?;
         assert_eq!(a, b, "{sampler}: two runs differ");
         for i in 0..3 {
-            assert_eq!(a[i].as_raw(), c[i].as_raw(), "{sampler}: image {i} differs between batch 1 and 3");
-            assert_eq!(a[i].as_raw(), d[i].as_raw(), "{sampler}: image {i} differs between batch 1 and 2");
+            assert_eq!(
+                a[i].as_raw(),
+                c[i].as_raw(),
+                "{sampler}: image {i} differs between batch 1 and 3"
+            );
+            assert_eq!(
+                a[i].as_raw(),
+                d[i].as_raw(),
+                "{sampler}: image {i} differs between batch 1 and 2"
+            );
         }
         assert_ne!(a[0], a[1], "{sampler}: images of different streams are equal");
         // Without batch invariance the whole batch goes through each model call: the same
         // images up to the last bits of the matmuls.
-        let (f, _) = run(&pipe, &SampleConfig { batch_invariant: false, ..cfg.clone().batch_size(3) })?;
+        let (f, _) =
+            run(&pipe, &SampleConfig { batch_invariant: false, ..cfg.clone().batch_size(3) })?;
         for i in 0..3 {
             let (_, max) = diff(&a[i], &f[i]);
             assert!(max <= 3, "{sampler}: batched image {i} max diff {max}");
@@ -150,18 +187,30 @@ fn img2img_strength_zero_is_the_vae_round_trip() -> Result<()> {
     let (high, _) = run(&pipe, &cfg.clone().init_image(&init_path, 1.0).num_images(1))?;
     let (d_low, _) = diff(&low[0], &round);
     let (d_high, _) = diff(&high[0], &round);
-    assert!(d_low < d_high, "strength 0.25 mean diff {d_low} should be below strength 1's {d_high}");
+    assert!(
+        d_low < d_high,
+        "strength 0.25 mean diff {d_low} should be below strength 1's {d_high}"
+    );
 
     // Another size: the init image is resized, with a warning.
     let (r, ev) = run(&pipe, &cfg.clone().init_image(&init_path, 0.5).size(8, 8).num_images(1))?;
     assert_eq!(r[0].dimensions(), (8, 8));
     assert!(ev.iter().any(|e| matches!(e, Progress::Warning(w) if w.contains("resized to 8×8"))));
     // Without a size the init image's size is used.
-    let (r, _) = run(&pipe, &SampleConfig { width: None, height: None, ..cfg.clone().init_image(&init_path, 0.5).num_images(1) })?;
+    let (r, _) = run(
+        &pipe,
+        &SampleConfig {
+            width: None,
+            height: None,
+            ..cfg.clone().init_image(&init_path, 0.5).num_images(1)
+        },
+    )?;
     assert_eq!(r[0].dimensions(), (16, 16));
 
     for s in [-0.5, 1.01, f64::NAN] {
-        let e = generate(&pipe, &cfg.clone().init_image(&init_path, s), &mut |_| {}).unwrap_err().to_string();
+        let e = generate(&pipe, &cfg.clone().init_image(&init_path, s), &mut |_| {})
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("strength"), "{e}");
     }
     std::fs::remove_dir_all(&dir)?;
@@ -172,13 +221,21 @@ fn img2img_strength_zero_is_the_vae_round_trip() -> Result<()> {
 fn png_metadata_and_config_json() -> Result<()> {
     let pipe = load(&fixture());
     let dir = tmp("meta");
-    let cfg = SampleConfig { model: Some("tiny-sd".into()), ..base().apg(ApgConfig::paper(5.0)).negative_prompt("blurry").num_images(2) };
+    let cfg = SampleConfig {
+        model: Some("tiny-sd".into()),
+        ..base().apg(ApgConfig::paper(5.0)).negative_prompt("blurry").num_images(2)
+    };
     let imgs = generate(&pipe, &cfg, &mut |_| {})?;
     let resolved = cfg.resolve(&pipe)?;
     let saved = save_outputs(&dir, &imgs, &resolved)?;
     assert_eq!(saved.images.len(), 2);
     let text = read_png_text(&saved.images[1])?;
-    let get = |k: &str| text.iter().find(|(key, _)| key == k).map(|(_, v)| v.clone()).unwrap_or_else(|| panic!("no `{k}` chunk"));
+    let get = |k: &str| {
+        text.iter()
+            .find(|(key, _)| key == k)
+            .map(|(_, v)| v.clone())
+            .unwrap_or_else(|| panic!("no `{k}` chunk"))
+    };
     assert_eq!(get("prompt"), "a red cube on a blue floor");
     assert_eq!(get("negative_prompt"), "blurry");
     assert_eq!(get("seed"), "42");
@@ -217,7 +274,8 @@ fn bad_inputs_are_errors_and_write_nothing() -> Result<()> {
         (SampleConfig { dtype: gen_sample::Precision::F16, ..base() }, "dtype"),
     ];
     for (cfg, needle) in cases {
-        let r = generate(&pipe, &cfg, &mut |_| {}).and_then(|imgs| save_outputs(&out, &imgs, &cfg.resolve(&pipe)?));
+        let r = generate(&pipe, &cfg, &mut |_| {})
+            .and_then(|imgs| save_outputs(&out, &imgs, &cfg.resolve(&pipe)?));
         let e = r.unwrap_err().to_string();
         assert!(e.contains(needle), "expected `{needle}` in `{e}`");
         assert!(!out.exists(), "an output was written for a bad input ({needle})");
@@ -234,9 +292,18 @@ fn long_prompt_is_truncated_with_a_warning() -> Result<()> {
     let long = vec!["red"; 100].join(" ");
     let (imgs, events) = run(&pipe, &SampleConfig { prompts: vec![long], ..base() })?;
     assert_eq!(imgs.len(), 1);
-    let w: Vec<&String> = events.iter().filter_map(|e| if let Progress::Warning(w) = e { Some(w) } else { None }).collect();
+    let w: Vec<&String> = events
+        .iter()
+        .filter_map(|e| if let Progress::Warning(w) = e { Some(w) } else { None })
+        .collect();
     assert_eq!(w.len(), 1, "{w:?}");
-    assert!(w[0].contains("100 tokens") && w[0].contains("77") && w[0].contains("25 tokens were dropped"), "{}", w[0]);
+    assert!(
+        w[0].contains("100 tokens")
+            && w[0].contains("77")
+            && w[0].contains("25 tokens were dropped"),
+        "{}",
+        w[0]
+    );
     Ok(())
 }
 
@@ -256,7 +323,8 @@ fn unknown_words_of_a_word_level_tokenizer_warn_with_the_known_ones() -> Result<
     }
     std::fs::copy(fixture().join("model_index.json"), dir.join("model_index.json"))?;
     let words = ["<|startoftext|>", "<|endoftext|>", "[UNK]", "a", "red", "blue", "cube", "sphere"];
-    let vocab: serde_json::Map<String, serde_json::Value> = words.iter().enumerate().map(|(i, w)| (w.to_string(), i.into())).collect();
+    let vocab: serde_json::Map<String, serde_json::Value> =
+        words.iter().enumerate().map(|(i, w)| (w.to_string(), i.into())).collect();
     let added: Vec<serde_json::Value> = (0..3)
         .map(|i| serde_json::json!({"id": i, "content": words[i], "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true}))
         .collect();
@@ -271,9 +339,16 @@ fn unknown_words_of_a_word_level_tokenizer_warn_with_the_known_ones() -> Result<
     std::fs::write(dir.join("tokenizer/tokenizer_config.json"), serde_json::to_vec(&tc)?)?;
     let pipe = load(&dir);
     let (_, events) = run(&pipe, &SampleConfig { prompts: vec!["a red blorp".into()], ..base() })?;
-    let w: Vec<&String> = events.iter().filter_map(|e| if let Progress::Warning(w) = e { Some(w) } else { None }).collect();
+    let w: Vec<&String> = events
+        .iter()
+        .filter_map(|e| if let Progress::Warning(w) = e { Some(w) } else { None })
+        .collect();
     assert_eq!(w.len(), 1, "{w:?}");
-    assert!(w[0].contains("\"blorp\"") && w[0].contains("known words: a, red, blue, cube, sphere"), "{}", w[0]);
+    assert!(
+        w[0].contains("\"blorp\"") && w[0].contains("known words: a, red, blue, cube, sphere"),
+        "{}",
+        w[0]
+    );
     std::fs::remove_dir_all(&dir)?;
     Ok(())
 }
@@ -282,7 +357,8 @@ fn unknown_words_of_a_word_level_tokenizer_warn_with_the_known_ones() -> Result<
 fn f16_pipeline_generates() -> Result<()> {
     let opts = LoadOptions { dtype: candle_core::DType::F16, ..Default::default() };
     let pipe = SdPipeline::load(&ModelSource::Local(fixture()), &opts)?;
-    let cfg = SampleConfig { dtype: gen_sample::Precision::F16, ..base().apg(ApgConfig::paper(5.0)) };
+    let cfg =
+        SampleConfig { dtype: gen_sample::Precision::F16, ..base().apg(ApgConfig::paper(5.0)) };
     let (imgs, _) = run(&pipe, &cfg)?;
     let (again, _) = run(&pipe, &cfg)?;
     assert_eq!(imgs, again);

@@ -46,9 +46,19 @@ pub fn run(args: DatasetArgs) -> anyhow::Result<()> {
     let world = World::new(WorldConfig { image_size: args.size, ..WorldConfig::default() })?;
     let spec = DatasetSpec { split: args.split, start: args.start, count: args.count };
     let bar = ProgressBar::new(args.count);
-    bar.set_style(ProgressStyle::with_template("{bar:40} {pos}/{len} samples ({elapsed}, eta {eta})").expect("valid template"));
-    let summary = write_dataset(&world, &spec, &args.out, &|n| bar.set_position(n))
-        .with_context(|| format!("writing {} samples of split {} to {}", args.count, args.split, args.out.display()))?;
+    bar.set_style(
+        ProgressStyle::with_template("{bar:40} {pos}/{len} samples ({elapsed}, eta {eta})")
+            .expect("valid template"),
+    );
+    let summary =
+        write_dataset(&world, &spec, &args.out, &|n| bar.set_position(n)).with_context(|| {
+            format!(
+                "writing {} samples of split {} to {}",
+                args.count,
+                args.split,
+                args.out.display()
+            )
+        })?;
     bar.finish_and_clear();
     let n = summary.records.len() as f64;
     println!(

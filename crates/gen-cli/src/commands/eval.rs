@@ -9,9 +9,9 @@ use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
 use gen_core::{write_atomic, DeviceChoice};
 use gen_pretrain::eval::{
-    csv_header, csv_row, guidance_label, guidance_method, guidance_panels, parse_csv, parse_scales, same_settings, samples_grid, settings_columns, sweep_configs,
-    ApgOverrides, PromptForm, RUN_COLUMNS,
-    EvalConfig, EvalOutput, EvalReport, EvalSession,
+    csv_header, csv_row, guidance_label, guidance_method, guidance_panels, parse_csv, parse_scales,
+    same_settings, samples_grid, settings_columns, sweep_configs, ApgOverrides, EvalConfig,
+    EvalOutput, EvalReport, EvalSession, PromptForm, RUN_COLUMNS,
 };
 use gen_sample::Sampler;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -215,8 +215,10 @@ fn run_model(a: ModelArgs) -> anyhow::Result<()> {
     let model = resolve_model(&a.paths.model)?;
     let evaluator = a.paths.evaluator.clone().unwrap_or_else(|| model.join("evaluator"));
     let dev = candle_core::Device::Cpu;
-    let pipe = SdPipeline::load(&ModelSource::Local(model.clone()), &LoadOptions::default()).with_context(|| format!("loading {}", model.display()))?;
-    let eval = gen_pretrain::evaluator::Evaluator::load(&evaluator, &dev).with_context(|| format!("loading the evaluator {}", evaluator.display()))?;
+    let pipe = SdPipeline::load(&ModelSource::Local(model.clone()), &LoadOptions::default())
+        .with_context(|| format!("loading {}", model.display()))?;
+    let eval = gen_pretrain::evaluator::Evaluator::load(&evaluator, &dev)
+        .with_context(|| format!("loading the evaluator {}", evaluator.display()))?;
     let size = eval.config().image_size as u32;
     let mut data = gen_pretrain::data::WorldData::new(size, 3, 1, &dev)?;
     let t0 = std::time::Instant::now();
@@ -237,7 +239,10 @@ fn run_model(a: ModelArgs) -> anyhow::Result<()> {
     if let Some(out) = &a.out {
         std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
         let doc = serde_json::json!({"model": model, "images": a.images, "image_size": size, "vae_psnr_db": psnr, "evaluator": acc});
-        gen_core::write_atomic(out.join("model.json"), serde_json::to_string_pretty(&doc)?.as_bytes())?;
+        gen_core::write_atomic(
+            out.join("model.json"),
+            serde_json::to_string_pretty(&doc)?.as_bytes(),
+        )?;
         println!("wrote {}", out.join("model.json").display());
     }
     Ok(())
@@ -264,12 +269,19 @@ impl CommonArgs {
 
     /// Errors when an --apg-* option is given but no APG run will use it.
     fn check_apg_used(&self, apg_runs: bool) -> anyhow::Result<()> {
-        let given: Vec<&str> = [("--apg-eta", self.apg_eta), ("--apg-r", self.apg_r), ("--apg-momentum", self.apg_momentum)]
-            .into_iter()
-            .filter_map(|(n, v)| v.map(|_| n))
-            .collect();
+        let given: Vec<&str> = [
+            ("--apg-eta", self.apg_eta),
+            ("--apg-r", self.apg_r),
+            ("--apg-momentum", self.apg_momentum),
+        ]
+        .into_iter()
+        .filter_map(|(n, v)| v.map(|_| n))
+        .collect();
         if !apg_runs && !given.is_empty() {
-            bail!("{} only apply to APG; add apg to the guidance methods or drop them", given.join(", "));
+            bail!(
+                "{} only apply to APG; add apg to the guidance methods or drop them",
+                given.join(", ")
+            );
         }
         Ok(())
     }
@@ -303,13 +315,22 @@ impl CommonArgs {
 
 fn bar(prefix: String) -> ProgressBar {
     let bar = ProgressBar::new(0);
-    bar.set_style(ProgressStyle::with_template("{prefix} {bar:40} {pos}/{len} steps ({elapsed}, eta {eta}) {msg}").expect("valid template"));
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{prefix} {bar:40} {pos}/{len} steps ({elapsed}, eta {eta}) {msg}",
+        )
+        .expect("valid template"),
+    );
     bar.set_prefix(prefix);
     bar
 }
 
 /// Runs one evaluation with a progress bar.
-fn evaluate(session: &mut EvalSession, cfg: &EvalConfig, label: String) -> anyhow::Result<EvalOutput> {
+fn evaluate(
+    session: &mut EvalSession,
+    cfg: &EvalConfig,
+    label: String,
+) -> anyhow::Result<EvalOutput> {
     let bar = bar(label);
     let out = session.evaluate(cfg, &mut |ev| super::image::show_progress(&bar, ev))?;
     bar.finish_and_clear();
@@ -317,14 +338,18 @@ fn evaluate(session: &mut EvalSession, cfg: &EvalConfig, label: String) -> anyho
 }
 
 fn create_out(out: &Path) -> anyhow::Result<()> {
-    std::fs::create_dir_all(out).with_context(|| format!("creating output folder {}", out.display()))
+    std::fs::create_dir_all(out)
+        .with_context(|| format!("creating output folder {}", out.display()))
 }
 
 fn run_images(a: ImagesArgs) -> anyhow::Result<()> {
     let c = &a.common;
     // Everything that can be checked without the model first.
     let model = c.model()?;
-    let cfg = EvalConfig { guidance: guidance_method(&a.guidance, a.scale, &c.apg())?, ..c.base_config(model.clone()) };
+    let cfg = EvalConfig {
+        guidance: guidance_method(&a.guidance, a.scale, &c.apg())?,
+        ..c.base_config(model.clone())
+    };
     c.check_apg_used(matches!(cfg.guidance, gen_diffusion::GuidanceMethod::Apg(_)))?;
     cfg.validate()?;
     let mut session = c.session(&model)?;
@@ -343,9 +368,16 @@ fn run_images(a: ImagesArgs) -> anyhow::Result<()> {
     let out = evaluate(&mut session, &cfg, describe(&cfg))?;
 
     write_atomic(c.out.join("report.json"), out.report.to_json()?.as_bytes())?;
-    write_atomic(c.out.join("metrics.csv"), format!("{}\n{}\n", csv_header(), csv_row(&out.report)).as_bytes())?;
+    write_atomic(
+        c.out.join("metrics.csv"),
+        format!("{}\n{}\n", csv_header(), csv_row(&out.report)).as_bytes(),
+    )?;
     let grid = samples_grid(&out.images, cfg.prompts, cfg.per_prompt)?;
-    gen_sample::save_png(&c.out.join("samples.png"), &grid, &[("prompts".into(), out.report.prompts.join(" | "))])?;
+    gen_sample::save_png(
+        &c.out.join("samples.png"),
+        &grid,
+        &[("prompts".into(), out.report.prompts.join(" | "))],
+    )?;
     print_report(&out.report);
     println!("report: {}", c.out.join("report.json").display());
     println!("metrics: {}", c.out.join("metrics.csv").display());
@@ -356,7 +388,9 @@ fn run_images(a: ImagesArgs) -> anyhow::Result<()> {
 /// "CFG w=7.5" / "APG w=10 eta=0 r=15 beta=-0.5", then " in steps:0.5,1" with an interval.
 fn describe(cfg: &EvalConfig) -> String {
     let method = match &cfg.guidance {
-        gen_diffusion::GuidanceMethod::Apg(c) => format!("APG w={} eta={} r={} beta={}", c.scale, c.eta, c.norm_threshold, c.momentum),
+        gen_diffusion::GuidanceMethod::Apg(c) => {
+            format!("APG w={} eta={} r={} beta={}", c.scale, c.eta, c.norm_threshold, c.momentum)
+        }
         gen_diffusion::GuidanceMethod::Cfg { scale } => format!("CFG w={scale}"),
         gen_diffusion::GuidanceMethod::None => "no guidance".into(),
     };
@@ -377,27 +411,64 @@ fn num(v: Option<f64>, digits: usize) -> String {
 fn print_report(r: &EvalReport) {
     let m = &r.metrics;
     println!("{:<28} {:>10}   reference", "metric", "generated");
-    println!("{:<28} {:>10}   real renders {}", "shape accuracy", pct(m.shape_accuracy), pct(m.real_shape_accuracy));
-    println!("{:<28} {:>10}   real renders {}", "colour accuracy (hue+tone)", pct(m.colour_accuracy), pct(m.real_colour_accuracy));
+    println!(
+        "{:<28} {:>10}   real renders {}",
+        "shape accuracy",
+        pct(m.shape_accuracy),
+        pct(m.real_shape_accuracy)
+    );
+    println!(
+        "{:<28} {:>10}   real renders {}",
+        "colour accuracy (hue+tone)",
+        pct(m.colour_accuracy),
+        pct(m.real_colour_accuracy)
+    );
     println!("{:<28} {:>10}   hue {}, tone {}", "", "", pct(m.hue_accuracy), pct(m.tone_accuracy));
-    println!("{:<28} {:>10}   real renders {}", "background accuracy", pct(m.background_accuracy), pct(m.real_background_accuracy));
+    println!(
+        "{:<28} {:>10}   real renders {}",
+        "background accuracy",
+        pct(m.background_accuracy),
+        pct(m.real_background_accuracy)
+    );
     println!("{:<28} {:>10}", "view accuracy (exact word)", pct(m.view_accuracy));
-    println!("{:<28} {:>10.3}   real vs real {:.3} ({} vs {} images)", "tiny-FID", m.tiny_fid, m.tiny_fid_real_baseline, m.fid_size, m.fid_size);
-    println!("{:<28} {:>10}   real {}", "object saturation", num(m.saturation_generated, 3), num(m.saturation_real, 3));
+    println!(
+        "{:<28} {:>10.3}   real vs real {:.3} ({} vs {} images)",
+        "tiny-FID", m.tiny_fid, m.tiny_fid_real_baseline, m.fid_size, m.fid_size
+    );
+    println!(
+        "{:<28} {:>10}   real {}",
+        "object saturation",
+        num(m.saturation_generated, 3),
+        num(m.saturation_real, 3)
+    );
     println!(
         "{:<28} {:>10}   {}",
         "saturation excess",
         num(m.saturation_excess, 3),
-        if m.images_without_object > 0 { format!("{} image(s) without object pixels left out", m.images_without_object) } else { String::new() }
+        if m.images_without_object > 0 {
+            format!("{} image(s) without object pixels left out", m.images_without_object)
+        } else {
+            String::new()
+        }
     );
-    println!("{:<28} {:>10}   real {}", "clipped fraction", pct(Some(m.clipped_fraction)), pct(Some(m.clipped_fraction_real)));
+    println!(
+        "{:<28} {:>10}   real {}",
+        "clipped fraction",
+        pct(Some(m.clipped_fraction)),
+        pct(Some(m.clipped_fraction_real))
+    );
     println!("{:<28} {:>10.3}", "seconds per image", m.seconds_per_image);
 }
 
 fn run_guidance(a: GuidanceArgs) -> anyhow::Result<()> {
     let c = &a.common;
     let model = c.model()?;
-    let methods: Vec<String> = a.method.split(',').map(|s| s.trim().to_ascii_lowercase()).filter(|s| !s.is_empty()).collect();
+    let methods: Vec<String> = a
+        .method
+        .split(',')
+        .map(|s| s.trim().to_ascii_lowercase())
+        .filter(|s| !s.is_empty())
+        .collect();
     let scales = parse_scales(&a.scales)?;
     let base = c.base_config(model.clone());
     let configs = sweep_configs(&base, &methods, &scales, &c.apg())?;
@@ -419,12 +490,18 @@ fn run_guidance(a: GuidanceArgs) -> anyhow::Result<()> {
     for (k, cfg) in configs.iter().enumerate() {
         let settings = settings_columns(cfg, size);
         if let Some(row) = existing.iter().find(|r| same_settings(r, &settings)) {
-            eprintln!("[{}/{total}] {}: already in {} (reused)", k + 1, describe(cfg), csv_path.display());
+            eprintln!(
+                "[{}/{total}] {}: already in {} (reused)",
+                k + 1,
+                describe(cfg),
+                csv_path.display()
+            );
             sweep_rows.push(row.clone());
             continue;
         }
         let out = evaluate(&mut session, cfg, format!("[{}/{total}] {}", k + 1, describe(cfg)))?;
-        let row: BTreeMap<String, String> = out.report.columns().into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+        let row: BTreeMap<String, String> =
+            out.report.columns().into_iter().map(|(k, v)| (k.to_string(), v)).collect();
         let m = &out.report.metrics;
         eprintln!(
             "[{}/{total}] {}: shape {} colour {} tiny-FID {:.3} saturation excess {} clipped {}",
@@ -452,14 +529,25 @@ fn run_guidance(a: GuidanceArgs) -> anyhow::Result<()> {
     }
     // every row of the file that saw the same prompts and noise: this sweep's and earlier ones'
     let run = settings_columns(&base, size);
-    let same_run = |r: &BTreeMap<String, String>| run.iter().filter(|(k, _)| RUN_COLUMNS.contains(k)).all(|(k, v)| r.get(*k) == Some(v));
-    let mut rows: Vec<BTreeMap<String, String>> = existing.into_iter().filter(|r| same_run(r)).collect();
+    let same_run = |r: &BTreeMap<String, String>| {
+        run.iter().filter(|(k, _)| RUN_COLUMNS.contains(k)).all(|(k, v)| r.get(*k) == Some(v))
+    };
+    let mut rows: Vec<BTreeMap<String, String>> =
+        existing.into_iter().filter(|r| same_run(r)).collect();
     for r in sweep_rows {
         if !rows.contains(&r) {
             rows.push(r);
         }
     }
-    let title = format!("guidance sweep: {} {} prompts x {}, {} {} steps, seed {}", c.prompts, c.prompt_form.name(), c.per_prompt, c.scheduler, c.steps, c.seed);
+    let title = format!(
+        "guidance sweep: {} {} prompts x {}, {} {} steps, seed {}",
+        c.prompts,
+        c.prompt_form.name(),
+        c.per_prompt,
+        c.scheduler,
+        c.steps,
+        c.seed
+    );
     let png = c.out.join("guidance.png");
     gen_pretrain::plot::write_panels(&png, &title, &guidance_panels(&rows), 3)?;
     print_sweep(&rows);
@@ -473,7 +561,17 @@ fn print_sweep(rows: &[BTreeMap<String, String>]) {
     let width = rows.iter().map(|r| guidance_label(r).len()).max().unwrap_or(0).max(8);
     println!(
         "{:<width$} {:>6} {:>7} {:>7} {:>7} {:>7} {:>9} {:>9} {:>8} {:>8} {:>7}",
-        "guidance", "scale", "shape", "colour", "tone", "backgr", "tiny-FID", "(real)", "sat.exc", "clipped", "s/img"
+        "guidance",
+        "scale",
+        "shape",
+        "colour",
+        "tone",
+        "backgr",
+        "tiny-FID",
+        "(real)",
+        "sat.exc",
+        "clipped",
+        "s/img"
     );
     for r in rows {
         println!(

@@ -174,18 +174,9 @@ fn world_scene(args: &FitArgs) -> anyhow::Result<(gen_world::Shape, Colour, Back
 
 fn world_views(args: &FitArgs) -> anyhow::Result<Views> {
     let (shape, colour, background) = world_scene(args)?;
-    let world = World::new(WorldConfig {
-        image_size: args.size,
-        ..WorldConfig::default()
-    })?;
+    let world = World::new(WorldConfig { image_size: args.size, ..WorldConfig::default() })?;
     let view = |az: f32, el: f32| -> anyhow::Result<PosedImage> {
-        let scene = Scene {
-            shape,
-            colour,
-            background,
-            azimuth_deg: az,
-            elevation_deg: el,
-        };
+        let scene = Scene { shape, colour, background, azimuth_deg: az, elevation_deg: el };
         let img = world.render(&scene);
         let cam = world.camera(az, el);
         let r = cam.rotation().to_cols_array_2d(); // columns of R
@@ -210,21 +201,11 @@ fn world_views(args: &FitArgs) -> anyhow::Result<Views> {
     };
     let n = args.views as usize;
     let train = (0..n)
-        .map(|i| {
-            view(
-                360.0 * i as f32 / n as f32,
-                [-5.0, 10.0, 25.0, 40.0, 55.0][i % 5],
-            )
-        })
+        .map(|i| view(360.0 * i as f32 / n as f32, [-5.0, 10.0, 25.0, 40.0, 55.0][i % 5]))
         .collect::<anyhow::Result<Vec<_>>>()?;
     let m = args.holdout as usize;
     let heldout = (0..m)
-        .map(|j| {
-            view(
-                360.0 * (j as f32 + 0.37) / m.max(1) as f32 + 7.0,
-                [5.0, 30.0, 50.0][j % 3],
-            )
-        })
+        .map(|j| view(360.0 * (j as f32 + 0.37) / m.max(1) as f32 + 7.0, [5.0, 30.0, 50.0][j % 3]))
         .collect::<anyhow::Result<Vec<_>>>()?;
     let bg = background.srgb();
     Ok(Views {
@@ -232,12 +213,7 @@ fn world_views(args: &FitArgs) -> anyhow::Result<Views> {
         heldout,
         background: bg.map(|v| v as f64),
         init_radius: args.init_radius.unwrap_or(1.0),
-        label: format!(
-            "{} {} on {}",
-            colour.name(),
-            shape.name(),
-            background.name()
-        ),
+        label: format!("{} {} on {}", colour.name(), shape.name(), background.name()),
     })
 }
 
@@ -293,20 +269,10 @@ fn cpu_seconds() -> Option<f64> {
 
 pub fn run(args: FitArgs) -> anyhow::Result<()> {
     let field = args.representation == "field";
-    let export_list = args
-        .export
-        .clone()
-        .unwrap_or_else(|| if field { "mesh" } else { "ply,glb" }.to_string());
-    let field_exports = if field {
-        Some(FieldExportSet::parse(&export_list)?)
-    } else {
-        None
-    };
-    let exports = if field {
-        ExportSet::default()
-    } else {
-        ExportSet::parse(&export_list)?
-    };
+    let export_list =
+        args.export.clone().unwrap_or_else(|| if field { "mesh" } else { "ply,glb" }.to_string());
+    let field_exports = if field { Some(FieldExportSet::parse(&export_list)?) } else { None };
+    let exports = if field { ExportSet::default() } else { ExportSet::parse(&export_list)? };
     let views = match (&args.data, args.world.is_some() || args.shape.is_some()) {
         (Some(d), false) => {
             data_views(&args, d).with_context(|| format!("loading {}", d.display()))?
@@ -334,10 +300,7 @@ pub fn run(args: FitArgs) -> anyhow::Result<()> {
         background: views.background,
         init: InitConfig {
             count: args.gaussians,
-            region: InitRegion::Sphere {
-                center: [0.0; 3],
-                radius: views.init_radius,
-            },
+            region: InitRegion::Sphere { center: [0.0; 3], radius: views.init_radius },
             scale: 0.05 * views.init_radius,
             opacity: 0.1,
         },
@@ -381,16 +344,12 @@ pub fn run(args: FitArgs) -> anyhow::Result<()> {
     let summary = Summary::new(trainer.step_count(), times, &views.heldout, |h| {
         evaluate(&splats, h, views.background)
     })?;
-    let render_cfg = gen_scene::RenderConfig {
-        background: views.background,
-    };
+    let render_cfg = gen_scene::RenderConfig { background: views.background };
     write_heldout_sheet(&args.out, &views.heldout, &|v| {
         Ok(gen_scene::splat::render(&splats, &v.camera, &render_cfg)?.rgb)
     })?;
-    let head = [
-        ("steps", trainer.step_count().to_string()),
-        ("gaussians", splats.len().to_string()),
-    ];
+    let head =
+        [("steps", trainer.step_count().to_string()), ("gaussians", splats.len().to_string())];
     summary.write_metrics(&args.out, &head, &[])?;
     summary.print(&args.out, &format!(", {} Gaussians", splats.len()));
     Ok(())
@@ -411,12 +370,7 @@ impl Progress {
             ProgressStyle::with_template("{bar:40} {pos}/{len} steps ({elapsed}, eta {eta}) {msg}")
                 .expect("valid template"),
         );
-        Self {
-            bar,
-            t0: Instant::now(),
-            c0: cpu_seconds(),
-            psnr_avg: None,
-        }
+        Self { bar, t0: Instant::now(), c0: cpu_seconds(), psnr_avg: None }
     }
 
     /// Moves the bar to `step`; returns the running average of the steps' PSNR.
@@ -465,18 +419,8 @@ impl Summary {
         heldout: &[PosedImage],
         evaluate: impl FnOnce(&[PosedImage]) -> gen_core::Result<EvalReport>,
     ) -> anyhow::Result<Self> {
-        let report = if heldout.is_empty() {
-            None
-        } else {
-            Some(evaluate(heldout)?)
-        };
-        Ok(Self {
-            steps,
-            wall,
-            cpu,
-            heldout_views: heldout.len(),
-            report,
-        })
+        let report = if heldout.is_empty() { None } else { Some(evaluate(heldout)?) };
+        Ok(Self { steps, wall, cpu, heldout_views: heldout.len(), report })
     }
 
     /// OUT/metrics.json: the `head` entries, the held-out metrics, the `tail` entries, the times.
@@ -492,10 +436,7 @@ impl Summary {
         entries.extend([
             ("heldout_views", self.heldout_views.to_string()),
             ("heldout_psnr_db", r.map_or("null".into(), |r| format!("{:.4}", r.psnr))),
-            (
-                "heldout_iou",
-                r.and_then(|r| r.iou).map_or("null".into(), |v| format!("{v:.5}")),
-            ),
+            ("heldout_iou", r.and_then(|r| r.iou).map_or("null".into(), |v| format!("{v:.5}"))),
             (
                 "per_view_psnr_db",
                 list(r.map_or(vec![], |r| {
@@ -555,10 +496,7 @@ fn write_heldout_sheet(
         rows.push(Tensor::cat(&[&v.rgb, &render(v)?], 0)?);
     }
     let img = gen_scene::fit::to_rgb8(&Tensor::cat(&rows, 1)?)?;
-    gen_core::write_atomic(
-        out.join("heldout.png"),
-        &gen_scene::turntable::png_bytes(&img)?,
-    )?;
+    gen_core::write_atomic(out.join("heldout.png"), &gen_scene::turntable::png_bytes(&img)?)?;
     Ok(())
 }
 
@@ -625,13 +563,9 @@ fn run_field(args: &FitArgs, views: Views, exports: FieldExportSet) -> anyhow::R
     let summary = Summary::new(trainer.step_count(), times, &views.heldout, |h| {
         evaluate_field(trainer.field(), h, &vcfg, Some(trainer.occupancy()))
     })?;
-    write_heldout_sheet(&args.out, &views.heldout, &|v| {
-        Ok(trainer.render(&v.camera)?.0)
-    })?;
-    let head = [
-        ("representation", "\"field\"".to_string()),
-        ("steps", trainer.step_count().to_string()),
-    ];
+    write_heldout_sheet(&args.out, &views.heldout, &|v| Ok(trainer.render(&v.camera)?.0))?;
+    let head =
+        [("representation", "\"field\"".to_string()), ("steps", trainer.step_count().to_string())];
     let occupied = format!("{:.4}", trainer.occupancy().occupied_fraction());
     summary.write_metrics(&args.out, &head, &[("occupied_fraction", occupied)])?;
     summary.print(&args.out, "");

@@ -7,7 +7,9 @@ use clap::Args;
 use gen_core::DeviceChoice;
 use gen_diffusion::{ApgConfig, GuidanceConfig, GuidanceMethod, IntervalRange};
 use gen_models::pipeline::{HubOptions, ModelSource, SdPipeline};
-use gen_sample::{generate, plan_outputs, save_outputs, InitImage, Precision, Progress, SampleConfig, Sampler};
+use gen_sample::{
+    generate, plan_outputs, save_outputs, InitImage, Precision, Progress, SampleConfig, Sampler,
+};
 use indicatif::{ProgressBar, ProgressStyle};
 
 const AFTER_HELP: &str = "\
@@ -145,7 +147,11 @@ fn parse_device(s: &str) -> Result<DeviceChoice, String> {
 }
 
 fn parse_size(s: &str) -> Result<(usize, usize), String> {
-    let num = |p: &str| p.trim().parse::<usize>().map_err(|_| format!("`{s}` is not WxH (e.g. 512x512) or a single number"));
+    let num = |p: &str| {
+        p.trim()
+            .parse::<usize>()
+            .map_err(|_| format!("`{s}` is not WxH (e.g. 512x512) or a single number"))
+    };
     match s.split_once(['x', 'X', '×']) {
         Some((w, h)) => Ok((num(w)?, num(h)?)),
         None => {
@@ -165,7 +171,9 @@ pub(crate) fn show_progress(bar: &ProgressBar, ev: &Progress) {
         Progress::Warning(w) => bar.println(format!("warning: {w}")),
         Progress::Start { total_steps, .. } => bar.set_length(*total_steps as u64),
         Progress::Step { done, .. } => bar.set_position(*done as u64),
-        Progress::Decoded { images_done, num_images } => bar.set_message(format!("{images_done}/{num_images} images")),
+        Progress::Decoded { images_done, num_images } => {
+            bar.set_message(format!("{images_done}/{num_images} images"))
+        }
     }
 }
 
@@ -223,7 +231,11 @@ fn config_from_args(a: &ImageArgs, model: &str) -> anyhow::Result<SampleConfig> 
     let cfg = SampleConfig {
         prompts: a.prompt.clone(),
         negative_prompt: a.negative_prompt.clone(),
-        guidance: GuidanceConfig { method, rescale_phi: a.guidance_rescale, interval: a.guidance_interval },
+        guidance: GuidanceConfig {
+            method,
+            rescale_phi: a.guidance_rescale,
+            interval: a.guidance_interval,
+        },
         sampler: a.scheduler,
         steps: a.steps,
         seed: a.seed,
@@ -234,7 +246,10 @@ fn config_from_args(a: &ImageArgs, model: &str) -> anyhow::Result<SampleConfig> 
         batch_invariant: true,
         dtype: a.dtype,
         ddim_eta: a.ddim_eta,
-        init_image: a.init_image.as_ref().map(|p| InitImage { path: p.clone(), strength: a.strength.unwrap_or(0.8) }),
+        init_image: a
+            .init_image
+            .as_ref()
+            .map(|p| InitImage { path: p.clone(), strength: a.strength.unwrap_or(0.8) }),
         model: Some(model.to_string()),
         loras: a.lora.clone(),
     };
@@ -267,7 +282,8 @@ pub fn run(args: ImageArgs) -> anyhow::Result<()> {
     let device = gen_core::pick_device(args.device)?;
     cfg.dtype.check_device(&device)?;
     let hub = HubOptions { offline: args.offline, ..Default::default() };
-    let pipe = SdPipeline::load(&source, &cfg.load_options(device, hub)).with_context(|| format!("loading model {model}"))?;
+    let pipe = SdPipeline::load(&source, &cfg.load_options(device, hub))
+        .with_context(|| format!("loading model {model}"))?;
     gen_sample::apply_loras(&pipe, &cfg.loras)?;
     let cfg = cfg.resolve(&pipe)?;
     let (w, h) = cfg.resolved_size()?;
@@ -281,12 +297,16 @@ pub fn run(args: ImageArgs) -> anyhow::Result<()> {
     );
 
     let bar = ProgressBar::new(0);
-    bar.set_style(ProgressStyle::with_template("{bar:40} {pos}/{len} steps ({elapsed}, eta {eta}) {msg}").expect("valid template"));
+    bar.set_style(
+        ProgressStyle::with_template("{bar:40} {pos}/{len} steps ({elapsed}, eta {eta}) {msg}")
+            .expect("valid template"),
+    );
     let started = std::time::Instant::now();
     let images = generate(&pipe, &cfg, &mut |ev| show_progress(&bar, ev))?;
     bar.finish_and_clear();
     let secs = started.elapsed().as_secs_f64();
-    let saved = save_outputs(&args.out, &images, &cfg).with_context(|| format!("writing outputs to {}", args.out.display()))?;
+    let saved = save_outputs(&args.out, &images, &cfg)
+        .with_context(|| format!("writing outputs to {}", args.out.display()))?;
     debug_assert_eq!(saved, plan);
     println!("generated {} image(s) in {secs:.2} s", images.len());
     for p in &saved.images {
@@ -310,9 +330,18 @@ mod tests {
         assert_eq!(parse_size("64x32").unwrap(), (64, 32));
         assert_eq!(parse_size("48").unwrap(), (48, 48));
         assert!(parse_size("64x").is_err());
-        assert_eq!(parse_interval("0.2,0.8").unwrap(), IntervalRange::StepFraction { start: 0.2, stop: 0.8 });
-        assert_eq!(parse_interval("sigma:0.28,5.42").unwrap(), IntervalRange::Sigma { lo: 0.28, hi: 5.42 });
-        assert_eq!(parse_interval("t:100,900").unwrap(), IntervalRange::Timestep { lo: 100.0, hi: 900.0 });
+        assert_eq!(
+            parse_interval("0.2,0.8").unwrap(),
+            IntervalRange::StepFraction { start: 0.2, stop: 0.8 }
+        );
+        assert_eq!(
+            parse_interval("sigma:0.28,5.42").unwrap(),
+            IntervalRange::Sigma { lo: 0.28, hi: 5.42 }
+        );
+        assert_eq!(
+            parse_interval("t:100,900").unwrap(),
+            IntervalRange::Timestep { lo: 100.0, hi: 900.0 }
+        );
         assert!(parse_interval("0.8,0.2").is_err());
         assert!(parse_interval("x:1,2").is_err());
     }

@@ -11,7 +11,11 @@ pub mod train;
 /// gen: diffusion sampling with guidance, score distillation to 3D, reward fine-tuning and a
 /// tiny embedded Stable Diffusion trained on a procedural shapes world.
 #[derive(Debug, Parser)]
-#[command(name = "gen", version, after_help = "Examples:\n  gen dataset --split test --count 64 --out out/test64\n  gen eval images --out out/eval\n  gen dataset --help")]
+#[command(
+    name = "gen",
+    version,
+    after_help = "Examples:\n  gen dataset --split test --count 64 --out out/test64\n  gen eval images --out out/eval\n  gen dataset --help"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,

@@ -54,22 +54,28 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         Some(p) => PretrainConfig::load(p)?,
         None => PretrainConfig::preset(&args.preset)?,
     };
-    let stages = args.stages.iter().map(|s| Stage::parse(s)).collect::<gen_core::Result<Vec<_>>>()?;
+    let stages =
+        args.stages.iter().map(|s| Stage::parse(s)).collect::<gen_core::Result<Vec<_>>>()?;
     let dtype = match args.dtype.as_str() {
         "f16" => DType::F16,
         "f32" => DType::F32,
         d => anyhow::bail!("--dtype {d}: expected f16 or f32"),
     };
-    let mut trainer = Trainer::new(cfg, &args.out, &Device::Cpu).with_context(|| format!("preparing {}", args.out.display()))?;
+    let mut trainer = Trainer::new(cfg, &args.out, &Device::Cpu)
+        .with_context(|| format!("preparing {}", args.out.display()))?;
     // Without a terminal (a background run writing to a log file) the bar is hidden and its
     // `println`s vanish, so events go to stderr as plain lines, with a step line every 30 s.
     let tty = std::io::stderr().is_terminal();
     let log = |line: String| eprintln!("[{}] {line}", utc_clock());
     let mut last_line = Instant::now();
     let bar = ProgressBar::new(1);
-    bar.set_style(ProgressStyle::with_template("{prefix} {bar:30} {pos}/{len} {msg} ({elapsed}, eta {eta})").expect("valid template"));
+    bar.set_style(
+        ProgressStyle::with_template("{prefix} {bar:30} {pos}/{len} {msg} ({elapsed}, eta {eta})")
+            .expect("valid template"),
+    );
     let say = |line: String| if tty { bar.println(line) } else { log(line) };
-    let mut on_event = |e: &TrainEvent| match e {
+    let mut on_event = |e: &TrainEvent| {
+        match e {
         TrainEvent::StageStart { stage, start_step, total_steps, params } => {
             bar.reset();
             bar.set_length(*total_steps);
@@ -95,22 +101,34 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
             optimizer_state_bytes.iter().sum::<usize>() as f64 / 1e6
         )),
         TrainEvent::Note { stage, message } => say(format!("{stage}: {message}")),
+    }
     };
     for s in stages {
-        trainer.train(s, &RunControl { stop_after: args.stop_after }, &mut on_event).with_context(|| format!("training stage {}", s.name()))?;
+        trainer
+            .train(s, &RunControl { stop_after: args.stop_after }, &mut on_event)
+            .with_context(|| format!("training stage {}", s.name()))?;
     }
     bar.finish_and_clear();
     println!("run folder: {} (metrics.csv and loss.png per stage)", args.out.display());
     if let Some(dest) = &args.export {
-        let r = gen_pretrain::export::export(&args.out, dest, dtype).with_context(|| format!("exporting to {}", dest.display()))?;
+        let r = gen_pretrain::export::export(&args.out, dest, dtype)
+            .with_context(|| format!("exporting to {}", dest.display()))?;
         let total: u64 = r.files.iter().map(|(_, b)| b).sum();
-        println!("exported {} ({:.1} MB of weights, VAE scaling factor {:.5})", dest.display(), total as f64 / 1e6, r.scaling_factor);
+        println!(
+            "exported {} ({:.1} MB of weights, VAE scaling factor {:.5})",
+            dest.display(),
+            total as f64 / 1e6,
+            r.scaling_factor
+        );
     }
     Ok(())
 }
 
 /// UTC wall-clock time as `HH:MM:SS` (for log lines).
 fn utc_clock() -> String {
-    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
     format!("{:02}:{:02}:{:02}", (secs / 3600) % 24, (secs / 60) % 60, secs % 60)
 }

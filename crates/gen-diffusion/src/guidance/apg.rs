@@ -55,15 +55,36 @@ pub struct ApgConfig {
 impl ApgConfig {
     /// Paper defaults (SDXL row of Table 10 via diffusers PR #9626): eta 0, r 15, beta -0.5, x0 space.
     pub fn paper(scale: f64) -> Self {
-        Self { scale, eta: 0.0, norm_threshold: 15.0, momentum: -0.5, formulation: ApgFormulation::Paper, space: Space::X0 }
+        Self {
+            scale,
+            eta: 0.0,
+            norm_threshold: 15.0,
+            momentum: -0.5,
+            formulation: ApgFormulation::Paper,
+            space: Space::X0,
+        }
     }
     /// diffusers `AdaptiveProjectedGuidance` defaults: eta 1, r 15, no momentum, raw outputs, `u + w update`.
     pub fn diffusers(scale: f64) -> Self {
-        Self { scale, eta: 1.0, norm_threshold: 15.0, momentum: 0.0, formulation: ApgFormulation::Diffusers, space: Space::ModelOutput }
+        Self {
+            scale,
+            eta: 1.0,
+            norm_threshold: 15.0,
+            momentum: 0.0,
+            formulation: ApgFormulation::Diffusers,
+            space: Space::ModelOutput,
+        }
     }
     /// ComfyUI `APG` node defaults: eta 1, norm_threshold 5, momentum 0, x0 space, `c + w update`.
     pub fn comfy(scale: f64) -> Self {
-        Self { scale, eta: 1.0, norm_threshold: 5.0, momentum: 0.0, formulation: ApgFormulation::CondPlusW, space: Space::X0 }
+        Self {
+            scale,
+            eta: 1.0,
+            norm_threshold: 5.0,
+            momentum: 0.0,
+            formulation: ApgFormulation::CondPlusW,
+            space: Space::X0,
+        }
     }
 
     fn validate(&self) -> Result<()> {
@@ -72,10 +93,16 @@ impl ApgConfig {
             return Err(Error::invalid("APG eta", format!("{} is not finite", self.eta)));
         }
         if !(self.norm_threshold >= 0.0 && self.norm_threshold.is_finite()) {
-            return Err(Error::invalid("APG norm_threshold", format!("{} (must be >= 0; 0 disables)", self.norm_threshold)));
+            return Err(Error::invalid(
+                "APG norm_threshold",
+                format!("{} (must be >= 0; 0 disables)", self.norm_threshold),
+            ));
         }
         if self.momentum.is_nan() || self.momentum.abs() >= 1.0 {
-            return Err(Error::invalid("APG momentum", format!("{} (need |beta| < 1)", self.momentum)));
+            return Err(Error::invalid(
+                "APG momentum",
+                format!("{} (need |beta| < 1)", self.momentum),
+            ));
         }
         Ok(())
     }
@@ -130,7 +157,10 @@ impl Apg {
         let c_hat = v1.broadcast_div(&n1)?;
         let par = c_hat.broadcast_mul(&(&v0 * &c_hat)?.sum_keepdim(1)?)?;
         let orth = (&v0 - &par)?;
-        let (par, orth) = (par.to_dtype(c.dtype())?.reshape(c.shape())?, orth.to_dtype(c.dtype())?.reshape(c.shape())?);
+        let (par, orth) = (
+            par.to_dtype(c.dtype())?.reshape(c.shape())?,
+            orth.to_dtype(c.dtype())?.reshape(c.shape())?,
+        );
         let update = (orth + (par * cfg.eta)?)?;
         Ok(match cfg.formulation {
             ApgFormulation::Paper => (c + (update * (cfg.scale - 1.0))?)?,
@@ -143,7 +173,10 @@ impl Apg {
 impl Guidance for Apg {
     fn name(&self) -> String {
         let c = &self.config;
-        format!("apg(w={}, eta={}, r={}, beta={}, {:?}, {:?})", c.scale, c.eta, c.norm_threshold, c.momentum, c.formulation, c.space)
+        format!(
+            "apg(w={}, eta={}, r={}, beta={}, {:?}, {:?})",
+            c.scale, c.eta, c.norm_threshold, c.momentum, c.formulation, c.space
+        )
     }
     fn branches(&self, _: &StepInfo) -> Vec<Branch> {
         if self.active() {
@@ -154,7 +187,8 @@ impl Guidance for Apg {
     }
     fn combine(&mut self, preds: &Predictions, step: &StepInfo) -> Result<Guided> {
         // A new trajectory starts at step 0 or when the noise level goes back up.
-        let restart = matches!(step.step, Some((0, _))) || self.last_sigma.is_some_and(|s| step.sigma > s);
+        let restart =
+            matches!(step.step, Some((0, _))) || self.last_sigma.is_some_and(|s| step.sigma > s);
         if restart {
             self.reset();
         }

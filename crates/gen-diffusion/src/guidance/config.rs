@@ -46,7 +46,10 @@ impl GuidanceConfig {
         };
         if self.rescale_phi != 0.0 {
             if self.method == GuidanceMethod::None {
-                return Err(Error::invalid("guidance rescale_phi", "rescale needs a guidance method"));
+                return Err(Error::invalid(
+                    "guidance rescale_phi",
+                    "rescale needs a guidance method",
+                ));
             }
             g = Box::new(Rescale::new(g, self.rescale_phi)?);
         }

@@ -28,7 +28,10 @@ impl IntervalRange {
             Self::Timestep { lo, hi } => (lo, hi, "timestep"),
         };
         if a.is_nan() || b.is_nan() || a > b {
-            return Err(Error::invalid(format!("guidance interval ({what})"), format!("[{a}, {b}] is empty or not ordered")));
+            return Err(Error::invalid(
+                format!("guidance interval ({what})"),
+                format!("[{a}, {b}] is empty or not ordered"),
+            ));
         }
         Ok(())
     }
@@ -42,8 +45,14 @@ impl IntervalRange {
             Some((k, r)) => (k.trim(), r),
             None => ("steps", s),
         };
-        let (a, b) = rest.split_once(',').ok_or_else(|| bad(format!("`{s}`: expected a,b (or sigma:lo,hi, t:lo,hi)")))?;
-        let num = |p: &str| p.trim().parse::<f64>().map_err(|_| bad(format!("`{}` in `{s}` is not a number", p.trim())));
+        let (a, b) = rest
+            .split_once(',')
+            .ok_or_else(|| bad(format!("`{s}`: expected a,b (or sigma:lo,hi, t:lo,hi)")))?;
+        let num = |p: &str| {
+            p.trim()
+                .parse::<f64>()
+                .map_err(|_| bad(format!("`{}` in `{s}` is not a number", p.trim())))
+        };
         let (a, b) = (num(a)?, num(b)?);
         let range = match kind {
             "steps" => {
@@ -56,7 +65,9 @@ impl IntervalRange {
             "t" => Self::Timestep { lo: a, hi: b },
             _ => return Err(bad(format!("`{s}`: unknown interval kind `{kind}` (step fractions a,b, sigma:lo,hi or t:lo,hi)"))),
         };
-        range.validate().map_err(|_| bad(format!("`{s}`: the range is empty or not ordered (need a <= b)")))?;
+        range
+            .validate()
+            .map_err(|_| bad(format!("`{s}`: the range is empty or not ordered (need a <= b)")))?;
         Ok(range)
     }
 

@@ -6,7 +6,10 @@ use gen_core::Result;
 
 use crate::config::{SchedulerConfig, SchedulerKind};
 use crate::schedule;
-use crate::scheduler::{axpby, check_same_shape, check_steps, int_timestep, need_noise, not_set, strength_start, Scheduler, StepOutput, TrainSchedule};
+use crate::scheduler::{
+    axpby, check_same_shape, check_steps, int_timestep, need_noise, not_set, strength_start,
+    Scheduler, StepOutput, TrainSchedule,
+};
 
 /// DDIM scheduler. Options: `eta` (0 = deterministic), `clip_sample`, `set_alpha_to_one`,
 /// `steps_offset`, `timestep_spacing`.
@@ -24,7 +27,14 @@ impl DdimScheduler {
     pub fn new(cfg: SchedulerConfig) -> Result<Self> {
         let train = TrainSchedule::new(&cfg, false)?;
         let final_alpha_cumprod = if cfg.set_alpha_to_one { 1.0 } else { train.alphas_cumprod[0] };
-        Ok(Self { cfg, train, final_alpha_cumprod, timesteps: vec![], begin: 0, num_inference_steps: 0 })
+        Ok(Self {
+            cfg,
+            train,
+            final_alpha_cumprod,
+            timesteps: vec![],
+            begin: 0,
+            num_inference_steps: 0,
+        })
     }
 
     fn prev_alpha(&self, t: usize) -> f64 {
@@ -50,10 +60,15 @@ impl Scheduler for DdimScheduler {
     fn set_timesteps(&mut self, n: usize, strength: Option<f64>) -> Result<()> {
         check_steps(n, self.cfg.num_train_timesteps)?;
         let spacing = self.cfg.spacing_for(SchedulerKind::Ddim);
-        self.timesteps = schedule::discrete_timesteps(spacing, self.cfg.num_train_timesteps, n, self.cfg.steps_offset)
-            .into_iter()
-            .map(|t| t as f64)
-            .collect();
+        self.timesteps = schedule::discrete_timesteps(
+            spacing,
+            self.cfg.num_train_timesteps,
+            n,
+            self.cfg.steps_offset,
+        )
+        .into_iter()
+        .map(|t| t as f64)
+        .collect();
         for &t in &self.timesteps {
             int_timestep(t, self.cfg.num_train_timesteps)?;
         }
@@ -69,7 +84,8 @@ impl Scheduler for DdimScheduler {
     }
     fn sigmas(&self) -> Vec<f64> {
         let sig = |a: f64| ((1.0 - a) / a).sqrt();
-        let mut s: Vec<f64> = self.timesteps().iter().map(|&t| sig(self.train.alphas_cumprod[t as usize])).collect();
+        let mut s: Vec<f64> =
+            self.timesteps().iter().map(|&t| sig(self.train.alphas_cumprod[t as usize])).collect();
         if let Some(&last) = self.timesteps.last() {
             s.push(sig(self.prev_alpha(last as usize)));
         }
@@ -87,7 +103,13 @@ impl Scheduler for DdimScheduler {
     fn needs_noise(&self, _t: f64) -> bool {
         self.cfg.eta > 0.0
     }
-    fn step_with_noise(&mut self, model_output: &Tensor, t: f64, sample: &Tensor, noise: Option<&Tensor>) -> Result<StepOutput> {
+    fn step_with_noise(
+        &mut self,
+        model_output: &Tensor,
+        t: f64,
+        sample: &Tensor,
+        noise: Option<&Tensor>,
+    ) -> Result<StepOutput> {
         if self.num_inference_steps == 0 {
             return Err(not_set());
         }

@@ -8,7 +8,10 @@ use gen_core::Result;
 
 use crate::config::{SchedulerConfig, SchedulerKind, VarianceType};
 use crate::schedule;
-use crate::scheduler::{axpby, check_same_shape, check_steps, index_for_timestep, int_timestep, need_noise, not_set, strength_start, Scheduler, StepOutput, TrainSchedule};
+use crate::scheduler::{
+    axpby, check_same_shape, check_steps, index_for_timestep, int_timestep, need_noise, not_set,
+    strength_start, Scheduler, StepOutput, TrainSchedule,
+};
 
 /// DDPM scheduler (stochastic: every step but the one at t = 0 adds noise).
 #[derive(Debug, Clone)]
@@ -56,10 +59,15 @@ impl Scheduler for DdpmScheduler {
     fn set_timesteps(&mut self, n: usize, strength: Option<f64>) -> Result<()> {
         check_steps(n, self.cfg.num_train_timesteps)?;
         let spacing = self.cfg.spacing_for(SchedulerKind::Ddpm);
-        self.timesteps = schedule::discrete_timesteps(spacing, self.cfg.num_train_timesteps, n, self.cfg.steps_offset)
-            .into_iter()
-            .map(|t| t as f64)
-            .collect();
+        self.timesteps = schedule::discrete_timesteps(
+            spacing,
+            self.cfg.num_train_timesteps,
+            n,
+            self.cfg.steps_offset,
+        )
+        .into_iter()
+        .map(|t| t as f64)
+        .collect();
         for &t in &self.timesteps {
             int_timestep(t, self.cfg.num_train_timesteps)?;
         }
@@ -74,7 +82,8 @@ impl Scheduler for DdpmScheduler {
     }
     fn sigmas(&self) -> Vec<f64> {
         let sig = |a: f64| ((1.0 - a) / a).sqrt();
-        let mut s: Vec<f64> = self.timesteps().iter().map(|&t| sig(self.train.alphas_cumprod[t as usize])).collect();
+        let mut s: Vec<f64> =
+            self.timesteps().iter().map(|&t| sig(self.train.alphas_cumprod[t as usize])).collect();
         if !self.timesteps.is_empty() {
             s.push(0.0);
         }
@@ -92,7 +101,13 @@ impl Scheduler for DdpmScheduler {
     fn needs_noise(&self, t: f64) -> bool {
         t > 0.0
     }
-    fn step_with_noise(&mut self, model_output: &Tensor, t: f64, sample: &Tensor, noise: Option<&Tensor>) -> Result<StepOutput> {
+    fn step_with_noise(
+        &mut self,
+        model_output: &Tensor,
+        t: f64,
+        sample: &Tensor,
+        noise: Option<&Tensor>,
+    ) -> Result<StepOutput> {
         if self.timesteps.is_empty() {
             return Err(not_set());
         }

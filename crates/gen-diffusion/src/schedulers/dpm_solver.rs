@@ -13,7 +13,9 @@ use gen_core::{Error, Result};
 use crate::config::{FinalSigmas, SchedulerConfig, SchedulerKind};
 use crate::prediction::PredictionType;
 use crate::schedule::{self, BetaSchedule, TimestepSpacing};
-use crate::scheduler::{axpby, check_same_shape, check_steps, not_set, Scheduler, StepOutput, TrainSchedule};
+use crate::scheduler::{
+    axpby, check_same_shape, check_steps, not_set, Scheduler, StepOutput, TrainSchedule,
+};
 
 use super::euler::SigmaState;
 
@@ -101,7 +103,10 @@ impl DpmSolverMultistepScheduler {
         if self.state.timesteps.is_empty() {
             return Err(not_set());
         }
-        if self.state.step_index.is_none() && self.state.begin_index.is_none() && !self.state.timesteps.contains(&t) {
+        if self.state.step_index.is_none()
+            && self.state.begin_index.is_none()
+            && !self.state.timesteps.contains(&t)
+        {
             return Ok(self.state.timesteps.len() - 1);
         }
         self.state.index(t)
@@ -154,7 +159,13 @@ impl Scheduler for DpmSolverMultistepScheduler {
     fn needs_noise(&self, _t: f64) -> bool {
         false
     }
-    fn step_with_noise(&mut self, model_output: &Tensor, t: f64, sample: &Tensor, _noise: Option<&Tensor>) -> Result<StepOutput> {
+    fn step_with_noise(
+        &mut self,
+        model_output: &Tensor,
+        t: f64,
+        sample: &Tensor,
+        _noise: Option<&Tensor>,
+    ) -> Result<StepOutput> {
         check_same_shape(model_output, sample, "DPM-Solver model output")?;
         let i = match self.state.step_index {
             None => self.index(t)?,
@@ -163,12 +174,16 @@ impl Scheduler for DpmSolverMultistepScheduler {
         let len = self.state.timesteps.len();
         self.state.step_index = Some(i);
         let lower_order_final = i == len - 1
-            && (self.cfg.euler_at_final || (self.cfg.lower_order_final && len < 15) || self.cfg.final_sigmas_type == FinalSigmas::Zero);
+            && (self.cfg.euler_at_final
+                || (self.cfg.lower_order_final && len < 15)
+                || self.cfg.final_sigmas_type == FinalSigmas::Zero);
 
         // Data prediction x0 at this step.
         let (alpha_s0, sigma_s0, lambda_s0) = alpha_sigma_lambda(self.state.sigmas[i]);
         let x0 = match self.cfg.prediction_type {
-            PredictionType::Epsilon => axpby(1.0 / alpha_s0, sample, -sigma_s0 / alpha_s0, model_output)?,
+            PredictionType::Epsilon => {
+                axpby(1.0 / alpha_s0, sample, -sigma_s0 / alpha_s0, model_output)?
+            }
             PredictionType::Sample => model_output.clone(),
             PredictionType::VPrediction => axpby(alpha_s0, sample, -sigma_s0, model_output)?,
         };
@@ -183,13 +198,19 @@ impl Scheduler for DpmSolverMultistepScheduler {
         let prev = if order == 1 || self.lower_order_nums < 1 || lower_order_final {
             axpby(ratio, sample, -alpha_t * em1, &x0)?
         } else {
-            let m1 = self.model_outputs[order - 2].as_ref().ok_or_else(|| Error::msg("DPM-Solver: missing previous output"))?;
+            let m1 = self.model_outputs[order - 2]
+                .as_ref()
+                .ok_or_else(|| Error::msg("DPM-Solver: missing previous output"))?;
             let (_, _, lambda_s1) = alpha_sigma_lambda(self.state.sigmas[i - 1]);
             let h0 = lambda_s0 - lambda_s1;
             let r0 = h0 / h;
             let d1 = ((&x0 - m1)? * (1.0 / r0))?;
             let base = axpby(ratio, sample, -alpha_t * em1, &x0)?;
-            let c1 = if self.cfg.solver_type_heun { alpha_t * (em1 / h + 1.0) } else { -0.5 * alpha_t * em1 };
+            let c1 = if self.cfg.solver_type_heun {
+                alpha_t * (em1 / h + 1.0)
+            } else {
+                -0.5 * alpha_t * em1
+            };
             (base + (d1 * c1)?)?
         };
         if self.lower_order_nums < order {

@@ -8,7 +8,10 @@ use gen_core::{Error, Result};
 use crate::config::{FinalSigmas, SchedulerConfig, SchedulerKind};
 use crate::prediction::{per_sample, PredictionType};
 use crate::schedule::{self, TimestepSpacing};
-use crate::scheduler::{axpby, check_same_shape, check_steps, index_for_timestep, not_set, strength_start, Scheduler, StepOutput, TrainSchedule};
+use crate::scheduler::{
+    axpby, check_same_shape, check_steps, index_for_timestep, not_set, strength_start, Scheduler,
+    StepOutput, TrainSchedule,
+};
 
 /// Sigma schedule and step position shared by Euler and Euler ancestral.
 #[derive(Debug, Clone)]
@@ -27,7 +30,14 @@ impl SigmaState {
     }
 
     /// Euler-family schedule (diffusers `EulerDiscreteScheduler.set_timesteps`).
-    pub fn build(cfg: &SchedulerConfig, kind: SchedulerKind, train: &TrainSchedule, n: usize, karras: bool, final_sigmas: FinalSigmas) -> Result<Self> {
+    pub fn build(
+        cfg: &SchedulerConfig,
+        kind: SchedulerKind,
+        train: &TrainSchedule,
+        n: usize,
+        karras: bool,
+        final_sigmas: FinalSigmas,
+    ) -> Result<Self> {
         let nt = cfg.num_train_timesteps;
         check_steps(n, nt)?;
         let spacing = cfg.spacing_for(kind);
@@ -92,9 +102,20 @@ impl SigmaState {
         let i = match self.step_index {
             Some(i) if self.timesteps.get(i) == Some(&t) => i,
             Some(i) if i >= self.timesteps.len() => {
-                return Err(Error::invalid("scheduler step", format!("all {} steps are done; call set_timesteps again", self.timesteps.len())))
+                return Err(Error::invalid(
+                    "scheduler step",
+                    format!(
+                        "all {} steps are done; call set_timesteps again",
+                        self.timesteps.len()
+                    ),
+                ))
             }
-            Some(i) => return Err(Error::invalid("scheduler step", format!("expected timestep {} (step {i}), got {t}", self.timesteps[i]))),
+            Some(i) => {
+                return Err(Error::invalid(
+                    "scheduler step",
+                    format!("expected timestep {} (step {i}), got {t}", self.timesteps[i]),
+                ))
+            }
             None => self.index(t)?,
         };
         self.step_index = Some(i);
@@ -139,10 +160,20 @@ impl SigmaState {
 }
 
 /// x0 from an Euler-type model output at `sigma` (`sample` is the unscaled sample `x0 + sigma eps`).
-pub(crate) fn sigma_x0(kind: PredictionType, model_output: &Tensor, sample: &Tensor, sigma: f64) -> Result<Tensor> {
+pub(crate) fn sigma_x0(
+    kind: PredictionType,
+    model_output: &Tensor,
+    sample: &Tensor,
+    sigma: f64,
+) -> Result<Tensor> {
     Ok(match kind {
         PredictionType::Epsilon => axpby(1.0, sample, -sigma, model_output)?,
-        PredictionType::VPrediction => axpby(-sigma / (sigma * sigma + 1.0).sqrt(), model_output, 1.0 / (sigma * sigma + 1.0), sample)?,
+        PredictionType::VPrediction => axpby(
+            -sigma / (sigma * sigma + 1.0).sqrt(),
+            model_output,
+            1.0 / (sigma * sigma + 1.0),
+            sample,
+        )?,
         PredictionType::Sample => model_output.clone(),
     })
 }
@@ -174,7 +205,14 @@ impl Scheduler for EulerScheduler {
         Box::new(self.clone())
     }
     fn set_timesteps(&mut self, n: usize, strength: Option<f64>) -> Result<()> {
-        self.state = SigmaState::build(&self.cfg, SchedulerKind::Euler, &self.train, n, self.cfg.use_karras_sigmas, self.cfg.final_sigmas_type)?;
+        self.state = SigmaState::build(
+            &self.cfg,
+            SchedulerKind::Euler,
+            &self.train,
+            n,
+            self.cfg.use_karras_sigmas,
+            self.cfg.final_sigmas_type,
+        )?;
         self.state.set_strength(strength)
     }
     fn timesteps(&self) -> &[f64] {
@@ -198,7 +236,13 @@ impl Scheduler for EulerScheduler {
     fn needs_noise(&self, _t: f64) -> bool {
         false
     }
-    fn step_with_noise(&mut self, model_output: &Tensor, t: f64, sample: &Tensor, _noise: Option<&Tensor>) -> Result<StepOutput> {
+    fn step_with_noise(
+        &mut self,
+        model_output: &Tensor,
+        t: f64,
+        sample: &Tensor,
+        _noise: Option<&Tensor>,
+    ) -> Result<StepOutput> {
         check_same_shape(model_output, sample, "Euler model output")?;
         let i = self.state.step_index_for(t)?;
         let (sigma, next) = (self.state.sigmas[i], self.state.sigmas[i + 1]);

@@ -22,7 +22,10 @@ pub struct EulerAncestralScheduler {
 impl EulerAncestralScheduler {
     pub fn new(cfg: SchedulerConfig) -> Result<Self> {
         if cfg.use_karras_sigmas {
-            return Err(Error::invalid("scheduler config field `use_karras_sigmas`", "EulerAncestralDiscreteScheduler has no Karras sigmas in diffusers"));
+            return Err(Error::invalid(
+                "scheduler config field `use_karras_sigmas`",
+                "EulerAncestralDiscreteScheduler has no Karras sigmas in diffusers",
+            ));
         }
         let train = TrainSchedule::new(&cfg, true)?;
         let state = SigmaState::empty(cfg.spacing_for(SchedulerKind::EulerAncestral));
@@ -41,7 +44,14 @@ impl Scheduler for EulerAncestralScheduler {
         Box::new(self.clone())
     }
     fn set_timesteps(&mut self, n: usize, strength: Option<f64>) -> Result<()> {
-        self.state = SigmaState::build(&self.cfg, SchedulerKind::EulerAncestral, &self.train, n, false, FinalSigmas::Zero)?;
+        self.state = SigmaState::build(
+            &self.cfg,
+            SchedulerKind::EulerAncestral,
+            &self.train,
+            n,
+            false,
+            FinalSigmas::Zero,
+        )?;
         self.state.set_strength(strength)
     }
     fn timesteps(&self) -> &[f64] {
@@ -65,7 +75,13 @@ impl Scheduler for EulerAncestralScheduler {
     fn needs_noise(&self, _t: f64) -> bool {
         true
     }
-    fn step_with_noise(&mut self, model_output: &Tensor, t: f64, sample: &Tensor, noise: Option<&Tensor>) -> Result<StepOutput> {
+    fn step_with_noise(
+        &mut self,
+        model_output: &Tensor,
+        t: f64,
+        sample: &Tensor,
+        noise: Option<&Tensor>,
+    ) -> Result<StepOutput> {
         check_same_shape(model_output, sample, "Euler ancestral model output")?;
         let z = need_noise(noise, sample, "Euler ancestral step")?;
         let i = self.state.step_index_for(t)?;

@@ -22,7 +22,11 @@ pub fn rel_err(a: &Tensor, b: &Tensor) -> Result<f64> {
 }
 
 /// The scalar `Σ f(inputs) ⊙ r`.
-fn loss(f: &dyn Fn(&[Tensor]) -> candle_core::Result<Tensor>, inputs: &[Tensor], r: &Tensor) -> Result<Tensor> {
+fn loss(
+    f: &dyn Fn(&[Tensor]) -> candle_core::Result<Tensor>,
+    inputs: &[Tensor],
+    r: &Tensor,
+) -> Result<Tensor> {
     let y = f(inputs)?;
     ensure!(y.dims() == r.dims(), "output shape changed: {:?} vs {:?}", y.dims(), r.dims());
     Ok((y.to_dtype(DType::F64)? * r)?.sum_all()?)
@@ -30,7 +34,11 @@ fn loss(f: &dyn Fn(&[Tensor]) -> candle_core::Result<Tensor>, inputs: &[Tensor],
 
 /// Analytic gradients of `L = Σ f(inputs) ⊙ r` (with a fixed random `r`) for every input, via
 /// candle's backward. Fails if any input gets no gradient.
-pub fn analytic_grads(f: &dyn Fn(&[Tensor]) -> candle_core::Result<Tensor>, inputs: &[Tensor], seed: u64) -> Result<Vec<Tensor>> {
+pub fn analytic_grads(
+    f: &dyn Fn(&[Tensor]) -> candle_core::Result<Tensor>,
+    inputs: &[Tensor],
+    seed: u64,
+) -> Result<Vec<Tensor>> {
     let vars: Vec<Var> = inputs.iter().map(Var::from_tensor).collect::<candle_core::Result<_>>()?;
     let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
     let y = f(&ts)?;
@@ -39,13 +47,19 @@ pub fn analytic_grads(f: &dyn Fn(&[Tensor]) -> candle_core::Result<Tensor>, inpu
     let grads = l.backward()?;
     vars.iter()
         .enumerate()
-        .map(|(i, v)| grads.get(v).cloned().ok_or_else(|| anyhow::anyhow!("input {i} received no gradient")))
+        .map(|(i, v)| {
+            grads.get(v).cloned().ok_or_else(|| anyhow::anyhow!("input {i} received no gradient"))
+        })
         .collect()
 }
 
 /// Checks candle's gradients of `L = Σ f(inputs) ⊙ r` against central finite differences with
 /// step `eps` for every element of every input (f64). Returns the relative error per input.
-pub fn fd_errors(f: &dyn Fn(&[Tensor]) -> candle_core::Result<Tensor>, inputs: &[Tensor], eps: f64) -> Result<Vec<f64>> {
+pub fn fd_errors(
+    f: &dyn Fn(&[Tensor]) -> candle_core::Result<Tensor>,
+    inputs: &[Tensor],
+    eps: f64,
+) -> Result<Vec<f64>> {
     let seed = 1234;
     let analytic = analytic_grads(f, inputs, seed)?;
     let y = f(inputs)?;
@@ -71,7 +85,12 @@ pub fn fd_errors(f: &dyn Fn(&[Tensor]) -> candle_core::Result<Tensor>, inputs: &
 }
 
 /// Runs [`fd_errors`], prints the errors under `name` and asserts each is below `tol`.
-pub fn assert_fd(name: &str, f: &dyn Fn(&[Tensor]) -> candle_core::Result<Tensor>, inputs: &[Tensor], tol: f64) -> Result<f64> {
+pub fn assert_fd(
+    name: &str,
+    f: &dyn Fn(&[Tensor]) -> candle_core::Result<Tensor>,
+    inputs: &[Tensor],
+    tol: f64,
+) -> Result<f64> {
     let errs = fd_errors(f, inputs, 1e-6)?;
     let max = errs.iter().cloned().fold(0.0, f64::max);
     let shown: Vec<String> = errs.iter().map(|e| format!("{e:.2e}")).collect();

@@ -21,11 +21,7 @@ pub struct GifConfig {
 
 impl Default for GifConfig {
     fn default() -> Self {
-        Self {
-            delay_cs: 8,
-            repeat: 0,
-            dither: true,
-        }
+        Self { delay_cs: 8, repeat: 0, dither: true }
     }
 }
 
@@ -48,29 +44,16 @@ pub fn palette() -> Vec<[u8; 3]> {
     p
 }
 
-const BAYER4: [[f32; 4]; 4] = [
-    [0.0, 8.0, 2.0, 10.0],
-    [12.0, 4.0, 14.0, 6.0],
-    [3.0, 11.0, 1.0, 9.0],
-    [15.0, 7.0, 13.0, 5.0],
-];
+const BAYER4: [[f32; 4]; 4] =
+    [[0.0, 8.0, 2.0, 10.0], [12.0, 4.0, 14.0, 6.0], [3.0, 11.0, 1.0, 9.0], [15.0, 7.0, 13.0, 5.0]];
 
 /// Palette index of pixel `px` at `(x, y)`.
 fn quantize(px: [u8; 3], x: u32, y: u32, dither: bool) -> u8 {
-    let t = if dither {
-        (BAYER4[(y % 4) as usize][(x % 4) as usize] + 0.5) / 16.0
-    } else {
-        0.5
-    };
-    let (mx, mn) = (
-        px.iter().max().copied().unwrap_or(0),
-        px.iter().min().copied().unwrap_or(0),
-    );
+    let t = if dither { (BAYER4[(y % 4) as usize][(x % 4) as usize] + 0.5) / 16.0 } else { 0.5 };
+    let (mx, mn) = (px.iter().max().copied().unwrap_or(0), px.iter().min().copied().unwrap_or(0));
     if mx - mn < 6 {
         let v = px.iter().map(|&c| c as f32).sum::<f32>() / 3.0;
-        let level = (v / 255.0 * (GREYS - 1) as f32 + t)
-            .floor()
-            .clamp(0.0, (GREYS - 1) as f32);
+        let level = (v / 255.0 * (GREYS - 1) as f32 + t).floor().clamp(0.0, (GREYS - 1) as f32);
         return 216 + level as u8;
     }
     let l = |c: u8| ((c as f32 / 51.0 + t).floor().clamp(0.0, 5.0)) as u8;
@@ -107,11 +90,7 @@ pub fn lzw_encode(indices: &[u8]) -> Vec<u8> {
     const CLEAR: u16 = 256;
     const EOI: u16 = 257;
     const MAX_CODE: u16 = 4095;
-    let mut w = BitWriter {
-        out: Vec::new(),
-        acc: 0,
-        nbits: 0,
-    };
+    let mut w = BitWriter { out: Vec::new(), acc: 0, nbits: 0 };
     // dict[prefix * 256 + byte] = code + 1 (0 = absent).
     let mut dict = vec![0u16; 4096 * 256];
     let mut width = 9u32;
@@ -155,23 +134,16 @@ pub fn lzw_encode(indices: &[u8]) -> Vec<u8> {
 
 /// Encodes `frames` (all the same size, at most 65535 px wide and high) as a looping GIF.
 pub fn encode_gif(frames: &[RgbImage], cfg: &GifConfig) -> Result<Vec<u8>> {
-    let first = frames
-        .first()
-        .ok_or_else(|| Error::invalid("GIF frames", "no frames to encode"))?;
+    let first =
+        frames.first().ok_or_else(|| Error::invalid("GIF frames", "no frames to encode"))?;
     let (w, h) = first.dimensions();
     if w == 0 || h == 0 || w > 65535 || h > 65535 {
-        return Err(Error::invalid(
-            "GIF frames",
-            format!("frame size {w}x{h} (1..=65535)"),
-        ));
+        return Err(Error::invalid("GIF frames", format!("frame size {w}x{h} (1..=65535)")));
     }
     if let Some(i) = frames.iter().position(|f| f.dimensions() != (w, h)) {
         return Err(Error::invalid(
             "GIF frames",
-            format!(
-                "frame {i} is {:?}, frame 0 is {w}x{h}",
-                frames[i].dimensions()
-            ),
+            format!("frame {i} is {:?}, frame 0 is {w}x{h}", frames[i].dimensions()),
         ));
     }
     let mut out = Vec::new();
@@ -197,10 +169,8 @@ pub fn encode_gif(frames: &[RgbImage], cfg: &GifConfig) -> Result<Vec<u8>> {
         out.extend_from_slice(&(w as u16).to_le_bytes());
         out.extend_from_slice(&(h as u16).to_le_bytes());
         out.push(0);
-        let idx: Vec<u8> = f
-            .enumerate_pixels()
-            .map(|(x, y, p)| quantize(p.0, x, y, cfg.dither))
-            .collect();
+        let idx: Vec<u8> =
+            f.enumerate_pixels().map(|(x, y, p)| quantize(p.0, x, y, cfg.dither)).collect();
         out.push(8);
         for block in lzw_encode(&idx).chunks(255) {
             out.push(block.len() as u8);

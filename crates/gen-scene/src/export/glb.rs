@@ -65,9 +65,7 @@ impl GltfBuilder {
     fn add_indices(&mut self, idx: &[u32]) -> usize {
         let bytes: Vec<u8> = idx.iter().flat_map(|v| v.to_le_bytes()).collect();
         let view = self.push_view(bytes, Some(ELEMENT_ARRAY_BUFFER));
-        let (lo, hi) = idx
-            .iter()
-            .fold((u32::MAX, 0u32), |(lo, hi), &v| (lo.min(v), hi.max(v)));
+        let (lo, hi) = idx.iter().fold((u32::MAX, 0u32), |(lo, hi), &v| (lo.min(v), hi.max(v)));
         self.accessors.push(json!({
             "bufferView": view,
             "componentType": UNSIGNED_INT,
@@ -149,23 +147,16 @@ pub fn parse_glb(bytes: &[u8], name: &str) -> Result<(Value, Vec<u8>)> {
     }
     let total = u32_at(8)? as usize;
     if total != bytes.len() {
-        return Err(err(format!(
-            "header length {total} but file has {} bytes",
-            bytes.len()
-        )));
+        return Err(err(format!("header length {total} but file has {} bytes", bytes.len())));
     }
     let json_len = u32_at(12)? as usize;
     if bytes.get(16..20) != Some(b"JSON") {
         return Err(err("first chunk is not JSON".into()));
     }
     if json_len != json_len.next_multiple_of(4) {
-        return Err(err(format!(
-            "JSON chunk length {json_len} is not a multiple of 4"
-        )));
+        return Err(err(format!("JSON chunk length {json_len} is not a multiple of 4")));
     }
-    let json = bytes
-        .get(20..20 + json_len)
-        .ok_or_else(|| err("JSON chunk truncated".into()))?;
+    let json = bytes.get(20..20 + json_len).ok_or_else(|| err("JSON chunk truncated".into()))?;
     let doc: Value = serde_json::from_slice(json).map_err(|e| err(format!("bad JSON: {e}")))?;
     let mut bin = Vec::new();
     let o = 20 + json_len;
@@ -175,9 +166,7 @@ pub fn parse_glb(bytes: &[u8], name: &str) -> Result<(Value, Vec<u8>)> {
             return Err(err("second chunk is not BIN".into()));
         }
         if bin_len != bin_len.next_multiple_of(4) {
-            return Err(err(format!(
-                "BIN chunk length {bin_len} is not a multiple of 4"
-            )));
+            return Err(err(format!("BIN chunk length {bin_len} is not a multiple of 4")));
         }
         bin = bytes
             .get(o + 8..o + 8 + bin_len)
@@ -200,9 +189,7 @@ pub struct SplatGlbConfig {
 
 impl Default for SplatGlbConfig {
     fn default() -> Self {
-        Self {
-            color_fallback: true,
-        }
+        Self { color_fallback: true }
     }
 }
 
@@ -237,12 +224,7 @@ pub fn splats_glb_bytes(arrays: &SplatArrays, cfg: &SplatGlbConfig) -> Result<Ve
         let norm = q.iter().map(|v| v * v).sum::<f32>().sqrt();
         rot.extend_from_slice(&[q[1] / norm, q[2] / norm, q[3] / norm, q[0] / norm]);
     }
-    let scale: Vec<f32> = arrays
-        .log_scales
-        .iter()
-        .flatten()
-        .map(|v| v.exp())
-        .collect();
+    let scale: Vec<f32> = arrays.log_scales.iter().flatten().map(|v| v.exp()).collect();
     if let Some(i) = scale.iter().position(|v| !v.is_finite()) {
         return Err(Error::invalid(
             "splat glTF export",
@@ -251,18 +233,9 @@ pub fn splats_glb_bytes(arrays: &SplatArrays, cfg: &SplatGlbConfig) -> Result<Ve
     }
     let opacity: Vec<f32> = arrays.opacity_logits.iter().map(|&v| sigmoid(v)).collect();
     let ext = KHR_GAUSSIAN_SPLATTING;
-    attrs.insert(
-        format!("{ext}:ROTATION"),
-        json!(b.add_f32(&rot, 4, "VEC4", false)),
-    );
-    attrs.insert(
-        format!("{ext}:SCALE"),
-        json!(b.add_f32(&scale, 3, "VEC3", false)),
-    );
-    attrs.insert(
-        format!("{ext}:OPACITY"),
-        json!(b.add_f32(&opacity, 1, "SCALAR", false)),
-    );
+    attrs.insert(format!("{ext}:ROTATION"), json!(b.add_f32(&rot, 4, "VEC4", false)));
+    attrs.insert(format!("{ext}:SCALE"), json!(b.add_f32(&scale, 3, "VEC3", false)));
+    attrs.insert(format!("{ext}:OPACITY"), json!(b.add_f32(&opacity, 1, "SCALAR", false)));
     let k_count = arrays.sh_coeffs();
     for l in 0..=arrays.sh_degree {
         for j in 0..(2 * l + 1) {
@@ -333,12 +306,7 @@ pub fn mesh_glb_bytes(mesh: &TriMesh) -> Result<Vec<u8>> {
     let mut b = GltfBuilder::default();
     let pos: Vec<f32> = mesh.positions.iter().flatten().copied().collect();
     let nrm: Vec<f32> = mesh.normals.iter().flatten().copied().collect();
-    let col: Vec<f32> = mesh
-        .colors
-        .iter()
-        .flatten()
-        .map(|&c| srgb_to_linear(c))
-        .collect();
+    let col: Vec<f32> = mesh.colors.iter().flatten().map(|&c| srgb_to_linear(c)).collect();
     let p = b.add_f32(&pos, 3, "VEC3", true);
     let nn = b.add_f32(&nrm, 3, "VEC3", false);
     let c = b.add_f32(&col, 3, "VEC3", false);

@@ -56,14 +56,8 @@ impl SplatArrays {
         let sh = host(&splats.sh, "sh")?;
         let out = Self {
             means: means.chunks_exact(3).map(|c| [c[0], c[1], c[2]]).collect(),
-            log_scales: log_scales
-                .chunks_exact(3)
-                .map(|c| [c[0], c[1], c[2]])
-                .collect(),
-            quats: quats
-                .chunks_exact(4)
-                .map(|c| [c[0], c[1], c[2], c[3]])
-                .collect(),
+            log_scales: log_scales.chunks_exact(3).map(|c| [c[0], c[1], c[2]]).collect(),
+            quats: quats.chunks_exact(4).map(|c| [c[0], c[1], c[2], c[3]]).collect(),
             opacity_logits,
             sh,
             sh_degree: degree,

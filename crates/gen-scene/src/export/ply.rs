@@ -22,19 +22,15 @@ use crate::splat::Splats;
 /// Property names of the standard layout for SH degree `degree`, in file order.
 pub fn property_names(degree: usize) -> Vec<String> {
     let rest = 3 * ((degree + 1) * (degree + 1) - 1);
-    let mut names: Vec<String> = [
-        "x", "y", "z", "nx", "ny", "nz", "f_dc_0", "f_dc_1", "f_dc_2",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    let mut names: Vec<String> = ["x", "y", "z", "nx", "ny", "nz", "f_dc_0", "f_dc_1", "f_dc_2"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
     names.extend((0..rest).map(|i| format!("f_rest_{i}")));
     names.extend(
-        [
-            "opacity", "scale_0", "scale_1", "scale_2", "rot_0", "rot_1", "rot_2", "rot_3",
-        ]
-        .iter()
-        .map(|s| s.to_string()),
+        ["opacity", "scale_0", "scale_1", "scale_2", "rot_0", "rot_1", "rot_2", "rot_3"]
+            .iter()
+            .map(|s| s.to_string()),
     );
     names
 }
@@ -169,18 +165,13 @@ pub fn parse_ply(bytes: &[u8], name: &str) -> Result<SplatArrays> {
     let mut body_start = None;
     let mut line_no = 0usize;
     while pos < bytes.len() {
-        let end = bytes[pos..]
-            .iter()
-            .position(|&b| b == b'\n')
-            .map(|e| pos + e);
+        let end = bytes[pos..].iter().position(|&b| b == b'\n').map(|e| pos + e);
         let Some(end) = end else { break };
         line_no += 1;
         let raw = &bytes[pos..end];
         let raw = raw.strip_suffix(b"\r").unwrap_or(raw);
         let text = std::str::from_utf8(raw).map_err(|_| {
-            err(format!(
-                "header line {line_no} is not ASCII text (missing or damaged end_header?)"
-            ))
+            err(format!("header line {line_no} is not ASCII text (missing or damaged end_header?)"))
         })?;
         pos = end + 1;
         if raw == marker {
@@ -189,9 +180,7 @@ pub fn parse_ply(bytes: &[u8], name: &str) -> Result<SplatArrays> {
         }
         lines.push((line_no, text.to_string()));
         if line_no > 10_000 {
-            return Err(err(
-                "header has more than 10000 lines without end_header".into()
-            ));
+            return Err(err("header has more than 10000 lines without end_header".into()));
         }
     }
     let body_start = body_start.ok_or_else(|| {
@@ -203,11 +192,7 @@ pub fn parse_ply(bytes: &[u8], name: &str) -> Result<SplatArrays> {
     let mut it = lines.iter();
     match it.next() {
         Some((_, l)) if l.trim() == "ply" => {}
-        _ => {
-            return Err(err(
-                "line 1: not a PLY file (first line must be `ply`)".into()
-            ))
-        }
+        _ => return Err(err("line 1: not a PLY file (first line must be `ply`)".into())),
     }
     let mut format_seen = false;
     let mut elements: Vec<Element> = Vec::new();
@@ -226,10 +211,7 @@ pub fn parse_ply(bytes: &[u8], name: &str) -> Result<SplatArrays> {
                     )));
                 }
                 if words[2] != "1.0" {
-                    return Err(err(format!(
-                        "line {no}: PLY version `{}` is not 1.0",
-                        words[2]
-                    )));
+                    return Err(err(format!("line {no}: PLY version `{}` is not 1.0", words[2])));
                 }
                 format_seen = true;
             }
@@ -277,11 +259,7 @@ pub fn parse_ply(bytes: &[u8], name: &str) -> Result<SplatArrays> {
                     )));
                 }
                 let offset = el.stride.unwrap_or(0);
-                el.props.push(Property {
-                    name: words[2].to_string(),
-                    ty,
-                    offset,
-                });
+                el.props.push(Property { name: words[2].to_string(), ty, offset });
                 if let Some(s) = el.stride.as_mut() {
                     *s += ty.size();
                 }
@@ -324,11 +302,7 @@ pub fn parse_ply(bytes: &[u8], name: &str) -> Result<SplatArrays> {
             .find(|p| p.name == pname)
             .ok_or_else(|| err(format!("element `vertex` lacks property `{pname}`")))
     };
-    let n_rest = vertex
-        .props
-        .iter()
-        .filter(|p| p.name.starts_with("f_rest_"))
-        .count();
+    let n_rest = vertex.props.iter().filter(|p| p.name.starts_with("f_rest_")).count();
     let degree = match n_rest {
         0 => 0,
         9 => 1,
@@ -343,17 +317,11 @@ pub fn parse_ply(bytes: &[u8], name: &str) -> Result<SplatArrays> {
     let k = (degree + 1) * (degree + 1);
     let pos_p = [find("x")?, find("y")?, find("z")?];
     let dc_p = [find("f_dc_0")?, find("f_dc_1")?, find("f_dc_2")?];
-    let rest_p: Vec<&Property> = (0..n_rest)
-        .map(|i| find(&format!("f_rest_{i}")))
-        .collect::<Result<_>>()?;
+    let rest_p: Vec<&Property> =
+        (0..n_rest).map(|i| find(&format!("f_rest_{i}"))).collect::<Result<_>>()?;
     let op_p = find("opacity")?;
     let sc_p = [find("scale_0")?, find("scale_1")?, find("scale_2")?];
-    let rot_p = [
-        find("rot_0")?,
-        find("rot_1")?,
-        find("rot_2")?,
-        find("rot_3")?,
-    ];
+    let rot_p = [find("rot_0")?, find("rot_1")?, find("rot_2")?, find("rot_3")?];
 
     let n = vertex.count;
     let need = stride.checked_mul(n).and_then(|s| s.checked_add(offset));
@@ -382,25 +350,13 @@ pub fn parse_ply(bytes: &[u8], name: &str) -> Result<SplatArrays> {
         let get = |p: &Property| -> Result<f32> {
             let v = p.ty.read(&rec[p.offset..p.offset + p.ty.size()]) as f32;
             if !v.is_finite() {
-                return Err(err(format!(
-                    "vertex {i}: property `{}` is not finite ({v})",
-                    p.name
-                )));
+                return Err(err(format!("vertex {i}: property `{}` is not finite ({v})", p.name)));
             }
             Ok(v)
         };
-        arrays
-            .means
-            .push([get(pos_p[0])?, get(pos_p[1])?, get(pos_p[2])?]);
-        arrays
-            .log_scales
-            .push([get(sc_p[0])?, get(sc_p[1])?, get(sc_p[2])?]);
-        arrays.quats.push([
-            get(rot_p[0])?,
-            get(rot_p[1])?,
-            get(rot_p[2])?,
-            get(rot_p[3])?,
-        ]);
+        arrays.means.push([get(pos_p[0])?, get(pos_p[1])?, get(pos_p[2])?]);
+        arrays.log_scales.push([get(sc_p[0])?, get(sc_p[1])?, get(sc_p[2])?]);
+        arrays.quats.push([get(rot_p[0])?, get(rot_p[1])?, get(rot_p[2])?, get(rot_p[3])?]);
         arrays.opacity_logits.push(get(op_p)?);
         for c in 0..3 {
             arrays.sh[(i * k) * 3 + c] = get(dc_p[c])?;

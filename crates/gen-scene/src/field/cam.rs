@@ -71,20 +71,12 @@ impl FieldConfig {
 
     /// instant-ngp-sized grid with a 2 × 64 MLP (GPU scale).
     pub fn base() -> Self {
-        Self {
-            grid: HashGridConfig::instant_ngp(),
-            hidden: 64,
-            ..Self::small()
-        }
+        Self { grid: HashGridConfig::instant_ngp(), hidden: 64, ..Self::small() }
     }
 
     /// Tiny sizes for tests: [`HashGridConfig::tiny`], 2 × 8.
     pub fn tiny() -> Self {
-        Self {
-            grid: HashGridConfig::tiny(),
-            hidden: 8,
-            ..Self::small()
-        }
+        Self { grid: HashGridConfig::tiny(), hidden: 8, ..Self::small() }
     }
 
     /// Checks the grid, the widths and the box.
@@ -93,10 +85,7 @@ impl FieldConfig {
         if self.hidden == 0 || self.layers == 0 {
             return Err(Error::invalid(
                 "field config",
-                format!(
-                    "hidden {} and layers {} must be positive",
-                    self.hidden, self.layers
-                ),
+                format!("hidden {} and layers {} must be positive", self.hidden, self.layers),
             ));
         }
         if !(self.norm_eps > 0.0 && self.density_bias.is_finite()) {
@@ -142,17 +131,12 @@ impl CamField {
     ) -> Result<Self> {
         cfg.validate()?;
         let (h, k, lf) = (cfg.hidden, cfg.layers, cfg.grid.out_dim());
-        let mut data = varmap
-            .data()
-            .lock()
-            .map_err(|_| Error::invalid("field varmap", "lock poisoned"))?;
+        let mut data =
+            varmap.data().lock().map_err(|_| Error::invalid("field varmap", "lock poisoned"))?;
         let mut add = |name: &str, t: Tensor| -> Result<Var> {
             let key = format!("{prefix}.{name}");
             if data.contains_key(&key) {
-                return Err(Error::invalid(
-                    "field varmap",
-                    format!("`{key}` already exists"),
-                ));
+                return Err(Error::invalid("field varmap", format!("`{key}` already exists")));
             }
             let v = Var::from_tensor(&t)?;
             data.insert(key, v.clone());
@@ -217,17 +201,10 @@ impl CamField {
     pub fn forward(&self, points: &Tensor) -> candle_core::Result<(Tensor, Tensor)> {
         let h = self.cfg.hidden;
         let b = &self.cfg.bounds;
-        let lo = Tensor::new(&b.min, &self.device)?
-            .to_dtype(self.dtype)?
-            .unsqueeze(0)?;
-        let ext = [
-            b.max[0] - b.min[0],
-            b.max[1] - b.min[1],
-            b.max[2] - b.min[2],
-        ];
-        let inv = Tensor::new(&ext.map(|e| 1.0 / e), &self.device)?
-            .to_dtype(self.dtype)?
-            .unsqueeze(0)?;
+        let lo = Tensor::new(&b.min, &self.device)?.to_dtype(self.dtype)?.unsqueeze(0)?;
+        let ext = [b.max[0] - b.min[0], b.max[1] - b.min[1], b.max[2] - b.min[2]];
+        let inv =
+            Tensor::new(&ext.map(|e| 1.0 / e), &self.device)?.to_dtype(self.dtype)?.unsqueeze(0)?;
         let u = points.broadcast_sub(&lo)?.broadcast_mul(&inv)?;
         let g = hashgrid::encode(&u, self.table.as_tensor(), &self.cfg.grid)?;
         let mut x = ((u * 2.0)? - 1.0)?;
@@ -244,9 +221,7 @@ impl CamField {
             let beta = proj(i * 2 * h + h)?;
             x = (gamma * n)?.add(&beta)?.relu()?;
         }
-        let raw = (x
-            .matmul(&self.density_w.t()?)?
-            .broadcast_add(&self.density_b)?
+        let raw = (x.matmul(&self.density_w.t()?)?.broadcast_add(&self.density_b)?
             + self.cfg.density_bias)?
             .squeeze(D::Minus1)?;
         let sigma = match self.cfg.density_activation {
@@ -315,15 +290,11 @@ impl RadianceField for CamField {
 impl DensityField for CamField {
     /// `σ(p)`; NaN if the evaluation fails (meshing reports non-finite densities as errors).
     fn density(&self, p: [f64; 3]) -> f64 {
-        self.eval_points(&[p])
-            .map(|(s, _)| s[0])
-            .unwrap_or(f64::NAN)
+        self.eval_points(&[p]).map(|(s, _)| s[0]).unwrap_or(f64::NAN)
     }
 
     fn color(&self, p: [f64; 3]) -> [f32; 3] {
-        self.eval_points(&[p])
-            .map(|(_, c)| c[0])
-            .unwrap_or([0.0; 3])
+        self.eval_points(&[p]).map(|(_, c)| c[0]).unwrap_or([0.0; 3])
     }
 
     /// Evaluates one z-slab (`nx · ny` points) per tensor call.
@@ -332,9 +303,8 @@ impl DensityField for CamField {
         let [nx, ny, nz] = grid.dims;
         let mut out = Vec::with_capacity(grid.len());
         for k in 0..nz {
-            let pts: Vec<[f64; 3]> = (0..ny)
-                .flat_map(|j| (0..nx).map(move |i| grid.point(i, j, k)))
-                .collect();
+            let pts: Vec<[f64; 3]> =
+                (0..ny).flat_map(|j| (0..nx).map(move |i| grid.point(i, j, k))).collect();
             let (s, _) = self.eval_points(&pts)?;
             out.extend(s.into_iter().map(|v| v as f32));
         }

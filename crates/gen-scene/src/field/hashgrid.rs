@@ -78,13 +78,7 @@ impl HashGridConfig {
     /// A tiny grid for tests: 4 levels × 2 features, `T = 2^8`, resolutions 2..16 (the two
     /// coarsest levels are dense, the two finest hashed).
     pub fn tiny() -> Self {
-        Self {
-            levels: 4,
-            features: 2,
-            log2_table_size: 8,
-            base_resolution: 2,
-            max_resolution: 16,
-        }
+        Self { levels: 4, features: 2, log2_table_size: 8, base_resolution: 2, max_resolution: 16 }
     }
 
     /// Rows per level, `T`.
@@ -110,9 +104,7 @@ impl HashGridConfig {
 
     /// Whether level `l` is indexed densely (`(N_l + 1)³ ≤ T`).
     pub fn is_dense(&self, l: usize) -> bool {
-        (self.resolution(l) + 1)
-            .checked_pow(3)
-            .is_some_and(|n| n <= self.table_size())
+        (self.resolution(l) + 1).checked_pow(3).is_some_and(|n| n <= self.table_size())
     }
 
     /// Output features per point, `L · F`.
@@ -130,16 +122,10 @@ impl HashGridConfig {
     pub fn validate(&self) -> Result<()> {
         let bad = |msg: String| Err(Error::invalid("hash grid config", msg));
         if self.levels == 0 || self.features == 0 {
-            return bad(format!(
-                "{} levels × {} features",
-                self.levels, self.features
-            ));
+            return bad(format!("{} levels × {} features", self.levels, self.features));
         }
         if !(2..=24).contains(&self.log2_table_size) {
-            return bad(format!(
-                "log2_table_size {} not in 2..=24",
-                self.log2_table_size
-            ));
+            return bad(format!("log2_table_size {} not in 2..=24", self.log2_table_size));
         }
         if self.base_resolution == 0
             || self.max_resolution < self.base_resolution
@@ -160,10 +146,7 @@ impl HashGridConfig {
 
     fn level_params(&self) -> Vec<Level> {
         (0..self.levels)
-            .map(|l| Level {
-                res: self.resolution(l),
-                dense: self.is_dense(l),
-            })
+            .map(|l| Level { res: self.resolution(l), dense: self.is_dense(l) })
             .collect()
     }
 }
@@ -280,25 +263,22 @@ fn backward_cpu<R: Real>(
     let n = points.len() / 3;
     // Table: one task per level, points in order → deterministic.
     let mut dtable = vec![R::c(0.0); if want[1] { table.len() } else { 0 }];
-    dtable
-        .par_chunks_mut(t * f)
-        .enumerate()
-        .for_each(|(l, dt)| {
-            let level = levels[l];
-            for i in 0..n {
-                let g = &grad[i * lf + l * f..i * lf + l * f + f];
-                if g.iter().all(|v| v.f64() == 0.0) {
-                    continue;
-                }
-                let (rows, w, _, _) = corners(&points[3 * i..3 * i + 3], level, mask, 0);
-                for k in 0..8 {
-                    let r = &mut dt[rows[k] * f..rows[k] * f + f];
-                    for j in 0..f {
-                        r[j] += w[k] * g[j];
-                    }
+    dtable.par_chunks_mut(t * f).enumerate().for_each(|(l, dt)| {
+        let level = levels[l];
+        for i in 0..n {
+            let g = &grad[i * lf + l * f..i * lf + l * f + f];
+            if g.iter().all(|v| v.f64() == 0.0) {
+                continue;
+            }
+            let (rows, w, _, _) = corners(&points[3 * i..3 * i + 3], level, mask, 0);
+            for k in 0..8 {
+                let r = &mut dt[rows[k] * f..rows[k] * f + f];
+                for j in 0..f {
+                    r[j] += w[k] * g[j];
                 }
             }
-        });
+        }
+    });
     // Positions: d out / d x_a = Σ_k Σ_j g_j · table[k, j] · d w_k / d frac_a · d frac_a / d x_a.
     let mut dpoints = vec![R::c(0.0); if want[0] { points.len() } else { 0 }];
     dpoints.par_chunks_mut(3).enumerate().for_each(|(i, dp)| {
@@ -313,18 +293,10 @@ fn backward_cpu<R: Real>(
                     gv += g[j] * row[j];
                 }
                 for a in 0..3 {
-                    let mut dw = if (k >> a) & 1 == 1 {
-                        R::c(1.0)
-                    } else {
-                        R::c(-1.0)
-                    };
+                    let mut dw = if (k >> a) & 1 == 1 { R::c(1.0) } else { R::c(-1.0) };
                     for b in 0..3 {
                         if b != a {
-                            dw *= if (k >> b) & 1 == 1 {
-                                frac[b]
-                            } else {
-                                R::c(1.0) - frac[b]
-                            };
+                            dw *= if (k >> b) & 1 == 1 { frac[b] } else { R::c(1.0) - frac[b] };
                         }
                     }
                     dp[a] += gv * dw * dfdx[a];
@@ -363,10 +335,7 @@ impl HashGridOp {
         let points = cpu_slice::<R>(s1, l1, "points")?;
         let table = cpu_slice::<R>(s2, l2, "table")?;
         let out = forward_cpu(&self.cfg, points, table);
-        Ok((
-            R::to_cpu_storage_owned(out),
-            Shape::from((points.len() / 3, self.cfg.out_dim())),
-        ))
+        Ok((R::to_cpu_storage_owned(out), Shape::from((points.len() / 3, self.cfg.out_dim()))))
     }
 
     /// Gradients for the inputs that take part in a graph (`track_op`); the position gradient
@@ -382,12 +351,8 @@ impl HashGridOp {
         let want = [points.track_op(), table.track_op()];
         let (dp, dt) = backward_cpu(&self.cfg, &p, &t, &g, want);
         let dev = points.device();
-        let dp = dp
-            .map(|d| Tensor::from_vec(d, points.shape(), dev))
-            .transpose()?;
-        let dt = dt
-            .map(|d| Tensor::from_vec(d, table.shape(), dev))
-            .transpose()?;
+        let dp = dp.map(|d| Tensor::from_vec(d, points.shape(), dev)).transpose()?;
+        let dt = dt.map(|d| Tensor::from_vec(d, table.shape(), dev)).transpose()?;
         Ok((dp, dt))
     }
 }
@@ -437,13 +402,9 @@ pub fn encode(
     table: &Tensor,
     cfg: &HashGridConfig,
 ) -> candle_core::Result<Tensor> {
-    cfg.validate()
-        .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+    cfg.validate().map_err(|e| candle_core::Error::Msg(e.to_string()))?;
     if points.rank() != 2 || points.dim(1)? != 3 {
-        candle_core::bail!(
-            "hash grid: points have shape {:?}, expected (N, 3)",
-            points.dims()
-        )
+        candle_core::bail!("hash grid: points have shape {:?}, expected (N, 3)", points.dims())
     }
     let (rows, f) = cfg.table_shape();
     if table.dims() != [rows, f] {
@@ -458,7 +419,5 @@ pub fn encode(
             points.device().location()
         )
     }
-    points
-        .contiguous()?
-        .apply_op2(&table.contiguous()?, HashGridOp { cfg: *cfg })
+    points.contiguous()?.apply_op2(&table.contiguous()?, HashGridOp { cfg: *cfg })
 }

@@ -43,10 +43,7 @@ pub struct Aabb {
 impl Aabb {
     /// The cube `[-half, half]³`.
     pub fn cube(half: f64) -> Self {
-        Self {
-            min: [-half; 3],
-            max: [half; 3],
-        }
+        Self { min: [-half; 3], max: [half; 3] }
     }
 
     /// Finite bounds with `min < max` on every axis.
@@ -97,12 +94,7 @@ pub struct VolumeConfig {
 impl VolumeConfig {
     /// `samples_per_ray` samples in `bounds`, near 0.01, black background.
     pub fn new(samples_per_ray: usize, bounds: Aabb) -> Self {
-        Self {
-            samples_per_ray,
-            bounds,
-            near: 0.01,
-            background: [0.0; 3],
-        }
+        Self { samples_per_ray, bounds, near: 0.01, background: [0.0; 3] }
     }
 
     pub fn validate(&self) -> Result<()> {
@@ -158,11 +150,7 @@ impl OccupancyGrid {
                 format!("resolution {res} not in 1..=1024"),
             ));
         }
-        Ok(Self {
-            bounds,
-            res,
-            occupied: vec![true; res * res * res],
-        })
+        Ok(Self { bounds, res, occupied: vec![true; res * res * res] })
     }
 
     /// Re-marks the cells from the field's density (no gradients): a cell is occupied when the
@@ -283,11 +271,7 @@ impl Ray {
 /// Camera-frame direction `((u − cx)/fx, (v − cy)/fy, 1)` through the centre of pixel `(i, j)`.
 fn pixel_dir(camera: &Camera, i: usize, j: usize) -> glam::DVec3 {
     let k = &camera.intrinsics;
-    glam::DVec3::new(
-        (j as f64 + 0.5 - k.cx) / k.fx,
-        (i as f64 + 0.5 - k.cy) / k.fy,
-        1.0,
-    )
+    glam::DVec3::new((j as f64 + 0.5 - k.cx) / k.fx, (i as f64 + 0.5 - k.cy) / k.fy, 1.0)
 }
 
 /// A batch of rays composited by [`march_rays`].
@@ -354,10 +338,7 @@ pub(crate) fn march_rays(
     }
     let m = pts.len() / 3;
     let pad = m as u32;
-    let slot: Vec<u32> = slot
-        .into_iter()
-        .map(|s| if s == u32::MAX { pad } else { s })
-        .collect();
+    let slot: Vec<u32> = slot.into_iter().map(|s| if s == u32::MAX { pad } else { s }).collect();
     let (sigma_p, rgb_p) = if m > 0 {
         let t = Tensor::from_vec(pts, (m, 3), &device)?.to_dtype(dtype)?;
         let (s, c) = field.query(&t)?;
@@ -376,10 +357,7 @@ pub(crate) fn march_rays(
             Tensor::cat(&[c, Tensor::zeros((1, 3), dtype, &device)?], 0)?,
         )
     } else {
-        (
-            Tensor::zeros(1, dtype, &device)?,
-            Tensor::zeros((1, 3), dtype, &device)?,
-        )
+        (Tensor::zeros(1, dtype, &device)?, Tensor::zeros((1, 3), dtype, &device)?)
     };
     let idx = Tensor::from_vec(slot, nrays * k, &device)?;
     let sigma = sigma_p.index_select(&idx, 0)?.reshape((nrays, k))?;
@@ -391,9 +369,7 @@ pub(crate) fn march_rays(
     let alpha = (1.0 - sd.neg()?.exp()?)?;
     let wts = (trans * alpha)?;
     let t_final = sd.sum(1)?.neg()?.exp()?; // (R)
-    let bg = Tensor::new(&cfg.background, &device)?
-        .to_dtype(dtype)?
-        .unsqueeze(0)?;
+    let bg = Tensor::new(&cfg.background, &device)?.to_dtype(dtype)?.unsqueeze(0)?;
     let color = wts
         .unsqueeze(2)?
         .broadcast_mul(&rgb)?

@@ -40,15 +40,9 @@ pub fn load_transforms(path: impl AsRef<Path>, background: [f64; 3]) -> Result<V
             ),
         ));
     }
-    let json_path: PathBuf = if path.is_dir() {
-        path.join("transforms.json")
-    } else {
-        path.to_path_buf()
-    };
-    let dir = json_path
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| PathBuf::from("."));
+    let json_path: PathBuf =
+        if path.is_dir() { path.join("transforms.json") } else { path.to_path_buf() };
+    let dir = json_path.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."));
     let text = std::fs::read_to_string(&json_path).map_err(|e| Error::io(&json_path, e))?;
     let root: Value =
         serde_json::from_str(&text).map_err(|e| err(&json_path, format!("not valid JSON: {e}")))?;
@@ -149,10 +143,7 @@ fn matrix(frame: &Value) -> std::result::Result<[[f64; 4]; 4], String> {
         .as_array()
         .ok_or("`transform_matrix` is not an array")?;
     if rows.len() != 4 {
-        return Err(format!(
-            "`transform_matrix` has {} rows, want 4",
-            rows.len()
-        ));
+        return Err(format!("`transform_matrix` has {} rows, want 4", rows.len()));
     }
     let mut m = [[0.0; 4]; 4];
     for (r, row) in rows.iter().enumerate() {
@@ -181,9 +172,7 @@ pub fn opengl_c2w_to_camera(m: &[[f64; 4]; 4], k: Intrinsics) -> Result<Camera> 
     let rotation = DMat3::from_cols(right, down, forward).transpose();
     let translation = -(rotation * centre);
     Camera::new(k, rotation, translation).map_err(|e| {
-        Error::msg(format!(
-            "`transform_matrix` rotation block is not a rotation ({e})"
-        ))
+        Error::msg(format!("`transform_matrix` rotation block is not a rotation ({e})"))
     })
 }
 
@@ -196,9 +185,5 @@ pub fn camera_from_extrinsics(
     translation: [f64; 3],
 ) -> Result<Camera> {
     let [r0, r1, r2] = rotation.map(DVec3::from);
-    Camera::new(
-        k,
-        DMat3::from_cols(r0, r1, r2).transpose(),
-        DVec3::from(translation),
-    )
+    Camera::new(k, DMat3::from_cols(r0, r1, r2).transpose(), DVec3::from(translation))
 }

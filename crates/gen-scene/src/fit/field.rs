@@ -39,8 +39,8 @@ use serde_json::json;
 
 use super::{
     checkpoint_map, log_linear, optimizer_state_bytes, parse_export_list, psnr, run_fit, to_rgb8,
-    validate_training_views, CheckpointFile, EvalReport, FitLoop, PosedImage, RunEvent,
-    Schedule, CHECKPOINT_FILE,
+    validate_training_views, CheckpointFile, EvalReport, FitLoop, PosedImage, RunEvent, Schedule,
+    CHECKPOINT_FILE,
 };
 use crate::camera::{Camera, Intrinsics};
 pub use crate::field::volume::Ray;
@@ -63,10 +63,7 @@ pub fn field_preset(name: &str) -> Result<FieldConfig> {
         "tiny" => Ok(FieldConfig::tiny()),
         "small" => Ok(FieldConfig::small()),
         "base" => Ok(FieldConfig::base()),
-        _ => Err(Error::invalid(
-            "field preset",
-            format!("{name:?} (tiny, small, base)"),
-        )),
+        _ => Err(Error::invalid("field preset", format!("{name:?} (tiny, small, base)"))),
     }
 }
 
@@ -148,10 +145,7 @@ impl FieldFitConfig {
             return bad("occupancy_res", format!("{} (1..=256)", self.occupancy_res));
         }
         if !self.occupancy_threshold.is_finite() {
-            return bad(
-                "occupancy_threshold",
-                format!("{}", self.occupancy_threshold),
-            );
+            return bad("occupancy_threshold", format!("{}", self.occupancy_threshold));
         }
         self.volume_config().validate()
     }
@@ -276,11 +270,7 @@ pub fn render_field_image(
     while r0 < h {
         let n = rows.min(h - r0);
         // A camera whose image is rows r0..r0+n of the original (principal point shifted).
-        let k = Intrinsics {
-            cy: camera.intrinsics.cy - r0 as f64,
-            height: n,
-            ..camera.intrinsics
-        };
+        let k = Intrinsics { cy: camera.intrinsics.cy - r0 as f64, height: n, ..camera.intrinsics };
         let cam = Camera::new(k, camera.rotation, camera.translation)?;
         let out = render_volume(&Detached(field), &cam, cfg, occupancy, None)?;
         rgbs.push(out.rgb.to_dtype(DType::F32)?);
@@ -337,11 +327,7 @@ impl FieldTrainer {
         let mut pixels = Vec::with_capacity(views.len());
         for v in &views {
             pixels.push(ViewPixels {
-                rgb: v
-                    .rgb
-                    .to_dtype(DType::F32)?
-                    .flatten_all()?
-                    .to_vec1::<f32>()?,
+                rgb: v.rgb.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?,
                 mask: match &v.mask {
                     Some(m) => Some(m.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?),
                     None => None,
@@ -350,38 +336,17 @@ impl FieldTrainer {
         }
         let varmap = VarMap::new();
         let mut rng = SeededRng::fork(cfg.seed, 0);
-        let field = CamField::new(
-            cfg.field,
-            &varmap,
-            PREFIX,
-            &mut rng,
-            DType::F32,
-            &Device::Cpu,
-        )?;
+        let field = CamField::new(cfg.field, &varmap, PREFIX, &mut rng, DType::F32, &Device::Cpu)?;
         let params = named_vars(&varmap)?;
         let opt = Optim::new(
             AdamW,
             vec![ParamGroup::new(
                 params,
-                AdamWConfig {
-                    lr: cfg.lr_at(0),
-                    betas: (0.9, 0.99),
-                    eps: 1e-15,
-                    weight_decay: 0.0,
-                },
+                AdamWConfig { lr: cfg.lr_at(0), betas: (0.9, 0.99), eps: 1e-15, weight_decay: 0.0 },
             )],
         )?;
         let occupancy = OccupancyGrid::full(cfg.field.bounds, cfg.occupancy_res)?;
-        Ok(Self {
-            cfg,
-            views,
-            pixels,
-            varmap,
-            field,
-            opt,
-            occupancy,
-            step: 0,
-        })
+        Ok(Self { cfg, views, pixels, varmap, field, opt, occupancy, step: 0 })
     }
 
     pub fn config(&self) -> &FieldFitConfig {
@@ -437,13 +402,7 @@ impl FieldTrainer {
             }
         }
         let vcfg = self.cfg.volume_config();
-        let out = render_rays(
-            &self.field,
-            &rays,
-            &vcfg,
-            Some(&self.occupancy),
-            Some(&mut rng),
-        )?;
+        let out = render_rays(&self.field, &rays, &vcfg, Some(&self.occupancy), Some(&mut rng))?;
         let dev = Device::Cpu;
         let target = Tensor::from_vec(target, (nr, 3), &dev)?;
         let diff = (&out.rgb - &target)?;
@@ -458,9 +417,8 @@ impl FieldTrainer {
         if self.cfg.mask_weight > 0.0 && masked > 0.0 {
             let mt = Tensor::from_vec(mask_t, nr, &dev)?;
             let mw = Tensor::from_vec(mask_w, nr, &dev)?;
-            let ml = ((&out.opacity - mt)?.sqr()? * mw)?
-                .sum_all()?
-                .affine(1.0 / masked as f64, 0.0)?;
+            let ml =
+                ((&out.opacity - mt)?.sqr()? * mw)?.sum_all()?.affine(1.0 / masked as f64, 0.0)?;
             mask_loss = ml.to_scalar::<f32>()? as f64;
             loss = (loss + (ml * self.cfg.mask_weight)?)?;
         }
@@ -473,10 +431,7 @@ impl FieldTrainer {
         self.step += 1;
         // `checked_rem` is `None` for an interval of 0 (never re-mark).
         let occupancy = if self.step.checked_rem(self.cfg.occupancy_every) == Some(0) {
-            Some(
-                self.occupancy
-                    .update(&Detached(&self.field), self.cfg.occupancy_threshold)?,
-            )
+            Some(self.occupancy.update(&Detached(&self.field), self.cfg.occupancy_threshold)?)
         } else {
             None
         };
@@ -494,12 +449,7 @@ impl FieldTrainer {
 
     /// Renders `camera` without gradients: `(rgb (H, W, 3), opacity (H, W))`.
     pub fn render(&self, camera: &Camera) -> Result<(Tensor, Tensor)> {
-        render_field_image(
-            &self.field,
-            camera,
-            &self.cfg.volume_config(),
-            Some(&self.occupancy),
-        )
+        render_field_image(&self.field, camera, &self.cfg.volume_config(), Some(&self.occupancy))
     }
 
     /// Writes the parameters, optimizer state, occupancy flags, step and seed to one
@@ -533,11 +483,7 @@ impl FieldTrainer {
             if saved.dims() != v.dims() {
                 return Err(Error::invalid(
                     format!("checkpoint {file} `{k}`"),
-                    format!(
-                        "shape {:?}, the configured field has {:?}",
-                        saved.dims(),
-                        v.dims()
-                    ),
+                    format!("shape {:?}, the configured field has {:?}", saved.dims(), v.dims()),
                 ));
             }
             v.set(&saved.to_dtype(DType::F32)?)?;
@@ -563,18 +509,15 @@ impl FieldTrainer {
 
 /// Every variable of `varmap` as a named parameter, sorted by name (a stable order).
 fn named_vars(varmap: &VarMap) -> Result<Vec<NamedVar>> {
-    let mut v: Vec<(String, Var)> = lock_vars(varmap)?
-        .iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    let mut v: Vec<(String, Var)> =
+        lock_vars(varmap)?.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
     v.sort_by(|a, b| a.0.cmp(&b.0));
     Ok(v.into_iter().map(|(k, v)| NamedVar::new(k, v)).collect())
 }
 
 /// The variables of `varmap`, locked.
 fn lock_vars(varmap: &VarMap) -> Result<MutexGuard<'_, HashMap<String, Var>>> {
-    varmap
-        .data()
-        .lock()
-        .map_err(|_| Error::invalid("field varmap", "lock poisoned"))
+    varmap.data().lock().map_err(|_| Error::invalid("field varmap", "lock poisoned"))
 }
 
 /// PSNR and silhouette IoU (`opacity > 0.5` vs `mask > 0.5`) of the field against `views`
@@ -585,9 +528,7 @@ pub fn evaluate_field(
     cfg: &VolumeConfig,
     occupancy: Option<&OccupancyGrid>,
 ) -> Result<EvalReport> {
-    EvalReport::over_views(views, |v| {
-        render_field_image(field, &v.camera, cfg, occupancy)
-    })
+    EvalReport::over_views(views, |v| render_field_image(field, &v.camera, cfg, occupancy))
 }
 
 /// Which exports [`fit_field`] writes at the end.
@@ -603,10 +544,7 @@ impl FieldExportSet {
     /// Parses a comma list of `mesh`, `turntable` (or `all`, `none`); the splat-only formats
     /// `ply` and `glb` are errors.
     pub fn parse(list: &str) -> Result<Self> {
-        let all = Self {
-            mesh: true,
-            turntable: true,
-        };
+        let all = Self { mesh: true, turntable: true };
         parse_export_list(list, all, |s, w| {
             match w {
                 "mesh" => s.mesh = true,
@@ -708,11 +646,9 @@ pub fn fit_field(
     cfg.validate()?;
     let trainer = run_fit::<FieldTrainer>(&cfg, views, &out.dir, out.resume, &mut |e| {
         on_event(&match e {
-            RunEvent::Started { trainer, resumed } => FieldFitEvent::Started {
-                step: trainer.step,
-                steps: cfg.steps,
-                resumed,
-            },
+            RunEvent::Started { trainer, resumed } => {
+                FieldFitEvent::Started { step: trainer.step, steps: cfg.steps, resumed }
+            }
             RunEvent::Step(info) => FieldFitEvent::Step(info),
             RunEvent::Preview { step, path } => FieldFitEvent::Preview { step, path },
             RunEvent::Checkpoint { step, path } => FieldFitEvent::Checkpoint { step, path },
@@ -844,16 +780,9 @@ fn occupied_ball(g: &OccupancyGrid) -> ([f64; 3], f64) {
             }
         }
     }
-    let b: Aabb = if lo[0].is_finite() {
-        Aabb { min: lo, max: hi }
-    } else {
-        g.bounds
-    };
+    let b: Aabb = if lo[0].is_finite() { Aabb { min: lo, max: hi } } else { g.bounds };
     let c = [0, 1, 2].map(|a| 0.5 * (b.min[a] + b.max[a]));
-    let rad = (0..3)
-        .map(|a| (0.5 * (b.max[a] - b.min[a])).powi(2))
-        .sum::<f64>()
-        .sqrt();
+    let rad = (0..3).map(|a| (0.5 * (b.max[a] - b.min[a])).powi(2)).sum::<f64>().sqrt();
     (c, rad.max(1e-3))
 }
 

@@ -128,11 +128,7 @@ impl LearningRates {
 /// The rate before 0-based step `step` of `total` decaying log-linearly from `init` (first step)
 /// to `last` (last step). Shared by the splat and field fitters.
 pub(crate) fn log_linear(init: f64, last: f64, step: u64, total: u64) -> f64 {
-    let t = if total <= 1 {
-        0.0
-    } else {
-        (step as f64 / (total - 1) as f64).clamp(0.0, 1.0)
-    };
+    let t = if total <= 1 { 0.0 } else { (step as f64 / (total - 1) as f64).clamp(0.0, 1.0) };
     (init.ln() * (1.0 - t) + last.ln() * t).exp()
 }
 
@@ -152,10 +148,7 @@ impl InitRegion {
         match *self {
             InitRegion::Box { min, max } => {
                 let c = [0, 1, 2].map(|a| 0.5 * (min[a] + max[a]));
-                let r = (0..3)
-                    .map(|a| (0.5 * (max[a] - min[a])).powi(2))
-                    .sum::<f64>()
-                    .sqrt();
+                let r = (0..3).map(|a| (0.5 * (max[a] - min[a])).powi(2)).sum::<f64>().sqrt();
                 (c, r)
             }
             InitRegion::Sphere { center, radius } => (center, radius),
@@ -178,10 +171,7 @@ impl Default for InitConfig {
     fn default() -> Self {
         Self {
             count: 2000,
-            region: InitRegion::Sphere {
-                center: [0.0; 3],
-                radius: 1.0,
-            },
+            region: InitRegion::Sphere { center: [0.0; 3], radius: 1.0 },
             scale: 0.05,
             opacity: 0.1,
         }
@@ -239,10 +229,7 @@ impl FitConfig {
             return bad("sh_degree", format!("{} (0..=3)", self.sh_degree));
         }
         if !(0.0..=1.0).contains(&self.ssim_weight) {
-            return bad(
-                "ssim_weight",
-                format!("{} (must be in [0, 1])", self.ssim_weight),
-            );
+            return bad("ssim_weight", format!("{} (must be in [0, 1])", self.ssim_weight));
         }
         if !(self.mask_weight.is_finite() && self.mask_weight >= 0.0) {
             return bad("mask_weight", format!("{}", self.mask_weight));
@@ -264,10 +251,7 @@ impl FitConfig {
             return bad("init.count", "0".into());
         }
         if !(self.init.scale > 0.0 && self.init.opacity > 0.0 && self.init.opacity < 1.0) {
-            return bad(
-                "init",
-                format!("scale {} opacity {}", self.init.scale, self.init.opacity),
-            );
+            return bad("init", format!("scale {} opacity {}", self.init.scale, self.init.opacity));
         }
         if let Some(e) = self.extent {
             if !(e.is_finite() && e > 0.0) {
@@ -404,20 +388,9 @@ const CKPT_STEP: &str = "meta.step";
 const CKPT_SEED: &str = "meta.seed";
 
 fn adam_configs(lr: &LearningRates, means_lr: f64) -> [AdamWConfig; 5] {
-    let c = |lr: f64| AdamWConfig {
-        lr,
-        betas: (0.9, 0.999),
-        eps: 1e-15,
-        weight_decay: 0.0,
-    };
+    let c = |lr: f64| AdamWConfig { lr, betas: (0.9, 0.999), eps: 1e-15, weight_decay: 0.0 };
     // Order of PARAM_NAMES: means, log_scales, quats, opacity_logits, sh.
-    [
-        c(means_lr),
-        c(lr.scales),
-        c(lr.rotation),
-        c(lr.opacity),
-        c(lr.colour),
-    ]
+    [c(means_lr), c(lr.scales), c(lr.rotation), c(lr.opacity), c(lr.colour)]
 }
 
 impl Trainer {
@@ -447,13 +420,8 @@ impl Trainer {
         };
         let vars = SplatVars::new(&splats)?;
         let means_lr = cfg.lr.means_at(0, cfg.steps);
-        let opt = Optim::new(
-            AdamW,
-            splat_param_groups(&vars, adam_configs(&cfg.lr, means_lr)),
-        )?;
-        let extent = cfg
-            .extent
-            .unwrap_or_else(|| cfg.init.region.bounding_ball().1);
+        let opt = Optim::new(AdamW, splat_param_groups(&vars, adam_configs(&cfg.lr, means_lr)))?;
+        let extent = cfg.extent.unwrap_or_else(|| cfg.init.region.bounding_ball().1);
         Ok(Self {
             stats: DensityStats::new(splats.len()),
             cfg,
@@ -493,9 +461,7 @@ impl Trainer {
     }
 
     pub fn render_config(&self) -> RenderConfig {
-        RenderConfig {
-            background: self.cfg.background,
-        }
+        RenderConfig { background: self.cfg.background }
     }
 
     /// The training view used at 0-based step `step`: a seeded permutation of the views per
@@ -542,8 +508,7 @@ impl Trainer {
             .get(&probe)
             .ok_or_else(|| Error::msg("render probe received no gradient"))?
             .clone();
-        self.opt
-            .set_group_lr(0, self.cfg.lr.means_at(self.step, self.cfg.steps))?;
+        self.opt.set_group_lr(0, self.cfg.lr.means_at(self.step, self.cfg.steps))?;
         self.opt.step(&grads)?;
         self.step += 1;
         let step = self.step;
@@ -597,16 +562,10 @@ impl Trainer {
             map.insert(format!("splat.{k}"), t);
         }
         let dev = Device::Cpu;
-        map.insert(
-            "stats.grad_accum".into(),
-            Tensor::new(self.stats.grad_accum.as_slice(), &dev)?,
-        );
+        map.insert("stats.grad_accum".into(), Tensor::new(self.stats.grad_accum.as_slice(), &dev)?);
         let vis: Vec<f64> = self.stats.visible.iter().map(|&v| v as f64).collect();
         map.insert("stats.visible".into(), Tensor::new(vis.as_slice(), &dev)?);
-        map.insert(
-            "stats.max_radius".into(),
-            Tensor::new(self.stats.max_radius.as_slice(), &dev)?,
-        );
+        map.insert("stats.max_radius".into(), Tensor::new(self.stats.max_radius.as_slice(), &dev)?);
         gen_optim::save_safetensors_atomic(&map, path.as_ref())
     }
 
@@ -623,17 +582,11 @@ impl Trainer {
             opacity_logits: get("splat.opacity_logits")?,
             sh: get("splat.sh")?,
         };
-        splats
-            .validate()
-            .map_err(|e| Error::msg(format!("{file}: {e}")))?;
+        splats.validate().map_err(|e| Error::msg(format!("{file}: {e}")))?;
         if splats.sh_degree()? != cfg.sh_degree {
             return Err(Error::invalid(
                 "resume sh_degree",
-                format!(
-                    "{file} has degree {}, the config {}",
-                    splats.sh_degree()?,
-                    cfg.sh_degree
-                ),
+                format!("{file} has degree {}, the config {}", splats.sh_degree()?, cfg.sh_degree),
             ));
         }
         let mut t = Self::with_splats(cfg, views, &splats)?;
@@ -655,8 +608,7 @@ impl Trainer {
             max_radius: f64s("stats.max_radius")?,
         };
         t.step = step;
-        t.opt
-            .set_group_lr(0, t.cfg.lr.means_at(step, t.cfg.steps))?;
+        t.opt.set_group_lr(0, t.cfg.lr.means_at(step, t.cfg.steps))?;
         Ok(t)
     }
 
@@ -717,10 +669,7 @@ impl CheckpointFile {
         if saved != seed {
             return Err(Error::invalid(
                 "resume seed",
-                format!(
-                    "{} was written with seed {saved}, the config has {seed}",
-                    ck.file
-                ),
+                format!("{} was written with seed {saved}, the config has {seed}", ck.file),
             ));
         }
         let step = ck.get(CKPT_STEP)?.to_scalar::<i64>()?;
@@ -734,10 +683,7 @@ impl CheckpointFile {
         self.map
             .get(key)
             .cloned()
-            .ok_or_else(|| Error::MissingTensor {
-                file: self.file.clone(),
-                key: key.to_string(),
-            })
+            .ok_or_else(|| Error::MissingTensor { file: self.file.clone(), key: key.to_string() })
     }
 
     /// Loads the `optim.*` tensors into `opt`.
@@ -774,17 +720,12 @@ impl EvalReport {
             v.validate(i)?;
             let (rgb, alpha) = render(v)?;
             let rgb = rgb.to_dtype(DType::F32)?.clamp(0f32, 1f32)?;
-            let mse = (rgb - v.rgb.to_dtype(DType::F32)?)?
-                .sqr()?
-                .mean_all()?
-                .to_scalar::<f32>()? as f64;
+            let mse =
+                (rgb - v.rgb.to_dtype(DType::F32)?)?.sqr()?.mean_all()?.to_scalar::<f32>()? as f64;
             per_view_psnr.push(psnr(mse));
             per_view_iou.push(match &v.mask {
                 Some(m) => {
-                    let a = alpha
-                        .to_dtype(DType::F32)?
-                        .flatten_all()?
-                        .to_vec1::<f32>()?;
+                    let a = alpha.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
                     let m = m.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
                     let (mut inter, mut uni) = (0usize, 0usize);
                     for (x, y) in a.iter().zip(&m) {
@@ -792,11 +733,7 @@ impl EvalReport {
                         inter += (p && q) as usize;
                         uni += (p || q) as usize;
                     }
-                    Some(if uni == 0 {
-                        1.0
-                    } else {
-                        inter as f64 / uni as f64
-                    })
+                    Some(if uni == 0 { 1.0 } else { inter as f64 / uni as f64 })
                 }
                 None => None,
             });
@@ -828,12 +765,7 @@ pub struct ExportSet {
 impl ExportSet {
     /// Parses a comma list of `ply`, `glb`, `mesh`, `turntable` (or `all`, `none`).
     pub fn parse(list: &str) -> Result<Self> {
-        let all = Self {
-            ply: true,
-            glb: true,
-            mesh: true,
-            turntable: true,
-        };
+        let all = Self { ply: true, glb: true, mesh: true, turntable: true };
         parse_export_list(list, all, |s, w| {
             match w {
                 "ply" => s.ply = true,
@@ -935,10 +867,7 @@ pub enum FitEvent {
 pub fn to_rgb8(rgb: &Tensor) -> Result<image::RgbImage> {
     let (h, w, _) = rgb.dims3()?;
     let v = rgb.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-    let raw = v
-        .iter()
-        .map(|x| (x.clamp(0.0, 1.0) * 255.0).round() as u8)
-        .collect();
+    let raw = v.iter().map(|x| (x.clamp(0.0, 1.0) * 255.0).round() as u8).collect();
     image::RgbImage::from_raw(w as u32, h as u32, raw)
         .ok_or_else(|| Error::msg("image buffer size mismatch"))
 }
@@ -1076,10 +1005,7 @@ pub(crate) fn run_fit<T: FitLoop>(
     let text = serde_json::to_string_pretty(&run.config)
         .map_err(|e| Error::msg(format!("config JSON: {e}")))?;
     write_atomic(dir.join("config.json"), text.as_bytes())?;
-    on_event(RunEvent::Started {
-        trainer: &trainer,
-        resumed,
-    });
+    on_event(RunEvent::Started { trainer: &trainer, resumed });
     while trainer.steps_done() < run.steps {
         let (step, info) = trainer.train_step()?;
         on_event(RunEvent::Step(info));
@@ -1092,17 +1018,11 @@ pub(crate) fn run_fit<T: FitLoop>(
         }
         if run.checkpoint_every > 0 && step % run.checkpoint_every == 0 {
             trainer.write_checkpoint(ckpt)?;
-            on_event(RunEvent::Checkpoint {
-                step,
-                path: ckpt.to_path_buf(),
-            });
+            on_event(RunEvent::Checkpoint { step, path: ckpt.to_path_buf() });
         }
     }
     trainer.write_checkpoint(ckpt)?;
-    on_event(RunEvent::Checkpoint {
-        step: trainer.steps_done(),
-        path: ckpt.to_path_buf(),
-    });
+    on_event(RunEvent::Checkpoint { step: trainer.steps_done(), path: ckpt.to_path_buf() });
     Ok(trainer)
 }
 
@@ -1140,10 +1060,7 @@ pub fn export(splats: &Splats, out: &FitOutputs, background: [f64; 3]) -> Result
         let grid = crate::mesh::Grid::around(lo, hi, out.mesh_resolution, 0.05)?;
         let mesh = crate::mesh::extract_mesh(
             &field,
-            &crate::mesh::MeshConfig {
-                grid,
-                threshold: out.mesh_threshold,
-            },
+            &crate::mesh::MeshConfig { grid, threshold: out.mesh_threshold },
         )?;
         if mesh.indices.is_empty() {
             return Err(Error::invalid(

@@ -17,9 +17,8 @@ pub const SIGMA: f64 = 1.5;
 /// Normalised 1D Gaussian window of `size` taps.
 pub fn gaussian_window(size: usize, sigma: f64) -> Vec<f64> {
     let c = (size / 2) as f64;
-    let w: Vec<f64> = (0..size)
-        .map(|i| (-((i as f64 - c).powi(2)) / (2.0 * sigma * sigma)).exp())
-        .collect();
+    let w: Vec<f64> =
+        (0..size).map(|i| (-((i as f64 - c).powi(2)) / (2.0 * sigma * sigma)).exp()).collect();
     let s: f64 = w.iter().sum();
     w.into_iter().map(|v| v / s).collect()
 }
@@ -36,9 +35,7 @@ fn band_matrix(n: usize, w: &[f64], dtype: DType, device: &Device) -> Result<Ten
             }
         }
     }
-    Ok(Tensor::from_vec(m, (n, n), &Device::Cpu)?
-        .to_dtype(dtype)?
-        .to_device(device)?)
+    Ok(Tensor::from_vec(m, (n, n), &Device::Cpu)?.to_dtype(dtype)?.to_device(device)?)
 }
 
 /// Precomputed blur matrices for one image size (reuse across steps).
@@ -54,10 +51,7 @@ impl Ssim {
     /// SSIM for `(height, width)` images of `dtype` on `device`.
     pub fn new(height: usize, width: usize, dtype: DType, device: &Device) -> Result<Self> {
         if height == 0 || width == 0 {
-            return Err(Error::invalid(
-                "ssim image size",
-                format!("{height}x{width}"),
-            ));
+            return Err(Error::invalid("ssim image size", format!("{height}x{width}")));
         }
         let w = gaussian_window(WINDOW, SIGMA);
         Ok(Self {
@@ -79,11 +73,7 @@ impl Ssim {
         if a.dims().len() != 3 || a.dims()[..2] != [h, w] || a.dims() != b.dims() {
             return Err(Error::invalid(
                 "ssim inputs",
-                format!(
-                    "shapes {:?} and {:?} (want equal ({h}, {w}, C))",
-                    a.dims(),
-                    b.dims()
-                ),
+                format!("shapes {:?} and {:?} (want equal ({h}, {w}, C))", a.dims(), b.dims()),
             ));
         }
         let a = a.permute((2, 0, 1))?.contiguous()?;
@@ -107,10 +97,7 @@ impl Ssim {
 pub fn ssim(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     let d = a.dims();
     if d.len() != 3 {
-        return Err(Error::invalid(
-            "ssim input",
-            format!("shape {d:?} (want (H, W, C))"),
-        ));
+        return Err(Error::invalid("ssim input", format!("shape {d:?} (want (H, W, C))")));
     }
     Ssim::new(d[0], d[1], a.dtype(), a.device())?.ssim(a, b)
 }

@@ -113,11 +113,7 @@ pub fn marching_cubes(values: &[f32], grid: &Grid, threshold: f32) -> Result<Tri
     if values.len() != grid.len() {
         return Err(Error::invalid(
             "marching cubes",
-            format!(
-                "{} values for a grid of {:?} samples",
-                values.len(),
-                grid.dims
-            ),
+            format!("{} values for a grid of {:?} samples", values.len(), grid.dims),
         ));
     }
     let [nx, ny, nz] = grid.dims;
@@ -201,10 +197,7 @@ pub fn marching_cubes(values: &[f32], grid: &Grid, threshold: f32) -> Result<Tri
         .iter()
         .zip(&face_n)
         .map(|(g, f)| {
-            let n = (-*g)
-                .try_normalize()
-                .or_else(|| f.try_normalize())
-                .unwrap_or(Vec3::Z);
+            let n = (-*g).try_normalize().or_else(|| f.try_normalize()).unwrap_or(Vec3::Z);
             n.to_array()
         })
         .collect();
@@ -222,10 +215,7 @@ mod tests {
             let p = |c: usize| Vec3::from(corner_offset(c).map(|v| v as f32));
             let n = (p(face[1]) - p(face[0])).cross(p(face[2]) - p(face[1]));
             let centre = (0..4).map(|i| p(face[i])).sum::<Vec3>() / 4.0 - Vec3::splat(0.5);
-            assert!(
-                n.dot(centre) > 0.0,
-                "face {f} is not counter-clockwise from outside"
-            );
+            assert!(n.dot(centre) > 0.0, "face {f} is not counter-clockwise from outside");
         }
     }
 
@@ -233,10 +223,8 @@ mod tests {
     fn every_case_closes_its_loops() {
         for case in 0..256usize {
             let tris = build_case(case);
-            let cut = EDGES
-                .iter()
-                .filter(|&&(a, b, _)| ((case >> a) & 1) != ((case >> b) & 1))
-                .count();
+            let cut =
+                EDGES.iter().filter(|&&(a, b, _)| ((case >> a) & 1) != ((case >> b) & 1)).count();
             // Each loop of m edges gives m-2 triangles; every cut edge is used.
             let used: std::collections::HashSet<u8> = tris.iter().flatten().copied().collect();
             assert_eq!(used.len(), cut, "case {case}");

@@ -35,15 +35,13 @@ pub trait DensityField: Sync {
         grid.validate()?;
         let [nx, ny, _] = grid.dims;
         let mut out = vec![0f32; grid.len()];
-        out.par_chunks_mut(nx * ny)
-            .enumerate()
-            .for_each(|(k, slab)| {
-                for j in 0..ny {
-                    for i in 0..nx {
-                        slab[j * nx + i] = self.density(grid.point(i, j, k)) as f32;
-                    }
+        out.par_chunks_mut(nx * ny).enumerate().for_each(|(k, slab)| {
+            for j in 0..ny {
+                for i in 0..nx {
+                    slab[j * nx + i] = self.density(grid.point(i, j, k)) as f32;
                 }
-            });
+            }
+        });
         Ok(out)
     }
 }
@@ -60,11 +58,7 @@ pub struct Grid {
 impl Grid {
     /// A cube grid of `res` samples per axis over `[min, max]³`.
     pub fn cube(min: f64, max: f64, res: usize) -> Self {
-        Self {
-            min: [min; 3],
-            max: [max; 3],
-            dims: [res; 3],
-        }
+        Self { min: [min; 3], max: [max; 3], dims: [res; 3] }
     }
 
     /// A grid over the box `[lo, hi]` grown by `pad` (a fraction of its largest side) on every
@@ -79,11 +73,7 @@ impl Grid {
         }
         let margin = pad * side;
         let step = (side + 2.0 * margin) / (res - 1) as f64;
-        let mut g = Self {
-            min: [0.0; 3],
-            max: [0.0; 3],
-            dims: [0; 3],
-        };
+        let mut g = Self { min: [0.0; 3], max: [0.0; 3], dims: [0; 3] };
         for a in 0..3 {
             let centre = 0.5 * (lo[a] + hi[a]);
             let n = (((hi[a] - lo[a] + 2.0 * margin) / step).ceil() as usize + 1).max(2);
@@ -112,12 +102,7 @@ impl Grid {
                 ));
             }
         }
-        if self
-            .dims
-            .iter()
-            .try_fold(1usize, |a, &d| a.checked_mul(d))
-            .is_none_or(|n| n > 1 << 31)
-        {
+        if self.dims.iter().try_fold(1usize, |a, &d| a.checked_mul(d)).is_none_or(|n| n > 1 << 31) {
             return Err(Error::invalid(
                 "mesh grid",
                 format!("{:?} samples is too many", self.dims),
@@ -242,10 +227,7 @@ pub struct MeshConfig {
 /// (central differences on the grid, interpolated along the cut edge).
 pub fn extract_mesh(field: &dyn DensityField, cfg: &MeshConfig) -> Result<TriMesh> {
     if !cfg.threshold.is_finite() {
-        return Err(Error::invalid(
-            "mesh threshold",
-            format!("{}", cfg.threshold),
-        ));
+        return Err(Error::invalid("mesh threshold", format!("{}", cfg.threshold)));
     }
     let values = field.sample_grid(&cfg.grid)?;
     if let Some(i) = values.iter().position(|v| !v.is_finite()) {
@@ -260,13 +242,7 @@ pub fn extract_mesh(field: &dyn DensityField, cfg: &MeshConfig) -> Result<TriMes
         .par_iter()
         .map(|p| {
             let c = field.color(p.map(|v| v as f64));
-            c.map(|v| {
-                if v.is_finite() {
-                    v.clamp(0.0, 1.0)
-                } else {
-                    0.0
-                }
-            })
+            c.map(|v| if v.is_finite() { v.clamp(0.0, 1.0) } else { 0.0 })
         })
         .collect();
     mesh.colors = colors;
@@ -276,11 +252,7 @@ pub fn extract_mesh(field: &dyn DensityField, cfg: &MeshConfig) -> Result<TriMes
 /// Writes `mesh` as `.glb` or `.obj` depending on the extension of `path`.
 pub fn write_mesh(mesh: &TriMesh, path: impl AsRef<Path>) -> Result<()> {
     let path = path.as_ref();
-    match path
-        .extension()
-        .and_then(|e| e.to_str())
-        .map(|e| e.to_ascii_lowercase())
-    {
+    match path.extension().and_then(|e| e.to_str()).map(|e| e.to_ascii_lowercase()) {
         Some(e) if e == "glb" => crate::export::glb::mesh_to_glb(mesh, path),
         Some(e) if e == "obj" => crate::export::obj::mesh_to_obj(mesh, path),
         _ => Err(Error::invalid(

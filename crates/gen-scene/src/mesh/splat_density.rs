@@ -22,11 +22,7 @@ pub struct SplatDensityConfig {
 
 impl Default for SplatDensityConfig {
     fn default() -> Self {
-        Self {
-            cutoff_sigmas: 3.0,
-            min_opacity: 1.0 / 255.0,
-            block: 16,
-        }
+        Self { cutoff_sigmas: 3.0, min_opacity: 1.0 / 255.0, block: 16 }
     }
 }
 
@@ -124,9 +120,7 @@ impl SplatDensity {
             let mut halves: Vec<f64> = gauss.iter().map(|g| g.half.max_element()).collect();
             halves.sort_by(f64::total_cmp);
             let cell = (extent / 64.0).max(halves[halves.len() / 2]);
-            let cells = ((hi - lo) / cell)
-                .to_array()
-                .map(|v| (v.ceil() as usize).clamp(1, 256));
+            let cells = ((hi - lo) / cell).to_array().map(|v| (v.ceil() as usize).clamp(1, 256));
             (lo, cell, cells)
         };
         let mut buckets = vec![Vec::new(); cells[0] * cells[1] * cells[2]];
@@ -141,14 +135,7 @@ impl SplatDensity {
                 }
             }
         }
-        Ok(Self {
-            gauss,
-            cfg,
-            origin,
-            cell,
-            cells,
-            buckets,
-        })
+        Ok(Self { gauss, cfg, origin, cell, cells, buckets })
     }
 
     /// Axis-aligned box holding every kept Gaussian's cut-off ellipsoid, `None` when no
@@ -198,10 +185,7 @@ impl DensityField for SplatDensity {
     fn density(&self, p: [f64; 3]) -> f64 {
         let p = DVec3::from(p);
         let c2 = self.cfg.cutoff_sigmas * self.cfg.cutoff_sigmas;
-        self.candidates(p)
-            .iter()
-            .map(|&i| self.gauss[i as usize].eval(p, c2))
-            .sum()
+        self.candidates(p).iter().map(|&i| self.gauss[i as usize].eval(p, c2)).sum()
     }
 
     fn color(&self, p: [f64; 3]) -> [f32; 3] {
@@ -224,9 +208,7 @@ impl DensityField for SplatDensity {
         self.gauss
             .iter()
             .min_by(|a, b| {
-                (a.mean - pv)
-                    .length_squared()
-                    .total_cmp(&(b.mean - pv).length_squared())
+                (a.mean - pv).length_squared().total_cmp(&(b.mean - pv).length_squared())
             })
             .map(|g| g.color)
             .unwrap_or([0.7; 3])
@@ -245,11 +227,7 @@ impl DensityField for SplatDensity {
             .map(|bi| {
                 let (bx, by, bz) = (bi % nb[0], (bi / nb[0]) % nb[1], bi / (nb[0] * nb[1]));
                 let lo = [bx * b, by * b, bz * b];
-                let hi = [
-                    (lo[0] + b).min(nx),
-                    (lo[1] + b).min(ny),
-                    (lo[2] + b).min(nz),
-                ];
+                let hi = [(lo[0] + b).min(nx), (lo[1] + b).min(ny), (lo[2] + b).min(nz)];
                 let plo = DVec3::from(grid.point(lo[0], lo[1], lo[2]));
                 let phi = DVec3::from(grid.point(hi[0] - 1, hi[1] - 1, hi[2] - 1));
                 let near: Vec<&Gauss> = self
@@ -276,11 +254,7 @@ impl DensityField for SplatDensity {
         for (bi, vals) in blocks {
             let (bx, by, bz) = (bi % nb[0], (bi / nb[0]) % nb[1], bi / (nb[0] * nb[1]));
             let lo = [bx * b, by * b, bz * b];
-            let hi = [
-                (lo[0] + b).min(nx),
-                (lo[1] + b).min(ny),
-                (lo[2] + b).min(nz),
-            ];
+            let hi = [(lo[0] + b).min(nx), (lo[1] + b).min(ny), (lo[2] + b).min(nz)];
             let mut it = vals.into_iter();
             for k in lo[2]..hi[2] {
                 for j in lo[1]..hi[1] {

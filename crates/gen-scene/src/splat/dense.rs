@@ -82,9 +82,7 @@ pub fn render_dense(
     let (tx, ty, tz) = (col(&t, 0)?, col(&t, 1)?, col(&t, 2)?);
 
     // Rotation from the normalised quaternion.
-    let q = splats
-        .quats
-        .broadcast_div(&splats.quats.sqr()?.sum_keepdim(1)?.sqrt()?)?;
+    let q = splats.quats.broadcast_div(&splats.quats.sqr()?.sum_keepdim(1)?.sqrt()?)?;
     let (qw, qx, qy, qz) = (col(&q, 0)?, col(&q, 1)?, col(&q, 2)?, col(&q, 3)?);
     let one = qw.ones_like()?;
     let two = |a: &Tensor, b: &Tensor| -> candle_core::Result<Tensor> { (a * b)? * 2.0 };
@@ -125,10 +123,7 @@ pub fn render_dense(
     )?
     .reshape((n, 2, 3))?;
     let tm = j.broadcast_matmul(&wmat)?;
-    let cov = tm
-        .matmul(&sigma)?
-        .matmul(&tm.transpose(1, 2)?)?
-        .reshape((n, 4))?;
+    let cov = tm.matmul(&sigma)?.matmul(&tm.transpose(1, 2)?)?.reshape((n, 4))?;
     let a = (col(&cov, 0)? + LOW_PASS)?;
     let b = col(&cov, 1)?;
     let c = (col(&cov, 3)? + LOW_PASS)?;
@@ -153,17 +148,11 @@ pub fn render_dense(
         + dy.sqr()?.broadcast_mul(&cc.unsqueeze(1)?)?)?
         * -0.5)?
         .sub(&(&dx * &dy)?.broadcast_mul(&cb.unsqueeze(1)?)?)?;
-    let alpha = power
-        .exp()?
-        .broadcast_mul(&opacity.unsqueeze(1)?)?
-        .minimum(ALPHA_MAX)?;
+    let alpha = power.exp()?.broadcast_mul(&opacity.unsqueeze(1)?)?.minimum(ALPHA_MAX)?;
 
     // Discrete decisions on detached values: culling, tile membership, skips, early stop.
     let f = |t: &Tensor| -> candle_core::Result<Vec<f64>> {
-        t.detach()
-            .to_dtype(DType::F64)?
-            .flatten_all()?
-            .to_vec1::<f64>()
+        t.detach().to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()
     };
     let (uv, vv, zv) = (f(&u)?, f(&v)?, f(&tz)?);
     let (av, cv, detv) = (f(&a)?, f(&c)?, f(&det)?);
@@ -183,10 +172,7 @@ pub fn render_dense(
     }
     let mut order: Vec<usize> = (0..n).filter(|&i| rects[i].is_some()).collect();
     order.sort_by(|&i, &k| {
-        zv[i]
-            .partial_cmp(&zv[k])
-            .unwrap_or(std::cmp::Ordering::Equal)
-            .then(i.cmp(&k))
+        zv[i].partial_cmp(&zv[k]).unwrap_or(std::cmp::Ordering::Equal).then(i.cmp(&k))
     });
     let mut mask = vec![0.0f64; n * np];
     for p in 0..np {
@@ -217,21 +203,12 @@ pub fn render_dense(
     for &i in &order {
         let al = alpha.get(i)?;
         let wgt = (&tr * &al)?;
-        rgb = (rgb
-            + wgt
-                .unsqueeze(1)?
-                .broadcast_mul(&colors.get(i)?.unsqueeze(0)?)?)?;
+        rgb = (rgb + wgt.unsqueeze(1)?.broadcast_mul(&colors.get(i)?.unsqueeze(0)?)?)?;
         depth = (depth + wgt.broadcast_mul(&tz.get(i)?)?)?;
         tr = (&tr * (1.0 - &al)?)?;
     }
-    let bg = Tensor::new(&cfg.background, dev)?
-        .to_dtype(dt)?
-        .unsqueeze(0)?;
+    let bg = Tensor::new(&cfg.background, dev)?.to_dtype(dt)?.unsqueeze(0)?;
     let rgb = (rgb + tr.unsqueeze(1)?.broadcast_mul(&bg)?)?;
     let alpha_img = (1.0 - &tr)?;
-    Ok((
-        rgb.reshape((h, w, 3))?,
-        alpha_img.reshape((h, w))?,
-        depth.reshape((h, w))?,
-    ))
+    Ok((rgb.reshape((h, w, 3))?, alpha_img.reshape((h, w))?, depth.reshape((h, w))?))
 }

@@ -48,10 +48,7 @@ impl CamParams<f64> {
             fy: k.fy,
             cx: k.cx,
             cy: k.cy,
-            lim_pos: [
-                (w - k.cx) / k.fx + 0.3 * tan_x,
-                (h - k.cy) / k.fy + 0.3 * tan_y,
-            ],
+            lim_pos: [(w - k.cx) / k.fx + 0.3 * tan_x, (h - k.cy) / k.fy + 0.3 * tan_y],
             lim_neg: [k.cx / k.fx + 0.3 * tan_x, k.cy / k.fy + 0.3 * tan_y],
             width: k.width,
             height: k.height,
@@ -92,12 +89,7 @@ pub(crate) fn tile_rect(
     let t = TILE as f64;
     let lo = |p: f64, n: usize| floor_index((p - 0.5 - radius) / t, n);
     let hi = |p: f64, n: usize| floor_index_plus_one((p - 0.5 + radius) / t, n);
-    (
-        lo(u, tiles_x),
-        hi(u, tiles_x),
-        lo(v, tiles_y),
-        hi(v, tiles_y),
-    )
+    (lo(u, tiles_x), hi(u, tiles_x), lo(v, tiles_y), hi(v, tiles_y))
 }
 
 /// `floor(x).clamp(0, n)` as an index (NaN gives 0), without a libm `floor` call (the x86-64
@@ -152,20 +144,12 @@ mod tests {
                 let lo = x.floor().clamp(0.0, n as f64) as usize;
                 let hi = (x.floor() + 1.0).clamp(0.0, n as f64) as usize;
                 assert_eq!(floor_index(x, n), lo, "floor_index({x}, {n})");
-                assert_eq!(
-                    floor_index_plus_one(x, n),
-                    hi,
-                    "floor_index_plus_one({x}, {n})"
-                );
+                assert_eq!(floor_index_plus_one(x, n), hi, "floor_index_plus_one({x}, {n})");
             }
             for x in [f64::NAN, f64::INFINITY, f64::NEG_INFINITY] {
                 let lo = x.floor().clamp(0.0, n as f64) as usize;
                 let hi = (x.floor() + 1.0).clamp(0.0, n as f64) as usize;
-                assert_eq!(
-                    (floor_index(x, n), floor_index_plus_one(x, n)),
-                    (lo, hi),
-                    "{x}"
-                );
+                assert_eq!((floor_index(x, n), floor_index_plus_one(x, n)), (lo, hi), "{x}");
             }
         }
     }

@@ -233,9 +233,7 @@ pub struct RenderConfig {
 
 impl Default for RenderConfig {
     fn default() -> Self {
-        Self {
-            background: [0.0; 3],
-        }
+        Self { background: [0.0; 3] }
     }
 }
 
@@ -284,10 +282,7 @@ pub fn sh_colors(means: &Tensor, sh: &Tensor, camera: &Camera) -> Result<Tensor>
         ));
     }
     let campos = kernel::CamParams::from_camera(camera).campos;
-    means
-        .contiguous()?
-        .apply_op2(&sh.contiguous()?, sh::ShOp { campos, k })
-        .ctx("splat SH colour")
+    means.contiguous()?.apply_op2(&sh.contiguous()?, sh::ShOp { campos, k }).ctx("splat SH colour")
 }
 
 /// Renders `splats` from `camera` with the tile rasterizer. Differentiable wrt every field of
@@ -341,13 +336,7 @@ fn render_impl(
         )
         .ctx("splat projection")?;
     let colors = means
-        .apply_op2(
-            &splats.sh.contiguous()?,
-            sh::ShOp {
-                campos: cam.campos,
-                k,
-            },
-        )
+        .apply_op2(&splats.sh.contiguous()?, sh::ShOp { campos: cam.campos, k })
         .ctx("splat SH colour")?;
     let raster_in = match probe {
         Some(p) => (&projection + p)?,

@@ -30,21 +30,9 @@ pub(crate) fn quat_rot<R: Real>(q: [R; 4]) -> M3<R> {
     let one = R::c(1.0);
     let two = R::c(2.0);
     [
-        [
-            one - two * (y * y + z * z),
-            two * (x * y - w * z),
-            two * (x * z + w * y),
-        ],
-        [
-            two * (x * y + w * z),
-            one - two * (x * x + z * z),
-            two * (y * z - w * x),
-        ],
-        [
-            two * (x * z - w * y),
-            two * (y * z + w * x),
-            one - two * (x * x + y * y),
-        ],
+        [one - two * (y * y + z * z), two * (x * y - w * z), two * (x * z + w * y)],
+        [two * (x * y + w * z), one - two * (x * x + z * z), two * (y * z - w * x)],
+        [two * (x * z - w * y), two * (y * z + w * x), one - two * (x * x + y * y)],
     ]
 }
 
@@ -122,10 +110,7 @@ fn forward_one<R: Real>(
         };
     }
     let (fx, fy) = (cam.fx, cam.fy);
-    let j = [
-        [fx / tz, R::c(0.0), -fx * ratio[0] / tz],
-        [R::c(0.0), fy / tz, -fy * ratio[1] / tz],
-    ];
+    let j = [[fx / tz, R::c(0.0), -fx * ratio[0] / tz], [R::c(0.0), fy / tz, -fy * ratio[1] / tz]];
     let mut tm = [[R::c(0.0); 3]; 2];
     for r in 0..2 {
         for c in 0..3 {
@@ -149,20 +134,7 @@ fn forward_one<R: Real>(
     if !(det.f64() > 0.0) {
         return None;
     }
-    Some(Fwd {
-        t,
-        qn,
-        qnorm,
-        rq,
-        s,
-        m,
-        sigma,
-        tm,
-        clamped,
-        ratio,
-        cov,
-        det,
-    })
+    Some(Fwd { t, qn, qnorm, rq, s, m, sigma, tm, clamped, ratio, cov, det })
 }
 
 /// Projects one Gaussian; writes the packed `PROJ_DIM` values (all zero when culled).
@@ -360,12 +332,9 @@ pub(crate) fn project_cpu<R: Real>(
 ) -> Vec<R> {
     let n = means.len() / 3;
     let mut out = vec![R::c(0.0); n * PROJ_DIM];
-    out.par_chunks_mut(PROJ_DIM)
-        .enumerate()
-        .with_min_len(256)
-        .for_each(|(i, o)| {
-            project_one(cam, arr(means, i), arr(logs, i), arr(quats, i), o);
-        });
+    out.par_chunks_mut(PROJ_DIM).enumerate().with_min_len(256).for_each(|(i, o)| {
+        project_one(cam, arr(means, i), arr(logs, i), arr(quats, i), o);
+    });
     out
 }
 

@@ -62,14 +62,10 @@ pub(crate) fn bin<R: Real>(cam: &CamParams<R>, proj: &[R]) -> Binning {
     let n = proj.len() / PROJ_DIM;
     let ntiles = cam.tiles_x * cam.tiles_y;
     let depth = |i: u32| proj[i as usize * PROJ_DIM + 5];
-    let mut order: Vec<u32> = (0..n as u32)
-        .filter(|&i| !(proj[i as usize * PROJ_DIM + 6].f64() <= 0.0))
-        .collect();
+    let mut order: Vec<u32> =
+        (0..n as u32).filter(|&i| !(proj[i as usize * PROJ_DIM + 6].f64() <= 0.0)).collect();
     order.par_sort_unstable_by(|&a, &b| {
-        depth(a)
-            .partial_cmp(&depth(b))
-            .unwrap_or(std::cmp::Ordering::Equal)
-            .then(a.cmp(&b))
+        depth(a).partial_cmp(&depth(b)).unwrap_or(std::cmp::Ordering::Equal).then(a.cmp(&b))
     });
     let rects: Vec<(usize, usize, usize, usize)> = order
         .iter()
@@ -351,11 +347,7 @@ fn lanes<R: Real>(b: &Block, width: usize) -> Lanes<R> {
 fn power<R: Real>(g: &Splat2d<R>, px: R, py: R) -> (R, R, R) {
     let dx = g.u - px;
     let dy = g.v - py;
-    (
-        R::c(-0.5) * (g.a * dx * dx + g.c * dy * dy) - g.b * dx * dy,
-        dx,
-        dy,
-    )
+    (R::c(-0.5) * (g.a * dx * dx + g.c * dy * dy) - g.b * dx * dy, dx, dy)
 }
 
 /// The alpha of Gaussian `g` at a lane's pixel, or 0 where the pixel skips it (`power > 0`,
@@ -689,10 +681,8 @@ pub(crate) fn raster_fwd<R: LaneReal>(
 ) -> RasterFwd<R> {
     let (w, h) = (cam.width, cam.height);
     let ntiles = cam.tiles_x * cam.tiles_y;
-    let per_tile: Vec<(Vec<PixelOut<R>>, Vec<Block>)> = (0..ntiles)
-        .into_par_iter()
-        .map(|t| fwd_tile(cam, bins, splats, bg, t))
-        .collect();
+    let per_tile: Vec<(Vec<PixelOut<R>>, Vec<Block>)> =
+        (0..ntiles).into_par_iter().map(|t| fwd_tile(cam, bins, splats, bg, t)).collect();
     let mut image = vec![R::c(0.0); w * h * OUT_DIM];
     let mut final_t = vec![R::c(1.0); w * h];
     let mut n_contrib = vec![0u32; w * h];
@@ -705,12 +695,7 @@ pub(crate) fn raster_fwd<R: LaneReal>(
         }
         blocks.push(tile_blocks);
     }
-    RasterFwd {
-        image,
-        final_t,
-        n_contrib,
-        blocks,
-    }
+    RasterFwd { image, final_t, n_contrib, blocks }
 }
 
 /// Gradients of the rasterizer inputs: `(d proj N*PROJ_DIM, d colors N*3, d logits N)`, from
@@ -739,13 +724,7 @@ pub(crate) fn raster_bwd<R: LaneReal>(
         slices.push((t, head));
         rest = tail;
     }
-    let inp = PixelIn {
-        width: cam.width,
-        bg,
-        final_t,
-        n_contrib,
-        grad,
-    };
+    let inp = PixelIn { width: cam.width, bg, final_t, n_contrib, grad };
     slices.into_par_iter().for_each(|(t, eg)| {
         if !eg.is_empty() {
             bwd_tile(bins, splats, &blocks[t], &inp, t, eg);
@@ -767,10 +746,7 @@ pub(crate) fn raster_bwd<R: LaneReal>(
         gop[i] += e[9];
     }
     // d opacity / d logit = o (1 - o).
-    let glogit = gop
-        .iter()
-        .zip(splats)
-        .map(|(&g, s)| g * s.opacity * (one - s.opacity));
+    let glogit = gop.iter().zip(splats).map(|(&g, s)| g * s.opacity * (one - s.opacity));
     (gproj, gcol, glogit.collect())
 }
 
@@ -794,11 +770,7 @@ pub(crate) struct RasterOp {
 
 impl RasterOp {
     pub fn new(cam: CamParams<f64>, background: [f64; 3]) -> Self {
-        Self {
-            cam,
-            background,
-            state: Mutex::new(None),
-        }
+        Self { cam, background, state: Mutex::new(None) }
     }
 
     fn fwd_t<R: LaneReal>(
@@ -817,13 +789,8 @@ impl RasterOp {
         let bins = bin(&cam, proj);
         let splats = prepare(proj, colors, logits);
         let f = raster_fwd(&cam, &bins, &splats, self.background.map(R::c));
-        let state = State {
-            bins,
-            splats,
-            blocks: f.blocks,
-            final_t: f.final_t,
-            n_contrib: f.n_contrib,
-        };
+        let state =
+            State { bins, splats, blocks: f.blocks, final_t: f.final_t, n_contrib: f.n_contrib };
         *self
             .state
             .lock()
@@ -850,16 +817,9 @@ impl RasterOp {
             .lock()
             .map_err(|_| candle_core::Error::Msg("splat raster state poisoned".into()))?;
         let (dp, dc, dl) = match guard.as_ref().and_then(|s| s.downcast_ref::<State<R>>()) {
-            Some(s) => raster_bwd(
-                &cam,
-                &s.bins,
-                &s.splats,
-                &s.blocks,
-                bg,
-                &s.final_t,
-                &s.n_contrib,
-                &g,
-            ),
+            Some(s) => {
+                raster_bwd(&cam, &s.bins, &s.splats, &s.blocks, bg, &s.final_t, &s.n_contrib, &g)
+            }
             None => {
                 // No saved state (should not happen): recompute the forward pass.
                 let v = |t: &Tensor| t.flatten_all()?.to_vec1::<R>();
@@ -867,16 +827,7 @@ impl RasterOp {
                 let bins = bin(&cam, &p);
                 let splats = prepare(&p, &c, &l);
                 let f = raster_fwd(&cam, &bins, &splats, bg);
-                raster_bwd(
-                    &cam,
-                    &bins,
-                    &splats,
-                    &f.blocks,
-                    bg,
-                    &f.final_t,
-                    &f.n_contrib,
-                    &g,
-                )
+                raster_bwd(&cam, &bins, &splats, &f.blocks, bg, &f.final_t, &f.n_contrib, &g)
             }
         };
         let dev = proj.device();
@@ -946,10 +897,7 @@ mod tests {
             worst = worst.max(((got - want) / want).abs());
             x -= 1.3e-4;
         }
-        assert!(
-            worst < 3.0 * f32::EPSILON as f64,
-            "worst relative error {worst:.3e}"
-        );
+        assert!(worst < 3.0 * f32::EPSILON as f64, "worst relative error {worst:.3e}");
         assert_eq!(exp_f32(0.0), 1.0);
         assert_eq!(exp_f32(-200.0), exp_f32(-80.0));
         assert!(exp_f32(f32::NAN).is_nan());

@@ -71,11 +71,7 @@ pub(crate) fn sh_basis<R: Real>(
         y[8] = k2[4] * (xx - y2);
         g[4] = [k2[0] * yy, k2[0] * x, zero];
         g[5] = [zero, k2[1] * z, k2[1] * yy];
-        g[6] = [
-            c(-2.0) * k2[2] * x,
-            c(-2.0) * k2[2] * yy,
-            c(4.0) * k2[2] * z,
-        ];
+        g[6] = [c(-2.0) * k2[2] * x, c(-2.0) * k2[2] * yy, c(4.0) * k2[2] * z];
         g[7] = [k2[3] * z, zero, k2[3] * x];
         g[8] = [c(2.0) * k2[4] * x, c(-2.0) * k2[4] * yy, zero];
     }
@@ -89,11 +85,7 @@ pub(crate) fn sh_basis<R: Real>(
         y[13] = k3[4] * x * (c(4.0) * zz - xx - y2);
         y[14] = k3[5] * z * (xx - y2);
         y[15] = k3[6] * x * (xx - c(3.0) * y2);
-        g[9] = [
-            c(6.0) * k3[0] * x * yy,
-            k3[0] * (c(3.0) * xx - c(3.0) * y2),
-            zero,
-        ];
+        g[9] = [c(6.0) * k3[0] * x * yy, k3[0] * (c(3.0) * xx - c(3.0) * y2), zero];
         g[10] = [k3[1] * yy * z, k3[1] * x * z, k3[1] * x * yy];
         g[11] = [
             c(-2.0) * k3[2] * x * yy,
@@ -110,16 +102,8 @@ pub(crate) fn sh_basis<R: Real>(
             c(-2.0) * k3[4] * x * yy,
             c(8.0) * k3[4] * x * z,
         ];
-        g[14] = [
-            c(2.0) * k3[5] * x * z,
-            c(-2.0) * k3[5] * yy * z,
-            k3[5] * (xx - y2),
-        ];
-        g[15] = [
-            k3[6] * (c(3.0) * xx - c(3.0) * y2),
-            c(-6.0) * k3[6] * x * yy,
-            zero,
-        ];
+        g[14] = [c(2.0) * k3[5] * x * z, c(-2.0) * k3[5] * yy * z, k3[5] * (xx - y2)];
+        g[15] = [k3[6] * (c(3.0) * xx - c(3.0) * y2), c(-6.0) * k3[6] * x * yy, zero];
     }
     if let Some(dy) = dy {
         *dy = g;
@@ -127,11 +111,7 @@ pub(crate) fn sh_basis<R: Real>(
 }
 
 fn direction<R: Real>(campos: [R; 3], mean: &[R]) -> ([R; 3], R) {
-    let v = [
-        mean[0] - campos[0],
-        mean[1] - campos[1],
-        mean[2] - campos[2],
-    ];
+    let v = [mean[0] - campos[0], mean[1] - campos[1], mean[2] - campos[2]];
     let n = (v[0] * v[0] + v[1] * v[1] + v[2] * v[2]).sqrt();
     if n.f64() < 1e-12 {
         return ([R::c(0.0), R::c(0.0), R::c(1.0)], R::c(0.0));
@@ -143,22 +123,19 @@ fn direction<R: Real>(campos: [R; 3], mean: &[R]) -> ([R; 3], R) {
 pub(crate) fn sh_cpu<R: Real>(campos: [R; 3], means: &[R], sh: &[R], k: usize) -> Vec<R> {
     let n = means.len() / 3;
     let mut out = vec![R::c(0.0); n * 3];
-    out.par_chunks_mut(3)
-        .enumerate()
-        .with_min_len(256)
-        .for_each(|(i, o)| {
-            let (d, _) = direction(campos, &means[i * 3..i * 3 + 3]);
-            let mut y = [R::c(0.0); 16];
-            sh_basis(k, d, &mut y, None);
-            let f = &sh[i * k * 3..(i + 1) * k * 3];
-            for ch in 0..3 {
-                let mut acc = R::c(0.5);
-                for (j, yj) in y.iter().enumerate().take(k) {
-                    acc += *yj * f[j * 3 + ch];
-                }
-                o[ch] = acc.maxr(R::c(0.0));
+    out.par_chunks_mut(3).enumerate().with_min_len(256).for_each(|(i, o)| {
+        let (d, _) = direction(campos, &means[i * 3..i * 3 + 3]);
+        let mut y = [R::c(0.0); 16];
+        sh_basis(k, d, &mut y, None);
+        let f = &sh[i * k * 3..(i + 1) * k * 3];
+        for ch in 0..3 {
+            let mut acc = R::c(0.5);
+            for (j, yj) in y.iter().enumerate().take(k) {
+                acc += *yj * f[j * 3 + ch];
             }
-        });
+            o[ch] = acc.maxr(R::c(0.0));
+        }
+    });
     out
 }
 
@@ -173,12 +150,8 @@ pub(crate) fn sh_bwd_cpu<R: Real>(
     let n = means.len() / 3;
     let mut dmeans = vec![R::c(0.0); n * 3];
     let mut dsh = vec![R::c(0.0); n * k * 3];
-    dmeans
-        .par_chunks_mut(3)
-        .zip(dsh.par_chunks_mut(k * 3))
-        .enumerate()
-        .with_min_len(256)
-        .for_each(|(i, (dm, ds))| {
+    dmeans.par_chunks_mut(3).zip(dsh.par_chunks_mut(k * 3)).enumerate().with_min_len(256).for_each(
+        |(i, (dm, ds))| {
             let (d, norm) = direction(campos, &means[i * 3..i * 3 + 3]);
             let mut y = [R::c(0.0); 16];
             let mut dy = [[R::c(0.0); 3]; 16];
@@ -191,11 +164,7 @@ pub(crate) fn sh_bwd_cpu<R: Real>(
                     acc += y[j] * f[j * 3 + ch];
                 }
                 // Clamped at 0 from below: no gradient where the value was negative.
-                g[ch] = if acc.f64() < 0.0 {
-                    R::c(0.0)
-                } else {
-                    grad[i * 3 + ch]
-                };
+                g[ch] = if acc.f64() < 0.0 { R::c(0.0) } else { grad[i * 3 + ch] };
             }
             let mut dd = [R::c(0.0); 3];
             for j in 0..k {
@@ -213,7 +182,8 @@ pub(crate) fn sh_bwd_cpu<R: Real>(
                     dm[a] = (dd[a] - d[a] * dot) / norm;
                 }
             }
-        });
+        },
+    );
     (dmeans, dsh)
 }
 
@@ -248,10 +218,7 @@ impl ShOp {
         let (m, s, g) = (v(means)?, v(sh)?, v(grad)?);
         let (dm, ds) = sh_bwd_cpu(self.campos.map(R::c), &m, &s, self.k, &g);
         let dev = means.device();
-        Ok((
-            Tensor::from_vec(dm, means.shape(), dev)?,
-            Tensor::from_vec(ds, sh.shape(), dev)?,
-        ))
+        Ok((Tensor::from_vec(dm, means.shape(), dev)?, Tensor::from_vec(ds, sh.shape(), dev)?))
     }
 }
 

@@ -14,15 +14,9 @@ use glam::DVec3;
 #[test]
 fn adam_fits_perturbed_splats_to_a_target_render() -> Result<()> {
     let k = Intrinsics::from_fov_y(0.8, 32, 32)?;
-    let cam = Camera::look_at(
-        k,
-        DVec3::new(0.0, -0.5, -4.0),
-        DVec3::ZERO,
-        DVec3::new(0.0, -1.0, 0.0),
-    )?;
-    let cfg = RenderConfig {
-        background: [1.0, 1.0, 1.0],
-    };
+    let cam =
+        Camera::look_at(k, DVec3::new(0.0, -0.5, -4.0), DVec3::ZERO, DVec3::new(0.0, -1.0, 0.0))?;
+    let cfg = RenderConfig { background: [1.0, 1.0, 1.0] };
     let scene = RandomSplatsConfig {
         count: 24,
         sh_degree: 1,
@@ -47,14 +41,8 @@ fn adam_fits_perturbed_splats_to_a_target_render() -> Result<()> {
     };
     let vars = SplatVars::new(&start)?;
     let splats = || vars.splats();
-    let mut opt = AdamW::new(
-        vars.all(),
-        ParamsAdamW {
-            lr: 0.01,
-            weight_decay: 0.0,
-            ..Default::default()
-        },
-    )?;
+    let mut opt =
+        AdamW::new(vars.all(), ParamsAdamW { lr: 0.01, weight_decay: 0.0, ..Default::default() })?;
     let mut losses = Vec::new();
     for _ in 0..60 {
         let probe = Var::zeros((24, 8), DType::F32, &dev)?;
@@ -69,14 +57,9 @@ fn adam_fits_perturbed_splats_to_a_target_render() -> Result<()> {
     }
     // The probe changes no value.
     let probe = Var::zeros((24, 8), DType::F32, &dev)?;
-    let a = render_with_probe(&splats(), &cam, &cfg, &probe)?
-        .rgb
-        .flatten_all()?
-        .to_vec1::<f32>()?;
-    let b = render(&splats(), &cam, &cfg)?
-        .rgb
-        .flatten_all()?
-        .to_vec1::<f32>()?;
+    let a =
+        render_with_probe(&splats(), &cam, &cfg, &probe)?.rgb.flatten_all()?.to_vec1::<f32>()?;
+    let b = render(&splats(), &cam, &cfg)?.rgb.flatten_all()?.to_vec1::<f32>()?;
     assert_eq!(a, b);
     let (first, last) = (losses[0], *losses.last().unwrap());
     println!("fit: loss {first:.5} -> {last:.5}");

@@ -99,9 +99,7 @@ impl LossWeights {
 }
 
 fn cfg() -> RenderConfig {
-    RenderConfig {
-        background: [0.2, 0.3, 0.4],
-    }
+    RenderConfig { background: [0.2, 0.3, 0.4] }
 }
 
 fn op_loss(s: &Splats, lw: &LossWeights) -> Result<Tensor> {
@@ -110,20 +108,11 @@ fn op_loss(s: &Splats, lw: &LossWeights) -> Result<Tensor> {
 }
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f64> {
-    Ok((a - b)?
-        .abs()?
-        .flatten_all()?
-        .max(0)?
-        .to_dtype(DType::F64)?
-        .to_scalar::<f64>()?)
+    Ok((a - b)?.abs()?.flatten_all()?.max(0)?.to_dtype(DType::F64)?.to_scalar::<f64>()?)
 }
 
 fn max_abs(a: &Tensor) -> Result<f64> {
-    Ok(a.abs()?
-        .flatten_all()?
-        .max(0)?
-        .to_dtype(DType::F64)?
-        .to_scalar::<f64>()?)
+    Ok(a.abs()?.flatten_all()?.max(0)?.to_dtype(DType::F64)?.to_scalar::<f64>()?)
 }
 
 /// Op vs dense reference: images and the gradients of every parameter.
@@ -134,12 +123,7 @@ fn check_against_dense(s: &Splats, what: &str) -> Result<f64> {
     let sp = vars.splats();
     let out = render(&sp, &camera(), &cfg())?;
     let (rgb_d, alpha_d, depth_d) = render_dense(&sp, &camera(), &cfg())?;
-    let visible = out
-        .radii()?
-        .gt(0.0)?
-        .to_dtype(DType::F64)?
-        .sum_all()?
-        .to_scalar::<f64>()?;
+    let visible = out.radii()?.gt(0.0)?.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?;
     assert!(
         visible >= s.len() as f64 - 1.0,
         "{what}: only {visible} of {} Gaussians visible",
@@ -155,12 +139,8 @@ fn check_against_dense(s: &Splats, what: &str) -> Result<f64> {
     let g_op = lw.loss(&out.rgb, &out.alpha, &out.depth)?.backward()?;
     let g_dense = lw.loss(&rgb_d, &alpha_d, &depth_d)?.backward()?;
     for (name, v) in vars.all() {
-        let a = g_op
-            .get(v)
-            .unwrap_or_else(|| panic!("{what}: no op gradient for {name}"));
-        let b = g_dense
-            .get(v)
-            .unwrap_or_else(|| panic!("{what}: no dense gradient for {name}"));
+        let a = g_op.get(v).unwrap_or_else(|| panic!("{what}: no op gradient for {name}"));
+        let b = g_dense.get(v).unwrap_or_else(|| panic!("{what}: no dense gradient for {name}"));
         let scale = max_abs(b)?;
         let err = max_abs_diff(a, b)?;
         println!("{what}: grad {name}: max |op - dense| = {err:.2e} (max |grad| {scale:.2e})");
@@ -170,10 +150,7 @@ fn check_against_dense(s: &Splats, what: &str) -> Result<f64> {
             "{what}: gradient of {name} differs from the dense reference: {err:.3e}"
         );
     }
-    let t_min = (1.0 - &out.alpha)?
-        .flatten_all()?
-        .min(0)?
-        .to_scalar::<f64>()?;
+    let t_min = (1.0 - &out.alpha)?.flatten_all()?.min(0)?.to_scalar::<f64>()?;
     println!("{what}: smallest final transmittance {t_min:.2e}");
     Ok(t_min)
 }
@@ -190,10 +167,7 @@ fn op_matches_dense_reference_opaque_sh1() -> Result<()> {
     let s = scene(2, 16, 1, (5.0, 8.0));
     let t_min = check_against_dense(&s, "16 opaque splats, SH 1")?;
     // Many layers at alpha 0.99 overlap, yet no pixel goes below T = 1e-4: compositing stopped.
-    assert!(
-        (1e-4..1e-3).contains(&t_min),
-        "early stop not exercised: min T = {t_min}"
-    );
+    assert!((1e-4..1e-3).contains(&t_min), "early stop not exercised: min T = {t_min}");
     Ok(())
 }
 
@@ -299,23 +273,13 @@ fn gradients_independent_of_thread_count() -> Result<()> {
     let s = scene(5, 8, 1, (-1.0, 1.5));
     let lw = LossWeights::new(DType::F64)?;
     let run = |threads: usize| -> Vec<Vec<f64>> {
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .build()
-            .unwrap();
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
         pool.install(|| {
             let vars = Vars::new(&s).unwrap();
             let g = op_loss(&vars.splats(), &lw).unwrap().backward().unwrap();
             vars.all()
                 .iter()
-                .map(|(_, v)| {
-                    g.get(v)
-                        .unwrap()
-                        .flatten_all()
-                        .unwrap()
-                        .to_vec1::<f64>()
-                        .unwrap()
-                })
+                .map(|(_, v)| g.get(v).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap())
                 .collect()
         })
     };

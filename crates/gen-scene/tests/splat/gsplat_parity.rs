@@ -10,10 +10,8 @@ use gen_scene::splat::{render, sh_colors, RenderConfig, Splats};
 use gen_scene::{Camera, Intrinsics};
 use glam::{DMat3, DVec3};
 
-const FIXTURE: &str = concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/tests/fixtures/splat_gsplat.safetensors"
-);
+const FIXTURE: &str =
+    concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/splat_gsplat.safetensors");
 
 struct Fx(HashMap<String, Tensor>);
 
@@ -25,10 +23,7 @@ impl Fx {
         ))
     }
     fn get(&self, k: &str) -> Result<Tensor> {
-        self.0
-            .get(k)
-            .cloned()
-            .with_context(|| format!("{FIXTURE}: missing tensor `{k}`"))
+        self.0.get(k).cloned().with_context(|| format!("{FIXTURE}: missing tensor `{k}`"))
     }
     fn camera(&self, case: &str) -> Result<Camera> {
         let k = self.get(&format!("{case}/camera/K"))?.to_vec1::<f64>()?;
@@ -54,13 +49,7 @@ impl Fx {
         let g = |n: &str| -> Result<Var> {
             Ok(Var::from_tensor(&self.get(&format!("{case}/in/{n}"))?)?)
         };
-        Ok([
-            g("means")?,
-            g("log_scales")?,
-            g("quats")?,
-            g("logits")?,
-            g("sh")?,
-        ])
+        Ok([g("means")?, g("log_scales")?, g("quats")?, g("logits")?, g("sh")?])
     }
 }
 
@@ -93,11 +82,7 @@ fn projection_matches_gsplat() -> Result<()> {
     let out = render(&splats(&v), &cam, &RenderConfig::default())?;
     let p = &out.projection;
     let valid = fx.get("proj/out/valid")?;
-    let ours_valid = p
-        .narrow(1, 6, 1)?
-        .squeeze(1)?
-        .gt(0.0)?
-        .to_dtype(DType::F64)?;
+    let ours_valid = p.narrow(1, 6, 1)?.squeeze(1)?.gt(0.0)?.to_dtype(DType::F64)?;
     assert_eq!(
         ours_valid.to_vec1::<f64>()?,
         valid.to_vec1::<f64>()?,
@@ -105,22 +90,17 @@ fn projection_matches_gsplat() -> Result<()> {
     );
     // The script puts splats 0 and 1 beyond the frustum clamp margin (visible, Jacobian clamped),
     // splat 2 behind the camera and splat 3 far off screen.
-    assert_eq!(
-        valid.narrow(0, 0, 4)?.to_vec1::<f64>()?,
-        vec![1.0, 1.0, 0.0, 0.0]
-    );
+    assert_eq!(valid.narrow(0, 0, 4)?.to_vec1::<f64>()?, vec![1.0, 1.0, 0.0, 0.0]);
     let m = valid.unsqueeze(1)?;
     let means2d = p.narrow(1, 0, 2)?.broadcast_mul(&m)?;
     let conics = p.narrow(1, 2, 3)?.broadcast_mul(&m)?;
     let depths = (p.narrow(1, 5, 1)?.squeeze(1)? * &valid)?;
     let want = |k: &str| -> Result<Tensor> {
-        Ok(fx
-            .get(&format!("proj/out/{k}"))?
-            .broadcast_mul(&if k == "depths" {
-                valid.clone()
-            } else {
-                m.clone()
-            })?)
+        Ok(fx.get(&format!("proj/out/{k}"))?.broadcast_mul(&if k == "depths" {
+            valid.clone()
+        } else {
+            m.clone()
+        })?)
     };
     for (name, ours, theirs) in [
         ("means2d", &means2d, want("means2d")?),
@@ -136,15 +116,10 @@ fn projection_matches_gsplat() -> Result<()> {
     let loss = (loss + (depths * w("depths")?)?.sum_all()?)?;
     let g = loss.backward()?;
     for (i, name) in NAMES.iter().enumerate().take(3) {
-        let ours = g
-            .get(&v[i])
-            .with_context(|| format!("no gradient for {name}"))?;
+        let ours = g.get(&v[i]).with_context(|| format!("no gradient for {name}"))?;
         let theirs = fx.get(&format!("proj/grad/{name}"))?;
         let e = rel_err(ours, &theirs)?;
-        println!(
-            "projection grad {name}: rel err {e:.2e} (max {:.2e})",
-            max_abs(&theirs)?
-        );
+        println!("projection grad {name}: rel err {e:.2e} (max {:.2e})", max_abs(&theirs)?);
         assert!(e < 1e-10, "grad {name}: {e}");
     }
     Ok(())
@@ -163,10 +138,7 @@ fn sh_colours_match_gsplat() -> Result<()> {
     for (i, name) in [(0usize, "means"), (4, "sh")] {
         let theirs = fx.get(&format!("sh/grad/{name}"))?;
         let e = rel_err(g.get(&v[i]).context("no gradient")?, &theirs)?;
-        println!(
-            "sh grad {name}: rel err {e:.2e} (max {:.2e})",
-            max_abs(&theirs)?
-        );
+        println!("sh grad {name}: rel err {e:.2e} (max {:.2e})", max_abs(&theirs)?);
         assert!(e < 1e-12);
     }
     Ok(())
@@ -178,20 +150,10 @@ fn render_matches_pytorch_reference() -> Result<()> {
     let cam = fx.camera("render")?;
     let v = fx.vars("render")?;
     let bg = fx.get("render/background")?.to_vec1::<f64>()?;
-    let out = render(
-        &splats(&v),
-        &cam,
-        &RenderConfig {
-            background: [bg[0], bg[1], bg[2]],
-        },
-    )?;
+    let out = render(&splats(&v), &cam, &RenderConfig { background: [bg[0], bg[1], bg[2]] })?;
     assert!(out.radii()?.to_vec1::<f64>()?.iter().all(|&r| r > 0.0));
     let mut loss = Tensor::zeros((), DType::F64, &Device::Cpu)?;
-    for (name, ours) in [
-        ("rgb", &out.rgb),
-        ("alpha", &out.alpha),
-        ("depth", &out.depth),
-    ] {
+    for (name, ours) in [("rgb", &out.rgb), ("alpha", &out.alpha), ("depth", &out.depth)] {
         let e = rel_err(ours, &fx.get(&format!("render/out/{name}"))?)?;
         println!("render {name}: rel err {e:.2e}");
         assert!(e < 1e-12, "{name}: {e}");
@@ -200,15 +162,8 @@ fn render_matches_pytorch_reference() -> Result<()> {
     let g = loss.backward()?;
     for (i, name) in NAMES.iter().enumerate() {
         let theirs = fx.get(&format!("render/grad/{name}"))?;
-        let e = rel_err(
-            g.get(&v[i])
-                .with_context(|| format!("no gradient for {name}"))?,
-            &theirs,
-        )?;
-        println!(
-            "render grad {name}: rel err {e:.2e} (max {:.2e})",
-            max_abs(&theirs)?
-        );
+        let e = rel_err(g.get(&v[i]).with_context(|| format!("no gradient for {name}"))?, &theirs)?;
+        println!("render grad {name}: rel err {e:.2e} (max {:.2e})", max_abs(&theirs)?);
         assert!(max_abs(&theirs)? > 1e-3 && e < 1e-10, "grad {name}: {e}");
     }
     Ok(())

@@ -37,12 +37,8 @@ fn scene(
 ) -> Result<Splats> {
     let mut rng = SeededRng::new(seed);
     let d = Device::Cpu;
-    let c = Tensor::new(&centre, &d)?
-        .to_dtype(DType::F32)?
-        .unsqueeze(0)?;
-    let means = rng
-        .rand_uniform((n, 3), -half, half, DType::F32, &d)?
-        .broadcast_add(&c)?;
+    let c = Tensor::new(&centre, &d)?.to_dtype(DType::F32)?.unsqueeze(0)?;
+    let means = rng.rand_uniform((n, 3), -half, half, DType::F32, &d)?.broadcast_add(&c)?;
     let s = Splats {
         means,
         log_scales: rng.rand_uniform((n, 3), log_scale.0, log_scale.1, DType::F32, &d)?,
@@ -82,11 +78,7 @@ fn splats(v: &[Var; 5]) -> Splats {
 const NAMES: [&str; 5] = ["means", "log_scales", "quats", "opacity_logits", "sh"];
 
 fn max_abs(t: &Tensor) -> Result<f64> {
-    Ok(t.abs()?
-        .flatten_all()?
-        .max(0)?
-        .to_dtype(DType::F64)?
-        .to_scalar::<f64>()?)
+    Ok(t.abs()?.flatten_all()?.max(0)?.to_dtype(DType::F64)?.to_scalar::<f64>()?)
 }
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f64> {
@@ -100,9 +92,7 @@ fn loss(rgb: &Tensor, alpha: &Tensor, depth: &Tensor, mask: &Tensor, seed: u64) 
     let mut rng = SeededRng::new(seed);
     let d = Device::Cpu;
     let m = mask.to_dtype(dt)?;
-    let wr = rng
-        .randn((H, W, 3), dt, &d)?
-        .broadcast_mul(&m.unsqueeze(2)?)?;
+    let wr = rng.randn((H, W, 3), dt, &d)?.broadcast_mul(&m.unsqueeze(2)?)?;
     let wa = (rng.randn((H, W), dt, &d)? * &m)?;
     let wd = ((rng.randn((H, W), dt, &d)? * 0.2)? * &m)?;
     let l = (rgb * wr)?.sum_all()?;
@@ -117,15 +107,7 @@ fn loss(rgb: &Tensor, alpha: &Tensor, depth: &Tensor, mask: &Tensor, seed: u64) 
 #[test]
 fn empty_tiles_give_background_and_zero_gradients() -> Result<()> {
     // The image spans about ±2.8 × ±2.25 world units at the means' depth.
-    let s = scene(
-        11,
-        12,
-        [-1.6, -1.2, 0.0],
-        0.6,
-        (-2.6, -2.0),
-        (0.0, 3.0),
-        DType::F64,
-    )?;
+    let s = scene(11, 12, [-1.6, -1.2, 0.0], 0.6, (-2.6, -2.0), (0.0, 3.0), DType::F64)?;
     let v = vars(&s)?;
     let out = render(&splats(&v), &camera(), &cfg())?;
     let rgb = out.rgb.to_vec3::<f64>()?;
@@ -152,10 +134,7 @@ fn empty_tiles_give_background_and_zero_gradients() -> Result<()> {
     let covered = H * W - empty.iter().filter(|&&e| e > 0.0).count();
     println!("{n_empty_tiles} of 20 tiles empty; {covered} covered pixels");
     assert!(n_empty_tiles >= 8, "scene should leave tiles empty");
-    assert!(
-        covered > 300,
-        "scene nearly empty: {covered} covered pixels"
-    );
+    assert!(covered > 300, "scene nearly empty: {covered} covered pixels");
 
     // A loss on the empty pixels only: exactly zero gradients.
     let mask = Tensor::from_vec(empty, (H, W), &Device::Cpu)?;
@@ -176,16 +155,10 @@ fn empty_tiles_give_background_and_zero_gradients() -> Result<()> {
     let g = loss(&out.rgb, &out.alpha, &out.depth, &ones, 4)?.backward()?;
     let gd = loss(&rgb_d, &alpha_d, &depth_d, &ones, 4)?.backward()?;
     for (name, var) in NAMES.iter().zip(&v) {
-        let (a, b) = (
-            g.get(var).expect("op grad"),
-            gd.get(var).expect("dense grad"),
-        );
+        let (a, b) = (g.get(var).expect("op grad"), gd.get(var).expect("dense grad"));
         let (err, scale) = (max_abs_diff(a, b)?, max_abs(b)?);
         println!("grad {name}: max |op - dense| {err:.2e} of {scale:.2e}");
-        assert!(
-            scale > 1e-6 && err <= 1e-9 * (1.0 + scale),
-            "{name}: {err:.3e}"
-        );
+        assert!(scale > 1e-6 && err <= 1e-9 * (1.0 + scale), "{name}: {err:.3e}");
     }
     Ok(())
 }
@@ -195,15 +168,7 @@ fn empty_tiles_give_background_and_zero_gradients() -> Result<()> {
 /// layers) while their neighbours go on: values to f32 rounding, gradients to 1e-4 relative.
 #[test]
 fn f32_lanes_match_dense_f64() -> Result<()> {
-    let s64 = scene(
-        12,
-        60,
-        [0.0, 0.0, 0.0],
-        1.0,
-        (-2.0, -1.0),
-        (0.0, 8.0),
-        DType::F64,
-    )?;
+    let s64 = scene(12, 60, [0.0, 0.0, 0.0], 1.0, (-2.0, -1.0), (0.0, 8.0), DType::F64)?;
     let to32 = |t: &Tensor| t.to_dtype(DType::F32);
     let s32 = Splats {
         means: to32(&s64.means)?,
@@ -218,19 +183,10 @@ fn f32_lanes_match_dense_f64() -> Result<()> {
     let out = render(&splats(&v32), &camera(), &cfg())?;
     let v64 = vars(&s64)?;
     let (rgb_d, alpha_d, depth_d) = render_dense(&splats(&v64), &camera(), &cfg())?;
-    let t_min = (1.0 - &alpha_d)?
-        .flatten_all()?
-        .min(0)?
-        .to_scalar::<f64>()?;
-    let t_max = (1.0 - &alpha_d)?
-        .flatten_all()?
-        .max(0)?
-        .to_scalar::<f64>()?;
+    let t_min = (1.0 - &alpha_d)?.flatten_all()?.min(0)?.to_scalar::<f64>()?;
+    let t_max = (1.0 - &alpha_d)?.flatten_all()?.max(0)?.to_scalar::<f64>()?;
     println!("final T from {t_min:.2e} to {t_max:.2e}");
-    assert!(
-        t_min < 2e-4 && t_max > 0.5,
-        "want early stops and open pixels"
-    );
+    assert!(t_min < 2e-4 && t_max > 0.5, "want early stops and open pixels");
     let e_rgb = max_abs_diff(&out.rgb, &rgb_d)?;
     let e_alpha = max_abs_diff(&out.alpha, &alpha_d)?;
     let e_depth = max_abs_diff(&out.depth, &depth_d)?;
@@ -243,10 +199,7 @@ fn f32_lanes_match_dense_f64() -> Result<()> {
         let b = gd.get(&v64[k]).expect("dense grad");
         let (err, scale) = (max_abs_diff(a, b)?, max_abs(b)?);
         println!("grad {name}: max |f32 op - f64 dense| {err:.2e} of {scale:.2e}");
-        assert!(
-            scale > 1e-6 && err < 1e-4 * (1.0 + scale),
-            "{name}: {err:.3e}"
-        );
+        assert!(scale > 1e-6 && err < 1e-4 * (1.0 + scale), "{name}: {err:.3e}");
     }
     Ok(())
 }
@@ -258,11 +211,7 @@ fn equal_depths_composite_in_index_order() -> Result<()> {
     let d = Device::Cpu;
     let make = |first_red: bool| -> Result<Splats> {
         let (red, green) = ([1.5f64, -1.5, -1.5], [-1.5f64, 1.5, -1.5]);
-        let (c0, c1) = if first_red {
-            (red, green)
-        } else {
-            (green, red)
-        };
+        let (c0, c1) = if first_red { (red, green) } else { (green, red) };
         let mut sh = vec![0.0f64; 2 * 4 * 3];
         sh[..3].copy_from_slice(&c0);
         sh[12..15].copy_from_slice(&c1);
@@ -284,10 +233,7 @@ fn equal_depths_composite_in_index_order() -> Result<()> {
         assert!(max_abs_diff(&out.alpha, &alpha_d)? < 1e-10);
         centre.push(out.rgb.get(H / 2)?.get(W / 2)?.to_vec1::<f64>()?);
     }
-    println!(
-        "centre pixel: red first {:?}, green first {:?}",
-        centre[0], centre[1]
-    );
+    println!("centre pixel: red first {:?}, green first {:?}", centre[0], centre[1]);
     assert!(centre[0][0] > centre[0][1] && centre[1][1] > centre[1][0]);
     Ok(())
 }
