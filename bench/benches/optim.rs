@@ -101,7 +101,10 @@ fn bench_projection(reps: usize) -> Result<()> {
 
 /// A `VarBuilder` backend that records the name and shape of every requested weight and hands
 /// out a broadcast zero (no memory per weight).
-struct ShapeRecorder(Arc<Mutex<Vec<(String, Vec<usize>)>>>);
+/// Names and shapes of the weights requested so far.
+type Recorded = Arc<Mutex<Vec<(String, Vec<usize>)>>>;
+
+struct ShapeRecorder(Recorded);
 
 impl SimpleBackend for ShapeRecorder {
     fn get(

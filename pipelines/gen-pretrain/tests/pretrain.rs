@@ -61,7 +61,7 @@ fn tiny_run_losses_fall_and_export_loads() -> anyhow::Result<()> {
         .any(|e| matches!(e, TrainEvent::Checkpoint { stage, step: 30, .. } if stage == "unet")));
     assert!(events.iter().filter(|e| matches!(e, TrainEvent::Step { .. })).count() == 4 * 30);
     // optimizer-state accounting: AdamW keeps two f32 moments per trained parameter
-    let params: std::collections::HashMap<String, usize> = events
+    let params: HashMap<String, usize> = events
         .iter()
         .filter_map(|e| match e {
             TrainEvent::StageStart { stage, params, .. } => Some((stage.clone(), *params)),
@@ -341,7 +341,7 @@ fn running_stage_may_change_its_step_count() -> anyhow::Result<()> {
     let mut t = Trainer::new(longer.clone(), &out, &Device::Cpu)?;
     let mut notes = Vec::new();
     let o = t.train(Stage::Evaluator, &RunControl::default(), &mut |e| {
-        if let gen_pretrain::TrainEvent::Note { message, .. } = e {
+        if let TrainEvent::Note { message, .. } = e {
             notes.push(message.clone())
         }
     })?;

@@ -16,14 +16,7 @@
 //! Wall and CPU time (user + system of this process) are both printed: on a shared machine
 //! the CPU time is the steadier measure.
 //!
-//! Measured 2026-11-28 (release, 2 cores shared with other jobs, load average 6–12):
-//! - combine on 1×4×64×64: CFG 0.006 ms, APG (paper) 0.43 ms;
-//! - tiny-sd, 64×64 px, 10 steps: 650 ms CPU/step (CFG) vs 640 (APG), APG/CFG 0.985 per step,
-//!   1.003 end to end (6.5 s CPU each);
-//! - SD-1.5-sized UNet (841 M parameters), 64×64 latents, 2 steps: 45.2 s CPU/step (CFG) vs
-//!   44.5 (APG), APG/CFG 0.986 per step, 0.991 end to end (88 s CPU each). Wall-clock ratios
-//!   (0.76–1.04) followed the machine's load, not the guidance.
-//! APG's extra work (x0 conversion, f64 projection, momentum) is far below a UNet call.
+//! Measured results are kept, dated, in bench/RESULTS.md ("APG against CFG").
 
 use std::path::Path;
 use std::time::Instant;

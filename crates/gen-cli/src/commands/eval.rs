@@ -239,10 +239,7 @@ fn run_model(a: ModelArgs) -> anyhow::Result<()> {
     if let Some(out) = &a.out {
         std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
         let doc = serde_json::json!({"model": model, "images": a.images, "image_size": size, "vae_psnr_db": psnr, "evaluator": acc});
-        gen_core::write_atomic(
-            out.join("model.json"),
-            serde_json::to_string_pretty(&doc)?.as_bytes(),
-        )?;
+        write_atomic(out.join("model.json"), serde_json::to_string_pretty(&doc)?.as_bytes())?;
         println!("wrote {}", out.join("model.json").display());
     }
     Ok(())

@@ -26,7 +26,7 @@ pub enum Command {
     /// Render samples of the procedural shapes world (images, masks, captions, ground truth).
     Dataset(dataset::DatasetArgs),
     /// Measure the model on the shapes world's test prompts: accuracy, tiny-FID, saturation, speed.
-    Eval(eval::EvalArgs),
+    Eval(Box<eval::EvalArgs>),
     /// Fit Gaussian splats to posed images (a world object or a transforms.json folder).
     Fit(Box<fit::FitArgs>),
     /// Generate images from a prompt (or an image and a prompt) with CFG or APG guidance.
@@ -39,7 +39,7 @@ pub enum Command {
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Dataset(args) => dataset::run(args),
-        Command::Eval(args) => eval::run(args),
+        Command::Eval(args) => eval::run(*args),
         Command::Fit(args) => fit::run(*args),
         Command::Image(args) => image::run(*args),
         Command::Train(args) => train::run(*args),
