@@ -2,11 +2,13 @@
 //! own file under `commands/`.
 
 mod commands;
+mod progress;
 
 use clap::Parser;
 
 fn main() -> std::process::ExitCode {
     gen_core::tune_allocator();
+    quiet_library_backtraces();
     let cli = commands::Cli::parse();
     match commands::run(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -14,6 +16,16 @@ fn main() -> std::process::ExitCode {
             eprintln!("error: {}", error_chain(&e));
             std::process::ExitCode::FAILURE
         }
+    }
+}
+
+/// candle attaches a captured backtrace to its errors when `RUST_BACKTRACE` is set (common in
+/// developer shells), and they would print after the message; a CLI error is the message
+/// alone. `RUST_LIB_BACKTRACE=0` turns library captures off and leaves panic backtraces to
+/// `RUST_BACKTRACE`; a `RUST_LIB_BACKTRACE` the user set is kept. Call before any thread starts.
+fn quiet_library_backtraces() {
+    if std::env::var_os("RUST_LIB_BACKTRACE").is_none() {
+        std::env::set_var("RUST_LIB_BACKTRACE", "0");
     }
 }
 
@@ -33,4 +45,23 @@ fn error_chain(e: &anyhow::Error) -> String {
         last = text;
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    /// With `RUST_BACKTRACE=1`, a candle error's text carries no captured backtrace once
+    /// [`super::quiet_library_backtraces`] ran (std decides on the first capture of the
+    /// process, so this test must be the only one here that makes candle errors).
+    #[test]
+    fn candle_errors_print_without_a_backtrace() {
+        std::env::set_var("RUST_BACKTRACE", "1");
+        std::env::remove_var("RUST_LIB_BACKTRACE");
+        super::quiet_library_backtraces();
+        let a =
+            candle_core::Tensor::zeros((2, 3), candle_core::DType::F32, &candle_core::Device::Cpu)
+                .unwrap();
+        let err = a.matmul(&a).unwrap_err().to_string();
+        assert!(err.contains("shape mismatch"), "{err}");
+        assert!(!err.contains('\n'), "a backtrace was printed: {err}");
+    }
 }

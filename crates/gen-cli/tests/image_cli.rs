@@ -312,3 +312,67 @@ fn lora_flag_changes_the_image_and_is_recorded() {
     assert!(!missing.exists());
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// An image's bytes do not depend on `--batch-size` (generation is batch-invariant and the PNG
+/// metadata leaves the batch size out; config.json keeps it).
+#[test]
+fn png_bytes_do_not_depend_on_the_batch_size() {
+    let dir = tmp("batch");
+    let model = fixture();
+    let run = |batch: &str| -> PathBuf {
+        let folder = dir.join(format!("b{batch}"));
+        let r = gen(&[
+            "image",
+            "a red cube",
+            "--model",
+            &model,
+            "--size",
+            "16",
+            "--steps",
+            "2",
+            "--num-images",
+            "3",
+            "--batch-size",
+            batch,
+            "--out",
+            folder.to_str().unwrap(),
+        ]);
+        assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+        folder
+    };
+    let (one, three) = (run("1"), run("3"));
+    for f in ["image-000.png", "image-001.png", "image-002.png", "grid.png"] {
+        assert_eq!(
+            std::fs::read(one.join(f)).unwrap(),
+            std::fs::read(three.join(f)).unwrap(),
+            "{f}: bytes differ between --batch-size 1 and 3"
+        );
+    }
+    let config = std::fs::read_to_string(three.join("config.json")).unwrap();
+    assert!(config.contains("\"batch_size\": 3"), "{config}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Warnings reach stderr as plain lines when stderr is not a terminal (the progress bar is
+/// hidden then, and its `println` would print nothing). The embedded model's word-level
+/// tokenizer does not know "teapot".
+#[test]
+fn warnings_reach_stderr_without_a_terminal() {
+    let dir = tmp("warn");
+    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../weights/tiny-shapes");
+    let out = dir.join("teapot.png");
+    let r = gen(&[
+        "image",
+        "a purple teapot",
+        "--model",
+        model.to_str().unwrap(),
+        "--steps",
+        "1",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert!(err.contains("warning:") && err.contains("does not know \"teapot\""), "stderr: {err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

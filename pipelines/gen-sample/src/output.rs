@@ -123,13 +123,22 @@ pub fn png_metadata(cfg: &SampleConfig, index: Option<usize>) -> Result<Vec<(Str
         ("guidance".to_string(), guidance),
         ("size".to_string(), format!("{w}x{h}")),
         ("model".to_string(), cfg.model.clone().unwrap_or_default()),
-        (
-            "parameters".to_string(),
-            serde_json::to_string(cfg).map_err(|e| Error::msg(format!("config to JSON: {e}")))?,
-        ),
+        ("parameters".to_string(), pixel_parameters(cfg)?),
         ("Software".to_string(), format!("gen-sample {}", env!("CARGO_PKG_VERSION"))),
     ]);
     Ok(t)
+}
+
+/// The sampling config as JSON without the settings that do not change the pixels (the batch
+/// size: generation is batch-invariant), so an image's bytes depend only on what shaped it.
+/// `config.json` keeps the whole config.
+fn pixel_parameters(cfg: &SampleConfig) -> Result<String> {
+    let mut v =
+        serde_json::to_value(cfg).map_err(|e| Error::msg(format!("config to JSON: {e}")))?;
+    if let Some(map) = v.as_object_mut() {
+        map.remove("batch_size");
+    }
+    serde_json::to_string(&v).map_err(|e| Error::msg(format!("config to JSON: {e}")))
 }
 
 /// What [`save_outputs`] wrote.

@@ -382,11 +382,14 @@ impl Progress {
     }
 
     fn exported(&self, path: &std::path::Path) {
-        self.bar.println(format!("wrote {}", path.display()))
+        crate::progress::say(&self.bar, format!("wrote {}", path.display()))
     }
 
     fn optimizer(&self, state_bytes: usize) {
-        self.bar.println(format!("optimizer state {:.2} MB", state_bytes as f64 / 1e6))
+        crate::progress::say(
+            &self.bar,
+            format!("optimizer state {:.2} MB", state_bytes as f64 / 1e6),
+        )
     }
 
     /// Clears the bar; returns the wall and CPU seconds since [`Progress::start`].

@@ -168,7 +168,7 @@ pub(crate) fn parse_interval(s: &str) -> Result<IntervalRange, String> {
 /// Shows a sampling event on a step progress bar (warnings above it).
 pub(crate) fn show_progress(bar: &ProgressBar, ev: &Progress) {
     match ev {
-        Progress::Warning(w) => bar.println(format!("warning: {w}")),
+        Progress::Warning(w) => crate::progress::say(bar, format!("warning: {w}")),
         Progress::Start { total_steps, .. } => bar.set_length(*total_steps as u64),
         Progress::Step { done, .. } => bar.set_position(*done as u64),
         Progress::Decoded { images_done, num_images } => {

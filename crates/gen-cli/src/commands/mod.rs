@@ -8,13 +8,14 @@ pub mod fit;
 pub mod image;
 pub mod train;
 
-/// gen: diffusion sampling with guidance, score distillation to 3D, reward fine-tuning and a
-/// tiny embedded Stable Diffusion trained on a procedural shapes world.
+/// gen: Stable-Diffusion-family text-to-image and image-to-image with CFG/APG guidance,
+/// Gaussian-splat and neural-field fitting to posed images, and a tiny embedded Stable
+/// Diffusion trained on a procedural shapes world (train it, measure it).
 #[derive(Debug, Parser)]
 #[command(
     name = "gen",
     version,
-    after_help = "Examples:\n  gen dataset --split test --count 64 --out out/test64\n  gen eval images --out out/eval\n  gen dataset --help"
+    after_help = "Examples:\n  gen image \"a red cube, front view\" --out cube.png\n  gen fit --world \"a green cone\" --out out/cone\n  gen dataset --split test --count 64 --out out/test64\n  gen eval images --out out/eval\n  gen image --help"
 )]
 pub struct Cli {
     #[command(subcommand)]
