@@ -376,3 +376,34 @@ fn warnings_reach_stderr_without_a_terminal() {
     assert!(err.contains("warning:") && err.contains("does not know \"teapot\""), "stderr: {err}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// A run whose outputs cannot all be written leaves none of them (nor temporary files): here
+/// the grid's name is taken by a folder.
+#[test]
+fn an_unwritable_output_leaves_no_files() {
+    let dir = tmp("partial");
+    let model = fixture();
+    let folder = dir.join("o");
+    std::fs::create_dir_all(folder.join("grid.png")).unwrap();
+    let r = gen(&[
+        "image",
+        "a red cube",
+        "--model",
+        &model,
+        "--size",
+        "16",
+        "--steps",
+        "2",
+        "--num-images",
+        "2",
+        "--out",
+        folder.to_str().unwrap(),
+    ]);
+    assert!(!r.status.success());
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert!(err.contains("grid.png") && err.contains("folder"), "{err}");
+    let left: Vec<_> =
+        std::fs::read_dir(&folder).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(left, vec![std::ffi::OsString::from("grid.png")], "files left behind");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -14,5 +14,5 @@ pub mod rng;
 pub use alloc::tune_allocator;
 pub use device::{pick_device, DeviceChoice};
 pub use error::{Error, Result, ResultExt};
-pub use fsutil::{write_atomic, AtomicFile};
+pub use fsutil::{write_atomic, AtomicFile, StagedFiles};
 pub use rng::SeededRng;

@@ -15,7 +15,7 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use gen_core::{AtomicFile, Error, Result};
+use gen_core::{AtomicFile, Error, Result, StagedFiles};
 use image::RgbImage;
 
 use crate::config::SampleConfig;
@@ -153,8 +153,20 @@ pub struct SavedOutputs {
 }
 
 /// Where [`save_outputs`] will write `n` images for `out` (see the module docs). Errors for an
-/// output file whose extension is not `.png`.
+/// output file whose extension is not `.png`, and for a planned file that exists as a folder.
 pub fn plan_outputs(out: &Path, n: usize) -> Result<SavedOutputs> {
+    let plan = plan_paths(out, n)?;
+    let mut files = plan.images.iter().chain(&plan.grid).chain(&plan.config);
+    if let Some(folder) = files.find(|p| p.is_dir()) {
+        return Err(Error::invalid(
+            "output path",
+            format!("{} is a folder, not a file", folder.display()),
+        ));
+    }
+    Ok(plan)
+}
+
+fn plan_paths(out: &Path, n: usize) -> Result<SavedOutputs> {
     let ext = out.extension().map(|e| e.to_string_lossy().to_ascii_lowercase());
     match ext.as_deref() {
         Some("png") if !out.is_dir() => {
@@ -185,21 +197,24 @@ pub fn plan_outputs(out: &Path, n: usize) -> Result<SavedOutputs> {
     }
 }
 
-/// Writes `images` (generated with the resolved `cfg`) to `out`, each file atomically.
+/// Writes `images` (generated with the resolved `cfg`) to `out`, all files or none: they are
+/// staged under temporary names and renamed together at the end.
 pub fn save_outputs(out: &Path, images: &[RgbImage], cfg: &SampleConfig) -> Result<SavedOutputs> {
     if images.is_empty() {
         return Err(Error::invalid("outputs", "no images to save"));
     }
     let plan = plan_outputs(out, images.len())?;
+    let mut staged = StagedFiles::new();
     for (i, (img, path)) in images.iter().zip(&plan.images).enumerate() {
-        save_png(path, img, &png_metadata(cfg, Some(i))?)?;
+        staged.add(path, &encode_png(img, &png_metadata(cfg, Some(i))?)?)?;
     }
     if let Some(g) = &plan.grid {
-        save_png(g, &image_grid(images)?, &png_metadata(cfg, None)?)?;
+        staged.add(g, &encode_png(&image_grid(images)?, &png_metadata(cfg, None)?)?)?;
     }
     if let Some(c) = &plan.config {
-        gen_core::write_atomic(c, cfg.to_json()?.as_bytes())?;
+        staged.add(c, cfg.to_json()?.as_bytes())?;
     }
+    staged.commit()?;
     Ok(plan)
 }
 
