@@ -4,7 +4,7 @@
 Pinned: torch 2.9.1, gsplat 1.5.3, safetensors 0.8.0
 (`pip install --no-deps gsplat==1.5.3 jaxtyping rich` next to torch).
 
-gsplat's CUDA rasterizer does not run on the CPU (see shared/reference/anchors.md), so the peer
+gsplat's CUDA rasterizer does not run on the CPU, so the peer
 is gsplat's pure-PyTorch projection (`_quat_scale_to_covar_preci`, `_fully_fused_projection`)
 and tile binning (`_isect_tiles`, `_isect_offset_encode`) from `gsplat/cuda/_torch_impl.py`,
 followed by per-tile (16×16) front-to-back compositing written below in plain PyTorch with the

@@ -26,8 +26,8 @@
 //! `GEN_BENCH_OPTIM_PARTS` (default `proj,state,train`), `GEN_BENCH_OPTIM_STEPS` (default 100),
 //! `GEN_BENCH_REPS` (projection timings, default 3).
 //!
-//! Reference anchor (numpy f32, 2 cores, shared/reference/anchors.md): SVD vs DCT selection
-//! 320² 13.9 ms vs 0.76 ms (18×); 1280² 499 ms vs 49 ms (10×).
+//! The numpy peer for the projection times is `scripts/bench_lowrank_numpy.py` (run it in the
+//! same session for a ratio).
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};

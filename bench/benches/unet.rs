@@ -30,7 +30,7 @@
 //! All f32 on CPU, timestep 500 for every sample (candle-transformers takes one timestep per
 //! batch). Training step = forward + MSE loss + backward (+ AdamW update, gen-optim's `AdamW`).
 //! candle-transformers is timed for the forward only: its backward drops or corrupts gradients
-//! (see shared/reference/candle.md), so its time would not measure the same work.
+//! (the parity tests in `tests/` show where), so its time would not measure the same work.
 
 use std::path::PathBuf;
 

@@ -82,7 +82,7 @@ fn header_has_the_standard_property_order() {
     ];
     assert_eq!(props, want[..]);
     // 17 = 62 - 45 f_rest: the degree-3 count of 62 includes the normals, so degree 0 has
-    // 17 properties (3d.md's "14" leaves out nx ny nz).
+    // 17 properties (a count of 14 leaves out nx ny nz).
     assert_eq!(props.len(), 17);
     assert_eq!(body.len(), 5 * 17 * 4);
 
