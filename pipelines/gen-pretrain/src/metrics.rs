@@ -13,7 +13,7 @@ use candle_core::{DType, Device, Tensor};
 use serde::Serialize;
 
 use gen_core::{Result, SeededRng};
-use gen_diffusion::{sample, start_from_noise, Cfg, SchedulerKind};
+use gen_diffusion::{sample, start_from_noise, Cfg, NoiseSource, SchedulerKind};
 use gen_models::{AutoencoderKL, PromptOptions, SdPipeline};
 use gen_world::metrics::{clipped_fraction, set_saturation, ClipThresholds, ImageU8, ObjectSelect};
 use gen_world::Split;
@@ -190,7 +190,15 @@ pub fn generation_accuracy(
             rng.randn((prompts.len(), pipe.unet_config.in_channels, side, side), DType::F32, &dev)?;
         let x = start_from_noise(sched.as_ref(), &noise)?;
         let mut g = Cfg::new(s.guidance_scale)?;
-        let lat = sample(&den, sched.as_mut(), &mut g, &x, &conds, &mut rng, &mut |_| {})?;
+        let lat = sample(
+            &den,
+            sched.as_mut(),
+            &mut g,
+            &x,
+            &conds,
+            &mut NoiseSource::Batch(&mut rng),
+            &mut |_| {},
+        )?;
         let raw = ((pipe.decode_latents(&lat)? + 1.0)? * 0.5)?;
         let img = raw.clamp(0f32, 1f32)?;
         for (p, l) in eval.predict(&img)?.iter().zip(&b.labels) {

@@ -1,8 +1,8 @@
 //! Text-to-image and image-to-image generation.
 
-use candle_core::{DType, Tensor};
+use candle_core::Tensor;
 use gen_core::{Error, Result, SeededRng};
-use gen_diffusion::{convert, guided_prediction, Conditions, Scheduler, SchedulerConfig, StepInfo};
+use gen_diffusion::{sample, Conditions, NoiseSource, Scheduler, SchedulerConfig};
 use gen_models::{PromptOptions, SdPipeline};
 use image::RgbImage;
 
@@ -103,29 +103,15 @@ fn to_images(decoded: &Tensor) -> Result<Vec<RgbImage>> {
     (0..b).map(|i| gen_core::imageio::tensor_to_rgb(&decoded.get(i)?)).collect()
 }
 
-/// One standard normal `(1, C, h, w)` draw per image stream, concatenated to `(B, C, h, w)`.
-fn per_image_noise(
-    rngs: &mut [SeededRng],
-    shape: (usize, usize, usize),
-    dtype: DType,
-    dev: &candle_core::Device,
-) -> Result<Tensor> {
-    let (c, h, w) = shape;
-    let parts =
-        rngs.iter_mut().map(|r| r.randn((1, c, h, w), dtype, dev)).collect::<Result<Vec<_>>>()?;
-    Ok(Tensor::cat(&parts, 0)?)
-}
-
 /// Generates `cfg.num_images` images with `pipe`, reporting to `progress`.
 ///
 /// Per batch of images: text embeddings of each image's prompt and of the negative prompt;
 /// a start from noise (or from the noised VAE latent of the init image); the scheduler's
-/// steps, each evaluating the branches the guidance asks for in one batched UNet pass
-/// ([`gen_models::UNetDenoiser`]) and combining them with [`guided_prediction`]; VAE decode. Image `i`
-/// draws all its noise from `SeededRng::fork(seed, i)`, so it is the same whatever the batch
-/// size, and the same seed gives the same bytes on the CPU. The step loop is
-/// `gen_diffusion::sample`'s, except that stochastic schedulers get their step noise from
-/// each image's own stream (`sample` draws it for the whole batch from one generator).
+/// steps by [`gen_diffusion::sample`], each evaluating the branches the guidance asks for in
+/// one batched UNet pass ([`gen_models::UNetDenoiser`]); VAE decode. Image `i` draws all its
+/// noise (initial and step noise) from `SeededRng::fork(seed, i)`
+/// ([`NoiseSource::PerSample`]), so it is the same whatever the batch size, and the same seed
+/// gives the same bytes on the CPU.
 pub fn generate(
     pipe: &SdPipeline,
     cfg: &SampleConfig,
@@ -203,47 +189,27 @@ pub fn generate(
         let mut scheduler = proto.boxed_clone();
         scheduler.set_timesteps(cfg.steps, strength)?;
         let timesteps = scheduler.timesteps().to_vec();
-        let noise = per_image_noise(&mut rngs, (c, lh, lw), dtype, dev)?;
-        let mut x = match &init {
+        let noise = NoiseSource::PerSample(&mut rngs).randn(&[b, c, lh, lw], dtype, dev)?;
+        let x = match &init {
             None => (noise * scheduler.init_noise_sigma())?,
             Some((x0, _)) => {
                 scheduler.add_noise(&x0.repeat((b, 1, 1, 1))?, &noise, &vec![timesteps[0]; b])?
             }
         };
         let mut guidance = cfg.guidance.build()?;
-        guidance.reset();
-        let n = timesteps.len();
-        for (step, &t) in timesteps.iter().enumerate() {
-            let x_in = scheduler.scale_model_input(&x, t)?;
-            let a = scheduler.model_alpha_cumprod(t)?;
-            let info =
-                StepInfo { step: Some((step, n)), timestep: t, sigma: ((1.0 - a) / a).sqrt() };
-            let (ts, alphas) = (vec![t; b], vec![a; b]);
-            let g = guided_prediction(
-                &denoiser,
-                guidance.as_mut(),
-                &x_in,
-                &ts,
-                &alphas,
-                &conds,
-                &info,
-            )?;
-            let out = convert(
-                &g.model_output,
-                &x_in,
-                &alphas,
-                denoiser.prediction_type,
-                scheduler.prediction_type(),
-            )?;
-            let step_noise = if scheduler.needs_noise(t) {
-                Some(per_image_noise(&mut rngs, (c, lh, lw), dtype, dev)?)
-            } else {
-                None
-            };
-            x = scheduler.step_with_noise(&out, t, &x, step_noise.as_ref())?.prev_sample;
-            done += 1;
-            progress(&Progress::Step { batch, step, done, total_steps });
-        }
+        let x = sample(
+            &denoiser,
+            scheduler.as_mut(),
+            &mut guidance,
+            &x,
+            &conds,
+            &mut NoiseSource::PerSample(&mut rngs),
+            &mut |e| {
+                done += 1;
+                progress(&Progress::Step { batch, step: e.step, done, total_steps });
+            },
+        )
+        .map_err(|e| Error::msg(format!("batch {batch}: {e}")))?;
         let decode = |z: &Tensor| {
             pipe.decode_latents(z).map_err(|e| Error::msg(format!("decoding batch {batch}: {e}")))
         };

@@ -21,7 +21,9 @@ use candle_core::{DType, Tensor};
 use gen_core::{Error, Result};
 use serde::{Deserialize, Serialize};
 
-use super::{check_scale, cond_only, Branch, Guidance, Guided, Predictions, Space, StepInfo};
+use super::{
+    check_scale, cond_only, Branch, Guidance, GuidanceState, Guided, Predictions, Space, StepInfo,
+};
 
 /// How the APG update is added (see the module docs).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -108,7 +110,8 @@ impl ApgConfig {
     }
 }
 
-/// APG guidance with its momentum state.
+/// APG guidance. Its momentum between steps is the [`GuidanceState`] read and restored by
+/// [`Guidance::state`] / [`Guidance::set_state`].
 #[derive(Debug, Clone)]
 pub struct Apg {
     pub config: ApgConfig,
@@ -201,8 +204,11 @@ impl Guidance for Apg {
         let u = preds.get(Branch::Uncond, space)?;
         Ok(Guided { value: self.guide(&c, &u)?, space })
     }
-    fn reset(&mut self) {
-        self.running = None;
-        self.last_sigma = None;
+    fn state(&self) -> GuidanceState {
+        GuidanceState { momentum: self.running.clone(), last_sigma: self.last_sigma }
+    }
+    fn set_state(&mut self, state: GuidanceState) {
+        self.running = state.momentum;
+        self.last_sigma = state.last_sigma;
     }
 }
