@@ -5,6 +5,7 @@
 
 pub mod blocks;
 pub mod clip;
+pub mod evaluator;
 pub mod loading;
 pub mod pipeline;
 pub mod sd;
@@ -17,6 +18,7 @@ pub use clip::{
     ClipTextTransformer, ClipVisionConfig, ClipVisionModelWithProjection, ClipVisionTransformer,
     TextForwardOptions,
 };
+pub use evaluator::{Evaluator, EvaluatorClasses, EvaluatorConfig};
 pub use pipeline::{LoadOptions, ModelSource, PipelineFiles, SdPipeline};
 pub use sd::{PromptOptions, UNetDenoiser};
 pub use tokenizer::{Encoded, Tokenizer};

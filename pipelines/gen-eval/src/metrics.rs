@@ -7,7 +7,7 @@
 //!   object saturation vs the real renders of the same captions and the clipped-pixel fraction
 //!   ([`GenerationReport`], with gen-world's metrics: [`gen_world::metrics`]).
 //!
-//! `gen eval` (the full report with CFG/APG, baselines and timing) is in [`crate::eval`].
+//! `gen eval` (the full report with CFG/APG, baselines and timing) is in [`crate::session`].
 
 use candle_core::{DType, Device, Tensor};
 use serde::Serialize;
@@ -18,8 +18,8 @@ use gen_models::{AutoencoderKL, PromptOptions, SdPipeline};
 use gen_world::metrics::{clipped_fraction, set_saturation, ClipThresholds, ImageU8, ObjectSelect};
 use gen_world::Split;
 
-use crate::data::{Labels, WorldData};
-use crate::evaluator::Evaluator;
+use gen_models::evaluator::{Evaluator, Prediction};
+use gen_pretrain::data::{Labels, WorldData};
 
 /// Mean PSNR (dB) of `n` test images reconstructed through the posterior mean.
 pub fn vae_psnr(vae: &AutoencoderKL, data: &mut WorldData, n: usize) -> Result<f64> {
@@ -54,7 +54,7 @@ pub struct HeadAccuracy {
     pub background: f64,
 }
 
-fn accumulate(acc: &mut HeadAccuracy, p: &crate::evaluator::Prediction, l: &Labels) {
+fn accumulate(acc: &mut HeadAccuracy, p: &Prediction, l: &Labels) {
     acc.n += 1;
     acc.shape += (p.shape == l.shape) as u8 as f64;
     acc.hue += (p.hue == l.hue) as u8 as f64;
