@@ -39,7 +39,7 @@ pub use denoiser::{guided_prediction, Conditions, Denoiser, GuidedPrediction};
 pub use guidance::{
     Apg, ApgConfig, ApgFormulation, Branch, Cfg, Guidance, GuidanceConfig, GuidanceMethod,
     GuidanceState, Guided, Interval, IntervalRange, NoGuidance, Predictions, Rescale, Space,
-    StepInfo,
+    StepInfo, SDXL_LATENT_DIM,
 };
 pub use prediction::{convert, to_eps, to_v, to_x0, PredictionType};
 pub use sampling::{

@@ -54,7 +54,19 @@ pub struct ApgConfig {
     pub space: Space,
 }
 
+/// Values in one SDXL latent, C·H·W = 4×128×128: the latent size the paper's r = 15 was tuned
+/// for (and the presets' r values assume).
+pub const SDXL_LATENT_DIM: usize = 4 * 128 * 128;
+
 impl ApgConfig {
+    /// A norm threshold `r` tuned on SDXL latents, carried over to latents of `latent_dim` =
+    /// C·H·W values: `r·sqrt(latent_dim / SDXL_LATENT_DIM)`. The norm of the guidance update
+    /// grows with the square root of the number of values it is taken over, so a threshold
+    /// left at r = 15 hardly ever acts on a small latent (4×16×16 gives r / 8).
+    pub fn norm_threshold_for_latent(r: f64, latent_dim: usize) -> f64 {
+        r * (latent_dim as f64 / SDXL_LATENT_DIM as f64).sqrt()
+    }
+
     /// Paper defaults (SDXL row of Table 10 via diffusers PR #9626): eta 0, r 15, beta -0.5, x0 space.
     pub fn paper(scale: f64) -> Self {
         Self {

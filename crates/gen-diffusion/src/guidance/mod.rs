@@ -16,7 +16,7 @@ mod config;
 mod interval;
 mod rescale;
 
-pub use apg::{Apg, ApgConfig, ApgFormulation};
+pub use apg::{Apg, ApgConfig, ApgFormulation, SDXL_LATENT_DIM};
 pub use cfg::Cfg;
 pub use config::{GuidanceConfig, GuidanceMethod};
 pub use interval::{Interval, IntervalRange};
