@@ -36,7 +36,7 @@ fn ok(r: &Output) {
 }
 
 fn rows(path: &Path) -> Vec<BTreeMap<String, String>> {
-    gen_pretrain::eval::parse_csv(&std::fs::read_to_string(path).unwrap(), path).unwrap()
+    gen_eval::session::parse_csv(&std::fs::read_to_string(path).unwrap(), path).unwrap()
 }
 
 fn value(row: &BTreeMap<String, String>, k: &str) -> f64 {

@@ -5,6 +5,7 @@
 //! op or shape involved.
 
 pub mod alloc;
+pub mod chart;
 pub mod device;
 pub mod error;
 pub mod fsutil;

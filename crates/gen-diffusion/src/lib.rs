@@ -1,6 +1,7 @@
 //! Schedulers, prediction-type conversions and the one guidance implementation (CFG, APG,
 //! CFG-rescale, guidance intervals) of the `gen` toolkit, model-agnostic: models plug in
-//! through the [`Denoiser`] trait, and [`sample`] runs a guided trajectory. Score
+//! through the [`Denoiser`] trait, and [`sample`] runs a guided trajectory (the one loop;
+//! its per-step state is explicit, so [`sample_step`] recomputes any step). Score
 //! distillation and reward fine-tuning reuse [`guided_prediction`] (one guided model call at
 //! per-sample timesteps) and the differentiable guidance components.
 //!
@@ -20,7 +21,8 @@
 //! let mut guidance = GuidanceConfig::cfg(7.5).build()?;          // or Apg::new(ApgConfig::paper(w))
 //! let x = start_from_noise(scheduler.as_ref(), &rng.randn((1, 4, 64, 64), DType::F32, &dev)?)?;
 //! let conds = Conditions { cond: text_emb, uncond: Some(empty_emb) };
-//! let latents = sample(&unet_denoiser, scheduler.as_mut(), &mut guidance, &x, &conds, &mut rng, &mut |ev| {})?;
+//! let latents = sample(&unet_denoiser, scheduler.as_mut(), &mut guidance, &x, &conds,
+//!                      &mut NoiseSource::Batch(&mut rng), &mut |ev| {})?;
 //! ```
 
 pub mod config;
@@ -35,13 +37,16 @@ pub mod schedulers;
 pub use config::{FinalSigmas, SchedulerConfig, SchedulerKind, VarianceType};
 pub use denoiser::{guided_prediction, Conditions, Denoiser, GuidedPrediction};
 pub use guidance::{
-    Apg, ApgConfig, ApgFormulation, Branch, Cfg, Guidance, GuidanceConfig, GuidanceMethod, Guided,
-    Interval, IntervalRange, NoGuidance, Predictions, Rescale, Space, StepInfo,
+    Apg, ApgConfig, ApgFormulation, Branch, Cfg, Guidance, GuidanceConfig, GuidanceMethod,
+    GuidanceState, Guided, Interval, IntervalRange, NoGuidance, Predictions, Rescale, Space,
+    StepInfo, SDXL_LATENT_DIM,
 };
 pub use prediction::{convert, to_eps, to_v, to_x0, PredictionType};
-pub use sampling::{sample, start_from_noise, SampleEvent};
+pub use sampling::{
+    sample, sample_step, start_from_noise, NoiseSource, SampleEvent, StepInputs, StepResult,
+};
 pub use schedule::{BetaSchedule, TimestepSpacing};
-pub use scheduler::{Scheduler, StepOutput};
+pub use scheduler::{Scheduler, SchedulerState, StepOutput};
 pub use schedulers::{
     DdimScheduler, DdpmScheduler, DpmSolverMultistepScheduler, EulerAncestralScheduler,
     EulerScheduler,

@@ -1,12 +1,73 @@
-//! The sampling loop shared by text-to-image, image-to-image and the tests.
+//! The one sampling loop, shared by text-to-image, image-to-image, the metrics and the tests.
 
-use candle_core::Tensor;
+use candle_core::{DType, Device, Tensor};
 use gen_core::{Error, Result, SeededRng};
 
 use crate::denoiser::{guided_prediction, Conditions, Denoiser};
-use crate::guidance::{Guidance, StepInfo};
+use crate::guidance::{Guidance, GuidanceState, StepInfo};
 use crate::prediction::convert;
-use crate::scheduler::Scheduler;
+use crate::scheduler::{Scheduler, SchedulerState};
+
+/// Where the sampling loop draws its random numbers (the initial noise, drawn by the caller
+/// with [`NoiseSource::randn`], and the step noise of stochastic schedulers).
+#[derive(Debug)]
+pub enum NoiseSource<'a> {
+    /// One generator for the whole batch: each draw has the batch's shape.
+    Batch(&'a mut SeededRng),
+    /// One generator per sample: sample `j` draws its `(1, ...)` part from generator `j`, so
+    /// its noise does not depend on the batch it is in (`gen image`'s batch invariance).
+    PerSample(&'a mut [SeededRng]),
+}
+
+impl NoiseSource<'_> {
+    /// Standard normal noise of `shape` (batch first).
+    pub fn randn(&mut self, shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
+        match self {
+            Self::Batch(rng) => rng.randn(shape, dtype, device),
+            Self::PerSample(rngs) => {
+                if shape.first() != Some(&rngs.len()) {
+                    return Err(Error::invalid(
+                        "per-sample noise",
+                        format!("{} generators for a batch of shape {shape:?}", rngs.len()),
+                    ));
+                }
+                let mut one = shape.to_vec();
+                one[0] = 1;
+                let parts = rngs
+                    .iter_mut()
+                    .map(|r| r.randn(one.as_slice(), dtype, device))
+                    .collect::<Result<Vec<_>>>()?;
+                Ok(Tensor::cat(&parts, 0)?)
+            }
+        }
+    }
+}
+
+/// Everything one step of [`sample`] starts from. With the same denoiser, conditions and
+/// scheduler schedule (config and `set_timesteps`), [`sample_step`] recomputes the step from
+/// it bit for bit, in any order.
+#[derive(Debug, Clone)]
+pub struct StepInputs {
+    /// Position in the scheduler's [`Scheduler::timesteps`].
+    pub index: usize,
+    /// The sample before the step, (B, C, H, W).
+    pub sample: Tensor,
+    /// The scheduler's state before the step.
+    pub scheduler: SchedulerState,
+    /// The guidance's state before the step.
+    pub guidance: GuidanceState,
+    /// The step noise, when the scheduler draws one at this step.
+    pub noise: Option<Tensor>,
+}
+
+/// What one step gives.
+#[derive(Debug, Clone)]
+pub struct StepResult {
+    /// The sample after the step.
+    pub sample: Tensor,
+    /// The guided clean-sample estimate of the step (x0 space).
+    pub pred_x0: Tensor,
+}
 
 /// Progress of [`sample`], sent after each step.
 #[derive(Debug)]
@@ -18,6 +79,8 @@ pub struct SampleEvent<'a> {
     pub sample: &'a Tensor,
     /// The guided clean-sample estimate of this step (x0 space).
     pub pred_x0: &'a Tensor,
+    /// What this step started from (to recompute it with [`sample_step`]).
+    pub inputs: &'a StepInputs,
 }
 
 /// The starting sample for text-to-image: standard normal `noise` times the scheduler's
@@ -31,14 +94,15 @@ pub fn start_from_noise(scheduler: &dyn Scheduler, noise: &Tensor) -> Result<Ten
 /// `set_timesteps` first. At each step: scale the input, evaluate the branches the guidance
 /// asks for, combine (converting to x0 space where the guidance works there), convert the
 /// guided prediction to the scheduler's prediction type, step. The guidance state is reset
-/// at the start. Stochastic schedulers draw their noise from `rng`. Returns the final sample.
+/// at the start. Stochastic schedulers draw their step noise from `noise`. Returns the final
+/// sample; stops with an error naming the step when the sample turns non-finite.
 pub fn sample<D, G>(
     denoiser: &D,
     scheduler: &mut dyn Scheduler,
     guidance: &mut G,
     x_start: &Tensor,
     conds: &Conditions<D::Cond>,
-    rng: &mut SeededRng,
+    noise: &mut NoiseSource,
     progress: &mut dyn FnMut(&SampleEvent),
 ) -> Result<Tensor>
 where
@@ -50,25 +114,94 @@ where
         return Err(Error::msg("sample: the scheduler has no timesteps; call set_timesteps first"));
     }
     guidance.reset();
-    let b = x_start.dim(0)?;
     let n = timesteps.len();
     let mut x = x_start.clone();
     for (i, &t) in timesteps.iter().enumerate() {
-        let x_in = scheduler.scale_model_input(&x, t)?;
-        let a = scheduler.model_alpha_cumprod(t)?;
-        let step = StepInfo { step: Some((i, n)), timestep: t, sigma: ((1.0 - a) / a).sqrt() };
-        let (ts, alphas) = (vec![t; b], vec![a; b]);
-        let g = guided_prediction(denoiser, guidance, &x_in, &ts, &alphas, conds, &step)?;
-        let out = convert(
-            &g.model_output,
-            &x_in,
-            &alphas,
-            denoiser.prediction_type(),
-            scheduler.prediction_type(),
-        )?;
-        let s = scheduler.step(&out, t, &x, rng)?;
-        x = s.prev_sample;
-        progress(&SampleEvent { step: i, num_steps: n, timestep: t, sample: &x, pred_x0: &g.x0 });
+        let step_noise = if scheduler.needs_noise(t) {
+            Some(noise.randn(x.dims(), x.dtype(), x.device())?)
+        } else {
+            None
+        };
+        let inputs = StepInputs {
+            index: i,
+            sample: x,
+            scheduler: scheduler.state(),
+            guidance: guidance.state(),
+            noise: step_noise,
+        };
+        let r = run_step(denoiser, scheduler, guidance, conds, &inputs)?;
+        progress(&SampleEvent {
+            step: i,
+            num_steps: n,
+            timestep: t,
+            sample: &r.sample,
+            pred_x0: &r.pred_x0,
+            inputs: &inputs,
+        });
+        x = r.sample;
     }
     Ok(x)
+}
+
+/// Recomputes one step of [`sample`] from its [`StepInputs`]: restores the scheduler and
+/// guidance states, then steps. `scheduler` must have the config and `set_timesteps` of the
+/// original run; afterwards both hold the states after the step.
+pub fn sample_step<D, G>(
+    denoiser: &D,
+    scheduler: &mut dyn Scheduler,
+    guidance: &mut G,
+    conds: &Conditions<D::Cond>,
+    inputs: &StepInputs,
+) -> Result<StepResult>
+where
+    D: Denoiser + ?Sized,
+    G: Guidance + ?Sized,
+{
+    scheduler.set_state(inputs.scheduler.clone())?;
+    guidance.set_state(inputs.guidance.clone());
+    run_step(denoiser, scheduler, guidance, conds, inputs)
+}
+
+/// One step from the states the scheduler and guidance hold.
+fn run_step<D, G>(
+    denoiser: &D,
+    scheduler: &mut dyn Scheduler,
+    guidance: &mut G,
+    conds: &Conditions<D::Cond>,
+    inputs: &StepInputs,
+) -> Result<StepResult>
+where
+    D: Denoiser + ?Sized,
+    G: Guidance + ?Sized,
+{
+    let n = scheduler.timesteps().len();
+    let i = inputs.index;
+    let t = *scheduler.timesteps().get(i).ok_or_else(|| {
+        Error::invalid("sampling step", format!("step {i} of a {n}-step schedule"))
+    })?;
+    let x = &inputs.sample;
+    let b = x.dim(0)?;
+    let x_in = scheduler.scale_model_input(x, t)?;
+    let a = scheduler.model_alpha_cumprod(t)?;
+    let step = StepInfo { step: Some((i, n)), timestep: t, sigma: ((1.0 - a) / a).sqrt() };
+    let (ts, alphas) = (vec![t; b], vec![a; b]);
+    let g = guided_prediction(denoiser, guidance, &x_in, &ts, &alphas, conds, &step)?;
+    let out = convert(
+        &g.model_output,
+        &x_in,
+        &alphas,
+        denoiser.prediction_type(),
+        scheduler.prediction_type(),
+    )?;
+    let s = scheduler.step_with_noise(&out, t, x, inputs.noise.as_ref())?;
+    let total = s.prev_sample.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()?;
+    if !total.is_finite() {
+        return Err(Error::msg(format!(
+            "sampling: the latents turned non-finite (NaN or infinity) at step {} of {n} \
+             (timestep {t}); the model's weights or inputs hold non-finite values, or the \
+             guidance diverged",
+            i + 1
+        )));
+    }
+    Ok(StepResult { sample: s.prev_sample, pred_x0: g.x0 })
 }

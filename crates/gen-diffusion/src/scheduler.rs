@@ -16,6 +16,23 @@ pub struct StepOutput {
     pub pred_original_sample: Tensor,
 }
 
+/// What a scheduler carries from one step of a trajectory to the next: its position and,
+/// for multistep solvers, the history of data predictions. [`Scheduler::state`] reads it and
+/// [`Scheduler::set_state`] restores it, so a step can be recomputed from (step index, sample,
+/// state) alone — what gradient checkpointing through a sampling chain needs. Everything
+/// else in a scheduler is fixed by its config and [`Scheduler::set_timesteps`].
+#[derive(Debug, Clone, Default)]
+pub struct SchedulerState {
+    /// Index into the full (untruncated) schedule of the next step; `None` before the first
+    /// step (the sigma-based schedulers keep it; the others find the step from `t`).
+    pub step_index: Option<usize>,
+    /// Data predictions x0 of the previous steps, oldest first (`solver_order` slots, DPM-Solver
+    /// only; empty for the one-step schedulers).
+    pub history: Vec<Option<Tensor>>,
+    /// How many lower-order warm-up steps a multistep solver has taken (DPM-Solver only).
+    pub lower_order_nums: usize,
+}
+
 /// A diffusion sampler. Usage per trajectory: [`Scheduler::set_timesteps`], then for each `t`
 /// in [`Scheduler::timesteps`]: `x_in = scale_model_input(x, t)`, run the model on `x_in`,
 /// `x = step(model_output, t, x, rng).prev_sample`. Samples start as standard normal noise
@@ -49,6 +66,16 @@ pub trait Scheduler: Send {
     fn model_alpha_cumprod(&self, t: f64) -> Result<f64>;
     /// Whether the step at `t` draws fresh noise.
     fn needs_noise(&self, t: f64) -> bool;
+    /// The step state after the steps taken so far (see [`SchedulerState`]).
+    fn state(&self) -> SchedulerState {
+        SchedulerState::default()
+    }
+    /// Restores a state read by [`Scheduler::state`] (on a scheduler with the same config and
+    /// `set_timesteps`); the next step then computes exactly what it computed from there.
+    fn set_state(&mut self, state: SchedulerState) -> Result<()> {
+        let _ = state;
+        Ok(())
+    }
     /// One step with explicitly given noise (`None` only when `needs_noise(t)` is false).
     /// `model_output` is of the configured prediction type, computed at `scale_model_input(sample, t)`.
     fn step_with_noise(

@@ -325,3 +325,12 @@ fn interval_parses_and_prints_back() -> Result<()> {
     }
     Ok(())
 }
+
+#[test]
+fn apg_norm_threshold_scales_with_the_latent_size() {
+    // SDXL's own latent keeps r; the embedded model's 4×16×16 latent has 1/64 of the values,
+    // so r shrinks by sqrt(64) = 8; SD 1.5's 4×64×64 by 2.
+    assert_eq!(ApgConfig::norm_threshold_for_latent(15.0, 4 * 128 * 128), 15.0);
+    assert_eq!(ApgConfig::norm_threshold_for_latent(15.0, 4 * 16 * 16), 1.875);
+    assert_eq!(ApgConfig::norm_threshold_for_latent(5.0, 4 * 64 * 64), 2.5);
+}

@@ -10,7 +10,8 @@ use candle_core::{DType, Device, Tensor};
 use gen_core::SeededRng;
 use gen_diffusion::{
     sample, start_from_noise, Apg, ApgConfig, ApgFormulation, Cfg, Conditions, Denoiser, Interval,
-    IntervalRange, NoGuidance, PredictionType, Scheduler, SchedulerConfig, SchedulerKind, Space,
+    IntervalRange, NoGuidance, NoiseSource, PredictionType, Scheduler, SchedulerConfig,
+    SchedulerKind, Space,
 };
 
 /// Exact denoiser for N(mu, s^2) data under a VP schedule given by its training alphas.
@@ -116,7 +117,7 @@ fn ode_error(
         &mut NoGuidance,
         &x_t,
         &conds,
-        &mut SeededRng::new(0),
+        &mut NoiseSource::Batch(&mut SeededRng::new(0)),
         &mut |_| calls += 1,
     )?;
     assert_eq!(calls, steps);
@@ -236,8 +237,15 @@ fn stochastic_samplers_reach_the_data_distribution() -> Result<()> {
         let noise = rng.randn((2, 1, 32, 32), DType::F32, &Device::Cpu)?;
         let x_t = start_from_noise(sched.as_ref(), &noise)?;
         let conds = Conditions { cond: mu.clone(), uncond: None };
-        let out =
-            sample(&den, sched.as_mut(), &mut NoGuidance, &x_t, &conds, &mut rng, &mut |_| {})?;
+        let out = sample(
+            &den,
+            sched.as_mut(),
+            &mut NoGuidance,
+            &x_t,
+            &conds,
+            &mut NoiseSource::Batch(&mut rng),
+            &mut |_| {},
+        )?;
         let r: Vec<f64> = v(&out)
             .iter()
             .zip(v(&mu.broadcast_as(out.shape())?).iter())
@@ -262,7 +270,15 @@ fn same_seed_same_sample() -> Result<()> {
         let mut rng = SeededRng::new(seed);
         let x = rng.randn((1, 1, 4, 4), DType::F32, &Device::Cpu)?;
         let conds = Conditions { cond: mean_tensor((1, 4, 4), 0.0), uncond: None };
-        Ok(v(&sample(&den, sched.as_mut(), &mut NoGuidance, &x, &conds, &mut rng, &mut |_| {})?))
+        Ok(v(&sample(
+            &den,
+            sched.as_mut(),
+            &mut NoGuidance,
+            &x,
+            &conds,
+            &mut NoiseSource::Batch(&mut rng),
+            &mut |_| {},
+        )?))
     };
     assert_eq!(run(5)?, run(5)?);
     assert_ne!(run(5)?, run(6)?);
@@ -287,10 +303,15 @@ fn point_mass_run(
     let x = start_from_noise(sched.as_ref(), &noise)?;
     let conds = Conditions { cond: mu_c.clone(), uncond: Some(mu_u.clone()) };
     let mut x0s = vec![];
-    let out =
-        sample(&den, sched.as_mut(), guidance, &x, &conds, &mut SeededRng::new(0), &mut |e| {
-            x0s.push(v(e.pred_x0))
-        })?;
+    let out = sample(
+        &den,
+        sched.as_mut(),
+        guidance,
+        &x,
+        &conds,
+        &mut NoiseSource::Batch(&mut SeededRng::new(0)),
+        &mut |e| x0s.push(v(e.pred_x0)),
+    )?;
     Ok((out, mu_c, mu_u, x0s))
 }
 
@@ -385,7 +406,7 @@ fn img2img_strength_runs_the_tail_and_errors_are_clear() -> Result<()> {
         &mut NoGuidance,
         &x,
         &conds,
-        &mut SeededRng::new(0),
+        &mut NoiseSource::Batch(&mut SeededRng::new(0)),
         &mut |_| n += 1,
     )?;
     assert_eq!(n, 10);
@@ -403,7 +424,7 @@ fn img2img_strength_runs_the_tail_and_errors_are_clear() -> Result<()> {
         &mut Cfg::new(5.0)?,
         &x,
         &conds,
-        &mut SeededRng::new(0),
+        &mut NoiseSource::Batch(&mut SeededRng::new(0)),
         &mut |_| {},
     )
     .unwrap_err();

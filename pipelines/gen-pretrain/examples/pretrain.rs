@@ -3,8 +3,8 @@
 //! ```text
 //! cargo run --release -p gen-pretrain --example pretrain -- train --preset real --out /work/train-run
 //! cargo run --release -p gen-pretrain --example pretrain -- export --out /work/train-run --dest weights/tiny-shapes
-//! cargo run --release -p gen-pretrain --example pretrain -- measure --dest weights/tiny-shapes
 //! ```
+//! The model card's measurements: `cargo run --release -p gen-eval --example measure`.
 //! `train` resumes every stage from its latest checkpoint when the folder already holds a run.
 
 use std::io::Write;
@@ -14,11 +14,6 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
 use gen_models::pipeline::{LoadOptions, ModelSource, SdPipeline};
-use gen_pretrain::data::WorldData;
-use gen_pretrain::evaluator::Evaluator;
-use gen_pretrain::metrics::{
-    evaluator_accuracy, generation_accuracy, image_grid, vae_psnr, GenerationSettings,
-};
 use gen_pretrain::{PretrainConfig, RunControl, Stage, TrainEvent, Trainer};
 
 fn arg(args: &[String], name: &str) -> Option<String> {
@@ -45,8 +40,7 @@ fn main() -> Result<()> {
             println!("loaded {}; unused keys: {:?}", dest.display(), pipe.unused_keys);
             Ok(())
         }
-        "measure" => measure(&args),
-        _ => bail!("usage: pretrain train --preset tiny|real --out DIR [--stages evaluator,clip,vae,unet] [--seconds-per-stage N]\n       pretrain export --out DIR --dest MODEL [--dtype f16|f32]\n       pretrain measure --dest MODEL [--prompts N] [--cfg W] [--steps N]"),
+        _ => bail!("usage: pretrain train --preset tiny|real --out DIR [--stages evaluator,clip,vae,unet] [--seconds-per-stage N]\n       pretrain export --out DIR --dest MODEL [--dtype f16|f32]"),
     }
 }
 
@@ -80,37 +74,5 @@ fn train(args: &[String]) -> Result<()> {
         trainer.train(s, &RunControl { stop_after }, &mut on_event)?;
     }
     println!("done in {:.1} s", start.elapsed().as_secs_f64());
-    Ok(())
-}
-
-fn measure(args: &[String]) -> Result<()> {
-    let dest = PathBuf::from(arg(args, "--dest").context("--dest MODEL_FOLDER")?);
-    let n_prompts: usize = arg(args, "--prompts").map(|s| s.parse()).transpose()?.unwrap_or(48);
-    let w: f64 = arg(args, "--cfg").map(|s| s.parse()).transpose()?.unwrap_or(7.5);
-    let steps: usize = arg(args, "--steps").map(|s| s.parse()).transpose()?.unwrap_or(30);
-    let n_test: usize = arg(args, "--test-images").map(|s| s.parse()).transpose()?.unwrap_or(256);
-    let t0 = Instant::now();
-    let pipe = SdPipeline::load(&ModelSource::Local(dest.clone()), &LoadOptions::default())?;
-    let eval = Evaluator::load(&dest.join("evaluator"), &Device::Cpu)?;
-    let size = eval.config().image_size as u32;
-    let mut data = WorldData::new(size, 3, 1, &Device::Cpu)?;
-    let psnr = vae_psnr(&pipe.vae, &mut data, n_test)?;
-    println!("VAE PSNR on {n_test} test images: {psnr:.2} dB");
-    let acc = evaluator_accuracy(&eval, &mut data, n_test)?;
-    println!("evaluator on {n_test} real test images: {}", serde_json::to_string(&acc)?);
-    let settings =
-        GenerationSettings { prompts: n_prompts, steps, guidance_scale: w, seed: 0, batch: 16 };
-    let (gacc, report, imgs) = generation_accuracy(&pipe, &eval, &mut data, &settings)?;
-    println!("generated ({} prompts = captions of test samples 0..{n_prompts}, DDIM {steps} steps, CFG {w}, seed 0): {}", n_prompts, serde_json::to_string(&gacc)?);
-    println!("generated: {}", serde_json::to_string(&report)?);
-    if let Some(p) = arg(args, "--grid") {
-        image_grid(&imgs, 8)?.save(&p)?;
-        println!("grid: {p}");
-    }
-    println!(
-        "{}",
-        serde_json::json!({"vae_psnr_db": psnr, "evaluator_test": acc, "generation": gacc, "generation_report": report, "settings": settings})
-    );
-    println!("measured in {:.1} s", t0.elapsed().as_secs_f64());
     Ok(())
 }

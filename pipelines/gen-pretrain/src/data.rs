@@ -16,6 +16,18 @@ pub const NUM_TONES: usize = Tone::ALL.len();
 pub const NUM_VIEWS: usize = View::ALL.len();
 pub const NUM_BACKGROUNDS: usize = Background::ALL.len();
 
+/// The evaluator's classes: the world's label sets, in [`Labels`] index order.
+pub fn evaluator_classes() -> gen_models::EvaluatorClasses {
+    let names = |v: &mut dyn Iterator<Item = &'static str>| v.map(String::from).collect();
+    gen_models::EvaluatorClasses {
+        shape: names(&mut Shape::ALL.iter().map(|s| s.name())),
+        hue: names(&mut Hue::ALL.iter().map(|s| s.name())),
+        tone: ["plain", "light", "dark"].iter().map(|s| s.to_string()).collect(),
+        view: names(&mut View::ALL.iter().map(|s| s.name())),
+        background: names(&mut Background::ALL.iter().map(|s| s.name())),
+    }
+}
+
 /// Ground-truth class indices of one sample (positions in the `ALL` arrays of gen-world).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Labels {

@@ -28,7 +28,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::StageConfig;
 use crate::params::{load_vars, save_vars};
-use crate::plot::write_loss_curve;
+use gen_core::chart::write_loss_curve;
 
 /// The loss of one step and named scalar parts for the metrics CSV.
 pub struct StepLoss {

@@ -31,11 +31,11 @@ use gen_world::Split;
 
 use crate::config::PretrainConfig;
 use crate::data::{one_hot, WorldData};
-use crate::evaluator::{cross_entropy, Evaluator, EvaluatorConfig};
 use crate::params::{init_params, sorted_vars};
 use crate::runner::{
     latest_weights, run_stage, Objective, RunControl, StageOutcome, StageSpec, StepLoss, TrainEvent,
 };
+use gen_models::evaluator::{cross_entropy, Evaluator, EvaluatorConfig};
 
 /// A training stage.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -367,6 +367,7 @@ impl Trainer {
             self.cfg.image_size as usize,
             self.cfg.evaluator.channels.clone(),
             self.cfg.evaluator.norm_groups,
+            &crate::data::evaluator_classes(),
         )
     }
 

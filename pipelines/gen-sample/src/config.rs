@@ -227,6 +227,13 @@ pub struct SampleConfig {
     /// LoRA files merged into the model before sampling (see [`crate::apply_loras`]);
     /// informational here, saved with the outputs.
     pub loras: Vec<crate::LoraSpec>,
+    /// APG only: the norm threshold r in `guidance` is an SDXL-tuned value (a preset's) to be
+    /// scaled to this model's latent size by [`SampleConfig::resolve`],
+    /// `r·sqrt(D / D_SDXL)` with D = C·H·W of one latent
+    /// ([`ApgConfig::norm_threshold_for_latent`](gen_diffusion::ApgConfig::norm_threshold_for_latent)).
+    /// `resolve` stores the scaled r and clears the flag; `false`: r is used as given.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub apg_scale_norm_threshold: bool,
 }
 
 impl Default for SampleConfig {
@@ -248,6 +255,7 @@ impl Default for SampleConfig {
             init_image: None,
             model: None,
             loras: Vec::new(),
+            apg_scale_norm_threshold: false,
         }
     }
 }
@@ -420,6 +428,14 @@ impl SampleConfig {
         }
         cfg.width = Some(w);
         cfg.height = Some(h);
+        if cfg.apg_scale_norm_threshold {
+            if let GuidanceMethod::Apg(apg) = &mut cfg.guidance.method {
+                let (c, lh, lw) = pipe.latent_shape(w, h);
+                apg.norm_threshold =
+                    ApgConfig::norm_threshold_for_latent(apg.norm_threshold, c * lh * lw);
+            }
+            cfg.apg_scale_norm_threshold = false;
+        }
         Ok(cfg)
     }
 

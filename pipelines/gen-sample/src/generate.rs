@@ -1,14 +1,12 @@
 //! Text-to-image and image-to-image generation.
 
-use candle_core::{DType, Tensor};
+use candle_core::Tensor;
 use gen_core::{Error, Result, SeededRng};
-use gen_diffusion::{convert, guided_prediction, Conditions, Scheduler, SchedulerConfig, StepInfo};
-use gen_models::clip::TextForwardOptions;
-use gen_models::pipeline::SdPipeline;
+use gen_diffusion::{sample, Conditions, NoiseSource, Scheduler, SchedulerConfig};
+use gen_models::{PromptOptions, SdPipeline};
 use image::RgbImage;
 
 use crate::config::{InitImage, SampleConfig, Sampler};
-use crate::denoiser::UNetDenoiser;
 
 /// What [`generate`] reports while it runs.
 #[derive(Debug, Clone, PartialEq)]
@@ -26,8 +24,7 @@ pub enum Progress {
 
 /// The scheduler config of `pipe` adjusted for `cfg.sampler` (Karras sigmas, DDIM eta).
 pub fn scheduler_config(pipe: &SdPipeline, cfg: &SampleConfig) -> Result<SchedulerConfig> {
-    let mut sc =
-        SchedulerConfig::from_json_value(&pipe.scheduler_config, &pipe.files.scheduler_config)?;
+    let mut sc = pipe.scheduler_config()?;
     sc.use_karras_sigmas = cfg.sampler.karras();
     sc.eta = if cfg.sampler == Sampler::Ddim { cfg.ddim_eta } else { 0.0 };
     Ok(sc)
@@ -101,58 +98,20 @@ fn load_init_image(
     Ok(gen_core::imageio::rgb_to_tensor(&img, &pipe.device)?.unsqueeze(0)?.to_dtype(pipe.dtype)?)
 }
 
-/// VAE latents of an image `(B, 3, H, W)` in [-1, 1], scaled for the UNet:
-/// `(mean - shift) * scaling_factor`. The mean of the latent distribution is used (diffusers
-/// samples it), so the result is deterministic and strength 0 gives the VAE round trip.
-pub fn encode_latents(pipe: &SdPipeline, image: &Tensor) -> Result<Tensor> {
-    let vc = &pipe.vae_config;
-    let mean = pipe.vae.encode(image)?.mode();
-    let shifted = match vc.shift_factor {
-        Some(s) => (mean - s)?,
-        None => mean,
-    };
-    Ok((shifted * vc.scaling_factor)?)
-}
-
-/// Images in [-1, 1] `(B, 3, H, W)` from UNet latents: `decode(latents / scaling_factor + shift)`.
-pub fn decode_latents(pipe: &SdPipeline, latents: &Tensor) -> Result<Tensor> {
-    let vc = &pipe.vae_config;
-    let z = (latents / vc.scaling_factor)?;
-    let z = match vc.shift_factor {
-        Some(s) => (z + s)?,
-        None => z,
-    };
-    pipe.vae.decode(&z)
-}
-
 fn to_images(decoded: &Tensor) -> Result<Vec<RgbImage>> {
     let b = decoded.dim(0)?;
     (0..b).map(|i| gen_core::imageio::tensor_to_rgb(&decoded.get(i)?)).collect()
-}
-
-/// One standard normal `(1, C, h, w)` draw per image stream, concatenated to `(B, C, h, w)`.
-fn per_image_noise(
-    rngs: &mut [SeededRng],
-    shape: (usize, usize, usize),
-    dtype: DType,
-    dev: &candle_core::Device,
-) -> Result<Tensor> {
-    let (c, h, w) = shape;
-    let parts =
-        rngs.iter_mut().map(|r| r.randn((1, c, h, w), dtype, dev)).collect::<Result<Vec<_>>>()?;
-    Ok(Tensor::cat(&parts, 0)?)
 }
 
 /// Generates `cfg.num_images` images with `pipe`, reporting to `progress`.
 ///
 /// Per batch of images: text embeddings of each image's prompt and of the negative prompt;
 /// a start from noise (or from the noised VAE latent of the init image); the scheduler's
-/// steps, each evaluating the branches the guidance asks for in one batched UNet pass
-/// ([`UNetDenoiser`]) and combining them with [`guided_prediction`]; VAE decode. Image `i`
-/// draws all its noise from `SeededRng::fork(seed, i)`, so it is the same whatever the batch
-/// size, and the same seed gives the same bytes on the CPU. The step loop is
-/// `gen_diffusion::sample`'s, except that stochastic schedulers get their step noise from
-/// each image's own stream (`sample` draws it for the whole batch from one generator).
+/// steps by [`gen_diffusion::sample`], each evaluating the branches the guidance asks for in
+/// one batched UNet pass ([`gen_models::UNetDenoiser`]); VAE decode. Image `i` draws all its
+/// noise (initial and step noise) from `SeededRng::fork(seed, i)`
+/// ([`NoiseSource::PerSample`]), so it is the same whatever the batch size, and the same seed
+/// gives the same bytes on the CPU.
 pub fn generate(
     pipe: &SdPipeline,
     cfg: &SampleConfig,
@@ -162,11 +121,7 @@ pub fn generate(
     let (width, height) = cfg.resolved_size()?;
     let (dev, dtype) = (&pipe.device, pipe.dtype);
     let proto = build_scheduler(pipe, &cfg)?;
-    let denoiser = UNetDenoiser {
-        unet: &pipe.unet,
-        prediction_type: proto.prediction_type(),
-        per_sample: cfg.batch_invariant,
-    };
+    let denoiser = pipe.denoiser(cfg.batch_invariant)?;
 
     // Text: each distinct prompt once, then the negative prompt.
     let mut distinct: Vec<&str> = Vec::new();
@@ -185,20 +140,16 @@ pub fn generate(
         progress(&Progress::Warning(w));
     }
     // One prompt per text-encoder call, so an embedding does not depend on the other prompts.
-    let encode = |p: &str| -> Result<Tensor> {
-        Ok(pipe.encode_prompts(&[p], &TextForwardOptions::default())?.0.to_dtype(dtype)?)
-    };
-    let emb = Tensor::cat(&distinct.iter().map(|p| encode(p)).collect::<Result<Vec<_>>>()?, 0)?;
-    let neg = encode(&cfg.negative_prompt)?;
+    let popts = PromptOptions { clip_skip: 0, one_call_per_prompt: true };
+    let emb = pipe.encode_text(&distinct, &popts)?;
+    let neg = pipe.encode_text(&[cfg.negative_prompt.as_str()], &popts)?;
 
-    let f = pipe.vae.downscale_factor();
-    let c = pipe.vae_config.latent_channels;
-    let (lh, lw) = (height / f, width / f);
+    let (c, lh, lw) = pipe.latent_shape(width, height);
 
     // Image-to-image start latents.
     let init = match &cfg.init_image {
         Some(ii) => Some((
-            encode_latents(pipe, &load_init_image(pipe, ii, width, height, progress)?)?,
+            pipe.encode_latents(&load_init_image(pipe, ii, width, height, progress)?)?,
             ii.strength,
         )),
         None => None,
@@ -206,7 +157,7 @@ pub fn generate(
     if let Some((x0, 0.0)) = &init {
         // strength 0: nothing to denoise; the VAE round trip of the init image.
         progress(&Progress::Start { num_batches: 0, steps_per_batch: 0, total_steps: 0 });
-        let img = to_images(&decode_latents(pipe, x0)?)?.remove(0);
+        let img = to_images(&pipe.decode_latents(x0)?)?.remove(0);
         progress(&Progress::Decoded { images_done: cfg.num_images, num_images: cfg.num_images });
         return Ok(vec![img; cfg.num_images]);
     }
@@ -238,49 +189,29 @@ pub fn generate(
         let mut scheduler = proto.boxed_clone();
         scheduler.set_timesteps(cfg.steps, strength)?;
         let timesteps = scheduler.timesteps().to_vec();
-        let noise = per_image_noise(&mut rngs, (c, lh, lw), dtype, dev)?;
-        let mut x = match &init {
+        let noise = NoiseSource::PerSample(&mut rngs).randn(&[b, c, lh, lw], dtype, dev)?;
+        let x = match &init {
             None => (noise * scheduler.init_noise_sigma())?,
             Some((x0, _)) => {
                 scheduler.add_noise(&x0.repeat((b, 1, 1, 1))?, &noise, &vec![timesteps[0]; b])?
             }
         };
         let mut guidance = cfg.guidance.build()?;
-        guidance.reset();
-        let n = timesteps.len();
-        for (step, &t) in timesteps.iter().enumerate() {
-            let x_in = scheduler.scale_model_input(&x, t)?;
-            let a = scheduler.model_alpha_cumprod(t)?;
-            let info =
-                StepInfo { step: Some((step, n)), timestep: t, sigma: ((1.0 - a) / a).sqrt() };
-            let (ts, alphas) = (vec![t; b], vec![a; b]);
-            let g = guided_prediction(
-                &denoiser,
-                guidance.as_mut(),
-                &x_in,
-                &ts,
-                &alphas,
-                &conds,
-                &info,
-            )?;
-            let out = convert(
-                &g.model_output,
-                &x_in,
-                &alphas,
-                denoiser.prediction_type,
-                scheduler.prediction_type(),
-            )?;
-            let step_noise = if scheduler.needs_noise(t) {
-                Some(per_image_noise(&mut rngs, (c, lh, lw), dtype, dev)?)
-            } else {
-                None
-            };
-            x = scheduler.step_with_noise(&out, t, &x, step_noise.as_ref())?.prev_sample;
-            done += 1;
-            progress(&Progress::Step { batch, step, done, total_steps });
-        }
+        let x = sample(
+            &denoiser,
+            scheduler.as_mut(),
+            &mut guidance,
+            &x,
+            &conds,
+            &mut NoiseSource::PerSample(&mut rngs),
+            &mut |e| {
+                done += 1;
+                progress(&Progress::Step { batch, step: e.step, done, total_steps });
+            },
+        )
+        .map_err(|e| Error::msg(format!("batch {batch}: {e}")))?;
         let decode = |z: &Tensor| {
-            decode_latents(pipe, z).map_err(|e| Error::msg(format!("decoding batch {batch}: {e}")))
+            pipe.decode_latents(z).map_err(|e| Error::msg(format!("decoding batch {batch}: {e}")))
         };
         if cfg.batch_invariant {
             for j in 0..b {

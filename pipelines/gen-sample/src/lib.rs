@@ -20,16 +20,12 @@
 //! whatever the batch size.
 
 pub mod config;
-pub mod denoiser;
 pub mod generate;
 pub mod lora;
 pub mod output;
 
 pub use config::{InitImage, Precision, SampleConfig, Sampler};
-pub use denoiser::UNetDenoiser;
-pub use generate::{
-    build_scheduler, decode_latents, encode_latents, generate, prompt_warnings, Progress,
-};
+pub use generate::{build_scheduler, generate, prompt_warnings, Progress};
 pub use lora::{apply_loras, LoraSpec};
 pub use output::{
     encode_png, image_grid, plan_outputs, read_png_text, save_outputs, save_png, SavedOutputs,

@@ -368,3 +368,28 @@ fn f16_pipeline_generates() -> Result<()> {
     assert!(generate(&pipe, &base(), &mut |_| {}).unwrap_err().to_string().contains("dtype"));
     Ok(())
 }
+
+#[test]
+fn apg_default_norm_threshold_scales_with_the_latent_size() -> Result<()> {
+    let pipe = load(&fixture());
+    let apg_r = |c: &SampleConfig| match &c.guidance.method {
+        GuidanceMethod::Apg(a) => a.norm_threshold,
+        m => panic!("{m:?}"),
+    };
+    let scaled =
+        SampleConfig { apg_scale_norm_threshold: true, ..base().apg(ApgConfig::paper(5.0)) };
+    let r = scaled.resolve(&pipe)?;
+    let (c, h, w) = pipe.latent_shape(16, 16);
+    assert_eq!(apg_r(&r), 15.0 * ((c * h * w) as f64 / (4.0 * 128.0 * 128.0)).sqrt());
+    assert!(apg_r(&r) < 15.0);
+    // the resolved config holds the r used, and saves like one with r given
+    assert!(!r.apg_scale_norm_threshold);
+    assert!(!r.to_json()?.contains("apg_scale_norm_threshold"));
+    // r given: used as given; the scaled run equals the run with that r given
+    let explicit = base().apg(ApgConfig { norm_threshold: apg_r(&r), ..ApgConfig::paper(5.0) });
+    assert_eq!(apg_r(&explicit.resolve(&pipe)?), apg_r(&r));
+    let (a, b) = (generate(&pipe, &scaled, &mut |_| {})?, generate(&pipe, &explicit, &mut |_| {})?);
+    assert_eq!(a[0].as_raw(), b[0].as_raw());
+    assert_eq!(apg_r(&base().apg(ApgConfig::paper(5.0)).resolve(&pipe)?), 15.0);
+    Ok(())
+}

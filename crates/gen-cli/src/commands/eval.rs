@@ -1,6 +1,6 @@
 //! `gen eval images` and `gen eval guidance`: prompt accuracy, tiny-FID, saturation excess,
-//! clipped pixels and speed of the model on the shapes world's test split (gen-pretrain's
-//! `eval` module), for one guidance setting or a CFG-vs-APG sweep over scales.
+//! clipped pixels and speed of the model on the shapes world's test split (the gen-eval
+//! pipeline), for one guidance setting or a CFG-vs-APG sweep over scales.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
 use gen_core::{write_atomic, DeviceChoice};
-use gen_pretrain::eval::{
+use gen_eval::session::{
     csv_header, csv_row, guidance_label, guidance_method, guidance_panels, parse_csv, parse_scales,
     same_settings, samples_grid, settings_columns, sweep_configs, ApgOverrides, EvalConfig,
     EvalOutput, EvalReport, EvalSession, PromptForm, RUN_COLUMNS,
@@ -207,8 +207,8 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
 }
 
 fn run_model(a: ModelArgs) -> anyhow::Result<()> {
+    use gen_eval::metrics::{evaluator_accuracy, vae_psnr};
     use gen_models::pipeline::{LoadOptions, ModelSource, SdPipeline};
-    use gen_pretrain::metrics::{evaluator_accuracy, vae_psnr};
     if a.images == 0 {
         bail!("--images must be at least 1");
     }
@@ -217,7 +217,7 @@ fn run_model(a: ModelArgs) -> anyhow::Result<()> {
     let dev = candle_core::Device::Cpu;
     let pipe = SdPipeline::load(&ModelSource::Local(model.clone()), &LoadOptions::default())
         .with_context(|| format!("loading {}", model.display()))?;
-    let eval = gen_pretrain::evaluator::Evaluator::load(&evaluator, &dev)
+    let eval = gen_models::evaluator::Evaluator::load(&evaluator, &dev)
         .with_context(|| format!("loading the evaluator {}", evaluator.display()))?;
     let size = eval.config().image_size as u32;
     let mut data = gen_pretrain::data::WorldData::new(size, 3, 1, &dev)?;
@@ -546,7 +546,7 @@ fn run_guidance(a: GuidanceArgs) -> anyhow::Result<()> {
         c.seed
     );
     let png = c.out.join("guidance.png");
-    gen_pretrain::plot::write_panels(&png, &title, &guidance_panels(&rows), 3)?;
+    gen_core::chart::write_panels(&png, &title, &guidance_panels(&rows), 3)?;
     print_sweep(&rows);
     println!("table: {}", csv_path.display());
     println!("chart: {}", png.display());

@@ -27,7 +27,10 @@ the same bytes on the CPU, whatever --batch-size is.
 
 Guidance: scale w with D = u + w (c - u); w = 1 is no guidance. --apg switches CFG to adaptive
 projected guidance (Sadat et al. 2024) with the preset's eta / norm threshold / momentum unless
-given.
+given. The presets' norm thresholds r were tuned for SDXL's 4×128×128 latents; without
+--norm-threshold, r is scaled to the model's latent size: r·sqrt(D / 65536), D = C·H·W of one
+latent (the embedded model's 4×16×16 latents: 15 → 1.875). The r used is printed on stderr
+and saved with the outputs.
 
 The embedded model (weights/tiny-shapes) knows the words of its world's captions, \"a|an
 [light|dark] HUE SHAPE on a|an BACKGROUND background, VIEW view\"; the background and view
@@ -67,7 +70,8 @@ pub struct ImageArgs {
     /// APG: weight of the update's component parallel to the conditional prediction.
     #[arg(long, requires = "apg")]
     pub eta: Option<f64>,
-    /// APG: norm threshold r of the update (0 disables the rescaling).
+    /// APG: norm threshold r of the update (0 disables the rescaling). Default: the preset's r
+    /// (tuned for SDXL's 4×128×128 latents) times sqrt(D / 65536), D = C·H·W of one latent.
     #[arg(long, requires = "apg")]
     pub norm_threshold: Option<f64>,
     /// APG: momentum beta (negative in the paper; |beta| < 1; 0 disables).
@@ -252,6 +256,7 @@ fn config_from_args(a: &ImageArgs, model: &str) -> anyhow::Result<SampleConfig> 
             .map(|p| InitImage { path: p.clone(), strength: a.strength.unwrap_or(0.8) }),
         model: Some(model.to_string()),
         loras: a.lora.clone(),
+        apg_scale_norm_threshold: a.apg && a.norm_threshold.is_none(),
     };
     if let Some(l) = cfg.loras.iter().find(|l| !l.path.is_file()) {
         bail!("--lora {}: no such file", l.path.display());
@@ -285,8 +290,21 @@ pub fn run(args: ImageArgs) -> anyhow::Result<()> {
     let pipe = SdPipeline::load(&source, &cfg.load_options(device, hub))
         .with_context(|| format!("loading model {model}"))?;
     gen_sample::apply_loras(&pipe, &cfg.loras)?;
+    let scaled_r = cfg.apg_scale_norm_threshold;
     let cfg = cfg.resolve(&pipe)?;
     let (w, h) = cfg.resolved_size()?;
+    if let GuidanceMethod::Apg(apg) = &cfg.guidance.method {
+        let (c, lh, lw) = pipe.latent_shape(w, h);
+        let how = if scaled_r {
+            format!(
+                "the {} preset's r scaled to {c}×{lh}×{lw} latents by sqrt(D / D_SDXL); set it with --norm-threshold",
+                args.apg_preset
+            )
+        } else {
+            "--norm-threshold".to_string()
+        };
+        eprintln!("APG norm threshold r = {} ({how})", apg.norm_threshold);
+    }
     eprintln!(
         "{} image(s) {w}x{h}, {} {} steps, guidance {}, seed {}, model {model}",
         cfg.num_images,

@@ -21,7 +21,9 @@ use candle_core::{DType, Tensor};
 use gen_core::{Error, Result};
 use serde::{Deserialize, Serialize};
 
-use super::{check_scale, cond_only, Branch, Guidance, Guided, Predictions, Space, StepInfo};
+use super::{
+    check_scale, cond_only, Branch, Guidance, GuidanceState, Guided, Predictions, Space, StepInfo,
+};
 
 /// How the APG update is added (see the module docs).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -52,7 +54,19 @@ pub struct ApgConfig {
     pub space: Space,
 }
 
+/// Values in one SDXL latent, C·H·W = 4×128×128: the latent size the paper's r = 15 was tuned
+/// for (and the presets' r values assume).
+pub const SDXL_LATENT_DIM: usize = 4 * 128 * 128;
+
 impl ApgConfig {
+    /// A norm threshold `r` tuned on SDXL latents, carried over to latents of `latent_dim` =
+    /// C·H·W values: `r·sqrt(latent_dim / SDXL_LATENT_DIM)`. The norm of the guidance update
+    /// grows with the square root of the number of values it is taken over, so a threshold
+    /// left at r = 15 hardly ever acts on a small latent (4×16×16 gives r / 8).
+    pub fn norm_threshold_for_latent(r: f64, latent_dim: usize) -> f64 {
+        r * (latent_dim as f64 / SDXL_LATENT_DIM as f64).sqrt()
+    }
+
     /// Paper defaults (SDXL row of Table 10 via diffusers PR #9626): eta 0, r 15, beta -0.5, x0 space.
     pub fn paper(scale: f64) -> Self {
         Self {
@@ -108,7 +122,8 @@ impl ApgConfig {
     }
 }
 
-/// APG guidance with its momentum state.
+/// APG guidance. Its momentum between steps is the [`GuidanceState`] read and restored by
+/// [`Guidance::state`] / [`Guidance::set_state`].
 #[derive(Debug, Clone)]
 pub struct Apg {
     pub config: ApgConfig,
@@ -201,8 +216,11 @@ impl Guidance for Apg {
         let u = preds.get(Branch::Uncond, space)?;
         Ok(Guided { value: self.guide(&c, &u)?, space })
     }
-    fn reset(&mut self) {
-        self.running = None;
-        self.last_sigma = None;
+    fn state(&self) -> GuidanceState {
+        GuidanceState { momentum: self.running.clone(), last_sigma: self.last_sigma }
+    }
+    fn set_state(&mut self, state: GuidanceState) {
+        self.running = state.momentum;
+        self.last_sigma = state.last_sigma;
     }
 }

@@ -5,7 +5,7 @@
 use gen_core::{Error, Result};
 use serde::{Deserialize, Serialize};
 
-use super::{cond_only, Branch, Guidance, Guided, Predictions, StepInfo};
+use super::{cond_only, Branch, Guidance, GuidanceState, Guided, Predictions, StepInfo};
 
 /// Where guidance is on.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -128,6 +128,12 @@ impl<G: Guidance> Guidance for Interval<G> {
         } else {
             Ok(cond_only(preds))
         }
+    }
+    fn state(&self) -> GuidanceState {
+        self.inner.state()
+    }
+    fn set_state(&mut self, state: GuidanceState) {
+        self.inner.set_state(state)
     }
     fn reset(&mut self) {
         self.inner.reset()

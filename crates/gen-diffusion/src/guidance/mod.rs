@@ -16,7 +16,7 @@ mod config;
 mod interval;
 mod rescale;
 
-pub use apg::{Apg, ApgConfig, ApgFormulation};
+pub use apg::{Apg, ApgConfig, ApgFormulation, SDXL_LATENT_DIM};
 pub use cfg::Cfg;
 pub use config::{GuidanceConfig, GuidanceMethod};
 pub use interval::{Interval, IntervalRange};
@@ -102,8 +102,20 @@ pub struct Guided {
     pub space: Space,
 }
 
+/// What a guidance carries from one step of a trajectory to the next (APG's running average
+/// of the guidance direction and the noise level it last saw). [`Guidance::state`] reads it
+/// and [`Guidance::set_state`] restores it, so a step can be recomputed from (step index,
+/// sample, state) alone, as diffusers' guiders receive their step state from outside.
+#[derive(Debug, Clone, Default)]
+pub struct GuidanceState {
+    /// APG's momentum buffer `m`, (B, ...); `None` before the first guided step.
+    pub momentum: Option<Tensor>,
+    /// The noise level of the last combined step (a higher one starts a new trajectory).
+    pub last_sigma: Option<f64>,
+}
+
 /// A guidance method. `branches` is asked first at every step; `combine` then receives those
-/// branches' predictions.
+/// branches' predictions. Per-trajectory state is a [`GuidanceState`] value.
 pub trait Guidance: Send {
     /// Short name for logs and run configs.
     fn name(&self) -> String;
@@ -111,8 +123,19 @@ pub trait Guidance: Send {
     fn branches(&self, step: &StepInfo) -> Vec<Branch>;
     /// Combines the predictions (shapes (B, ...)).
     fn combine(&mut self, preds: &Predictions, step: &StepInfo) -> Result<Guided>;
+    /// The state after the steps combined so far (stateless methods: the default).
+    fn state(&self) -> GuidanceState {
+        GuidanceState::default()
+    }
+    /// Restores a state read by [`Guidance::state`]; the next `combine` then computes exactly
+    /// what it computed from there.
+    fn set_state(&mut self, state: GuidanceState) {
+        let _ = state;
+    }
     /// Forgets per-trajectory state (momentum). Called at the start of every trajectory.
-    fn reset(&mut self) {}
+    fn reset(&mut self) {
+        self.set_state(GuidanceState::default())
+    }
 }
 
 impl<G: Guidance + ?Sized> Guidance for Box<G> {
@@ -124,6 +147,12 @@ impl<G: Guidance + ?Sized> Guidance for Box<G> {
     }
     fn combine(&mut self, preds: &Predictions, step: &StepInfo) -> Result<Guided> {
         (**self).combine(preds, step)
+    }
+    fn state(&self) -> GuidanceState {
+        (**self).state()
+    }
+    fn set_state(&mut self, state: GuidanceState) {
+        (**self).set_state(state)
     }
     fn reset(&mut self) {
         (**self).reset()

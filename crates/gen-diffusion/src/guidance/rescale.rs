@@ -6,7 +6,7 @@
 use candle_core::{DType, Tensor};
 use gen_core::{Error, Result};
 
-use super::{Branch, Guidance, Guided, Predictions, Space, StepInfo};
+use super::{Branch, Guidance, GuidanceState, Guided, Predictions, Space, StepInfo};
 
 /// `phi * x * std(reference)/std(x) + (1 - phi) * x`, std per sample over all non-batch dims
 /// (computed in f64; differentiable). Shapes (B, ...). As in diffusers, a constant `x` (std 0)
@@ -62,6 +62,12 @@ impl<G: Guidance> Guidance for Rescale<G> {
         let x = preds.to_space(&g.value, g.space, self.space)?;
         let c = preds.get(Branch::Cond, self.space)?;
         Ok(Guided { value: rescale_to_reference(&x, &c, self.phi)?, space: self.space })
+    }
+    fn state(&self) -> GuidanceState {
+        self.inner.state()
+    }
+    fn set_state(&mut self, state: GuidanceState) {
+        self.inner.set_state(state)
     }
     fn reset(&mut self) {
         self.inner.reset()

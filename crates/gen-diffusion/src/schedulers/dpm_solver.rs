@@ -14,7 +14,8 @@ use crate::config::{FinalSigmas, SchedulerConfig, SchedulerKind};
 use crate::prediction::PredictionType;
 use crate::schedule::{self, BetaSchedule, TimestepSpacing};
 use crate::scheduler::{
-    axpby, check_same_shape, check_steps, not_set, Scheduler, StepOutput, TrainSchedule,
+    axpby, check_same_shape, check_steps, not_set, Scheduler, SchedulerState, StepOutput,
+    TrainSchedule,
 };
 
 use super::euler::SigmaState;
@@ -158,6 +159,32 @@ impl Scheduler for DpmSolverMultistepScheduler {
     }
     fn needs_noise(&self, _t: f64) -> bool {
         false
+    }
+    fn state(&self) -> SchedulerState {
+        SchedulerState {
+            step_index: self.state.step_index,
+            history: self.model_outputs.clone(),
+            lower_order_nums: self.lower_order_nums,
+        }
+    }
+    fn set_state(&mut self, state: SchedulerState) -> Result<()> {
+        let order = self.cfg.solver_order;
+        // An empty history is the state before the first step.
+        let history = if state.history.is_empty() { vec![None; order] } else { state.history };
+        if history.len() != order || state.lower_order_nums > order {
+            return Err(Error::invalid(
+                "DPM-Solver state",
+                format!(
+                    "{} history slots and {} lower-order steps for solver order {order}",
+                    history.len(),
+                    state.lower_order_nums
+                ),
+            ));
+        }
+        self.state.set_step_index(state.step_index)?;
+        self.model_outputs = history;
+        self.lower_order_nums = state.lower_order_nums;
+        Ok(())
     }
     fn step_with_noise(
         &mut self,

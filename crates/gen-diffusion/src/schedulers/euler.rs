@@ -10,7 +10,7 @@ use crate::prediction::{per_sample, PredictionType};
 use crate::schedule::{self, TimestepSpacing};
 use crate::scheduler::{
     axpby, check_same_shape, check_steps, index_for_timestep, not_set, strength_start, Scheduler,
-    StepOutput, TrainSchedule,
+    SchedulerState, StepOutput, TrainSchedule,
 };
 
 /// Sigma schedule and step position shared by Euler and Euler ancestral.
@@ -66,6 +66,20 @@ impl SigmaState {
             begin_index: None,
             spacing,
         })
+    }
+
+    /// Restores the running step position (checked against the schedule).
+    pub fn set_step_index(&mut self, i: Option<usize>) -> Result<()> {
+        if let Some(i) = i {
+            if i > self.timesteps.len() {
+                return Err(Error::invalid(
+                    "scheduler state",
+                    format!("step index {i} beyond the {} steps", self.timesteps.len()),
+                ));
+            }
+        }
+        self.step_index = i;
+        Ok(())
     }
 
     pub fn set_strength(&mut self, strength: Option<f64>) -> Result<()> {
@@ -235,6 +249,12 @@ impl Scheduler for EulerScheduler {
     }
     fn needs_noise(&self, _t: f64) -> bool {
         false
+    }
+    fn state(&self) -> SchedulerState {
+        SchedulerState { step_index: self.state.step_index, ..Default::default() }
+    }
+    fn set_state(&mut self, state: SchedulerState) -> Result<()> {
+        self.state.set_step_index(state.step_index)
     }
     fn step_with_noise(
         &mut self,

@@ -7,7 +7,9 @@ use gen_core::{Error, Result};
 
 use crate::config::{FinalSigmas, SchedulerConfig, SchedulerKind};
 use crate::prediction::per_sample;
-use crate::scheduler::{check_same_shape, need_noise, Scheduler, StepOutput, TrainSchedule};
+use crate::scheduler::{
+    check_same_shape, need_noise, Scheduler, SchedulerState, StepOutput, TrainSchedule,
+};
 
 use super::euler::{sigma_x0, SigmaState};
 
@@ -74,6 +76,12 @@ impl Scheduler for EulerAncestralScheduler {
     }
     fn needs_noise(&self, _t: f64) -> bool {
         true
+    }
+    fn state(&self) -> SchedulerState {
+        SchedulerState { step_index: self.state.step_index, ..Default::default() }
+    }
+    fn set_state(&mut self, state: SchedulerState) -> Result<()> {
+        self.state.set_step_index(state.step_index)
     }
     fn step_with_noise(
         &mut self,

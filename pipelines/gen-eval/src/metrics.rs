@@ -7,25 +7,19 @@
 //!   object saturation vs the real renders of the same captions and the clipped-pixel fraction
 //!   ([`GenerationReport`], with gen-world's metrics: [`gen_world::metrics`]).
 //!
-//! `gen eval` (the full report with CFG/APG, baselines and timing) is in [`crate::eval`].
+//! `gen eval` (the full report with CFG/APG, baselines and timing) is in [`crate::session`].
 
 use candle_core::{DType, Device, Tensor};
 use serde::Serialize;
 
 use gen_core::{Result, SeededRng};
-use gen_diffusion::{
-    sample, start_from_noise, Cfg, Conditions, Denoiser, PredictionType, SchedulerConfig,
-    SchedulerKind,
-};
-use gen_models::clip::TextForwardOptions;
-use gen_models::pipeline::SdPipeline;
-use gen_models::unet::UNet2DConditionModel;
-use gen_models::vae::AutoencoderKL;
+use gen_diffusion::{sample, start_from_noise, Cfg, NoiseSource, SchedulerKind};
+use gen_models::{AutoencoderKL, PromptOptions, SdPipeline};
 use gen_world::metrics::{clipped_fraction, set_saturation, ClipThresholds, ImageU8, ObjectSelect};
 use gen_world::Split;
 
-use crate::data::{Labels, WorldData};
-use crate::evaluator::Evaluator;
+use gen_models::evaluator::{Evaluator, Prediction};
+use gen_pretrain::data::{Labels, WorldData};
 
 /// Mean PSNR (dB) of `n` test images reconstructed through the posterior mean.
 pub fn vae_psnr(vae: &AutoencoderKL, data: &mut WorldData, n: usize) -> Result<f64> {
@@ -60,7 +54,7 @@ pub struct HeadAccuracy {
     pub background: f64,
 }
 
-fn accumulate(acc: &mut HeadAccuracy, p: &crate::evaluator::Prediction, l: &Labels) {
+fn accumulate(acc: &mut HeadAccuracy, p: &Prediction, l: &Labels) {
     acc.n += 1;
     acc.shape += (p.shape == l.shape) as u8 as f64;
     acc.hue += (p.hue == l.hue) as u8 as f64;
@@ -96,30 +90,6 @@ pub fn evaluator_accuracy(
         }
     }
     Ok(finish(acc))
-}
-
-/// The UNet as a [`Denoiser`] over `(B, L, D)` text conditions (branches batched).
-pub struct UnetDenoiser<'a> {
-    pub unet: &'a UNet2DConditionModel,
-}
-
-impl Denoiser for UnetDenoiser<'_> {
-    type Cond = Tensor;
-
-    fn prediction_type(&self) -> PredictionType {
-        PredictionType::Epsilon
-    }
-
-    fn predict(&self, x: &Tensor, timesteps: &[f64], conds: &[&Tensor]) -> Result<Vec<Tensor>> {
-        let k = conds.len();
-        let b = x.dim(0)?;
-        let xs = Tensor::cat(&vec![x.clone(); k], 0)?;
-        let ctx = Tensor::cat(&conds.iter().map(|c| (*c).clone()).collect::<Vec<_>>(), 0)?;
-        let ts: Vec<f32> = (0..k).flat_map(|_| timesteps.iter().map(|&t| t as f32)).collect();
-        let t = Tensor::from_vec(ts, b * k, x.device())?;
-        let out = self.unet.forward(&xs, &t, &ctx)?;
-        (0..k).map(|i| Ok(out.narrow(0, i * b, b)?)).collect()
-    }
 }
 
 /// Settings of [`generation_accuracy`].
@@ -198,13 +168,11 @@ pub fn generation_accuracy(
     data: &mut WorldData,
     s: &GenerationSettings,
 ) -> Result<(HeadAccuracy, GenerationReport, Tensor)> {
-    let sc =
-        SchedulerConfig::from_json_value(&pipe.scheduler_config, &pipe.files.scheduler_config)?;
+    let sc = pipe.scheduler_config()?;
     let mut acc = HeadAccuracy::default();
     let mut images = Vec::new();
     let idx: Vec<u64> = (0..s.prompts as u64).collect();
-    let den = UnetDenoiser { unet: &pipe.unet };
-    let scaling = pipe.vae_config.scaling_factor;
+    let den = pipe.denoiser(false)?;
     let f = 1usize << (pipe.vae_config.block_out_channels.len() - 1);
     let side = data.world().config().image_size as usize / f;
     let dev: Device = pipe.device.clone();
@@ -214,9 +182,7 @@ pub fn generation_accuracy(
     for (ci, chunk) in idx.chunks(s.batch.max(1)).enumerate() {
         let b = data.batch(Split::Test, chunk)?;
         let prompts: Vec<&str> = b.captions.iter().map(String::as_str).collect();
-        let (cond, _) = pipe.encode_prompts(&prompts, &TextForwardOptions::default())?;
-        let empty = vec![""; prompts.len()];
-        let (uncond, _) = pipe.encode_prompts(&empty, &TextForwardOptions::default())?;
+        let conds = pipe.encode_conditions(&prompts, "", &PromptOptions::default())?;
         let mut sched = sc.build_as(SchedulerKind::Ddim)?;
         sched.set_timesteps(s.steps, None)?;
         let mut rng = SeededRng::fork(s.seed, ci as u64);
@@ -229,11 +195,11 @@ pub fn generation_accuracy(
             sched.as_mut(),
             &mut g,
             &x,
-            &Conditions { cond, uncond: Some(uncond) },
-            &mut rng,
+            &conds,
+            &mut NoiseSource::Batch(&mut rng),
             &mut |_| {},
         )?;
-        let raw = ((pipe.vae.decode(&(lat / scaling)?)? + 1.0)? * 0.5)?;
+        let raw = ((pipe.decode_latents(&lat)? + 1.0)? * 0.5)?;
         let img = raw.clamp(0f32, 1f32)?;
         for (p, l) in eval.predict(&img)?.iter().zip(&b.labels) {
             accumulate(&mut acc, p, l);

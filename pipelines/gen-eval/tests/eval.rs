@@ -7,12 +7,12 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use gen_diffusion::GuidanceMethod;
-use gen_pretrain::eval::{
+use gen_eval::session::{
     aggregate, csv_header, csv_row, guidance_method, guidance_panels, parse_csv, parse_scales,
     prompt_indices, same_settings, samples_grid, settings_columns, sweep_configs, ApgOverrides,
     EvalConfig, EvalMetrics, EvalReport, LabelMap, ScoredImages,
 };
-use gen_pretrain::evaluator::{EvaluatorConfig, Prediction};
+use gen_models::evaluator::{EvaluatorConfig, Prediction};
 use gen_world::metrics::Predicted;
 use gen_world::{Background, Colour, Hue, Shape, Tone, View};
 use image::{Rgb, RgbImage};
@@ -177,7 +177,7 @@ fn aggregate_rejects_inconsistent_inputs() {
 /// is not scored.
 #[test]
 fn prompt_forms_and_segmenting_without_a_named_background() -> anyhow::Result<()> {
-    use gen_pretrain::eval::PromptForm;
+    use gen_eval::session::PromptForm;
     let c = "a light red cube on a blue background, overhead view";
     assert_eq!(PromptForm::Full.apply(c)?, c);
     assert_eq!(PromptForm::NoBackground.apply(c)?, "a light red cube, overhead view");
@@ -360,7 +360,7 @@ fn csv_round_trip_and_resume_keys() -> anyhow::Result<()> {
 #[test]
 fn label_map_follows_the_evaluator_config() -> anyhow::Result<()> {
     let file = Path::new("evaluator/config.json");
-    let cfg = EvaluatorConfig::new(64, vec![8], 4);
+    let cfg = EvaluatorConfig::new(64, vec![8], 4, &gen_pretrain::data::evaluator_classes());
     let map = LabelMap::new(&cfg, file)?;
     let p = map.predicted(&Prediction { shape: 1, hue: 2, tone: 1, view: 3, background: 0 });
     assert_eq!(p.shape, Shape::ALL[1]);
@@ -443,7 +443,7 @@ fn samples_grid_and_chart() -> anyhow::Result<()> {
     assert_ne!(panels[0].series[1].colour, panels[0].series[2].colour);
     assert_eq!(panels[3].reference, Some(1.25), "tiny-FID panel carries the real-vs-real baseline");
     let png = dir.join("guidance.png");
-    gen_pretrain::plot::write_panels(&png, "test", &panels, 3)?;
+    gen_core::chart::write_panels(&png, "test", &panels, 3)?;
     let img = image::open(&png)?.to_rgb8();
     assert_eq!(img.dimensions(), (3 * 320, 36 + 2 * 280));
     let blue = img.pixels().filter(|p| p.0 == [30, 80, 220]).count();

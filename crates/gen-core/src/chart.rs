@@ -9,7 +9,7 @@ use std::path::Path;
 
 use image::{Rgb, RgbImage};
 
-use gen_core::{write_atomic, Error, Result};
+use crate::{write_atomic, Error, Result};
 
 const W: u32 = 640;
 const H: u32 = 360;

@@ -10,8 +10,8 @@
 use std::path::Path;
 
 use candle_core::Device;
+use gen_eval::session::EvalSession;
 use gen_models::pipeline::{LoadOptions, ModelSource, SdPipeline};
-use gen_pretrain::eval::EvalSession;
 use gen_sample::{generate, SampleConfig};
 use gen_world::metrics::Target;
 

@@ -34,6 +34,7 @@ use candle_core::{Device, Tensor};
 use image::RgbImage;
 use serde::Serialize;
 
+use gen_core::chart::{Panel, Series};
 use gen_core::{Error, Result, SeededRng};
 use gen_diffusion::{ApgConfig, GuidanceConfig, GuidanceMethod, IntervalRange};
 use gen_models::pipeline::{LoadOptions, ModelSource, SdPipeline};
@@ -46,7 +47,7 @@ use gen_world::{
     parse_caption, Background, Colour, Hue, Shape, Split, Tone, View, World, WorldConfig,
 };
 
-use crate::evaluator::{Evaluator, Prediction};
+use gen_models::evaluator::{Evaluator, EvaluatorConfig, Prediction};
 
 /// Random stream of the seed that picks the first test index of the prompts.
 const PROMPT_STREAM: u64 = 0x70726f6d7074;
@@ -478,7 +479,7 @@ pub struct LabelMap {
 impl LabelMap {
     /// From the evaluator config's `labels` (class names per head); when it has none, the world's
     /// `ALL` orders (checked against the head sizes).
-    pub fn new(cfg: &crate::evaluator::EvaluatorConfig, file: &Path) -> Result<Self> {
+    pub fn new(cfg: &EvaluatorConfig, file: &Path) -> Result<Self> {
         fn head<T: Copy>(
             cfg_labels: &serde_json::Value,
             key: &str,
@@ -1051,8 +1052,7 @@ pub fn guidance_label(row: &BTreeMap<String, String>) -> String {
 /// colour, background; y in [0, 1]), tiny-FID (dashed: the mean real-vs-real baseline),
 /// saturation excess (dashed: 0) and the clipped fraction (dashed: the real renders'), each
 /// against the guidance scale, one line per guidance variant ([`guidance_label`]).
-pub fn guidance_panels(rows: &[BTreeMap<String, String>]) -> Vec<crate::plot::Panel> {
-    use crate::plot::{Panel, Series};
+pub fn guidance_panels(rows: &[BTreeMap<String, String>]) -> Vec<Panel> {
     let num = |r: &BTreeMap<String, String>, k: &str| r.get(k).and_then(|v| v.parse::<f64>().ok());
     let mut variants: Vec<String> = Vec::new();
     for r in rows {

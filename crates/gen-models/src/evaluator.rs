@@ -1,6 +1,13 @@
 //! The evaluator: a small CNN that classifies a world image's shape, hue, tone, view and
-//! background. Trained on the world with its own weights (`evaluator/` beside the pipeline),
-//! used only to measure generated images — never as a reward.
+//! background. Trained on the world with its own weights (`evaluator/` beside the pipeline;
+//! gen-pretrain trains it), used only to measure generated images — never as a reward.
+//!
+//! It lives with the models: it is a model like the SD components (an architecture built from
+//! a `config.json`, safetensors weights loaded and checked by [`crate::loading`], documented
+//! tensor shapes), and it knows nothing of the world beyond what its config says — the head
+//! sizes and class names ([`EvaluatorClasses`], filled from gen-world's label sets by the
+//! trainer). So the trainer (gen-pretrain) and the evaluation pipeline (gen-eval) both reach
+//! it here without depending on each other.
 //!
 //! Architecture: for each entry of `channels`, a 3×3 stride-2 convolution, group norm and SiLU;
 //! then the spatial mean and one linear layer giving the concatenated logits of the five heads.
@@ -14,7 +21,18 @@ use serde::{Deserialize, Serialize};
 
 use gen_core::{Error, Result, ResultExt};
 
-use crate::data::{NUM_BACKGROUNDS, NUM_HUES, NUM_SHAPES, NUM_TONES, NUM_VIEWS};
+use crate::loading::SafetensorsWeights;
+
+/// Class names of the five heads, in index order (the trainer fills them from gen-world's
+/// `ALL` arrays); their counts are the head sizes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EvaluatorClasses {
+    pub shape: Vec<String>,
+    pub hue: Vec<String>,
+    pub tone: Vec<String>,
+    pub view: Vec<String>,
+    pub background: Vec<String>,
+}
 
 /// `evaluator/config.json`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -28,28 +46,32 @@ pub struct EvaluatorConfig {
     pub num_tones: usize,
     pub num_views: usize,
     pub num_backgrounds: usize,
-    /// Class names per head, in index order (gen-world's `ALL` arrays).
+    /// Class names per head, in index order ([`EvaluatorClasses`]).
     pub labels: serde_json::Value,
 }
 
 impl EvaluatorConfig {
-    pub fn new(image_size: usize, channels: Vec<usize>, norm_groups: usize) -> Self {
-        let names = |v: Vec<String>| serde_json::Value::from(v);
+    pub fn new(
+        image_size: usize,
+        channels: Vec<usize>,
+        norm_groups: usize,
+        classes: &EvaluatorClasses,
+    ) -> Self {
         Self {
             image_size,
             channels,
             norm_groups,
-            num_shapes: NUM_SHAPES,
-            num_hues: NUM_HUES,
-            num_tones: NUM_TONES,
-            num_views: NUM_VIEWS,
-            num_backgrounds: NUM_BACKGROUNDS,
+            num_shapes: classes.shape.len(),
+            num_hues: classes.hue.len(),
+            num_tones: classes.tone.len(),
+            num_views: classes.view.len(),
+            num_backgrounds: classes.background.len(),
             labels: serde_json::json!({
-                "shape": names(gen_world::Shape::ALL.iter().map(|s| s.name().to_string()).collect()),
-                "hue": names(gen_world::Hue::ALL.iter().map(|s| s.name().to_string()).collect()),
-                "tone": ["plain", "light", "dark"],
-                "view": names(gen_world::View::ALL.iter().map(|s| s.name().to_string()).collect()),
-                "background": names(gen_world::Background::ALL.iter().map(|s| s.name().to_string()).collect()),
+                "shape": classes.shape,
+                "hue": classes.hue,
+                "tone": classes.tone,
+                "view": classes.view,
+                "background": classes.background,
             }),
         }
     }
@@ -92,7 +114,7 @@ pub struct Evaluator {
     head_b: Tensor,
 }
 
-/// Predicted classes of one image (indices into gen-world's `ALL` arrays).
+/// Predicted classes of one image (indices into the heads' classes).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Prediction {
     pub shape: usize,
@@ -124,7 +146,7 @@ impl Evaluator {
     /// Loads `dir/config.json` and `dir/model.safetensors`.
     pub fn load(dir: &Path, device: &Device) -> Result<Self> {
         let cfg = EvaluatorConfig::from_file(&dir.join("config.json"))?;
-        let w = gen_models::loading::SafetensorsWeights::open(&[dir.join("model.safetensors")])?;
+        let w = SafetensorsWeights::open(&[dir.join("model.safetensors")])?;
         let m = Self::new(w.var_builder(DType::F32, device), &cfg)?;
         let unused = w.unused_keys();
         if !unused.is_empty() {
@@ -148,7 +170,7 @@ impl Evaluator {
     }
 
     /// The pooled features before the heads, `(B, channels.last())`: the feature space of the
-    /// "tiny-FID" (see [`crate::metrics::frechet_distance`]).
+    /// "tiny-FID" (gen-eval's Fréchet distance).
     pub fn features(&self, images: &Tensor) -> Result<Tensor> {
         let (_, c, h, w) = images.dims4().ctx("evaluator input must be (B, 3, H, W)")?;
         if c != 3 || h != self.cfg.image_size || w != self.cfg.image_size {
