@@ -2,7 +2,8 @@
 //! schedule): clone small Gaussians and split large ones where the view-space positional
 //! gradient is large, prune transparent and oversized ones, and periodically reset opacities.
 //!
-//! Use:
+//! [`AdaptiveDensity`] packages all of this as a [`DensityStrategy`] (module [`strategy`]),
+//! which the splat optimiser drives without knowing the loss. The pieces, for other drivers:
 //! 1. after each `loss.backward()` of a [`crate::splat::render_with_probe`] render, call
 //!    [`DensityStats::accumulate`] with the probe's gradient and the render's radii;
 //! 2. at the steps where [`DensityConfig::densify_now`] holds, call [`densify_and_prune`]
@@ -31,6 +32,11 @@ use gen_core::{Error, Result, SeededRng};
 use gen_optim::{NamedVar, Optim, Optimizer, ParamGroup, UpdateRule};
 
 use crate::splat::{SplatVars, Splats};
+
+pub mod strategy;
+pub use strategy::{
+    AdaptiveDensity, DensityStrategy, FixedSet, RenderInfo, SplatParams, StrategyReport,
+};
 
 /// Names under which the splat fields are registered in the optimizer (one group each, in
 /// this order — see [`splat_param_groups`]).
