@@ -157,8 +157,18 @@ fn resume_is_bit_identical() -> Result<()> {
     assert!(err.to_string().contains("seed"), "{err}");
     let mut bigger = c.clone();
     bigger.field.hidden = 16;
-    let err = FieldTrainer::resume(bigger, v, &ckpt).err().expect("shape mismatch");
-    assert!(err.to_string().contains("shape"), "{err}");
+    let err = FieldTrainer::resume(bigger, v.clone(), &ckpt).err().expect("config mismatch");
+    assert!(err.to_string().contains("`field.hidden` 8 in the checkpoint, 16 now"), "{err}");
+    // So are a checkpoint of other views (another object) and one of a longer run.
+    let other = views(4, 12, 0.25)?;
+    let err = FieldTrainer::resume(c.clone(), other, &ckpt).err().expect("data mismatch");
+    assert!(err.to_string().contains("other training data"), "{err}");
+    let err = FieldTrainer::resume(FieldFitConfig { steps: 3, ..c.clone() }, v.clone(), &ckpt)
+        .err()
+        .expect("config mismatch");
+    assert!(err.to_string().contains("`steps` 10 in the checkpoint, 3 now"), "{err}");
+    // The output schedule is not part of the identity.
+    FieldTrainer::resume(FieldFitConfig { preview_every: 7, ..c.clone() }, v, &ckpt)?;
     std::fs::remove_dir_all(&dir)?;
     Ok(())
 }

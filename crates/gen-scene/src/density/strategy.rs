@@ -157,7 +157,20 @@ impl DensityStrategy for AdaptiveDensity {
         if cfg.densify_now(step) {
             let mut rng = SeededRng::fork(self.seed, (1u64 << 40) + step);
             let splats = params.vars.splats();
-            let d = densify_and_prune(&splats.detach(), &self.stats, &cfg, self.extent, &mut rng)?;
+            let mut round = cfg;
+            if !cfg.size_pruning_now(step) {
+                round.max_screen_radius = None;
+                round.max_world_scale = None;
+            }
+            let d =
+                densify_and_prune(&splats.detach(), &self.stats, &round, self.extent, &mut rng)?;
+            if d.splats.is_empty() {
+                return Err(Error::msg(format!(
+                    "step {step}: density control pruned every Gaussian ({} transparent or \
+                     oversized); fitting stopped",
+                    d.report.pruned
+                )));
+            }
             let vars = SplatVars::new(&d.splats)?;
             params.opt = remap_optimizer(&params.opt, &vars, &d.rows, &[])?;
             params.vars = vars;

@@ -218,6 +218,7 @@ impl FitConfig {
             "checkpoint_every": self.checkpoint_every,
             "preview_every": self.preview_every,
             "seed": self.seed,
+            "device": format!("{:?}", self.device),
         })
     }
 }

@@ -46,6 +46,7 @@ pub use trainer::{StepInfo, Trainer};
 pub use view::PosedImage;
 
 pub(crate) use checkpoint::{checkpoint_map, CheckpointFile, CHECKPOINT_FILE};
+pub use checkpoint::{data_fingerprint, RunIdentity};
 pub(crate) use config::log_linear;
 pub(crate) use export::parse_export_list;
 pub(crate) use run::{optimizer_state_bytes, run_fit, FitLoop, RunEvent, Schedule};

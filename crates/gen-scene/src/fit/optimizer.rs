@@ -11,7 +11,7 @@ use gen_optim::{AdamW, AdamWConfig, Optim, Optimizer};
 use super::config::LearningRates;
 use crate::camera::Camera;
 use crate::density::{
-    splat_param_groups, DensityStrategy, RenderInfo, SplatParams, StrategyReport,
+    splat_param_groups, DensityStrategy, RenderInfo, SplatParams, StrategyReport, PARAM_NAMES,
 };
 use crate::splat::{render, render_with_probe, RenderConfig, RenderOutput, SplatVars, Splats};
 
@@ -33,6 +33,28 @@ pub fn image_gradient_loss(image: &Tensor, grad: &Tensor) -> Result<Tensor> {
         ));
     }
     Ok((image * grad.detach().to_dtype(image.dtype())?)?.sum_all()?)
+}
+
+/// The error for a non-finite loss at (1-based) step `step`.
+pub(crate) fn check_loss(step: u64, loss: f64) -> Result<()> {
+    if loss.is_finite() {
+        return Ok(());
+    }
+    Err(Error::msg(format!(
+        "step {step}: the loss is {loss}; fitting stopped (lower the learning rates, or check the \
+         inputs for NaN/inf)"
+    )))
+}
+
+/// The error when `t` (parameter `what`) holds a NaN or an infinity after step `step`.
+pub(crate) fn check_finite(step: u64, what: &str, t: &Tensor) -> Result<()> {
+    let s = t.abs()?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+    if s.is_finite() {
+        return Ok(());
+    }
+    Err(Error::msg(format!(
+        "step {step}: {what} turned non-finite ({s}); fitting stopped (lower the learning rates)"
+    )))
 }
 
 /// What one [`SplatOptimizer::step`] did.
@@ -79,6 +101,9 @@ impl<S: DensityStrategy> SplatOptimizer<S> {
             opacity_logits: f(&splats.opacity_logits)?,
             sh: f(&splats.sh)?,
         };
+        if splats.is_empty() {
+            return Err(Error::invalid("splat optimiser", "no Gaussians to optimise"));
+        }
         let vars = SplatVars::new(&splats)?;
         let opt =
             Optim::new(AdamW, splat_param_groups(&vars, adam_configs(&lr, lr.means_at(0, steps))))?;
@@ -149,12 +174,16 @@ impl<S: DensityStrategy> SplatOptimizer<S> {
                 format!("loss of shape {:?}", loss.dims()),
             ));
         }
-        let grads = loss.backward()?;
         let loss_value = loss.to_dtype(DType::F32)?.reshape(())?.to_scalar::<f32>()? as f64;
+        check_loss(self.step + 1, loss_value)?;
+        let grads = loss.backward()?;
         let radii = out.radii()?;
         self.params.opt.set_group_lr(0, self.lr.means_at(self.step, self.steps))?;
         self.params.opt.step(&grads)?;
         self.step += 1;
+        for (name, v) in PARAM_NAMES.iter().zip(self.params.vars.all()) {
+            check_finite(self.step, &format!("splat `{name}`"), v.as_tensor())?;
+        }
         let k = camera.intrinsics;
         let info = RenderInfo {
             step: self.step,

@@ -7,7 +7,7 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor};
 use gen_core::{pick_device, Error, Result, SeededRng};
 
-use super::checkpoint::{checkpoint_map, CheckpointFile};
+use super::checkpoint::{checkpoint_map, CheckpointFile, RunIdentity};
 use super::config::{init_splats, FitConfig};
 use super::eval::psnr;
 use super::optimizer::SplatOptimizer;
@@ -41,6 +41,7 @@ pub struct Trainer {
     views: Vec<PosedImage>,
     ssims: HashMap<(usize, usize), Ssim>,
     optim: SplatOptimizer<AdaptiveDensity>,
+    identity: RunIdentity,
 }
 
 impl Trainer {
@@ -56,6 +57,7 @@ impl Trainer {
         cfg.validate()?;
         validate_training_views(&views)?;
         let device = pick_device(cfg.device)?;
+        let identity = RunIdentity::new(cfg.to_json(), &views)?;
         let mut ssims = HashMap::new();
         for v in &views {
             let k = v.camera.intrinsics;
@@ -77,7 +79,7 @@ impl Trainer {
         let strategy = AdaptiveDensity::new(cfg.density, extent, cfg.seed, splats.len())?;
         let render = RenderConfig { background: cfg.background };
         let optim = SplatOptimizer::new(splats, cfg.lr, cfg.steps, render, strategy, &device)?;
-        Ok(Self { cfg, views, ssims, optim })
+        Ok(Self { cfg, views, ssims, optim, identity })
     }
 
     pub fn config(&self) -> &FitConfig {
@@ -159,7 +161,12 @@ impl Trainer {
     /// Writes splats, optimizer state, density statistics, step and seed to one safetensors
     /// file, atomically.
     pub fn save_checkpoint(&self, path: impl AsRef<Path>) -> Result<()> {
-        let mut map = checkpoint_map(self.optim.optimizer(), self.step_count(), self.cfg.seed)?;
+        let mut map = checkpoint_map(
+            self.optim.optimizer(),
+            self.step_count(),
+            self.cfg.seed,
+            &self.identity,
+        )?;
         let s = self.splats();
         for (k, t) in [
             ("means", s.means),
@@ -179,7 +186,8 @@ impl Trainer {
     /// A trainer continuing from a checkpoint written by [`Trainer::save_checkpoint`] with the
     /// same configuration and views (the seed must match).
     pub fn resume(cfg: FitConfig, views: Vec<PosedImage>, path: impl AsRef<Path>) -> Result<Self> {
-        let ck = CheckpointFile::read(path.as_ref(), cfg.seed)?;
+        let identity = RunIdentity::new(cfg.to_json(), &views)?;
+        let ck = CheckpointFile::read(path.as_ref(), cfg.seed, &identity, cfg.steps)?;
         let (file, step) = (ck.file.clone(), ck.step);
         let get = |k: &str| ck.get(k);
         let splats = Splats {

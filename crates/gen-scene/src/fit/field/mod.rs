@@ -208,6 +208,7 @@ impl FieldFitConfig {
             "checkpoint_every": self.checkpoint_every,
             "preview_every": self.preview_every,
             "seed": self.seed,
+            "device": format!("{:?}", self.device),
         })
     }
 }

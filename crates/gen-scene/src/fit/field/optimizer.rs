@@ -16,6 +16,7 @@ use gen_optim::{AdamW, AdamWConfig, NamedVar, Optim, Optimizer, ParamGroup};
 use super::render::Detached;
 use crate::field::{CamField, FieldConfig, OccupancyGrid};
 use crate::fit::log_linear;
+use crate::fit::optimizer::{check_finite, check_loss};
 
 /// Prefix of the field's parameter names (checkpoint keys `field.<name>`).
 pub(crate) const PREFIX: &str = "field";
@@ -131,11 +132,15 @@ impl FieldOptimizer {
                 format!("loss of shape {:?}", loss.dims()),
             ));
         }
-        let grads = loss.backward()?;
         let loss_value = loss.to_dtype(DType::F32)?.reshape(())?.to_scalar::<f32>()? as f64;
+        check_loss(self.step + 1, loss_value)?;
+        let grads = loss.backward()?;
         self.opt.set_group_lr(0, self.cfg.lr_at(self.step))?;
         self.opt.step(&grads)?;
         self.step += 1;
+        for (name, v) in self.vars()?.iter() {
+            check_finite(self.step, &format!("field parameter `{name}`"), v.as_tensor())?;
+        }
         // `checked_rem` is `None` for an interval of 0 (never re-mark).
         let occupancy = if self.step.checked_rem(self.cfg.occupancy_every) == Some(0) {
             Some(self.occupancy.update(&Detached(&self.field), self.cfg.occupancy_threshold)?)

@@ -13,7 +13,8 @@ use crate::camera::Camera;
 use crate::field::volume::Ray;
 use crate::field::{CamField, OccupancyGrid};
 use crate::fit::{
-    checkpoint_map, psnr, validate_training_views, CheckpointFile, FitLoop, PosedImage, Schedule,
+    checkpoint_map, psnr, validate_training_views, CheckpointFile, FitLoop, PosedImage,
+    RunIdentity, Schedule,
 };
 
 /// What one field training step did.
@@ -47,6 +48,7 @@ pub struct FieldTrainer {
     pixels: Vec<ViewPixels>,
     optim: FieldOptimizer,
     device: Device,
+    identity: RunIdentity,
 }
 
 const CKPT_OCC: &str = "occupancy";
@@ -67,9 +69,10 @@ impl FieldTrainer {
             });
         }
         let device = pick_device(cfg.device)?;
+        let identity = RunIdentity::new(cfg.to_json(), &views)?;
         let mut rng = SeededRng::fork(cfg.seed, 0);
         let optim = FieldOptimizer::new(cfg.field, cfg.optim_config(), &mut rng, &device)?;
-        Ok(Self { cfg, views, pixels, optim, device })
+        Ok(Self { cfg, views, pixels, optim, device, identity })
     }
 
     pub fn config(&self) -> &FieldFitConfig {
@@ -176,7 +179,12 @@ impl FieldTrainer {
     /// Writes the parameters, optimizer state, occupancy flags, step and seed to one
     /// safetensors file, atomically.
     pub fn save_checkpoint(&self, path: impl AsRef<Path>) -> Result<()> {
-        let mut map = checkpoint_map(self.optim.optimizer(), self.step_count(), self.cfg.seed)?;
+        let mut map = checkpoint_map(
+            self.optim.optimizer(),
+            self.step_count(),
+            self.cfg.seed,
+            &self.identity,
+        )?;
         for (k, v) in self.optim.vars()?.iter() {
             map.insert(k.clone(), v.as_tensor().detach().to_device(&Device::Cpu)?);
         }
@@ -193,7 +201,8 @@ impl FieldTrainer {
         views: Vec<PosedImage>,
         path: impl AsRef<Path>,
     ) -> Result<Self> {
-        let ck = CheckpointFile::read(path.as_ref(), cfg.seed)?;
+        let identity = RunIdentity::new(cfg.to_json(), &views)?;
+        let ck = CheckpointFile::read(path.as_ref(), cfg.seed, &identity, cfg.steps)?;
         let (file, step) = (ck.file.clone(), ck.step);
         let get = |k: &str| ck.get(k);
         let mut t = Self::new(cfg, views)?;
