@@ -307,8 +307,7 @@ fn non_finite_losses_and_parameters_stop_the_fit_naming_the_step() -> Result<()>
     }
     let e = opt
         .step(cam, |out| Ok(((out.rgb.sum_all()? * f64::NAN)?, ())))
-        .err()
-        .expect("NaN loss")
+        .expect_err("NaN loss")
         .to_string();
     assert!(e.contains("step 3: the loss is NaN"), "{e}");
     // A learning rate beyond f32's range sends the means to infinity at the first step.
@@ -317,8 +316,7 @@ fn non_finite_losses_and_parameters_stop_the_fit_naming_the_step() -> Result<()>
     let mut opt = SplatOptimizer::new(&splats, lr, 5, render, FixedSet, &Device::Cpu)?;
     let e = opt
         .step(cam, |out| Ok(((&out.rgb - &v[0].rgb)?.sqr()?.mean_all()?, ())))
-        .err()
-        .expect("non-finite parameters")
+        .expect_err("non-finite parameters")
         .to_string();
     assert!(e.contains("step 1: splat `means` turned non-finite"), "{e}");
     Ok(())
@@ -333,5 +331,24 @@ fn an_image_gradient_is_the_objective_s_gradient() -> Result<()> {
     let grads = loss.backward()?;
     assert_eq!(grads.get(&img).unwrap().to_vec2::<f32>()?, g.to_vec2::<f32>()?);
     assert!(image_gradient_loss(img.as_tensor(), &g.reshape(4)?).is_err());
+    Ok(())
+}
+
+#[test]
+fn checkpoints_of_configs_with_inexact_decimals_resume() -> Result<()> {
+    // 235/255 through f32, as a world's grey background: its shortest decimal does not survive
+    // serde_json's float parsing exactly, and must not make a run's own checkpoint "another
+    // configuration".
+    let v = views(2, 12)?;
+    let c = FitConfig { background: [(235f32 / 255.0) as f64; 3], ..cfg(4) };
+    let mut t = Trainer::new(c.clone(), v.clone())?;
+    t.step()?;
+    let dir = std::env::temp_dir().join(format!("gen-fit-decimals-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let ckpt = dir.join("ckpt.safetensors");
+    t.save_checkpoint(&ckpt)?;
+    let r = Trainer::resume(c, v, &ckpt)?;
+    assert_eq!(r.step_count(), 1);
+    std::fs::remove_dir_all(&dir)?;
     Ok(())
 }

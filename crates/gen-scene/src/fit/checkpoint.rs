@@ -60,8 +60,12 @@ impl RunIdentity {
                 ),
             ));
         }
+        // serde_json's float parsing is not exact: compare the saved config with this one after
+        // the same text round trip.
+        let now: serde_json::Value = serde_json::from_str(&self.config.to_string())
+            .map_err(|e| Error::msg(format!("run identity JSON: {e}")))?;
         let mut diffs = Vec::new();
-        json_diff("", &v["config"], &self.config, &mut diffs);
+        json_diff("", &v["config"], &now, &mut diffs);
         if !diffs.is_empty() {
             return Err(Error::invalid(
                 "resume",
