@@ -138,8 +138,8 @@ impl FieldOptimizer {
         self.opt.set_group_lr(0, self.cfg.lr_at(self.step))?;
         self.opt.step(&grads)?;
         self.step += 1;
-        for (name, v) in self.vars()?.iter() {
-            check_finite(self.step, &format!("field parameter `{name}`"), v.as_tensor())?;
+        for v in named_vars(&self.varmap)? {
+            check_finite(self.step, &format!("field parameter `{}`", v.name), &v.var)?;
         }
         // `checked_rem` is `None` for an interval of 0 (never re-mark).
         let occupancy = if self.step.checked_rem(self.cfg.occupancy_every) == Some(0) {
