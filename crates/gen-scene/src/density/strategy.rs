@@ -102,8 +102,9 @@ impl DensityStrategy for FixedSet {
 }
 
 /// 3DGS adaptive density control ([`densify_and_prune`], [`reset_opacity`]) on the schedule of
-/// a [`DensityConfig`]. Randomness of the densification after step `s`: generator stream
-/// `2⁴⁰ + s` of `seed`.
+/// a [`DensityConfig`]; the size rules prune only once opacity resets have started
+/// ([`DensityConfig::size_pruning_now`]). Randomness of the densification after step `s`:
+/// generator stream `2⁴⁰ + s` of `seed`.
 #[derive(Debug, Clone)]
 pub struct AdaptiveDensity {
     pub cfg: DensityConfig,
