@@ -257,7 +257,7 @@ fn whole_images_render_with_gradients() -> Result<()> {
     assert!(analytic.abs() > 1e-3, "gradient {analytic}");
     let base = var.as_tensor().flatten_all()?.to_vec1::<f32>()?;
     let eps = 1e-2f32;
-    let mut at = |delta: f32| -> Result<f32> {
+    let at = |delta: f32| -> Result<f32> {
         let mut p = base.clone();
         p[i] += delta;
         var.set(&candle_core::Tensor::from_vec(p, var.dims(), &Device::Cpu)?)?;

@@ -113,9 +113,11 @@ pub struct FitConfig {
     pub init: InitConfig,
     /// Scene radius for density control; `None`: the radius of the init region.
     pub extent: Option<f64>,
-    /// Write a checkpoint every this many steps (0: only at the end). Used by [`fit`].
+    /// Write a checkpoint every this many steps (0: only at the end). Used by
+    /// [`fit()`](super::fit()).
     pub checkpoint_every: u64,
-    /// Write a preview image every this many steps (0: never). Used by [`fit`].
+    /// Write a preview image every this many steps (0: never). Used by
+    /// [`fit()`](super::fit()).
     pub preview_every: u64,
     pub seed: u64,
     /// Where the splats live and the optimisation runs (default: the CPU). Not part of the

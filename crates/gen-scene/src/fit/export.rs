@@ -7,7 +7,7 @@ use gen_core::{Error, Result};
 use super::FitOutputs;
 use crate::splat::{RenderConfig, Splats};
 
-/// Which exports [`fit`] writes at the end.
+/// Which exports [`fit()`](super::fit()) writes at the end.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct ExportSet {
     /// `splats.ply` (3DGS layout).

@@ -12,15 +12,17 @@
 //!   and the view's mask), with [`crate::density::AdaptiveDensity`] as the strategy;
 //! - [`config`]: what determines a fit ([`FitConfig`]) and the initial splats;
 //! - [`checkpoint`]: the checkpoint entries every fitter shares; [`eval`]: held-out scores;
-//!   [`run`]: the output-folder driver [`fit`] and its events; [`export`]: the final exports;
-//!   [`view`]: posed images; [`dataset`]: transforms.json folders; [`ssim`].
+//!   [`run`]: the output-folder driver [`fit`] and its events; [`export`](mod@export): the final exports;
+//!   [`view`]: posed images; [`dataset`]: transforms.json folders; [`ssim`](mod@ssim).
 //!
 //! **Determinism and resume.** All randomness is drawn from generators forked from the seed
 //! and the step number (initialisation: stream 0; the view order of epoch `e`: stream `1 + e`;
 //! densification after step `s`: stream `2⁴⁰ + s`), so the generator state is implied by
 //! `(seed, step)`. A checkpoint ([`Trainer::save_checkpoint`], one safetensors file written
-//! atomically) holds the splats, the optimizer state, the density statistics, the step and
-//! the seed; [`Trainer::resume`] continues bit-identically to an uninterrupted run.
+//! atomically) holds the splats, the optimizer state, the density statistics, the step, the
+//! seed and the run's identity ([`RunIdentity`]: a checkpoint of another object, data set or
+//! configuration is refused); [`Trainer::resume`] continues bit-identically to an
+//! uninterrupted run.
 //!
 //! Measured quality and timings are in `bench/RESULTS.md`.
 

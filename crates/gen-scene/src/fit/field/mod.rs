@@ -1,22 +1,23 @@
-//! Fitting a neural field ([`CamField`]) to posed images, in the style of the splat fitter
+//! Fitting a neural field ([`crate::field::CamField`]) to posed images, in the style of the splat fitter
 //! ([`super::Trainer`]). Files: [`render`] (ray batches and whole images, with or without
 //! gradients), [`optimizer`] (the loss-agnostic [`FieldOptimizer`]), [`trainer`] (photometric
 //! fitting and checkpoints), [`output`] (the output-folder driver, exports, evaluation).
 //!
 //! [`FieldTrainer`] holds the field's parameters in a `VarMap`, one AdamW group over all of
 //! them (instant-ngp's betas (0.9, 0.99), ε 1e-15; the rate decays log-linearly from `lr` to
-//! `lr_final`) and an [`OccupancyGrid`] for empty-space skipping. Each [`FieldTrainer::step`]
+//! `lr_final`) and an [`crate::field::OccupancyGrid`] for empty-space skipping. Each [`FieldTrainer::step`]
 //! draws `rays_per_batch` random pixels from all training views (view and pixel uniform),
 //! volume-renders them with stratified (jittered) samples ([`render_rays`], the same
-//! quadrature as [`render_volume`]), and minimises the MSE (or L1) to the pixels' colours plus,
+//! quadrature as [`crate::field::render_volume`]), and minimises the MSE (or L1) to the pixels' colours plus,
 //! optionally, `mask_weight ·` the MSE between the rendered opacity and the view's mask. Every
 //! `occupancy_every` steps the occupancy grid is re-marked from the field's density.
 //!
 //! **Determinism and resume.** Initialisation uses generator stream 0 of the seed; the rays and
 //! jitter of 0-based step `s` use stream `1 + s`. A checkpoint ([`FieldTrainer::save_checkpoint`],
 //! one safetensors file written atomically) holds the parameters (`field.<name>`), the
-//! optimizer state (`optim.*`), the occupancy flags, the step and the seed, so
-//! [`FieldTrainer::resume`] continues bit-identically.
+//! optimizer state (`optim.*`), the occupancy flags, the step, the seed and the run's identity
+//! ([`super::RunIdentity`]: a checkpoint of other views or another configuration is refused),
+//! so [`FieldTrainer::resume`] continues bit-identically.
 //!
 //! [`fit_field`] drives a trainer with an output folder (config JSON, previews, checkpoints,
 //! exports: a marching-cubes mesh of the density as `.glb` and `.obj` with vertex colours from
