@@ -68,6 +68,19 @@ fn fit_writes_outputs_metrics_and_resumes() {
     assert!(again.status.success(), "{}", String::from_utf8_lossy(&again.stderr));
     let held = |s: &str| s.lines().find(|l| l.starts_with("held-out")).map(str::to_string);
     assert_eq!(held(&stdout), held(&String::from_utf8_lossy(&again.stdout)));
+    // Its checkpoint is refused for another object and for another configuration.
+    let mut other: Vec<&str> = resumed.clone();
+    other[2] = "a red cube on a grey background";
+    let refused = gen(&other);
+    assert_eq!(refused.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(err.contains("other training data"), "{err}");
+    let mut longer: Vec<&str> = resumed.clone();
+    longer[10] = "60";
+    let refused = gen(&longer);
+    assert_eq!(refused.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(err.contains("`steps` 30 in the checkpoint, 60 now"), "{err}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
@@ -85,5 +98,9 @@ fn bad_fit_arguments_fail_clearly() {
     let out = gen(&["fit", "--shape", "cube", "--export", "stl", "--out", "/tmp/unused-gen-fit"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("stl"));
+    let out =
+        gen(&["fit", "--shape", "cube", "--max-gaussians", "0", "--out", "/tmp/unused-gen-fit"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--max-gaussians"));
     assert!(!std::path::Path::new("/tmp/unused-gen-fit").exists());
 }

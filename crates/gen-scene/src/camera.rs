@@ -152,9 +152,92 @@ impl Camera {
     }
 }
 
+/// A camera on an orbit around `target`: the eye sits at `distance` from the target in the
+/// direction `cos(el) (cos(az) front + sin(az) (up × front)) + sin(el) up`, looking at the
+/// target with `up` appearing up in the image. With `up = +Z` and `front = +X` this is
+/// gen-world's orbit convention (azimuth 0 on +X, 90° on +Y). Used for turntables and for
+/// sampling views around an object (score distillation).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Orbit {
+    pub target: [f64; 3],
+    /// The orbit axis (need not be unit length).
+    pub up: [f64; 3],
+    /// Azimuth 0 (projected onto the plane orthogonal to `up`; need not be unit length).
+    pub front: [f64; 3],
+    pub distance: f64,
+    /// Radians, counter-clockwise about `up`.
+    pub azimuth: f64,
+    /// Radians above the orbit plane, in (−π/2, π/2).
+    pub elevation: f64,
+}
+
+impl Orbit {
+    /// gen-world's convention: Z up, azimuth 0 on +X, around `target`.
+    pub fn z_up(target: [f64; 3], distance: f64, azimuth: f64, elevation: f64) -> Self {
+        Self { target, up: [0.0, 0.0, 1.0], front: [1.0, 0.0, 0.0], distance, azimuth, elevation }
+    }
+
+    /// The unit axes `(up, front, side)` of the orbit (`side = up × front`).
+    fn axes(&self) -> Result<(DVec3, DVec3, DVec3)> {
+        let up = DVec3::from(self.up).try_normalize().ok_or_else(|| {
+            Error::invalid("orbit up", format!("{:?} is not a direction", self.up))
+        })?;
+        let f = DVec3::from(self.front);
+        let front = (f - f.dot(up) * up).try_normalize().ok_or_else(|| {
+            Error::invalid(
+                "orbit front",
+                format!("{:?} is parallel to up {:?}", self.front, self.up),
+            )
+        })?;
+        Ok((up, front, up.cross(front)))
+    }
+
+    /// The camera with intrinsics `k`.
+    pub fn camera(&self, k: Intrinsics) -> Result<Camera> {
+        let (up, a, b) = self.axes()?;
+        let finite = [self.distance, self.azimuth, self.elevation].iter().all(|v| v.is_finite())
+            && self.target.iter().all(|v| v.is_finite());
+        if !(finite && self.distance > 0.0 && self.elevation.abs() < std::f64::consts::FRAC_PI_2) {
+            return Err(Error::invalid(
+                "orbit",
+                format!(
+                    "target {:?}, distance {}, elevation {} rad (want finite values, a positive \
+                     distance and |elevation| < pi/2)",
+                    self.target, self.distance, self.elevation
+                ),
+            ));
+        }
+        let (phi, el) = (self.azimuth, self.elevation);
+        let dir = el.cos() * (phi.cos() * a + phi.sin() * b) + el.sin() * up;
+        let center = DVec3::from(self.target);
+        Camera::look_at(k, center + self.distance * dir, center, up)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn z_up_orbits_follow_the_world_convention() {
+        let k = Intrinsics::from_fov_y(0.8, 32, 32).unwrap();
+        let deg = f64::to_radians;
+        // Azimuth 90°, elevation 30°, distance 2: eye at 2 (cos30 (0, 1, 0) + sin30 (0, 0, 1)).
+        let cam = Orbit::z_up([0.0; 3], 2.0, deg(90.0), deg(30.0)).camera(k).unwrap();
+        let want = DVec3::new(0.0, 2.0 * deg(30.0).cos(), 2.0 * deg(30.0).sin());
+        assert!((cam.position() - want).length() < 1e-12, "{}", cam.position());
+        // The target projects to the image centre; world +Z appears up (smaller v).
+        let (u, v, _) = cam.project(DVec3::ZERO).unwrap();
+        assert!((u - 16.0).abs() < 1e-9 && (v - 16.0).abs() < 1e-9);
+        assert!(cam.project(DVec3::new(0.0, 0.0, 0.5)).unwrap().1 < 16.0);
+        // The same camera as look_at from that eye.
+        let l = Camera::look_at(k, want, DVec3::ZERO, DVec3::Z).unwrap();
+        assert!((cam.rotation - l.rotation).to_cols_array().iter().all(|d| d.abs() < 1e-12));
+        assert!(Orbit::z_up([0.0; 3], 0.0, 0.0, 0.0).camera(k).is_err());
+        assert!(Orbit::z_up([0.0; 3], 1.0, 0.0, deg(90.0)).camera(k).is_err());
+        let parallel = Orbit { front: [0.0, 0.0, 2.0], ..Orbit::z_up([0.0; 3], 1.0, 0.0, 0.0) };
+        assert!(parallel.camera(k).is_err());
+    }
 
     #[test]
     fn look_at_follows_opencv_axes() {

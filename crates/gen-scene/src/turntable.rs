@@ -9,7 +9,7 @@ use gen_core::{write_atomic, Error, Result};
 use glam::DVec3;
 use image::{ImageEncoder, Rgb, RgbImage};
 
-use crate::camera::{Camera, Intrinsics};
+use crate::camera::{Camera, Intrinsics, Orbit};
 use crate::export::gif::{encode_gif, GifConfig};
 use crate::splat::{render, RenderConfig, Splats};
 
@@ -88,14 +88,18 @@ pub fn orbit_cameras(splats: &Splats, cfg: &TurntableConfig) -> Result<Vec<Camer
             )?
         }
     };
-    let a = up.any_orthonormal_vector();
-    let b = up.cross(a);
-    let el = cfg.elevation_deg.to_radians();
+    let orbit = Orbit {
+        target: center.to_array(),
+        up: up.to_array(),
+        front: up.any_orthonormal_vector().to_array(),
+        distance,
+        azimuth: 0.0,
+        elevation: cfg.elevation_deg.to_radians(),
+    };
     (0..cfg.frames)
         .map(|i| {
-            let phi = std::f64::consts::TAU * i as f64 / cfg.frames as f64;
-            let dir = el.cos() * (phi.cos() * a + phi.sin() * b) + el.sin() * up;
-            Camera::look_at(k, center + distance * dir, center, up)
+            let azimuth = std::f64::consts::TAU * i as f64 / cfg.frames as f64;
+            Orbit { azimuth, ..orbit }.camera(k)
         })
         .collect()
 }

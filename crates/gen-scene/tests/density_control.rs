@@ -246,3 +246,53 @@ fn opacity_reset_caps_opacity() -> Result<()> {
     assert!(reset_opacity(&splats, 1.5).is_err());
     Ok(())
 }
+
+#[test]
+fn size_pruning_waits_for_opacity_resets_and_zero_caps_are_refused() -> Result<()> {
+    let c = DensityConfig { opacity_reset_interval: 0, ..cfg() };
+    assert!(!c.size_pruning_now(1) && !c.size_pruning_now(1_000_000));
+    let c = DensityConfig { opacity_reset_interval: 300, ..cfg() };
+    assert!(!c.size_pruning_now(300) && c.size_pruning_now(301));
+    let e = DensityConfig { max_gaussians: 0, ..cfg() }.validate().unwrap_err().to_string();
+    assert!(e.contains("max_gaussians"), "{e}");
+    Ok(())
+}
+
+#[test]
+fn the_strategy_prunes_oversized_gaussians_only_after_a_reset() -> Result<()> {
+    use gen_scene::density::{AdaptiveDensity, DensityStrategy, RenderInfo, SplatParams};
+    let (splats, _) = case()?;
+    for (reset_every, step, huge_kept) in [(0, 10, true), (5, 10, false)] {
+        let dcfg = DensityConfig {
+            densify_from: 10,
+            densify_until: 10,
+            interval: 10,
+            opacity_reset_interval: reset_every,
+            ..cfg()
+        };
+        let mut s = AdaptiveDensity::new(dcfg, 1.0, 0, splats.len())?;
+        let vars = SplatVars::new(&splats)?;
+        let c = AdamWConfig { lr: 1e-3, betas: (0.9, 0.999), eps: 1e-15, weight_decay: 0.0 };
+        let opt = Optim::new(AdamW, splat_param_groups(&vars, [(); 5].map(|_| c.clone())))?;
+        let mut params = SplatParams { vars, opt };
+        let probe = s.step_pre_backward(splats.len(), DType::F32, &Device::Cpu)?.unwrap();
+        // Zero probe gradient: nothing grows; only the prune rules act.
+        let loss = probe.as_tensor().sqr()?.sum_all()?;
+        let grads = loss.backward()?;
+        let radii = Tensor::new(&[3f32, 8.0, 2.0, 2.0, 40.0], &Device::Cpu)?;
+        let info = RenderInfo {
+            step,
+            grads: &grads,
+            probe: Some(&probe),
+            radii: &radii,
+            width: 16,
+            height: 16,
+        };
+        let r = s.step_post_backward(&mut params, &info)?;
+        let d = r.density.expect("densified at step 10");
+        // Gaussian 2 is transparent (always pruned); 4 is larger than a tenth of the extent.
+        assert_eq!(d.pruned, if huge_kept { 1 } else { 2 }, "reset every {reset_every}");
+        assert_eq!(params.len(), if huge_kept { 4 } else { 3 });
+    }
+    Ok(())
+}

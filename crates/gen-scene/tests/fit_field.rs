@@ -7,8 +7,9 @@ use candle_core::{DType, Device};
 use gen_core::SeededRng;
 use gen_scene::field::{render_volume, FieldConfig};
 use gen_scene::fit::field::{
-    evaluate_field, fit_field, render_rays, FieldExportSet, FieldFitConfig, FieldFitEvent,
-    FieldOutputs, FieldTrainer, PhotometricLoss, Ray,
+    evaluate_field, fit_field, render_field_image, render_field_image_grad, render_rays,
+    FieldExportSet, FieldFitConfig, FieldFitEvent, FieldOutputs, FieldTrainer, PhotometricLoss,
+    Ray,
 };
 use gen_scene::fit::PosedImage;
 use gen_scene::splat::{render, RandomSplatsConfig, RenderConfig, Splats};
@@ -157,8 +158,18 @@ fn resume_is_bit_identical() -> Result<()> {
     assert!(err.to_string().contains("seed"), "{err}");
     let mut bigger = c.clone();
     bigger.field.hidden = 16;
-    let err = FieldTrainer::resume(bigger, v, &ckpt).err().expect("shape mismatch");
-    assert!(err.to_string().contains("shape"), "{err}");
+    let err = FieldTrainer::resume(bigger, v.clone(), &ckpt).err().expect("config mismatch");
+    assert!(err.to_string().contains("`field.hidden` 8 in the checkpoint, 16 now"), "{err}");
+    // So are a checkpoint of other views (another object) and one of a longer run.
+    let other = views(4, 12, 0.25)?;
+    let err = FieldTrainer::resume(c.clone(), other, &ckpt).err().expect("data mismatch");
+    assert!(err.to_string().contains("other training data"), "{err}");
+    let err = FieldTrainer::resume(FieldFitConfig { steps: 3, ..c.clone() }, v.clone(), &ckpt)
+        .err()
+        .expect("config mismatch");
+    assert!(err.to_string().contains("`steps` 10 in the checkpoint, 3 now"), "{err}");
+    // The output schedule is not part of the identity.
+    FieldTrainer::resume(FieldFitConfig { preview_every: 7, ..c.clone() }, v, &ckpt)?;
     std::fs::remove_dir_all(&dir)?;
     Ok(())
 }
@@ -213,5 +224,46 @@ fn fit_field_writes_outputs_and_events() -> Result<()> {
     let err = FieldExportSet::parse("ply").expect_err("splat format");
     assert!(err.to_string().contains("splat format"), "{err}");
     std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}
+
+#[test]
+fn whole_images_render_with_gradients() -> Result<()> {
+    let v = views(1, 6, 0.0)?;
+    let t = FieldTrainer::new(cfg(1), v.clone())?;
+    let vc = t.config().volume_config();
+    let cam = &v[0].camera;
+    // Same values as the detached renderer.
+    let (rgb, op) = render_field_image_grad(t.field(), cam, &vc, None, None)?;
+    let (rgb0, op0) = render_field_image(t.field(), cam, &vc, None)?;
+    assert_eq!(rgb.dims(), [6, 6, 3]);
+    let d = (&rgb - &rgb0)?.abs()?.max_all()?.to_scalar::<f32>()?;
+    let e = (&op - &op0)?.abs()?.max_all()?.to_scalar::<f32>()?;
+    assert!(d == 0.0 && e == 0.0, "{d} {e}");
+    // d/dθ of Σ rgb ⊙ G (an image gradient G as score distillation gives) against central
+    // differences, for the entry of the colour head's last parameter with the largest gradient.
+    let g = candle_core::Tensor::arange(0f32, 108.0, &Device::Cpu)?.affine(0.37, 0.0)?.sin()?;
+    let g = g.reshape((6, 6, 3))?;
+    let objective = |field: &gen_scene::field::CamField| -> Result<candle_core::Tensor> {
+        let (rgb, _) = render_field_image_grad(field, cam, &vc, None, None)?;
+        Ok(gen_scene::fit::image_gradient_loss(&rgb, &g)?)
+    };
+    let var = t.field().vars().last().cloned().expect("parameters");
+    let grads = objective(t.field())?.backward()?;
+    let gv = grads.get(&var).expect("gradient reaches the colour head").flatten_all()?;
+    let gv = gv.to_vec1::<f32>()?;
+    let (i, &analytic) =
+        gv.iter().enumerate().max_by(|a, b| a.1.abs().total_cmp(&b.1.abs())).unwrap();
+    assert!(analytic.abs() > 1e-3, "gradient {analytic}");
+    let base = var.as_tensor().flatten_all()?.to_vec1::<f32>()?;
+    let eps = 1e-2f32;
+    let at = |delta: f32| -> Result<f32> {
+        let mut p = base.clone();
+        p[i] += delta;
+        var.set(&candle_core::Tensor::from_vec(p, var.dims(), &Device::Cpu)?)?;
+        Ok(objective(t.field())?.to_scalar::<f32>()?)
+    };
+    let fd = (at(eps)? - at(-eps)?) / (2.0 * eps);
+    assert!((fd - analytic).abs() <= 5e-3 + 0.02 * analytic.abs(), "fd {fd} vs {analytic}");
     Ok(())
 }

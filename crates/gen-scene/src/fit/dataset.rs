@@ -187,3 +187,29 @@ pub fn camera_from_extrinsics(
     let [r0, r1, r2] = rotation.map(DVec3::from);
     Camera::new(k, DMat3::from_cols(r0, r1, r2).transpose(), DVec3::from(translation))
 }
+
+/// Splits `views` into training and held-out views: `min(holdout, n / 2)` frames evenly spaced
+/// (frame `(j n + n / 2) / m mod n` for `j < m`) are held out, the rest train, both in order.
+pub fn split_holdout(views: Vec<PosedImage>, holdout: usize) -> (Vec<PosedImage>, Vec<PosedImage>) {
+    let n = views.len();
+    let m = holdout.min(n / 2);
+    let held: Vec<usize> = (0..m).map(|j| (j * n + n / 2) / m.max(1) % n).collect();
+    let (mut train, mut heldout) = (Vec::new(), Vec::new());
+    for (i, v) in views.into_iter().enumerate() {
+        if held.contains(&i) {
+            heldout.push(v);
+        } else {
+            train.push(v);
+        }
+    }
+    (train, heldout)
+}
+
+/// Mean distance of the views' camera centres from the world origin (0 for no views).
+pub fn mean_camera_distance(views: &[PosedImage]) -> f64 {
+    views
+        .iter()
+        .map(|v| (v.camera.rotation.transpose() * v.camera.translation).length())
+        .sum::<f64>()
+        / views.len().max(1) as f64
+}

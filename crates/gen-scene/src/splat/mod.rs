@@ -115,6 +115,17 @@ impl Splats {
     }
 
     /// Number of Gaussians.
+    /// Copies of the fields cut from any autograd graph.
+    pub fn detach(&self) -> Splats {
+        Splats {
+            means: self.means.detach(),
+            log_scales: self.log_scales.detach(),
+            quats: self.quats.detach(),
+            opacity_logits: self.opacity_logits.detach(),
+            sh: self.sh.detach(),
+        }
+    }
+
     pub fn len(&self) -> usize {
         self.means.dims().first().copied().unwrap_or(0)
     }

@@ -2,7 +2,8 @@
 //! schedule): clone small Gaussians and split large ones where the view-space positional
 //! gradient is large, prune transparent and oversized ones, and periodically reset opacities.
 //!
-//! Use:
+//! [`AdaptiveDensity`] packages all of this as a [`DensityStrategy`] (module [`strategy`]),
+//! which the splat optimiser drives without knowing the loss. The pieces, for other drivers:
 //! 1. after each `loss.backward()` of a [`crate::splat::render_with_probe`] render, call
 //!    [`DensityStats::accumulate`] with the probe's gradient and the render's radii;
 //! 2. at the steps where [`DensityConfig::densify_now`] holds, call [`densify_and_prune`]
@@ -32,6 +33,11 @@ use gen_optim::{NamedVar, Optim, Optimizer, ParamGroup, UpdateRule};
 
 use crate::splat::{SplatVars, Splats};
 
+pub mod strategy;
+pub use strategy::{
+    AdaptiveDensity, DensityStrategy, FixedSet, RenderInfo, SplatParams, StrategyReport,
+};
+
 /// Names under which the splat fields are registered in the optimizer (one group each, in
 /// this order — see [`splat_param_groups`]).
 pub const PARAM_NAMES: [&str; 5] = ["means", "log_scales", "quats", "opacity_logits", "sh"];
@@ -55,10 +61,13 @@ pub struct DensityConfig {
     /// Gaussians with opacity below this are pruned.
     pub min_opacity: f64,
     /// Prune Gaussians whose largest pixel radius since the last densification exceeds this
-    /// (3DGS: 20 px once opacity resets have started). `None`: no screen-size pruning.
+    /// (3DGS: 20 px). `None`: no screen-size pruning. Like the world-size rule, applied only
+    /// after the first opacity reset ([`DensityConfig::size_pruning_now`]).
     pub max_screen_radius: Option<f64>,
     /// Prune Gaussians whose largest scale exceeds this fraction of the extent (3DGS: 0.1).
-    /// `None`: no world-size pruning.
+    /// `None`: no world-size pruning. Applied only after the first opacity reset (as in 3DGS
+    /// and gsplat): without a reset, Gaussians grown large by the optimisation are the ones
+    /// covering the object, and pruning them every round collapses long fits.
     pub max_world_scale: Option<f64>,
     /// Number of samples a split Gaussian is replaced by.
     pub split_count: usize,
@@ -110,6 +119,9 @@ impl DensityConfig {
         if !(0.0..1.0).contains(&self.min_opacity) {
             return bad("min_opacity", format!("{} (must be in [0, 1))", self.min_opacity));
         }
+        if self.max_gaussians == 0 {
+            return bad("max_gaussians", "0 (must be >= 1)".into());
+        }
         if self.split_count < 1 {
             return bad("split_count", "0 (must be >= 1)".into());
         }
@@ -129,6 +141,13 @@ impl DensityConfig {
             && step <= self.densify_until
             && self.interval > 0
             && step % self.interval == 0
+    }
+
+    /// Whether the size rules (`max_screen_radius`, `max_world_scale`) prune at a
+    /// densification after step `step`: only once opacity resets have started
+    /// (`opacity_reset_interval > 0` and `step > opacity_reset_interval`).
+    pub fn size_pruning_now(&self, step: u64) -> bool {
+        self.opacity_reset_interval > 0 && step > self.opacity_reset_interval
     }
 
     /// Whether opacities are reset after optimizer step `step` (1-based).

@@ -1,26 +1,28 @@
-//! `gen fit`: fits Gaussian splats to posed images — renders of a world object (gen-world) or
-//! a transforms.json folder — and reports held-out PSNR and silhouette IoU. The logic lives in
-//! `gen_scene::fit`; this file builds the views and the config and shows progress.
+//! `gen fit`: fits Gaussian splats (or a neural field) to posed images — renders of a world
+//! object (gen-world) or a transforms.json folder — and reports held-out PSNR and silhouette
+//! IoU. The logic lives in `gen_scene::fit`; this file parses the flags into the library's
+//! configs and calls it, [`views`] builds the views, [`report`] shows progress and writes the
+//! metrics.
+
+mod report;
+mod views;
 
 use std::path::PathBuf;
-use std::time::Instant;
 
 use anyhow::{bail, Context};
-use candle_core::{Device, Tensor};
 use clap::Args;
 use gen_scene::density::DensityConfig;
-use gen_scene::fit::dataset::{camera_from_extrinsics, load_transforms};
 use gen_scene::fit::field::{
     evaluate_field, field_preset, fit_field, FieldExportSet, FieldFitConfig, FieldFitEvent,
     FieldOutputs, PhotometricLoss,
 };
 use gen_scene::fit::{
-    evaluate, fit, EvalReport, ExportSet, FitConfig, FitEvent, FitOutputs, InitConfig, InitRegion,
-    LearningRates, PosedImage,
+    evaluate, fit, ExportSet, FitConfig, FitEvent, FitOutputs, InitConfig, InitRegion,
+    LearningRates,
 };
-use gen_scene::Intrinsics;
-use gen_world::{parse_caption, Background, Colour, Hue, Scene, Tone, World, WorldConfig};
-use indicatif::{ProgressBar, ProgressStyle};
+
+use report::{write_heldout_sheet, Progress, Summary};
+use views::{data_views, world_views, Views};
 
 const EXAMPLES: &str = "\
 Writes OUT/config.json (every fit setting), OUT/previews/step_*.png (first training view:
@@ -129,9 +131,9 @@ pub struct FitArgs {
     /// the field's σ (default 10 per world unit).
     #[arg(long)]
     pub mesh_threshold: Option<f64>,
-    /// Upper bound on the number of Gaussians.
-    #[arg(long, default_value_t = 10_000)]
-    pub max_gaussians: usize,
+    /// Upper bound on the number of Gaussians (at least 1).
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_gaussians: u64,
     /// Background colour for --data as R,G,B in [0, 1] (world: its own background).
     #[arg(long, default_value = "1,1,1")]
     pub bg: String,
@@ -141,130 +143,6 @@ pub struct FitArgs {
     /// Preview image every N steps (0: never).
     #[arg(long, default_value_t = 250)]
     pub preview_every: u64,
-}
-
-/// Training and held-out views plus the background.
-struct Views {
-    train: Vec<PosedImage>,
-    heldout: Vec<PosedImage>,
-    background: [f64; 3],
-    init_radius: f64,
-    label: String,
-}
-
-fn world_scene(args: &FitArgs) -> anyhow::Result<(gen_world::Shape, Colour, Background)> {
-    let text = match (&args.world, &args.shape) {
-        (Some(w), _) => w.clone(),
-        (None, Some(s)) => {
-            let mut t = format!("a {} {s}", args.colour.as_deref().unwrap_or(""));
-            if let Some(b) = &args.background {
-                t.push_str(&format!(" on a {b} background"));
-            }
-            t
-        }
-        _ => unreachable!("checked by the caller"),
-    };
-    let parts = parse_caption(&text).with_context(|| format!("--world/--shape {text:?}"))?;
-    Ok((
-        parts.shape,
-        parts.colour.unwrap_or(Colour::new(Hue::Red, Tone::Plain)),
-        parts.background.unwrap_or(Background::White),
-    ))
-}
-
-fn world_views(args: &FitArgs) -> anyhow::Result<Views> {
-    let (shape, colour, background) = world_scene(args)?;
-    let world = World::new(WorldConfig { image_size: args.size, ..WorldConfig::default() })?;
-    let view = |az: f32, el: f32| -> anyhow::Result<PosedImage> {
-        let scene = Scene { shape, colour, background, azimuth_deg: az, elevation_deg: el };
-        let img = world.render(&scene);
-        let cam = world.camera(az, el);
-        let r = cam.rotation().to_cols_array_2d(); // columns of R
-        let rows = [0, 1, 2].map(|i| [0, 1, 2].map(|j| r[j][i] as f64));
-        let t = cam.world_to_camera().w_axis;
-        let f = cam.focal_px() as f64;
-        let (w, h) = (img.width as usize, img.height as usize);
-        let k = Intrinsics {
-            fx: f,
-            fy: f,
-            cx: 0.5 * w as f64,
-            cy: 0.5 * h as f64,
-            width: w,
-            height: h,
-        };
-        let camera = camera_from_extrinsics(k, rows, [t.x as f64, t.y as f64, t.z as f64])?;
-        Ok(PosedImage {
-            camera,
-            rgb: Tensor::from_vec(img.rgb, (h, w, 3), &Device::Cpu)?,
-            mask: Some(Tensor::from_vec(img.mask, (h, w), &Device::Cpu)?),
-        })
-    };
-    let n = args.views as usize;
-    let train = (0..n)
-        .map(|i| view(360.0 * i as f32 / n as f32, [-5.0, 10.0, 25.0, 40.0, 55.0][i % 5]))
-        .collect::<anyhow::Result<Vec<_>>>()?;
-    let m = args.holdout as usize;
-    let heldout = (0..m)
-        .map(|j| view(360.0 * (j as f32 + 0.37) / m.max(1) as f32 + 7.0, [5.0, 30.0, 50.0][j % 3]))
-        .collect::<anyhow::Result<Vec<_>>>()?;
-    let bg = background.srgb();
-    Ok(Views {
-        train,
-        heldout,
-        background: bg.map(|v| v as f64),
-        init_radius: args.init_radius.unwrap_or(1.0),
-        label: format!("{} {} on {}", colour.name(), shape.name(), background.name()),
-    })
-}
-
-fn parse_bg(s: &str) -> anyhow::Result<[f64; 3]> {
-    let v: Vec<f64> = s
-        .split(',')
-        .map(|x| x.trim().parse::<f64>())
-        .collect::<Result<_, _>>()
-        .with_context(|| format!("--bg {s:?}: want R,G,B numbers in [0, 1]"))?;
-    match v.as_slice() {
-        [r, g, b] if v.iter().all(|x| (0.0..=1.0).contains(x)) => Ok([*r, *g, *b]),
-        _ => bail!("--bg {s:?}: want three numbers in [0, 1] like 1,1,1"),
-    }
-}
-
-fn data_views(args: &FitArgs, dir: &PathBuf) -> anyhow::Result<Views> {
-    let background = parse_bg(&args.bg)?;
-    let all = load_transforms(dir, background)?;
-    let n = all.len();
-    let m = (args.holdout as usize).min(n / 2);
-    let held: Vec<usize> = (0..m).map(|j| (j * n + n / 2) / m.max(1) % n).collect();
-    let (mut train, mut heldout) = (Vec::new(), Vec::new());
-    for (i, v) in all.into_iter().enumerate() {
-        if held.contains(&i) {
-            heldout.push(v);
-        } else {
-            train.push(v);
-        }
-    }
-    let mean_dist = train
-        .iter()
-        .map(|v| (v.camera.rotation.transpose() * v.camera.translation).length())
-        .sum::<f64>()
-        / train.len().max(1) as f64;
-    Ok(Views {
-        train,
-        heldout,
-        background,
-        init_radius: args.init_radius.unwrap_or(mean_dist / 3.0),
-        label: dir.display().to_string(),
-    })
-}
-
-/// Process CPU time (user + system, all threads) from /proc/self/stat, in seconds.
-fn cpu_seconds() -> Option<f64> {
-    let s = std::fs::read_to_string("/proc/self/stat").ok()?;
-    let rest = &s[s.rfind(')')? + 2..];
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    // Fields 14 and 15 of the full line (utime, stime) are 11 and 12 after the command name.
-    let ticks: f64 = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
-    Some(ticks / 100.0)
 }
 
 pub fn run(args: FitArgs) -> anyhow::Result<()> {
@@ -294,7 +172,7 @@ pub fn run(args: FitArgs) -> anyhow::Result<()> {
             interval: (args.steps / 20).max(1),
             grad_threshold: args.grad_threshold,
             opacity_reset_interval: 0,
-            max_gaussians: args.max_gaussians,
+            max_gaussians: usize::try_from(args.max_gaussians)?,
             ..Default::default()
         },
         background: views.background,
@@ -352,154 +230,6 @@ pub fn run(args: FitArgs) -> anyhow::Result<()> {
         [("steps", trainer.step_count().to_string()), ("gaussians", splats.len().to_string())];
     summary.write_metrics(&args.out, &head, &[])?;
     summary.print(&args.out, &format!(", {} Gaussians", splats.len()));
-    Ok(())
-}
-
-/// The progress bar, the clocks and the running PSNR of a fit.
-struct Progress {
-    bar: ProgressBar,
-    t0: Instant,
-    c0: Option<f64>,
-    psnr_avg: Option<f64>,
-}
-
-impl Progress {
-    fn start(steps: u64) -> Self {
-        let bar = ProgressBar::new(steps);
-        bar.set_style(
-            ProgressStyle::with_template("{bar:40} {pos}/{len} steps ({elapsed}, eta {eta}) {msg}")
-                .expect("valid template"),
-        );
-        Self { bar, t0: Instant::now(), c0: cpu_seconds(), psnr_avg: None }
-    }
-
-    /// Moves the bar to `step`; returns the running average of the steps' PSNR.
-    fn step(&mut self, step: u64, psnr: f64) -> f64 {
-        let p = self.psnr_avg.map_or(psnr, |a| 0.95 * a + 0.05 * psnr);
-        self.psnr_avg = Some(p);
-        self.bar.set_position(step);
-        p
-    }
-
-    fn exported(&self, path: &std::path::Path) {
-        crate::progress::say(&self.bar, format!("wrote {}", path.display()))
-    }
-
-    fn optimizer(&self, state_bytes: usize) {
-        crate::progress::say(
-            &self.bar,
-            format!("optimizer state {:.2} MB", state_bytes as f64 / 1e6),
-        )
-    }
-
-    /// Clears the bar; returns the wall and CPU seconds since [`Progress::start`].
-    fn finish(self) -> (f64, Option<f64>) {
-        self.bar.finish_and_clear();
-        let wall = self.t0.elapsed().as_secs_f64();
-        let cpu = match (self.c0, cpu_seconds()) {
-            (Some(a), Some(b)) => Some(b - a),
-            _ => None,
-        };
-        (wall, cpu)
-    }
-}
-
-/// What a finished fit reports: OUT/metrics.json and the closing lines.
-struct Summary {
-    steps: u64,
-    wall: f64,
-    cpu: Option<f64>,
-    heldout_views: usize,
-    report: Option<EvalReport>,
-}
-
-impl Summary {
-    /// `times`: wall and CPU seconds of the fit; `evaluate` scores the held-out views (not
-    /// called when there are none).
-    fn new(
-        steps: u64,
-        (wall, cpu): (f64, Option<f64>),
-        heldout: &[PosedImage],
-        evaluate: impl FnOnce(&[PosedImage]) -> gen_core::Result<EvalReport>,
-    ) -> anyhow::Result<Self> {
-        let report = if heldout.is_empty() { None } else { Some(evaluate(heldout)?) };
-        Ok(Self { steps, wall, cpu, heldout_views: heldout.len(), report })
-    }
-
-    /// OUT/metrics.json: the `head` entries, the held-out metrics, the `tail` entries, the times.
-    fn write_metrics(
-        &self,
-        out: &std::path::Path,
-        head: &[(&str, String)],
-        tail: &[(&str, String)],
-    ) -> anyhow::Result<()> {
-        let r = self.report.as_ref();
-        let list = |v: Vec<String>| format!("[{}]", v.join(", "));
-        let mut entries = head.to_vec();
-        entries.extend([
-            ("heldout_views", self.heldout_views.to_string()),
-            ("heldout_psnr_db", r.map_or("null".into(), |r| format!("{:.4}", r.psnr))),
-            ("heldout_iou", r.and_then(|r| r.iou).map_or("null".into(), |v| format!("{v:.5}"))),
-            (
-                "per_view_psnr_db",
-                list(r.map_or(vec![], |r| {
-                    r.per_view_psnr.iter().map(|v| format!("{v:.3}")).collect()
-                })),
-            ),
-            (
-                "per_view_iou",
-                list(r.map_or(vec![], |r| {
-                    r.per_view_iou
-                        .iter()
-                        .map(|v| v.map_or("null".into(), |x| format!("{x:.4}")))
-                        .collect()
-                })),
-            ),
-        ]);
-        entries.extend_from_slice(tail);
-        entries.push(("wall_seconds", format!("{:.3}", self.wall)));
-        entries.push(("cpu_seconds", self.cpu.map_or("null".into(), |c| format!("{c:.2}"))));
-        let lines: Vec<String> = entries.iter().map(|(k, v)| format!("  \"{k}\": {v}")).collect();
-        let text = format!("{{\n{}\n}}\n", lines.join(",\n"));
-        gen_core::write_atomic(out.join("metrics.json"), text.as_bytes())?;
-        Ok(())
-    }
-
-    /// `done: N steps{extra}, wall and CPU time`, the held-out metrics and the output folder.
-    fn print(&self, out: &std::path::Path, extra: &str) {
-        println!(
-            "done: {} steps{extra}, {:.1} s wall{}",
-            self.steps,
-            self.wall,
-            self.cpu.map_or(String::new(), |c| format!(", {c:.1} s CPU"))
-        );
-        if let Some(r) = &self.report {
-            println!(
-                "held-out ({} views): PSNR {:.2} dB, silhouette IoU {}",
-                self.heldout_views,
-                r.psnr,
-                r.iou.map_or("n/a (no masks)".into(), |v| format!("{v:.4}"))
-            );
-        }
-        println!("outputs in {}", out.display());
-    }
-}
-
-/// Held-out targets above renders, written to OUT/heldout.png.
-fn write_heldout_sheet(
-    out: &std::path::Path,
-    heldout: &[PosedImage],
-    render: &dyn Fn(&PosedImage) -> anyhow::Result<Tensor>,
-) -> anyhow::Result<()> {
-    if heldout.is_empty() {
-        return Ok(());
-    }
-    let mut rows = Vec::new();
-    for v in heldout {
-        rows.push(Tensor::cat(&[&v.rgb, &render(v)?], 0)?);
-    }
-    let img = gen_scene::fit::to_rgb8(&Tensor::cat(&rows, 1)?)?;
-    gen_core::write_atomic(out.join("heldout.png"), &gen_scene::turntable::png_bytes(&img)?)?;
     Ok(())
 }
 
