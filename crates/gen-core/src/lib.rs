@@ -7,9 +7,11 @@
 pub mod alloc;
 pub mod device;
 pub mod error;
+pub mod finite;
 pub mod fsutil;
 pub mod imageio;
 pub mod rng;
+pub mod suggest;
 
 pub use alloc::tune_allocator;
 pub use device::{pick_device, DeviceChoice};
