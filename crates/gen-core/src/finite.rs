@@ -28,23 +28,70 @@ impl FloatBits {
     }
 }
 
+impl FloatBits {
+    /// Bytes per element.
+    pub fn size(self) -> usize {
+        match self {
+            Self::F16 | Self::BF16 => 2,
+            Self::F32 => 4,
+            Self::F64 => 8,
+        }
+    }
+
+    /// The exponent bits of one element (all set: NaN or infinite).
+    fn exponent_mask(self) -> u64 {
+        match self {
+            Self::F16 => 0x7C00,
+            Self::BF16 => 0x7F80,
+            Self::F32 => 0x7F80_0000,
+            Self::F64 => 0x7FF0_0000_0000_0000,
+        }
+    }
+}
+
 /// The index of the first NaN or infinite element of raw little-endian `bytes` (a value is
 /// non-finite exactly when all its exponent bits are set); `None` when all are finite. A
 /// trailing partial element is ignored.
+///
+/// Scans 8 bytes at a time: in each element-sized lane, `(x & mask) + lowest exponent bit`
+/// reaches the lane's sign bit exactly when every exponent bit is set (and never carries into
+/// the next lane), so a 64-byte block is tested with a few integer operations per word.
 pub fn first_nonfinite_bits(bytes: &[u8], bits: FloatBits) -> Option<usize> {
-    fn scan<const N: usize>(bytes: &[u8], exp: u64) -> Option<usize> {
-        bytes.chunks_exact(N).position(|c| {
-            let mut b = [0u8; 8];
-            b[..N].copy_from_slice(c);
-            u64::from_le_bytes(b) & exp == exp
-        })
+    let size = bits.size();
+    let lane_mask = bits.exponent_mask();
+    let lane_one = lane_mask & lane_mask.wrapping_neg(); // lowest exponent bit
+    let lane_sign = 1u64 << (size * 8 - 1);
+    let (mut mask, mut one, mut sign) = (0u64, 0u64, 0u64);
+    for lane in 0..8 / size {
+        let shift = lane * size * 8;
+        mask |= lane_mask << shift;
+        one |= lane_one << shift;
+        sign |= lane_sign << shift;
     }
-    match bits {
-        FloatBits::F16 => scan::<2>(bytes, 0x7C00),
-        FloatBits::BF16 => scan::<2>(bytes, 0x7F80),
-        FloatBits::F32 => scan::<4>(bytes, 0x7F80_0000),
-        FloatBits::F64 => scan::<8>(bytes, 0x7FF0_0000_0000_0000),
+    let bytes = &bytes[..bytes.len() / size * size];
+    let slow = |block: &[u8], first: usize| -> Option<usize> {
+        block
+            .chunks_exact(size)
+            .position(|c| {
+                let mut b = [0u8; 8];
+                b[..size].copy_from_slice(c);
+                u64::from_le_bytes(b) & lane_mask == lane_mask
+            })
+            .map(|i| first + i)
+    };
+    let mut blocks = bytes.chunks_exact(64);
+    for (k, block) in (&mut blocks).enumerate() {
+        let mut hit = 0u64;
+        for w in block.chunks_exact(8) {
+            let x = u64::from_le_bytes(w.try_into().expect("8-byte chunk"));
+            hit |= ((x & mask) + one) & sign;
+        }
+        if hit != 0 {
+            return slow(block, k * 64 / size);
+        }
     }
+    let done = bytes.len() - blocks.remainder().len();
+    slow(blocks.remainder(), done / size)
 }
 
 /// The first NaN or infinite element of a float tensor: `(flat index, value)`; `None` when
@@ -99,6 +146,40 @@ mod tests {
         // the largest finite values are finite
         assert_eq!(first_nonfinite_bits(&f32::MAX.to_le_bytes(), FloatBits::F32), None);
         assert_eq!(first_nonfinite_bits(&half::f16::MAX.to_le_bytes(), FloatBits::F16), None);
+    }
+
+    /// The 64-byte block scan finds the element wherever it lies (every lane of a word, every
+    /// word of a block, the remainder), and the largest finite values never trigger it.
+    #[test]
+    fn block_scan_finds_every_position() {
+        let enc = |bits: FloatBits, x: f64| -> Vec<u8> {
+            match bits {
+                FloatBits::F16 => half::f16::from_f64(x).to_le_bytes().to_vec(),
+                FloatBits::BF16 => half::bf16::from_f64(x).to_le_bytes().to_vec(),
+                FloatBits::F32 => (x as f32).to_le_bytes().to_vec(),
+                FloatBits::F64 => x.to_le_bytes().to_vec(),
+            }
+        };
+        for bits in [FloatBits::F16, FloatBits::BF16, FloatBits::F32, FloatBits::F64] {
+            let max = match bits {
+                FloatBits::F16 => 65504.0,
+                FloatBits::BF16 => half::bf16::MAX.to_f64(),
+                FloatBits::F32 => f32::MAX as f64,
+                FloatBits::F64 => f64::MAX,
+            };
+            let n = 101;
+            let finite: Vec<u8> =
+                (0..n).flat_map(|i| enc(bits, if i % 2 == 0 { max } else { -max })).collect();
+            assert_eq!(first_nonfinite_bits(&finite, bits), None, "{bits:?}");
+            for at in [0, 1, 3, 31, 32, 33, 63, 64, 99, 100] {
+                for bad in [f64::NAN, f64::INFINITY, f64::NEG_INFINITY] {
+                    let mut b = finite.clone();
+                    let sz = bits.size();
+                    b[at * sz..(at + 1) * sz].copy_from_slice(&enc(bits, bad));
+                    assert_eq!(first_nonfinite_bits(&b, bits), Some(at), "{bits:?} {bad} at {at}");
+                }
+            }
+        }
     }
 
     #[test]

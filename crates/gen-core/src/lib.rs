@@ -9,6 +9,7 @@ pub mod device;
 pub mod error;
 pub mod finite;
 pub mod fsutil;
+pub mod fuzz;
 pub mod imageio;
 pub mod rng;
 pub mod suggest;

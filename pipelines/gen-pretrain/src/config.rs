@@ -604,11 +604,13 @@ impl StageConfig {
                 format!("{} must be below steps {}", self.warmup_steps, self.steps),
             );
         }
-        if let Err(e) = self.adamw().validate() {
-            return bad("(optimizer)", e.to_string());
-        }
-        if let Err(e) = self.schedule() {
-            return bad("(schedule)", e.to_string());
+        // what the optimizer and the schedule check themselves (their errors name the field)
+        for res in [self.adamw().validate(), self.schedule().map(|_| ())] {
+            match res {
+                Ok(()) => {}
+                Err(Error::Invalid { what, msg }) => return bad(&what, msg),
+                Err(e) => return bad("(optimizer)", e.to_string()),
+            }
         }
         Ok(())
     }
