@@ -4,9 +4,17 @@
 //! # Determinism and resume
 //! Step `s` (0-based) draws all its randomness from `SeededRng::fork(stage_seed, s)`, so the
 //! generator state at any step is the step number itself; the learning rate is a pure function
-//! of the step. A checkpoint holds the parameters, the AdamW state and the step. Resuming from
-//! the checkpoint at step `k` and running to `n` gives bit-identical parameters to an
-//! uninterrupted run to `n` (tested in `tests/pretrain.rs`).
+//! of the step; objectives keep no state that depends on what ran before (see [`Objective`]).
+//! A checkpoint holds the parameters, the AdamW state and the step. Resuming from the
+//! checkpoint at any step `k` and running to `n` gives bit-identical parameters, optimizer
+//! state and logged losses to an uninterrupted run to `n` (tested in `tests/pretrain.rs` for
+//! every stage at several steps).
+//!
+//! # Non-finite values
+//! A step whose loss or gradient norm is not finite is skipped (no update);
+//! [`MAX_BAD_STEPS_IN_A_ROW`] in a row stop the stage with an error naming the steps. Loaded
+//! checkpoint files and the parameters written to a checkpoint must be finite (an error names
+//! the file or step and the tensor).
 //!
 //! # Checkpoint layout (in the stage folder)
 //! `ckpt-<step>/model.safetensors`, `ckpt-<step>/optimizer.safetensors`, `ckpt-<step>/state.json`,

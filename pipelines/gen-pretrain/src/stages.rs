@@ -454,6 +454,39 @@ impl Trainer {
         events: &mut dyn FnMut(&TrainEvent),
     ) -> Result<StageOutcome> {
         let stage = Stage::Unet;
+        // The UNet learns the finished text encoder's and VAE's spaces (and the VAE's scaling
+        // factor, measured once): starting it on unfinished ones would train it for weights
+        // that then change under it. A paused run (`stop_after`, e.g. every stage of `gen
+        // train --stop-after N`) leaves it unstarted, saying so; a full run is an error.
+        for dep in [Stage::Clip, Stage::Vae] {
+            let total = dep.train_config(&self.cfg).steps;
+            if let Some((_, st)) = crate::runner::latest_checkpoint(&self.out.join(dep.name()))? {
+                if st.step < total {
+                    let why = format!(
+                        "the UNet trains on the finished CLIP text encoder and VAE, but stage `{}` is at step {} of {total}",
+                        dep.name(),
+                        st.step,
+                    );
+                    if control.stop_after.is_none() {
+                        return Err(Error::msg(format!(
+                            "{why}: finish it first (e.g. `--stages {}` without --stop-after)",
+                            dep.name()
+                        )));
+                    }
+                    events(&TrainEvent::Note {
+                        stage: stage.name().into(),
+                        message: format!("not started: {why}"),
+                    });
+                    let at = crate::runner::latest_checkpoint(&self.out.join(stage.name()))?;
+                    return Ok(StageOutcome {
+                        step: at.map(|(_, st)| st.step).unwrap_or(0),
+                        finished: false,
+                        seconds: 0.0,
+                        losses: Vec::new(),
+                    });
+                }
+            }
+        }
         let text = self.load_text_encoder()?;
         let vae = self.load_vae()?;
         let dir = self.out.join(stage.name());

@@ -198,3 +198,32 @@ fn non_finite_training_stops_with_an_error() -> anyhow::Result<()> {
     std::fs::remove_dir_all(&out)?;
     Ok(())
 }
+
+/// The UNet does not start on an unfinished CLIP text encoder or VAE (as `gen train
+/// --stop-after N` over all stages used to do): a paused run leaves it unstarted with a note,
+/// a full run is an error; both name the stage and its step.
+#[test]
+fn unet_waits_for_finished_dependencies() -> anyhow::Result<()> {
+    let out = tmp("unet-deps");
+    let mut cfg = PretrainConfig::tiny();
+    cfg.clip.train.steps = 6;
+    cfg.vae.train.steps = 6;
+    let mut t = Trainer::new(cfg, &out, &Device::Cpu)?;
+    t.train(Stage::Clip, &RunControl::default(), &mut |_| {})?;
+    t.train(Stage::Vae, &RunControl { stop_after: Some(3) }, &mut |_| {})?;
+    let e = t.train(Stage::Unet, &RunControl::default(), &mut |_| {}).unwrap_err().to_string();
+    assert!(e.contains("stage `vae` is at step 3 of 6"), "{e}");
+    let mut notes = Vec::new();
+    let o = t.train(Stage::Unet, &RunControl { stop_after: Some(2) }, &mut |e| {
+        if let TrainEvent::Note { message, .. } = e {
+            notes.push(message.clone());
+        }
+    })?;
+    assert!(!o.finished && o.step == 0 && o.losses.is_empty(), "{o:?}");
+    assert!(notes.iter().any(|n| n.contains("not started") && n.contains("`vae` is at step 3")));
+    assert!(!out.join("unet").join("latest.json").exists());
+    t.train(Stage::Vae, &RunControl::default(), &mut |_| {})?;
+    t.train(Stage::Unet, &RunControl { stop_after: Some(2) }, &mut |_| {})?;
+    std::fs::remove_dir_all(&out)?;
+    Ok(())
+}
