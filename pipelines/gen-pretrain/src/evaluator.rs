@@ -56,11 +56,19 @@ impl EvaluatorConfig {
 
     pub fn from_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        let cfg: Self = serde_json::from_str(&text).map_err(|e| Error::Config {
+        let err = |e: serde_json::Error| Error::Config {
             file: path.to_path_buf(),
             key: "(file)".into(),
             msg: e.to_string(),
-        })?;
+        };
+        let value: serde_json::Value = serde_json::from_str(&text).map_err(err)?;
+        let known = gen_models::loading::struct_fields::<Self>();
+        if let Some(k) =
+            value.as_object().and_then(|o| o.keys().find(|k| !known.contains(&k.as_str())))
+        {
+            return Err(gen_core::suggest::unknown_key(path, k, known.iter().copied()));
+        }
+        let cfg: Self = serde_json::from_value(value).map_err(err)?;
         cfg.validate(path)?;
         Ok(cfg)
     }

@@ -122,7 +122,8 @@ fn evaluator_config_is_checked_on_load() -> anyhow::Result<()> {
     let good = serde_json::to_value(EvaluatorConfig::new(16, vec![8, 16], 4))?;
     std::fs::write(&p, good.to_string())?;
     EvaluatorConfig::from_file(&p)?;
-    let cases: [(&str, Edit); 5] = [
+    let cases: [(&str, Edit); 6] = [
+        ("norm_grups", |v| v["norm_grups"] = json!(4)),
         ("labels.shape", |v| v["labels"]["shape"] = json!([])),
         ("num_hues", |v| {
             v["num_hues"] = json!(0);
