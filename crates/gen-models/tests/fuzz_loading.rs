@@ -85,6 +85,38 @@ fn fuzz_safetensors_weights() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Headers declaring sizes that overflow or exceed the file are errors before allocation
+/// (a shape whose byte size overflows used to panic in the size check).
+#[test]
+fn huge_declared_sizes_are_errors() -> anyhow::Result<()> {
+    let d = tmp("huge");
+    let f = d.join("model.safetensors");
+    let write = |header: &str, data: usize, len_field: Option<u64>| -> anyhow::Result<()> {
+        let mut b = len_field.unwrap_or(header.len() as u64).to_le_bytes().to_vec();
+        b.extend_from_slice(header.as_bytes());
+        b.extend(std::iter::repeat_n(0u8, data));
+        std::fs::write(&f, b)?;
+        Ok(())
+    };
+    for (header, data, len_field) in [
+        (
+            r#"{"w":{"dtype":"F32","shape":[4611686018427387904,4],"data_offsets":[0,16]}}"#,
+            16,
+            None,
+        ),
+        (r#"{"w":{"dtype":"F16","shape":[18446744073709551615],"data_offsets":[0,2]}}"#, 2, None),
+        (r#"{"w":{"dtype":"F32","shape":[4],"data_offsets":[0,18446744073709551615]}}"#, 16, None),
+        (r#"{"w":{"dtype":"F32","shape":[4],"data_offsets":[0,16]}}"#, 16, Some(u64::MAX)),
+        (r#"{"w":{"dtype":"F32","shape":[4],"data_offsets":[0,16]}}"#, 16, Some(1 << 40)),
+    ] {
+        write(header, data, len_field)?;
+        let e = SafetensorsWeights::open(std::slice::from_ref(&f)).unwrap_err().to_string();
+        assert!(e.contains(&f.display().to_string()), "{e}");
+    }
+    std::fs::remove_dir_all(&d)?;
+    Ok(())
+}
+
 /// A model config, mutated, is parsed; when it parses, the model is built from the shipped
 /// weights (a config that disagrees with them is an error naming the tensor).
 #[test]

@@ -92,6 +92,27 @@ fn fuzz_ply_import() -> Result<()> {
     Ok(())
 }
 
+/// A header declaring a huge vertex count (or a huge list count) is an error before any
+/// allocation of that size.
+#[test]
+fn ply_huge_declared_counts_are_errors() -> Result<()> {
+    let d = tmp("ply-huge");
+    let f = d.join("splats.ply");
+    write_ply(&splats(3, 0, 3)?, &f)?;
+    let base = std::fs::read(&f)?;
+    let text = String::from_utf8_lossy(&base).into_owned();
+    let line = text.lines().find(|l| l.starts_with("element vertex")).unwrap().to_string();
+    for n in ["4294967296", "18446744073709551615", "1000000000000", "-3"] {
+        let mut b = base.clone();
+        let at = b.windows(line.len()).position(|w| w == line.as_bytes()).unwrap();
+        b.splice(at..at + line.len(), format!("element vertex {n}").into_bytes());
+        std::fs::write(&f, &b)?;
+        assert!(read_ply(&f, &Device::Cpu).is_err(), "vertex count {n} accepted");
+    }
+    std::fs::remove_dir_all(&d)?;
+    Ok(())
+}
+
 #[test]
 fn fuzz_transforms_json() -> Result<()> {
     let d = tmp("transforms");
