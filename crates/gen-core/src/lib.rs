@@ -8,9 +8,12 @@ pub mod alloc;
 pub mod chart;
 pub mod device;
 pub mod error;
+pub mod finite;
 pub mod fsutil;
+pub mod fuzz;
 pub mod imageio;
 pub mod rng;
+pub mod suggest;
 
 pub use alloc::tune_allocator;
 pub use device::{pick_device, DeviceChoice};

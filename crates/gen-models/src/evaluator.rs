@@ -78,11 +78,67 @@ impl EvaluatorConfig {
 
     pub fn from_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        serde_json::from_str(&text).map_err(|e| Error::Config {
+        let err = |e: serde_json::Error| Error::Config {
             file: path.to_path_buf(),
             key: "(file)".into(),
             msg: e.to_string(),
-        })
+        };
+        let value: serde_json::Value = serde_json::from_str(&text).map_err(err)?;
+        let known = gen_models::loading::struct_fields::<Self>();
+        if let Some(k) =
+            value.as_object().and_then(|o| o.keys().find(|k| !known.contains(&k.as_str())))
+        {
+            return Err(gen_core::suggest::unknown_key(path, k, known.iter().copied()));
+        }
+        let cfg: Self = serde_json::from_value(value).map_err(err)?;
+        cfg.validate(path)?;
+        Ok(cfg)
+    }
+
+    /// Checks what the network and the label names need: a positive image size, non-empty
+    /// channels that are multiples of a positive `norm_groups`, at least one class per head,
+    /// and (where `labels` lists a head's names) one name per class. Errors name `file`.
+    pub fn validate(&self, file: &Path) -> Result<()> {
+        let bad = |key: &str, msg: String| {
+            Err(Error::Config { file: file.to_path_buf(), key: key.into(), msg })
+        };
+        if self.image_size == 0 {
+            return bad("image_size", "must be positive".into());
+        }
+        if self.norm_groups == 0 {
+            return bad("norm_groups", "must be positive".into());
+        }
+        if self.channels.is_empty()
+            || self.channels.iter().any(|c| *c == 0 || c % self.norm_groups != 0)
+        {
+            return bad(
+                "channels",
+                format!(
+                    "{:?} must be non-empty positive multiples of norm_groups {}",
+                    self.channels, self.norm_groups
+                ),
+            );
+        }
+        let heads = ["shape", "hue", "tone", "view", "background"];
+        for (name, (_, n)) in heads.iter().zip(self.heads()) {
+            if n == 0 {
+                return bad(
+                    &format!("num_{name}s"),
+                    "must be positive (a head needs classes)".into(),
+                );
+            }
+            match self.labels.get(name) {
+                None => {}
+                Some(serde_json::Value::Array(a)) if a.len() == n => {}
+                Some(v) => {
+                    return bad(
+                        &format!("labels.{name}"),
+                        format!("expected a list of {n} class names, found {v}"),
+                    )
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Total number of logits.

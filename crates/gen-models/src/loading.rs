@@ -104,10 +104,14 @@ pub fn read_safetensors_header(path: &Path) -> Result<HashMap<String, TensorInfo
             )));
         }
         if let Some(sz) = dtype_size(dtype) {
-            let want = shape.iter().product::<usize>() as u64 * sz as u64;
-            if want != offs[1] - offs[0] {
+            // checked: a corrupt header may declare a shape whose size overflows
+            let want = shape
+                .iter()
+                .try_fold(sz as u64, |acc, &d| acc.checked_mul(d as u64))
+                .filter(|w| *w == offs[1] - offs[0]);
+            if want.is_none() {
                 return Err(bad(format!(
-                    "tensor `{key}`: {dtype} {shape:?} needs {want} bytes, the offsets give {}",
+                    "tensor `{key}`: {dtype} {shape:?} does not fit the {} bytes its offsets give",
                     offs[1] - offs[0]
                 )));
             }
@@ -250,11 +254,44 @@ impl SafetensorsWeights {
                 info.dtype
             )));
         }
+        let view = mm.get(key).map_err(|e| Error::msg(format!("{file}: tensor `{key}`: {e}")))?;
+        check_finite_bytes(&file, key, &info.dtype, view.data())?;
         let t =
             mm.load(key, device).map_err(|e| Error::msg(format!("{file}: tensor `{key}`: {e}")))?;
         t.to_dtype(dtype).map_err(|e| {
             Error::msg(format!("{file}: tensor `{key}`: converting to {dtype:?}: {e}"))
         })
+    }
+}
+
+/// Refuses a float tensor with a NaN or infinite element: the error names the file, the
+/// tensor, the element and its value.
+pub fn check_finite_bytes(file: &str, key: &str, dtype: &str, bytes: &[u8]) -> Result<()> {
+    use gen_core::finite::{first_nonfinite_bits, FloatBits};
+    let bits = match dtype {
+        "F16" => FloatBits::F16,
+        "BF16" => FloatBits::BF16,
+        "F32" => FloatBits::F32,
+        "F64" => FloatBits::F64,
+        _ => return Ok(()),
+    };
+    match first_nonfinite_bits(bytes, bits) {
+        None => Ok(()),
+        Some(i) => {
+            let n = dtype_size(dtype).unwrap_or(1);
+            let raw = &bytes[i * n..(i + 1) * n];
+            let value = match bits {
+                FloatBits::F16 => half::f16::from_le_bytes([raw[0], raw[1]]).to_f64(),
+                FloatBits::BF16 => half::bf16::from_le_bytes([raw[0], raw[1]]).to_f64(),
+                FloatBits::F32 => f32::from_le_bytes([raw[0], raw[1], raw[2], raw[3]]) as f64,
+                FloatBits::F64 => {
+                    f64::from_le_bytes(raw.try_into().expect("an f64 element has 8 bytes"))
+                }
+            };
+            Err(Error::msg(format!(
+                "{file}: tensor `{key}`: element {i} is {value} (weights must be finite; the file is corrupt or came from a diverged run)"
+            )))
+        }
     }
 }
 
@@ -519,4 +556,38 @@ impl JsonConfig {
     pub fn invalid(&self, key: &str, msg: impl Into<String>) -> Error {
         self.err(key, msg)
     }
+}
+
+/// The field names of a serde struct (what `#[derive(Deserialize)]` accepts as keys), e.g. the
+/// keys a [`crate::unet::UNetConfig`] reads, for "unknown key" checks.
+pub fn struct_fields<T: for<'de> serde::Deserialize<'de>>() -> &'static [&'static str] {
+    use serde::de::{Error as _, Visitor};
+    /// A deserializer that only records the fields a struct asks for.
+    struct Fields<'a>(&'a mut &'static [&'static str]);
+    impl<'de> serde::Deserializer<'de> for Fields<'_> {
+        type Error = serde::de::value::Error;
+        fn deserialize_any<V: Visitor<'de>>(
+            self,
+            _: V,
+        ) -> std::result::Result<V::Value, Self::Error> {
+            Err(Self::Error::custom("not a struct"))
+        }
+        fn deserialize_struct<V: Visitor<'de>>(
+            self,
+            _name: &'static str,
+            fields: &'static [&'static str],
+            _visitor: V,
+        ) -> std::result::Result<V::Value, Self::Error> {
+            *self.0 = fields;
+            Err(Self::Error::custom("fields recorded"))
+        }
+        serde::forward_to_deserialize_any! {
+            bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes byte_buf
+            option unit unit_struct newtype_struct seq tuple tuple_struct map enum identifier
+            ignored_any
+        }
+    }
+    let mut fields: &'static [&'static str] = &[];
+    let _ = T::deserialize(Fields(&mut fields));
+    fields
 }

@@ -299,6 +299,29 @@ fn load_view(
     Tensor::from_raw_buffer(v.data(), dtype, v.shape(), device)
 }
 
+/// Refuses a float tensor with a NaN or infinite element (the error names the file, the
+/// tensor and the element): applied, it would turn every output of the model into NaN.
+fn check_finite(path: &Path, name: &str, v: &safetensors::tensor::TensorView<'_>) -> Result<()> {
+    use gen_core::finite::{first_nonfinite_bits, FloatBits};
+    use safetensors::Dtype as D;
+    let bits = match v.dtype() {
+        D::F16 => FloatBits::F16,
+        D::BF16 => FloatBits::BF16,
+        D::F32 => FloatBits::F32,
+        D::F64 => FloatBits::F64,
+        _ => return Ok(()),
+    };
+    match first_nonfinite_bits(v.data(), bits) {
+        None => Ok(()),
+        Some(i) => Err(file_err(
+            path,
+            format!(
+                "tensor `{name}`: element {i} is not finite (NaN or infinite); the file is corrupt"
+            ),
+        )),
+    }
+}
+
 /// Distinct values, comma-separated, in first-seen order.
 fn summarise<T: PartialEq + ToString + Copy>(v: &[T]) -> String {
     let mut d: Vec<T> = Vec::new();
@@ -364,6 +387,7 @@ pub fn read_lora_file(path: impl AsRef<Path>, device: &Device) -> Result<LoraFil
     let metadata = header.metadata().clone().unwrap_or_default();
     let mut tensors: HashMap<String, Tensor> = HashMap::new();
     for (name, view) in st.tensors() {
+        check_finite(path, &name, &view)?;
         let t = load_view(&view, device)
             .ctx(format!("LoRA file {}: tensor `{name}`", path.display()))?;
         tensors.insert(name, t);

@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use gen_core::{Error, Result};
+use gen_optim::{AdamWConfig, Cosine, GroupConfig};
 
 /// Hyper-parameters shared by every stage's optimisation loop.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -229,15 +230,26 @@ impl PretrainConfig {
         }
     }
 
-    /// Reads a config saved by [`PretrainConfig::save`].
+    /// Reads a config saved by [`PretrainConfig::save`] (or written by hand) and checks all of
+    /// it (see [`PretrainConfig::validate`]): an unknown key is an error naming the nearest
+    /// known key.
     pub fn load(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        let cfg: Self = serde_json::from_str(&text).map_err(|e| Error::Config {
+        Self::from_json_str(path, &text)
+    }
+
+    /// Parses and checks a config as if read from `path` (named in errors).
+    pub fn from_json_str(path: &Path, text: &str) -> Result<Self> {
+        let err = |key: &str, msg: String| Error::Config {
             file: path.to_path_buf(),
-            key: "(file)".into(),
-            msg: e.to_string(),
-        })?;
-        cfg.validate()?;
+            key: key.into(),
+            msg,
+        };
+        let value: Value = serde_json::from_str(text)
+            .map_err(|e| err("(file)", format!("not valid JSON: {e}")))?;
+        check_keys(path, "", &value, &key_template())?;
+        let cfg: Self = serde_json::from_value(value).map_err(|e| err("(file)", e.to_string()))?;
+        cfg.check(path)?;
         Ok(cfg)
     }
 
@@ -248,12 +260,38 @@ impl PretrainConfig {
         gen_core::write_atomic(path, text.as_bytes())
     }
 
-    /// Checks the values that the model configs do not check themselves.
+    /// Checks all of the config before anything trains: every stage's optimisation values,
+    /// the model sections (through the model parsers, with unknown keys and keys the trainer
+    /// sets refused) and the shapes that must agree across stages (text width and UNet
+    /// cross-attention, VAE latent channels and UNet channels, image and latent sizes).
     pub fn validate(&self) -> Result<()> {
-        let bad =
-            |what: &str, msg: String| Err(Error::invalid(format!("pretrain config `{what}`"), msg));
-        if self.pool_size == 0 {
-            return bad("pool_size", "must be positive".into());
+        self.check(Path::new("pretrain config"))
+    }
+
+    /// [`PretrainConfig::validate`] with errors naming `origin` (the file read, or
+    /// `pretrain config`).
+    fn check(&self, origin: &Path) -> Result<()> {
+        let bad = |key: &str, msg: String| {
+            Err(Error::Config { file: origin.to_path_buf(), key: key.into(), msg })
+        };
+        for (key, v) in [
+            ("pool_size", self.pool_size),
+            ("image_size", self.image_size as usize),
+            ("supersample", self.supersample as usize),
+            ("clip.projection_dim", self.clip.projection_dim),
+        ] {
+            if v == 0 {
+                return bad(key, "must be positive".into());
+            }
+        }
+        if self.max_text_len < 2 {
+            return bad(
+                "max_text_len",
+                format!(
+                    "{} (must hold at least the start and end tokens: >= 2)",
+                    self.max_text_len
+                ),
+            );
         }
         for (name, s) in [
             ("clip", &self.clip.train),
@@ -261,56 +299,318 @@ impl PretrainConfig {
             ("unet", &self.unet.train),
             ("evaluator", &self.evaluator.train),
         ] {
-            if s.steps == 0 || s.batch_size == 0 || s.checkpoint_every == 0 {
-                return bad(
-                    &format!("{name}.train"),
-                    format!(
-                        "steps {}, batch_size {} and checkpoint_every {} must be positive",
-                        s.steps, s.batch_size, s.checkpoint_every
-                    ),
-                );
-            }
-            if s.batch_size > self.pool_size {
-                return bad(
-                    &format!("{name}.train.batch_size"),
-                    format!("{} exceeds pool_size {}", s.batch_size, self.pool_size),
-                );
-            }
-            if !(0.0..1.0).contains(&s.ema_decay) {
-                return bad(
-                    &format!("{name}.train.ema_decay"),
-                    format!("{} (must be in [0, 1); 0 = no moving average)", s.ema_decay),
-                );
-            }
-            if s.warmup_steps > s.steps {
-                return bad(
-                    &format!("{name}.train.warmup_steps"),
-                    format!("{} exceeds steps {}", s.warmup_steps, s.steps),
-                );
+            s.check(origin, &format!("{name}.train"), self.pool_size)?;
+        }
+        for (key, p, upper) in [
+            ("unet.caption_dropout", self.unet.caption_dropout, false),
+            ("unet.caption_part_dropout", self.unet.caption_part_dropout, true),
+        ] {
+            let ok = if upper { (0.0..=1.0).contains(&p) } else { (0.0..1.0).contains(&p) };
+            if !ok {
+                let range = if upper { "[0, 1]" } else { "[0, 1)" };
+                return bad(key, format!("{p} (must be in {range})"));
             }
         }
-        if !(0.0..1.0).contains(&self.unet.caption_dropout) {
-            return bad(
-                "unet.caption_dropout",
-                format!("{} (must be in [0, 1))", self.unet.caption_dropout),
-            );
+        for (key, w) in
+            [("vae.mse_weight", self.vae.mse_weight), ("vae.kl_weight", self.vae.kl_weight)]
+        {
+            if !(w.is_finite() && w >= 0.0) {
+                return bad(key, format!("{w} (must be finite and >= 0)"));
+            }
         }
-        if !(0.0..=1.0).contains(&self.unet.caption_part_dropout) {
-            return bad(
-                "unet.caption_part_dropout",
-                format!("{} (must be in [0, 1])", self.unet.caption_part_dropout),
-            );
+        if self.evaluator.norm_groups == 0 {
+            return bad("evaluator.norm_groups", "must be positive".into());
         }
         if self.evaluator.channels.is_empty()
-            || self.evaluator.channels.iter().any(|c| c % self.evaluator.norm_groups != 0)
+            || self
+                .evaluator
+                .channels
+                .iter()
+                .any(|c| *c == 0 || c % self.evaluator.norm_groups != 0)
         {
             return bad(
                 "evaluator.channels",
                 format!(
-                    "{:?} must be non-empty multiples of norm_groups {}",
+                    "{:?} must be non-empty positive multiples of norm_groups {}",
                     self.evaluator.channels, self.evaluator.norm_groups
                 ),
             );
+        }
+        self.check_models(origin)
+    }
+
+    /// The model sections: known keys only, parsed by the model parsers, and consistent
+    /// across stages.
+    fn check_models(&self, origin: &Path) -> Result<()> {
+        use crate::stages::{clip_config_json, unet_config_json, vae_config_json};
+        use gen_models::loading::{struct_fields, JsonConfig};
+        use gen_models::unet::UNetConfig;
+        use gen_models::vae::VaeConfig;
+        let bad = |key: &str, msg: String| {
+            Err(Error::Config { file: origin.to_path_buf(), key: key.into(), msg })
+        };
+        // what the trainer writes into each exported config (a user value would be overwritten)
+        let mut bare = self.clone();
+        bare.clip.text_config = json!({});
+        bare.clip.vision_config = json!({});
+        bare.vae.config = json!({});
+        bare.unet.config = json!({});
+        let clip_bare = clip_config_json(&bare);
+        let keys = |v: &Value| -> Vec<String> {
+            v.as_object().map(|o| o.keys().cloned().collect()).unwrap_or_default()
+        };
+        let sections: [(&str, &Value, Vec<&str>, Vec<String>); 4] = [
+            (
+                "clip.text_config",
+                &self.clip.text_config,
+                CLIP_TEXT_KEYS.to_vec(),
+                keys(&clip_bare["text_config"]),
+            ),
+            (
+                "clip.vision_config",
+                &self.clip.vision_config,
+                CLIP_VISION_KEYS.to_vec(),
+                keys(&clip_bare["vision_config"]),
+            ),
+            (
+                "vae.config",
+                &self.vae.config,
+                struct_fields::<VaeConfig>().to_vec(),
+                keys(&vae_config_json(&bare, 1.0)),
+            ),
+            (
+                "unet.config",
+                &self.unet.config,
+                struct_fields::<UNetConfig>().to_vec(),
+                keys(&unet_config_json(&bare)),
+            ),
+        ];
+        for (section, value, fields, set_by_trainer) in &sections {
+            let Some(obj) = value.as_object() else {
+                return bad(section, format!("expected a JSON object, found {value}"));
+            };
+            let known: Vec<&str> =
+                fields.iter().copied().filter(|f| !set_by_trainer.iter().any(|s| s == f)).collect();
+            for k in obj.keys() {
+                if set_by_trainer.contains(k) {
+                    return bad(
+                        &format!("{section}.{k}"),
+                        "set by the trainer, not by the config (leave it out)".into(),
+                    );
+                }
+                if !known.contains(&k.as_str()) {
+                    return Err(gen_core::suggest::unknown_key(
+                        origin,
+                        &format!("{section}.{k}"),
+                        known.iter().copied(),
+                    ));
+                }
+            }
+        }
+        // the parsers' own checks, with errors naming the section
+        let named = |section: &str| format!("{} {section}", origin.display());
+        let clip = clip_config_json(self);
+        let text = gen_models::clip::ClipTextConfig::from_json(&JsonConfig {
+            path: named("clip.text_config").into(),
+            value: clip["text_config"].clone(),
+        })?;
+        let vision = gen_models::clip::ClipVisionConfig::from_json(&JsonConfig {
+            path: named("clip.vision_config").into(),
+            value: clip["vision_config"].clone(),
+        })?;
+        let vae = VaeConfig::from_json(&vae_config_json(self, 1.0), &named("vae.config"))?;
+        let unet = UNetConfig::from_json(&unet_config_json(self), &named("unet.config"))?;
+        // across stages
+        if text.max_position_embeddings < self.max_text_len {
+            return bad(
+                "clip.text_config.max_position_embeddings",
+                format!(
+                    "{} is shorter than max_text_len {}",
+                    text.max_position_embeddings, self.max_text_len
+                ),
+            );
+        }
+        if vision.image_size != self.image_size as usize {
+            return bad(
+                "clip.vision_config.image_size",
+                format!("{} differs from image_size {}", vision.image_size, self.image_size),
+            );
+        }
+        if unet.cross_attention_dim != text.hidden_size {
+            return bad(
+                "unet.config.cross_attention_dim",
+                format!(
+                    "{} differs from the text encoder's hidden_size {} (clip.text_config)",
+                    unet.cross_attention_dim, text.hidden_size
+                ),
+            );
+        }
+        for (key, c) in [
+            ("unet.config.in_channels", unet.in_channels),
+            ("unet.config.out_channels", unet.out_channels),
+        ] {
+            if c != vae.latent_channels {
+                return bad(
+                    key,
+                    format!("{c} differs from the VAE's latent_channels {}", vae.latent_channels),
+                );
+            }
+        }
+        let down = 1usize << (vae.block_out_channels.len() - 1).min(16);
+        if (self.image_size as usize).checked_rem(down) != Some(0) {
+            return bad(
+                "vae.config.block_out_channels",
+                format!(
+                    "{} blocks downsample by {down}, which does not divide image_size {}",
+                    vae.block_out_channels.len(),
+                    self.image_size
+                ),
+            );
+        }
+        let latent = self.image_size as usize / down;
+        if let Some(s) = vae.sample_size.filter(|s| *s != self.image_size as usize) {
+            return bad(
+                "vae.config.sample_size",
+                format!("{s} differs from image_size {}", self.image_size),
+            );
+        }
+        if let Some(s) = unet.sample_size.filter(|s| *s != latent) {
+            return bad(
+                "unet.config.sample_size",
+                format!("{s} differs from the latent size {latent} (image_size / {down})"),
+            );
+        }
+        let unet_down = 1usize << (unet.block_out_channels.len() - 1).min(16);
+        if latent.checked_rem(unet_down) != Some(0) {
+            return bad(
+                "unet.config.block_out_channels",
+                format!("{} blocks downsample by {unet_down}, which does not divide the latent size {latent}", unet.block_out_channels.len()),
+            );
+        }
+        Ok(())
+    }
+}
+
+/// The `CLIPTextConfig` keys a training config may set (the rest are set by the trainer).
+pub const CLIP_TEXT_KEYS: &[&str] = &[
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "max_position_embeddings",
+    "hidden_act",
+];
+
+/// The `CLIPVisionConfig` keys a training config may set.
+pub const CLIP_VISION_KEYS: &[&str] = &[
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "image_size",
+    "patch_size",
+    "hidden_act",
+];
+
+/// Sections whose keys are checked against the model parsers (see `check_models`).
+const MODEL_SECTIONS: [&str; 4] =
+    ["clip.text_config", "clip.vision_config", "vae.config", "unet.config"];
+
+/// Every key a config may hold, as a JSON value of the config's shape (a config with every
+/// optional field set, so that none is skipped when serialised).
+fn key_template() -> Value {
+    let mut full = PretrainConfig::real();
+    for s in
+        [&mut full.clip.train, &mut full.vae.train, &mut full.unet.train, &mut full.evaluator.train]
+    {
+        s.ema_decay = 0.5;
+        s.max_grad_norm = Some(1.0);
+    }
+    serde_json::to_value(full).expect("the config serialises")
+}
+
+/// Refuses keys of `value` that `template` lacks, naming the nearest known key; the model
+/// sections are left to `check_models`.
+fn check_keys(file: &Path, at: &str, value: &Value, template: &Value) -> Result<()> {
+    let (Some(obj), Some(known)) = (value.as_object(), template.as_object()) else {
+        return Ok(());
+    };
+    for (k, v) in obj {
+        let path = if at.is_empty() { k.clone() } else { format!("{at}.{k}") };
+        let Some(t) = known.get(k) else {
+            return Err(gen_core::suggest::unknown_key(
+                file,
+                &path,
+                known.keys().map(String::as_str),
+            ));
+        };
+        if !MODEL_SECTIONS.contains(&path.as_str()) {
+            check_keys(file, &path, v, t)?;
+        }
+    }
+    Ok(())
+}
+
+impl StageConfig {
+    /// The AdamW settings of the stage (its learning rate is the schedule's peak).
+    pub fn adamw(&self) -> AdamWConfig {
+        AdamWConfig { lr: self.lr, weight_decay: self.weight_decay, ..Default::default() }
+    }
+
+    /// The learning-rate schedule: linear warm-up, then cosine decay to
+    /// `lr * final_lr_fraction` at `steps`.
+    pub fn schedule(&self) -> Result<Cosine> {
+        Cosine::new(self.lr, self.warmup_steps, self.steps, self.lr * self.final_lr_fraction)
+    }
+
+    /// Checks the values of a stage (`at`: its key, e.g. `unet.train`).
+    fn check(&self, origin: &Path, at: &str, pool_size: usize) -> Result<()> {
+        let bad = |key: &str, msg: String| {
+            Err(Error::Config { file: origin.to_path_buf(), key: format!("{at}.{key}"), msg })
+        };
+        for (key, v) in [
+            ("steps", self.steps),
+            ("batch_size", self.batch_size as u64),
+            ("checkpoint_every", self.checkpoint_every),
+        ] {
+            if v == 0 {
+                return bad(key, "must be positive".into());
+            }
+        }
+        if self.batch_size > pool_size {
+            return bad("batch_size", format!("{} exceeds pool_size {pool_size}", self.batch_size));
+        }
+        if !(self.lr.is_finite() && self.lr > 0.0) {
+            return bad("lr", format!("{} (must be finite and > 0)", self.lr));
+        }
+        if !(0.0..=1.0).contains(&self.final_lr_fraction) {
+            return bad(
+                "final_lr_fraction",
+                format!("{} (must be in [0, 1])", self.final_lr_fraction),
+            );
+        }
+        if let Some(g) = self.max_grad_norm.filter(|g| !(g.is_finite() && *g > 0.0)) {
+            return bad("max_grad_norm", format!("{g} (must be finite and > 0, or null for none)"));
+        }
+        if !(0.0..1.0).contains(&self.ema_decay) {
+            return bad(
+                "ema_decay",
+                format!("{} (must be in [0, 1); 0 = no moving average)", self.ema_decay),
+            );
+        }
+        if self.warmup_steps >= self.steps {
+            return bad(
+                "warmup_steps",
+                format!("{} must be below steps {}", self.warmup_steps, self.steps),
+            );
+        }
+        // what the optimizer and the schedule check themselves (their errors name the field)
+        for res in [self.adamw().validate(), self.schedule().map(|_| ())] {
+            match res {
+                Ok(()) => {}
+                Err(Error::Invalid { what, msg }) => return bad(&what, msg),
+                Err(e) => return bad("(optimizer)", e.to_string()),
+            }
         }
         Ok(())
     }

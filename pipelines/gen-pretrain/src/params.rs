@@ -77,6 +77,7 @@ pub fn save_vars(vars: &[NamedVar], path: &Path) -> Result<()> {
 pub fn load_vars(vars: &[NamedVar], path: &Path) -> Result<()> {
     let file = path.display().to_string();
     let map = candle_core::safetensors::load(path, &Device::Cpu).ctx(format!("reading {file}"))?;
+    check_finite(&file, &map)?;
     for v in vars {
         let t = map
             .get(&v.name)
@@ -99,6 +100,29 @@ pub fn load_vars(vars: &[NamedVar], path: &Path) -> Result<()> {
         )));
     }
     Ok(())
+}
+
+/// Refuses tensors with a NaN or infinite element (in name order, so the error is the same
+/// every time); `what` names them in the error (a file, or a training step).
+pub fn check_finite(what: &str, tensors: &HashMap<String, Tensor>) -> Result<()> {
+    let mut names: Vec<&String> = tensors.keys().collect();
+    names.sort();
+    for k in names {
+        if let Some((i, x)) = gen_core::finite::first_nonfinite(&tensors[k])? {
+            return Err(Error::msg(format!(
+                "{what}: tensor `{k}`: element {i} is {x} (must be finite)"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Refuses a safetensors file (a checkpoint's optimizer state or weight average) holding a
+/// NaN or infinite value; the error names the file and the tensor.
+pub fn check_file_finite(path: &Path) -> Result<()> {
+    let file = path.display().to_string();
+    let map = candle_core::safetensors::load(path, &Device::Cpu).ctx(format!("reading {file}"))?;
+    check_finite(&file, &map)
 }
 
 /// Bitwise equality of two sets of variables (same names, shapes and f32 bits).

@@ -4,9 +4,17 @@
 //! # Determinism and resume
 //! Step `s` (0-based) draws all its randomness from `SeededRng::fork(stage_seed, s)`, so the
 //! generator state at any step is the step number itself; the learning rate is a pure function
-//! of the step. A checkpoint holds the parameters, the AdamW state and the step. Resuming from
-//! the checkpoint at step `k` and running to `n` gives bit-identical parameters to an
-//! uninterrupted run to `n` (tested in `tests/pretrain.rs`).
+//! of the step; objectives keep no state that depends on what ran before (see [`Objective`]).
+//! A checkpoint holds the parameters, the AdamW state and the step. Resuming from the
+//! checkpoint at any step `k` and running to `n` gives bit-identical parameters, optimizer
+//! state and logged losses to an uninterrupted run to `n` (tested in `tests/pretrain.rs` for
+//! every stage at several steps).
+//!
+//! # Non-finite values
+//! A step whose loss or gradient norm is not finite is skipped (no update);
+//! [`MAX_BAD_STEPS_IN_A_ROW`] in a row stop the stage with an error naming the steps. Loaded
+//! checkpoint files and the parameters written to a checkpoint must be finite (an error names
+//! the file or step and the tensor).
 //!
 //! # Checkpoint layout (in the stage folder)
 //! `ckpt-<step>/model.safetensors`, `ckpt-<step>/optimizer.safetensors`, `ckpt-<step>/state.json`,
@@ -20,14 +28,11 @@ use std::time::Instant;
 
 use candle_core::Tensor;
 use gen_core::{write_atomic, Error, Result, SeededRng};
-use gen_optim::{
-    AdamW, AdamWConfig, Cosine, Ema, LrSchedule, NamedVar, Optim, Optimizer, ParamGroup,
-    StepOptions,
-};
+use gen_optim::{AdamW, Ema, LrSchedule, NamedVar, Optim, Optimizer, ParamGroup, StepOptions};
 use serde::{Deserialize, Serialize};
 
 use crate::config::StageConfig;
-use crate::params::{load_vars, save_vars};
+use crate::params::{check_file_finite, check_finite, load_vars, save_vars, tensors};
 use gen_core::chart::write_loss_curve;
 
 /// The loss of one step and named scalar parts for the metrics CSV.
@@ -38,7 +43,9 @@ pub struct StepLoss {
     pub parts: Vec<(String, f64)>,
 }
 
-/// One stage's objective: the loss of step `step` using randomness from `rng` only.
+/// One stage's objective: the loss of step `step` using randomness from `rng` only. It must be
+/// a function of the step, the parameters and `rng` alone: a cache it keeps must give the same
+/// bits whatever steps this process ran before (a resumed run starts with empty caches).
 pub trait Objective {
     /// Names of the parts [`StepLoss::parts`] returns, in order (the CSV columns).
     fn part_names(&self) -> Vec<String>;
@@ -72,8 +79,8 @@ pub enum TrainEvent {
 /// Options of one [`run_stage`] call.
 #[derive(Debug, Clone, Default)]
 pub struct RunControl {
-    /// Stop after this many completed steps (as if killed right after that checkpoint); the
-    /// schedule still spans `StageConfig::steps`.
+    /// Stop after this many completed steps, writing a checkpoint there (as if killed right
+    /// after it, whatever `checkpoint_every` is); the schedule still spans `StageConfig::steps`.
     pub stop_after: Option<u64>,
 }
 
@@ -93,7 +100,19 @@ pub struct CheckpointState {
     /// Updates of the moving average of the weights (`ema.safetensors`), when the stage keeps one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ema_updates: Option<u64>,
+    /// Steps in a row up to this one whose loss or gradients were not finite (skipped; see
+    /// [`MAX_BAD_STEPS_IN_A_ROW`]).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub bad_steps_in_a_row: u64,
 }
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+/// A step whose loss or gradient norm is not finite is skipped (no update, no moving-average
+/// update); this many in a row stop the stage with an error naming the steps.
+pub const MAX_BAD_STEPS_IN_A_ROW: u64 = 5;
 
 /// The moving average's file in a checkpoint folder.
 const EMA_FILE: &str = "ema.safetensors";
@@ -249,15 +268,11 @@ pub fn run_stage(
 ) -> Result<StageOutcome> {
     let StageSpec { name: stage, dir, cfg, seed } = spec;
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    let group = ParamGroup::new(
-        vars.to_vec(),
-        AdamWConfig { lr: cfg.lr, weight_decay: cfg.weight_decay, ..Default::default() },
-    );
+    let group = ParamGroup::new(vars.to_vec(), cfg.adamw());
     let mut opt = Optim::new(AdamW, vec![group])?
         .with_options(StepOptions { max_grad_norm: cfg.max_grad_norm, skip_nonfinite: true });
-    let schedule =
-        Cosine::new(cfg.lr, cfg.warmup_steps, cfg.steps, cfg.lr * cfg.final_lr_fraction)?;
-    let (mut step, mut seconds_before) = (0u64, 0.0);
+    let schedule = cfg.schedule()?;
+    let (mut step, mut seconds_before, mut bad_in_a_row) = (0u64, 0.0, 0u64);
     // the saved moving average to continue: (file, updates)
     let mut saved_ema = None;
     if let Some((ck, st)) = latest_checkpoint(dir)? {
@@ -287,8 +302,13 @@ pub fn run_stage(
             });
         }
         load_vars(vars, &ck.join("model.safetensors"))?;
+        check_file_finite(&ck.join("optimizer.safetensors"))?;
         opt.load_state(&ck.join("optimizer.safetensors"))?;
+        if st.ema_updates.is_some() {
+            check_file_finite(&ck.join(EMA_FILE))?;
+        }
         step = st.step;
+        bad_in_a_row = st.bad_steps_in_a_row;
         seconds_before = st.seconds;
         saved_ema = st.ema_updates.map(|n| (ck.join(EMA_FILE), n));
     }
@@ -332,10 +352,29 @@ pub fn run_stage(
         let lr = schedule.lr(step);
         opt.set_lr(lr);
         let report = opt.step(&grads)?;
-        if let Some(ema) = ema.as_mut() {
-            ema.update(vars)?;
-        }
         step += 1;
+        if report.skipped || !loss.is_finite() {
+            bad_in_a_row += 1;
+            events(&TrainEvent::Note {
+                stage: stage.into(),
+                message: format!(
+                    "step {step}: loss {loss}, gradient norm {}: not finite, step skipped ({bad_in_a_row} in a row)",
+                    report.grad_norm
+                ),
+            });
+            if bad_in_a_row >= MAX_BAD_STEPS_IN_A_ROW {
+                return Err(Error::msg(format!(
+                    "{stage}: step {step}: the loss or gradients were not finite in {bad_in_a_row} steps in a row (steps {}..={step}); stopped (the checkpoint in {} is kept: lower the learning rate or resume from it)",
+                    step + 1 - bad_in_a_row,
+                    dir.display()
+                )));
+            }
+        } else {
+            bad_in_a_row = 0;
+            if let Some(ema) = ema.as_mut() {
+                ema.update(vars)?;
+            }
+        }
         losses.push(loss);
         let secs = t0.elapsed().as_secs_f64();
         let mut row = format!("{step},{loss:.6}");
@@ -353,7 +392,7 @@ pub fn run_stage(
             grad_norm: report.grad_norm,
             seconds: secs,
         });
-        if step % cfg.checkpoint_every == 0 || step == cfg.steps {
+        if step % cfg.checkpoint_every == 0 || step == end {
             let recent: Vec<f64> =
                 losses.iter().rev().take(cfg.checkpoint_every as usize).copied().collect();
             let state = CheckpointState {
@@ -365,7 +404,10 @@ pub fn run_stage(
                 recent_loss: recent.iter().sum::<f64>() / recent.len().max(1) as f64,
                 seconds: seconds_before + start.elapsed().as_secs_f64(),
                 ema_updates: ema.as_ref().map(|e| e.updates()),
+                bad_steps_in_a_row: bad_in_a_row,
             };
+            // a checkpoint never holds non-finite weights
+            check_finite(&format!("{stage}: step {step}: parameters"), &tensors(vars)?)?;
             // metrics first: a resumed run truncates rows past the checkpoint anyway
             csv.flush()?;
             write_loss_curve(&dir.join("loss.png"), stage, &csv.curve())?;

@@ -65,6 +65,16 @@ impl Stage {
         })
     }
 
+    /// The stage's optimisation settings in `cfg`.
+    pub fn train_config(self, cfg: &PretrainConfig) -> &crate::config::StageConfig {
+        match self {
+            Stage::Clip => &cfg.clip.train,
+            Stage::Vae => &cfg.vae.train,
+            Stage::Unet => &cfg.unet.train,
+            Stage::Evaluator => &cfg.evaluator.train,
+        }
+    }
+
     /// Seed offset of the stage, so stages draw different streams from one run seed.
     fn seed(self, run_seed: u64) -> u64 {
         let k = match self {
@@ -202,6 +212,24 @@ impl Trainer {
             }
         } else {
             cfg.save(&cpath)?;
+        }
+        // a started stage configured for fewer steps than it already ran fails now, not
+        // after the stages before it have trained
+        for s in Stage::ALL {
+            let total = s.train_config(&cfg).steps;
+            if let Some((ck, st)) = crate::runner::latest_checkpoint(&out.join(s.name()))? {
+                if st.step > total {
+                    return Err(Error::Config {
+                        file: cpath.clone(),
+                        key: format!("{}.train.steps", s.name()),
+                        msg: format!(
+                            "{total}, but the stage already ran {} steps ({})",
+                            st.step,
+                            ck.display()
+                        ),
+                    });
+                }
+            }
         }
         let tdir = out.join("tokenizer");
         crate::tokenizer::write_tokenizer(&tdir, cfg.max_text_len)?;
@@ -417,7 +445,8 @@ impl Trainer {
         let var = all.affine(1.0, -mean)?.sqr()?.mean_all()?.to_scalar::<f64>()?;
         let s = 1.0 / var.sqrt().max(1e-6);
         write_atomic(&path, json!({"scaling_factor": s, "latent_mean": mean, "latent_std": var.sqrt(), "samples": n}).to_string().as_bytes())?;
-        Ok(s)
+        // the value as a resumed run reads it (decimal text may not give back every bit)
+        self.scaling_factor(vae)
     }
 
     fn train_unet(
@@ -426,6 +455,39 @@ impl Trainer {
         events: &mut dyn FnMut(&TrainEvent),
     ) -> Result<StageOutcome> {
         let stage = Stage::Unet;
+        // The UNet learns the finished text encoder's and VAE's spaces (and the VAE's scaling
+        // factor, measured once): starting it on unfinished ones would train it for weights
+        // that then change under it. A paused run (`stop_after`, e.g. every stage of `gen
+        // train --stop-after N`) leaves it unstarted, saying so; a full run is an error.
+        for dep in [Stage::Clip, Stage::Vae] {
+            let total = dep.train_config(&self.cfg).steps;
+            if let Some((_, st)) = crate::runner::latest_checkpoint(&self.out.join(dep.name()))? {
+                if st.step < total {
+                    let why = format!(
+                        "the UNet trains on the finished CLIP text encoder and VAE, but stage `{}` is at step {} of {total}",
+                        dep.name(),
+                        st.step,
+                    );
+                    if control.stop_after.is_none() {
+                        return Err(Error::msg(format!(
+                            "{why}: finish it first (e.g. `--stages {}` without --stop-after)",
+                            dep.name()
+                        )));
+                    }
+                    events(&TrainEvent::Note {
+                        stage: stage.name().into(),
+                        message: format!("not started: {why}"),
+                    });
+                    let at = crate::runner::latest_checkpoint(&self.out.join(stage.name()))?;
+                    return Ok(StageOutcome {
+                        step: at.map(|(_, st)| st.step).unwrap_or(0),
+                        finished: false,
+                        seconds: 0.0,
+                        losses: Vec::new(),
+                    });
+                }
+            }
+        }
         let text = self.load_text_encoder()?;
         let vae = self.load_vae()?;
         let dir = self.out.join(stage.name());
@@ -735,19 +797,37 @@ struct UnetObjective<'a> {
     /// Probability of leaving out the background clause, and the view clause, of a caption.
     part_dropout: f64,
     alphas: Vec<f64>,
-    /// pool index → (posterior mean, posterior std), each `(C, h, w)`
+    /// pool index → (posterior mean, posterior std), each `(C, h, w)`; filled a block of
+    /// [`LATENT_BLOCK`] pool indices at a time (see [`UnetObjective::ensure_latents`])
     latents: HashMap<u64, (Tensor, Tensor)>,
-    /// prompt → `(L, D)` hidden states
+    /// prompt → `(L, D)` hidden states, each prompt encoded alone (see
+    /// [`UnetObjective::ensure_texts`])
     texts: HashMap<String, Tensor>,
 }
 
+/// Pool indices whose VAE latents are computed in one batch.
+const LATENT_BLOCK: u64 = 16;
+
 impl UnetObjective<'_> {
+    /// Fills the latent cache for `idx`. A model's output for one input can depend on the
+    /// other inputs of its batch in the last bits (the CPU matrix kernels split the rows
+    /// differently), so a cache filled with whatever a step was missing would hold different
+    /// values after a restart (an empty cache) than in an uninterrupted run, and resuming would
+    /// not be bit-identical. Latents are therefore computed in fixed blocks of pool indices
+    /// (`[k B, (k + 1) B)` for index `i` in block `k`), the same batch whatever the history.
     fn ensure_latents(&mut self, idx: &[u64]) -> Result<()> {
-        let mut missing: Vec<u64> =
-            idx.iter().copied().filter(|i| !self.latents.contains_key(i)).collect();
-        missing.sort();
-        missing.dedup();
-        for chunk in missing.chunks(16) {
+        let pool = self.data.pool_size() as u64;
+        let mut blocks: Vec<u64> = idx
+            .iter()
+            .filter(|i| !self.latents.contains_key(i))
+            .map(|i| i / LATENT_BLOCK)
+            .collect();
+        blocks.sort();
+        blocks.dedup();
+        for block in blocks {
+            let chunk: Vec<u64> =
+                (block * LATENT_BLOCK..((block + 1) * LATENT_BLOCK).min(pool)).collect();
+            let chunk = chunk.as_slice();
             let b = self.data.batch(Split::Train, chunk)?;
             let x = ((b.images * 2.0)? - 1.0)?;
             let post = self.vae.encode(&x)?;
@@ -759,18 +839,16 @@ impl UnetObjective<'_> {
         Ok(())
     }
 
+    /// Fills the text cache for `prompts`, encoding each prompt alone: in a batch its hidden
+    /// states would depend on the other prompts of the batch in the last bits, and the prompts
+    /// missing at a step differ after a restart (see [`UnetObjective::ensure_latents`]).
     fn ensure_texts(&mut self, prompts: &[String]) -> Result<()> {
-        let mut missing: Vec<&str> =
-            prompts.iter().map(String::as_str).filter(|p| !self.texts.contains_key(*p)).collect();
-        missing.sort();
-        missing.dedup();
-        if missing.is_empty() {
-            return Ok(());
-        }
         let dev = self.model_device();
-        let h = encode_text(&self.text, self.tokenizer, &missing, self.max_len, &dev)?;
-        for (r, p) in missing.iter().enumerate() {
-            self.texts.insert(p.to_string(), h.get(r)?.detach());
+        for p in prompts {
+            if !self.texts.contains_key(p) {
+                let h = encode_text(&self.text, self.tokenizer, &[p.as_str()], self.max_len, &dev)?;
+                self.texts.insert(p.clone(), h.get(0)?.detach());
+            }
         }
         Ok(())
     }
