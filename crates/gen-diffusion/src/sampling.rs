@@ -1,5 +1,7 @@
 //! The one sampling loop, shared by text-to-image, image-to-image, the metrics and the tests.
 
+use std::collections::VecDeque;
+
 use candle_core::{DType, Device, Tensor};
 use gen_core::{Error, Result, SeededRng};
 
@@ -17,6 +19,10 @@ pub enum NoiseSource<'a> {
     /// One generator per sample: sample `j` draws its `(1, ...)` part from generator `j`, so
     /// its noise does not depend on the batch it is in (`gen image`'s batch invariance).
     PerSample(&'a mut [SeededRng]),
+    /// Recorded noise (e.g. what a reference implementation drew), one tensor per draw in
+    /// order; each draw must have the requested shape and is converted to the requested dtype
+    /// and device. Running out is an error naming the draw.
+    Given(VecDeque<Tensor>),
 }
 
 impl NoiseSource<'_> {
@@ -38,6 +44,24 @@ impl NoiseSource<'_> {
                     .map(|r| r.randn(one.as_slice(), dtype, device))
                     .collect::<Result<Vec<_>>>()?;
                 Ok(Tensor::cat(&parts, 0)?)
+            }
+            Self::Given(queue) => {
+                let t = queue.pop_front().ok_or_else(|| {
+                    Error::invalid(
+                        "given noise",
+                        format!("no recorded noise left for a draw of shape {shape:?}"),
+                    )
+                })?;
+                if t.dims() != shape {
+                    return Err(Error::invalid(
+                        "given noise",
+                        format!(
+                            "a recorded tensor of shape {:?} for a draw of shape {shape:?}",
+                            t.dims()
+                        ),
+                    ));
+                }
+                Ok(t.to_dtype(dtype)?.to_device(device)?)
             }
         }
     }
@@ -204,4 +228,28 @@ where
         )));
     }
     Ok(StepResult { sample: s.prev_sample, pred_x0: g.x0 })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn given_noise_is_drawn_in_order_and_checked() -> Result<()> {
+        let dev = Device::Cpu;
+        let a = Tensor::new(&[[1.0f32, -2.0], [0.5, 3.0]], &dev)?;
+        let b = Tensor::new(&[[4.0f32, 5.0], [-6.0, 7.0]], &dev)?;
+        let mut src =
+            NoiseSource::Given(VecDeque::from(vec![a, b, Tensor::zeros(3, DType::F32, &dev)?]));
+        let first = src.randn(&[2, 2], DType::F32, &dev)?;
+        assert_eq!(first.to_vec2::<f32>()?, vec![vec![1.0, -2.0], vec![0.5, 3.0]]);
+        let second = src.randn(&[2, 2], DType::F64, &dev)?;
+        assert_eq!(second.dtype(), DType::F64);
+        assert_eq!(second.to_vec2::<f64>()?, vec![vec![4.0, 5.0], vec![-6.0, 7.0]]);
+        let err = src.randn(&[2, 2], DType::F32, &dev).unwrap_err().to_string();
+        assert!(err.contains("shape [3]") && err.contains("[2, 2]"), "{err}");
+        let err = src.randn(&[2, 2], DType::F32, &dev).unwrap_err().to_string();
+        assert!(err.contains("no recorded noise left"), "{err}");
+        Ok(())
+    }
 }
