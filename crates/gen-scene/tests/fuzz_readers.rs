@@ -206,10 +206,8 @@ fn nan_in_a_ply_is_refused() -> Result<()> {
     Ok(())
 }
 
-/// A NaN in a fit checkpoint must be refused on resume, naming the file and the tensor.
-/// Today `Trainer::resume` accepts it (the fix belongs in gen-scene's `fit` module).
+/// A NaN in a fit checkpoint is refused on resume, naming the file and the tensor.
 #[test]
-#[ignore = "gen-scene fit::Trainer::resume does not check checkpoint values for NaN/inf yet"]
 fn nan_in_a_fit_checkpoint_is_refused() -> Result<()> {
     let d = tmp("nan-fit");
     let v = views()?;

@@ -173,6 +173,15 @@ impl CheckpointFile {
         let file = path.display().to_string();
         let map = candle_core::safetensors::load(path, &Device::Cpu)
             .map_err(|e| Error::msg(format!("reading checkpoint {file}: {e}")))?;
+        let mut names: Vec<&String> = map.keys().collect();
+        names.sort();
+        for name in names {
+            if let Some((i, v)) = gen_core::finite::first_nonfinite(&map[name])? {
+                return Err(Error::msg(format!(
+                    "checkpoint {file}: tensor `{name}`: element {i} is {v} (not finite)"
+                )));
+            }
+        }
         let mut ck = Self { file, map, step: 0 };
         let saved = ck.get(CKPT_SEED)?.to_scalar::<i64>()? as u64;
         if saved != seed {

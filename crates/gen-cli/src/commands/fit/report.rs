@@ -48,7 +48,10 @@ impl Progress {
     }
 
     pub(super) fn optimizer(&self, state_bytes: usize) {
-        crate::progress::say(&self.bar, format!("optimizer state {:.2} MB", state_bytes as f64 / 1e6))
+        crate::progress::say(
+            &self.bar,
+            format!("optimizer state {:.2} MB", state_bytes as f64 / 1e6),
+        )
     }
 
     /// Clears the bar; returns the wall and CPU seconds since [`Progress::start`].
