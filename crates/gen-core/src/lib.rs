@@ -10,6 +10,7 @@ pub mod device;
 pub mod error;
 pub mod fsutil;
 pub mod imageio;
+pub mod memory;
 pub mod rng;
 
 pub use alloc::tune_allocator;
