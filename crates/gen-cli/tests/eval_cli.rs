@@ -272,7 +272,7 @@ fn bad_input_fails_clearly_and_writes_nothing() {
         ),
         (
             vec!["eval", "images", "--model", &m, "--guidance", "pag", "--out", &o],
-            "unknown method `pag`; known: cfg, apg",
+            "--guidance: invalid guidance: unknown method `pag`; known: cfg, apg",
         ),
         (
             vec!["eval", "images", "--model", &m, "--guidance-scale", "nan", "--out", &o],
@@ -418,7 +418,19 @@ fn bad_input_fails_clearly_and_writes_nothing() {
                 && help.contains("real-vs-real"),
             "{help}"
         );
+        // `gen image`'s names; the old ones are hidden aliases
+        for flag in
+            ["--eta", "--norm-threshold", "--momentum", "--batch-size", "--guidance-interval"]
+        {
+            assert!(help.contains(flag), "gen eval {sub} --help lacks {flag}");
+        }
+        for old in ["--apg-r", "--apg-eta", "--apg-momentum", "--batch <", "--scale <"] {
+            assert!(!help.contains(old), "gen eval {sub} --help shows {old}");
+        }
     }
+    let r = gen(&["eval", "images", "--help"]);
+    let help = String::from_utf8_lossy(&r.stdout);
+    assert!(help.contains("--guidance-scale") && help.contains("--apg"), "{help}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

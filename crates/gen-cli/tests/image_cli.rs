@@ -524,3 +524,44 @@ fn negative_values_are_legal_or_a_range_error_naming_the_flag() {
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// A LoRA whose keys name layers the model lacks: the error speaks CLI (the flag, the file, a
+/// key) and does not point at library types.
+#[test]
+fn lora_with_unknown_keys_names_the_flag_file_and_key() {
+    let dir = tmp("lora-keys");
+    let path = dir.join("other-model.safetensors");
+    let dev = candle_core::Device::Cpu;
+    let t =
+        |shape: (usize, usize)| candle_core::Tensor::zeros(shape, candle_core::DType::F32, &dev);
+    let tensors = std::collections::HashMap::from([
+        ("lora_unet_no_such_block_proj.lora_down.weight".to_string(), t((2, 8)).unwrap()),
+        ("lora_unet_no_such_block_proj.lora_up.weight".to_string(), t((8, 2)).unwrap()),
+    ]);
+    candle_core::safetensors::save(&tensors, &path).unwrap();
+    let out = dir.join("out.png");
+    let r = gen(&[
+        "image",
+        "a red cube",
+        "--model",
+        &fixture(),
+        "--size",
+        "16",
+        "--steps",
+        "1",
+        "--lora",
+        path.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert_eq!(r.status.code(), Some(1), "{err}");
+    assert!(err.contains("--lora") && err.contains("other-model.safetensors"), "{err}");
+    assert!(
+        err.contains("lora_unet_no_such_block_proj") && err.contains("match no layer"),
+        "{err}"
+    );
+    assert!(!err.contains("UnknownKeys") && !err.contains("::"), "{err}");
+    assert!(!out.exists());
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -365,7 +365,8 @@ fn run_images(a: ImagesArgs) -> anyhow::Result<()> {
             if a.apg { "apg" } else { &a.guidance },
             a.scale.guidance_scale,
             &c.apg(),
-        )?,
+        )
+        .context("--guidance")?,
         ..c.base_config(model.clone())
     };
     c.check_apg_used(matches!(cfg.guidance, gen_diffusion::GuidanceMethod::Apg(_)))?;
@@ -489,9 +490,10 @@ fn run_guidance(a: GuidanceArgs) -> anyhow::Result<()> {
         .map(|s| s.trim().to_ascii_lowercase())
         .filter(|s| !s.is_empty())
         .collect();
-    let scales = parse_scales(&a.scales)?;
+    let scales = parse_scales(&a.scales).context("--scales")?;
     let base = c.base_config(model.clone());
-    let mut configs = sweep_configs(&base, &methods, &scales, &c.apg())?;
+    let mut configs =
+        sweep_configs(&base, &methods, &scales, &c.apg()).context("--method and --scales")?;
     c.check_apg_used(methods.iter().any(|m| m == "apg"))?;
     for cfg in &configs {
         cfg.validate()?;
