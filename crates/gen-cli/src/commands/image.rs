@@ -30,12 +30,17 @@ checkout (next to the executable or the source tree).
 Determinism: image i draws its noise from random stream i of --seed, so the same command gives
 the same bytes on the CPU, whatever --batch-size is.
 
-Guidance: scale w with D = u + w (c - u); w = 1 is no guidance. --apg switches CFG to adaptive
-projected guidance (Sadat et al. 2024) with the preset's eta / norm threshold / momentum unless
-given. The presets' norm thresholds r were tuned for SDXL's 4×128×128 latents; without
---norm-threshold, r is scaled to the model's latent size: r·sqrt(D / 65536), D = C·H·W of one
-latent (the embedded model's 4×16×16 latents: 15 → 1.875). The r used is printed on stderr
-and saved with the outputs.
+Memory: --size, --num-images, --batch-size and the init image's size (read from its header)
+are checked against an estimate of the memory they need, from the model's configs, before
+anything is allocated; a request above the available memory (MemAvailable on Linux) or 1 TiB
+is refused with the estimate.
+
+Guidance: scale w with D = u + w (c - u); w = 1 is no guidance, w < 0 steers away from the
+prompt. --apg switches CFG to adaptive projected guidance (Sadat et al. 2024) with the preset's
+eta / norm threshold / momentum unless given. The presets' norm thresholds r were tuned for
+SDXL's 4×128×128 latents; without --norm-threshold, r is scaled to the model's latent size:
+r·sqrt(D / 65536), D = C·H·W of one latent (the embedded model's 4×16×16 latents: 15 →
+1.875). The r used is printed on stderr and saved with the outputs.
 
 The embedded model (weights/tiny-shapes) knows the words of its world's captions, \"a|an
 [light|dark] HUE SHAPE on a|an BACKGROUND background, VIEW view\"; the background and view
