@@ -67,3 +67,36 @@ fn help_shows_examples() {
         "{text}"
     );
 }
+
+/// A count that cannot fit in memory is refused from the estimate before anything is rendered
+/// or written; negative numbers are range errors naming the flag.
+#[test]
+fn oversized_and_negative_values_fail_before_writing() {
+    let dir = std::env::temp_dir().join(format!("gen-cli-dataset-big-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let d = dir.to_str().unwrap();
+    let t0 = std::time::Instant::now();
+    let out = gen(&["dataset", "--split", "train", "--count", "100000000000", "--out", d]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("--count 100000000000 --size 64") && err.contains("needs about"), "{err}");
+    assert!(err.contains("estimate:"), "{err}");
+    assert!(t0.elapsed().as_secs() < 60);
+    for (args, needle) in [
+        (["--count", "-5"], "at least 1"),
+        (["--start", "-1"], "must be >= 0"),
+        (["--size", "-16"], "--size"),
+    ] {
+        let mut a = vec!["dataset", "--split", "test", "--out", d];
+        if args[0] != "--count" {
+            a.extend(["--count", "2"]);
+        }
+        a.extend(args);
+        let out = gen(&a);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?}");
+        assert!(err.contains(args[0]) && err.contains(needle), "{args:?}: {err}");
+        assert!(!err.contains("unexpected argument"), "{args:?}: {err}");
+    }
+    assert!(!dir.exists(), "{} was created", dir.display());
+}

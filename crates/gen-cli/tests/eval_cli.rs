@@ -161,6 +161,21 @@ fn eval_images_writes_report_csv_and_grid() {
         let p = p.as_str().unwrap();
         assert!(!p.contains("background") && !p.contains("view") && p.starts_with("a"), "{p}");
     }
+
+    // APG without --norm-threshold: the paper preset's r = 15 scaled to the model's 4×16×16
+    // latents as `gen image` does, 15·sqrt(1024 / 65536) = 1.875; with it, r as given
+    // (`--apg` is `gen image`'s spelling of `--guidance apg`).
+    for (extra, r) in
+        [(&["--guidance", "apg"][..], "1.875"), (&["--apg", "--norm-threshold", "3"][..], "3")]
+    {
+        let apg = dir.join(format!("apg-{r}"));
+        let mut a4 = args.to_vec();
+        *a4.last_mut().unwrap() = apg.to_str().unwrap();
+        a4.extend(extra);
+        ok(&gen(&a4));
+        let csv4 = rows(&apg.join("metrics.csv"));
+        assert_eq!((csv4[0]["method"].as_str(), csv4[0]["apg_r"].as_str()), ("apg", r));
+    }
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
@@ -179,6 +194,7 @@ fn eval_guidance_sweeps_and_resumes() {
         "2",
         "--steps",
         "2",
+        // the old name of --norm-threshold, kept as a hidden alias
         "--apg-r",
         "2",
         "--device",
@@ -256,12 +272,63 @@ fn bad_input_fails_clearly_and_writes_nothing() {
         ),
         (
             vec!["eval", "images", "--model", &m, "--guidance", "pag", "--out", &o],
-            "unknown method `pag`; known: cfg, apg",
+            "--guidance: invalid guidance: unknown method `pag`; known: cfg, apg",
         ),
-        (vec!["eval", "images", "--model", &m, "--scale", "0", "--out", &o], "guidance scale"),
         (
-            vec!["eval", "images", "--model", &m, "--scale", "-3", "--out", &o],
-            "must be a finite number > 0",
+            vec!["eval", "images", "--model", &m, "--guidance-scale", "nan", "--out", &o],
+            "--guidance-scale",
+        ),
+        // a negative scale is legal (as in `gen image`); the run then fails on --prompts 1
+        (
+            vec!["eval", "images", "--model", &m, "--scale", "-3", "--prompts", "1", "--out", &o],
+            "at least 2 generated images",
+        ),
+        (
+            vec![
+                "eval",
+                "images",
+                "--model",
+                &m,
+                "--guidance-scale=-3",
+                "--prompts",
+                "1",
+                "--out",
+                &o,
+            ],
+            "at least 2 generated images",
+        ),
+        (
+            vec![
+                "eval",
+                "images",
+                "--model",
+                &m,
+                "--guidance",
+                "apg",
+                "--norm-threshold",
+                "-6",
+                "--out",
+                &o,
+            ],
+            "must be >= 0",
+        ),
+        (vec!["eval", "images", "--model", &m, "--steps", "-3", "--out", &o], "at least 1"),
+        (vec!["eval", "images", "--model", &m, "--batch-size", "-8", "--out", &o], "--batch-size"),
+        (vec!["eval", "images", "--model", &m, "--batch", "0", "--out", &o], "at least 1"),
+        (
+            vec![
+                "eval",
+                "images",
+                "--model",
+                &m,
+                "--prompts",
+                "100000000",
+                "--per-prompt",
+                "100",
+                "--out",
+                &o,
+            ],
+            "--prompts 100000000 × --per-prompt 100",
         ),
         (
             vec!["eval", "images", "--model", &m, "--prompts", "1", "--out", &o],
@@ -285,7 +352,7 @@ fn bad_input_fails_clearly_and_writes_nothing() {
         (vec!["eval", "images", "--model", &m, "--steps", "0", "--out", &o], "steps"),
         (
             vec!["eval", "images", "--model", &m, "--apg-r", "2", "--out", &o],
-            "--apg-r only apply to APG",
+            "--norm-threshold only apply to APG",
         ),
         (
             vec![
@@ -300,7 +367,7 @@ fn bad_input_fails_clearly_and_writes_nothing() {
                 "--out",
                 &o,
             ],
-            "--apg-eta only apply to APG",
+            "--eta only apply to APG",
         ),
         (vec!["eval", "guidance", "--model", &m, "--scales", "", "--out", &o], "empty"),
         (
@@ -312,7 +379,7 @@ fn bad_input_fails_clearly_and_writes_nothing() {
             "unknown form `tiny`",
         ),
         (
-            vec!["eval", "guidance", "--model", &m, "--scales", "1,-2", "--out", &o],
+            vec!["eval", "guidance", "--model", &m, "--scales", "1,nan", "--out", &o],
             "guidance scale",
         ),
         (
@@ -327,6 +394,9 @@ fn bad_input_fails_clearly_and_writes_nothing() {
         assert!(!r.status.success(), "{args:?} succeeded");
         assert!(stderr.contains(expect), "{args:?}: expected {expect:?} in:\n{stderr}");
         assert!(!stderr.contains("panicked"), "{args:?} panicked:\n{stderr}");
+        assert!(!stderr.contains("unexpected argument"), "{args:?}:\n{stderr}");
+        // 1: our error, 2: clap's (a value out of range); never an abort
+        assert!(matches!(r.status.code(), Some(1 | 2)), "{args:?}: {:?}\n{stderr}", r.status);
         assert!(!out.exists(), "{args:?} wrote {}", out.display());
     }
     // An evaluator folder that is not there.
@@ -348,7 +418,19 @@ fn bad_input_fails_clearly_and_writes_nothing() {
                 && help.contains("real-vs-real"),
             "{help}"
         );
+        // `gen image`'s names; the old ones are hidden aliases
+        for flag in
+            ["--eta", "--norm-threshold", "--momentum", "--batch-size", "--guidance-interval"]
+        {
+            assert!(help.contains(flag), "gen eval {sub} --help lacks {flag}");
+        }
+        for old in ["--apg-r", "--apg-eta", "--apg-momentum", "--batch <", "--scale <"] {
+            assert!(!help.contains(old), "gen eval {sub} --help shows {old}");
+        }
     }
+    let r = gen(&["eval", "images", "--help"]);
+    let help = String::from_utf8_lossy(&r.stdout);
+    assert!(help.contains("--guidance-scale") && help.contains("--apg"), "{help}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

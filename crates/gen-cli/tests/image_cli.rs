@@ -122,7 +122,8 @@ fn bad_input_fails_clearly_and_writes_nothing() {
         (vec!["--strength", "0.5"], "--init-image"),
         (vec!["--eta", "0.5"], "--apg"),
         (vec!["--apg", "--momentum", "1.5"], "momentum"),
-        (vec!["--guidance-rescale", "2"], "phi"),
+        (vec!["--guidance-rescale", "2"], "--guidance-rescale"),
+        (vec!["--guidance-rescale", "-0.5"], "outside [0, 1]"),
         (vec!["--dtype", "f64"], "f32, f16, bf16"),
         (vec!["--dtype", "bf16", "--device", "cpu"], "bf16 does not run on the CPU"),
     ];
@@ -405,5 +406,162 @@ fn an_unwritable_output_leaves_no_files() {
     let left: Vec<_> =
         std::fs::read_dir(&folder).unwrap().map(|e| e.unwrap().file_name()).collect();
     assert_eq!(left, vec![std::ffi::OsString::from("grid.png")], "files left behind");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A PNG with a header that says `w`×`h` pixels and no image data, so only a reader of the
+/// header gets anywhere with it.
+fn png_header_only(path: &Path, w: u32, h: u32) {
+    fn crc32(bytes: &[u8]) -> u32 {
+        let mut crc = 0xffff_ffffu32;
+        for &b in bytes {
+            crc ^= b as u32;
+            for _ in 0..8 {
+                crc = if crc & 1 != 0 { (crc >> 1) ^ 0xedb8_8320 } else { crc >> 1 };
+            }
+        }
+        !crc
+    }
+    let mut ihdr = b"IHDR".to_vec();
+    ihdr.extend(w.to_be_bytes());
+    ihdr.extend(h.to_be_bytes());
+    ihdr.extend([8, 2, 0, 0, 0]); // 8-bit RGB, deflate, no filter, no interlace
+    let mut png = b"\x89PNG\r\n\x1a\n".to_vec();
+    // IHDR, then an empty IDAT and IEND: readers stop at the first IDAT for the header
+    for chunk in [ihdr, b"IDAT".to_vec(), b"IEND".to_vec()] {
+        png.extend((chunk.len() as u32 - 4).to_be_bytes());
+        png.extend(&chunk);
+        png.extend(crc32(&chunk).to_be_bytes());
+    }
+    std::fs::write(path, png).unwrap();
+}
+
+/// Sizes and counts that cannot fit in memory are refused from the estimate, before anything
+/// is allocated: exit 1 (not an abort), the flag and the estimate in the message, no output
+/// file, and in seconds.
+#[test]
+fn oversized_requests_fail_from_the_memory_estimate() {
+    let dir = tmp("oversized");
+    let model = fixture();
+    let out = dir.join("out.png");
+    let out_s = out.to_str().unwrap().to_string();
+    let init = dir.join("big.png");
+    png_header_only(&init, 4096, 4096);
+    let header = gen_sample::InitImage { path: init.clone(), strength: 0.8 };
+    assert_eq!(header.dimensions().unwrap(), (4096, 4096), "the test PNG's header is readable");
+    let init_s = init.to_str().unwrap().to_string();
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["--size", "100000"], "--size 100000x100000"),
+        (vec!["--size", "16", "--num-images", "1000000000"], "--num-images 1000000000"),
+        (vec!["--init-image", &init_s], "--init-image"),
+    ];
+    for (extra, needle) in cases {
+        let mut a = vec!["image", "a red cube", "--model", &model, "--out", &out_s, "--steps", "2"];
+        a.extend(extra.iter().copied());
+        let t0 = std::time::Instant::now();
+        let r = gen(&a);
+        let secs = t0.elapsed().as_secs_f64();
+        let err = String::from_utf8_lossy(&r.stderr);
+        assert_eq!(r.status.code(), Some(1), "{extra:?}: {err}");
+        assert!(err.contains(needle), "{extra:?}: expected `{needle}` in `{err}`");
+        assert!(err.contains("needs about") && err.contains("estimate:"), "{extra:?}: {err}");
+        assert!(
+            err.contains("available (MemAvailable)") || err.contains("sanity cap"),
+            "{extra:?}: {err}"
+        );
+        assert!(!err.contains("memory allocation") && !err.contains("panicked"), "{err}");
+        assert!(secs < 60.0, "{extra:?} took {secs:.1} s");
+        assert!(!out.exists(), "{extra:?} wrote an output");
+    }
+    // only the test's init image is in the folder
+    assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 1);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Negative numbers reach the flags for which they are legal (CFG with w < 0 steers away from
+/// the prompt) and give a range error naming the flag where they are not, never clap's
+/// "unexpected argument".
+#[test]
+fn negative_values_are_legal_or_a_range_error_naming_the_flag() {
+    let dir = tmp("negative");
+    let model = fixture();
+    for (i, extra) in [
+        vec!["--guidance-scale", "-1"],
+        vec!["--guidance-scale=-1"],
+        vec!["--apg", "--guidance-scale", "-2", "--eta", "-0.5", "--momentum", "-0.5"],
+    ]
+    .iter()
+    .enumerate()
+    {
+        let out = dir.join(format!("neg{i}.png"));
+        let mut a = vec!["image", "a red cube", "--model", &model, "--size", "16", "--steps", "2"];
+        a.extend(extra.iter().copied());
+        a.extend(["--out", out.to_str().unwrap()]);
+        let r = gen(&a);
+        assert!(r.status.success(), "{extra:?}: {}", String::from_utf8_lossy(&r.stderr));
+        assert!(out.is_file());
+    }
+    let out = dir.join("bad.png");
+    let out_s = out.to_str().unwrap().to_string();
+    for (extra, flag, range) in [
+        (vec!["--steps", "-3"], "--steps", "at least 1"),
+        (vec!["--num-images", "-2"], "--num-images", "at least 1"),
+        (vec!["--batch-size", "-1"], "--batch-size", "at least 1"),
+        (vec!["--size", "-64"], "--size", "out of range"),
+        (vec!["--seed", "-1"], "--seed", "must be >= 0"),
+        (vec!["--apg", "--norm-threshold", "-6"], "--norm-threshold", "must be >= 0"),
+        (vec!["--apg", "--momentum", "-1.5"], "--momentum", "outside (-1, 1)"),
+        (vec!["--ddim-eta", "-0.5", "--scheduler", "ddim"], "--ddim-eta", "must be >= 0"),
+    ] {
+        let mut a = vec!["image", "a red cube", "--model", &model, "--out", &out_s];
+        a.extend(extra.iter().copied());
+        let r = gen(&a);
+        let err = String::from_utf8_lossy(&r.stderr);
+        assert!(!r.status.success(), "{extra:?} succeeded");
+        assert!(err.contains(flag) && err.contains(range), "{extra:?}: {err}");
+        assert!(!err.contains("unexpected argument"), "{extra:?}: {err}");
+        assert!(!out.exists());
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A LoRA whose keys name layers the model lacks: the error speaks CLI (the flag, the file, a
+/// key) and does not point at library types.
+#[test]
+fn lora_with_unknown_keys_names_the_flag_file_and_key() {
+    let dir = tmp("lora-keys");
+    let path = dir.join("other-model.safetensors");
+    let dev = candle_core::Device::Cpu;
+    let t =
+        |shape: (usize, usize)| candle_core::Tensor::zeros(shape, candle_core::DType::F32, &dev);
+    let tensors = std::collections::HashMap::from([
+        ("lora_unet_no_such_block_proj.lora_down.weight".to_string(), t((2, 8)).unwrap()),
+        ("lora_unet_no_such_block_proj.lora_up.weight".to_string(), t((8, 2)).unwrap()),
+    ]);
+    candle_core::safetensors::save(&tensors, &path).unwrap();
+    let out = dir.join("out.png");
+    let r = gen(&[
+        "image",
+        "a red cube",
+        "--model",
+        &fixture(),
+        "--size",
+        "16",
+        "--steps",
+        "1",
+        "--lora",
+        path.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert_eq!(r.status.code(), Some(1), "{err}");
+    assert!(err.contains("--lora") && err.contains("other-model.safetensors"), "{err}");
+    assert!(
+        err.contains("lora_unet_no_such_block_proj") && err.contains("match no layer"),
+        "{err}"
+    );
+    assert!(!err.contains("UnknownKeys") && !err.contains("::"), "{err}");
+    assert!(!out.exists());
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -31,3 +31,47 @@ fn train_logs_plain_lines_without_a_terminal_and_resumes() {
     assert!(second.contains("evaluator 30/30 loss"), "{second}");
     let _ = std::fs::remove_dir_all(&out);
 }
+
+/// Batch sizes, pool sizes and image sizes that cannot fit in memory are refused from the
+/// estimate before the run folder is created; the message names the config and the values.
+#[test]
+fn oversized_training_configs_fail_before_the_run_starts() {
+    let dir = std::env::temp_dir().join(format!("gen-train-cli-big-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let run = dir.join("run");
+    let mut pool = gen_pretrain::PretrainConfig::tiny();
+    pool.pool_size = 10_000_000_000;
+    let mut size = gen_pretrain::PretrainConfig::tiny();
+    size.image_size = 100_000;
+    let mut batch = gen_pretrain::PretrainConfig::tiny();
+    batch.pool_size = 10_000_000;
+    batch.unet.train.batch_size = 10_000_000;
+    for (name, cfg, needle) in [
+        ("pool", pool, "pool_size 10000000000"),
+        ("size", size, "image_size 100000"),
+        ("batch", batch, "unet.train.batch_size 10000000"),
+    ] {
+        let path = dir.join(format!("{name}.json"));
+        std::fs::write(&path, serde_json::to_string(&cfg).unwrap()).unwrap();
+        let t0 = std::time::Instant::now();
+        let o = Command::new(env!("CARGO_BIN_EXE_gen"))
+            .args(["train", "--config", path.to_str().unwrap(), "--out", run.to_str().unwrap()])
+            .output()
+            .expect("gen runs");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{name}: {err}");
+        assert!(err.contains("--config") && err.contains(needle), "{name}: {err}");
+        assert!(err.contains("needs about") && err.contains("estimate:"), "{name}: {err}");
+        assert!(t0.elapsed().as_secs() < 60, "{name}");
+        assert!(!run.exists(), "{name}: the run folder was created");
+    }
+    let o = Command::new(env!("CARGO_BIN_EXE_gen"))
+        .args(["train", "--preset", "tiny", "--stop-after", "-1", "--out", run.to_str().unwrap()])
+        .output()
+        .expect("gen runs");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("--stop-after") && err.contains(">= 0"), "{err}");
+    assert!(!run.exists());
+    std::fs::remove_dir_all(&dir).unwrap();
+}

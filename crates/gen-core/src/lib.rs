@@ -12,6 +12,7 @@ pub mod finite;
 pub mod fsutil;
 pub mod fuzz;
 pub mod imageio;
+pub mod memory;
 pub mod rng;
 pub mod suggest;
 

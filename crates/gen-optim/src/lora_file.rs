@@ -767,7 +767,7 @@ pub fn apply_lora(
         return Err(file_err(
             path,
             format!(
-                "{} {component} conv-layer LoRA module(s) (e.g. {:?}): conv LoRA is not supported; use UnknownKeys::Skip to apply the rest",
+                "{} {component} conv-layer LoRA module(s) (e.g. {:?}): conv LoRA is not supported (only linear-layer LoRA applies)",
                 conv.len(),
                 &conv[..conv.len().min(3)]
             ),
@@ -779,7 +779,7 @@ pub fn apply_lora(
         return Err(file_err(
             path,
             format!(
-                "{} {component} module(s) match no layer of the model, e.g. {:?} (model layers look like {sample:?}; use UnknownKeys::Skip to ignore them)",
+                "{} {component} module(s) match no layer of the model, e.g. {:?} (model layers look like {sample:?}; is the file a LoRA for another model?)",
                 unknown.len(),
                 &unknown[..unknown.len().min(4)]
             ),

@@ -228,11 +228,13 @@ pub fn guidance_kind(m: &GuidanceMethod) -> &'static str {
     }
 }
 
+/// The range `gen image` accepts too: any finite number (1 = no guidance, 0 = the
+/// unconditional prediction, negative steers away from the prompt).
 fn check_guidance_scale(w: f64) -> Result<()> {
-    if !(w.is_finite() && w > 0.0) {
+    if !w.is_finite() {
         return Err(Error::invalid(
             "guidance scale",
-            format!("{w} (must be a finite number > 0; 1 = no guidance)"),
+            format!("{w} (must be a finite number; 1 = no guidance)"),
         ));
     }
     Ok(())
@@ -247,7 +249,7 @@ pub struct ApgOverrides {
     pub momentum: Option<f64>,
 }
 
-/// The guidance method named `kind` (`cfg` or `apg`) at scale `w` (> 0).
+/// The guidance method named `kind` (`cfg` or `apg`) at scale `w` (finite).
 pub fn guidance_method(kind: &str, w: f64, apg: &ApgOverrides) -> Result<GuidanceMethod> {
     check_guidance_scale(w)?;
     let m = match kind.trim().to_ascii_lowercase().as_str() {
@@ -978,7 +980,7 @@ pub fn settings_columns(cfg: &EvalConfig, image_size: usize) -> Vec<(&'static st
 // ---------------------------------------------------------------------------------------------
 
 /// Parses a comma-separated list of guidance scales ("1,3,7.5"); errors on an empty list, a
-/// non-number or a scale ≤ 0.
+/// non-number or a scale that is not finite.
 pub fn parse_scales(list: &str) -> Result<Vec<f64>> {
     let parts: Vec<&str> = list.split(',').map(str::trim).filter(|s| !s.is_empty()).collect();
     if parts.is_empty() {
@@ -1000,7 +1002,8 @@ pub fn parse_scales(list: &str) -> Result<Vec<f64>> {
 }
 
 /// One config per method × scale (methods outer), each `base` with that guidance: the same
-/// prompts and noise for all. Errors on an empty list, an unknown method or a scale ≤ 0.
+/// prompts and noise for all. Errors on an empty list, an unknown method or a scale that is not
+/// finite.
 pub fn sweep_configs(
     base: &EvalConfig,
     methods: &[String],

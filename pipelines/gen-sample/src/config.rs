@@ -430,13 +430,20 @@ impl SampleConfig {
         cfg.height = Some(h);
         if cfg.apg_scale_norm_threshold {
             if let GuidanceMethod::Apg(apg) = &mut cfg.guidance.method {
-                let (c, lh, lw) = pipe.latent_shape(w, h);
-                apg.norm_threshold =
-                    ApgConfig::norm_threshold_for_latent(apg.norm_threshold, c * lh * lw);
+                apg.norm_threshold = apg_norm_threshold_for(pipe, w, h, apg.norm_threshold);
             }
             cfg.apg_scale_norm_threshold = false;
         }
         Ok(cfg)
+    }
+
+    /// Estimate, in bytes, of the memory generating this resolved config allocates beyond the
+    /// loaded weights (see [`memory_estimate`]).
+    pub fn memory_estimate(&self, pipe: &SdPipeline) -> Result<MemoryEstimate> {
+        let (w, h) = self.resolved_size()?;
+        let unet_batch =
+            if self.batch_invariant { 1 } else { self.batch_size.min(self.num_images) };
+        Ok(memory_estimate(pipe, w, h, self.num_images, unet_batch, self.dtype))
     }
 
     /// The prompt of image `i`.
@@ -464,6 +471,92 @@ impl SampleConfig {
     pub fn from_json(text: &str) -> Result<Self> {
         serde_json::from_str(text).map_err(|e| Error::invalid("sample config JSON", e.to_string()))
     }
+}
+
+/// An SDXL-tuned APG norm threshold `r` (a preset's) scaled to `pipe`'s latents at `width` ×
+/// `height` pixels: [`ApgConfig::norm_threshold_for_latent`] with D = C·H·W of one latent.
+pub fn apg_norm_threshold_for(pipe: &SdPipeline, width: usize, height: usize, r: f64) -> f64 {
+    let (c, lh, lw) = pipe.latent_shape(width, height);
+    ApgConfig::norm_threshold_for_latent(r, c * lh * lw)
+}
+
+/// What [`memory_estimate`] found, in bytes.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct MemoryEstimate {
+    /// The largest working set of one model call: a UNet step (both guidance branches) or a
+    /// VAE decode/encode.
+    pub working: f64,
+    /// What is held for all images until they are written: latents, decoded f32 and 8-bit
+    /// images, the grid and the encoded PNGs.
+    pub held: f64,
+}
+
+impl MemoryEstimate {
+    pub fn total(&self) -> f64 {
+        self.working + self.held
+    }
+}
+
+/// A conservative estimate of the memory sampling `num_images` images of `width` × `height`
+/// pixels allocates beyond the weights, derived from the model configs (exact to within a small
+/// factor; it exists to refuse requests that cannot fit, not to plan memory):
+///
+/// - UNet step (per image of the `unet_batch` images run together, times 2 guidance
+///   branches): per latent pixel at level `l` (`P/4^l` pixels, `c_l` =
+///   `block_out_channels[l]` channels) `c_l · (2·(layers_per_block + 1) + 16 + 9)` values —
+///   the skip activations the up path keeps, the temporaries of one resnet/transformer block
+///   (norm, conv, q/k/v/out, the 8·c GEGLU feed-forward) and the 9·c im2col buffer of a 3×3
+///   convolution; and at every level with attention the `(L, L)` self-attention logits and
+///   their softmax per head, `2 · heads · L · min(L, chunk)` values (`L = P/4^l`; `chunk` = the
+///   UNet's attention chunk size, else `L`).
+/// - VAE decoder (the same for the encoder of an init image), per image of the `unet_batch`
+///   decoded together: per pixel at level `l` (`c_l` = `block_out_channels[l]`)
+///   `c_l · (2·(layers_per_block + 2) + 9) + 2` values (the tensors of its blocks and the 9·c
+///   im2col buffer of a 3×3 convolution) plus the mid-block attention logits, `2 · P²` values.
+/// - Held per image: the f32 latent, the f32 and 8-bit RGB image, its grid cell and PNG.
+///
+/// Values are `dtype`'s size (4 bytes for f32).
+pub fn memory_estimate(
+    pipe: &SdPipeline,
+    width: usize,
+    height: usize,
+    num_images: usize,
+    unet_batch: usize,
+    dtype: Precision,
+) -> MemoryEstimate {
+    let bpe = dtype.dtype().size_in_bytes() as f64;
+    let (c, lh, lw) = pipe.latent_shape(width, height);
+    let p = lh as f64 * lw as f64;
+    let uc = &pipe.unet_config;
+    let n = uc.block_out_channels.len();
+    let layers = uc.layers_per_block.expand(n).unwrap_or_else(|| vec![2; n]);
+    let heads = uc
+        .num_attention_heads
+        .as_ref()
+        .unwrap_or(&uc.attention_head_dim)
+        .expand(n)
+        .unwrap_or_else(|| vec![8; n]);
+    let chunk = pipe.unet.attention_chunk_size().map(|c| c as f64);
+    let mut unet = 0.0;
+    for (l, &ch) in uc.block_out_channels.iter().enumerate() {
+        let lp = p / 4f64.powi(l as i32);
+        unet += ch as f64 * lp * (2.0 * (layers[l] + 1) as f64 + 16.0 + 9.0);
+        if uc.down_block_types.get(l).is_some_and(|t| t.contains("Attn")) {
+            let rows = chunk.map_or(lp, |c| c.min(lp));
+            unet += 2.0 * heads[l] as f64 * lp * rows;
+        }
+    }
+    let unet = unet * bpe * 2.0 * unet_batch.max(1) as f64;
+    let vc = &pipe.vae_config;
+    let pix = width as f64 * height as f64;
+    let mut vae = 2.0 * p * p;
+    for (l, &ch) in vc.block_out_channels.iter().enumerate() {
+        vae += (ch as f64 * (2.0 * (vc.layers_per_block + 2) as f64 + 9.0) + 2.0) * pix
+            / 4f64.powi(l as i32);
+    }
+    let vae = vae * bpe * unet_batch.max(1) as f64;
+    let held = num_images as f64 * (c as f64 * p * 4.0 + pix * 3.0 * (4.0 + 1.0 + 1.0 + 1.0));
+    MemoryEstimate { working: unet.max(vae), held }
 }
 
 #[cfg(test)]

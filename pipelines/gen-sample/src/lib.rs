@@ -24,7 +24,10 @@ pub mod generate;
 pub mod lora;
 pub mod output;
 
-pub use config::{InitImage, Precision, SampleConfig, Sampler};
+pub use config::{
+    apg_norm_threshold_for, memory_estimate, InitImage, MemoryEstimate, Precision, SampleConfig,
+    Sampler,
+};
 pub use generate::{build_scheduler, generate, prompt_warnings, Progress};
 pub use lora::{apply_loras, LoraSpec};
 pub use output::{

@@ -393,3 +393,34 @@ fn apg_default_norm_threshold_scales_with_the_latent_size() -> Result<()> {
     assert_eq!(apg_r(&base().apg(ApgConfig::paper(5.0)).resolve(&pipe)?), 15.0);
     Ok(())
 }
+
+/// The memory estimate grows with what it counts: linearly in the number of images (what is
+/// held for them), at least quadratically in the side once attention logits dominate, and
+/// chunked attention lowers it; `batch_invariant` runs keep one image per UNet call whatever
+/// the batch size.
+#[test]
+fn memory_estimate_scales_with_size_count_and_attention_chunks() -> Result<()> {
+    let mut pipe = load(&fixture());
+    let est = |pipe: &SdPipeline, side: usize, n: usize, batch_invariant: bool| {
+        let cfg = SampleConfig {
+            batch_invariant,
+            batch_size: 4,
+            ..base().size(side, side).num_images(n)
+        };
+        cfg.memory_estimate(pipe).unwrap()
+    };
+    let one = est(&pipe, 64, 1, true);
+    let many = est(&pipe, 64, 10, true);
+    assert_eq!(one.working, many.working);
+    assert!((many.held - 10.0 * one.held).abs() <= 1e-6 * many.held, "{one:?} {many:?}");
+    let big = est(&pipe, 256, 1, true);
+    assert!(big.working >= 16.0 * one.working, "{one:?} {big:?}");
+    let batched = est(&pipe, 64, 10, false);
+    assert!(batched.working > many.working, "{batched:?} {many:?}");
+    pipe.unet.set_attention_chunk_size(Some(64));
+    let chunked = est(&pipe, 256, 1, true);
+    assert!(chunked.working < big.working, "{chunked:?} {big:?}");
+    // unresolved sizes are an error, not a guess
+    assert!(SampleConfig::new("x").memory_estimate(&pipe).is_err());
+    Ok(())
+}

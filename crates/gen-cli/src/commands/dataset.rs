@@ -7,6 +7,33 @@ use clap::Args;
 use gen_world::{write_dataset, DatasetSpec, Split, World, WorldConfig};
 use indicatif::{ProgressBar, ProgressStyle};
 
+use super::flags::{at_least_one, whole_u64};
+
+/// Bytes kept per sample until the metadata is written (its record, metadata line and timing).
+const BYTES_PER_RECORD: f64 = 1024.0;
+
+/// Refuses a `--count` × `--size` whose memory estimate exceeds what the machine has: every
+/// sample's record is kept until metadata.jsonl is written, the first 256 images for the
+/// contact sheet, and each worker thread renders one supersampled image (f32 RGBA and
+/// coverage) and its PNGs at a time.
+fn check_memory(args: &DatasetArgs, supersample: u32) -> anyhow::Result<()> {
+    let px = (args.size as f64).powi(2);
+    let records = args.count as f64 * BYTES_PER_RECORD;
+    let sheet = (args.count.min(256) as f64) * px * 3.0 * 2.0;
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+    let render = threads * px * (supersample as f64).powi(2) * 4.0 * 5.0 + threads * px * 8.0;
+    gen_core::memory::check_fits_here(
+        &format!("--count {} --size {}", args.count, args.size),
+        records + sheet + render,
+        &format!(
+            "estimate: {} for the sample records, {} for the contact sheet and the renders",
+            gen_core::memory::format_bytes(records),
+            gen_core::memory::format_bytes(sheet + render)
+        ),
+    )?;
+    Ok(())
+}
+
 const EXAMPLES: &str = "\
 Writes OUT/images/*.png, OUT/masks/*.png (object coverage), OUT/metadata.jsonl (caption, shape,
 colour, background, view, camera angles, coverage per sample), OUT/contact_sheet.png,
@@ -25,16 +52,16 @@ pub struct DatasetArgs {
     #[arg(long, value_parser = parse_split)]
     pub split: Split,
     /// Number of samples to write (at least 1).
-    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
-    pub count: u64,
-    /// First sample index.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, allow_negative_numbers = true, value_parser = at_least_one)]
+    pub count: usize,
+    /// First sample index (a whole number >= 0).
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true, value_parser = whole_u64)]
     pub start: u64,
     /// Output folder (created if missing).
     #[arg(long)]
     pub out: PathBuf,
     /// Image width and height in pixels.
-    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(8..=1024))]
+    #[arg(long, default_value_t = 64, allow_negative_numbers = true, value_parser = clap::value_parser!(u32).range(8..=1024))]
     pub size: u32,
 }
 
@@ -44,8 +71,9 @@ fn parse_split(s: &str) -> Result<Split, String> {
 
 pub fn run(args: DatasetArgs) -> anyhow::Result<()> {
     let world = World::new(WorldConfig { image_size: args.size, ..WorldConfig::default() })?;
-    let spec = DatasetSpec { split: args.split, start: args.start, count: args.count };
-    let bar = ProgressBar::new(args.count);
+    check_memory(&args, WorldConfig::default().supersample)?;
+    let spec = DatasetSpec { split: args.split, start: args.start, count: args.count as u64 };
+    let bar = ProgressBar::new(args.count as u64);
     bar.set_style(
         ProgressStyle::with_template("{bar:40} {pos}/{len} samples ({elapsed}, eta {eta})")
             .expect("valid template"),

@@ -16,6 +16,10 @@ use gen_eval::session::{
 use gen_sample::Sampler;
 use indicatif::{ProgressBar, ProgressStyle};
 
+use super::flags::{
+    at_least_one, parse_device, parse_sampler, whole_u64, ApgFlags, IntervalFlag, ScaleFlag,
+};
+
 const METRICS_HELP: &str = "\
 Metrics (evaluator = the classifier in MODEL/evaluator, never trained on generated images):
   shape / colour (hue and tone) / background / view accuracy: evaluator labels of the generated
@@ -30,9 +34,10 @@ Metrics (evaluator = the classifier in MODEL/evaluator, never trained on generat
 Prompts are captions of the world's TEST split picked by --seed; image i uses prompt i mod
 --prompts and noise stream i of --seed (as `gen image`), so runs that differ only in guidance
 see the same prompts and noise; --prompt-form shortens them (scored on what they still name).
-APG starts from the paper preset (eta 0, r 15, momentum -0.5, x0 space); r scales with the
-square root of the latent size (r 15 on SDXL's 128×128×4 latents is about 2 on the tiny
-model's 16×16×4).";
+APG starts from the paper preset (eta 0, r 15, momentum -0.5, x0 space); without
+--norm-threshold, r is scaled to the model's latent size as in `gen image`: r·sqrt(D / 65536),
+D = C·H·W of one latent (r 15 on SDXL's 4×128×128 latents is 1.875 on the tiny model's
+4×16×16).";
 
 const IMAGES_HELP: &str = "\
 Writes OUT/report.json (settings, prompts, every metric), OUT/metrics.csv (one row) and
@@ -40,7 +45,7 @@ OUT/samples.png (the generated images, one row per prompt when --per-prompt > 1)
 
 Examples:
   gen eval images --out out/eval-cfg
-  gen eval images --guidance apg --scale 10 --apg-eta 0.3 --apg-r 2 --out out/eval-apg
+  gen eval images --apg --guidance-scale 10 --eta 0.3 --norm-threshold 2 --out out/eval-apg
   gen eval images --model out/tiny-model --prompts 2 --per-prompt 1 --steps 4 --out out/smoke
   # the short prompts users write (\"a red cube\"), scored on shape and colour
   gen eval images --prompt-form short --prompts 100 --per-prompt 2 --out out/eval-short";
@@ -56,10 +61,10 @@ one chart.
 
 Examples:
   gen eval guidance --out out/guidance
-  gen eval guidance --method cfg,apg --scales 1,3,5,7.5,10,15,20 --apg-r 2 --out out/guidance-r2
-  gen eval guidance --method apg --scales 5,10,20,30 --apg-eta 0.5 --prompts 64 --out out/apg-eta05
+  gen eval guidance --method cfg,apg --scales 1,3,5,7.5,10,15,20 --norm-threshold 2 --out out/guidance-r2
+  gen eval guidance --method apg --scales 5,10,20,30 --eta 0.5 --prompts 64 --out out/apg-eta05
   # one more line in the same chart: APG in the last half of the steps only
-  gen eval guidance --method apg --apg-r 2 --guidance-interval 0.5,1 --out out/guidance-r2";
+  gen eval guidance --method apg --norm-threshold 2 --guidance-interval 0.5,1 --out out/guidance-r2";
 
 /// Measure the model on the shapes world's test prompts.
 #[derive(Debug, Args)]
@@ -106,8 +111,8 @@ pub struct ModelPaths {
 pub struct ModelArgs {
     #[command(flatten)]
     pub paths: ModelPaths,
-    /// Test images.
-    #[arg(long, default_value_t = 256)]
+    /// Test images (at least 1).
+    #[arg(long, default_value_t = 256, allow_negative_numbers = true, value_parser = at_least_one)]
     pub images: usize,
     /// Also write OUT/model.json.
     #[arg(long)]
@@ -119,41 +124,32 @@ pub struct ModelArgs {
 pub struct CommonArgs {
     #[command(flatten)]
     pub paths: ModelPaths,
-    /// Number of test prompts.
-    #[arg(long, default_value_t = 32)]
+    /// Number of test prompts (at least 1).
+    #[arg(long, default_value_t = 32, allow_negative_numbers = true, value_parser = at_least_one)]
     pub prompts: usize,
-    /// Images per prompt.
-    #[arg(long, default_value_t = 1)]
+    /// Images per prompt (at least 1).
+    #[arg(long, default_value_t = 1, allow_negative_numbers = true, value_parser = at_least_one)]
     pub per_prompt: usize,
-    /// Denoising steps.
-    #[arg(long, default_value_t = 30)]
+    /// Number of denoising steps (at least 1).
+    #[arg(long, default_value_t = 30, allow_negative_numbers = true, value_parser = at_least_one)]
     pub steps: usize,
     /// Sampler: ddim, ddpm, euler, euler-a, dpm++2m, dpm++2m-karras.
     #[arg(long, default_value = "dpm++2m", value_parser = parse_sampler)]
     pub scheduler: Sampler,
-    /// APG: weight of the update's component parallel to the conditional prediction (paper: 0).
-    #[arg(long, allow_hyphen_values = true)]
-    pub apg_eta: Option<f64>,
-    /// APG: norm threshold r of the update (0 disables; paper: 15).
-    #[arg(long, allow_hyphen_values = true)]
-    pub apg_r: Option<f64>,
-    /// APG: momentum beta (|beta| < 1; paper: -0.5; 0 disables).
-    #[arg(long, allow_hyphen_values = true)]
-    pub apg_momentum: Option<f64>,
-    /// Guide only in this interval: `a,b` = fractions of the steps (step floor(a·n) up to
-    /// floor(b·n)), `sigma:lo,hi` = noise levels in (lo, hi], `t:lo,hi` = timesteps in [lo, hi].
-    #[arg(long, value_parser = super::image::parse_interval)]
-    pub guidance_interval: Option<gen_diffusion::IntervalRange>,
+    #[command(flatten)]
+    pub apg: ApgFlags,
+    #[command(flatten)]
+    pub interval: IntervalFlag,
     /// Prompts: the test captions in full, or without their background and/or view clause:
     /// full, no-background, no-view, short ("a red cube").
     #[arg(long, default_value = "full", value_parser = parse_prompt_form)]
     pub prompt_form: PromptForm,
-    /// Seed of the prompts and of every image's noise.
-    #[arg(long, default_value_t = 0)]
+    /// Seed of the prompts and of every image's noise (a whole number >= 0).
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true, value_parser = whole_u64)]
     pub seed: u64,
-    /// Images denoised together (does not change the images).
-    #[arg(long, default_value_t = 8)]
-    pub batch: usize,
+    /// Images denoised together (at least 1; does not change the images).
+    #[arg(long, default_value_t = 8, alias = "batch", allow_negative_numbers = true, value_parser = at_least_one)]
+    pub batch_size: usize,
     /// Device: auto, cpu, cuda[:N] or metal[:N].
     #[arg(long, default_value = "auto", value_parser = parse_device)]
     pub device: DeviceChoice,
@@ -169,9 +165,11 @@ pub struct ImagesArgs {
     /// Guidance method: cfg or apg.
     #[arg(long, default_value = "cfg")]
     pub guidance: String,
-    /// Guidance scale w (> 0; 1 = no guidance).
-    #[arg(long, default_value_t = 7.5, allow_hyphen_values = true)]
-    pub scale: f64,
+    /// Use APG (the same as --guidance apg; as in `gen image`).
+    #[arg(long, conflicts_with = "guidance")]
+    pub apg: bool,
+    #[command(flatten)]
+    pub scale: ScaleFlag,
 }
 
 #[derive(Debug, Args)]
@@ -181,21 +179,13 @@ pub struct GuidanceArgs {
     /// Guidance methods, comma-separated: cfg, apg.
     #[arg(long, default_value = "cfg,apg")]
     pub method: String,
-    /// Guidance scales, comma-separated (each > 0).
+    /// Guidance scales, comma-separated (each a finite number; 1 = no guidance).
     #[arg(long, default_value = "1,3,5,7.5,10,15,20", allow_hyphen_values = true)]
     pub scales: String,
 }
 
 fn parse_prompt_form(s: &str) -> Result<PromptForm, String> {
     PromptForm::parse(s).map_err(|e| e.to_string())
-}
-
-fn parse_sampler(s: &str) -> Result<Sampler, String> {
-    Sampler::parse(s).map_err(|e| e.to_string())
-}
-
-fn parse_device(s: &str) -> Result<DeviceChoice, String> {
-    s.parse::<DeviceChoice>().map_err(|e| e.to_string())
 }
 
 pub fn run(args: EvalArgs) -> anyhow::Result<()> {
@@ -209,9 +199,6 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
 fn run_model(a: ModelArgs) -> anyhow::Result<()> {
     use gen_eval::metrics::{evaluator_accuracy, vae_psnr};
     use gen_models::pipeline::{LoadOptions, ModelSource, SdPipeline};
-    if a.images == 0 {
-        bail!("--images must be at least 1");
-    }
     let model = resolve_model(&a.paths.model)?;
     let evaluator = a.paths.evaluator.clone().unwrap_or_else(|| model.join("evaluator"));
     let dev = candle_core::Device::Cpu;
@@ -220,6 +207,12 @@ fn run_model(a: ModelArgs) -> anyhow::Result<()> {
     let eval = gen_models::evaluator::Evaluator::load(&evaluator, &dev)
         .with_context(|| format!("loading the evaluator {}", evaluator.display()))?;
     let size = eval.config().image_size as u32;
+    let px = (size as f64).powi(2) * 3.0;
+    gen_core::memory::check_fits_here(
+        &format!("--images {} at {size}x{size}", a.images),
+        a.images as f64 * px * (1.0 + 4.0 + 4.0),
+        "estimate: the test renders as 8-bit and f32 images and their reconstructions",
+    )?;
     let mut data = gen_pretrain::data::WorldData::new(size, 3, 1, &dev)?;
     let t0 = std::time::Instant::now();
     let psnr = vae_psnr(&pipe.vae, &mut data, a.images)?;
@@ -261,26 +254,50 @@ fn resolve_model(model: &Option<PathBuf>) -> anyhow::Result<PathBuf> {
 
 impl CommonArgs {
     fn apg(&self) -> ApgOverrides {
-        ApgOverrides { eta: self.apg_eta, norm_threshold: self.apg_r, momentum: self.apg_momentum }
+        ApgOverrides {
+            eta: self.apg.eta,
+            norm_threshold: self.apg.norm_threshold,
+            momentum: self.apg.momentum,
+        }
     }
 
-    /// Errors when an --apg-* option is given but no APG run will use it.
+    /// Errors when an APG option is given but no APG run will use it.
     fn check_apg_used(&self, apg_runs: bool) -> anyhow::Result<()> {
-        let given: Vec<&str> = [
-            ("--apg-eta", self.apg_eta),
-            ("--apg-r", self.apg_r),
-            ("--apg-momentum", self.apg_momentum),
-        ]
-        .into_iter()
-        .filter_map(|(n, v)| v.map(|_| n))
-        .collect();
-        if !apg_runs && !given.is_empty() {
-            bail!(
-                "{} only apply to APG; add apg to the guidance methods or drop them",
-                given.join(", ")
-            );
+        self.apg.check_used(apg_runs, "add apg to the guidance methods")
+    }
+
+    /// Without --norm-threshold, an APG config's r (the paper preset's, tuned for SDXL) scaled
+    /// to the model's latents at the evaluation size, as `gen image` does.
+    fn scale_apg_r(&self, cfg: &mut EvalConfig, session: &EvalSession) {
+        if self.apg.norm_threshold.is_some() {
+            return;
         }
-        Ok(())
+        if let gen_diffusion::GuidanceMethod::Apg(apg) = &mut cfg.guidance {
+            let size = session.image_size();
+            apg.norm_threshold =
+                gen_sample::apg_norm_threshold_for(&session.pipe, size, size, apg.norm_threshold);
+        }
+    }
+
+    /// Refuses counts and sizes whose memory estimate exceeds what the machine has.
+    fn check_memory(&self, cfg: &EvalConfig, session: &EvalSession) -> anyhow::Result<()> {
+        let size = session.image_size();
+        let n = cfg.num_images();
+        let sc = cfg.sample_config(vec![String::new()], size);
+        let est = sc.memory_estimate(&session.pipe)?;
+        // the real test renders (2 per generated image, for tiny-FID) held as 8-bit RGB, and
+        // the generated images kept for the samples grid
+        let real = (2 * n).max(cfg.prompts) as f64 * (size * size * 3) as f64;
+        let what = format!(
+            "--prompts {} × --per-prompt {} at {size}x{size} with --batch-size {}",
+            cfg.prompts, cfg.per_prompt, cfg.batch
+        );
+        let detail = format!(
+            "estimate: {} for one UNet step or VAE pass + {} held for the images and real renders",
+            gen_core::memory::format_bytes(est.working),
+            gen_core::memory::format_bytes(est.held + real)
+        );
+        Ok(gen_core::memory::check_fits_here(&what, est.total() + real, &detail)?)
     }
 
     /// The model folder: --model, else `gen image`'s default.
@@ -297,8 +314,8 @@ impl CommonArgs {
             steps: self.steps,
             sampler: self.scheduler,
             seed: self.seed,
-            batch: self.batch,
-            interval: self.guidance_interval,
+            batch: self.batch_size,
+            interval: self.interval.guidance_interval,
             prompt_form: self.prompt_form,
             ..EvalConfig::new(model)
         }
@@ -343,13 +360,20 @@ fn run_images(a: ImagesArgs) -> anyhow::Result<()> {
     let c = &a.common;
     // Everything that can be checked without the model first.
     let model = c.model()?;
-    let cfg = EvalConfig {
-        guidance: guidance_method(&a.guidance, a.scale, &c.apg())?,
+    let mut cfg = EvalConfig {
+        guidance: guidance_method(
+            if a.apg { "apg" } else { &a.guidance },
+            a.scale.guidance_scale,
+            &c.apg(),
+        )
+        .context("--guidance")?,
         ..c.base_config(model.clone())
     };
     c.check_apg_used(matches!(cfg.guidance, gen_diffusion::GuidanceMethod::Apg(_)))?;
     cfg.validate()?;
     let mut session = c.session(&model)?;
+    c.scale_apg_r(&mut cfg, &session);
+    c.check_memory(&cfg, &session)?;
     create_out(&c.out)?;
     eprintln!(
         "{} {} prompts × {} image(s), {} {} steps, {}, seed {}, model {}",
@@ -466,9 +490,10 @@ fn run_guidance(a: GuidanceArgs) -> anyhow::Result<()> {
         .map(|s| s.trim().to_ascii_lowercase())
         .filter(|s| !s.is_empty())
         .collect();
-    let scales = parse_scales(&a.scales)?;
+    let scales = parse_scales(&a.scales).context("--scales")?;
     let base = c.base_config(model.clone());
-    let configs = sweep_configs(&base, &methods, &scales, &c.apg())?;
+    let mut configs =
+        sweep_configs(&base, &methods, &scales, &c.apg()).context("--method and --scales")?;
     c.check_apg_used(methods.iter().any(|m| m == "apg"))?;
     for cfg in &configs {
         cfg.validate()?;
@@ -480,6 +505,10 @@ fn run_guidance(a: GuidanceArgs) -> anyhow::Result<()> {
         Err(e) => return Err(gen_core::Error::io(&csv_path, e).into()),
     };
     let mut session = c.session(&model)?;
+    for cfg in &mut configs {
+        c.scale_apg_r(cfg, &session);
+    }
+    c.check_memory(&base, &session)?;
     create_out(&c.out)?;
     let size = session.image_size();
     let total = configs.len();

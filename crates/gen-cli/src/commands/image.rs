@@ -5,12 +5,17 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context};
 use clap::Args;
 use gen_core::DeviceChoice;
-use gen_diffusion::{ApgConfig, GuidanceConfig, GuidanceMethod, IntervalRange};
+use gen_diffusion::{ApgConfig, GuidanceConfig, GuidanceMethod};
 use gen_models::pipeline::{HubOptions, ModelSource, SdPipeline};
 use gen_sample::{
     generate, plan_outputs, save_outputs, InitImage, Precision, Progress, SampleConfig, Sampler,
 };
 use indicatif::{ProgressBar, ProgressStyle};
+
+use super::flags::{
+    at_least_one, non_negative, parse_device, parse_sampler, parse_size, unit_interval, whole_u64,
+    ApgFlags, IntervalFlag, ScaleFlag,
+};
 
 const AFTER_HELP: &str = "\
 Outputs: --out X.png with one image writes X.png; with --num-images N > 1 it writes the grid
@@ -25,12 +30,17 @@ checkout (next to the executable or the source tree).
 Determinism: image i draws its noise from random stream i of --seed, so the same command gives
 the same bytes on the CPU, whatever --batch-size is.
 
-Guidance: scale w with D = u + w (c - u); w = 1 is no guidance. --apg switches CFG to adaptive
-projected guidance (Sadat et al. 2024) with the preset's eta / norm threshold / momentum unless
-given. The presets' norm thresholds r were tuned for SDXL's 4×128×128 latents; without
---norm-threshold, r is scaled to the model's latent size: r·sqrt(D / 65536), D = C·H·W of one
-latent (the embedded model's 4×16×16 latents: 15 → 1.875). The r used is printed on stderr
-and saved with the outputs.
+Memory: --size, --num-images, --batch-size and the init image's size (read from its header)
+are checked against an estimate of the memory they need, from the model's configs, before
+anything is allocated; a request above the available memory (MemAvailable on Linux) or 1 TiB
+is refused with the estimate.
+
+Guidance: scale w with D = u + w (c - u); w = 1 is no guidance, w < 0 steers away from the
+prompt. --apg switches CFG to adaptive projected guidance (Sadat et al. 2024) with the preset's
+eta / norm threshold / momentum unless given. The presets' norm thresholds r were tuned for
+SDXL's 4×128×128 latents; without --norm-threshold, r is scaled to the model's latent size:
+r·sqrt(D / 65536), D = C·H·W of one latent (the embedded model's 4×16×16 latents: 15 →
+1.875). The r used is printed on stderr and saved with the outputs.
 
 The embedded model (weights/tiny-shapes) knows the words of its world's captions, \"a|an
 [light|dark] HUE SHAPE on a|an BACKGROUND background, VIEW view\"; the background and view
@@ -57,9 +67,8 @@ pub struct ImageArgs {
     /// Prompt of the unconditional branch (what to steer away from).
     #[arg(long, default_value = "")]
     pub negative_prompt: String,
-    /// Guidance scale w (1 = no guidance).
-    #[arg(long, default_value_t = 7.5)]
-    pub guidance_scale: f64,
+    #[command(flatten)]
+    pub scale: ScaleFlag,
     /// Use adaptive projected guidance (APG) instead of CFG.
     #[arg(long)]
     pub apg: bool,
@@ -67,44 +76,34 @@ pub struct ImageArgs {
     /// momentum, model-output space, u + w·update) or comfy (eta 1, r 5, x0 space, c + w·update).
     #[arg(long, default_value = "paper", requires = "apg", value_parser = ["paper", "diffusers", "comfy"])]
     pub apg_preset: String,
-    /// APG: weight of the update's component parallel to the conditional prediction.
-    #[arg(long, requires = "apg")]
-    pub eta: Option<f64>,
-    /// APG: norm threshold r of the update (0 disables the rescaling). Default: the preset's r
-    /// (tuned for SDXL's 4×128×128 latents) times sqrt(D / 65536), D = C·H·W of one latent.
-    #[arg(long, requires = "apg")]
-    pub norm_threshold: Option<f64>,
-    /// APG: momentum beta (negative in the paper; |beta| < 1; 0 disables).
-    #[arg(long, requires = "apg", allow_hyphen_values = true)]
-    pub momentum: Option<f64>,
+    #[command(flatten)]
+    pub apg_flags: ApgFlags,
     /// CFG-rescale phi in [0, 1] (0 = off; 0.7 in Lin et al. 2023).
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true, value_parser = unit_interval)]
     pub guidance_rescale: f64,
-    /// Guide only in this interval: `a,b` = fractions of the steps (step floor(a·n) up to
-    /// floor(b·n)), `sigma:lo,hi` = noise levels in (lo, hi], `t:lo,hi` = timesteps in [lo, hi].
-    #[arg(long, value_parser = parse_interval)]
-    pub guidance_interval: Option<IntervalRange>,
+    #[command(flatten)]
+    pub interval: IntervalFlag,
     /// Sampler: ddim, ddpm, euler, euler-a, dpm++2m, dpm++2m-karras.
     #[arg(long, default_value = "dpm++2m", value_parser = parse_sampler)]
     pub scheduler: Sampler,
-    /// DDIM eta (0 = deterministic DDIM); only with --scheduler ddim.
-    #[arg(long, default_value_t = 0.0)]
+    /// DDIM eta (>= 0; 0 = deterministic DDIM); only with --scheduler ddim.
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true, value_parser = non_negative)]
     pub ddim_eta: f64,
-    /// Number of denoising steps.
-    #[arg(long, default_value_t = 30)]
+    /// Number of denoising steps (at least 1).
+    #[arg(long, default_value_t = 30, allow_negative_numbers = true, value_parser = at_least_one)]
     pub steps: usize,
-    /// Random seed.
-    #[arg(long, default_value_t = 0)]
+    /// Random seed (a whole number >= 0).
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true, value_parser = whole_u64)]
     pub seed: u64,
     /// Image size WxH in pixels (or one number for a square); a multiple of the model's factor
     /// (8·8 = 64 for Stable Diffusion). Default: the model's native size, or the init image's.
-    #[arg(long, value_parser = parse_size)]
+    #[arg(long, allow_negative_numbers = true, value_parser = parse_size)]
     pub size: Option<(usize, usize)>,
-    /// Number of images.
-    #[arg(long)]
+    /// Number of images (at least 1).
+    #[arg(long, allow_negative_numbers = true, value_parser = at_least_one)]
     pub num_images: Option<usize>,
-    /// Images denoised together.
-    #[arg(long, default_value_t = 1)]
+    /// Images denoised together (at least 1; does not change the images).
+    #[arg(long, default_value_t = 1, alias = "batch", allow_negative_numbers = true, value_parser = at_least_one)]
     pub batch_size: usize,
     /// Model: a diffusers folder or a hub repo id ORG/NAME[@REVISION].
     #[arg(long)]
@@ -123,7 +122,7 @@ pub struct ImageArgs {
     pub init_image: Option<PathBuf>,
     /// Image-to-image: how much to change the init image, in [0, 1] (0 = the VAE round trip,
     /// 1 = from the most noised latent); 0.8 when not given.
-    #[arg(long, requires = "init_image")]
+    #[arg(long, requires = "init_image", allow_negative_numbers = true, value_parser = unit_interval)]
     pub strength: Option<f64>,
     /// LoRA file (kohya or diffusers/PEFT .safetensors) merged into the UNet and text encoder,
     /// as FILE or FILE:SCALE (scale 1 when omitted); repeatable.
@@ -138,35 +137,8 @@ fn parse_lora(s: &str) -> Result<gen_sample::LoraSpec, String> {
     gen_sample::LoraSpec::parse(s).map_err(|e| e.to_string())
 }
 
-fn parse_sampler(s: &str) -> Result<Sampler, String> {
-    Sampler::parse(s).map_err(|e| e.to_string())
-}
-
 fn parse_dtype(s: &str) -> Result<Precision, String> {
     Precision::parse(s).map_err(|e| e.to_string())
-}
-
-fn parse_device(s: &str) -> Result<DeviceChoice, String> {
-    s.parse::<DeviceChoice>().map_err(|e| e.to_string())
-}
-
-fn parse_size(s: &str) -> Result<(usize, usize), String> {
-    let num = |p: &str| {
-        p.trim()
-            .parse::<usize>()
-            .map_err(|_| format!("`{s}` is not WxH (e.g. 512x512) or a single number"))
-    };
-    match s.split_once(['x', 'X', '×']) {
-        Some((w, h)) => Ok((num(w)?, num(h)?)),
-        None => {
-            let n = num(s)?;
-            Ok((n, n))
-        }
-    }
-}
-
-pub(crate) fn parse_interval(s: &str) -> Result<IntervalRange, String> {
-    IntervalRange::parse(s).map_err(|e| e.to_string())
 }
 
 /// Shows a sampling event on a step progress bar (warnings above it).
@@ -211,25 +183,17 @@ pub(crate) fn default_model() -> Result<String, Vec<PathBuf>> {
 
 /// The sampling config from the flags (without loading anything).
 fn config_from_args(a: &ImageArgs, model: &str) -> anyhow::Result<SampleConfig> {
+    a.apg_flags.check_used(a.apg, "add --apg")?;
+    let w = a.scale.guidance_scale;
     let method = if a.apg {
-        let w = a.guidance_scale;
-        let mut c = match a.apg_preset.as_str() {
+        let preset = match a.apg_preset.as_str() {
             "diffusers" => ApgConfig::diffusers(w),
             "comfy" => ApgConfig::comfy(w),
             _ => ApgConfig::paper(w),
         };
-        if let Some(e) = a.eta {
-            c.eta = e;
-        }
-        if let Some(r) = a.norm_threshold {
-            c.norm_threshold = r;
-        }
-        if let Some(m) = a.momentum {
-            c.momentum = m;
-        }
-        GuidanceMethod::Apg(c)
+        GuidanceMethod::Apg(a.apg_flags.apply(preset))
     } else {
-        GuidanceMethod::Cfg { scale: a.guidance_scale }
+        GuidanceMethod::Cfg { scale: w }
     };
     let num_images = a.num_images.unwrap_or(a.prompt.len());
     let cfg = SampleConfig {
@@ -238,7 +202,7 @@ fn config_from_args(a: &ImageArgs, model: &str) -> anyhow::Result<SampleConfig> 
         guidance: GuidanceConfig {
             method,
             rescale_phi: a.guidance_rescale,
-            interval: a.guidance_interval,
+            interval: a.interval.guidance_interval,
         },
         sampler: a.scheduler,
         steps: a.steps,
@@ -256,13 +220,33 @@ fn config_from_args(a: &ImageArgs, model: &str) -> anyhow::Result<SampleConfig> 
             .map(|p| InitImage { path: p.clone(), strength: a.strength.unwrap_or(0.8) }),
         model: Some(model.to_string()),
         loras: a.lora.clone(),
-        apg_scale_norm_threshold: a.apg && a.norm_threshold.is_none(),
+        apg_scale_norm_threshold: a.apg && a.apg_flags.norm_threshold.is_none(),
     };
     if let Some(l) = cfg.loras.iter().find(|l| !l.path.is_file()) {
         bail!("--lora {}: no such file", l.path.display());
     }
     cfg.validate()?;
     Ok(cfg)
+}
+
+/// Refuses a size × count whose memory estimate ([`gen_sample::memory_estimate`]) exceeds what
+/// the machine has; the error names the flags that set it.
+fn check_memory(a: &ImageArgs, pipe: &SdPipeline, cfg: &SampleConfig) -> anyhow::Result<()> {
+    let (w, h) = cfg.resolved_size()?;
+    let est = cfg.memory_estimate(pipe)?;
+    let size = match (&a.size, &a.init_image) {
+        (None, Some(p)) => format!("--init-image {} ({w}x{h} pixels)", p.display()),
+        (None, None) => format!("the model's native size {w}x{h}"),
+        (Some(_), _) => format!("--size {w}x{h}"),
+    };
+    let what =
+        format!("{size} with --num-images {} --batch-size {}", cfg.num_images, cfg.batch_size);
+    let detail = format!(
+        "estimate: {} for one UNet step or VAE pass + {} held for the images",
+        gen_core::memory::format_bytes(est.working),
+        gen_core::memory::format_bytes(est.held)
+    );
+    Ok(gen_core::memory::check_fits_here(&what, est.total(), &detail)?)
 }
 
 pub fn run(args: ImageArgs) -> anyhow::Result<()> {
@@ -278,7 +262,9 @@ pub fn run(args: ImageArgs) -> anyhow::Result<()> {
     };
     // Everything that can be checked without the model first.
     let cfg = config_from_args(&args, &model)?;
-    let plan = plan_outputs(&args.out, cfg.num_images)?;
+    // The output path's form (one image or several) before loading; all paths after the
+    // memory check, since --num-images may be absurd.
+    plan_outputs(&args.out, cfg.num_images.min(2))?;
     if let Some(ii) = &cfg.init_image {
         ii.dimensions()?;
     }
@@ -289,15 +275,17 @@ pub fn run(args: ImageArgs) -> anyhow::Result<()> {
     let hub = HubOptions { offline: args.offline, ..Default::default() };
     let pipe = SdPipeline::load(&source, &cfg.load_options(device, hub))
         .with_context(|| format!("loading model {model}"))?;
-    gen_sample::apply_loras(&pipe, &cfg.loras)?;
+    gen_sample::apply_loras(&pipe, &cfg.loras).context("applying --lora")?;
     let scaled_r = cfg.apg_scale_norm_threshold;
     let cfg = cfg.resolve(&pipe)?;
     let (w, h) = cfg.resolved_size()?;
+    check_memory(&args, &pipe, &cfg)?;
+    let plan = plan_outputs(&args.out, cfg.num_images)?;
     if let GuidanceMethod::Apg(apg) = &cfg.guidance.method {
         let (c, lh, lw) = pipe.latent_shape(w, h);
         let how = if scaled_r {
             format!(
-                "the {} preset's r scaled to {c}×{lh}×{lw} latents by sqrt(D / D_SDXL); set it with --norm-threshold",
+                "the {} preset's r scaled to {c}×{lh}×{lw} latents by sqrt(D / 65536); set it with --norm-threshold",
                 args.apg_preset
             )
         } else {
@@ -337,30 +325,4 @@ pub fn run(args: ImageArgs) -> anyhow::Result<()> {
         println!("config: {}", c.display());
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn parses_sizes_and_intervals() {
-        assert_eq!(parse_size("64x32").unwrap(), (64, 32));
-        assert_eq!(parse_size("48").unwrap(), (48, 48));
-        assert!(parse_size("64x").is_err());
-        assert_eq!(
-            parse_interval("0.2,0.8").unwrap(),
-            IntervalRange::StepFraction { start: 0.2, stop: 0.8 }
-        );
-        assert_eq!(
-            parse_interval("sigma:0.28,5.42").unwrap(),
-            IntervalRange::Sigma { lo: 0.28, hi: 5.42 }
-        );
-        assert_eq!(
-            parse_interval("t:100,900").unwrap(),
-            IntervalRange::Timestep { lo: 100.0, hi: 900.0 }
-        );
-        assert!(parse_interval("0.8,0.2").is_err());
-        assert!(parse_interval("x:1,2").is_err());
-    }
 }

@@ -5,6 +5,7 @@ use clap::{Parser, Subcommand};
 pub mod dataset;
 pub mod eval;
 pub mod fit;
+pub mod flags;
 pub mod image;
 pub mod train;
 
