@@ -7,7 +7,9 @@ use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
 use gen_core::SeededRng;
-use gen_scene::export::glb::{mesh_to_glb, splats_to_glb, SplatGlbConfig};
+use gen_scene::export::glb::{
+    mesh_glb_bytes, mesh_to_glb, parse_glb, splats_to_glb, SplatGlbConfig,
+};
 use gen_scene::mesh::TriMesh;
 use gen_scene::splat::RandomSplatsConfig;
 use gen_scene::Splats;
@@ -197,7 +199,8 @@ fn mesh_glb_has_indexed_triangles_with_normals_and_colours() {
     mesh_to_glb(&mesh, &path).unwrap();
     let (doc, bin) = open_glb(&std::fs::read(&path).unwrap());
     let prim = &doc["meshes"][0]["primitives"][0];
-    assert_eq!(prim["mode"], 4);
+    // TRIANGLES (4) is glTF's default mode; the writer may leave it out.
+    assert_eq!(prim.get("mode").unwrap_or(&serde_json::json!(4)), 4);
     let at = |k: &str| prim["attributes"][k].as_u64().unwrap() as usize;
     let (pos, count, _) = read_f32(&doc, &bin, at("POSITION"));
     assert_eq!(count, 4);
@@ -262,4 +265,35 @@ fn obj_lists_coloured_vertices_normals_and_faces() {
     let e = std::fs::read_to_string(dir.join("e.obj")).unwrap();
     assert!(e.lines().all(|l| l.starts_with('#')));
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn parse_glb_reads_back_the_writer_and_refuses_broken_containers() {
+    let bytes = mesh_glb_bytes(&tetrahedron()).unwrap();
+    let (doc, bin) = parse_glb(&bytes, "m.glb").unwrap();
+    assert_eq!(open_glb(&bytes), (doc, bin));
+
+    let broken = |f: &dyn Fn(&mut Vec<u8>)| {
+        let mut b = bytes.clone();
+        f(&mut b);
+        parse_glb(&b, "m.glb").unwrap_err().to_string()
+    };
+    let e = broken(&|b| b[0] = b'x');
+    assert!(e.starts_with("m.glb: ") && e.contains("magic"), "{e}");
+    let e = broken(&|b| b.truncate(b.len() - 4));
+    assert!(e.contains("header length"), "{e}");
+    // Four extra bytes after the BIN chunk, with the header length covering them.
+    let e = broken(&|b| {
+        b.extend_from_slice(&[0; 4]);
+        let n = b.len() as u32;
+        b[8..12].copy_from_slice(&n.to_le_bytes());
+    });
+    assert!(e.contains("trailing"), "{e}");
+    // A BIN chunk length running past the end of the file.
+    let e = broken(&|b| {
+        let o = 20 + u32::from_le_bytes(b[12..16].try_into().unwrap()) as usize;
+        let n = u32::from_le_bytes(b[o..o + 4].try_into().unwrap()) + 8;
+        b[o..o + 4].copy_from_slice(&n.to_le_bytes());
+    });
+    assert!(e.contains("GLB"), "{e}");
 }

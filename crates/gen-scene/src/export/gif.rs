@@ -1,12 +1,13 @@
-//! A small animated GIF (GIF89a) encoder: fixed 256-colour palette (6×6×6 colour cube plus a
-//! 40-level grey ramp) with 4×4 ordered dithering, variable-width LZW, and the `NETSCAPE2.0`
-//! block for looping. Written here to avoid a new dependency; checked against Pillow by
-//! `scripts/validate_exports.sh`.
+//! Animated GIF (GIF89a) export through the `image` crate's GIF encoder
+//! (`image::codecs::gif::GifEncoder`, which uses the `gif` crate): each frame gets its own
+//! 256-colour palette from NeuQuant colour quantisation, frames are LZW-compressed by the
+//! `gif` crate, and the `NETSCAPE2.0` block sets the loop count.
 
 use std::path::Path;
 
 use gen_core::{write_atomic, Error, Result};
-use image::RgbImage;
+use image::codecs::gif::{GifEncoder, Repeat};
+use image::{Delay, DynamicImage, Frame, RgbImage};
 
 /// Options of [`encode_gif`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -15,124 +16,19 @@ pub struct GifConfig {
     pub delay_cs: u16,
     /// Number of repetitions; 0 = loop forever.
     pub repeat: u16,
-    /// Ordered dithering (smoother gradients, slightly noisier flat areas).
-    pub dither: bool,
+    /// NeuQuant sampling speed in `1..=30`: 1 (the default) learns each frame's palette from
+    /// every pixel (closest colours, slowest); higher values learn from a sample, faster but
+    /// with larger colour errors, worst on small frames and rare colours.
+    pub speed: i32,
 }
 
 impl Default for GifConfig {
     fn default() -> Self {
-        Self { delay_cs: 8, repeat: 0, dither: true }
+        Self { delay_cs: 8, repeat: 0, speed: 1 }
     }
 }
 
-const GREYS: usize = 40;
-
-/// The fixed palette as 256 RGB triples.
-pub fn palette() -> Vec<[u8; 3]> {
-    let mut p = Vec::with_capacity(256);
-    for r in 0..6u32 {
-        for g in 0..6u32 {
-            for b in 0..6u32 {
-                p.push([(r * 51) as u8, (g * 51) as u8, (b * 51) as u8]);
-            }
-        }
-    }
-    for i in 0..GREYS as u32 {
-        let v = ((i * 255 + (GREYS as u32 - 1) / 2) / (GREYS as u32 - 1)) as u8;
-        p.push([v, v, v]);
-    }
-    p
-}
-
-const BAYER4: [[f32; 4]; 4] =
-    [[0.0, 8.0, 2.0, 10.0], [12.0, 4.0, 14.0, 6.0], [3.0, 11.0, 1.0, 9.0], [15.0, 7.0, 13.0, 5.0]];
-
-/// Palette index of pixel `px` at `(x, y)`.
-fn quantize(px: [u8; 3], x: u32, y: u32, dither: bool) -> u8 {
-    let t = if dither { (BAYER4[(y % 4) as usize][(x % 4) as usize] + 0.5) / 16.0 } else { 0.5 };
-    let (mx, mn) = (px.iter().max().copied().unwrap_or(0), px.iter().min().copied().unwrap_or(0));
-    if mx - mn < 6 {
-        let v = px.iter().map(|&c| c as f32).sum::<f32>() / 3.0;
-        let level = (v / 255.0 * (GREYS - 1) as f32 + t).floor().clamp(0.0, (GREYS - 1) as f32);
-        return 216 + level as u8;
-    }
-    let l = |c: u8| ((c as f32 / 51.0 + t).floor().clamp(0.0, 5.0)) as u8;
-    l(px[0]) * 36 + l(px[1]) * 6 + l(px[2])
-}
-
-/// LSB-first bit packer.
-struct BitWriter {
-    out: Vec<u8>,
-    acc: u32,
-    nbits: u32,
-}
-
-impl BitWriter {
-    fn put(&mut self, code: u16, width: u32) {
-        self.acc |= (code as u32) << self.nbits;
-        self.nbits += width;
-        while self.nbits >= 8 {
-            self.out.push(self.acc as u8);
-            self.acc >>= 8;
-            self.nbits -= 8;
-        }
-    }
-    fn finish(mut self) -> Vec<u8> {
-        if self.nbits > 0 {
-            self.out.push(self.acc as u8);
-        }
-        self.out
-    }
-}
-
-/// GIF LZW with 8-bit minimum code size: returns the packed code stream (before sub-blocking).
-pub fn lzw_encode(indices: &[u8]) -> Vec<u8> {
-    const CLEAR: u16 = 256;
-    const EOI: u16 = 257;
-    const MAX_CODE: u16 = 4095;
-    let mut w = BitWriter { out: Vec::new(), acc: 0, nbits: 0 };
-    // dict[prefix * 256 + byte] = code + 1 (0 = absent).
-    let mut dict = vec![0u16; 4096 * 256];
-    let mut width = 9u32;
-    let mut next: u16 = 258;
-    w.put(CLEAR, width);
-    let Some((&first, rest)) = indices.split_first() else {
-        w.put(EOI, width);
-        return w.finish();
-    };
-    let mut prefix = first as u16;
-    for &byte in rest {
-        let slot = prefix as usize * 256 + byte as usize;
-        if dict[slot] != 0 {
-            prefix = dict[slot] - 1;
-            continue;
-        }
-        w.put(prefix, width);
-        // The decoder adds its entry one code later; it widens when its next free code
-        // reaches 2^width, which is the encoder's `next` before this insertion.
-        if next >= (1 << width) && width < 12 {
-            width += 1;
-        }
-        if next >= MAX_CODE {
-            w.put(CLEAR, width);
-            dict.iter_mut().for_each(|v| *v = 0);
-            width = 9;
-            next = 258;
-        } else {
-            dict[slot] = next + 1;
-            next += 1;
-        }
-        prefix = byte as u16;
-    }
-    w.put(prefix, width);
-    if next >= (1 << width) && width < 12 {
-        width += 1;
-    }
-    w.put(EOI, width);
-    w.finish()
-}
-
-/// Encodes `frames` (all the same size, at most 65535 px wide and high) as a looping GIF.
+/// Encodes `frames` (all the same size, at most 65535 px wide and high) as an animated GIF.
 pub fn encode_gif(frames: &[RgbImage], cfg: &GifConfig) -> Result<Vec<u8>> {
     let first =
         frames.first().ok_or_else(|| Error::invalid("GIF frames", "no frames to encode"))?;
@@ -146,39 +42,22 @@ pub fn encode_gif(frames: &[RgbImage], cfg: &GifConfig) -> Result<Vec<u8>> {
             format!("frame {i} is {:?}, frame 0 is {w}x{h}", frames[i].dimensions()),
         ));
     }
+    if !(1..=30).contains(&cfg.speed) {
+        return Err(Error::invalid("GIF speed", format!("{} (want 1..=30)", cfg.speed)));
+    }
+    let enc_err = |e: image::ImageError| Error::msg(format!("GIF encoding failed: {e}"));
+    let delay = Delay::from_numer_denom_ms(u32::from(cfg.delay_cs) * 10, 1);
     let mut out = Vec::new();
-    out.extend_from_slice(b"GIF89a");
-    out.extend_from_slice(&(w as u16).to_le_bytes());
-    out.extend_from_slice(&(h as u16).to_le_bytes());
-    out.extend_from_slice(&[0xF7, 0, 0]); // global table of 256 colours, 8-bit resolution
-    for c in palette() {
-        out.extend_from_slice(&c);
-    }
-    out.extend_from_slice(&[0x21, 0xFF, 0x0B]);
-    out.extend_from_slice(b"NETSCAPE2.0");
-    out.extend_from_slice(&[0x03, 0x01]);
-    out.extend_from_slice(&cfg.repeat.to_le_bytes());
-    out.push(0);
-    for f in frames {
-        // Graphic control: disposal "do not dispose", no transparency.
-        out.extend_from_slice(&[0x21, 0xF9, 0x04, 0x04]);
-        out.extend_from_slice(&cfg.delay_cs.to_le_bytes());
-        out.extend_from_slice(&[0, 0]);
-        out.push(0x2C);
-        out.extend_from_slice(&[0, 0, 0, 0]);
-        out.extend_from_slice(&(w as u16).to_le_bytes());
-        out.extend_from_slice(&(h as u16).to_le_bytes());
-        out.push(0);
-        let idx: Vec<u8> =
-            f.enumerate_pixels().map(|(x, y, p)| quantize(p.0, x, y, cfg.dither)).collect();
-        out.push(8);
-        for block in lzw_encode(&idx).chunks(255) {
-            out.push(block.len() as u8);
-            out.extend_from_slice(block);
+    {
+        let mut enc = GifEncoder::new_with_speed(&mut out, cfg.speed);
+        let repeat = if cfg.repeat == 0 { Repeat::Infinite } else { Repeat::Finite(cfg.repeat) };
+        enc.set_repeat(repeat).map_err(enc_err)?;
+        for f in frames {
+            let rgba = DynamicImage::ImageRgb8(f.clone()).into_rgba8();
+            enc.encode_frame(Frame::from_parts(rgba, 0, 0, delay)).map_err(enc_err)?;
         }
-        out.push(0);
+        // Dropping the encoder writes the GIF trailer.
     }
-    out.push(0x3B);
     Ok(out)
 }
 

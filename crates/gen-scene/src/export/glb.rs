@@ -1,15 +1,35 @@
-//! Binary glTF 2.0 (`.glb`) writers, hand-rolled with `serde_json`:
+//! Binary glTF 2.0 (`.glb`) writers built on the `gltf` crate's JSON types (`gltf::json`)
+//! and its GLB container writer (`gltf::binary::Glb`):
 //! - [`splats_to_glb`]: Gaussian splats as a `POINTS` primitive with the
 //!   `KHR_gaussian_splatting` extension (ellipse kernel);
 //! - [`mesh_to_glb`]: a triangle mesh with `POSITION`, `NORMAL` and `COLOR_0`.
 //!
-//! GLB layout: 12-byte header (`glTF`, version 2, total length), a JSON chunk padded with
-//! spaces to 4 bytes, a BIN chunk padded with zeros to 4 bytes. Every buffer view starts at a
-//! 4-byte aligned offset; every `POSITION` accessor carries `min`/`max`.
+//! Every buffer view starts at a 4-byte aligned offset; every `POSITION` accessor carries
+//! `min`/`max`. The document is checked with `gltf::json`'s own validation before it is
+//! written.
+//!
+//! One part is not expressed with the crate's types: `gltf::json::mesh::Semantic` (gltf
+//! 1.4.1) only names the core attributes and application-specific ones, which it always
+//! writes with a leading `_`; it has no way to spell extension-scoped attribute names such as
+//! `KHR_gaussian_splatting:ROTATION` (an unknown name is `Checked::Invalid`, which refuses to
+//! serialize). Those attributes are therefore added to the primitive's `attributes` object of
+//! the serialized document (`insert_extension_attributes`); everything else, including the
+//! primitive's `extensions` object (through the crate's `extensions` feature), comes from the
+//! crate.
 
+use std::borrow::Cow;
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use gen_core::{write_atomic, Error, Result};
+use gltf::binary::{Glb, Header};
+use gltf::json::accessor::{Accessor, ComponentType, GenericComponentType, Type};
+use gltf::json::buffer::{Buffer, Target, View};
+use gltf::json::material::{Material, StrengthFactor};
+use gltf::json::mesh::{Mesh, Mode, Primitive, Semantic};
+use gltf::json::scene::{Node, Scene};
+use gltf::json::validation::{Checked::Valid, USize64, Validate};
+use gltf::json::{Asset, Index, Root};
 use serde_json::{json, Value};
 
 use super::{sigmoid, SplatArrays, SH_C0};
@@ -20,32 +40,38 @@ use crate::splat::Splats;
 pub const FLOAT: u32 = 5126;
 /// glTF component type UNSIGNED_INT.
 pub const UNSIGNED_INT: u32 = 5125;
-/// Buffer view target ARRAY_BUFFER.
-const ARRAY_BUFFER: u32 = 34962;
-/// Buffer view target ELEMENT_ARRAY_BUFFER.
-const ELEMENT_ARRAY_BUFFER: u32 = 34963;
 /// The extension name.
 pub const KHR_GAUSSIAN_SPLATTING: &str = "KHR_gaussian_splatting";
 
-/// Accumulates buffer views and accessors over one binary buffer.
-#[derive(Default)]
+/// Accumulates buffer views and accessors over one binary buffer in a `gltf::json::Root`.
 struct GltfBuilder {
+    root: Root,
     bin: Vec<u8>,
-    views: Vec<Value>,
-    accessors: Vec<Value>,
 }
 
 impl GltfBuilder {
-    /// Adds a tightly packed float accessor of `count` elements of `ty` (`"SCALAR"`, `"VEC3"`,
-    /// …) with `width` components each; `with_bounds` adds per-component `min`/`max`.
-    fn add_f32(&mut self, data: &[f32], width: usize, ty: &str, with_bounds: bool) -> usize {
-        let count = data.len() / width;
-        let mut acc = json!({
-            "bufferView": self.push_view(bytemuck_f32(data), Some(ARRAY_BUFFER)),
-            "componentType": FLOAT,
-            "count": count,
-            "type": ty,
-        });
+    fn new() -> Self {
+        let root = Root {
+            asset: Asset {
+                copyright: None,
+                extensions: None,
+                extras: Default::default(),
+                generator: Some("gen-scene".into()),
+                min_version: None,
+                version: "2.0".into(),
+            },
+            ..Default::default()
+        };
+        Self { root, bin: Vec::new() }
+    }
+
+    /// Adds a tightly packed float accessor of `ty` elements (`data.len()` must be a multiple
+    /// of the type's component count); `with_bounds` adds per-component `min`/`max`.
+    fn add_f32(&mut self, data: &[f32], ty: Type, with_bounds: bool) -> Index<Accessor> {
+        let width = ty.multiplicity();
+        let bytes: Vec<u8> = data.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let view = self.push_view(bytes, Target::ArrayBuffer);
+        let (mut min, mut max) = (None, None);
         if with_bounds {
             let mut lo = vec![f32::INFINITY; width];
             let mut hi = vec![f32::NEG_INFINITY; width];
@@ -55,127 +81,156 @@ impl GltfBuilder {
                     hi[c] = hi[c].max(row[c]);
                 }
             }
-            acc["min"] = json!(lo);
-            acc["max"] = json!(hi);
+            (min, max) = (Some(json!(lo)), Some(json!(hi)));
         }
-        self.accessors.push(acc);
-        self.accessors.len() - 1
+        self.push_accessor(view, data.len() / width, ComponentType::F32, ty, min, max)
     }
 
-    fn add_indices(&mut self, idx: &[u32]) -> usize {
+    /// Adds an `UNSIGNED_INT` index accessor with `min`/`max`.
+    fn add_indices(&mut self, idx: &[u32]) -> Index<Accessor> {
         let bytes: Vec<u8> = idx.iter().flat_map(|v| v.to_le_bytes()).collect();
-        let view = self.push_view(bytes, Some(ELEMENT_ARRAY_BUFFER));
+        let view = self.push_view(bytes, Target::ElementArrayBuffer);
         let (lo, hi) = idx.iter().fold((u32::MAX, 0u32), |(lo, hi), &v| (lo.min(v), hi.max(v)));
-        self.accessors.push(json!({
-            "bufferView": view,
-            "componentType": UNSIGNED_INT,
-            "count": idx.len(),
-            "type": "SCALAR",
-            "min": [lo],
-            "max": [hi],
-        }));
-        self.accessors.len() - 1
+        let (min, max) = (Some(json!([lo])), Some(json!([hi])));
+        self.push_accessor(view, idx.len(), ComponentType::U32, Type::Scalar, min, max)
     }
 
-    fn push_view(&mut self, bytes: Vec<u8>, target: Option<u32>) -> usize {
+    fn push_accessor(
+        &mut self,
+        view: Index<View>,
+        count: usize,
+        component: ComponentType,
+        ty: Type,
+        min: Option<Value>,
+        max: Option<Value>,
+    ) -> Index<Accessor> {
+        self.root.push(Accessor {
+            buffer_view: Some(view),
+            byte_offset: None,
+            count: USize64::from(count),
+            component_type: Valid(GenericComponentType(component)),
+            extensions: None,
+            extras: Default::default(),
+            type_: Valid(ty),
+            min,
+            max,
+            name: None,
+            normalized: false,
+            sparse: None,
+        })
+    }
+
+    fn push_view(&mut self, bytes: Vec<u8>, target: Target) -> Index<View> {
         self.bin.resize(self.bin.len().next_multiple_of(4), 0);
-        let mut view = json!({
-            "buffer": 0,
-            "byteOffset": self.bin.len(),
-            "byteLength": bytes.len(),
-        });
-        if let Some(t) = target {
-            view["target"] = json!(t);
-        }
+        let view = View {
+            buffer: Index::new(0),
+            byte_length: USize64::from(bytes.len()),
+            byte_offset: Some(USize64::from(self.bin.len())),
+            byte_stride: None,
+            name: None,
+            target: Some(Valid(target)),
+            extensions: None,
+            extras: Default::default(),
+        };
         self.bin.extend_from_slice(&bytes);
-        self.views.push(view);
-        self.views.len() - 1
+        self.root.push(view)
     }
 
-    /// Finishes the document: `doc` gets `asset`, `buffers`, `bufferViews` and `accessors`.
-    fn finish(mut self, mut doc: Value) -> Result<Vec<u8>> {
+    /// Adds `mesh` under a node named like it, as the only scene.
+    fn add_scene(&mut self, mesh: Mesh) {
+        let name = mesh.name.clone();
+        let mesh = self.root.push(mesh);
+        let node = self.root.push(Node { mesh: Some(mesh), name, ..Default::default() });
+        let scene = self.root.push(Scene {
+            extensions: None,
+            extras: Default::default(),
+            name: None,
+            nodes: vec![node],
+        });
+        self.root.scene = Some(scene);
+    }
+
+    /// Finishes the document (one buffer holding every view), validates it with
+    /// `gltf::json`, adds the extension-scoped attributes `ext_attrs` (attribute name,
+    /// accessor) to primitive 0 of mesh 0 and packs JSON and BIN into a GLB container.
+    fn finish(mut self, ext_attrs: &[(String, Index<Accessor>)]) -> Result<Vec<u8>> {
         self.bin.resize(self.bin.len().next_multiple_of(4), 0);
-        doc["asset"] = json!({"version": "2.0", "generator": "gen-scene"});
-        doc["buffers"] = json!([{"byteLength": self.bin.len()}]);
-        doc["bufferViews"] = Value::Array(self.views);
-        doc["accessors"] = Value::Array(self.accessors);
-        let json = serde_json::to_vec(&doc)
-            .map_err(|e| Error::msg(format!("glTF JSON encoding failed: {e}")))?;
-        Ok(glb_container(json, self.bin))
+        self.root.push(Buffer {
+            byte_length: USize64::from(self.bin.len()),
+            name: None,
+            uri: None,
+            extensions: None,
+            extras: Default::default(),
+        });
+        let mut problems = Vec::new();
+        self.root.validate(&self.root, gltf::json::Path::new, &mut |path, e| {
+            problems.push(format!("{}: {e}", path()))
+        });
+        if !problems.is_empty() {
+            return Err(Error::msg(format!("invalid glTF document: {}", problems.join("; "))));
+        }
+        let enc = |e: serde_json::Error| Error::msg(format!("glTF JSON encoding failed: {e}"));
+        let mut doc = serde_json::to_value(&self.root).map_err(enc)?;
+        insert_extension_attributes(&mut doc, ext_attrs)?;
+        let json = serde_json::to_vec(&doc).map_err(enc)?;
+        // `Glb::to_vec` writes the header and chunk lengths itself (padding both chunks).
+        let glb = Glb {
+            header: Header { magic: *b"glTF", version: 2, length: 0 },
+            json: Cow::Owned(json),
+            bin: Some(Cow::Owned(self.bin)),
+        };
+        glb.to_vec().map_err(|e| Error::msg(format!("GLB encoding failed: {e}")))
     }
 }
 
-fn bytemuck_f32(data: &[f32]) -> Vec<u8> {
-    data.iter().flat_map(|v| v.to_le_bytes()).collect()
-}
-
-/// Packs a JSON chunk and a BIN chunk into a GLB container (both padded to 4 bytes).
-pub fn glb_container(mut json: Vec<u8>, mut bin: Vec<u8>) -> Vec<u8> {
-    json.resize(json.len().next_multiple_of(4), b' ');
-    bin.resize(bin.len().next_multiple_of(4), 0);
-    let total = 12 + 8 + json.len() + if bin.is_empty() { 0 } else { 8 + bin.len() };
-    let mut out = Vec::with_capacity(total);
-    out.extend_from_slice(b"glTF");
-    out.extend_from_slice(&2u32.to_le_bytes());
-    out.extend_from_slice(&(total as u32).to_le_bytes());
-    out.extend_from_slice(&(json.len() as u32).to_le_bytes());
-    out.extend_from_slice(b"JSON");
-    out.extend_from_slice(&json);
-    if !bin.is_empty() {
-        out.extend_from_slice(&(bin.len() as u32).to_le_bytes());
-        out.extend_from_slice(b"BIN\0");
-        out.extend_from_slice(&bin);
+/// Adds extension-scoped attributes (`KHR_gaussian_splatting:ROTATION`, …) to the
+/// `attributes` object of primitive 0 of mesh 0 in a serialized document. This is the one
+/// place the document is edited as JSON: `gltf::json::mesh::Semantic` cannot name such
+/// attributes (see the module documentation).
+fn insert_extension_attributes(doc: &mut Value, attrs: &[(String, Index<Accessor>)]) -> Result<()> {
+    if attrs.is_empty() {
+        return Ok(());
     }
-    out
+    let map = doc
+        .pointer_mut("/meshes/0/primitives/0/attributes")
+        .and_then(Value::as_object_mut)
+        .ok_or_else(|| {
+        Error::msg("glTF document has no mesh primitive for extension attributes")
+    })?;
+    for (name, acc) in attrs {
+        map.insert(name.clone(), json!(acc.value()));
+    }
+    Ok(())
 }
 
-/// Splits a GLB file into its JSON document and BIN chunk, checking the header, the chunk
-/// types, lengths and 4-byte alignment. `name` prefixes errors.
+/// Splits a GLB file into its JSON document and BIN chunk (container read by
+/// `gltf::binary::Glb`), also checking that the header length is the file length, that both
+/// chunks are padded to 4 bytes and that nothing follows the BIN chunk. `name` prefixes
+/// errors.
 pub fn parse_glb(bytes: &[u8], name: &str) -> Result<(Value, Vec<u8>)> {
     let err = |m: String| Error::msg(format!("{name}: {m}"));
-    let u32_at = |o: usize| -> Result<u32> {
-        bytes
-            .get(o..o + 4)
-            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .ok_or_else(|| err(format!("truncated at byte {o}")))
-    };
-    if bytes.get(0..4) != Some(b"glTF") {
+    if bytes.len() < 12 || &bytes[0..4] != b"glTF" {
         return Err(err("missing `glTF` magic".into()));
     }
-    if u32_at(4)? != 2 {
-        return Err(err(format!("GLB version {} (want 2)", u32_at(4)?)));
-    }
-    let total = u32_at(8)? as usize;
+    let total = u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize;
     if total != bytes.len() {
         return Err(err(format!("header length {total} but file has {} bytes", bytes.len())));
     }
-    let json_len = u32_at(12)? as usize;
-    if bytes.get(16..20) != Some(b"JSON") {
-        return Err(err("first chunk is not JSON".into()));
-    }
-    if json_len != json_len.next_multiple_of(4) {
+    let glb = Glb::from_slice(bytes).map_err(|e| err(format!("bad GLB container: {e}")))?;
+    let json_len = glb.json.len();
+    if json_len % 4 != 0 {
         return Err(err(format!("JSON chunk length {json_len} is not a multiple of 4")));
     }
-    let json = bytes.get(20..20 + json_len).ok_or_else(|| err("JSON chunk truncated".into()))?;
-    let doc: Value = serde_json::from_slice(json).map_err(|e| err(format!("bad JSON: {e}")))?;
-    let mut bin = Vec::new();
-    let o = 20 + json_len;
-    if o < bytes.len() {
-        let bin_len = u32_at(o)? as usize;
-        if bytes.get(o + 4..o + 8) != Some(b"BIN\0") {
-            return Err(err("second chunk is not BIN".into()));
-        }
-        if bin_len != bin_len.next_multiple_of(4) {
-            return Err(err(format!("BIN chunk length {bin_len} is not a multiple of 4")));
-        }
-        bin = bytes
-            .get(o + 8..o + 8 + bin_len)
-            .ok_or_else(|| err("BIN chunk truncated".into()))?
-            .to_vec();
-        if o + 8 + bin_len != bytes.len() {
-            return Err(err("trailing bytes after BIN chunk".into()));
-        }
+    let bin = glb.bin.map(Cow::into_owned).unwrap_or_default();
+    if bin.len() % 4 != 0 {
+        return Err(err(format!("BIN chunk length {} is not a multiple of 4", bin.len())));
     }
+    let used = 20 + json_len + if bin.is_empty() { 0 } else { 8 + bin.len() };
+    if used != bytes.len() {
+        return Err(err(format!("{} trailing bytes after the last chunk", bytes.len() - used)));
+    }
+    let doc: Value =
+        serde_json::from_slice(&glb.json).map_err(|e| err(format!("bad JSON: {e}")))?;
     Ok((doc, bin))
 }
 
@@ -215,10 +270,10 @@ pub fn splats_glb_bytes(arrays: &SplatArrays, cfg: &SplatGlbConfig) -> Result<Ve
             "zero Gaussians: glTF accessors must hold at least one element",
         ));
     }
-    let mut b = GltfBuilder::default();
+    let mut b = GltfBuilder::new();
     let pos: Vec<f32> = arrays.means.iter().flatten().copied().collect();
-    let mut attrs = serde_json::Map::new();
-    attrs.insert("POSITION".into(), json!(b.add_f32(&pos, 3, "VEC3", true)));
+    let mut attributes = BTreeMap::new();
+    attributes.insert(Valid(Semantic::Positions), b.add_f32(&pos, Type::Vec3, true));
     let mut rot = Vec::with_capacity(4 * n);
     for q in &arrays.quats {
         let norm = q.iter().map(|v| v * v).sum::<f32>().sqrt();
@@ -233,9 +288,11 @@ pub fn splats_glb_bytes(arrays: &SplatArrays, cfg: &SplatGlbConfig) -> Result<Ve
     }
     let opacity: Vec<f32> = arrays.opacity_logits.iter().map(|&v| sigmoid(v)).collect();
     let ext = KHR_GAUSSIAN_SPLATTING;
-    attrs.insert(format!("{ext}:ROTATION"), json!(b.add_f32(&rot, 4, "VEC4", false)));
-    attrs.insert(format!("{ext}:SCALE"), json!(b.add_f32(&scale, 3, "VEC3", false)));
-    attrs.insert(format!("{ext}:OPACITY"), json!(b.add_f32(&opacity, 1, "SCALAR", false)));
+    let mut ext_attrs = vec![
+        (format!("{ext}:ROTATION"), b.add_f32(&rot, Type::Vec4, false)),
+        (format!("{ext}:SCALE"), b.add_f32(&scale, Type::Vec3, false)),
+        (format!("{ext}:OPACITY"), b.add_f32(&opacity, Type::Scalar, false)),
+    ];
     let k_count = arrays.sh_coeffs();
     for l in 0..=arrays.sh_degree {
         for j in 0..(2 * l + 1) {
@@ -245,10 +302,10 @@ pub fn splats_glb_bytes(arrays: &SplatArrays, cfg: &SplatGlbConfig) -> Result<Ve
                 .flat_map(|i| (0..3).map(move |c| (i, c)))
                 .map(|(i, c)| arrays.sh_at(i, k, c))
                 .collect();
-            attrs.insert(
+            ext_attrs.push((
                 format!("{ext}:SH_DEGREE_{l}_COEF_{j}"),
-                json!(b.add_f32(&coef, 3, "VEC3", false)),
-            );
+                b.add_f32(&coef, Type::Vec3, false),
+            ));
         }
     }
     if cfg.color_fallback {
@@ -258,30 +315,36 @@ pub fn splats_glb_bytes(arrays: &SplatArrays, cfg: &SplatGlbConfig) -> Result<Ve
             col.extend(c.iter().map(|&v| srgb_to_linear(v)));
             col.push(o);
         }
-        attrs.insert("COLOR_0".into(), json!(b.add_f32(&col, 4, "VEC4", false)));
+        attributes.insert(Valid(Semantic::Colors(0)), b.add_f32(&col, Type::Vec4, false));
     }
-    let doc = json!({
-        "extensionsUsed": [ext],
-        "scene": 0,
-        "scenes": [{"nodes": [0]}],
-        "nodes": [{"mesh": 0, "name": "splats"}],
-        "meshes": [{
-            "name": "splats",
-            "primitives": [{
-                "mode": 0,
-                "attributes": Value::Object(attrs),
-                "extensions": {
-                    ext: {
-                        "kernel": "ellipse",
-                        "colorSpace": "srgb_rec709_display",
-                        "projection": "perspective",
-                        "sortingMethod": "cameraDistance",
-                    }
-                }
-            }]
-        }],
+    let mut extensions = gltf::json::extensions::mesh::Primitive::default();
+    extensions.others.insert(
+        ext.into(),
+        json!({
+            "kernel": "ellipse",
+            "colorSpace": "srgb_rec709_display",
+            "projection": "perspective",
+            "sortingMethod": "cameraDistance",
+        }),
+    );
+    let primitive = Primitive {
+        attributes,
+        extensions: Some(extensions),
+        extras: Default::default(),
+        indices: None,
+        material: None,
+        mode: Valid(Mode::Points),
+        targets: None,
+    };
+    b.add_scene(Mesh {
+        extensions: None,
+        extras: Default::default(),
+        name: Some("splats".into()),
+        primitives: vec![primitive],
+        weights: None,
     });
-    b.finish(doc)
+    b.root.extensions_used.push(ext.into());
+    b.finish(&ext_attrs)
 }
 
 /// Writes `splats` to `path` as GLB with `KHR_gaussian_splatting` (atomically).
@@ -303,34 +366,38 @@ pub fn mesh_glb_bytes(mesh: &TriMesh) -> Result<Vec<u8>> {
             "the mesh has no triangles: glTF accessors must hold at least one element",
         ));
     }
-    let mut b = GltfBuilder::default();
+    let mut b = GltfBuilder::new();
     let pos: Vec<f32> = mesh.positions.iter().flatten().copied().collect();
     let nrm: Vec<f32> = mesh.normals.iter().flatten().copied().collect();
     let col: Vec<f32> = mesh.colors.iter().flatten().map(|&c| srgb_to_linear(c)).collect();
-    let p = b.add_f32(&pos, 3, "VEC3", true);
-    let nn = b.add_f32(&nrm, 3, "VEC3", false);
-    let c = b.add_f32(&col, 3, "VEC3", false);
+    let attributes = BTreeMap::from([
+        (Valid(Semantic::Positions), b.add_f32(&pos, Type::Vec3, true)),
+        (Valid(Semantic::Normals), b.add_f32(&nrm, Type::Vec3, false)),
+        (Valid(Semantic::Colors(0)), b.add_f32(&col, Type::Vec3, false)),
+    ]);
     let idx: Vec<u32> = mesh.indices.iter().flatten().copied().collect();
-    let i = b.add_indices(&idx);
-    let doc = json!({
-        "scene": 0,
-        "scenes": [{"nodes": [0]}],
-        "nodes": [{"mesh": 0, "name": "mesh"}],
-        "materials": [{
-            "name": "vertex colour",
-            "pbrMetallicRoughness": {"baseColorFactor": [1.0, 1.0, 1.0, 1.0], "metallicFactor": 0.0, "roughnessFactor": 1.0},
-        }],
-        "meshes": [{
-            "name": "mesh",
-            "primitives": [{
-                "mode": 4,
-                "attributes": {"POSITION": p, "NORMAL": nn, "COLOR_0": c},
-                "indices": i,
-                "material": 0,
-            }]
-        }],
+    let indices = b.add_indices(&idx);
+    let mut material = Material { name: Some("vertex colour".into()), ..Default::default() };
+    material.pbr_metallic_roughness.metallic_factor = StrengthFactor(0.0);
+    material.pbr_metallic_roughness.roughness_factor = StrengthFactor(1.0);
+    let material = b.root.push(material);
+    let primitive = Primitive {
+        attributes,
+        extensions: None,
+        extras: Default::default(),
+        indices: Some(indices),
+        material: Some(material),
+        mode: Valid(Mode::Triangles),
+        targets: None,
+    };
+    b.add_scene(Mesh {
+        extensions: None,
+        extras: Default::default(),
+        name: Some("mesh".into()),
+        primitives: vec![primitive],
+        weights: None,
     });
-    b.finish(doc)
+    b.finish(&[])
 }
 
 /// Writes `mesh` to `path` as GLB (atomically).
