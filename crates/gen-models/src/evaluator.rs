@@ -84,7 +84,7 @@ impl EvaluatorConfig {
             msg: e.to_string(),
         };
         let value: serde_json::Value = serde_json::from_str(&text).map_err(err)?;
-        let known = gen_models::loading::struct_fields::<Self>();
+        let known = crate::loading::struct_fields::<Self>();
         if let Some(k) =
             value.as_object().and_then(|o| o.keys().find(|k| !known.contains(&k.as_str())))
         {
