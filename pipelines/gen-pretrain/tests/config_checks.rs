@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use candle_core::Device;
-use gen_pretrain::evaluator::EvaluatorConfig;
+use gen_models::EvaluatorConfig;
 use gen_pretrain::runner::MAX_BAD_STEPS_IN_A_ROW;
 use gen_pretrain::{PretrainConfig, RunControl, Stage, TrainEvent, Trainer};
 use serde_json::{json, Value};
@@ -119,7 +119,12 @@ fn evaluator_config_is_checked_on_load() -> anyhow::Result<()> {
     let dir = tmp("evaluator-config");
     std::fs::create_dir_all(&dir)?;
     let p = dir.join("config.json");
-    let good = serde_json::to_value(EvaluatorConfig::new(16, vec![8, 16], 4))?;
+    let good = serde_json::to_value(EvaluatorConfig::new(
+        16,
+        vec![8, 16],
+        4,
+        &gen_pretrain::data::evaluator_classes(),
+    ))?;
     std::fs::write(&p, good.to_string())?;
     EvaluatorConfig::from_file(&p)?;
     let cases: [(&str, Edit); 6] = [
