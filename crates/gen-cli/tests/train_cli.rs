@@ -42,18 +42,24 @@ fn oversized_training_configs_fail_before_the_run_starts() {
     let run = dir.join("run");
     let mut pool = gen_pretrain::PretrainConfig::tiny();
     pool.pool_size = 10_000_000_000;
-    let mut size = gen_pretrain::PretrainConfig::tiny();
-    size.image_size = 100_000;
+    // The image size with the stage shapes that must agree with it (checked before the
+    // estimate): the VAE's sample size and the UNet's (half of it in the tiny preset).
+    let mut size = serde_json::to_value(gen_pretrain::PretrainConfig::tiny()).unwrap();
+    size["image_size"] = 100_000.into();
+    size["clip"]["vision_config"]["image_size"] = 100_000.into();
+    size["vae"]["config"]["sample_size"] = 100_000.into();
+    size["unet"]["config"]["sample_size"] = 50_000.into();
     let mut batch = gen_pretrain::PretrainConfig::tiny();
     batch.pool_size = 10_000_000;
     batch.unet.train.batch_size = 10_000_000;
+    let json = |c: &gen_pretrain::PretrainConfig| serde_json::to_value(c).unwrap();
     for (name, cfg, needle) in [
-        ("pool", pool, "pool_size 10000000000"),
+        ("pool", json(&pool), "pool_size 10000000000"),
         ("size", size, "image_size 100000"),
-        ("batch", batch, "unet.train.batch_size 10000000"),
+        ("batch", json(&batch), "unet.train.batch_size 10000000"),
     ] {
         let path = dir.join(format!("{name}.json"));
-        std::fs::write(&path, serde_json::to_string(&cfg).unwrap()).unwrap();
+        std::fs::write(&path, cfg.to_string()).unwrap();
         let t0 = std::time::Instant::now();
         let o = Command::new(env!("CARGO_BIN_EXE_gen"))
             .args(["train", "--config", path.to_str().unwrap(), "--out", run.to_str().unwrap()])
