@@ -104,3 +104,38 @@ fn bad_fit_arguments_fail_clearly() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("--max-gaussians"));
     assert!(!std::path::Path::new("/tmp/unused-gen-fit").exists());
 }
+
+/// Sizes and counts too large for the machine are refused before anything is rendered or
+/// allocated (an error naming the flags and the estimate, no output folder); negative values
+/// get a range error naming the flag, not clap's "unexpected argument".
+#[test]
+fn oversized_and_negative_fit_arguments_fail_clearly() {
+    let out_dir = std::env::temp_dir().join(format!("gen-fit-bounds-{}", std::process::id()));
+    let out_s = out_dir.to_str().unwrap().to_string();
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["--gaussians", "100000000", "--max-gaussians", "100000000"], "--max-gaussians"),
+        (
+            vec!["--representation", "field", "--samples-per-ray", "100000000"],
+            "--samples-per-ray 100000000",
+        ),
+        (vec!["--steps", "-5"], "--steps"),
+        (vec!["--seed", "-1"], "--seed"),
+        (vec!["--mask-weight", "-0.5"], "--mask-weight"),
+        (vec!["--rays", "0"], "--rays"),
+    ];
+    for (extra, needle) in cases {
+        let mut a = vec!["fit", "--world", "a red cube", "--out", &out_s];
+        a.extend(extra.iter().copied());
+        let t0 = std::time::Instant::now();
+        let r = gen(&a);
+        let err = String::from_utf8_lossy(&r.stderr);
+        assert!(!r.status.success(), "{extra:?} succeeded");
+        assert!(err.contains(needle), "{extra:?}: {err}");
+        assert!(!err.contains("unexpected argument"), "{extra:?}: {err}");
+        if needle.starts_with("--max") || needle.starts_with("--samples") {
+            assert!(err.contains("needs about"), "{extra:?}: no estimate in {err}");
+        }
+        assert!(t0.elapsed().as_secs() < 30, "{extra:?} took {:?}", t0.elapsed());
+        assert!(!out_dir.exists(), "{extra:?} left {}", out_dir.display());
+    }
+}

@@ -21,6 +21,7 @@ use gen_scene::fit::{
     LearningRates,
 };
 
+use super::flags::{at_least_one, finite, non_negative, whole_u64};
 use report::{write_heldout_sheet, Progress, Summary};
 use views::{data_views, world_views, Views};
 
@@ -70,19 +71,19 @@ pub struct FitArgs {
     #[arg(long)]
     pub out: PathBuf,
     /// Training views rendered from the world.
-    #[arg(long, default_value_t = 36, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    #[arg(long, default_value_t = 36, allow_negative_numbers = true, value_parser = clap::value_parser!(u32).range(1..=1000))]
     pub views: u32,
     /// Held-out views (world: other cameras; --data: frames taken out of training, evenly spaced).
-    #[arg(long, default_value_t = 12)]
+    #[arg(long, default_value_t = 12, allow_negative_numbers = true, value_parser = clap::value_parser!(u32).range(0..=1000))]
     pub holdout: u32,
     /// World image size in pixels.
-    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(8..=1024))]
+    #[arg(long, default_value_t = 64, allow_negative_numbers = true, value_parser = clap::value_parser!(u32).range(8..=1024))]
     pub size: u32,
     /// Optimisation steps (one view per step).
-    #[arg(long, default_value_t = 1500)]
+    #[arg(long, default_value_t = 1500, allow_negative_numbers = true, value_parser = clap::value_parser!(u64).range(1..))]
     pub steps: u64,
     /// Seed of every random choice (initialisation, view order, splits).
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true, value_parser = whole_u64)]
     pub seed: u64,
     /// Continue from OUT/checkpoint.safetensors when it exists.
     #[arg(long)]
@@ -99,53 +100,104 @@ pub struct FitArgs {
     #[arg(long, default_value = "small", value_parser = ["tiny", "small", "base"])]
     pub field_preset: String,
     /// Samples per ray (--representation field).
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 64, allow_negative_numbers = true, value_parser = at_least_one)]
     pub samples_per_ray: usize,
     /// Random pixels (rays) per step from all training views (--representation field).
-    #[arg(long, default_value_t = 1024)]
+    #[arg(long, default_value_t = 1024, allow_negative_numbers = true, value_parser = at_least_one)]
     pub rays: usize,
     /// Initial learning rate of the field (decays log-linearly to a tenth).
-    #[arg(long, default_value_t = 1e-2)]
+    #[arg(long, default_value_t = 1e-2, allow_negative_numbers = true, value_parser = non_negative)]
     pub field_lr: f64,
     /// Re-mark the field's occupancy grid every N steps (0: never skip empty space).
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 16, allow_negative_numbers = true, value_parser = clap::value_parser!(u64).range(1..))]
     pub occupancy_every: u64,
     /// Initial Gaussians (random in a ball).
-    #[arg(long, default_value_t = 1000)]
+    #[arg(long, default_value_t = 1000, allow_negative_numbers = true, value_parser = at_least_one)]
     pub gaussians: usize,
     /// Radius of the initial ball (world objects have radius about 1; default 1 for the world,
     /// a third of the mean camera distance for --data).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true, value_parser = finite)]
     pub init_radius: Option<f64>,
     /// SH degree of the colour (0..=3).
-    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=3))]
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true, value_parser = clap::value_parser!(u64).range(0..=3))]
     pub sh_degree: u64,
     /// Weight of the alpha-vs-mask L1 term (views with masks only; 0 = off).
-    #[arg(long, default_value_t = 0.1)]
+    #[arg(long, default_value_t = 0.1, allow_negative_numbers = true, value_parser = non_negative)]
     pub mask_weight: f64,
     /// Densification gradient threshold (mean view-space gradient norm, NDC units). 3DGS uses
     /// 2e-4 on 800 px images; gradients are larger on small images, 1e-3 suits 64 px.
-    #[arg(long, default_value_t = 1e-3)]
+    #[arg(long, default_value_t = 1e-3, allow_negative_numbers = true, value_parser = non_negative)]
     pub grad_threshold: f64,
     /// Iso-level for --export mesh: of the splat density (default 1, as DreamGaussian) or of
     /// the field's σ (default 10 per world unit).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true, value_parser = finite)]
     pub mesh_threshold: Option<f64>,
     /// Upper bound on the number of Gaussians (at least 1).
-    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, default_value_t = 10_000, allow_negative_numbers = true, value_parser = clap::value_parser!(u64).range(1..))]
     pub max_gaussians: u64,
     /// Background colour for --data as R,G,B in [0, 1] (world: its own background).
     #[arg(long, default_value = "1,1,1")]
     pub bg: String,
     /// Checkpoint every N steps (0: only at the end).
-    #[arg(long, default_value_t = 500)]
+    #[arg(long, default_value_t = 500, allow_negative_numbers = true, value_parser = whole_u64)]
     pub checkpoint_every: u64,
     /// Preview image every N steps (0: never).
-    #[arg(long, default_value_t = 250)]
+    #[arg(long, default_value_t = 250, allow_negative_numbers = true, value_parser = whole_u64)]
     pub preview_every: u64,
 }
 
+/// Bytes per view pixel: RGB + mask of the target and of a render, f32, with room for the loss
+/// buffers (SSIM windows, gradients) — 4 channels × 4 bytes × 4 copies.
+const BYTES_PER_VIEW_PIXEL: f64 = 64.0;
+/// Bytes per Gaussian: at most 59 parameters (SH degree 3) with their gradient and two AdamW
+/// moments (236 floats), the projected 2-D splat and the density statistics (about 40 floats),
+/// and tile-intersection entries — rounded up to 2 KiB.
+const BYTES_PER_GAUSSIAN: f64 = 2048.0;
+/// Bytes per ray sample of a field batch: the hash-grid features (at most 16 levels × 2), the
+/// MLP activations (64 wide) and their gradients, with candle's temporaries — rounded up to
+/// 8 KiB.
+const BYTES_PER_FIELD_SAMPLE: f64 = 8192.0;
+
+/// Refuses sizes and counts whose memory estimate does not fit this machine, before any view is
+/// rendered or loaded (the estimate is conservative; see the constants above).
+fn check_memory(args: &FitArgs) -> anyhow::Result<()> {
+    let (views, holdout, size) = (args.views as f64, args.holdout as f64, args.size as f64);
+    let images = (views + holdout) * size * size * BYTES_PER_VIEW_PIXEL;
+    let (what, model, detail) = if args.representation == "field" {
+        let samples = args.rays as f64 * args.samples_per_ray as f64;
+        (
+            format!(
+                "--views {} --size {} --rays {} --samples-per-ray {}",
+                args.views, args.size, args.rays, args.samples_per_ray
+            ),
+            samples * BYTES_PER_FIELD_SAMPLE,
+            "ray samples of one batch",
+        )
+    } else {
+        let count = (args.gaussians as f64).max(args.max_gaussians as f64);
+        (
+            format!(
+                "--views {} --size {} --gaussians {} --max-gaussians {}",
+                args.views, args.size, args.gaussians, args.max_gaussians
+            ),
+            count * BYTES_PER_GAUSSIAN,
+            "Gaussians with their optimizer state",
+        )
+    };
+    gen_core::memory::check_fits_here(
+        &what,
+        images + model,
+        &format!(
+            "estimate: {} for the views, {} for the {detail}",
+            gen_core::memory::format_bytes(images),
+            gen_core::memory::format_bytes(model)
+        ),
+    )?;
+    Ok(())
+}
+
 pub fn run(args: FitArgs) -> anyhow::Result<()> {
+    check_memory(&args)?;
     let field = args.representation == "field";
     let export_list =
         args.export.clone().unwrap_or_else(|| if field { "mesh" } else { "ply,glb" }.to_string());
