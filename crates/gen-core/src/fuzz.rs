@@ -164,8 +164,66 @@ fn digit_runs(data: &[u8]) -> Vec<(usize, usize)> {
     runs
 }
 
+/// Runs `cases` seeded mutations of `base` (seeds `0..cases`, see [`Mutator`]) through `read`
+/// and returns `(valid results, errors)`. For tests: a case that panics, or errors with an
+/// empty message, panics here once all cases have run, listing every such case with its seed
+/// and mutations (so the test fails and names them).
+pub fn run_cases<E: std::fmt::Display>(
+    name: &str,
+    base: &[u8],
+    cases: u64,
+    mut read: impl FnMut(&[u8]) -> Result<(), E>,
+) -> (usize, usize) {
+    use std::panic::{catch_unwind, AssertUnwindSafe};
+    let (mut ok, mut err, mut bad) = (0, 0, Vec::new());
+    for seed in 0..cases {
+        let (bytes, kinds) = Mutator::new(seed).mutate(base);
+        match catch_unwind(AssertUnwindSafe(|| read(&bytes))) {
+            Ok(Ok(())) => ok += 1,
+            Ok(Err(e)) if e.to_string().is_empty() => {
+                bad.push(format!("case {seed} {kinds:?}: an error with an empty message"))
+            }
+            Ok(Err(_)) => err += 1,
+            Err(p) => {
+                let msg = p
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_default();
+                bad.push(format!("case {seed} {kinds:?}: panic: {msg}"));
+            }
+        }
+    }
+    assert!(bad.is_empty(), "{name}: {} bad cases:\n{}", bad.len(), bad.join("\n"));
+    eprintln!("{name}: {cases} cases, {ok} valid, {err} clean errors");
+    (ok, err)
+}
+
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn run_cases_counts_results_and_errors() {
+        let (ok, err) = run_cases("count", b"0123456789", 50, |b| {
+            if b.len() % 2 == 0 {
+                Ok(())
+            } else {
+                Err("odd length")
+            }
+        });
+        assert_eq!(ok + err, 50);
+        assert!(ok > 0 && err > 0, "{ok} {err}");
+    }
+
+    #[test]
+    #[should_panic(expected = "bad cases")]
+    fn run_cases_fails_on_a_panicking_reader() {
+        run_cases("panic", b"0123456789", 20, |b| -> Result<(), String> {
+            assert!(b.len() < 12, "too long");
+            Ok(())
+        });
+    }
+
     use super::*;
 
     #[test]

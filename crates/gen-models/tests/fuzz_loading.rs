@@ -4,11 +4,10 @@
 //! before anything is allocated). Also: a NaN weight is refused on load.
 
 use std::collections::HashMap;
-use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
-use gen_core::fuzz::Mutator;
+use gen_core::fuzz::run_cases;
 use gen_models::clip::{ClipTextConfig, ClipTextTransformer};
 use gen_models::loading::{JsonConfig, SafetensorsWeights};
 use gen_models::tokenizer::Tokenizer;
@@ -26,38 +25,6 @@ fn tmp(name: &str) -> PathBuf {
     d
 }
 
-/// Runs `cases` mutations of `base` (seeded) through `read`, which gets the mutated bytes:
-/// returns (valid results, errors); panics are collected and fail the test with the seeds.
-fn fuzz(
-    name: &str,
-    base: &[u8],
-    cases: u64,
-    mut read: impl FnMut(&[u8]) -> anyhow::Result<()>,
-) -> (usize, usize) {
-    let (mut ok, mut err, mut panics) = (0, 0, Vec::new());
-    for seed in 0..cases {
-        let (bytes, kinds) = Mutator::new(seed).mutate(base);
-        match catch_unwind(AssertUnwindSafe(|| read(&bytes))) {
-            Ok(Ok(())) => ok += 1,
-            Ok(Err(e)) => {
-                assert!(!e.to_string().is_empty(), "{name} case {seed}: empty error");
-                err += 1
-            }
-            Err(p) => {
-                let msg = p
-                    .downcast_ref::<String>()
-                    .cloned()
-                    .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
-                    .unwrap_or_default();
-                panics.push(format!("case {seed} {kinds:?}: {msg}"));
-            }
-        }
-    }
-    assert!(panics.is_empty(), "{name}: {} panics:\n{}", panics.len(), panics.join("\n"));
-    eprintln!("{name}: {cases} cases, {ok} valid, {err} clean errors");
-    (ok, err)
-}
-
 #[test]
 fn fuzz_safetensors_weights() -> anyhow::Result<()> {
     let d = tmp("safetensors");
@@ -71,7 +38,7 @@ fn fuzz_safetensors_weights() -> anyhow::Result<()> {
     let f = d.join("model.safetensors");
     candle_core::safetensors::save(&m, &f)?;
     let bytes = std::fs::read(&f)?;
-    let (_, err) = fuzz("safetensors", &bytes, 400, |b| {
+    let (_, err) = run_cases("safetensors", &bytes, 400, |b| -> anyhow::Result<()> {
         std::fs::write(&f, b)?;
         let w = SafetensorsWeights::open(std::slice::from_ref(&f))?;
         for k in w.keys() {
@@ -127,24 +94,29 @@ fn fuzz_model_configs() -> anyhow::Result<()> {
     let vae_w = SafetensorsWeights::open(&[dir.join("vae/diffusion_pytorch_model.safetensors")])?;
     let te_w = SafetensorsWeights::open(&[dir.join("text_encoder/model.safetensors")])?;
     let read = |p: &str| std::fs::read(dir.join(p));
-    fuzz("unet config", &read("unet/config.json")?, 300, |b| {
+    run_cases("unet config", &read("unet/config.json")?, 300, |b| -> anyhow::Result<()> {
         let v: serde_json::Value = serde_json::from_slice(b)?;
         let cfg = UNetConfig::from_json(&v, "unet/config.json")?;
         UNet2DConditionModel::new(unet_w.var_builder(DType::F32, &dev), &cfg)?;
         Ok(())
     });
-    fuzz("vae config", &read("vae/config.json")?, 300, |b| {
+    run_cases("vae config", &read("vae/config.json")?, 300, |b| -> anyhow::Result<()> {
         let v: serde_json::Value = serde_json::from_slice(b)?;
         let cfg = VaeConfig::from_json(&v, "vae/config.json")?;
         AutoencoderKL::new(vae_w.var_builder(DType::F32, &dev), &cfg)?;
         Ok(())
     });
-    fuzz("text encoder config", &read("text_encoder/config.json")?, 300, |b| {
-        let c = JsonConfig::from_str("text_encoder/config.json", std::str::from_utf8(b)?)?;
-        let cfg = ClipTextConfig::from_json(&c)?;
-        ClipTextTransformer::new(te_w.var_builder(DType::F32, &dev), &cfg)?;
-        Ok(())
-    });
+    run_cases(
+        "text encoder config",
+        &read("text_encoder/config.json")?,
+        300,
+        |b| -> anyhow::Result<()> {
+            let c = JsonConfig::from_str("text_encoder/config.json", std::str::from_utf8(b)?)?;
+            let cfg = ClipTextConfig::from_json(&c)?;
+            ClipTextTransformer::new(te_w.var_builder(DType::F32, &dev), &cfg)?;
+            Ok(())
+        },
+    );
     Ok(())
 }
 
@@ -160,7 +132,7 @@ fn fuzz_tokenizer_files() -> anyhow::Result<()> {
             std::fs::copy(e.path(), d.join(e.file_name()))?;
         }
         let base = std::fs::read(src.join(file))?;
-        fuzz(file, &base, 200, |b| {
+        run_cases(file, &base, 200, |b| -> anyhow::Result<()> {
             std::fs::write(d.join(file), b)?;
             let t = Tokenizer::from_folder(&d)?;
             t.encode("a red cube on a grey background, front view", 16)?;

@@ -2,12 +2,11 @@
 //! fit checkpoints. Every mutated file must give a clean error or a valid result — no panic,
 //! no abort.
 
-use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::PathBuf;
 
 use anyhow::Result;
 use candle_core::{DType, Device};
-use gen_core::fuzz::Mutator;
+use gen_core::fuzz::run_cases;
 use gen_core::SeededRng;
 use gen_scene::export::ply::{read_ply, write_ply};
 use gen_scene::fit::dataset::load_transforms;
@@ -23,38 +22,6 @@ fn tmp(name: &str) -> PathBuf {
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();
     d
-}
-
-/// Runs `cases` seeded mutations of `base` through `read`; returns (valid, errors). Panics
-/// fail the test, listing the cases.
-fn fuzz(
-    name: &str,
-    base: &[u8],
-    cases: u64,
-    mut read: impl FnMut(&[u8]) -> gen_core::Result<()>,
-) -> (usize, usize) {
-    let (mut ok, mut err, mut panics) = (0, 0, Vec::new());
-    for seed in 0..cases {
-        let (bytes, kinds) = Mutator::new(seed).mutate(base);
-        match catch_unwind(AssertUnwindSafe(|| read(&bytes))) {
-            Ok(Ok(())) => ok += 1,
-            Ok(Err(e)) => {
-                assert!(!e.to_string().is_empty(), "{name} case {seed}: empty error");
-                err += 1;
-            }
-            Err(p) => {
-                let msg = p
-                    .downcast_ref::<String>()
-                    .cloned()
-                    .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
-                    .unwrap_or_default();
-                panics.push(format!("case {seed} {kinds:?}: {msg}"));
-            }
-        }
-    }
-    assert!(panics.is_empty(), "{name}: {} panics:\n{}", panics.len(), panics.join("\n"));
-    eprintln!("{name}: {cases} cases, {ok} valid, {err} clean errors");
-    (ok, err)
 }
 
 fn io(path: &std::path::Path) -> impl Fn(std::io::Error) -> gen_core::Error + '_ {
@@ -83,7 +50,7 @@ fn fuzz_ply_import() -> Result<()> {
     let f = d.join("splats.ply");
     write_ply(&splats(6, 1, 3)?, &f)?;
     let base = std::fs::read(&f)?;
-    let (ok, err) = fuzz("ply", &base, 300, |b| {
+    let (ok, err) = run_cases("ply", &base, 300, |b| -> gen_core::Result<()> {
         std::fs::write(&f, b).map_err(io(&f))?;
         read_ply(&f, &Device::Cpu)?.validate()
     });
@@ -129,10 +96,11 @@ fn fuzz_transforms_json() -> Result<()> {
     let f = d.join("transforms.json");
     std::fs::write(&f, json)?;
     assert_eq!(load_transforms(&d, BG)?.len(), 2, "the unmutated file loads");
-    let (ok, err) = fuzz("transforms.json", json.as_bytes(), 300, |b| {
-        std::fs::write(&f, b).map_err(io(&f))?;
-        load_transforms(&d, BG).map(|_| ())
-    });
+    let (ok, err) =
+        run_cases("transforms.json", json.as_bytes(), 300, |b| -> gen_core::Result<()> {
+            std::fs::write(&f, b).map_err(io(&f))?;
+            load_transforms(&d, BG).map(|_| ())
+        });
     assert!(err > 50 && ok > 0, "{ok} valid, {err} errors");
     std::fs::remove_dir_all(&d)?;
     Ok(())
@@ -176,7 +144,7 @@ fn fuzz_fit_checkpoints() -> Result<()> {
     let f = d.join("ckpt.safetensors");
     t.save_checkpoint(&f)?;
     let base = std::fs::read(&f)?;
-    let (ok, err) = fuzz("fit checkpoint", &base, 200, |b| {
+    let (ok, err) = run_cases("fit checkpoint", &base, 200, |b| -> gen_core::Result<()> {
         std::fs::write(&f, b).map_err(io(&f))?;
         let mut r = Trainer::resume(cfg.clone(), v.clone(), &f)?;
         r.step()?;

@@ -3,11 +3,10 @@
 //! `optimizer.safetensors`). Every mutated file gives a clean error or a valid result — no
 //! panic, no abort.
 
-use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 
 use candle_core::Device;
-use gen_core::fuzz::Mutator;
+use gen_core::fuzz::run_cases;
 use gen_pretrain::{PretrainConfig, RunControl, Stage, Trainer};
 
 fn tmp(name: &str) -> PathBuf {
@@ -16,46 +15,15 @@ fn tmp(name: &str) -> PathBuf {
     d
 }
 
-/// Runs `cases` seeded mutations of `base` through `read`; returns (valid, errors). Panics
-/// fail the test, listing the cases.
-fn fuzz(
-    name: &str,
-    base: &[u8],
-    cases: u64,
-    mut read: impl FnMut(&[u8]) -> anyhow::Result<()>,
-) -> (usize, usize) {
-    let (mut ok, mut err, mut panics) = (0, 0, Vec::new());
-    for seed in 0..cases {
-        let (bytes, kinds) = Mutator::new(seed).mutate(base);
-        match catch_unwind(AssertUnwindSafe(|| read(&bytes))) {
-            Ok(Ok(())) => ok += 1,
-            Ok(Err(e)) => {
-                assert!(!e.to_string().is_empty(), "{name} case {seed}: empty error");
-                err += 1;
-            }
-            Err(p) => {
-                let msg = p
-                    .downcast_ref::<String>()
-                    .cloned()
-                    .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
-                    .unwrap_or_default();
-                panics.push(format!("case {seed} {kinds:?}: {msg}"));
-            }
-        }
-    }
-    assert!(panics.is_empty(), "{name}: {} panics:\n{}", panics.len(), panics.join("\n"));
-    eprintln!("{name}: {cases} cases, {ok} valid, {err} clean errors");
-    (ok, err)
-}
-
 #[test]
 fn fuzz_training_config() {
     for (name, cfg) in [("tiny", PretrainConfig::tiny()), ("real", PretrainConfig::real())] {
         let base = serde_json::to_string_pretty(&cfg).unwrap();
-        let (_, err) = fuzz(&format!("{name} config"), base.as_bytes(), 400, |b| {
-            PretrainConfig::from_json_str(Path::new("c.json"), std::str::from_utf8(b)?)?;
-            Ok(())
-        });
+        let (_, err) =
+            run_cases(&format!("{name} config"), base.as_bytes(), 400, |b| -> anyhow::Result<()> {
+                PretrainConfig::from_json_str(Path::new("c.json"), std::str::from_utf8(b)?)?;
+                Ok(())
+            });
         assert!(err > 200, "{err}");
     }
 }
@@ -84,7 +52,7 @@ fn fuzz_stage_checkpoints() -> anyhow::Result<()> {
         format!("{ck}/ema.safetensors"),
     ] {
         let base = std::fs::read(stage.join(&file))?;
-        fuzz(&file, &base, 60, |b| {
+        run_cases(&file, &base, 60, |b| -> anyhow::Result<()> {
             let _ = std::fs::remove_dir_all(&run);
             copy_dir(&good, &run)?;
             std::fs::write(run.join("evaluator").join(&file), b)?;
